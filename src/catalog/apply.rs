@@ -1,0 +1,282 @@
+//! Applying one change to a snapshot: a pure function of (snapshot, event), no I/O.
+//!
+//! Cost per event: O(log n) persistent-map updates plus the affected app's hostnames and
+//! machines. Nothing here walks the whole catalog, except [`Snapshot::resync`], which is
+//! only used when a subscriber has to start from a full snapshot.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::model::{AppSpec, MachineSpec};
+use crate::rib::Table;
+
+use super::snapshot::{AppEntry, CertEntry, Machine, MachineLive, Snapshot};
+
+/// One decoded change.
+#[derive(Debug)]
+pub enum Event {
+    App(AppSpec),
+    Machine(MachineSpec),
+    Cert(Box<CertEntry>),
+    RemoveApp(String),
+    RemoveMachine(String),
+    RemoveCert(String),
+}
+
+impl Snapshot {
+    pub fn apply(&mut self, event: Event) {
+        match event {
+            Event::App(spec) => self.upsert_app(spec),
+            Event::Machine(spec) => self.upsert_machine(spec),
+            Event::Cert(entry) => self.upsert_cert(*entry),
+            Event::RemoveApp(name) => self.remove_app(&name),
+            Event::RemoveMachine(id) => self.remove_machine(&id),
+            Event::RemoveCert(host) => self.remove_cert(&host),
+        }
+    }
+
+    /// Removes everything whose key is not in `present`: the "diff" half of a resync (the
+    /// "apply" half is the decoded snapshot's events, which skip unchanged rows).
+    pub fn retain_only(&mut self, present: &HashSet<(Table, String)>) {
+        let gone = |t: Table, k: &str| !present.contains(&(t, k.to_string()));
+        let apps: Vec<String> =
+            self.apps.keys().filter(|k| gone(Table::Apps, k)).map(|k| k.to_string()).collect();
+        let machines: Vec<String> =
+            self.machines.keys().filter(|k| gone(Table::Machines, k)).map(|k| k.to_string()).collect();
+        let certs: Vec<String> = self
+            .certs
+            .values()
+            .chain(self.wild_certs.values())
+            .map(|c| c.spec.hostname.clone())
+            .filter(|h| gone(Table::Certificates, h))
+            .collect();
+        apps.iter().for_each(|a| self.remove_app(a));
+        machines.iter().for_each(|m| self.remove_machine(m));
+        certs.iter().for_each(|c| self.remove_cert(c));
+    }
+
+    fn upsert_app(&mut self, spec: AppSpec) {
+        let name: Arc<str> = Arc::from(spec.name.as_str());
+        if let Some(old) = self.apps.get(&name).cloned() {
+            for h in old.spec.hostnames.iter().filter(|h| !spec.hostnames.contains(h)) {
+                self.unclaim_host(h, &name);
+            }
+        }
+        let spec = Arc::new(spec);
+        // Machines declared by bare IP take the app's internal_port, which may have changed.
+        let ids: Vec<Arc<str>> =
+            self.app_machines.get(&name).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+        for id in &ids {
+            if let Some(m) = self.machines.get(id).cloned() {
+                let resolved = resolve(&m.spec, Some(&spec), m.live.clone());
+                self.machines.insert(id.clone(), Arc::new(resolved));
+            }
+        }
+        self.publish_app(&name, spec);
+    }
+
+    fn remove_app(&mut self, name: &str) {
+        let Some(old) = self.apps.remove(name) else { return };
+        for h in &old.spec.hostnames {
+            self.unclaim_host(h, name);
+        }
+        // Its machines stay (unroutable) so that re-adding the app brings them back.
+    }
+
+    fn upsert_machine(&mut self, spec: MachineSpec) {
+        let id: Arc<str> = Arc::from(spec.id.as_str());
+        let previous = self.machines.get(&id).cloned();
+        // Live counters survive a record change at the same address: in-flight requests
+        // still count against the machine. A new address is a new machine.
+        let app_spec = self.apps.get(spec.app.as_str()).map(|a| a.spec.clone());
+        let mut live = Arc::new(MachineLive::default());
+        if let Some(prev) = &previous {
+            if prev.spec.addr == spec.addr && prev.spec.app == spec.app {
+                live = prev.live.clone();
+            }
+            if prev.spec.app != spec.app {
+                self.detach_machine(&id, &prev.spec.app);
+            }
+        }
+        let app: Arc<str> = Arc::from(spec.app.as_str());
+        let machine = resolve(&spec, app_spec.as_ref(), live);
+        self.machines.insert(id.clone(), Arc::new(machine));
+        self.app_machines.entry(app.clone()).or_default().insert(id, ());
+        self.refresh_app(&app);
+    }
+
+    fn remove_machine(&mut self, id: &str) {
+        let Some(old) = self.machines.remove(id) else { return };
+        self.detach_machine(id, &old.spec.app);
+    }
+
+    fn detach_machine(&mut self, id: &str, app: &str) {
+        if let Some(set) = self.app_machines.get_mut(app) {
+            set.remove(id);
+            if set.is_empty() {
+                self.app_machines.remove(app);
+            }
+        }
+        self.refresh_app(app);
+    }
+
+    fn upsert_cert(&mut self, entry: CertEntry) {
+        let host = entry.spec.hostname.clone();
+        let entry = Arc::new(entry);
+        match host.strip_prefix("*.") {
+            Some(suffix) => self.wild_certs.insert(Arc::from(suffix), entry),
+            None => self.certs.insert(Arc::from(host.as_str()), entry),
+        };
+    }
+
+    fn remove_cert(&mut self, host: &str) {
+        match host.strip_prefix("*.") {
+            Some(suffix) => self.wild_certs.remove(suffix),
+            None => self.certs.remove(host),
+        };
+    }
+
+    /// Rebuilds an app's entry after one of its machines changed.
+    fn refresh_app(&mut self, name: &str) {
+        if let Some(app) = self.apps.get(name).cloned() {
+            self.publish_app(&app.name, app.spec.clone());
+        }
+    }
+
+    /// Stores a fresh entry for the app and points each of its hostnames at it.
+    fn publish_app(&mut self, name: &Arc<str>, spec: Arc<AppSpec>) {
+        let machines: Arc<[Arc<Machine>]> = self
+            .app_machines
+            .get(name)
+            .map(|ids| ids.keys().filter_map(|id| self.machines.get(id).cloned()).collect())
+            .unwrap_or_else(|| Arc::from(Vec::new()));
+        let entry = Arc::new(AppEntry { name: name.clone(), spec: spec.clone(), machines });
+        self.apps.insert(name.clone(), entry.clone());
+        for h in &spec.hostnames {
+            let (map, key) = match h.strip_prefix("*.") {
+                Some(suffix) => (&mut self.wild_hosts, suffix),
+                None => (&mut self.hosts, h.as_str()),
+            };
+            if let Some(holder) = map.get(key).filter(|e| e.name != *name) {
+                // `tern apply` refuses this; another writer of the RIB may not have.
+                tracing::warn!(target: "tern::catalog", hostname = %h, from = %holder.name, to = %name,
+                    "hostname claimed by two apps; the later change wins");
+            }
+            map.insert(Arc::from(key), entry.clone());
+        }
+    }
+
+    fn unclaim_host(&mut self, host: &str, app: &str) {
+        let (map, key) = match host.strip_prefix("*.") {
+            Some(suffix) => (&mut self.wild_hosts, suffix),
+            None => (&mut self.hosts, host),
+        };
+        if map.get(key).is_some_and(|e| &*e.name == app) {
+            map.remove(key);
+        }
+    }
+}
+
+fn resolve(spec: &MachineSpec, app: Option<&Arc<AppSpec>>, live: Arc<MachineLive>) -> Machine {
+    // Without its app the port is unknown; the machine is unroutable until the app arrives.
+    let port = app.map_or(0, |a| a.internal_port);
+    Machine { id: Arc::from(spec.id.as_str()), addr: spec.addr.resolve(port), spec: spec.clone(), live }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{MachineAddr, MachineState};
+
+    fn app(name: &str, hosts: &[&str]) -> AppSpec {
+        let mut a: AppSpec = toml::from_str(&format!("name = \"{name}\"")).unwrap();
+        a.hostnames = hosts.iter().map(|h| h.to_string()).collect();
+        a
+    }
+
+    fn machine(id: &str, app: &str, addr: &str, state: MachineState) -> MachineSpec {
+        MachineSpec {
+            id: id.into(),
+            app: app.into(),
+            region: "ams".into(),
+            addr: addr.parse::<MachineAddr>().unwrap(),
+            state,
+            cmd: None,
+        }
+    }
+
+    #[test]
+    fn routes_exact_then_wildcard() {
+        let mut s = Snapshot::default();
+        s.apply(Event::App(app("a", &["a.example.com", "*.a.example.com"])));
+        s.apply(Event::App(app("b", &["x.a.example.com"])));
+        assert_eq!(&*s.route("a.example.com").unwrap().name, "a");
+        assert_eq!(&*s.route("y.a.example.com").unwrap().name, "a");
+        assert_eq!(&*s.route("x.a.example.com").unwrap().name, "b");
+        assert!(s.route("z.y.a.example.com").is_none(), "a wildcard covers one label");
+        assert!(s.route("example.com").is_none());
+    }
+
+    #[test]
+    fn machines_follow_their_app_in_either_order() {
+        let mut s = Snapshot::default();
+        s.apply(Event::Machine(machine("m1", "a", "127.0.0.1", MachineState::Started)));
+        assert!(s.app("a").is_none());
+        let mut a = app("a", &["a.test"]);
+        a.internal_port = 9000;
+        s.apply(Event::App(a.clone()));
+        let entry = s.route("a.test").unwrap();
+        assert_eq!(entry.machines.len(), 1);
+        assert_eq!(entry.machines[0].addr.to_string(), "127.0.0.1:9000");
+
+        // Changing internal_port re-resolves bare-IP machines.
+        a.internal_port = 9100;
+        s.apply(Event::App(a));
+        assert_eq!(s.route("a.test").unwrap().machines[0].addr.port(), 9100);
+
+        s.apply(Event::RemoveMachine("m1".into()));
+        assert!(s.route("a.test").unwrap().machines.is_empty());
+    }
+
+    #[test]
+    fn hostname_changes_release_old_names_and_snapshots_are_independent() {
+        let mut s = Snapshot::default();
+        s.apply(Event::App(app("a", &["old.test"])));
+        let before = s.clone();
+        s.apply(Event::App(app("a", &["new.test"])));
+        assert!(s.route("old.test").is_none());
+        assert!(s.route("new.test").is_some());
+        // The earlier version is untouched: readers holding it see a consistent catalog.
+        assert!(before.route("old.test").is_some());
+        assert!(before.route("new.test").is_none());
+        s.apply(Event::RemoveApp("a".into()));
+        assert!(s.route("new.test").is_none());
+        assert_eq!(s.app_count(), 0);
+    }
+
+    #[test]
+    fn live_counters_survive_a_state_change_but_not_a_move() {
+        let mut s = Snapshot::default();
+        s.apply(Event::App(app("a", &["a.test"])));
+        s.apply(Event::Machine(machine("m1", "a", "127.0.0.1:1", MachineState::Started)));
+        let guard = s.machine("m1").unwrap().live.begin();
+        s.apply(Event::Machine(machine("m1", "a", "127.0.0.1:1", MachineState::Stopped)));
+        assert_eq!(s.machine("m1").unwrap().live.in_flight(), 1);
+        s.apply(Event::Machine(machine("m1", "a", "127.0.0.1:2", MachineState::Started)));
+        assert_eq!(s.machine("m1").unwrap().live.in_flight(), 0);
+        drop(guard);
+    }
+
+    #[test]
+    fn retain_only_removes_what_is_gone() {
+        let mut s = Snapshot::default();
+        s.apply(Event::App(app("a", &["a.test"])));
+        s.apply(Event::App(app("b", &["b.test"])));
+        s.apply(Event::Machine(machine("m1", "a", "127.0.0.1:1", MachineState::Started)));
+        let present: HashSet<_> = [(Table::Apps, "b".to_string())].into_iter().collect();
+        s.retain_only(&present);
+        assert!(s.route("a.test").is_none());
+        assert!(s.route("b.test").is_some());
+        assert_eq!(s.machine_count(), 0);
+    }
+}

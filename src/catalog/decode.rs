@@ -1,0 +1,97 @@
+//! Turning RIB rows into catalog events. A row that does not decode is reported to the
+//! caller, which logs, counts and skips it; the rest of the change still applies.
+
+use crate::model::{self, AppSpec, CertSpec, MachineSpec, names};
+use crate::rib::Table;
+
+use super::Snapshot;
+use super::apply::Event;
+use super::snapshot::CertEntry;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{table} row {key:?} skipped: {reason}")]
+pub struct DecodeError {
+    pub table: &'static str,
+    pub key: String,
+    pub reason: String,
+}
+
+/// Decodes one row (`body` = None for a deletion) into an event, or `None` when the catalog
+/// already holds exactly this. Comparing before the expensive part (certificate parsing)
+/// keeps a full resync cheap when little changed.
+pub fn decode(
+    current: &Snapshot,
+    table: Table,
+    key: &str,
+    body: Option<&str>,
+) -> Result<Option<Event>, DecodeError> {
+    let fail = |reason: String| DecodeError { table: table.as_str(), key: key.to_string(), reason };
+    let Some(body) = body else {
+        return Ok(Some(match table {
+            Table::Apps => Event::RemoveApp(key.into()),
+            Table::Machines => Event::RemoveMachine(key.into()),
+            Table::Certificates => Event::RemoveCert(key.into()),
+        }));
+    };
+    match table {
+        Table::Apps => {
+            let spec = decode_app(key, body).map_err(fail)?;
+            let unchanged = current.apps.get(key).is_some_and(|a| *a.spec == spec);
+            Ok((!unchanged).then(|| Event::App(spec)))
+        }
+        Table::Machines => {
+            let spec = decode_machine(key, body).map_err(fail)?;
+            let unchanged = current.machines.get(key).is_some_and(|m| m.spec == spec);
+            Ok((!unchanged).then(|| Event::Machine(spec)))
+        }
+        Table::Certificates => {
+            let spec: CertSpec = serde_json::from_str(body).map_err(|e| fail(format!("bad JSON: {e}")))?;
+            if spec.hostname != key {
+                return Err(fail(format!("body names hostname {:?}", spec.hostname)));
+            }
+            let unchanged = current.cert_for_key(key).is_some_and(|c| c.spec == spec);
+            if unchanged {
+                return Ok(None);
+            }
+            let parsed = model::cert::parse(&spec).map_err(|e| fail(e.to_string()))?;
+            Ok(Some(Event::Cert(Box::new(CertEntry {
+                spec,
+                key: parsed.key,
+                names: parsed.names,
+                not_after: parsed.not_after,
+            }))))
+        }
+    }
+}
+
+fn decode_app(key: &str, body: &str) -> Result<AppSpec, String> {
+    let mut spec: AppSpec = serde_json::from_str(body).map_err(|e| format!("bad JSON: {e}"))?;
+    if spec.name != key {
+        return Err(format!("body names app {:?}", spec.name));
+    }
+    names::check_app_name(&spec.name)?;
+    for h in &mut spec.hostnames {
+        *h = names::normalize_hostname(h)?;
+    }
+    Ok(spec)
+}
+
+fn decode_machine(key: &str, body: &str) -> Result<MachineSpec, String> {
+    let spec: MachineSpec = serde_json::from_str(body).map_err(|e| format!("bad JSON: {e}"))?;
+    if spec.id != key {
+        return Err(format!("body names machine {:?}", spec.id));
+    }
+    names::check_machine_id(&spec.id)?;
+    names::check_app_name(&spec.app)?;
+    Ok(spec)
+}
+
+impl Snapshot {
+    /// The certificate stored under exactly this hostname key (exact or "*.suffix").
+    pub(super) fn cert_for_key(&self, key: &str) -> Option<&std::sync::Arc<CertEntry>> {
+        match key.strip_prefix("*.") {
+            Some(suffix) => self.wild_certs.get(suffix),
+            None => self.certs.get(key),
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! The node config (`tern.toml`): where tern listens, where its RIB lives, its limits.
+//!
+//! A leaf: it imports nothing of ours but the duration syntax. Paths in a config file are relative to the file's
+//! directory; the embedded default (no file at all) uses the working directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::duration::de_duration;
+
+pub const DEFAULT_CONFIG_FILE: &str = "tern.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Invalid { path: PathBuf, line: usize, message: String },
+}
+
+/// Where the config came from, for logs and `tern check`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Embedded,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's region code; sent to apps as `Fly-Region`.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Optional node name, for logs and metrics.
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default = "default_listeners")]
+    pub listen: Vec<Listen>,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub rib: Rib,
+    #[serde(default)]
+    pub driver: Driver,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub log: Log,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    #[serde(default)]
+    pub tls: bool,
+    #[serde(default)]
+    pub private: bool,
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// The kernel accept queue length (listen(2) backlog).
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub addr: SocketAddr,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { addr: SocketAddr::from(([127, 0, 0, 1], 9090)) }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RibKind {
+    Sqlite,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rib {
+    #[serde(default = "default_rib_kind")]
+    pub kind: RibKind,
+    #[serde(default = "default_rib_path")]
+    pub path: PathBuf,
+    /// How often the SQLite RIB is checked for committed changes.
+    #[serde(default = "default_rib_poll", deserialize_with = "de_duration")]
+    pub poll_interval: Duration,
+}
+
+impl Default for Rib {
+    fn default() -> Self {
+        Rib { kind: RibKind::Sqlite, path: default_rib_path(), poll_interval: default_rib_poll() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriverKind {
+    Process,
+    MachinesApi,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Driver {
+    #[serde(default = "default_driver_kind")]
+    pub kind: DriverKind,
+    /// Driver-specific settings (the machines-api URL and token, say).
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
+impl Default for Driver {
+    fn default() -> Self {
+        Driver { kind: DriverKind::Process, options: toml::Table::new() }
+    }
+}
+
+/// Node-wide limits. Every field has a default; see `docs/config.md`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open client connections across all listeners; past it tern stops accepting and the
+    /// kernel queues new connections in the backlog.
+    pub max_connections: usize,
+    /// Time a client has to send a complete HTTP/1.1 request head (slowloris guard). hyper
+    /// also applies it to the wait for the next request on an idle keep-alive connection.
+    #[serde(deserialize_with = "de_duration")]
+    pub header_read_timeout: Duration,
+    /// Largest request head tern accepts (request line plus headers); larger gets 431.
+    pub max_header_bytes: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub tls_handshake_timeout: Duration,
+    /// Time to open a TCP connection to a machine.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// How long a client connection with no request in flight may stay open.
+    #[serde(deserialize_with = "de_duration")]
+    pub keepalive_timeout: Duration,
+    /// How long an unused pooled connection to a machine is kept.
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_idle_timeout: Duration,
+    /// Most idle pooled connections kept per machine.
+    pub upstream_max_idle: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            tls_handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(75),
+            upstream_idle_timeout: Duration::from_secs(60),
+            upstream_max_idle: 256,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: LogFormat,
+    /// A tracing filter, such as `info` or `tern=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+    /// One line per request under the `tern::access` target.
+    pub access: bool,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { format: LogFormat::Text, level: "info".into(), access: true }
+    }
+}
+
+fn default_region() -> String {
+    "local".into()
+}
+fn default_backlog() -> u32 {
+    4096
+}
+fn default_rib_kind() -> RibKind {
+    RibKind::Sqlite
+}
+fn default_rib_path() -> PathBuf {
+    PathBuf::from("tern.db")
+}
+fn default_rib_poll() -> Duration {
+    Duration::from_millis(10)
+}
+fn default_driver_kind() -> DriverKind {
+    DriverKind::Process
+}
+fn default_listeners() -> Vec<Listen> {
+    vec![
+        Listen {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: false,
+            private: false,
+            proxy_protocol: false,
+            backlog: default_backlog(),
+        },
+        Listen {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            tls: true,
+            private: false,
+            proxy_protocol: false,
+            backlog: default_backlog(),
+        },
+    ]
+}
+
+impl Default for Config {
+    /// The embedded default: plain HTTP on 127.0.0.1:8080, TLS on 127.0.0.1:8443, admin on
+    /// 127.0.0.1:9090, RIB `./tern.db`, driver `process`.
+    fn default() -> Self {
+        Config {
+            region: default_region(),
+            node: None,
+            listen: default_listeners(),
+            admin: Admin::default(),
+            rib: Rib::default(),
+            driver: Driver::default(),
+            limits: Limits::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+impl Config {
+    /// `-c FILE` if given; else `./tern.toml` if it exists; else the embedded default.
+    pub fn load(explicit: Option<&Path>) -> Result<(Config, Source), ConfigError> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_FILE);
+                if !p.exists() {
+                    return Ok((Config::default(), Source::Embedded));
+                }
+                p
+            }
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let mut config = Config::parse(&text).map_err(|(line, message)| ConfigError::Invalid {
+            path: path.clone(),
+            line,
+            message,
+        })?;
+        if let Some(dir) = path.parent() {
+            config.resolve_paths(dir);
+        }
+        Ok((config, Source::File(path)))
+    }
+
+    /// Parses and validates config text. The error is (1-based line, message).
+    pub fn parse(text: &str) -> Result<Config, (usize, String)> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(1, |s| line_of(text, s.start));
+            (line, e.message().to_string())
+        })?;
+        config.validate().map_err(|(field, message)| {
+            (find_key_line(text, field).unwrap_or(1), format!("{field}: {message}"))
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.listen.is_empty() {
+            return Err(("listen", "at least one [[listen]] address is needed".into()));
+        }
+        if self.region.is_empty() || !self.region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(("region", format!("{:?} is not a region code", self.region)));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for l in &self.listen {
+            // Port 0 asks the kernel for a free port: never a duplicate.
+            if l.addr.port() != 0 && !seen.insert(l.addr) {
+                return Err(("addr", format!("{} is listed twice", l.addr)));
+            }
+            if l.private {
+                return Err((
+                    "private",
+                    "private (Flycast) listeners are not supported by this version yet".into(),
+                ));
+            }
+            if l.proxy_protocol {
+                return Err((
+                    "proxy_protocol",
+                    "PROXY protocol listeners are not supported by this version yet".into(),
+                ));
+            }
+        }
+        if self.limits.max_connections == 0 {
+            return Err(("max_connections", "must be at least 1".into()));
+        }
+        if self.limits.max_header_bytes < 1024 {
+            return Err(("max_header_bytes", "must be at least 1024".into()));
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        if self.rib.path.is_relative() {
+            self.rib.path = dir.join(&self.rib.path);
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line where `key = …` first appears, for errors found after parsing.
+fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_matches_contract() {
+        let c = Config::default();
+        let addrs: Vec<_> = c.listen.iter().map(|l| (l.addr.to_string(), l.tls)).collect();
+        assert_eq!(addrs, [("127.0.0.1:8080".to_string(), false), ("127.0.0.1:8443".to_string(), true)]);
+        assert_eq!(c.admin.addr.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.rib.path, PathBuf::from("tern.db"));
+        assert_eq!(c.driver.kind, DriverKind::Process);
+    }
+
+    #[test]
+    fn contract_example_parses() {
+        let text = r#"
+region = "ams"
+node = "edge-1"
+
+[[listen]]
+addr = "0.0.0.0:443"
+tls = true
+
+[[listen]]
+addr = "[::]:80"
+
+[admin]
+addr = "127.0.0.1:9090"
+
+[rib]
+kind = "sqlite"
+path = "tern.db"
+
+[driver]
+kind = "process"
+"#;
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.region, "ams");
+        assert_eq!(c.listen.len(), 2);
+        assert!(c.listen[1].addr.is_ipv6());
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let text = "region = \"ams\"\n\n[[listen]]\naddr = \"not an address\"\n";
+        let (line, msg) = Config::parse(text).unwrap_err();
+        assert_eq!(line, 4, "{msg}");
+        let text = "region = \"ams\"\n[limits]\nheader_read_timeout = \"soon\"\n";
+        let (line, msg) = Config::parse(text).unwrap_err();
+        assert_eq!(line, 3, "{msg}");
+        assert!(msg.contains("soon"), "{msg}");
+        let (line, msg) = Config::parse("regoin = \"ams\"\n").unwrap_err();
+        assert_eq!(line, 1);
+        assert!(msg.contains("regoin"), "{msg}");
+    }
+}

@@ -1,0 +1,245 @@
+//! Declarations: the apps, machines and certificates a `tern apply` file describes.
+//!
+//! Parsing and validation are pure (certificate files aside), so `tern check` and
+//! `tern apply` report the same first problem, with its file, line and field. Nothing is
+//! written unless the whole declaration is valid.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::model::{self, AppSpec, CertSpec, MachineSpec, names};
+
+mod locate;
+pub mod plan;
+
+pub use plan::{Plan, PlanError, apply};
+
+/// A field inside a declaration: `apps[0].hostnames[1]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seg {
+    Key(&'static str),
+    Index(usize),
+}
+
+pub type FieldPath = Vec<Seg>;
+
+pub fn path_string(path: &[Seg]) -> String {
+    let mut s = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) if s.is_empty() => s.push_str(k),
+            Seg::Key(k) => {
+                s.push('.');
+                s.push_str(k);
+            }
+            Seg::Index(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    s
+}
+
+/// The first problem found in a declaration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {}{message}", if field.is_empty() { String::new() } else { format!("{field}: ") })]
+pub struct Problem {
+    pub file: String,
+    pub line: usize,
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDecl {
+    #[serde(default)]
+    apps: Vec<AppSpec>,
+    #[serde(default)]
+    machines: Vec<MachineSpec>,
+    #[serde(default)]
+    certificates: Vec<RawCert>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCert {
+    hostname: String,
+    cert_file: Option<PathBuf>,
+    cert_pem: Option<String>,
+    key_file: Option<PathBuf>,
+    key_pem: Option<String>,
+}
+
+/// A declaration that passed every check, normalised (hostnames lower-case, certificates
+/// loaded from their files and verified).
+#[derive(Debug, Clone, Default)]
+pub struct Declaration {
+    pub apps: Vec<AppSpec>,
+    pub machines: Vec<MachineSpec>,
+    pub certificates: Vec<CertSpec>,
+}
+
+/// Reads and validates a declaration file. Relative certificate paths are resolved from
+/// the file's directory.
+pub fn load(path: &Path) -> Result<Declaration, Problem> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| Problem {
+        file: file.clone(),
+        line: 0,
+        field: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(&text, &file, path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Parses and validates declaration text; `base` resolves relative certificate paths.
+pub fn parse(text: &str, file: &str, base: &Path) -> Result<Declaration, Problem> {
+    let raw: RawDecl = toml::from_str(text).map_err(|e| Problem {
+        file: file.to_string(),
+        line: e.span().map_or(1, |s| locate::line_of(text, s.start)),
+        field: String::new(),
+        message: e.message().trim().to_string(),
+    })?;
+    validate(raw, base).map_err(|(path, message)| Problem {
+        file: file.to_string(),
+        line: locate::line_for(text, &path),
+        field: path_string(&path),
+        message,
+    })
+}
+
+type Invalid = (FieldPath, String);
+
+fn at(path: &[Seg], message: impl Into<String>) -> Invalid {
+    (path.to_vec(), message.into())
+}
+
+fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
+    let mut decl = Declaration::default();
+    let mut hosts: HashMap<String, String> = HashMap::new();
+    let mut app_names = HashSet::new();
+    for (i, mut app) in raw.apps.into_iter().enumerate() {
+        let p = |k: &'static str| vec![Seg::Key("apps"), Seg::Index(i), Seg::Key(k)];
+        names::check_app_name(&app.name).map_err(|m| at(&p("name"), m))?;
+        if !app_names.insert(app.name.clone()) {
+            return Err(at(&p("name"), format!("app {:?} is declared twice", app.name)));
+        }
+        if let Some(r) = &app.primary_region {
+            names::check_region(r).map_err(|m| at(&p("primary_region"), m))?;
+        }
+        for (j, h) in app.hostnames.iter_mut().enumerate() {
+            let hp = [Seg::Key("apps"), Seg::Index(i), Seg::Key("hostnames"), Seg::Index(j)];
+            *h = names::normalize_hostname(h).map_err(|m| at(&hp, m))?;
+            if let Some(other) = hosts.insert(h.clone(), app.name.clone()) {
+                return Err(at(&hp, format!("hostname {h:?} is already claimed by app {other:?}")));
+            }
+        }
+        if app.internal_port == 0 {
+            return Err(at(&p("internal_port"), "must be a port number from 1 to 65535"));
+        }
+        check_concurrency(&app).map_err(|m| at(&p("concurrency"), m))?;
+        for (j, c) in app.checks.iter().enumerate() {
+            let cp = [Seg::Key("apps"), Seg::Index(i), Seg::Key("checks"), Seg::Index(j)];
+            if c.kind == model::CheckType::Http && !c.path.as_deref().is_some_and(|p| p.starts_with('/')) {
+                return Err(at(&cp, "an http check needs a path starting with '/'"));
+            }
+            if c.interval.is_zero() || c.timeout.is_zero() {
+                return Err(at(&cp, "interval and timeout must be above zero"));
+            }
+        }
+        decl.apps.push(app);
+    }
+    let mut ids = HashSet::new();
+    for (i, m) in raw.machines.into_iter().enumerate() {
+        let p = |k: &'static str| vec![Seg::Key("machines"), Seg::Index(i), Seg::Key(k)];
+        names::check_machine_id(&m.id).map_err(|e| at(&p("id"), e))?;
+        if !ids.insert(m.id.clone()) {
+            return Err(at(&p("id"), format!("machine {:?} is declared twice", m.id)));
+        }
+        names::check_app_name(&m.app).map_err(|e| at(&p("app"), e))?;
+        if !m.region.is_empty() {
+            names::check_region(&m.region).map_err(|e| at(&p("region"), e))?;
+        }
+        if m.state == model::MachineState::Destroyed {
+            return Err(at(&p("state"), "to remove a machine, leave it out and apply with --prune"));
+        }
+        if m.cmd.as_ref().is_some_and(|c| c.is_empty() || c[0].is_empty()) {
+            return Err(at(&p("cmd"), "needs at least a program to run"));
+        }
+        decl.machines.push(m);
+    }
+    for (i, c) in raw.certificates.into_iter().enumerate() {
+        decl.certificates.push(load_cert(c, i, base)?);
+    }
+    let mut cert_hosts = HashSet::new();
+    for (i, c) in decl.certificates.iter().enumerate() {
+        if !cert_hosts.insert(c.hostname.clone()) {
+            let p = [Seg::Key("certificates"), Seg::Index(i), Seg::Key("hostname")];
+            return Err(at(&p, format!("a certificate for {:?} is declared twice", c.hostname)));
+        }
+    }
+    Ok(decl)
+}
+
+fn check_concurrency(app: &AppSpec) -> Result<(), String> {
+    let c = &app.concurrency;
+    if c.soft_limit == 0 {
+        return Err("soft_limit must be at least 1".into());
+    }
+    if let Some(hard) = c.hard_limit {
+        if hard < c.soft_limit {
+            return Err(format!("hard_limit ({hard}) is below soft_limit ({})", c.soft_limit));
+        }
+    }
+    Ok(())
+}
+
+fn load_cert(c: RawCert, i: usize, base: &Path) -> Result<CertSpec, Invalid> {
+    let p = |k: &'static str| vec![Seg::Key("certificates"), Seg::Index(i), Seg::Key(k)];
+    let hostname = names::normalize_hostname(&c.hostname).map_err(|m| at(&p("hostname"), m))?;
+    let read =
+        |file: Option<PathBuf>, inline: Option<String>, field: &'static str, inline_field: &'static str| {
+            match (file, inline) {
+                (Some(_), Some(_)) => Err(at(&p(field), format!("give {field} or {inline_field}, not both"))),
+                (None, None) => Err(at(&p(field), format!("{field} (or {inline_field}) is required"))),
+                (None, Some(pem)) => Ok(pem),
+                (Some(f), None) => {
+                    let full = if f.is_relative() { base.join(&f) } else { f };
+                    std::fs::read_to_string(&full)
+                        .map_err(|e| at(&p(field), format!("cannot read {}: {e}", full.display())))
+                }
+            }
+        };
+    let cert_pem = read(c.cert_file, c.cert_pem, "cert_file", "cert_pem")?;
+    let key_pem = read(c.key_file, c.key_pem, "key_file", "key_pem")?;
+    let spec = CertSpec { hostname, cert_pem, key_pem };
+    model::cert::parse(&spec).map_err(|e| {
+        let field = match e {
+            model::cert::CertError::BadKeyPem(_) | model::cert::CertError::UnsupportedKey => "key_file",
+            model::cert::CertError::NameNotCovered { .. } => "hostname",
+            _ => "cert_file",
+        };
+        at(&p(field), e.to_string())
+    })?;
+    Ok(spec)
+}
+
+/// The fuzz target's property: any input either parses into a declaration that
+/// re-validates, or yields a problem with a line inside the text. Never panics.
+pub fn fuzz_parse(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    match parse(text, "fuzz.toml", Path::new("/nonexistent")) {
+        Ok(d) => {
+            for a in &d.apps {
+                for h in &a.hostnames {
+                    assert_eq!(names::normalize_hostname(h).as_deref(), Ok(h.as_str()));
+                }
+            }
+        }
+        Err(p) => assert!(p.line >= 1 && p.line <= text.lines().count().max(1) + 1, "{p:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

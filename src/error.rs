@@ -1,0 +1,164 @@
+//! The errors tern answers itself, instead of the app.
+//!
+//! Every response tern makes on its own carries `tern-error: <code>`; the code, status and
+//! the operator-facing explanation live here and in `docs/errors.md`, nowhere else. This is
+//! a leaf: it imports nothing of ours.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// Where a failure came from. Metric labels and logs use it to tell a client's mistake
+/// from a broken machine from a tern bug.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Client,
+    Upstream,
+    Internal,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Client => "client",
+            Origin::Upstream => "upstream",
+            Origin::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("the request has no usable Host header or :authority")]
+    BadHost,
+    #[error("the request's headers take {size} bytes, over the limit of {limit}")]
+    HeadersTooLarge { size: usize, limit: usize },
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("no app serves the hostname {host:?}")]
+    NoApp { host: String },
+    #[error("app {app} has no started machine")]
+    NoMachine { app: Arc<str> },
+    #[error("could not connect to machine {machine} at {addr}: {source}")]
+    UpstreamConnect {
+        machine: Arc<str>,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("machine {machine} sent no response for {timeout:?}")]
+    UpstreamTimeout { machine: Arc<str>, timeout: Duration },
+    #[error("machine {machine} broke off the exchange: {detail}")]
+    UpstreamError { machine: Arc<str>, detail: String },
+    #[error("tern is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    /// The stable code sent in `tern-error` and used as a metric label. Never change one
+    /// once released: scripts and dashboards match on them.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadHost => "bad_host",
+            ProxyError::HeadersTooLarge { .. } => "headers_too_large",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NoApp { .. } => "no_app",
+            ProxyError::NoMachine { .. } => "no_machine",
+            ProxyError::UpstreamConnect { .. } => "upstream_connect",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::UpstreamError { .. } => "upstream_error",
+            ProxyError::ShuttingDown => "shutting_down",
+            ProxyError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadHost | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::NoApp { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoMachine { .. } | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn origin(&self) -> Origin {
+        match self {
+            ProxyError::BadHost
+            | ProxyError::HeadersTooLarge { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::NoApp { .. } => Origin::Client,
+            ProxyError::NoMachine { .. }
+            | ProxyError::UpstreamConnect { .. }
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::UpstreamError { .. } => Origin::Upstream,
+            ProxyError::ShuttingDown | ProxyError::Internal(_) => Origin::Internal,
+        }
+    }
+
+    /// Whether the client may safely send the same request again. Only failures where the
+    /// app cannot have seen the request qualify.
+    pub fn retry_safe(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::NoMachine { .. } | ProxyError::UpstreamConnect { .. } | ProxyError::ShuttingDown
+        )
+    }
+
+    /// A one-line explanation for people, safe to show to any client: it names no address
+    /// or internal detail.
+    pub fn public_message(&self) -> &'static str {
+        match self {
+            ProxyError::BadHost => "The request did not say which host it is for.",
+            ProxyError::HeadersTooLarge { .. } => "The request's headers are too large.",
+            ProxyError::BadRequest(_) => "The request is malformed.",
+            ProxyError::NoApp { .. } => "No app is served at this address.",
+            ProxyError::NoMachine { .. } => "The app has no machine running right now.",
+            ProxyError::UpstreamConnect { .. } => "The app could not be reached.",
+            ProxyError::UpstreamTimeout { .. } => "The app did not answer in time.",
+            ProxyError::UpstreamError { .. } => "The app closed the connection unexpectedly.",
+            ProxyError::ShuttingDown => "This server is restarting; try again.",
+            ProxyError::Internal(_) => "Something went wrong inside the proxy.",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_statuses_are_errors() {
+        let all = [
+            ProxyError::BadHost,
+            ProxyError::HeadersTooLarge { size: 2, limit: 1 },
+            ProxyError::BadRequest("x"),
+            ProxyError::NoApp { host: "a".into() },
+            ProxyError::NoMachine { app: "a".into() },
+            ProxyError::UpstreamConnect {
+                machine: "m".into(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                source: std::io::ErrorKind::ConnectionRefused.into(),
+            },
+            ProxyError::UpstreamTimeout { machine: "m".into(), timeout: Duration::from_secs(1) },
+            ProxyError::UpstreamError { machine: "m".into(), detail: "x".into() },
+            ProxyError::ShuttingDown,
+            ProxyError::Internal("x".into()),
+        ];
+        let mut codes: Vec<_> = all.iter().map(ProxyError::code).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), all.len(), "each error has its own code");
+        assert!(all.iter().all(|e| e.status().as_u16() >= 400));
+        // docs/errors.md is the operator's reference: every code must be listed there.
+        let doc = include_str!("../docs/errors.md");
+        for code in codes {
+            assert!(doc.contains(&format!("`{code}`")), "docs/errors.md lacks {code}");
+        }
+    }
+}

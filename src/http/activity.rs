@@ -1,0 +1,231 @@
+//! "When did bytes last move?" — shared by the per-app idle timeout (which must never cut
+//! an exchange or tunnel while bytes flow) and the keep-alive timeout of idle connections.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// The last time bytes moved, as an offset from a base instant, readable without a lock.
+#[derive(Debug)]
+pub struct Activity {
+    base: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Activity { base: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+
+    pub fn touch(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    pub fn last(&self) -> Instant {
+        self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Resolves once nothing has moved for `timeout`.
+pub async fn silent_for(activity: &Activity, timeout: Duration) {
+    loop {
+        let deadline = activity.last() + timeout;
+        if deadline <= Instant::now() {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// A poll-based version of [`silent_for`] for body wrappers, which cannot await.
+#[derive(Debug)]
+pub struct IdleTimer {
+    activity: Arc<Activity>,
+    timeout: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimer {
+    pub fn new(activity: Arc<Activity>, timeout: Duration) -> Self {
+        let sleep = Box::pin(tokio::time::sleep_until(activity.last() + timeout));
+        IdleTimer { activity, timeout, sleep }
+    }
+
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
+    }
+
+    /// Ready(()) once the exchange has been silent for the timeout; otherwise registers the
+    /// waker for the current deadline.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let deadline = self.activity.last() + self.timeout;
+            if deadline <= Instant::now() {
+                return Poll::Ready(());
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
+/// An I/O wrapper that touches an [`Activity`] whenever bytes move.
+pub struct TouchIo<IO> {
+    inner: IO,
+    activity: Arc<Activity>,
+}
+
+impl<IO> TouchIo<IO> {
+    pub fn new(inner: IO, activity: Arc<Activity>) -> Self {
+        TouchIo { inner, activity }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for TouchIo<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for TouchIo<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A client connection's state: when bytes last moved and how many exchanges are open.
+/// A connection with no open exchange and no bytes for the keep-alive timeout is closed.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    pub activity: Arc<Activity>,
+    open: AtomicUsize,
+}
+
+impl ConnState {
+    pub fn begin(self: &Arc<Self>) -> ExchangeGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        ExchangeGuard(self.clone())
+    }
+
+    pub fn open_exchanges(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the connection has had no open exchange and no bytes for `timeout`.
+    pub async fn idle_for(&self, timeout: Duration) {
+        loop {
+            if self.open_exchanges() > 0 {
+                // A silent stream is the exchange's business (the app's idle_timeout).
+                tokio::time::sleep(timeout).await;
+                continue;
+            }
+            let deadline = self.activity.last() + timeout;
+            if deadline <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// One open exchange on a connection; dropping it closes the exchange.
+#[derive(Debug)]
+pub struct ExchangeGuard(Arc<ConnState>);
+
+impl Drop for ExchangeGuard {
+    fn drop(&mut self) {
+        self.0.activity.touch();
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_is_measured_from_the_last_touch() {
+        let a = Arc::new(Activity::new());
+        let started = Instant::now();
+        let toucher = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    a.touch();
+                }
+            })
+        };
+        silent_for(&a, Duration::from_secs(5)).await;
+        // Touched every 4 s for 20 s, then 5 s of silence.
+        assert_eq!(started.elapsed().as_secs(), 25);
+        toucher.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_an_open_exchange_is_never_idle() {
+        let c = Arc::new(ConnState::default());
+        let guard = c.begin();
+        let idle = tokio::time::timeout(Duration::from_secs(600), c.idle_for(Duration::from_secs(10))).await;
+        assert!(idle.is_err(), "an open exchange keeps the connection");
+        drop(guard);
+        let started = Instant::now();
+        c.idle_for(Duration::from_secs(10)).await;
+        assert_eq!(started.elapsed().as_secs(), 10);
+    }
+}

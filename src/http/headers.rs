@@ -1,0 +1,255 @@
+//! Header hygiene, both directions: hop-by-hop headers are removed (RFC 9110 §7.6.1), the
+//! fly-proxy forwarding headers are set, and a client cannot spoof `Fly-Client-IP` or the
+//! last hop of `X-Forwarded-For`, because tern overwrites or appends them itself.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Version};
+
+pub const TERN_ERROR: HeaderName = HeaderName::from_static("tern-error");
+pub const FLY_REQUEST_ID: HeaderName = HeaderName::from_static("fly-request-id");
+const FLY_CLIENT_IP: HeaderName = HeaderName::from_static("fly-client-ip");
+const FLY_FORWARDED_PORT: HeaderName = HeaderName::from_static("fly-forwarded-port");
+const FLY_REGION: HeaderName = HeaderName::from_static("fly-region");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_FORWARDED_SSL: HeaderName = HeaderName::from_static("x-forwarded-ssl");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection, never forwarded.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// What tern knows about the client side of an exchange.
+pub struct ClientSide<'a> {
+    pub peer_ip: IpAddr,
+    pub tls: bool,
+    pub local_port: u16,
+    pub region: &'a str,
+    pub request_id: &'a str,
+    pub version: Version,
+}
+
+/// `Via` names the protocol the client spoke to tern ("1.1 tern", "2 tern").
+pub fn via_value(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_2 => "2 tern",
+        Version::HTTP_10 => "1.0 tern",
+        _ => "1.1 tern",
+    }
+}
+
+/// Whether the client asks to switch protocols (WebSocket or any HTTP/1.1 Upgrade).
+pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers and those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        // A client may not make tern drop what routes or frames the request.
+        .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in &HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+/// Prepares a client's request headers for a machine.
+///
+/// `host` is the client's Host or :authority, which is forwarded unchanged so the app
+/// sees the name it was reached by; `to_h2` means the machine speaks h2c.
+pub fn prepare_request(
+    headers: &mut HeaderMap,
+    side: &ClientSide<'_>,
+    host: &str,
+    upgrade: bool,
+    to_h2: bool,
+) {
+    let upgrade_value = if upgrade { headers.get(header::UPGRADE).cloned() } else { None };
+    let te_trailers = to_h2
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+        });
+    strip_hop_by_hop(headers);
+    if let Some(u) = upgrade_value {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if te_trailers {
+        // gRPC servers require it, and it is the one TE value HTTP/2 allows.
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if !headers.contains_key(header::HOST) && !to_h2 {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            headers.insert(header::HOST, v);
+        }
+    }
+
+    let ip = side.peer_ip.to_string();
+    let xff = match joined(headers, &X_FORWARDED_FOR) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip.clone(),
+    };
+    set(headers, X_FORWARDED_FOR, &xff);
+    set(headers, FLY_CLIENT_IP, &ip);
+    let port = side.local_port.to_string();
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if side.tls { "https" } else { "http" }));
+    headers.insert(X_FORWARDED_SSL, HeaderValue::from_static(if side.tls { "on" } else { "off" }));
+    set(headers, X_FORWARDED_PORT, &port);
+    set(headers, FLY_FORWARDED_PORT, &port);
+    set(headers, FLY_REGION, side.region);
+    set(headers, FLY_REQUEST_ID, side.request_id);
+    append_via(headers, via_value(side.version));
+}
+
+/// Prepares a machine's response headers for the client.
+pub fn prepare_response(headers: &mut HeaderMap, client_version: Version, request_id: &str, upgraded: bool) {
+    let upgrade_value = if upgraded { headers.get(header::UPGRADE).cloned() } else { None };
+    strip_hop_by_hop(headers);
+    if let Some(u) = upgrade_value {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    append_via(headers, via_value(client_version));
+    set(headers, FLY_REQUEST_ID, request_id);
+}
+
+fn append_via(headers: &mut HeaderMap, ours: &str) {
+    let v = match joined(headers, &header::VIA) {
+        Some(prior) => format!("{prior}, {ours}"),
+        None => ours.to_string(),
+    };
+    set(headers, header::VIA, &v);
+}
+
+/// All values of a header joined by ", " (RFC 9110 list syntax), if any.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+    let first = values.next()?;
+    Some(values.fold(first.to_string(), |acc, v| acc + ", " + v))
+}
+
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
+
+/// The size of a request head as a client sent it: request line plus headers.
+pub fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>() + line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side(tls: bool) -> ClientSide<'static> {
+        ClientSide {
+            peer_ip: "203.0.113.7".parse().unwrap(),
+            tls,
+            local_port: 443,
+            region: "ams",
+            request_id: "01ABC-ams",
+            version: Version::HTTP_11,
+        }
+    }
+
+    #[test]
+    fn forwarding_headers_cannot_be_spoofed() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.1.1.1".parse().unwrap());
+        h.append("x-forwarded-for", "2.2.2.2".parse().unwrap());
+        h.insert("fly-client-ip", "6.6.6.6".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        h.insert("fly-region", "evil".parse().unwrap());
+        prepare_request(&mut h, &side(false), "a.test", false, false);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 203.0.113.7");
+        assert_eq!(h["fly-client-ip"], "203.0.113.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-ssl"], "off");
+        assert_eq!(h["x-forwarded-port"], "443");
+        assert_eq!(h["fly-forwarded-port"], "443");
+        assert_eq!(h["fly-region"], "ams");
+        assert_eq!(h["fly-request-id"], "01ABC-ams");
+        assert_eq!(h["via"], "1.1 tern");
+        assert_eq!(h["host"], "a.test");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_including_those_connection_names() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret, host".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("host", "a.test".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        prepare_request(&mut h, &side(true), "a.test", false, false);
+        for gone in ["connection", "keep-alive", "x-secret", "te", "transfer-encoding"] {
+            assert!(!h.contains_key(gone), "{gone} was forwarded");
+        }
+        assert_eq!(h["host"], "a.test");
+        assert_eq!(h["x-keep"], "1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn upgrades_keep_their_upgrade_and_h2c_keeps_te_trailers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Upgrade".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        prepare_request(&mut h, &side(false), "a.test", true, false);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+
+        let mut h = HeaderMap::new();
+        h.insert("te", "trailers".parse().unwrap());
+        prepare_request(&mut h, &side(false), "a.test", false, true);
+        assert_eq!(h["te"], "trailers");
+        assert!(!h.contains_key("host"), "h2c carries :authority, not Host");
+    }
+
+    #[test]
+    fn responses_get_via_and_request_id() {
+        let mut h = HeaderMap::new();
+        h.insert("via", "1.1 cdn".parse().unwrap());
+        h.insert("connection", "close".parse().unwrap());
+        prepare_response(&mut h, Version::HTTP_2, "id-ams", false);
+        assert_eq!(h["via"], "1.1 cdn, 2 tern");
+        assert_eq!(h["fly-request-id"], "id-ams");
+        assert!(!h.contains_key("connection"));
+    }
+}

@@ -1,0 +1,22 @@
+//! tern: an edge HTTP/TLS reverse proxy in the style of Fly.io's fly-proxy.
+//!
+//! Data flows one way: `listener → tls → http → routing → catalog`, with `upstream` beside
+//! `http` (it sends what routing decided). The RIB feeds the catalog; `config`,
+//! `duration`, `telemetry` and `error` are leaves. [`proxy`] is the composition root.
+
+pub mod admin;
+pub mod catalog;
+pub mod config;
+pub mod decl;
+pub mod duration;
+pub mod error;
+pub mod http;
+pub mod listener;
+pub mod model;
+pub mod proxy;
+pub mod rib;
+pub mod routing;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,119 @@
+//! Listening sockets and the accept loop.
+//!
+//! Sockets are made with socket2 so that each can set SO_REUSEPORT (a second tern can bind
+//! the same address during an upgrade), IPV6_V6ONLY (so `[::]` and `0.0.0.0` can both be
+//! listed) and its own backlog. The accept loop survives descriptor exhaustion
+//! (EMFILE/ENFILE) with a back-off and a metric, and stops accepting while the node-wide
+//! connection cap is reached, leaving new connections queued in the kernel.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use crate::telemetry::Metrics;
+
+/// Binds a listening socket.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
+}
+
+/// The `reason` label of `tern_accept_errors_total`, and whether to back off.
+fn classify(e: &io::Error) -> (&'static str, bool) {
+    match e.raw_os_error() {
+        Some(libc::EMFILE) => ("emfile", true),
+        Some(libc::ENFILE) => ("enfile", true),
+        Some(libc::ENOBUFS) | Some(libc::ENOMEM) => ("nomem", true),
+        Some(libc::ECONNABORTED) => ("aborted", false),
+        _ => ("other", true),
+    }
+}
+
+/// Accepts connections until `shutdown` turns true, handing each to `on_accept` with a
+/// permit from `limit` that it must hold for the connection's life.
+pub async fn accept_loop<F>(
+    listener: TcpListener,
+    label: Arc<str>,
+    limit: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+    mut on_accept: F,
+) where
+    F: FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
+{
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                metrics.connections_rejected.inc();
+                tracing::warn!(target: "tern::listener", listener = %label,
+                    "max_connections reached; new connections wait in the backlog");
+                tokio::select! {
+                    p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    () = crate::shutdown::requested(&mut shutdown) => return,
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = crate::shutdown::requested(&mut shutdown) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                metrics.connections.with_label_values(&[&label]).inc();
+                on_accept(stream, peer, permit);
+            }
+            Err(e) => {
+                let (reason, back_off) = classify(&e);
+                metrics.accept_errors.with_label_values(&[reason]).inc();
+                if back_off {
+                    tracing::warn!(target: "tern::listener", listener = %label, error = %e, retry_in = ?backoff, "accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = crate::shutdown::requested(&mut shutdown) => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_descriptor_exhaustion() {
+        assert_eq!(classify(&io::Error::from_raw_os_error(libc::EMFILE)), ("emfile", true));
+        assert_eq!(classify(&io::Error::from_raw_os_error(libc::ENFILE)), ("enfile", true));
+        assert_eq!(classify(&io::Error::from_raw_os_error(libc::ECONNABORTED)), ("aborted", false));
+    }
+
+    #[tokio::test]
+    async fn binds_v4_and_v6_and_reuses_the_port() {
+        let a = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = a.local_addr().unwrap();
+        // SO_REUSEPORT: a second socket may bind the same address (hitless upgrades).
+        let b = bind(addr, 16).unwrap();
+        assert_eq!(b.local_addr().unwrap(), addr);
+        if let Ok(v6) = bind("[::1]:0".parse().unwrap(), 16) {
+            assert!(v6.local_addr().unwrap().is_ipv6());
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The `tern` command.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use tern::config::{Config, LogFormat, Source};
+use tern::proxy::{self, Bound};
+use tern::rib::Table;
+use tern::rib::sqlite::{SqliteRib, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "An edge HTTP/TLS reverse proxy for apps whose machines sleep, stream and move"
+)]
+struct Cli {
+    /// Node config file [default: ./tern.toml, or the embedded default if it does not exist]
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy
+    Serve,
+    /// Write the apps, machines and certificates DECL declares into the RIB
+    Apply {
+        /// Declaration file (TOML)
+        decl: PathBuf,
+        /// Also delete every app, machine and certificate DECL does not name
+        #[arg(long)]
+        prune: bool,
+        /// Check and print what would change, without writing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Validate the node config and, if given, a declaration; print the first problem
+    Check {
+        /// Declaration file (TOML)
+        decl: Option<PathBuf>,
+    },
+    /// Print the apps, machines and certificates in the RIB
+    Status,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve => serve(cli.config.as_deref()),
+        Command::Apply { decl, prune, dry_run } => apply(cli.config.as_deref(), &decl, prune, dry_run),
+        Command::Check { decl } => check(cli.config.as_deref(), decl.as_deref()),
+        Command::Status => status(cli.config.as_deref()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tern: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<(Config, Source)> {
+    Ok(Config::load(path)?)
+}
+
+fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let (config, source) = load_config(config_path)?;
+    let _logs = tern::telemetry::init_logging(config.log.format == LogFormat::Json, &config.log.level);
+    match &source {
+        Source::File(p) => tracing::info!(target: "tern::proxy", config = %p.display(), "config loaded"),
+        Source::Embedded => tracing::info!(target: "tern::proxy", "no tern.toml: using the embedded default"),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tern-worker")
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let bound = Bound::bind(&config)?;
+        let rib = SqliteRib::open(&config.rib.path, config.rib.poll_interval)
+            .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        proxy::run(config, bound, Arc::new(rib), stop_rx).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!(target: "tern::proxy", "cannot install signal handlers; stop tern with SIGKILL");
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(target: "tern::proxy", signal = name, "signal received");
+}
+
+fn apply(
+    config_path: Option<&Path>,
+    decl_path: &Path,
+    prune: bool,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let (config, _) = load_config(config_path)?;
+    let decl = match tern::decl::load(decl_path) {
+        Ok(d) => d,
+        Err(problem) => {
+            eprintln!("{problem}");
+            eprintln!("tern: nothing was applied");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let mut store = Store::open(&config.rib.path)
+        .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?;
+    match tern::decl::apply(&mut store, &decl, prune, dry_run) {
+        Ok(plan) => {
+            println!("{plan}");
+            if dry_run {
+                println!("(dry run: nothing was written)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", decl_path.display());
+            eprintln!("tern: nothing was applied");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn check(config_path: Option<&Path>, decl_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let (config, source) = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    match source {
+        Source::File(p) => {
+            println!("{}: ok (region {}, {} listeners)", p.display(), config.region, config.listen.len())
+        }
+        Source::Embedded => println!("embedded default config: ok"),
+    }
+    if let Some(path) = decl_path {
+        match tern::decl::load(path) {
+            Ok(d) => println!(
+                "{}: ok ({} apps, {} machines, {} certificates)",
+                path.display(),
+                d.apps.len(),
+                d.machines.len(),
+                d.certificates.len()
+            ),
+            Err(problem) => {
+                eprintln!("{problem}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let (config, _) = load_config(config_path)?;
+    let mut store = Store::open(&config.rib.path)
+        .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?;
+    println!("RIB {}", config.rib.path.display());
+    for t in Table::ALL {
+        let rows = store.read_all(t)?;
+        println!("{} ({}):", t.as_str(), rows.len());
+        for r in rows {
+            let summary = summarize(t, &r.body);
+            println!("  {:<24} {summary}", r.key);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn summarize(table: Table, body: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else { return "(does not decode)".into() };
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    match table {
+        Table::Apps => {
+            let hosts: Vec<&str> = v
+                .get("hostnames")
+                .and_then(|h| h.as_array())
+                .map_or(Vec::new(), |a| a.iter().filter_map(|x| x.as_str()).collect());
+            hosts.join(" ")
+        }
+        Table::Machines => format!("{} {} {} {}", s("app"), s("state"), s("addr"), s("region")),
+        Table::Certificates => String::new(),
+    }
+}

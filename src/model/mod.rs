@@ -1,0 +1,308 @@
+//! The records tern keeps about the world: apps, machines and certificates.
+//!
+//! The same types are read from declarations (TOML), stored in the RIB (JSON) and decoded
+//! into the catalog, so a field means the same thing everywhere. Field names follow
+//! fly.toml where fly.toml has one. Nothing here does I/O.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::{de_duration, ser_duration};
+
+pub mod cert;
+pub mod names;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSpec {
+    pub name: String,
+    #[serde(default = "default_org")]
+    pub org: String,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_region: Option<String>,
+    /// The port the app's machines serve HTTP on, for machines declared by bare IP.
+    #[serde(default = "default_internal_port")]
+    pub internal_port: u16,
+    #[serde(default)]
+    pub auto_stop: AutoStop,
+    #[serde(default = "yes")]
+    pub auto_start: bool,
+    #[serde(default)]
+    pub min_machines_running: u32,
+    /// How long an exchange may stay silent in both directions, streams included.
+    #[serde(
+        default = "default_idle_timeout",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
+    pub idle_timeout: Duration,
+    #[serde(default)]
+    pub concurrency: Concurrency,
+    #[serde(
+        default = "default_auto_stop_after",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
+    pub auto_stop_after: Duration,
+    #[serde(
+        default = "default_kill_timeout",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
+    pub kill_timeout: Duration,
+    #[serde(
+        default = "default_wake_timeout",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
+    pub wake_timeout: Duration,
+    #[serde(default = "default_max_pending")]
+    pub max_pending: u32,
+    #[serde(default)]
+    pub wake_ignore_user_agents: Vec<String>,
+    #[serde(default)]
+    pub checks: Vec<Check>,
+    #[serde(default)]
+    pub http_options: HttpOptions,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoStop {
+    #[default]
+    Off,
+    Stop,
+    Suspend,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConcurrencyType {
+    #[default]
+    Requests,
+    Connections,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    #[serde(rename = "type", default)]
+    pub kind: ConcurrencyType,
+    #[serde(default = "default_soft_limit")]
+    pub soft_limit: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard_limit: Option<u32>,
+}
+
+impl Default for Concurrency {
+    fn default() -> Self {
+        Concurrency { kind: ConcurrencyType::Requests, soft_limit: default_soft_limit(), hard_limit: None }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckType {
+    #[default]
+    Http,
+    Tcp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    #[serde(rename = "type", default)]
+    pub kind: CheckType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(
+        default = "default_check_interval",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
+    pub interval: Duration,
+    #[serde(
+        default = "default_check_timeout",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
+    pub timeout: Duration,
+    #[serde(default, deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub grace_period: Duration,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpOptions {
+    /// Speak HTTP/2 with prior knowledge (h2c) to the app's machines, as gRPC needs.
+    #[serde(default)]
+    pub h2_backend: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineState {
+    Started,
+    Stopped,
+    Suspended,
+    Starting,
+    Stopping,
+    Suspending,
+    Destroyed,
+}
+
+impl MachineState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineState::Started => "started",
+            MachineState::Stopped => "stopped",
+            MachineState::Suspended => "suspended",
+            MachineState::Starting => "starting",
+            MachineState::Stopping => "stopping",
+            MachineState::Suspending => "suspending",
+            MachineState::Destroyed => "destroyed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineSpec {
+    pub id: String,
+    pub app: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub region: String,
+    /// Where the machine serves: `ip:port`, or a bare IP meaning the app's internal_port.
+    pub addr: MachineAddr,
+    pub state: MachineState,
+    /// Process driver: how to start the machine. Without it, someone else runs the machine
+    /// and tern only routes to it while it is started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+}
+
+/// `ip:port`, or a bare IP whose port is the app's `internal_port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MachineAddr {
+    pub ip: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl MachineAddr {
+    pub fn resolve(self, internal_port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port.unwrap_or(internal_port))
+    }
+}
+
+impl std::str::FromStr for MachineAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(MachineAddr { ip: sa.ip(), port: Some(sa.port()) });
+        }
+        let bare = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(s);
+        bare.parse::<IpAddr>().map(|ip| MachineAddr { ip, port: None }).map_err(|_| {
+            format!("{s:?} is not an address (\"10.0.0.5:8080\", \"[fd00::5]:8080\" or a bare IP)")
+        })
+    }
+}
+
+impl std::fmt::Display for MachineAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            Some(p) => SocketAddr::new(self.ip, p).fmt(f),
+            None => self.ip.fmt(f),
+        }
+    }
+}
+
+impl Serialize for MachineAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MachineAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A certificate as the RIB stores it: the PEM text itself, so that a node never needs the
+/// files the operator applied from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertSpec {
+    pub hostname: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn default_org() -> String {
+    "personal".into()
+}
+fn default_internal_port() -> u16 {
+    8080
+}
+fn yes() -> bool {
+    true
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_auto_stop_after() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_kill_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_wake_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_pending() -> u32 {
+    1000
+}
+fn default_soft_limit() -> u32 {
+    20
+}
+fn default_check_interval() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_defaults_and_json_round_trip() {
+        let app: AppSpec = toml::from_str("name = \"hello\"\nhostnames = [\"a.example\"]").unwrap();
+        assert_eq!(app.internal_port, 8080);
+        assert_eq!(app.idle_timeout, Duration::from_secs(60));
+        assert_eq!(app.org, "personal");
+        assert!(app.auto_start);
+        let json = serde_json::to_string(&app).unwrap();
+        let back: AppSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(app, back);
+    }
+
+    #[test]
+    fn machine_addr_forms() {
+        let a: MachineAddr = "127.0.0.1:9001".parse().unwrap();
+        assert_eq!(a.resolve(80).to_string(), "127.0.0.1:9001");
+        let b: MachineAddr = "10.0.0.5".parse().unwrap();
+        assert_eq!(b.resolve(8080).to_string(), "10.0.0.5:8080");
+        let c: MachineAddr = "[fd00::5]:8080".parse().unwrap();
+        assert_eq!(c.resolve(1).to_string(), "[fd00::5]:8080");
+        let d: MachineAddr = "fd00::5".parse().unwrap();
+        assert_eq!(d.to_string(), "fd00::5");
+        assert!("localhost:80".parse::<MachineAddr>().is_err());
+    }
+}

@@ -1,0 +1,106 @@
+//! The RIB: the state store that holds apps, machines and certificates.
+//!
+//! The catalog is fed through [`Rib::subscribe`]: one full snapshot, then a stream of
+//! changes that can be resumed from a [`Cursor`]. A store that cannot resume from a cursor
+//! (it compacted its log, or it was replaced) sends a fresh snapshot instead, and the
+//! catalog diffs it against what it holds. The RIB moves opaque JSON bodies; decoding them
+//! is the catalog's job, so a bad row is skipped there without stopping the stream.
+//!
+//! SQLite is the embedded default; fleets will implement the same trait over a distributed
+//! store (a Corrosion subscription or an etcd watch).
+
+use tokio::sync::mpsc;
+
+pub mod sqlite;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Apps,
+    Machines,
+    Certificates,
+}
+
+impl Table {
+    pub const ALL: [Table; 3] = [Table::Apps, Table::Machines, Table::Certificates];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Table::Apps => "apps",
+            Table::Machines => "machines",
+            Table::Certificates => "certificates",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+/// One row: its table, its key (app name, machine id, hostname) and its JSON body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub table: Table,
+    pub key: String,
+    pub body: String,
+}
+
+/// A committed change to one row. `body` is `None` when the row was deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub table: Table,
+    pub key: String,
+    pub body: Option<String>,
+    /// When the change was committed, in milliseconds since the Unix epoch.
+    pub committed_at_ms: i64,
+}
+
+/// Where a subscriber is in the store's change stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    /// Identifies the store's history; a cursor from another history cannot resume.
+    pub epoch: String,
+    pub seq: i64,
+}
+
+#[derive(Debug)]
+pub enum RibEvent {
+    /// Everything the store holds as of `cursor`; anything the subscriber holds that is not
+    /// here was deleted.
+    Snapshot { records: Vec<Record>, cursor: Cursor },
+    /// Changes after the previous event, in commit order.
+    Changes { changes: Vec<Change>, cursor: Cursor },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RibError {
+    #[error("RIB database {path}: {source}")]
+    Sqlite {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("RIB: {0}")]
+    Other(String),
+}
+
+/// A stream of RIB events. Errors are reported and the store retries by itself; the stream
+/// ends only when the store gives up or the subscription is dropped.
+pub struct Subscription {
+    rx: mpsc::Receiver<Result<RibEvent, RibError>>,
+}
+
+impl Subscription {
+    pub fn new(rx: mpsc::Receiver<Result<RibEvent, RibError>>) -> Self {
+        Subscription { rx }
+    }
+
+    pub async fn next(&mut self) -> Option<Result<RibEvent, RibError>> {
+        self.rx.recv().await
+    }
+}
+
+pub trait Rib: Send + Sync + 'static {
+    /// Starts a subscription: changes after `from` if the store can resume there, else a
+    /// snapshot first.
+    fn subscribe(&self, from: Option<Cursor>) -> Subscription;
+}

@@ -1,0 +1,134 @@
+//! Request host normalisation: what `Host` or `:authority` names, in the form the catalog
+//! stores hostnames (lower-case, no port, no trailing dot). No I/O; fuzzed.
+
+use std::borrow::Cow;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("empty host")]
+    Empty,
+    #[error("host is too long")]
+    TooLong,
+    #[error("host has a character that cannot appear in a hostname")]
+    BadChar,
+    #[error("host has a malformed port")]
+    BadPort,
+    #[error("host has a malformed IPv6 literal")]
+    BadIpv6,
+    #[error("host has an empty label")]
+    EmptyLabel,
+}
+
+/// Longest host tern will look up: a DNS name is at most 253 bytes; allow a port.
+const MAX_HOST: usize = 253 + 6;
+
+/// Normalises a Host header value or URI authority: strips a port and a trailing dot and
+/// lower-cases. An IPv6 literal keeps no brackets. Borrows when nothing changes.
+pub fn normalize(raw: &str) -> Result<Cow<'_, str>, HostError> {
+    if raw.is_empty() {
+        return Err(HostError::Empty);
+    }
+    if raw.len() > MAX_HOST {
+        return Err(HostError::TooLong);
+    }
+    // userinfo ("user@host") is not allowed in Host (RFC 9110 §7.2).
+    if let Some(rest) = raw.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']').ok_or(HostError::BadIpv6)?;
+        check_port(after)?;
+        if inside.is_empty() || !inside.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+            return Err(HostError::BadIpv6);
+        }
+        return Ok(lower(inside));
+    }
+    let (name, port) = match raw.rfind(':') {
+        Some(i) => (&raw[..i], &raw[i..]),
+        None => (raw, ""),
+    };
+    check_port(port)?;
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() {
+        return Err(HostError::Empty);
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')) {
+        return Err(HostError::BadChar);
+    }
+    if name.split('.').any(str::is_empty) {
+        return Err(HostError::EmptyLabel);
+    }
+    Ok(lower(name))
+}
+
+fn check_port(p: &str) -> Result<(), HostError> {
+    if p.is_empty() {
+        return Ok(());
+    }
+    let digits = p.strip_prefix(':').ok_or(HostError::BadPort)?;
+    // An empty port (`host:`) is allowed by RFC 3986.
+    if digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(HostError::BadPort);
+    }
+    Ok(())
+}
+
+fn lower(s: &str) -> Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// The fuzz target's property: normalising never panics, and a normalised host is a
+/// fixed point with no port, upper case or trailing dot.
+pub fn fuzz_normalize(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    if let Ok(h) = normalize(s) {
+        assert!(!h.is_empty());
+        assert!(!h.bytes().any(|b| b.is_ascii_uppercase()));
+        assert!(!h.ends_with('.'));
+        if !h.contains(':') {
+            assert_eq!(normalize(&h).as_deref(), Ok(&*h), "normalising {s:?} is not idempotent");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises() {
+        assert_eq!(normalize("Hello.Example.COM").unwrap(), "hello.example.com");
+        assert_eq!(normalize("hello.example.com:8080").unwrap(), "hello.example.com");
+        assert_eq!(normalize("hello.example.com.").unwrap(), "hello.example.com");
+        assert_eq!(normalize("hello.example.com.:443").unwrap(), "hello.example.com");
+        assert_eq!(normalize("[::1]:8080").unwrap(), "::1");
+        assert_eq!(normalize("[FD00::1]").unwrap(), "fd00::1");
+        assert_eq!(normalize("127.0.0.1:80").unwrap(), "127.0.0.1");
+        assert_eq!(normalize("host:").unwrap(), "host");
+        assert!(matches!(normalize("a.example.com"), Ok(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn refuses() {
+        assert_eq!(normalize(""), Err(HostError::Empty));
+        assert_eq!(normalize(":80"), Err(HostError::Empty));
+        assert_eq!(normalize("a b"), Err(HostError::BadChar));
+        assert_eq!(normalize("user@host"), Err(HostError::BadChar));
+        assert_eq!(normalize("host:http"), Err(HostError::BadPort));
+        assert_eq!(normalize("host:123456"), Err(HostError::BadPort));
+        assert_eq!(normalize("[::1"), Err(HostError::BadIpv6));
+        assert_eq!(normalize("[zz]"), Err(HostError::BadIpv6));
+        assert_eq!(normalize(&"a".repeat(300)), Err(HostError::TooLong));
+        assert_eq!(normalize(".."), Err(HostError::EmptyLabel));
+        assert_eq!(normalize("a..b"), Err(HostError::EmptyLabel));
+        assert_eq!(normalize(".a"), Err(HostError::EmptyLabel));
+    }
+
+    #[test]
+    fn fuzz_property_holds_on_samples() {
+        for s in ["A.b", "a.b.:1", "[::1]:1", "..", "a..b", "x:", "-"] {
+            fuzz_normalize(s.as_bytes());
+        }
+    }
+}

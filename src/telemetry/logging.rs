@@ -1,0 +1,33 @@
+//! Log setup: text or JSON lines on stderr, written by a background thread so that a slow
+//! terminal or pipe never stalls the request path.
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::FmtSpan;
+
+/// Keeps the background log writer alive; logs written after it drops may be lost.
+pub struct LogGuard {
+    _guard: tracing_appender::non_blocking::WorkerGuard,
+}
+
+/// Installs the global subscriber. `level` is a tracing filter (`info`, `tern=debug`);
+/// `RUST_LOG`, when set, wins. Calling it twice keeps the first subscriber.
+pub fn init_logging(json: bool, level: &str) -> LogGuard {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        // Drop lines rather than block the runtime when the reader cannot keep up.
+        .lossy(true)
+        .finish(std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_span_events(FmtSpan::NONE)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(true);
+    let installed = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
+    if installed.is_err() {
+        tracing::debug!(target: "tern::telemetry", "a log subscriber was already installed");
+    }
+    LogGuard { _guard: guard }
+}

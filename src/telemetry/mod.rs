@@ -1,0 +1,217 @@
+//! Metrics and logs. Every metric name tern exports is defined in this module and nowhere
+//! else; every stage logs under a fixed `tracing` target (`tern::listener`, `tern::tls`,
+//! `tern::http`, `tern::access`, `tern::upstream`, `tern::catalog`, `tern::rib`).
+//!
+//! A leaf: it imports nothing of ours.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+mod logging;
+pub use logging::{LogGuard, init_logging};
+
+/// Latency buckets from half a millisecond to a minute.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// All of tern's metrics, registered in a registry of their own so that several proxies can
+/// run in one process (as the integration tests do).
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub errors: IntCounterVec,
+    pub upstream_connect_duration: Histogram,
+    pub upstream_connect_errors: IntCounter,
+    pub upstream_retries: IntCounter,
+    pub open_connections: IntGaugeVec,
+    pub connections: IntCounterVec,
+    pub connections_rejected: IntCounter,
+    pub accept_errors: IntCounterVec,
+    pub tls_handshakes: IntCounter,
+    pub tls_handshake_failures: IntCounterVec,
+    pub catalog_apps: IntGauge,
+    pub catalog_machines: IntGauge,
+    pub catalog_certificates: IntGauge,
+    pub catalog_apply_lag: Histogram,
+    pub catalog_changes: IntCounter,
+    pub rib_rows_skipped: IntCounterVec,
+    pub rib_errors: IntCounter,
+    pub streams_cut_idle: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self::try_new().expect("metric definitions are static and valid")
+    }
+
+    #[allow(clippy::too_many_lines)] // a flat list of definitions reads best in one place
+    fn try_new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let m = Metrics {
+            requests: IntCounterVec::new(
+                Opts::new("tern_requests_total", "Requests answered, by app and status class."),
+                &["app", "class"],
+            )?,
+            request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "tern_request_duration_seconds",
+                    "Time from a request's arrival to its response head, by app.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["app"],
+            )?,
+            errors: IntCounterVec::new(
+                Opts::new("tern_errors_total", "Responses tern made itself, by tern-error code."),
+                &["code"],
+            )?,
+            upstream_connect_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tern_upstream_connect_duration_seconds",
+                    "Time to open a new connection to a machine.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )?,
+            upstream_connect_errors: IntCounter::new(
+                "tern_upstream_connect_errors_total",
+                "Connections to machines that failed to open.",
+            )?,
+            upstream_retries: IntCounter::new(
+                "tern_upstream_retries_total",
+                "Requests sent to a second machine after the first refused the connection.",
+            )?,
+            open_connections: IntGaugeVec::new(
+                Opts::new("tern_open_connections", "Client connections open now, by listener."),
+                &["listener"],
+            )?,
+            connections: IntCounterVec::new(
+                Opts::new("tern_connections_total", "Client connections accepted, by listener."),
+                &["listener"],
+            )?,
+            connections_rejected: IntCounter::new(
+                "tern_connections_at_limit_total",
+                "Times the accept loop paused because max_connections were open.",
+            )?,
+            accept_errors: IntCounterVec::new(
+                Opts::new("tern_accept_errors_total", "Failed accept(2) calls, by reason."),
+                &["reason"],
+            )?,
+            tls_handshakes: IntCounter::new("tern_tls_handshakes_total", "TLS handshakes completed.")?,
+            tls_handshake_failures: IntCounterVec::new(
+                Opts::new("tern_tls_handshake_failures_total", "TLS handshakes failed, by reason."),
+                &["reason"],
+            )?,
+            catalog_apps: IntGauge::new("tern_catalog_apps", "Apps in the catalog.")?,
+            catalog_machines: IntGauge::new("tern_catalog_machines", "Machines in the catalog.")?,
+            catalog_certificates: IntGauge::new("tern_catalog_certificates", "Certificates in the catalog.")?,
+            catalog_apply_lag: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tern_catalog_apply_lag_seconds",
+                    "Time from a change's commit in the RIB to its publication in the catalog.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )?,
+            catalog_changes: IntCounter::new(
+                "tern_catalog_changes_applied_total",
+                "RIB changes applied to the catalog.",
+            )?,
+            rib_rows_skipped: IntCounterVec::new(
+                Opts::new(
+                    "tern_rib_rows_skipped_total",
+                    "RIB rows that did not decode and were skipped, by table.",
+                ),
+                &["table"],
+            )?,
+            rib_errors: IntCounter::new(
+                "tern_rib_errors_total",
+                "Failed reads of the RIB (retried with back-off).",
+            )?,
+            streams_cut_idle: IntCounter::new(
+                "tern_idle_timeouts_total",
+                "Exchanges and tunnels closed after the app's idle_timeout of silence.",
+            )?,
+            registry,
+        };
+        m.register_all()?;
+        Ok(m)
+    }
+
+    fn register_all(&self) -> prometheus::Result<()> {
+        let r = &self.registry;
+        r.register(Box::new(self.requests.clone()))?;
+        r.register(Box::new(self.request_duration.clone()))?;
+        r.register(Box::new(self.errors.clone()))?;
+        r.register(Box::new(self.upstream_connect_duration.clone()))?;
+        r.register(Box::new(self.upstream_connect_errors.clone()))?;
+        r.register(Box::new(self.upstream_retries.clone()))?;
+        r.register(Box::new(self.open_connections.clone()))?;
+        r.register(Box::new(self.connections.clone()))?;
+        r.register(Box::new(self.connections_rejected.clone()))?;
+        r.register(Box::new(self.accept_errors.clone()))?;
+        r.register(Box::new(self.tls_handshakes.clone()))?;
+        r.register(Box::new(self.tls_handshake_failures.clone()))?;
+        r.register(Box::new(self.catalog_apps.clone()))?;
+        r.register(Box::new(self.catalog_machines.clone()))?;
+        r.register(Box::new(self.catalog_certificates.clone()))?;
+        r.register(Box::new(self.catalog_apply_lag.clone()))?;
+        r.register(Box::new(self.catalog_changes.clone()))?;
+        r.register(Box::new(self.rib_rows_skipped.clone()))?;
+        r.register(Box::new(self.rib_errors.clone()))?;
+        r.register(Box::new(self.streams_cut_idle.clone()))?;
+        Ok(())
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(target: "tern::telemetry", error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// "2xx", "4xx", …: the status class label of `tern_requests_total`.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_renders_with_the_tern_prefix() {
+        let m = Metrics::new();
+        m.requests.with_label_values(&["a", "2xx"]).inc();
+        m.errors.with_label_values(&["no_app"]).inc();
+        m.request_duration.with_label_values(&["a"]).observe(0.1);
+        m.open_connections.with_label_values(&["x"]).set(0);
+        m.connections.with_label_values(&["x"]).inc();
+        m.accept_errors.with_label_values(&["emfile"]).inc();
+        m.tls_handshake_failures.with_label_values(&["unknown_sni"]).inc();
+        m.rib_rows_skipped.with_label_values(&["apps"]).inc();
+        let text = m.render();
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(names.len() >= 20, "{names:?}");
+        assert!(names.iter().all(|n| n.starts_with("tern_")), "{names:?}");
+    }
+}

@@ -1,0 +1,125 @@
+//! TLS termination. The certificate is chosen by SNI from the catalog snapshot (exact name,
+//! then wildcard), with no lock on the handshake path: certificates were parsed and checked
+//! when they were applied. An unknown or missing SNI is refused with an `unrecognized_name`
+//! alert before any certificate work. TLS 1.2 and 1.3 only; ALPN `h2` and `http/1.1`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use rustls::server::{Acceptor, ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::catalog::Catalog;
+use crate::telemetry::Metrics;
+
+/// Resolves certificates from the current catalog snapshot.
+pub struct CertResolver {
+    catalog: Arc<Catalog>,
+}
+
+impl std::fmt::Debug for CertResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertResolver")
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?;
+        let snap = self.catalog.load();
+        lookup(&snap, name)
+    }
+}
+
+fn lookup(snap: &crate::catalog::Snapshot, sni: &str) -> Option<Arc<CertifiedKey>> {
+    let sni = sni.trim_end_matches('.');
+    if sni.bytes().any(|b| b.is_ascii_uppercase()) {
+        snap.cert_for(&sni.to_ascii_lowercase()).map(|c| c.key.clone())
+    } else {
+        snap.cert_for(sni).map(|c| c.key.clone())
+    }
+}
+
+/// The server config shared by every TLS listener.
+pub fn server_config(catalog: Arc<Catalog>) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(CertResolver { catalog }));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Stateless tickets for resumption: nothing shared to lock per handshake but the
+    // ticketer's key, which rotates rarely.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(Arc::new(config))
+}
+
+/// Why a handshake failed; also the `reason` label of `tern_tls_handshake_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    NoSni,
+    UnknownSni,
+    Timeout,
+    Protocol,
+}
+
+impl HandshakeFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::NoSni => "no_sni",
+            HandshakeFailure::UnknownSni => "unknown_sni",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Protocol => "protocol",
+        }
+    }
+}
+
+/// A fatal `unrecognized_name` (112) alert in a plaintext TLS record: what RFC 6066 says a
+/// server that does not know the SNI name should send.
+const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
+
+/// Completes a server handshake on `io`, or refuses it. The whole handshake shares one
+/// deadline.
+pub async fn accept<IO>(
+    io: IO,
+    config: Arc<ServerConfig>,
+    catalog: &Catalog,
+    timeout: Duration,
+    metrics: &Metrics,
+) -> Result<TlsStream<IO>, HandshakeFailure>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let result = tokio::time::timeout_at(deadline, async {
+        let start =
+            LazyConfigAcceptor::new(Acceptor::default(), io).await.map_err(|_| HandshakeFailure::Protocol)?;
+        let known = match start.client_hello().server_name() {
+            None => Err(HandshakeFailure::NoSni),
+            Some(name) => lookup(&catalog.load(), name).map(|_| ()).ok_or(HandshakeFailure::UnknownSni),
+        };
+        if let Err(reason) = known {
+            let mut io = start.io;
+            // Best effort: the client may already be gone, and we close either way.
+            let _ = io.write_all(&UNRECOGNIZED_NAME_ALERT).await;
+            let _ = io.shutdown().await;
+            return Err(reason);
+        }
+        start.into_stream(config).await.map_err(|_| HandshakeFailure::Protocol)
+    })
+    .await;
+    let outcome = result.unwrap_or(Err(HandshakeFailure::Timeout));
+    match &outcome {
+        Ok(_) => metrics.tls_handshakes.inc(),
+        Err(reason) => {
+            metrics.tls_handshake_failures.with_label_values(&[reason.as_str()]).inc();
+            tracing::debug!(target: "tern::tls", reason = reason.as_str(), "TLS handshake refused");
+        }
+    }
+    outcome
+}

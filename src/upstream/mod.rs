@@ -1,0 +1,273 @@
+//! Connections to machines: HTTP/1.1 over pooled keep-alive connections, or h2c (HTTP/2 with
+//! prior knowledge) as a per-app option.
+//!
+//! tern keeps its own small pool instead of a full client so that connecting and sending
+//! are separate steps: when a machine refuses the connection, the request (and its unread
+//! body) is still in hand and can go to another machine. A pooled connection that turns
+//! out to be dead before the request was written hands the request back too.
+//!
+//! It sends what routing decided; it knows nothing of apps or hostnames.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::telemetry::Metrics;
+
+/// The body type sent to machines.
+pub type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Http1,
+    H2c,
+}
+
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_host: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    addr: SocketAddr,
+    proto: Proto,
+}
+
+struct IdleConn {
+    sender: http1::SendRequest<UpBody>,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct HostPool {
+    idle: Mutex<Vec<IdleConn>>,
+    h2: Mutex<Option<http2::SendRequest<UpBody>>>,
+}
+
+/// Connections to every machine, keyed by address and protocol.
+pub struct Pool {
+    hosts: DashMap<Key, Arc<HostPool>>,
+    config: PoolConfig,
+    metrics: Arc<Metrics>,
+}
+
+/// A connection ready for one request.
+pub struct Conn {
+    sender: Sender,
+    key: Key,
+    reused: bool,
+    pool: Arc<Pool>,
+}
+
+enum Sender {
+    H1(http1::SendRequest<UpBody>),
+    H2(http2::SendRequest<UpBody>),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to {addr}: {source}")]
+pub struct ConnectError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+pub enum SendError {
+    /// The request was not written: safe to send again on another connection.
+    NotSent(Box<Request<UpBody>>, hyper::Error),
+    /// The request was (or may have been) written; it cannot be replayed.
+    Failed(hyper::Error),
+}
+
+impl Pool {
+    pub fn new(config: PoolConfig, metrics: Arc<Metrics>) -> Arc<Pool> {
+        Arc::new(Pool { hosts: DashMap::new(), config, metrics })
+    }
+
+    /// A connection to `addr`: an idle pooled one if there is one, else a new one.
+    pub async fn checkout(self: &Arc<Self>, addr: SocketAddr, proto: Proto) -> Result<Conn, ConnectError> {
+        let key = Key { addr, proto };
+        if let Some(sender) = self.take_idle(key) {
+            return Ok(Conn { sender, key, reused: true, pool: self.clone() });
+        }
+        self.connect(key).await
+    }
+
+    /// A new connection, never a pooled one: for retrying a request a dead pooled
+    /// connection handed back.
+    pub async fn connect_fresh(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        proto: Proto,
+    ) -> Result<Conn, ConnectError> {
+        self.connect(Key { addr, proto }).await
+    }
+
+    fn host(&self, key: Key) -> Arc<HostPool> {
+        if let Some(h) = self.hosts.get(&key) {
+            return h.clone();
+        }
+        self.hosts.entry(key).or_default().clone()
+    }
+
+    fn take_idle(&self, key: Key) -> Option<Sender> {
+        let host = self.hosts.get(&key)?.clone();
+        match key.proto {
+            Proto::Http1 => {
+                let mut idle = host.idle.lock();
+                // Most recently used first: the likeliest to be alive and warm.
+                while let Some(c) = idle.pop() {
+                    if c.sender.is_ready() && c.since.elapsed() < self.config.idle_timeout {
+                        return Some(Sender::H1(c.sender));
+                    }
+                }
+                None
+            }
+            Proto::H2c => {
+                let h2 = host.h2.lock();
+                h2.as_ref().filter(|s| !s.is_closed()).map(|s| Sender::H2(s.clone()))
+            }
+        }
+    }
+
+    fn put_idle(&self, key: Key, sender: http1::SendRequest<UpBody>) {
+        let host = self.host(key);
+        let mut idle = host.idle.lock();
+        if idle.len() < self.config.max_idle_per_host {
+            idle.push(IdleConn { sender, since: Instant::now() });
+        }
+    }
+
+    async fn connect(self: &Arc<Self>, key: Key) -> Result<Conn, ConnectError> {
+        let started = Instant::now();
+        let fail = |source: std::io::Error| {
+            self.metrics.upstream_connect_errors.inc();
+            ConnectError { addr: key.addr, source }
+        };
+        let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(key.addr))
+            .await
+            .map_err(|_| fail(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(fail)?;
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        let sender = match key.proto {
+            Proto::Http1 => {
+                let (sender, conn) =
+                    http1::Builder::new().handshake(io).await.map_err(|e| fail(std::io::Error::other(e)))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        tracing::debug!(target: "tern::upstream", error = %e, "machine connection ended");
+                    }
+                });
+                Sender::H1(sender)
+            }
+            Proto::H2c => {
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Duration::from_secs(20))
+                    .handshake(io)
+                    .await
+                    .map_err(|e| fail(std::io::Error::other(e)))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(target: "tern::upstream", error = %e, "machine h2 connection ended");
+                    }
+                });
+                *self.host(key).h2.lock() = Some(sender.clone());
+                Sender::H2(sender)
+            }
+        };
+        self.metrics.upstream_connect_duration.observe(started.elapsed().as_secs_f64());
+        Ok(Conn { sender, key, reused: false, pool: self.clone() })
+    }
+
+    /// Drops idle connections past their idle timeout and forgets hosts with nothing left.
+    /// Called periodically, so a machine that left the catalog stops holding sockets.
+    pub fn reap(&self) {
+        let ttl = self.config.idle_timeout;
+        self.hosts.retain(|_, host| {
+            let mut idle = host.idle.lock();
+            idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < ttl);
+            let mut h2 = host.h2.lock();
+            if h2.as_ref().is_some_and(|s| s.is_closed()) {
+                *h2 = None;
+            }
+            // Keep the entry while someone else holds it (a checkout in progress).
+            !idle.is_empty() || h2.is_some() || Arc::strong_count(host) > 1
+        });
+    }
+
+    /// Runs [`Pool::reap`] until `shutdown` turns true.
+    pub async fn reap_until(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(10).min(self.config.idle_timeout));
+        loop {
+            tokio::select! {
+                () = crate::shutdown::requested(&mut shutdown) => return,
+                _ = tick.tick() => self.reap(),
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Whether this connection came from the pool (and so may have died while idle).
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// Sends one request. HTTP/1.1 connections go back to the pool once the response body
+    /// has been read to the end, unless the exchange upgrades (the connection becomes the
+    /// tunnel).
+    pub async fn send(self, req: Request<UpBody>, upgrade: bool) -> Result<Response<Incoming>, SendError> {
+        match self.sender {
+            Sender::H1(mut sender) => {
+                if let Err(e) = sender.ready().await {
+                    return Err(SendError::NotSent(Box::new(req), e));
+                }
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        if !upgrade {
+                            let (pool, key) = (self.pool, self.key);
+                            tokio::spawn(async move {
+                                if sender.ready().await.is_ok() {
+                                    pool.put_idle(key, sender);
+                                }
+                            });
+                        }
+                        Ok(resp)
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(req) => Err(SendError::NotSent(Box::new(req), e.into_error())),
+                        None => Err(SendError::Failed(e.into_error())),
+                    },
+                }
+            }
+            Sender::H2(mut sender) => {
+                if let Err(e) = sender.ready().await {
+                    return Err(SendError::NotSent(Box::new(req), e));
+                }
+                match sender.try_send_request(req).await {
+                    Ok(resp) => Ok(resp),
+                    Err(mut e) => match e.take_message() {
+                        Some(req) => Err(SendError::NotSent(Box::new(req), e.into_error())),
+                        None => Err(SendError::Failed(e.into_error())),
+                    },
+                }
+            }
+        }
+    }
+}
