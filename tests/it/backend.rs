@@ -1,0 +1,228 @@
+//! A real HTTP/1.1 (and h2c) server on 127.0.0.1:0, standing in for an app's machine.
+//!
+//! Paths:
+//! - `/echo`: JSON with the method, path, version and every request header
+//! - `/id`: the backend's name (its machine id)
+//! - `/sse`: `text/event-stream`; sends "one", waits for the test to open the gate, sends "two"
+//! - `/ticks?n=N&gap_ms=G`: N events, G ms apart
+//! - `/silent`: response head, then nothing, forever
+//! - `/hang`: no response until the gate opens, then 200 "released"
+//! - `/download?bytes=N`: N bytes in 64 KiB chunks, streamed
+//! - `/upload`: reads the body as it streams and answers with its length
+//! - `/ws`: WebSocket echo
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// Opens `/sse` and `/hang`.
+    pub gate: Arc<Notify>,
+    pub requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct State {
+    name: String,
+    gate: Arc<Notify>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gate = Arc::new(Notify::new());
+        let requests = Arc::new(AtomicUsize::new(0));
+        let state = Arc::new(State { name: name.into(), gate: gate.clone(), requests: requests.clone() });
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(handle(state, req).await) }
+                    });
+                    // auto: HTTP/1.1 with upgrades, or h2c with prior knowledge.
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend { addr, gate, requests, task }
+    }
+}
+
+fn full(s: impl Into<Bytes>) -> Body {
+    Full::new(s.into()).boxed()
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    match req.uri().path() {
+        "/id" => Response::new(full(state.name.clone())),
+        "/echo" => {
+            let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (k, v) in req.headers() {
+                headers.entry(k.as_str().into()).or_default().push(v.to_str().unwrap_or("").into());
+            }
+            let v = serde_json::json!({
+                "method": req.method().as_str(),
+                "path": req.uri().path(),
+                "version": format!("{:?}", req.version()),
+                "headers": headers,
+                "machine": state.name,
+            });
+            let mut r = Response::new(full(v.to_string()));
+            r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+            r
+        }
+        "/sse" => {
+            let gate = state.gate.clone();
+            let stream = async_stream(move |tx| async move {
+                let _ = tx.send(Bytes::from_static(b"data: one\n\n")).await;
+                gate.notified().await;
+                let _ = tx.send(Bytes::from_static(b"data: two\n\n")).await;
+            });
+            sse(stream)
+        }
+        "/ticks" => {
+            let n = query(&req, "n").unwrap_or(5);
+            let gap = Duration::from_millis(query(&req, "gap_ms").unwrap_or(10));
+            sse(async_stream(move |tx| async move {
+                for i in 0..n {
+                    if tx.send(Bytes::from(format!("data: tick {i}\n\n"))).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(gap).await;
+                }
+            }))
+        }
+        "/silent" => sse(async_stream(|tx| async move {
+            let _open = tx;
+            std::future::pending::<()>().await
+        })),
+        "/hang" => {
+            state.gate.notified().await;
+            Response::new(full("released"))
+        }
+        "/download" => {
+            let total = query(&req, "bytes").unwrap_or(0);
+            let mut r = Response::new(BoxBody::new(StreamBody::new(
+                async_stream(move |tx| async move {
+                    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                    let mut left = total as usize;
+                    while left > 0 {
+                        let n = left.min(chunk.len());
+                        if tx.send(chunk.slice(..n)).await.is_err() {
+                            return;
+                        }
+                        left -= n;
+                    }
+                })
+                .map(|b| Ok::<_, Infallible>(Frame::data(b))),
+            )));
+            r.headers_mut().insert("content-length", total.into());
+            r
+        }
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut n: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                    Err(_) => break,
+                }
+            }
+            Response::new(full(n.to_string()))
+        }
+        "/ws" => websocket(&mut req),
+        _ => {
+            let mut r = Response::new(full("not found"));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r
+        }
+    }
+}
+
+fn sse(stream: impl futures_util::Stream<Item = Bytes> + Send + Sync + 'static) -> Response<Body> {
+    let body = StreamBody::new(stream.map(|b| Ok::<_, Infallible>(Frame::data(b))));
+    let mut r = Response::new(BoxBody::new(body));
+    r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+    r
+}
+
+/// A stream fed by a task: back-pressure comes from the channel's capacity of one.
+fn async_stream<F, Fut>(f: F) -> impl futures_util::Stream<Item = Bytes> + Send + Sync + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(f(tx));
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) })
+}
+
+fn websocket(req: &mut Request<Incoming>) -> Response<Body> {
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        let mut r = Response::new(full("not a websocket request"));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let (mut tx, mut rx) = ws.split();
+        while let Some(Ok(msg)) = rx.next().await {
+            if msg.is_text() || msg.is_binary() {
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            } else if msg.is_close() {
+                return;
+            }
+        }
+    });
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert("upgrade", "websocket".parse().unwrap());
+    h.insert("connection", "Upgrade".parse().unwrap());
+    h.insert("sec-websocket-accept", accept.parse().unwrap());
+    r
+}

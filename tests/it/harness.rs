@@ -1,0 +1,294 @@
+//! The test bench: a CA that mints real certificates, a real SQLite RIB in a temp dir, a
+//! proxy on 127.0.0.1:0 (in-process, or the real `tern` binary), and real clients.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::watch;
+
+use tern::config::Config;
+use tern::proxy::{self, Bound};
+use tern::rib::sqlite::{SqliteRib, Store};
+
+/// A certificate authority for the test; clients trust only it.
+pub struct Ca {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    pub fn new() -> Ca {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "tern test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        Ca { issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap() }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A leaf for `names`, as (certificate PEM, key PEM).
+    pub fn leaf(&self, names: &[&str]) -> (String, String) {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A `[[certificates]]` declaration block with inline PEM.
+    pub fn decl(&self, hostname: &str, names: &[&str]) -> String {
+        let (cert, key) = self.leaf(names);
+        format!(
+            "[[certificates]]\nhostname = \"{hostname}\"\ncert_pem = '''\n{cert}'''\nkey_pem = '''\n{key}'''\n\n"
+        )
+    }
+
+    /// A rustls client config trusting only this CA, offering h2 and http/1.1.
+    pub fn client_config(&self, alpn: &[&[u8]]) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).unwrap();
+        let mut c =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        c
+    }
+}
+
+/// A declaration for one app with the given machines (id, addr, state).
+pub fn app_decl(name: &str, hosts: &[&str], machines: &[(&str, SocketAddr, &str)], extra: &str) -> String {
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    let mut s = format!("[[apps]]\nname = \"{name}\"\nhostnames = [{}]\n{extra}\n", hosts.join(", "));
+    for (id, addr, state) in machines {
+        s += &format!(
+            "[[machines]]\nid = \"{id}\"\napp = \"{name}\"\nregion = \"ams\"\naddr = \"{addr}\"\nstate = \"{state}\"\n\n"
+        );
+    }
+    s
+}
+
+/// Applies declaration text to the RIB at `db` through the library (what `tern apply` does).
+pub fn apply_decl(db: &Path, text: &str) {
+    let decl = tern::decl::parse(text, "test.toml", Path::new(".")).unwrap_or_else(|p| panic!("{p}"));
+    let mut store = Store::open(db).unwrap();
+    tern::decl::apply(&mut store, &decl, false, false).unwrap();
+}
+
+pub fn tern_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tern")
+}
+
+/// Node config text listening on port 0 (plain and TLS) with the given extra settings.
+pub fn node_config(db: &Path, extra: &str) -> String {
+    format!(
+        "region = \"ams\"\n{extra}\n[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[listen]]\naddr = \"127.0.0.1:0\"\ntls = true\n\n\
+         [admin]\naddr = \"127.0.0.1:0\"\n\n[rib]\npath = \"{}\"\npoll_interval = \"5ms\"\n\n[log]\naccess = false\n",
+        db.display()
+    )
+}
+
+/// A proxy running inside the test process.
+pub struct Proxy {
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+    pub admin: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<Result<(), proxy::StartError>>>,
+}
+
+impl Proxy {
+    pub async fn start(decl: &str) -> Proxy {
+        Self::start_with(decl, "").await
+    }
+
+    /// Starts a proxy over a fresh RIB holding `decl`; `extra` goes into the node config
+    /// (a `[limits]` table, say).
+    pub async fn start_with(decl: &str, extra: &str) -> Proxy {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("rib.db");
+        apply_decl(&db, decl);
+        let config = Config::parse(&node_config(&db, extra)).unwrap();
+        let bound = Bound::bind(&config).unwrap();
+        let addrs = bound.addrs();
+        let http = addrs.iter().find(|(_, tls)| !tls).unwrap().0;
+        let https = addrs.iter().find(|(_, tls)| *tls).unwrap().0;
+        let admin = bound.admin_addr().unwrap();
+        let rib = SqliteRib::open(&db, config.rib.poll_interval).unwrap();
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(proxy::run(config, bound, Arc::new(rib), rx));
+        Proxy { dir, db, http, https, admin, stop, task: Some(task) }
+    }
+
+    pub fn apply(&self, decl: &str) {
+        apply_decl(&self.db, decl);
+    }
+
+    /// Starts graceful shutdown; returns the proxy's run task to await.
+    pub fn shutdown(&mut self) -> tokio::task::JoinHandle<Result<(), proxy::StartError>> {
+        self.stop.send(true).unwrap();
+        self.task.take().unwrap()
+    }
+
+    /// An HTTP client whose requests for any host go to this proxy; TLS trusts `ca`.
+    pub fn client(&self, ca: &Ca, version: HttpVersion) -> reqwest::Client {
+        client_for(self.http, self.https, ca, version)
+    }
+
+    pub fn url(&self, host: &str, path: &str) -> String {
+        format!("http://{host}:{}{path}", self.http.port())
+    }
+
+    pub fn tls_url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.https.port())
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1,
+    /// HTTP/2: ALPN over TLS, prior knowledge (h2c) over plain TCP.
+    Http2,
+}
+
+/// Plain `reqwest::get` needs a process-wide TLS provider; tern itself never relies on one.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Resolves every host the tests use to the proxy's loopback address.
+pub fn client_for(http: SocketAddr, https: SocketAddr, ca: &Ca, version: HttpVersion) -> reqwest::Client {
+    let alpn: &[&[u8]] = match version {
+        HttpVersion::Http1 => &[b"http/1.1"],
+        HttpVersion::Http2 => &[b"h2"],
+    };
+    let _ = https;
+    let resolver = Arc::new(Loopback(http.ip()));
+    let mut b = reqwest::Client::builder()
+        .tls_backend_preconfigured(ca.client_config(alpn))
+        .dns_resolver(resolver)
+        .no_proxy()
+        .timeout(Duration::from_secs(60));
+    b = match version {
+        HttpVersion::Http1 => b.http1_only(),
+        HttpVersion::Http2 => b.http2_prior_knowledge(),
+    };
+    b.build().unwrap()
+}
+
+struct Loopback(std::net::IpAddr);
+
+impl reqwest::dns::Resolve for Loopback {
+    fn resolve(&self, _name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let addr = SocketAddr::new(self.0, 0);
+        Box::pin(async move { Ok(Box::new(std::iter::once(addr)) as reqwest::dns::Addrs) })
+    }
+}
+
+/// The real `tern serve` binary on port 0, with JSON logs parsed for its addresses.
+pub struct ServeProcess {
+    pub child: tokio::process::Child,
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+    pub admin: SocketAddr,
+    pub logs: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+}
+
+impl ServeProcess {
+    pub async fn start(config_path: &Path) -> ServeProcess {
+        let mut child = tokio::process::Command::new(tern_bin())
+            .args(["serve", "-c"])
+            .arg(config_path)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, mut logs) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let _ = tx.send(v);
+                } else {
+                    eprintln!("tern: {line}");
+                }
+            }
+        });
+        let (mut http, mut https, mut admin) = (None, None, None);
+        while http.is_none() || https.is_none() || admin.is_none() {
+            let v = tokio::time::timeout(Duration::from_secs(30), logs.recv())
+                .await
+                .expect("tern serve did not report its addresses")
+                .expect("tern serve exited early");
+            if v["message"] == "listening" {
+                let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+                match (v["admin"].as_bool(), v["tls"].as_bool()) {
+                    (Some(true), _) => admin = Some(addr),
+                    (_, Some(true)) => https = Some(addr),
+                    _ => http = Some(addr),
+                }
+            }
+        }
+        ServeProcess { child, http: http.unwrap(), https: https.unwrap(), admin: admin.unwrap(), logs }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap()
+    }
+}
+
+/// Peak resident memory of a process, in KiB (VmHWM).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Polls `f` every few milliseconds until it returns Some, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}

@@ -1,0 +1,16 @@
+//! Integration tests: one binary (one link step), real servers on port 0, real TLS with
+//! generated certificates, a real SQLite RIB, real clients (reqwest, tokio-tungstenite,
+//! rustls) and the real `tern` binary where the process matters.
+
+// Test helpers fail loudly by design; a long match of backend routes reads best whole.
+#![allow(clippy::unwrap_used, clippy::too_many_lines)]
+
+mod backend;
+mod harness;
+
+mod catalog;
+mod errors;
+mod http;
+mod shutdown;
+mod streams;
+mod tls;

@@ -1,0 +1,82 @@
+//! Graceful shutdown: stop accepting, let in-flight requests finish, exit 0.
+
+use std::time::Duration;
+
+use crate::backend::Backend;
+use crate::harness::{self, Ca, HttpVersion, Proxy, ServeProcess, app_decl, eventually};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_the_in_flight_request_finish() {
+    let ca = Ca::new();
+    let b = Backend::start("m1").await;
+    let mut proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "")).await;
+    let client = proxy.client(&ca, HttpVersion::Http1);
+    let in_flight = tokio::spawn({
+        let (client, url) = (client.clone(), proxy.url("app.test", "/hang"));
+        async move { client.get(url).send().await.map(|r| r.status()) }
+    });
+    eventually(Duration::from_secs(5), || async {
+        (b.requests.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+
+    let run = proxy.shutdown();
+    let admin = proxy.admin;
+    let draining = eventually(Duration::from_secs(5), || async {
+        let r = reqwest::get(format!("http://{admin}/healthz")).await.ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    assert!(draining.is_some(), "/healthz turns 503 while draining");
+    let refused = eventually(Duration::from_secs(5), || async {
+        tokio::net::TcpStream::connect(proxy.http).await.is_err().then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "no new connections once draining");
+    assert!(!run.is_finished(), "tern waits for the in-flight request");
+
+    b.gate.notify_one();
+    assert_eq!(in_flight.await.unwrap().unwrap(), 200);
+    tokio::time::timeout(Duration::from_secs(10), run).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let ca = Ca::new();
+    let b = Backend::start("m1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rib.db");
+    harness::apply_decl(&db, &app_decl("app", &["app.test"], &[("m1", b.addr, "started")], ""));
+    let config = dir.path().join("tern.toml");
+    std::fs::write(&config, harness::node_config(&db, "") + "format = \"json\"\n").unwrap();
+    harness::install_crypto();
+    let mut tern = ServeProcess::start(&config).await;
+    let client = harness::client_for(tern.http, tern.https, &ca, HttpVersion::Http1);
+    let in_flight = tokio::spawn({
+        let url = format!("http://app.test:{}/hang", tern.http.port());
+        async move { client.get(url).send().await.map(|r| r.status()) }
+    });
+    eventually(Duration::from_secs(5), || async {
+        (b.requests.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+
+    let pid = tern.pid();
+    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    // tern says it is draining, then waits for the request.
+    loop {
+        let v = tern.logs.recv().await.expect("tern exited before draining");
+        if v["message"].as_str().is_some_and(|m| m.starts_with("shutting down")) {
+            assert_eq!(v["open_connections"], 1);
+            break;
+        }
+    }
+    let health = reqwest::get(format!("http://{}/healthz", tern.admin)).await.unwrap();
+    assert_eq!(health.status(), 503, "a draining node tells its load balancer");
+    b.gate.notify_one();
+    assert_eq!(in_flight.await.unwrap().unwrap(), 200);
+    let status = tokio::time::timeout(Duration::from_secs(10), tern.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
