@@ -13,7 +13,7 @@ use crate::rib::Table;
 use super::snapshot::{AppEntry, CertEntry, Machine, MachineLive, Snapshot};
 
 /// One decoded change.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Event {
     App(AppSpec),
     Machine(MachineSpec),
@@ -25,6 +25,7 @@ pub enum Event {
 
 impl Snapshot {
     pub fn apply(&mut self, event: Event) {
+        self.generation += 1;
         match event {
             Event::App(spec) => self.upsert_app(spec),
             Event::Machine(spec) => self.upsert_machine(spec),
@@ -64,19 +65,18 @@ impl Snapshot {
         }
         let spec = Arc::new(spec);
         // Machines declared by bare IP take the app's internal_port, which may have changed.
-        let ids: Vec<Arc<str>> =
-            self.app_machines.get(&name).map(|m| m.keys().cloned().collect()).unwrap_or_default();
-        for id in &ids {
+        let ids = self.app_machines.get(&name).cloned().unwrap_or_else(|| Arc::from(Vec::new()));
+        for id in ids.iter() {
             if let Some(m) = self.machines.get(id).cloned() {
                 let resolved = resolve(&m.spec, Some(&spec), m.live.clone());
-                self.machines.insert(id.clone(), Arc::new(resolved));
+                self.machines.insert(id.clone(), Arc::new(resolved), self.generation);
             }
         }
         self.publish_app(&name, spec);
     }
 
     fn remove_app(&mut self, name: &str) {
-        let Some(old) = self.apps.remove(name) else { return };
+        let Some(old) = self.apps.remove(name, self.generation) else { return };
         for h in &old.spec.hostnames {
             self.unclaim_host(h, name);
         }
@@ -100,21 +100,28 @@ impl Snapshot {
         }
         let app: Arc<str> = Arc::from(spec.app.as_str());
         let machine = resolve(&spec, app_spec.as_ref(), live);
-        self.machines.insert(id.clone(), Arc::new(machine));
-        self.app_machines.entry(app.clone()).or_default().insert(id, ());
+        self.machines.insert(id.clone(), Arc::new(machine), self.generation);
+        let ids = self.app_machines.get(&app).cloned().unwrap_or_else(|| Arc::from(Vec::new()));
+        if let Err(at) = ids.binary_search(&id) {
+            let mut next = ids.to_vec();
+            next.insert(at, id);
+            self.app_machines.insert(app.clone(), Arc::from(next), self.generation);
+        }
         self.refresh_app(&app);
     }
 
     fn remove_machine(&mut self, id: &str) {
-        let Some(old) = self.machines.remove(id) else { return };
+        let Some(old) = self.machines.remove(id, self.generation) else { return };
         self.detach_machine(id, &old.spec.app);
     }
 
     fn detach_machine(&mut self, id: &str, app: &str) {
-        if let Some(set) = self.app_machines.get_mut(app) {
-            set.remove(id);
-            if set.is_empty() {
-                self.app_machines.remove(app);
+        if let Some(ids) = self.app_machines.get(app).cloned() {
+            let rest: Vec<Arc<str>> = ids.iter().filter(|i| &***i != id).cloned().collect();
+            if rest.is_empty() {
+                self.app_machines.remove(app, self.generation);
+            } else {
+                self.app_machines.insert(Arc::from(app), Arc::from(rest), self.generation);
             }
         }
         self.refresh_app(app);
@@ -124,15 +131,15 @@ impl Snapshot {
         let host = entry.spec.hostname.clone();
         let entry = Arc::new(entry);
         match host.strip_prefix("*.") {
-            Some(suffix) => self.wild_certs.insert(Arc::from(suffix), entry),
-            None => self.certs.insert(Arc::from(host.as_str()), entry),
+            Some(suffix) => self.wild_certs.insert(Arc::from(suffix), entry, self.generation),
+            None => self.certs.insert(Arc::from(host.as_str()), entry, self.generation),
         };
     }
 
     fn remove_cert(&mut self, host: &str) {
         match host.strip_prefix("*.") {
-            Some(suffix) => self.wild_certs.remove(suffix),
-            None => self.certs.remove(host),
+            Some(suffix) => self.wild_certs.remove(suffix, self.generation),
+            None => self.certs.remove(host, self.generation),
         };
     }
 
@@ -148,10 +155,11 @@ impl Snapshot {
         let machines: Arc<[Arc<Machine>]> = self
             .app_machines
             .get(name)
-            .map(|ids| ids.keys().filter_map(|id| self.machines.get(id).cloned()).collect())
+            .map(|ids| ids.iter().filter_map(|id| self.machines.get(id).cloned()).collect())
             .unwrap_or_else(|| Arc::from(Vec::new()));
         let entry = Arc::new(AppEntry { name: name.clone(), spec: spec.clone(), machines });
-        self.apps.insert(name.clone(), entry.clone());
+        let generation = self.generation;
+        self.apps.insert(name.clone(), entry.clone(), generation);
         for h in &spec.hostnames {
             let (map, key) = match h.strip_prefix("*.") {
                 Some(suffix) => (&mut self.wild_hosts, suffix),
@@ -162,17 +170,18 @@ impl Snapshot {
                 tracing::warn!(target: "tern::catalog", hostname = %h, from = %holder.name, to = %name,
                     "hostname claimed by two apps; the later change wins");
             }
-            map.insert(Arc::from(key), entry.clone());
+            map.insert(Arc::from(key), entry.clone(), generation);
         }
     }
 
     fn unclaim_host(&mut self, host: &str, app: &str) {
+        let generation = self.generation;
         let (map, key) = match host.strip_prefix("*.") {
             Some(suffix) => (&mut self.wild_hosts, suffix),
             None => (&mut self.hosts, host),
         };
         if map.get(key).is_some_and(|e| &*e.name == app) {
-            map.remove(key);
+            map.remove(key, generation);
         }
     }
 }
@@ -265,6 +274,56 @@ mod tests {
         s.apply(Event::Machine(machine("m1", "a", "127.0.0.1:2", MachineState::Started)));
         assert_eq!(s.machine("m1").unwrap().live.in_flight(), 0);
         drop(guard);
+    }
+
+    #[test]
+    fn compaction_with_changes_in_between_keeps_every_route() {
+        let mut s = Snapshot::default();
+        for i in 0..3000 {
+            s.apply(Event::App(app(&format!("a{i}"), &[&format!("a{i}.test"), &format!("*.a{i}.test")])));
+            s.apply(Event::Machine(machine(
+                &format!("m{i}"),
+                &format!("a{i}"),
+                "127.0.0.1:1",
+                MachineState::Started,
+            )));
+        }
+        assert!(s.needs_compaction());
+        let compaction = s.compact();
+        // Changes that land while the compaction runs in the background.
+        let mut reference = s.clone();
+        for i in (0..3000).step_by(7) {
+            for snap in [&mut s, &mut reference] {
+                snap.apply(Event::RemoveApp(format!("a{i}")));
+                snap.apply(Event::Machine(machine(
+                    &format!("m{}", i + 1),
+                    &format!("a{}", i + 1),
+                    "127.0.0.1:2",
+                    MachineState::Stopped,
+                )));
+            }
+        }
+        let rebased = s.rebase(&compaction);
+        // 429 apps removed and 429 machine changes (each rewriting its app) since the compaction.
+        assert!(
+            rebased.delta_len() <= 2 * 429,
+            "only the changes made after the compaction stay in the deltas"
+        );
+        assert!(s.delta_len() >= 3000);
+        for i in 0..3000 {
+            let (host, wild) = (format!("a{i}.test"), format!("x.a{i}.test"));
+            for h in [&host, &wild] {
+                let got = rebased.route(h).map(|a| {
+                    (a.name.clone(), a.machines.iter().map(|m| (m.addr, m.state())).collect::<Vec<_>>())
+                });
+                let want = reference.route(h).map(|a| {
+                    (a.name.clone(), a.machines.iter().map(|m| (m.addr, m.state())).collect::<Vec<_>>())
+                });
+                assert_eq!(got, want, "{h}");
+            }
+        }
+        assert_eq!(rebased.app_count(), reference.app_count());
+        assert_eq!(rebased.machine_count(), 3000);
     }
 
     #[test]

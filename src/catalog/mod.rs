@@ -20,12 +20,13 @@ use arc_swap::ArcSwap;
 
 mod apply;
 mod decode;
+pub mod layered;
 mod snapshot;
 pub mod updater;
 
 pub use apply::Event;
 pub use decode::{DecodeError, decode};
-pub use snapshot::{AppEntry, CertEntry, InFlight, Machine, MachineLive, Snapshot};
+pub use snapshot::{AppEntry, CertEntry, Compacted, InFlight, Machine, MachineLive, Snapshot};
 
 /// The published catalog.
 pub struct Catalog {

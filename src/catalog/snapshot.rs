@@ -4,10 +4,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use imbl::{HashMap, OrdMap};
 use rustls::sign::CertifiedKey;
 
 use crate::model::{AppSpec, CertSpec, MachineSpec, MachineState};
+
+use super::layered::Layered;
 
 /// Live, per-machine state shared by every snapshot that holds the machine.
 #[derive(Debug, Default)]
@@ -67,7 +68,7 @@ pub struct AppEntry {
     pub machines: Arc<[Arc<Machine>]>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CertEntry {
     pub spec: CertSpec,
     pub key: Arc<CertifiedKey>,
@@ -75,20 +76,23 @@ pub struct CertEntry {
     pub not_after: i64,
 }
 
-/// One immutable version of the catalog. Cloning is O(1): every map is persistent.
+/// One immutable version of the catalog. Cloning is O(1): every map is a [`Layered`] map.
 #[derive(Clone, Default)]
 pub struct Snapshot {
-    pub(super) apps: HashMap<Arc<str>, Arc<AppEntry>>,
+    /// Counts applied events; stamps delta entries so compactions can be rebased.
+    pub(super) generation: u64,
+    pub(super) apps: Layered<Arc<str>, Arc<AppEntry>>,
     /// Exact hostname → app.
-    pub(super) hosts: HashMap<Arc<str>, Arc<AppEntry>>,
+    pub(super) hosts: Layered<Arc<str>, Arc<AppEntry>>,
     /// Wildcard hostnames by the part after "*." → app.
-    pub(super) wild_hosts: HashMap<Arc<str>, Arc<AppEntry>>,
+    pub(super) wild_hosts: Layered<Arc<str>, Arc<AppEntry>>,
     /// Every machine by id, including those whose app is not (yet) in the catalog.
-    pub(super) machines: HashMap<Arc<str>, Arc<Machine>>,
-    /// Machine ids per app name.
-    pub(super) app_machines: HashMap<Arc<str>, OrdMap<Arc<str>, ()>>,
-    pub(super) certs: HashMap<Arc<str>, Arc<CertEntry>>,
-    pub(super) wild_certs: HashMap<Arc<str>, Arc<CertEntry>>,
+    pub(super) machines: Layered<Arc<str>, Arc<Machine>>,
+    /// Machine ids per app name, sorted. A small slice rather than a nested map: apps have
+    /// few machines, and a persistent map node costs a fixed chunk per app.
+    pub(super) app_machines: Layered<Arc<str>, Arc<[Arc<str>]>>,
+    pub(super) certs: Layered<Arc<str>, Arc<CertEntry>>,
+    pub(super) wild_certs: Layered<Arc<str>, Arc<CertEntry>>,
 }
 
 impl Snapshot {
@@ -132,4 +136,75 @@ impl Snapshot {
     pub fn apps(&self) -> impl Iterator<Item = &Arc<AppEntry>> {
         self.apps.values()
     }
+
+    pub(super) fn delta_len(&self) -> usize {
+        [
+            self.apps.delta_len(),
+            self.hosts.delta_len(),
+            self.wild_hosts.delta_len(),
+            self.machines.delta_len(),
+            self.app_machines.delta_len(),
+            self.certs.delta_len(),
+            self.wild_certs.delta_len(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
+
+    /// Whether enough changes have piled up in the deltas to fold them into the bases. The
+    /// bound keeps every delta small (so lookups and changes stay cheap) while spacing out
+    /// the O(n) compactions (a fraction of the catalog's size, at most 4096 changes).
+    pub fn needs_compaction(&self) -> bool {
+        let delta = self.delta_len();
+        let size = self.apps.len() + self.machines.len();
+        delta >= 4096 || (delta >= 512 && delta * 8 >= size)
+    }
+
+    /// The bases with every delta folded in. O(n): run it off the request and apply paths.
+    pub fn compact(&self) -> Compacted {
+        Compacted {
+            at: self.generation,
+            apps: self.apps.compacted(),
+            hosts: self.hosts.compacted(),
+            wild_hosts: self.wild_hosts.compacted(),
+            machines: self.machines.compacted(),
+            app_machines: self.app_machines.compacted(),
+            certs: self.certs.compacted(),
+            wild_certs: self.wild_certs.compacted(),
+        }
+    }
+
+    /// This snapshot on top of a compaction of an earlier one: the result holds the same
+    /// entries, with only the changes made since the compaction left in the deltas.
+    pub fn rebase(&self, c: &Compacted) -> Snapshot {
+        debug_assert!(
+            c.at <= self.generation,
+            "a compaction of a later snapshot cannot be rebased onto an earlier one"
+        );
+        Snapshot {
+            generation: self.generation,
+            apps: self.apps.rebase(c.apps.clone(), c.at),
+            hosts: self.hosts.rebase(c.hosts.clone(), c.at),
+            wild_hosts: self.wild_hosts.rebase(c.wild_hosts.clone(), c.at),
+            machines: self.machines.rebase(c.machines.clone(), c.at),
+            app_machines: self.app_machines.rebase(c.app_machines.clone(), c.at),
+            certs: self.certs.rebase(c.certs.clone(), c.at),
+            wild_certs: self.wild_certs.rebase(c.wild_certs.clone(), c.at),
+        }
+    }
+}
+
+type Base<V> = Arc<std::collections::HashMap<Arc<str>, V, foldhash::fast::RandomState>>;
+
+/// A snapshot's maps with their deltas folded in, taken at generation `at`.
+pub struct Compacted {
+    at: u64,
+    apps: Base<Arc<AppEntry>>,
+    hosts: Base<Arc<AppEntry>>,
+    wild_hosts: Base<Arc<AppEntry>>,
+    machines: Base<Arc<Machine>>,
+    app_machines: Base<Arc<[Arc<str>]>>,
+    certs: Base<Arc<CertEntry>>,
+    wild_certs: Base<Arc<CertEntry>>,
 }

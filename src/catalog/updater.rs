@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::rib::{Change, Cursor, Record, Rib, RibError, RibEvent, Subscription};
 use crate::telemetry::Metrics;
 
-use super::{Catalog, Snapshot, decode};
+use super::{Catalog, Compacted, Snapshot, decode};
 
 /// Loads the RIB's snapshot into the catalog, then keeps applying changes in a background
 /// task until `shutdown` turns true. Fails if the first snapshot cannot be read, so that a
@@ -27,7 +27,9 @@ pub async fn start(
     let mut sub = rib.subscribe(None);
     let cursor = match sub.next().await {
         Some(Ok(RibEvent::Snapshot { records, cursor })) => {
-            let next = apply_snapshot(&catalog.load(), records, &metrics);
+            let mut next = apply_snapshot(&catalog.load(), records, &metrics);
+            // Start from compact maps: nothing is serving yet, so the O(n) fold is free.
+            next = next.rebase(&next.compact());
             publish(&catalog, next, &metrics);
             let snap = catalog.load();
             tracing::info!(target: "tern::catalog", apps = snap.app_count(),
@@ -54,9 +56,23 @@ async fn follow(
     shutdown: &mut watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut compaction: Option<JoinHandle<Compacted>> = None;
     loop {
+        if compaction.is_none() && catalog.load().needs_compaction() {
+            let snap = catalog.load_full();
+            compaction = Some(tokio::task::spawn_blocking(move || snap.compact()));
+        }
         let event = tokio::select! {
             () = crate::shutdown::requested(shutdown) => return,
+            done = async { compaction.as_mut().expect("guarded by the select condition").await }, if compaction.is_some() => {
+                compaction = None;
+                match done {
+                    // Changes published while it ran stay in the deltas.
+                    Ok(c) => publish(&catalog, catalog.load().rebase(&c), &metrics),
+                    Err(e) => tracing::error!(target: "tern::catalog", error = %e, "catalog compaction failed"),
+                }
+                continue;
+            }
             e = sub.next() => e,
         };
         match event {
@@ -83,7 +99,7 @@ async fn follow(
                     "the RIB subscription ended; resubscribing");
                 tokio::select! {
                     () = crate::shutdown::requested(shutdown) => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 sub = rib.subscribe(Some(cursor.clone()));
