@@ -41,6 +41,9 @@ pub struct Config {
     /// Optional node name, for logs and metrics.
     #[serde(default)]
     pub node: Option<String>,
+    /// Threads serving connections; 0 means one per CPU.
+    #[serde(default)]
+    pub workers: usize,
     #[serde(default = "default_listeners")]
     pub listen: Vec<Listen>,
     #[serde(default)]
@@ -243,6 +246,7 @@ impl Default for Config {
         Config {
             region: default_region(),
             node: None,
+            workers: 0,
             listen: default_listeners(),
             admin: Admin::default(),
             rib: Rib::default(),
@@ -324,6 +328,15 @@ impl Config {
             return Err(("max_header_bytes", "must be at least 1024".into()));
         }
         Ok(())
+    }
+
+    /// The number of worker threads: `workers`, or one per CPU.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
     }
 
     fn resolve_paths(&mut self, dir: &Path) {

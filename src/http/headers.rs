@@ -167,7 +167,11 @@ fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 
 /// The size of a request head as a client sent it: request line plus headers.
 pub fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
     req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>() + line
 }
 

@@ -11,17 +11,18 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, Health};
 use crate::catalog::{self, Catalog};
 use crate::config::{Config, Listen};
-use crate::http::{ConnInfo, Handler, Server, ServerLimits};
+use crate::http::{Server, ServerLimits};
 use crate::rib::{Rib, RibError};
-use crate::routing::Router;
 use crate::telemetry::Metrics;
-use crate::upstream::{Pool, PoolConfig};
 use crate::{listener, tls};
+
+mod worker;
+
+use worker::{Deps, Job, Workers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -35,6 +36,8 @@ pub enum StartError {
     Catalog(#[from] RibError),
     #[error("cannot build the TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(#[source] std::io::Error),
 }
 
 /// Listening sockets, bound but not yet accepting.
@@ -66,21 +69,12 @@ impl Bound {
     }
 }
 
-/// Everything one client connection needs.
-struct Shared {
-    server: Server,
-    handler: Arc<Handler>,
-    catalog: Arc<Catalog>,
-    tls: Arc<rustls::ServerConfig>,
-    limits: crate::config::Limits,
-    metrics: Arc<Metrics>,
-    shutdown: watch::Receiver<bool>,
-    tasks: TaskTracker,
-}
-
 /// Runs the proxy until `shutdown` turns true, then drains: `/healthz` turns 503, the
 /// listeners close, open connections finish their in-flight requests (HTTP/1.1 closes after
 /// the current response, HTTP/2 gets GOAWAY) within `limits.shutdown_timeout`.
+///
+/// This task (the control thread) loads the catalog, serves the admin endpoints and accepts
+/// connections; [`worker`] threads serve them.
 pub async fn run(
     config: Config,
     bound: Bound,
@@ -91,32 +85,46 @@ pub async fn run(
     let catalog = Arc::new(Catalog::new());
     let updater = catalog::updater::start(catalog.clone(), rib, metrics.clone(), shutdown.clone()).await?;
     let health = Arc::new(Health::default());
-    let tasks = TaskTracker::new();
-    let shared = build(&config, catalog.clone(), metrics.clone(), shutdown.clone(), tasks.clone())?;
+    let deps = Deps {
+        tls: tls::server_config(catalog.clone())?,
+        catalog: catalog.clone(),
+        metrics: metrics.clone(),
+        server: Arc::new(Server::new(&ServerLimits {
+            header_read_timeout: config.limits.header_read_timeout,
+            max_header_bytes: config.limits.max_header_bytes,
+            keepalive_timeout: config.limits.keepalive_timeout,
+        })),
+        limits: config.limits.clone(),
+        region: Arc::from(config.region.as_str()),
+        access_log: config.log.access,
+        shutdown: shutdown.clone(),
+    };
+    let workers = Arc::new(Workers::start(config.worker_count(), &deps).map_err(StartError::Workers)?);
 
     let (admin_stop_tx, admin_stop) = watch::channel(false);
-    let admin = Arc::new(Admin { catalog, metrics, health: health.clone() });
+    let admin = Arc::new(Admin { catalog, metrics: metrics.clone(), health: health.clone() });
     let admin_listener = tokio::net::TcpListener::from_std(bound.admin)
         .map_err(|source| StartError::Bind { addr: config.admin.addr, source })?;
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.addr);
     tracing::info!(target: "tern::listener", addr = %admin_addr, admin = true, "listening");
     let admin_task = tokio::spawn(admin.serve(admin_listener, admin_stop));
 
-    let accept_tasks = spawn_listeners(bound.listeners, &shared, config.limits.max_connections)?;
-    tracing::info!(target: "tern::proxy", admin = %admin_addr, region = %config.region, "tern is serving");
+    let accept_tasks =
+        spawn_listeners(bound.listeners, &workers, &metrics, &shutdown, config.limits.max_connections)?;
+    tracing::info!(target: "tern::proxy", admin = %admin_addr, region = %config.region,
+        workers = config.worker_count(), "tern is serving");
 
     let mut shutdown = shutdown;
     crate::shutdown::requested(&mut shutdown).await;
     health.set_draining();
-    tracing::info!(target: "tern::proxy", open_connections = tasks.len(), deadline = ?config.limits.shutdown_timeout,
+    tracing::info!(target: "tern::proxy", open_connections = workers.open_connections(),
+        deadline = ?config.limits.shutdown_timeout,
         "shutting down: no new connections; letting in-flight requests finish");
     for t in accept_tasks {
         let _ = t.await;
     }
-    tasks.close();
-    if tokio::time::timeout(config.limits.shutdown_timeout, tasks.wait()).await.is_err() {
-        tracing::warn!(target: "tern::proxy", still_open = tasks.len(),
-            "shutdown deadline passed; closing the remaining connections");
+    if let Ok(workers) = Arc::try_unwrap(workers) {
+        workers.join().await;
     }
     let _ = admin_stop_tx.send(true);
     let _ = admin_task.await;
@@ -125,53 +133,13 @@ pub async fn run(
     Ok(())
 }
 
-/// Builds what every connection shares: the HTTP server settings, the exchange handler
-/// with its upstream pool, and the TLS configuration.
-fn build(
-    config: &Config,
-    catalog: Arc<Catalog>,
-    metrics: Arc<Metrics>,
-    shutdown: watch::Receiver<bool>,
-    tasks: TaskTracker,
-) -> Result<Arc<Shared>, StartError> {
-    let pool = Pool::new(
-        PoolConfig {
-            connect_timeout: config.limits.connect_timeout,
-            idle_timeout: config.limits.upstream_idle_timeout,
-            max_idle_per_host: config.limits.upstream_max_idle,
-        },
-        metrics.clone(),
-    );
-    tokio::spawn(pool.clone().reap_until(shutdown.clone()));
-    let handler = Arc::new(Handler {
-        router: Router::new(catalog.clone()),
-        pool,
-        metrics: metrics.clone(),
-        region: Arc::from(config.region.as_str()),
-        max_header_bytes: config.limits.max_header_bytes,
-        access_log: config.log.access,
-        tasks: tasks.clone(),
-    });
-    Ok(Arc::new(Shared {
-        server: Server::new(&ServerLimits {
-            header_read_timeout: config.limits.header_read_timeout,
-            max_header_bytes: config.limits.max_header_bytes,
-            keepalive_timeout: config.limits.keepalive_timeout,
-        }),
-        handler,
-        tls: tls::server_config(catalog.clone())?,
-        catalog,
-        limits: config.limits.clone(),
-        metrics,
-        shutdown,
-        tasks,
-    }))
-}
-
-/// Starts one accept loop per listener, all sharing the node-wide connection cap.
+/// Starts one accept loop per listener, all sharing the node-wide connection cap, each
+/// handing its connections to the workers.
 fn spawn_listeners(
     listeners: Vec<(std::net::TcpListener, Listen)>,
-    shared: &Arc<Shared>,
+    workers: &Arc<Workers>,
+    metrics: &Arc<Metrics>,
+    shutdown: &watch::Receiver<bool>,
     max_connections: usize,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
     let limit = Arc::new(Semaphore::new(max_connections));
@@ -182,52 +150,24 @@ fn spawn_listeners(
             .map_err(|source| StartError::Bind { addr: listen.addr, source })?;
         tracing::info!(target: "tern::listener", %addr, tls = listen.tls, "listening");
         let label: Arc<str> = Arc::from(addr.to_string());
-        let (conn_shared, conn_label, tls) = (shared.clone(), label.clone(), listen.tls);
+        let (workers, conn_label, tls) = (workers.clone(), label.clone(), listen.tls);
         let on_accept = move |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
-            let (s, label) = (conn_shared.clone(), conn_label.clone());
-            conn_shared.tasks.spawn(async move { connection(s, stream, peer, tls, label, permit).await });
+            // Leave this thread's reactor; the worker registers it with its own.
+            match stream.into_std() {
+                Ok(stream) => workers.dispatch(Job { stream, peer, tls, label: conn_label.clone(), permit }),
+                Err(e) => {
+                    tracing::warn!(target: "tern::listener", error = %e, "cannot hand over a connection")
+                }
+            }
         };
         accept_tasks.push(tokio::spawn(listener::accept_loop(
             listener,
             label,
             limit.clone(),
-            shared.metrics.clone(),
-            shared.shutdown.clone(),
+            metrics.clone(),
+            shutdown.clone(),
             on_accept,
         )));
     }
     Ok(accept_tasks)
-}
-
-async fn connection(
-    shared: Arc<Shared>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    tls: bool,
-    label: Arc<str>,
-    _permit: OwnedSemaphorePermit,
-) {
-    let gauge = shared.metrics.open_connections.with_label_values(&[&label]);
-    gauge.inc();
-    let _ = stream.set_nodelay(true);
-    let local = stream.local_addr().unwrap_or(peer);
-    let info = ConnInfo { peer, local, tls };
-    let handler = shared.handler.clone();
-    let shutdown = shared.shutdown.clone();
-    if tls {
-        let accepted = tls::accept(
-            stream,
-            shared.tls.clone(),
-            &shared.catalog,
-            shared.limits.tls_handshake_timeout,
-            &shared.metrics,
-        )
-        .await;
-        if let Ok(stream) = accepted {
-            shared.server.serve(stream, info, handler, shutdown).await;
-        }
-    } else {
-        shared.server.serve(stream, info, handler, shutdown).await;
-    }
-    gauge.dec();
 }
