@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 
 use crate::catalog::InFlight;
 use crate::telemetry::Metrics;
-use crate::upstream::{BoxError, UpBody};
+use crate::upstream::{BoxError, Lease, UpBody};
 
 use super::activity::{Activity, ExchangeGuard, IdleTimer};
 
@@ -34,13 +34,35 @@ enum Kind {
 pub struct ExchangeGuards {
     pub in_flight: InFlight,
     pub exchange: ExchangeGuard,
+    /// The machine connection, given back to the pool when the body has been read to the
+    /// end and closed if the body is abandoned midway.
+    pub lease: Option<Lease>,
 }
 
 struct Streamed {
     inner: Incoming,
     idle: IdleTimer,
     metrics: Arc<Metrics>,
-    _guards: ExchangeGuards,
+    guards: ExchangeGuards,
+}
+
+impl Streamed {
+    /// Gives the machine connection back once the body has been read to the end.
+    fn release(&mut self) {
+        if let Some(lease) = self.guards.lease.take() {
+            lease.release();
+        }
+    }
+}
+
+impl Drop for Streamed {
+    /// hyper stops polling a body whose length says it is complete (or that is empty), so
+    /// the end may only be visible here.
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +79,7 @@ impl ProxyBody {
     }
 
     pub fn streamed(inner: Incoming, idle: IdleTimer, metrics: Arc<Metrics>, guards: ExchangeGuards) -> Self {
-        ProxyBody { kind: Kind::Stream(Box::new(Streamed { inner, idle, metrics, _guards: guards })) }
+        ProxyBody { kind: Kind::Stream(Box::new(Streamed { inner, idle, metrics, guards })) }
     }
 }
 
@@ -74,10 +96,16 @@ impl Body for ProxyBody {
             Kind::Stream(s) => match Pin::new(&mut s.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     s.idle.activity().touch();
+                    if s.inner.is_end_stream() {
+                        s.release();
+                    }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(None) => {
+                    s.release();
+                    Poll::Ready(None)
+                }
                 Poll::Pending => match s.idle.poll_expired(cx) {
                     Poll::Ready(()) => {
                         s.metrics.streams_cut_idle.inc();

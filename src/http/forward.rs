@@ -13,7 +13,7 @@ use crate::catalog::{AppEntry, InFlight, Machine};
 use crate::error::ProxyError;
 use crate::routing::{self, Router};
 use crate::telemetry::{Metrics, status_class};
-use crate::upstream::{Conn, Pool, Proto, SendError, UpBody};
+use crate::upstream::{Conn, Lease, Pool, Proto, SendError, UpBody};
 
 use super::activity::{Activity, ConnState, ExchangeGuard, IdleTimer, silent_for};
 use super::body::{ExchangeGuards, ProxyBody, upstream_body};
@@ -53,7 +53,8 @@ impl Handler {
         let version = req.version();
         let accept = req.headers().get(header::ACCEPT).cloned();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // Only the access log needs it; most nodes at scale run without.
+        let path = if self.access_log { req.uri().path().to_owned() } else { String::new() };
         let mut outcome = Outcome::default();
         let result = self.forward(req, &conn, &id, exchange, &mut outcome).await;
         let resp = match result {
@@ -114,9 +115,10 @@ impl Handler {
         let (machine, upstream, in_flight) = self.connect(&app, proto).await?;
         outcome.machine = Some(machine.id.clone());
         let idle = app.spec.idle_timeout;
-        let mut resp = self.send(upstream, up_req, &machine, proto, upgrade, &activity, idle).await?;
+        let (mut resp, lease) =
+            self.send(upstream, up_req, &machine, proto, upgrade, &activity, idle).await?;
 
-        let guards = ExchangeGuards { in_flight, exchange };
+        let guards = ExchangeGuards { in_flight, exchange, lease };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
                 return Err(ProxyError::UpstreamError {
@@ -192,7 +194,7 @@ impl Handler {
         upgrade: bool,
         activity: &Activity,
         idle: Duration,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
         let timeout = || ProxyError::UpstreamTimeout { machine: machine.id.clone(), timeout: idle };
         let failed = |e: hyper::Error| ProxyError::UpstreamError {
             machine: machine.id.clone(),

@@ -223,16 +223,45 @@ impl Pool {
     }
 }
 
+/// An HTTP/1.1 connection lent to one exchange. [`Lease::release`] gives it back to the
+/// pool once the response has been read to the end; dropping it instead closes the
+/// connection (the response was abandoned midway, so the connection is not reusable).
+pub struct Lease {
+    sender: http1::SendRequest<UpBody>,
+    key: Key,
+    pool: Arc<Pool>,
+}
+
+impl Lease {
+    pub fn release(self) {
+        let Lease { mut sender, key, pool } = self;
+        if sender.is_ready() {
+            pool.put_idle(key, sender);
+        } else if !sender.is_closed() {
+            // The connection task has not caught up with the end of the body yet.
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    pool.put_idle(key, sender);
+                }
+            });
+        }
+    }
+}
+
 impl Conn {
     /// Whether this connection came from the pool (and so may have died while idle).
     pub fn reused(&self) -> bool {
         self.reused
     }
 
-    /// Sends one request. HTTP/1.1 connections go back to the pool once the response body
-    /// has been read to the end, unless the exchange upgrades (the connection becomes the
-    /// tunnel).
-    pub async fn send(self, req: Request<UpBody>, upgrade: bool) -> Result<Response<Incoming>, SendError> {
+    /// Sends one request. An HTTP/1.1 connection comes back as a [`Lease`], to be released
+    /// when the response body has been read to the end; none for an upgrade (the connection
+    /// becomes the tunnel) or for h2c (shared, nothing to give back).
+    pub async fn send(
+        self,
+        req: Request<UpBody>,
+        upgrade: bool,
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         match self.sender {
             Sender::H1(mut sender) => {
                 if let Err(e) = sender.ready().await {
@@ -240,15 +269,8 @@ impl Conn {
                 }
                 match sender.try_send_request(req).await {
                     Ok(resp) => {
-                        if !upgrade {
-                            let (pool, key) = (self.pool, self.key);
-                            tokio::spawn(async move {
-                                if sender.ready().await.is_ok() {
-                                    pool.put_idle(key, sender);
-                                }
-                            });
-                        }
-                        Ok(resp)
+                        let lease = (!upgrade).then(|| Lease { sender, key: self.key, pool: self.pool });
+                        Ok((resp, lease))
                     }
                     Err(mut e) => match e.take_message() {
                         Some(req) => Err(SendError::NotSent(Box::new(req), e.into_error())),
@@ -261,7 +283,7 @@ impl Conn {
                     return Err(SendError::NotSent(Box::new(req), e));
                 }
                 match sender.try_send_request(req).await {
-                    Ok(resp) => Ok(resp),
+                    Ok(resp) => Ok((resp, None)),
                     Err(mut e) => match e.take_message() {
                         Some(req) => Err(SendError::NotSent(Box::new(req), e.into_error())),
                         None => Err(SendError::Failed(e.into_error())),

@@ -35,6 +35,8 @@ pub struct Backend {
     /// Opens `/sse` and `/hang`.
     pub gate: Arc<Notify>,
     pub requests: Arc<AtomicUsize>,
+    /// TCP connections accepted so far.
+    pub connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -56,10 +58,13 @@ impl Backend {
         let addr = listener.local_addr().unwrap();
         let gate = Arc::new(Notify::new());
         let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let accepted = connections.clone();
         let state = Arc::new(State { name: name.into(), gate: gate.clone(), requests: requests.clone() });
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let state = state.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
@@ -73,7 +78,7 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, gate, requests, task }
+        Backend { addr, gate, requests, connections, task }
     }
 }
 

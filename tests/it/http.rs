@@ -122,3 +122,39 @@ async fn h2c_to_machines_is_a_per_app_option() {
         assert_eq!(app["headers"]["fly-region"][0], "ams");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_connections_are_reused_once_a_response_is_read_to_the_end() {
+    use http_body_util::{BodyExt, Empty};
+    use std::sync::atomic::Ordering::SeqCst;
+
+    let b = Backend::start("m1").await;
+    let proxy = Proxy::start(&app_decl("hello", &["hello.test"], &[("m1", b.addr, "started")], "")).await;
+    // One client connection (a pooling client could open a second one in a race, and
+    // land on another worker with its own machine pool).
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(proxy.http).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let mut get = async |path: &str| {
+        sender.ready().await.unwrap();
+        let req = http::Request::get(path).header("host", "hello.test").body(Empty::<bytes::Bytes>::new());
+        let resp = sender.send_request(req.unwrap()).await.unwrap();
+        (resp.status(), resp.into_body())
+    };
+    // Sized and chunked bodies, small and large, one after another.
+    for path in ["/id", "/download?bytes=300000", "/echo", "/download?bytes=1", "/id"].repeat(4) {
+        let (status, body) = get(path).await;
+        assert_eq!(status, 200);
+        body.collect().await.unwrap();
+    }
+    assert_eq!(b.requests.load(SeqCst), 20);
+    assert_eq!(b.connections.load(SeqCst), 1, "one pooled connection to the machine");
+
+    // A response abandoned midway leaves its machine connection unusable: the next request
+    // gets a fresh one and still succeeds.
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let r = client.get(proxy.url("hello.test", "/download?bytes=50000000")).send().await.unwrap();
+    drop(r);
+    let r = client.get(proxy.url("hello.test", "/id")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "m1");
+}
