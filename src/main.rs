@@ -209,5 +209,9 @@ fn summarize(table: Table, body: &str) -> String {
         }
         Table::Machines => format!("{} {} {} {}", s("app"), s("state"), s("addr"), s("region")),
         Table::Certificates => String::new(),
+        Table::MachineStates => {
+            let version = v.get("version").and_then(serde_json::Value::as_u64).unwrap_or(0);
+            format!("{} v{version} {} {}", s("state"), s("reason"), s("node"))
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::model::{AppSpec, MachineSpec};
 use crate::rib::Table;
 
-use super::snapshot::{AppEntry, CertEntry, Machine, MachineLive, Snapshot};
+use super::snapshot::{AppEntry, CertEntry, Machine, MachineLive, Snapshot, StateRecord};
 
 /// One decoded change.
 #[derive(Debug, Clone)]
@@ -21,6 +21,12 @@ pub enum Event {
     RemoveApp(String),
     RemoveMachine(String),
     RemoveCert(String),
+    /// A machine's lifecycle state as recorded by whoever manages it.
+    MachineState {
+        id: String,
+        record: StateRecord,
+    },
+    RemoveMachineState(String),
 }
 
 impl Snapshot {
@@ -33,6 +39,11 @@ impl Snapshot {
             Event::RemoveApp(name) => self.remove_app(&name),
             Event::RemoveMachine(id) => self.remove_machine(&id),
             Event::RemoveCert(host) => self.remove_cert(&host),
+            Event::MachineState { id, record } => self.record_state(&id, record),
+            Event::RemoveMachineState(id) => {
+                // The machine keeps the state it is in; only the record goes.
+                self.states.remove(id.as_str(), self.generation);
+            }
         }
     }
 
@@ -89,15 +100,25 @@ impl Snapshot {
         // Live counters survive a record change at the same address: in-flight requests
         // still count against the machine. A new address is a new machine.
         let app_spec = self.apps.get(spec.app.as_str()).map(|a| a.spec.clone());
-        let mut live = Arc::new(MachineLive::default());
+        let mut live = None;
         if let Some(prev) = &previous {
             if prev.spec.addr == spec.addr && prev.spec.app == spec.app {
-                live = prev.live.clone();
+                // A changed declared state is the operator's word: it wins over whatever
+                // the machine was doing.
+                if prev.spec.state != spec.state {
+                    prev.live.transition(spec.state);
+                }
+                live = Some(prev.live.clone());
             }
             if prev.spec.app != spec.app {
                 self.detach_machine(&id, &prev.spec.app);
             }
         }
+        let live = live.unwrap_or_else(|| {
+            // New here: the recorded lifecycle state if there is one, else the declared one.
+            let r = self.states.get(&id).copied().unwrap_or(StateRecord { state: spec.state, version: 0 });
+            Arc::new(MachineLive::new(r.state, r.version))
+        });
         let app: Arc<str> = Arc::from(spec.app.as_str());
         let machine = resolve(&spec, app_spec.as_ref(), live);
         self.machines.insert(id.clone(), Arc::new(machine), self.generation);
@@ -108,6 +129,15 @@ impl Snapshot {
             self.app_machines.insert(app.clone(), Arc::from(next), self.generation);
         }
         self.refresh_app(&app);
+    }
+
+    fn record_state(&mut self, id: &str, record: StateRecord) {
+        let id: Arc<str> = Arc::from(id);
+        if let Some(m) = self.machines.get(&id) {
+            // Routing reads the live state; no new app entry is needed.
+            m.live.observe(record.state, record.version);
+        }
+        self.states.insert(id, record, self.generation);
     }
 
     fn remove_machine(&mut self, id: &str) {

@@ -1,12 +1,12 @@
 //! Turning RIB rows into catalog events. A row that does not decode is reported to the
 //! caller, which logs, counts and skips it; the rest of the change still applies.
 
-use crate::model::{self, AppSpec, CertSpec, MachineSpec, names};
+use crate::model::{self, AppSpec, CertSpec, MachineSpec, StateRow, names};
 use crate::rib::Table;
 
 use super::Snapshot;
 use super::apply::Event;
-use super::snapshot::CertEntry;
+use super::snapshot::{CertEntry, StateRecord};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{table} row {key:?} skipped: {reason}")]
@@ -31,6 +31,7 @@ pub fn decode(
             Table::Apps => Event::RemoveApp(key.into()),
             Table::Machines => Event::RemoveMachine(key.into()),
             Table::Certificates => Event::RemoveCert(key.into()),
+            Table::MachineStates => Event::RemoveMachineState(key.into()),
         }));
     };
     match table {
@@ -60,6 +61,12 @@ pub fn decode(
                 names: parsed.names,
                 not_after: parsed.not_after,
             }))))
+        }
+        Table::MachineStates => {
+            let row: StateRow = serde_json::from_str(body).map_err(|e| fail(format!("bad JSON: {e}")))?;
+            let record = StateRecord { state: row.state, version: row.version };
+            let unchanged = current.recorded_state(key) == Some(record);
+            Ok((!unchanged).then(|| Event::MachineState { id: key.into(), record }))
         }
     }
 }

@@ -26,7 +26,7 @@ pub mod updater;
 
 pub use apply::Event;
 pub use decode::{DecodeError, decode};
-pub use snapshot::{AppEntry, CertEntry, Compacted, InFlight, Machine, MachineLive, Snapshot};
+pub use snapshot::{AppEntry, CertEntry, Compacted, InFlight, Machine, MachineLive, Snapshot, StateRecord};
 
 /// The published catalog.
 pub struct Catalog {

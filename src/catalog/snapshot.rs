@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use rustls::sign::CertifiedKey;
 
@@ -10,13 +10,34 @@ use crate::model::{AppSpec, CertSpec, MachineSpec, MachineState};
 
 use super::layered::Layered;
 
-/// Live, per-machine state shared by every snapshot that holds the machine.
-#[derive(Debug, Default)]
+/// Live, per-machine state shared by every snapshot that holds the machine: requests in
+/// flight, the machine's current lifecycle state, whether its checks pass, when it was last
+/// busy. Changed by the request path and the lifecycle manager without a new snapshot.
+#[derive(Debug)]
 pub struct MachineLive {
     in_flight: AtomicU32,
+    /// `version << 8 | state`: the state and the version of the record that set it, so a
+    /// late echo of an older record (our own write coming back from the RIB) is ignored.
+    state: AtomicU64,
+    /// False while the machine's health checks fail.
+    healthy: AtomicBool,
+    /// False while the machine is being stopped or suspended: it takes no new work.
+    in_rotation: AtomicBool,
+    /// When the machine last finished its last exchange, as [`crate::clock::now_ms`].
+    idle_since_ms: AtomicU64,
 }
 
 impl MachineLive {
+    pub fn new(state: MachineState, version: u64) -> Self {
+        MachineLive {
+            in_flight: AtomicU32::new(0),
+            state: AtomicU64::new(pack(state, version)),
+            healthy: AtomicBool::new(true),
+            in_rotation: AtomicBool::new(true),
+            idle_since_ms: AtomicU64::new(crate::clock::now_ms()),
+        }
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -26,6 +47,91 @@ impl MachineLive {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
+
+    pub fn state(&self) -> MachineState {
+        unpack(self.state.load(Ordering::Acquire)).0
+    }
+
+    pub fn state_version(&self) -> u64 {
+        unpack(self.state.load(Ordering::Acquire)).1
+    }
+
+    /// Takes `state` if `version` is newer than the one held; returns whether it did.
+    pub fn observe(&self, state: MachineState, version: u64) -> bool {
+        let mut current = self.state.load(Ordering::Acquire);
+        loop {
+            if unpack(current).1 >= version {
+                return false;
+            }
+            match self.state.compare_exchange_weak(
+                current,
+                pack(state, version),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// Moves to `state` with the next version, whatever the current one; returns that
+    /// version. For the one writer that owns the machine's lifecycle on this node.
+    pub fn transition(&self, state: MachineState) -> u64 {
+        let mut current = self.state.load(Ordering::Acquire);
+        loop {
+            let version = unpack(current).1 + 1;
+            match self.state.compare_exchange_weak(
+                current,
+                pack(state, version),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return version,
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    pub fn in_rotation(&self) -> bool {
+        self.in_rotation.load(Ordering::Relaxed)
+    }
+
+    pub fn set_in_rotation(&self, yes: bool) {
+        self.in_rotation.store(yes, Ordering::Relaxed);
+    }
+
+    /// When the machine's last exchange ended, or `None` while one is in flight.
+    pub fn idle_since_ms(&self) -> Option<u64> {
+        (self.in_flight() == 0).then(|| self.idle_since_ms.load(Ordering::Relaxed))
+    }
+
+    /// Counts as activity now (a wake, a start): the idle window starts over.
+    pub fn touch(&self) {
+        self.idle_since_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
+    }
+}
+
+impl Default for MachineLive {
+    fn default() -> Self {
+        MachineLive::new(MachineState::Stopped, 0)
+    }
+}
+
+fn pack(state: MachineState, version: u64) -> u64 {
+    (version << 8) | u64::from(state.code())
+}
+
+fn unpack(v: u64) -> (MachineState, u64) {
+    (MachineState::from_code((v & 0xff) as u8), v >> 8)
 }
 
 /// One exchange in flight on a machine; dropping it ends the exchange.
@@ -37,6 +143,9 @@ impl Drop for InFlight {
         let before = self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
         // Every decrement pairs with the increment in `begin`; a wrap means a double drop.
         debug_assert!(before > 0, "in-flight counter underflow");
+        if before == 1 {
+            self.0.touch();
+        }
     }
 }
 
@@ -51,8 +160,19 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// The machine's current state: the newest of its declared state, its recorded
+    /// lifecycle state and what this node's lifecycle manager did to it.
     pub fn state(&self) -> MachineState {
-        self.spec.state
+        self.live.state()
+    }
+
+    /// Whether new work may go to the machine: started, passing its checks, in rotation,
+    /// and with a known port.
+    pub fn routable(&self) -> bool {
+        self.live.state() == MachineState::Started
+            && self.live.healthy()
+            && self.live.in_rotation()
+            && self.addr.port() != 0
     }
 
     pub fn region(&self) -> &str {
@@ -93,6 +213,16 @@ pub struct Snapshot {
     pub(super) app_machines: Layered<Arc<str>, Arc<[Arc<str>]>>,
     pub(super) certs: Layered<Arc<str>, Arc<CertEntry>>,
     pub(super) wild_certs: Layered<Arc<str>, Arc<CertEntry>>,
+    /// Recorded lifecycle states (the RIB's `machine_states`) by machine id, kept apart
+    /// from the machines so a state that arrives before its machine is not lost.
+    pub(super) states: Layered<Arc<str>, StateRecord>,
+}
+
+/// A machine's recorded lifecycle state and the version of the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateRecord {
+    pub state: MachineState,
+    pub version: u64,
 }
 
 impl Snapshot {
@@ -137,6 +267,11 @@ impl Snapshot {
         self.apps.values()
     }
 
+    /// The recorded lifecycle state of a machine, if any was recorded.
+    pub fn recorded_state(&self, id: &str) -> Option<StateRecord> {
+        self.states.get(id).copied()
+    }
+
     pub(super) fn delta_len(&self) -> usize {
         [
             self.apps.delta_len(),
@@ -146,6 +281,7 @@ impl Snapshot {
             self.app_machines.delta_len(),
             self.certs.delta_len(),
             self.wild_certs.delta_len(),
+            self.states.delta_len(),
         ]
         .into_iter()
         .max()
@@ -172,6 +308,7 @@ impl Snapshot {
             app_machines: self.app_machines.compacted(),
             certs: self.certs.compacted(),
             wild_certs: self.wild_certs.compacted(),
+            states: self.states.compacted(),
         }
     }
 
@@ -191,6 +328,7 @@ impl Snapshot {
             app_machines: self.app_machines.rebase(c.app_machines.clone(), c.at),
             certs: self.certs.rebase(c.certs.clone(), c.at),
             wild_certs: self.wild_certs.rebase(c.wild_certs.clone(), c.at),
+            states: self.states.rebase(c.states.clone(), c.at),
         }
     }
 }
@@ -207,4 +345,5 @@ pub struct Compacted {
     app_machines: Base<Arc<[Arc<str>]>>,
     certs: Base<Arc<CertEntry>>,
     wild_certs: Base<Arc<CertEntry>>,
+    states: Base<StateRecord>,
 }

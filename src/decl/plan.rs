@@ -7,7 +7,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::model::{AppSpec, CertSpec, MachineSpec};
+use crate::model::{AppSpec, CertSpec, MachineSpec, StateRow};
 use crate::rib::sqlite::{Store, Tx};
 use crate::rib::{Record, RibError, Table};
 
@@ -52,6 +52,7 @@ impl fmt::Display for Plan {
                 Table::Apps => "app",
                 Table::Machines => "machine",
                 Table::Certificates => "certificate",
+                Table::MachineStates => "machine state",
             };
             match &c.op {
                 Op::Add => writeln!(f, "+ {what} {}", c.key)?,
@@ -147,6 +148,7 @@ fn normalised(table: Table, v: &serde_json::Value) -> Option<serde_json::Value> 
         Table::Apps => through::<AppSpec>(v),
         Table::Machines => through::<MachineSpec>(v),
         Table::Certificates => through::<CertSpec>(v),
+        Table::MachineStates => through::<StateRow>(v),
     }
 }
 
@@ -213,6 +215,16 @@ fn write(tx: &Tx<'_>, decl: &Declaration, plan: &Plan) -> Result<(), PlanError> 
     let certs: HashMap<&str, &CertSpec> =
         decl.certificates.iter().map(|c| (c.hostname.as_str(), c)).collect();
     for c in &plan.changes {
+        // A machine removed, or declared in a new state, drops its recorded lifecycle
+        // state: what the operator declares wins over what the machine was doing.
+        let restated = match &c.op {
+            Op::Remove => true,
+            Op::Change(fields) => fields.iter().any(|f| f == "state"),
+            Op::Add => false,
+        };
+        if c.table == Table::Machines && restated {
+            tx.delete(Table::MachineStates, &c.key)?;
+        }
         if c.op == Op::Remove {
             tx.delete(c.table, &c.key)?;
             continue;
@@ -221,6 +233,7 @@ fn write(tx: &Tx<'_>, decl: &Declaration, plan: &Plan) -> Result<(), PlanError> 
             Table::Apps => apps.get(c.key.as_str()).map(|a| encode(&c.key, a)),
             Table::Machines => machines.get(c.key.as_str()).map(|m| encode(&c.key, m)),
             Table::Certificates => certs.get(c.key.as_str()).map(|x| encode(&c.key, x)),
+            Table::MachineStates => None,
         };
         if let Some(body) = body {
             tx.put(&Record { table: c.table, key: c.key.clone(), body: body? })?;

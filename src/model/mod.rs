@@ -156,6 +156,31 @@ pub enum MachineState {
 }
 
 impl MachineState {
+    /// A small stable number for packing into atomics.
+    pub fn code(self) -> u8 {
+        match self {
+            MachineState::Started => 0,
+            MachineState::Stopped => 1,
+            MachineState::Suspended => 2,
+            MachineState::Starting => 3,
+            MachineState::Stopping => 4,
+            MachineState::Suspending => 5,
+            MachineState::Destroyed => 6,
+        }
+    }
+
+    pub fn from_code(code: u8) -> MachineState {
+        match code {
+            0 => MachineState::Started,
+            2 => MachineState::Suspended,
+            3 => MachineState::Starting,
+            4 => MachineState::Stopping,
+            5 => MachineState::Suspending,
+            6 => MachineState::Destroyed,
+            _ => MachineState::Stopped,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             MachineState::Started => "started",
@@ -183,6 +208,23 @@ pub struct MachineSpec {
     /// and tern only routes to it while it is started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmd: Option<Vec<String>>,
+}
+
+/// A row of the RIB's `machine_states` table: a machine's lifecycle state as recorded by
+/// the node that manages it. `version` only grows; a reader keeps the highest it has seen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRow {
+    pub state: MachineState,
+    pub version: u64,
+    /// Why it changed: `wake`, `autostop`, `exited`, `start_failed`, `shutdown`, …
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// The node that recorded it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    /// When, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub at_ms: i64,
 }
 
 /// `ip:port`, or a bare IP whose port is the app's `internal_port`.

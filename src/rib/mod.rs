@@ -18,16 +18,21 @@ pub enum Table {
     Apps,
     Machines,
     Certificates,
+    /// Machines' lifecycle states as recorded by the node managing them, apart from their
+    /// declarations so that `tern apply` and lifecycle changes never overwrite each other.
+    MachineStates,
 }
 
 impl Table {
-    pub const ALL: [Table; 3] = [Table::Apps, Table::Machines, Table::Certificates];
+    /// In the order a snapshot lists them (machines before their states).
+    pub const ALL: [Table; 4] = [Table::Apps, Table::Machines, Table::Certificates, Table::MachineStates];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Table::Apps => "apps",
             Table::Machines => "machines",
             Table::Certificates => "certificates",
+            Table::MachineStates => "machine_states",
         }
     }
 
@@ -103,4 +108,9 @@ pub trait Rib: Send + Sync + 'static {
     /// Starts a subscription: changes after `from` if the store can resume there, else a
     /// snapshot first.
     fn subscribe(&self, from: Option<Cursor>) -> Subscription;
+
+    /// Records a machine's lifecycle state (the node that manages the machine writes it),
+    /// unless the store already holds a newer version; returns whether it wrote. Blocking:
+    /// call it from a blocking thread.
+    fn record_state(&self, id: &str, row: &crate::model::StateRow) -> Result<bool, RibError>;
 }

@@ -14,6 +14,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
 use super::{Change, Cursor, Record, Rib, RibError, RibEvent, Subscription, Table};
+use crate::model::StateRow;
 
 /// Change-log entries kept for subscribers to resume from.
 pub const RETAIN_CHANGES: i64 = 100_000;
@@ -118,6 +119,21 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Writes a machine's lifecycle state unless the row already holds a newer version.
+    pub fn put_newer_state(&self, key: &str, body: &str) -> Result<bool, RibError> {
+        let n = self
+            .tx
+            .execute(
+                "INSERT INTO machine_states (key, body) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET body = excluded.body,
+                     updated_at = CAST(unixepoch('subsec') * 1000 AS INTEGER)
+                 WHERE json_extract(body, '$.version') < json_extract(excluded.body, '$.version')",
+                params![key, body],
+            )
+            .map_err(sql_err(self.path))?;
+        Ok(n > 0)
+    }
+
     pub fn delete(&self, table: Table, key: &str) -> Result<bool, RibError> {
         let sql = format!("DELETE FROM {} WHERE key = ?1", table.as_str());
         let n = self.tx.execute(&sql, [key]).map_err(sql_err(self.path))?;
@@ -171,6 +187,8 @@ fn read_table(conn: &Connection, table: Table, path: &Path) -> Result<Vec<Record
 pub struct SqliteRib {
     path: PathBuf,
     poll_interval: Duration,
+    /// The connection lifecycle records go through, opened on first use.
+    writer: parking_lot::Mutex<Option<Store>>,
 }
 
 impl SqliteRib {
@@ -178,7 +196,7 @@ impl SqliteRib {
     /// start before anything was ever applied.
     pub fn open(path: &Path, poll_interval: Duration) -> Result<SqliteRib, RibError> {
         Store::open(path)?;
-        Ok(SqliteRib { path: path.to_path_buf(), poll_interval })
+        Ok(SqliteRib { path: path.to_path_buf(), poll_interval, writer: parking_lot::Mutex::new(None) })
     }
 }
 
@@ -194,6 +212,16 @@ impl Rib for SqliteRib {
             tracing::error!(target: "tern::rib", error = %e, "could not start the RIB watcher thread");
         }
         Subscription::new(rx)
+    }
+
+    fn record_state(&self, id: &str, row: &StateRow) -> Result<bool, RibError> {
+        let body = serde_json::to_string(row).map_err(|e| RibError::Other(e.to_string()))?;
+        let mut writer = self.writer.lock();
+        if writer.is_none() {
+            *writer = Some(Store::open(&self.path)?);
+        }
+        let store = writer.as_mut().expect("opened above");
+        store.transact(|tx| tx.put_newer_state(id, &body))
     }
 }
 

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use crate::catalog::Machine;
-use crate::model::MachineState;
 
 /// The least-loaded started machine, skipping `exclude` (machines already tried). Ties are
 /// broken uniformly at random (reservoir sampling), so equal machines share load evenly.
@@ -13,7 +12,7 @@ pub fn least_in_flight<'a>(machines: &'a [Arc<Machine>], exclude: &[&str]) -> Op
     let mut best_load = u32::MAX;
     let mut ties = 0u32;
     for m in machines {
-        if m.state() != MachineState::Started || m.addr.port() == 0 || exclude.contains(&&*m.id) {
+        if !m.routable() || exclude.contains(&&*m.id) {
             continue;
         }
         let load = m.live.in_flight();
@@ -35,7 +34,7 @@ pub fn least_in_flight<'a>(machines: &'a [Arc<Machine>], exclude: &[&str]) -> Op
 mod tests {
     use super::*;
     use crate::catalog::{Event, Snapshot};
-    use crate::model::{AppSpec, MachineAddr, MachineSpec};
+    use crate::model::{AppSpec, MachineAddr, MachineSpec, MachineState};
 
     fn snapshot(states: &[MachineState]) -> Snapshot {
         let mut s = Snapshot::default();
