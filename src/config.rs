@@ -339,6 +339,15 @@ impl Config {
         }
     }
 
+    /// Where the process driver writes each machine's stdout and stderr: `[driver] log_dir`,
+    /// else `machine-logs` beside the RIB database.
+    pub fn driver_log_dir(&self) -> std::path::PathBuf {
+        match self.driver.options.get("log_dir").and_then(|v| v.as_str()) {
+            Some(dir) => self.rib.path.parent().unwrap_or(Path::new(".")).join(dir),
+            None => self.rib.path.parent().unwrap_or(Path::new(".")).join("machine-logs"),
+        }
+    }
+
     fn resolve_paths(&mut self, dir: &Path) {
         if self.rib.path.is_relative() {
             self.rib.path = dir.join(&self.rib.path);

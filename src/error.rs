@@ -40,6 +40,12 @@ pub enum ProxyError {
     NoApp { host: String },
     #[error("app {app} has no started machine")]
     NoMachine { app: Arc<str> },
+    #[error("app {app}: no machine became ready within the wake timeout of {timeout:?}")]
+    WakeTimeout { app: Arc<str>, timeout: Duration },
+    #[error("app {app}: no machine could be started: {reason}")]
+    WakeFailed { app: Arc<str>, reason: String },
+    #[error("app {app} already holds {limit} requests (max_pending)")]
+    QueueFull { app: Arc<str>, limit: u32 },
     #[error("could not connect to machine {machine} at {addr}: {source}")]
     UpstreamConnect {
         machine: Arc<str>,
@@ -67,6 +73,9 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::NoApp { .. } => "no_app",
             ProxyError::NoMachine { .. } => "no_machine",
+            ProxyError::WakeTimeout { .. } => "wake_timeout",
+            ProxyError::QueueFull { .. } => "queue_full",
+            ProxyError::WakeFailed { .. } => "wake_failed",
             ProxyError::UpstreamConnect { .. } => "upstream_connect",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::UpstreamError { .. } => "upstream_error",
@@ -80,7 +89,11 @@ impl ProxyError {
             ProxyError::BadHost | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoApp { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoMachine { .. } | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoMachine { .. }
+            | ProxyError::WakeTimeout { .. }
+            | ProxyError::QueueFull { .. }
+            | ProxyError::WakeFailed { .. }
+            | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -94,6 +107,9 @@ impl ProxyError {
             | ProxyError::BadRequest(_)
             | ProxyError::NoApp { .. } => Origin::Client,
             ProxyError::NoMachine { .. }
+            | ProxyError::WakeTimeout { .. }
+            | ProxyError::QueueFull { .. }
+            | ProxyError::WakeFailed { .. }
             | ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamError { .. } => Origin::Upstream,
@@ -106,7 +122,12 @@ impl ProxyError {
     pub fn retry_safe(&self) -> bool {
         matches!(
             self,
-            ProxyError::NoMachine { .. } | ProxyError::UpstreamConnect { .. } | ProxyError::ShuttingDown
+            ProxyError::NoMachine { .. }
+                | ProxyError::WakeTimeout { .. }
+                | ProxyError::QueueFull { .. }
+                | ProxyError::WakeFailed { .. }
+                | ProxyError::UpstreamConnect { .. }
+                | ProxyError::ShuttingDown
         )
     }
 
@@ -119,6 +140,9 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "The request is malformed.",
             ProxyError::NoApp { .. } => "No app is served at this address.",
             ProxyError::NoMachine { .. } => "The app has no machine running right now.",
+            ProxyError::WakeTimeout { .. } => "The app is starting up and was not ready in time; try again.",
+            ProxyError::QueueFull { .. } => "The app is busy; try again shortly.",
+            ProxyError::WakeFailed { .. } => "The app could not be started; try again later.",
             ProxyError::UpstreamConnect { .. } => "The app could not be reached.",
             ProxyError::UpstreamTimeout { .. } => "The app did not answer in time.",
             ProxyError::UpstreamError { .. } => "The app closed the connection unexpectedly.",
@@ -140,6 +164,9 @@ mod tests {
             ProxyError::BadRequest("x"),
             ProxyError::NoApp { host: "a".into() },
             ProxyError::NoMachine { app: "a".into() },
+            ProxyError::WakeTimeout { app: "a".into(), timeout: Duration::from_secs(1) },
+            ProxyError::QueueFull { app: "a".into(), limit: 1 },
+            ProxyError::WakeFailed { app: "a".into(), reason: "x".into() },
             ProxyError::UpstreamConnect {
                 machine: "m".into(),
                 addr: "127.0.0.1:1".parse().unwrap(),

@@ -5,9 +5,12 @@
 //! `duration`, `telemetry` and `error` are leaves. [`proxy`] is the composition root.
 
 pub mod admin;
+pub mod autostart;
 pub mod catalog;
+pub mod clock;
 pub mod config;
 pub mod decl;
+pub mod driver;
 pub mod duration;
 pub mod error;
 pub mod http;

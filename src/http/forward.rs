@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use crate::autostart::{Lifecycle, WakeError};
 use crate::catalog::{AppEntry, InFlight, Machine};
 use crate::error::ProxyError;
 use crate::routing::{self, Router};
@@ -30,6 +31,8 @@ pub struct Handler {
     pub access_log: bool,
     /// Tunnels outlive their request; tracking them lets shutdown wait for them.
     pub tasks: TaskTracker,
+    /// Wakes machines for requests that find none started.
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 /// What the access log and metrics learn about an exchange.
@@ -38,6 +41,8 @@ struct Outcome {
     app: Option<Arc<str>>,
     machine: Option<Arc<str>>,
     host: Option<String>,
+    /// How long the request waited for a machine to wake, if it did.
+    waited: Option<Duration>,
 }
 
 impl Handler {
@@ -56,7 +61,7 @@ impl Handler {
         // Only the access log needs it; most nodes at scale run without.
         let path = if self.access_log { req.uri().path().to_owned() } else { String::new() };
         let mut outcome = Outcome::default();
-        let result = self.forward(req, &conn, &id, exchange, &mut outcome).await;
+        let result = self.forward(req, &conn, &id, exchange, started, &mut outcome).await;
         let resp = match result {
             Ok(resp) => resp,
             Err(err) => {
@@ -80,6 +85,7 @@ impl Handler {
                 status, app = app_label, machine = outcome.machine.as_deref().unwrap_or("-"),
                 tern_error = resp.headers().get(headers::TERN_ERROR).and_then(|v| v.to_str().ok()).unwrap_or("-"),
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
+                wake_ms = outcome.waited.map(|w| w.as_secs_f64() * 1000.0),
                 "request");
         }
         resp
@@ -91,6 +97,7 @@ impl Handler {
         conn: &ConnInfo,
         id: &str,
         exchange: ExchangeGuard,
+        arrived: Instant,
         outcome: &mut Outcome,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let size = headers::head_size(&req);
@@ -103,6 +110,11 @@ impl Handler {
         let app = self.router.app_for(&host).ok_or(ProxyError::NoApp { host })?;
         outcome.app = Some(app.name.clone());
 
+        let ignored_agent =
+            !app.spec.wake_ignore_user_agents.is_empty()
+                && req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).is_some_and(|ua| {
+                    app.spec.wake_ignore_user_agents.iter().any(|s| ua.contains(s.as_str()))
+                });
         let upgrade = headers::wants_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let client_version = req.version();
@@ -112,7 +124,8 @@ impl Handler {
         let up_req =
             upstream_request(req, conn, id, &raw_host, upgrade, proto, self.region.as_ref(), &activity)?;
 
-        let (machine, upstream, in_flight) = self.connect(&app, proto).await?;
+        let (machine, upstream, in_flight) =
+            self.connect(&app, proto, arrived, ignored_agent, outcome).await?;
         outcome.machine = Some(machine.id.clone());
         let idle = app.spec.idle_timeout;
         let (mut resp, lease) =
@@ -152,9 +165,17 @@ impl Handler {
         &self,
         app: &AppEntry,
         proto: Proto,
+        arrived: Instant,
+        ignored_agent: bool,
+        outcome: &mut Outcome,
     ) -> Result<(Arc<Machine>, Conn, InFlight), ProxyError> {
-        let first =
-            self.router.pick(app, &[]).ok_or_else(|| ProxyError::NoMachine { app: app.name.clone() })?;
+        let first = match self.router.pick(app, &[]) {
+            Some(m) => m,
+            None if ignored_agent || !self.lifecycle.can_wake(app) => {
+                return Err(ProxyError::NoMachine { app: app.name.clone() });
+            }
+            None => self.wait_for_wake(app, arrived, outcome).await?,
+        };
         let guard = first.live.begin();
         let err = match self.pool.checkout(first.addr, proto).await {
             Ok(c) => return Ok((first, c, guard)),
@@ -178,6 +199,40 @@ impl Handler {
                 addr: second.addr,
                 source: e.source,
             }),
+        }
+    }
+
+    /// Holds the request while a machine of the app wakes, until the app's wake_timeout
+    /// after the request arrived.
+    async fn wait_for_wake(
+        &self,
+        app: &AppEntry,
+        arrived: Instant,
+        outcome: &mut Outcome,
+    ) -> Result<Arc<Machine>, ProxyError> {
+        let began = Instant::now();
+        let result = self.lifecycle.wake(app, arrived + app.spec.wake_timeout).await;
+        let waited = began.elapsed();
+        outcome.waited = Some(waited);
+        let label = match &result {
+            Ok(()) => "ok",
+            Err(WakeError::Timeout) => "timeout",
+            Err(WakeError::QueueFull(_)) => "queue_full",
+            Err(WakeError::NothingToWake) => "nothing_to_wake",
+            Err(WakeError::Failed(_)) => "failed",
+        };
+        self.metrics.wake_duration.with_label_values(&[&app.name, label]).observe(waited.as_secs_f64());
+        let name = app.name.clone();
+        match result {
+            Ok(()) => self.router.pick(app, &[]).ok_or(ProxyError::NoMachine { app: name }),
+            Err(WakeError::Timeout) => {
+                Err(ProxyError::WakeTimeout { app: name, timeout: app.spec.wake_timeout })
+            }
+            Err(WakeError::QueueFull(limit)) => Err(ProxyError::QueueFull { app: name, limit }),
+            Err(WakeError::NothingToWake) => Err(ProxyError::NoMachine { app: name }),
+            Err(WakeError::Failed(reason)) => {
+                Err(ProxyError::WakeFailed { app: name, reason: reason.to_string() })
+            }
         }
     }
 

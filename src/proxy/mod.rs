@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::admin::{Admin, Health};
+use crate::autostart::Lifecycle;
 use crate::catalog::{self, Catalog};
 use crate::config::{Config, Listen};
 use crate::http::{Server, ServerLimits};
@@ -36,6 +37,8 @@ pub enum StartError {
     Catalog(#[from] RibError),
     #[error("cannot build the TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("cannot start the driver: {0}")]
+    Driver(String),
     #[error("cannot start the worker threads: {0}")]
     Workers(#[source] std::io::Error),
 }
@@ -83,7 +86,21 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let catalog = Arc::new(Catalog::new());
-    let updater = catalog::updater::start(catalog.clone(), rib, metrics.clone(), shutdown.clone()).await?;
+    let updater =
+        catalog::updater::start(catalog.clone(), rib.clone(), metrics.clone(), shutdown.clone()).await?;
+    let (driver_tx, driver_rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = crate::driver::build(&config, driver_tx).map_err(StartError::Driver)?;
+    let node: Arc<str> = Arc::from(config.node.clone().unwrap_or_else(|| config.region.clone()));
+    let lifecycle = Lifecycle::new(
+        driver,
+        rib,
+        catalog.clone(),
+        node,
+        Arc::from(config.region.as_str()),
+        metrics.clone(),
+    );
+    tokio::spawn(lifecycle.clone().watch_driver(driver_rx));
+    lifecycle.reconcile_at_start();
     let health = Arc::new(Health::default());
     let deps = Deps {
         tls: tls::server_config(catalog.clone())?,
@@ -98,6 +115,7 @@ pub async fn run(
         region: Arc::from(config.region.as_str()),
         access_log: config.log.access,
         shutdown: shutdown.clone(),
+        lifecycle: lifecycle.clone(),
     };
     let workers = Arc::new(Workers::start(config.worker_count(), &deps).map_err(StartError::Workers)?);
 
@@ -126,6 +144,9 @@ pub async fn run(
     if let Ok(workers) = Arc::try_unwrap(workers) {
         workers.join().await;
     }
+    // Machines this node runs go down with it, recorded as stopped; the next start wakes
+    // them on demand.
+    lifecycle.stop_all().await;
     let _ = admin_stop_tx.send(true);
     let _ = admin_task.await;
     let _ = updater.await;

@@ -42,6 +42,7 @@ pub(super) struct Deps {
     pub region: Arc<str>,
     pub access_log: bool,
     pub shutdown: watch::Receiver<bool>,
+    pub lifecycle: Arc<crate::autostart::Lifecycle>,
 }
 
 struct Worker {
@@ -114,6 +115,7 @@ async fn run(deps: Deps, mut jobs: mpsc::UnboundedReceiver<Job>, open: Arc<Atomi
         max_header_bytes: deps.limits.max_header_bytes,
         access_log: deps.access_log,
         tasks: tasks.clone(),
+        lifecycle: deps.lifecycle.clone(),
     });
     let deps = Arc::new(deps);
     let mut shutdown = deps.shutdown.clone();

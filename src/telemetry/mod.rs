@@ -40,7 +40,15 @@ pub struct Metrics {
     pub rib_rows_skipped: IntCounterVec,
     pub rib_errors: IntCounter,
     pub streams_cut_idle: IntCounter,
+    pub wake_duration: HistogramVec,
+    pub wakes: IntCounterVec,
+    pub held_requests: IntGauge,
+    pub machine_actions: IntCounterVec,
 }
+
+/// Waking spans milliseconds (a suspended machine) to tens of seconds (a cold start).
+const WAKE_BUCKETS: [f64; 14] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -132,6 +140,32 @@ impl Metrics {
                 "tern_idle_timeouts_total",
                 "Exchanges and tunnels closed after the app's idle_timeout of silence.",
             )?,
+            wake_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "tern_wake_duration_seconds",
+                    "Time a request waited for a machine to wake (arrival to forwarding), by app and result.",
+                )
+                .buckets(WAKE_BUCKETS.to_vec()),
+                &["app", "result"],
+            )?,
+            wakes: IntCounterVec::new(
+                Opts::new(
+                    "tern_wakes_total",
+                    "Machine wakes (one per start, however many requests waited), by result.",
+                ),
+                &["result"],
+            )?,
+            held_requests: IntGauge::new(
+                "tern_held_requests",
+                "Requests held now, waiting for a machine to wake or for room on one.",
+            )?,
+            machine_actions: IntCounterVec::new(
+                Opts::new(
+                    "tern_machine_actions_total",
+                    "Machine starts, stops and suspends tern asked its driver for, and machine exits it saw, by action and reason.",
+                ),
+                &["action", "reason"],
+            )?,
             registry,
         };
         m.register_all()?;
@@ -160,6 +194,10 @@ impl Metrics {
         r.register(Box::new(self.rib_rows_skipped.clone()))?;
         r.register(Box::new(self.rib_errors.clone()))?;
         r.register(Box::new(self.streams_cut_idle.clone()))?;
+        r.register(Box::new(self.wake_duration.clone()))?;
+        r.register(Box::new(self.wakes.clone()))?;
+        r.register(Box::new(self.held_requests.clone()))?;
+        r.register(Box::new(self.machine_actions.clone()))?;
         Ok(())
     }
 

@@ -14,3 +14,4 @@ mod http;
 mod shutdown;
 mod streams;
 mod tls;
+mod wake;

@@ -1,0 +1,370 @@
+//! The lifecycle manager: wakes machines when requests need them, records every state
+//! change in the RIB, and notices machines that exit on their own.
+//!
+//! The wake path, for one request that finds no started machine with room:
+//!
+//! ```text
+//!  request ──▶ held (≤ max_pending per app, else 503 queue_full)
+//!     │
+//!     ├─ a machine of the app is already waking? ──yes──▶ join that wake
+//!     │        no
+//!     ├─ pick a stopped/suspended machine (suspended first: it resumes at once;
+//!     │  this node's region first) ──none──▶ 503 no_machine
+//!     │
+//!     ▼  one wake per machine, however many requests join it:
+//!   starting ──driver.start──▶ probing (TCP connect every ≤2 ms) ──accepts──▶ started
+//!     │                            │                                           │
+//!     │ start fails /              │ process exits / wake_timeout              ▼
+//!     │ never ready ◀──────────────┘                               every joined request
+//!     ▼                                                             is forwarded
+//!   stopped (recorded "start_failed") ──▶ joined requests try the next candidate
+//!                                          until their own deadline (arrival +
+//!                                          wake_timeout): then 503 wake_timeout
+//! ```
+//!
+//! Machine states live in `MachineLive` (what routing reads, changed at once) and in the
+//! RIB's `machine_states` table (so other readers and a restarted tern see them). Each
+//! change takes the next version, so an echo of an older record never undoes a newer one.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::catalog::{AppEntry, Catalog, Machine};
+use crate::driver::{Driver, DriverEvent, Target};
+use crate::model::{MachineState, StateRow};
+use crate::rib::Rib;
+use crate::telemetry::Metrics;
+
+/// How a wake ended, as its waiters see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Progress {
+    Waking,
+    Ready,
+    Failed(Arc<str>),
+    /// Started but never ready within wake_timeout: its waiters have run out of time too.
+    TimedOut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WakeError {
+    #[error("no machine became ready before the request's deadline")]
+    Timeout,
+    #[error("the app already holds {0} requests")]
+    QueueFull(u32),
+    #[error("no stopped or suspended machine to wake")]
+    NothingToWake,
+    #[error("every machine tried failed to start; last: {0}")]
+    Failed(Arc<str>),
+}
+
+/// Why a wake failed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("the machine did not accept connections within wake_timeout")]
+    NotReady,
+    #[error("{0}")]
+    Other(Arc<str>),
+}
+
+pub struct Lifecycle {
+    driver: Arc<dyn Driver>,
+    rib: Arc<dyn Rib>,
+    catalog: Arc<Catalog>,
+    node: Arc<str>,
+    region: Arc<str>,
+    metrics: Arc<Metrics>,
+    /// Wakes in progress, by machine id.
+    wakes: DashMap<Arc<str>, watch::Receiver<Progress>>,
+    /// Requests held per app.
+    held: DashMap<Arc<str>, Arc<AtomicU32>>,
+    /// Where lifecycle work runs: the control runtime, which outlives every worker.
+    runtime: tokio::runtime::Handle,
+}
+
+/// One held request; dropping it releases the app's slot.
+struct Held {
+    count: Arc<AtomicU32>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.held_requests.dec();
+    }
+}
+
+impl Lifecycle {
+    pub fn new(
+        driver: Arc<dyn Driver>,
+        rib: Arc<dyn Rib>,
+        catalog: Arc<Catalog>,
+        node: Arc<str>,
+        region: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Lifecycle> {
+        Arc::new(Lifecycle {
+            driver,
+            rib,
+            catalog,
+            node,
+            region,
+            metrics,
+            wakes: DashMap::new(),
+            held: DashMap::new(),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// Whether a request to `app` that finds no room should wait for a wake.
+    pub fn can_wake(&self, app: &AppEntry) -> bool {
+        app.spec.auto_start && app.machines.iter().any(|m| self.driver.manages(&m.spec))
+    }
+
+    /// Holds the caller until one of the app's machines is started (waking one if none is
+    /// waking yet), or fails at `deadline`.
+    pub async fn wake(self: &Arc<Self>, app: &AppEntry, deadline: Instant) -> Result<(), WakeError> {
+        let _held = self.hold(app)?;
+        let mut tried: Vec<Arc<str>> = Vec::new();
+        let mut last_failure: Option<Arc<str>> = None;
+        loop {
+            let Some(machine) = self.candidate(app, &tried) else {
+                return Err(match last_failure {
+                    Some(f) => WakeError::Failed(f),
+                    None => WakeError::NothingToWake,
+                });
+            };
+            let mut progress = self.wake_machine(&machine, app);
+            let outcome = tokio::time::timeout_at(deadline, progress.wait_for(|p| *p != Progress::Waking))
+                .await
+                .map(|r| r.map(|p| p.clone()));
+            let result = match outcome {
+                Err(_) => return Err(WakeError::Timeout),
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => progress.borrow().clone(),
+            };
+            match result {
+                Progress::Ready => return Ok(()),
+                Progress::Failed(why) => last_failure = Some(why),
+                Progress::TimedOut => return Err(WakeError::Timeout),
+                Progress::Waking => last_failure = Some(Arc::from("the wake was abandoned")),
+            }
+            tried.push(machine.id.clone());
+        }
+    }
+
+    fn hold(&self, app: &AppEntry) -> Result<Held, WakeError> {
+        let count = self.held.entry(app.name.clone()).or_default().clone();
+        let limit = app.spec.max_pending;
+        let prev = count.fetch_add(1, Ordering::AcqRel);
+        let held = Held { count, metrics: self.metrics.clone() };
+        self.metrics.held_requests.inc();
+        if prev >= limit {
+            return Err(WakeError::QueueFull(limit));
+        }
+        Ok(held)
+    }
+
+    /// The machine to wait for: one already waking, else a suspended one (it resumes at
+    /// once), else a stopped one; this node's region before others.
+    fn candidate(&self, app: &AppEntry, tried: &[Arc<str>]) -> Option<Arc<Machine>> {
+        let rank = |m: &Machine| -> Option<(u8, bool)> {
+            if tried.contains(&m.id) || !self.driver.manages(&m.spec) || m.addr.port() == 0 {
+                return None;
+            }
+            let order = match m.state() {
+                MachineState::Starting if self.wakes.contains_key(&m.id) => 0,
+                MachineState::Suspended => 1,
+                MachineState::Stopped => 2,
+                _ => return None,
+            };
+            Some((order, m.region() != &*self.region))
+        };
+        let mut best: Option<(&Arc<Machine>, (u8, bool))> = None;
+        for m in app.machines.iter() {
+            if let Some(r) = rank(m)
+                && best.as_ref().is_none_or(|(_, b)| r < *b)
+            {
+                best = Some((m, r));
+            }
+        }
+        best.map(|(m, _)| m.clone())
+    }
+
+    /// Joins the machine's wake in progress, or starts one.
+    fn wake_machine(self: &Arc<Self>, machine: &Arc<Machine>, app: &AppEntry) -> watch::Receiver<Progress> {
+        let entry = self.wakes.entry(machine.id.clone());
+        let entry = match entry {
+            dashmap::Entry::Occupied(e) if *e.get().borrow() == Progress::Waking => return e.get().clone(),
+            other => other,
+        };
+        let (tx, rx) = watch::channel(Progress::Waking);
+        entry.insert(rx.clone());
+        let this = self.clone();
+        let (machine, budget, kill) = (machine.clone(), app.spec.wake_timeout, app.spec.kill_timeout);
+        self.runtime.spawn(async move {
+            let result = this.run_wake(&machine, budget, kill).await;
+            this.wakes.remove(&machine.id);
+            let _ = tx.send(match result {
+                Ok(()) => Progress::Ready,
+                Err(Failure::NotReady) => Progress::TimedOut,
+                Err(Failure::Other(why)) => Progress::Failed(why),
+            });
+        });
+        rx
+    }
+
+    async fn run_wake(
+        &self,
+        m: &Arc<Machine>,
+        budget: Duration,
+        kill_timeout: Duration,
+    ) -> Result<(), Failure> {
+        let started = Instant::now();
+        let from = m.state();
+        let target = Target::of(m);
+        self.set_state(m, MachineState::Starting, "wake");
+        let action = if from == MachineState::Suspended { "resume" } else { "start" };
+        self.metrics.machine_actions.with_label_values(&[action, "wake"]).inc();
+        let result = match self.driver.start(&target).await {
+            Ok(()) => self.until_ready(m, started + budget).await,
+            Err(e) => Err(Failure::Other(Arc::from(e.to_string()))),
+        };
+        match &result {
+            Ok(()) => {
+                m.live.touch();
+                self.set_state(m, MachineState::Started, "wake");
+                self.metrics.wakes.with_label_values(&["ok"]).inc();
+                tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, from = from.as_str(),
+                    ms = started.elapsed().as_secs_f64() * 1000.0, "machine woke");
+            }
+            Err(failure) => {
+                self.metrics.wakes.with_label_values(&["failed"]).inc();
+                tracing::warn!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, reason = %failure,
+                    "machine failed to start");
+                if let Err(e) = self.driver.stop(&target, kill_timeout).await {
+                    tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not stop it");
+                }
+                self.set_state(m, MachineState::Stopped, "start_failed");
+            }
+        }
+        result
+    }
+
+    /// Probes the machine's port until it accepts a connection, its process exits, or the
+    /// deadline passes. Probes start at 250 µs apart and back off to 2 ms, so readiness is
+    /// seen within about 2 ms of the machine listening.
+    async fn until_ready(&self, m: &Machine, deadline: Instant) -> Result<(), Failure> {
+        let mut gap = Duration::from_micros(250);
+        loop {
+            let attempt =
+                tokio::time::timeout(Duration::from_millis(100), tokio::net::TcpStream::connect(m.addr));
+            if let Ok(Ok(_)) = attempt.await {
+                return Ok(());
+            }
+            if !self.driver.running(&m.id) {
+                return Err(Failure::Other(Arc::from(
+                    "the machine's process exited before it accepted connections",
+                )));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Failure::NotReady);
+            }
+            tokio::time::sleep(gap.min(deadline - now)).await;
+            gap = (gap * 2).min(Duration::from_millis(2));
+        }
+    }
+
+    /// Moves the machine to `state` at once (routing sees it) and records it in the RIB.
+    fn set_state(&self, m: &Machine, state: MachineState, reason: &str) {
+        let version = m.live.transition(state);
+        let row = StateRow {
+            state,
+            version,
+            reason: reason.to_string(),
+            node: self.node.to_string(),
+            at_ms: unix_ms(),
+        };
+        let (rib, id) = (self.rib.clone(), m.id.clone());
+        // Records go out in the background; the version keeps a late one from undoing a newer.
+        self.runtime.spawn_blocking(move || {
+            if let Err(e) = rib.record_state(&id, &row) {
+                tracing::warn!(target: "tern::lifecycle", machine = %id, error = %e, "could not record the machine's state");
+            }
+        });
+    }
+
+    /// Handles what the driver noticed on its own, until the driver goes away.
+    pub async fn watch_driver(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<DriverEvent>) {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                DriverEvent::Exited { id, status } => {
+                    self.metrics.machine_actions.with_label_values(&["exit", "exited"]).inc();
+                    let snap = self.catalog.load_full();
+                    if let Some(m) = snap.machine(&id) {
+                        // A machine that dies is stopped, not restarted in a loop; the next
+                        // request wakes it again.
+                        if m.state() != MachineState::Starting {
+                            self.set_state(m, MachineState::Stopped, "exited");
+                        }
+                        tracing::warn!(target: "tern::lifecycle", machine = %id, %status, "machine exited; marked stopped");
+                    }
+                }
+            }
+        }
+    }
+
+    /// At start-up: machines this node manages that are recorded as running are started
+    /// (tern's earlier processes are gone); ones caught mid-transition are stopped.
+    pub fn reconcile_at_start(self: &Arc<Self>) {
+        let snap = self.catalog.load_full();
+        for app in snap.apps() {
+            for m in
+                app.machines.iter().filter(|m| self.driver.manages(&m.spec) && !self.driver.running(&m.id))
+            {
+                match m.state() {
+                    MachineState::Started | MachineState::Starting => {
+                        drop(self.wake_machine(m, app));
+                    }
+                    MachineState::Suspended | MachineState::Suspending | MachineState::Stopping => {
+                        self.set_state(m, MachineState::Stopped, "restart");
+                    }
+                    MachineState::Stopped | MachineState::Destroyed => {}
+                }
+            }
+        }
+    }
+
+    /// At shutdown: stops every machine this node runs, and records them stopped.
+    pub async fn stop_all(&self) {
+        let snap = self.catalog.load_full();
+        let mut stops = tokio::task::JoinSet::new();
+        for app in snap.apps() {
+            for m in app.machines.iter().filter(|m| self.driver.running(&m.id)) {
+                let target = Target::of(m);
+                let (driver, kill, m) = (self.driver.clone(), app.spec.kill_timeout, m.clone());
+                self.set_state(&m, MachineState::Stopping, "shutdown");
+                self.metrics.machine_actions.with_label_values(&["stop", "shutdown"]).inc();
+                stops.spawn_on(async move { (driver.stop(&target, kill).await, m) }, &self.runtime);
+            }
+        }
+        while let Some(Ok((result, m))) = stops.join_next().await {
+            if let Err(e) = result {
+                tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not stop machine");
+            }
+            self.set_state(&m, MachineState::Stopped, "shutdown");
+        }
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,165 @@
+//! The `process` driver: a machine is a local process tern runs from its declared `cmd`.
+//!
+//! ```text
+//!            start (spawn)                 suspend (SIGSTOP)
+//!  stopped ───────────────▶ running ─────────────────────────▶ frozen
+//!     ▲                      │   ▲                               │
+//!     │  stop: SIGTERM, then │   └──── start (SIGCONT) ──────────┘
+//!     │  SIGKILL after       │
+//!     └── kill_timeout ──────┘   exits on its own ─▶ stopped, reported as
+//!                                                    DriverEvent::Exited (never restarted)
+//! ```
+//!
+//! Each machine runs in its own process group, so signals reach whatever its `cmd` spawns
+//! (a shell's children too). stdout and stderr go to `<log_dir>/<machine id>.log`, appended.
+//! The machine learns who it is from `FLY_MACHINE_ID`, `FLY_APP_NAME`, `FLY_REGION` and
+//! `PORT`, as on Fly.io.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::sync::{mpsc, watch};
+
+use super::{BoxFuture, Driver, DriverError, DriverEvent, Target};
+
+pub struct ProcessDriver {
+    log_dir: PathBuf,
+    procs: Arc<DashMap<Arc<str>, Proc>>,
+    events: mpsc::UnboundedSender<DriverEvent>,
+}
+
+struct Proc {
+    pgid: Pid,
+    /// Turns true when the process has exited.
+    exited: watch::Receiver<bool>,
+    /// Set before tern stops it, so its exit is not reported as unexpected.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    frozen: bool,
+}
+
+impl ProcessDriver {
+    pub fn new(log_dir: PathBuf, events: mpsc::UnboundedSender<DriverEvent>) -> Self {
+        ProcessDriver { log_dir, procs: Arc::new(DashMap::new()), events }
+    }
+
+    fn signal(&self, id: &Arc<str>, pgid: Pid, sig: Signal) -> Result<(), DriverError> {
+        match killpg(pgid, sig) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(DriverError::Signal { id: id.clone(), detail: format!("{sig}: {e}") }),
+        }
+    }
+
+    async fn spawn(&self, m: &Target) -> Result<(), DriverError> {
+        let Some(cmd) = m.cmd.as_ref().filter(|c| !c.is_empty()) else {
+            return Err(DriverError::NotManaged(m.id.clone()));
+        };
+        let fail = |source: std::io::Error| DriverError::Spawn { id: m.id.clone(), source };
+        tokio::fs::create_dir_all(&self.log_dir).await.map_err(fail)?;
+        let log_path = self.log_dir.join(format!("{}.log", m.id));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(fail)?;
+        let log2 = log.try_clone().map_err(fail)?;
+        let mut child = tokio::process::Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .env("FLY_MACHINE_ID", &*m.id)
+            .env("FLY_APP_NAME", &*m.app)
+            .env("FLY_REGION", &m.region)
+            .env("PORT", m.addr.port().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(fail)?;
+        let pid = child.id().ok_or_else(|| fail(std::io::Error::other("exited at once")))?;
+        let pgid = Pid::from_raw(i32::try_from(pid).map_err(|_| fail(std::io::Error::other("pid")))?);
+        let (tx, exited) = watch::channel(false);
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.procs.insert(m.id.clone(), Proc { pgid, exited, stopping: stopping.clone(), frozen: false });
+        tracing::info!(target: "tern::driver", machine = %m.id, pid, log = %log_path.display(), "machine process started");
+
+        let (procs, events, id) = (self.procs.clone(), self.events.clone(), m.id.clone());
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            // Only forget the entry if it is still this process (not a later start).
+            procs.remove_if(&id, |_, p| p.pgid == pgid);
+            let _ = tx.send(true);
+            if stopping.load(std::sync::atomic::Ordering::Acquire) {
+                tracing::info!(target: "tern::driver", machine = %id, %status, "machine process stopped");
+            } else {
+                tracing::warn!(target: "tern::driver", machine = %id, %status, "machine process exited on its own");
+                let _ = events.send(DriverEvent::Exited { id, status });
+            }
+        });
+        Ok(())
+    }
+}
+
+impl Driver for ProcessDriver {
+    fn manages(&self, m: &crate::model::MachineSpec) -> bool {
+        m.cmd.as_ref().is_some_and(|c| !c.is_empty())
+    }
+
+    fn start<'a>(&'a self, m: &'a Target) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let frozen = self.procs.get_mut(&m.id).map(|mut p| {
+                let was = p.frozen;
+                p.frozen = false;
+                (p.pgid, was)
+            });
+            match frozen {
+                Some((pgid, true)) => self.signal(&m.id, pgid, Signal::SIGCONT),
+                Some((_, false)) => Ok(()), // already running
+                None => self.spawn(m).await,
+            }
+        })
+    }
+
+    fn stop<'a>(&'a self, m: &'a Target, kill_timeout: Duration) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let Some((pgid, mut exited, frozen)) = self.procs.get(&m.id).map(|p| {
+                p.stopping.store(true, std::sync::atomic::Ordering::Release);
+                (p.pgid, p.exited.clone(), p.frozen)
+            }) else {
+                return Ok(());
+            };
+            self.signal(&m.id, pgid, Signal::SIGTERM)?;
+            if frozen {
+                // A stopped process only sees SIGTERM once it runs again.
+                self.signal(&m.id, pgid, Signal::SIGCONT)?;
+            }
+            let polite = tokio::time::timeout(kill_timeout, exited.wait_for(|e| *e)).await.is_ok();
+            if !polite {
+                tracing::warn!(target: "tern::driver", machine = %m.id, ?kill_timeout,
+                    "machine ignored SIGTERM; sending SIGKILL");
+                self.signal(&m.id, pgid, Signal::SIGKILL)?;
+                let _ = exited.wait_for(|e| *e).await.is_ok();
+            }
+            Ok(())
+        })
+    }
+
+    fn suspend<'a>(&'a self, m: &'a Target) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let Some(pgid) = self.procs.get_mut(&m.id).map(|mut p| {
+                p.frozen = true;
+                p.pgid
+            }) else {
+                return Ok(());
+            };
+            self.signal(&m.id, pgid, Signal::SIGSTOP)
+        })
+    }
+
+    fn running(&self, id: &str) -> bool {
+        self.procs.contains_key(id)
+    }
+}
