@@ -321,6 +321,25 @@ impl Config {
                 ));
             }
         }
+        match self.driver.kind {
+            DriverKind::MachinesApi => {
+                return Err((
+                    "kind",
+                    "driver \"machines-api\" is not supported by this version yet; use \"process\"".into(),
+                ));
+            }
+            DriverKind::Process => {
+                if let Some(key) = self.driver.options.keys().find(|k| k.as_str() != "log_dir") {
+                    return Err((
+                        "[driver]",
+                        format!("unknown key {key:?} for the process driver (known: log_dir)"),
+                    ));
+                }
+                if self.driver.options.get("log_dir").is_some_and(|v| !v.is_str()) {
+                    return Err(("log_dir", "must be a path (a string)".into()));
+                }
+            }
+        }
         if self.limits.max_connections == 0 {
             return Err(("max_connections", "must be at least 1".into()));
         }
@@ -364,6 +383,10 @@ fn find_key_line(text: &str, key: &str) -> Option<usize> {
     text.lines()
         .position(|l| {
             let l = l.trim_start();
+            // A table header (`[driver]`) matches itself; a key matches `key =`.
+            if key.starts_with('[') {
+                return l.trim_end() == key;
+            }
             l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
         })
         .map(|i| i + 1)
@@ -410,6 +433,18 @@ kind = "process"
         assert_eq!(c.region, "ams");
         assert_eq!(c.listen.len(), 2);
         assert!(c.listen[1].addr.is_ipv6());
+    }
+
+    #[test]
+    fn driver_settings_are_checked() {
+        let base = "[[listen]]\naddr = \"127.0.0.1:0\"\n[driver]\n";
+        let c = Config::parse(&format!("{base}kind = \"process\"\nlog_dir = \"logs\"\n")).unwrap();
+        assert!(c.driver_log_dir().ends_with("logs"));
+        let (line, msg) = Config::parse(&format!("{base}kind = \"process\"\nlog_dri = \"x\"\n")).unwrap_err();
+        assert!(msg.contains("log_dri"), "{msg}");
+        assert_eq!(line, 3, "{msg}");
+        let (_, msg) = Config::parse(&format!("{base}kind = \"machines-api\"\n")).unwrap_err();
+        assert!(msg.contains("not supported"), "{msg}");
     }
 
     #[test]
