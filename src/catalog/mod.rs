@@ -2,17 +2,19 @@
 //! request path reads.
 //!
 //! One immutable [`Snapshot`] is published through `ArcSwap`; readers load it without a
-//! lock and keep using the version they loaded, so a request never waits on a writer. The
-//! snapshot is built from persistent maps (`imbl`), so the next version shares almost all
-//! of its structure with the current one: applying one change costs O(log n) map updates
-//! plus the changed app's own hostnames and machines, never a copy of the whole catalog.
+//! lock and keep using the version they loaded, so a request never waits on a writer. Each
+//! map is a compacted hash-map base under a small persistent delta ([`layered`]), so the next
+//! version shares almost everything with the current one: one change touches only the
+//! delta, never a copy of the whole catalog.
 //!
-//! Per-machine live counters (requests in flight) are atomics in [`MachineLive`], outside
-//! the snapshot, and carried over when a machine's record changes.
+//! Per-machine live state (requests in flight, lifecycle state with its version, health) is
+//! atomics in [`MachineLive`], outside the snapshot, and carried over when a machine's record
+//! changes.
 //!
-//! Applying a change ([`Snapshot::apply`]) is a pure function of (snapshot, event) with no
-//! I/O; [`updater`] is the task that feeds it from the RIB. This module may not import the
-//! request path (routing, http, tls) or any store.
+//! Applying a change ([`Snapshot::apply`]) does no I/O; its only effect outside the new
+//! snapshot is on that shared live state (a newer lifecycle state). [`updater`] is the task
+//! that feeds it from the RIB. This module may not import the request path (routing, http,
+//! tls) or any store.
 
 use std::sync::Arc;
 
