@@ -133,6 +133,11 @@ impl Lifecycle {
         let mut tried: Vec<Arc<str>> = Vec::new();
         let mut last_failure: Option<Arc<str>> = None;
         loop {
+            // A wake that finished between the caller's pick and now (or another node's
+            // start) leaves nothing to wait for.
+            if app.machines.iter().any(|m| m.routable()) {
+                return Ok(());
+            }
             let Some(machine) = self.candidate(app, &tried) else {
                 return Err(match last_failure {
                     Some(f) => WakeError::Failed(f),

@@ -1,8 +1,8 @@
 //! Applying one change to a snapshot: no I/O; nothing changes outside the new snapshot but
 //! the shared `MachineLive` of a machine whose lifecycle state moved to a newer version.
 //!
-//! Cost per event: a few updates of the layered maps' small deltas plus the affected app's hostnames and
-//! machines. Nothing here walks the whole catalog, except [`Snapshot::resync`], which is
+//! Cost per event: a few updates of the layered maps' small deltas plus the affected app's
+//! hostnames and machines. Nothing here walks the whole catalog, except [`Snapshot::resync`], which is
 //! only used when a subscriber has to start from a full snapshot.
 
 use std::collections::HashSet;
