@@ -110,6 +110,9 @@ pub fn app_json(app: &AppEntry) -> serde_json::Value {
                 "region": m.region(),
                 "addr": m.addr.to_string(),
                 "in_flight": m.live.in_flight(),
+                "healthy": m.live.healthy(),
+                "in_rotation": m.live.in_rotation(),
+                "state_version": m.live.state_version(),
             })
         })
         .collect();

@@ -46,6 +46,8 @@ pub enum ProxyError {
     WakeFailed { app: Arc<str>, reason: String },
     #[error("app {app} already holds {limit} requests (max_pending)")]
     QueueFull { app: Arc<str>, limit: u32 },
+    #[error("app {app}: every machine stayed at its hard_limit ({hard_limit}) for {waited:?}")]
+    NoRoom { app: Arc<str>, hard_limit: u32, waited: Duration },
     #[error("could not connect to machine {machine} at {addr}: {source}")]
     UpstreamConnect {
         machine: Arc<str>,
@@ -74,7 +76,7 @@ impl ProxyError {
             ProxyError::NoApp { .. } => "no_app",
             ProxyError::NoMachine { .. } => "no_machine",
             ProxyError::WakeTimeout { .. } => "wake_timeout",
-            ProxyError::QueueFull { .. } => "queue_full",
+            ProxyError::QueueFull { .. } | ProxyError::NoRoom { .. } => "queue_full",
             ProxyError::WakeFailed { .. } => "wake_failed",
             ProxyError::UpstreamConnect { .. } => "upstream_connect",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
@@ -92,6 +94,7 @@ impl ProxyError {
             ProxyError::NoMachine { .. }
             | ProxyError::WakeTimeout { .. }
             | ProxyError::QueueFull { .. }
+            | ProxyError::NoRoom { .. }
             | ProxyError::WakeFailed { .. }
             | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
@@ -109,6 +112,7 @@ impl ProxyError {
             ProxyError::NoMachine { .. }
             | ProxyError::WakeTimeout { .. }
             | ProxyError::QueueFull { .. }
+            | ProxyError::NoRoom { .. }
             | ProxyError::WakeFailed { .. }
             | ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
@@ -125,6 +129,7 @@ impl ProxyError {
             ProxyError::NoMachine { .. }
                 | ProxyError::WakeTimeout { .. }
                 | ProxyError::QueueFull { .. }
+                | ProxyError::NoRoom { .. }
                 | ProxyError::WakeFailed { .. }
                 | ProxyError::UpstreamConnect { .. }
                 | ProxyError::ShuttingDown
@@ -141,7 +146,7 @@ impl ProxyError {
             ProxyError::NoApp { .. } => "No app is served at this address.",
             ProxyError::NoMachine { .. } => "The app has no machine running right now.",
             ProxyError::WakeTimeout { .. } => "The app is starting up and was not ready in time; try again.",
-            ProxyError::QueueFull { .. } => "The app is busy; try again shortly.",
+            ProxyError::QueueFull { .. } | ProxyError::NoRoom { .. } => "The app is busy; try again shortly.",
             ProxyError::WakeFailed { .. } => "The app could not be started; try again later.",
             ProxyError::UpstreamConnect { .. } => "The app could not be reached.",
             ProxyError::UpstreamTimeout { .. } => "The app did not answer in time.",

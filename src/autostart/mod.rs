@@ -34,10 +34,11 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::catalog::{AppEntry, Catalog, Machine};
+use crate::catalog::{AppEntry, Catalog, Machine, Queued};
 use crate::driver::{Driver, DriverEvent, Target};
 use crate::model::{MachineState, StateRow};
 use crate::rib::Rib;
+use crate::routing::select::{self, Pick};
 use crate::telemetry::Metrics;
 
 /// How a wake ended, as its waiters see it.
@@ -58,6 +59,8 @@ pub enum WakeError {
     QueueFull(u32),
     #[error("no stopped or suspended machine to wake")]
     NothingToWake,
+    #[error("every machine stayed at its hard limit ({0})")]
+    NoRoom(u32),
     #[error("every machine tried failed to start; last: {0}")]
     Failed(Arc<str>),
 }
@@ -126,17 +129,58 @@ impl Lifecycle {
         app.spec.auto_start && app.machines.iter().any(|m| self.driver.manages(&m.spec))
     }
 
-    /// Holds the caller until one of the app's machines is started (waking one if none is
-    /// waking yet), or fails at `deadline`.
-    pub async fn wake(self: &Arc<Self>, app: &AppEntry, deadline: Instant) -> Result<(), WakeError> {
+    /// Holds the caller until a machine of the app has room, then counts the caller in
+    /// flight on it. With no routable machine it waits for a wake (starting one if none is
+    /// waking); with every routable machine at its hard limit it queues for room (and wakes
+    /// another machine if it can). Fails at `deadline`, or at once past `max_pending`.
+    /// Without `may_wake` (a user agent on the app's ignore list) it only queues for room.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        app: &AppEntry,
+        deadline: Instant,
+        may_wake: bool,
+    ) -> Result<Pick, WakeError> {
+        let may_wake = may_wake && self.can_wake(app);
         let _held = self.hold(app)?;
         let mut tried: Vec<Arc<str>> = Vec::new();
         let mut last_failure: Option<Arc<str>> = None;
         loop {
+            // Registered before looking, so an exchange ending in between is not missed.
+            let queued: Vec<Queued> =
+                app.machines.iter().filter(|m| m.routable()).map(|m| m.live.queue()).collect();
+            let mut notified: Vec<_> = queued.iter().map(|q| Box::pin(q.notified())).collect();
+            for n in &mut notified {
+                n.as_mut().enable();
+            }
             // A wake that finished between the caller's pick and now (or another node's
-            // start) leaves nothing to wait for.
-            if app.machines.iter().any(|m| m.routable()) {
-                return Ok(());
+            // start, or an exchange ending) leaves nothing to wait for.
+            if let Some(pick) = select::acquire(&app.machines, &[], &app.spec.concurrency) {
+                if pick.over_soft && may_wake {
+                    self.wake_spare(app);
+                }
+                return Ok(pick);
+            }
+            if !queued.is_empty() {
+                // Every routable machine is at its hard limit: queue for room.
+                if may_wake {
+                    self.wake_spare(app);
+                }
+                let any = std::future::poll_fn(|cx| {
+                    for n in &mut notified {
+                        if n.as_mut().poll(cx).is_ready() {
+                            return std::task::Poll::Ready(());
+                        }
+                    }
+                    std::task::Poll::Pending
+                });
+                if tokio::time::timeout_at(deadline, any).await.is_err() {
+                    return Err(WakeError::NoRoom(app.spec.concurrency.hard_limit.unwrap_or(u32::MAX)));
+                }
+                continue;
+            }
+            drop(notified);
+            if !may_wake {
+                return Err(WakeError::NothingToWake);
             }
             let Some(machine) = self.candidate(app, &tried) else {
                 return Err(match last_failure {
@@ -154,12 +198,27 @@ impl Lifecycle {
                 Ok(Err(_)) => progress.borrow().clone(),
             };
             match result {
-                Progress::Ready => return Ok(()),
+                Progress::Ready => continue,
                 Progress::Failed(why) => last_failure = Some(why),
                 Progress::TimedOut => return Err(WakeError::Timeout),
                 Progress::Waking => last_failure = Some(Arc::from("the wake was abandoned")),
             }
             tried.push(machine.id.clone());
+        }
+    }
+
+    /// Every routable machine of the app is over its soft limit: wake one more if there is
+    /// one to wake and none is waking yet. The caller does not wait for it.
+    pub fn wake_spare(self: &Arc<Self>, app: &AppEntry) {
+        if !self.can_wake(app) {
+            return;
+        }
+        if let Some(m) = self.candidate(app, &[])
+            && m.state() != MachineState::Starting
+        {
+            tracing::info!(target: "tern::lifecycle", app = %app.name, machine = %m.id,
+                "every started machine is over its soft limit; waking another");
+            drop(self.wake_machine_for(&m, app, "capacity"));
         }
     }
 
@@ -203,6 +262,15 @@ impl Lifecycle {
 
     /// Joins the machine's wake in progress, or starts one.
     fn wake_machine(self: &Arc<Self>, machine: &Arc<Machine>, app: &AppEntry) -> watch::Receiver<Progress> {
+        self.wake_machine_for(machine, app, "wake")
+    }
+
+    fn wake_machine_for(
+        self: &Arc<Self>,
+        machine: &Arc<Machine>,
+        app: &AppEntry,
+        reason: &'static str,
+    ) -> watch::Receiver<Progress> {
         let entry = self.wakes.entry(machine.id.clone());
         let entry = match entry {
             dashmap::Entry::Occupied(e) if *e.get().borrow() == Progress::Waking => return e.get().clone(),
@@ -213,7 +281,7 @@ impl Lifecycle {
         let this = self.clone();
         let (machine, budget, kill) = (machine.clone(), app.spec.wake_timeout, app.spec.kill_timeout);
         self.runtime.spawn(async move {
-            let result = this.run_wake(&machine, budget, kill).await;
+            let result = this.run_wake(&machine, budget, kill, reason).await;
             this.wakes.remove(&machine.id);
             let _ = tx.send(match result {
                 Ok(()) => Progress::Ready,
@@ -229,13 +297,14 @@ impl Lifecycle {
         m: &Arc<Machine>,
         budget: Duration,
         kill_timeout: Duration,
+        reason: &'static str,
     ) -> Result<(), Failure> {
         let started = Instant::now();
         let from = m.state();
         let target = Target::of(m);
-        self.set_state(m, MachineState::Starting, "wake");
+        self.set_state(m, MachineState::Starting, reason);
         let action = if from == MachineState::Suspended { "resume" } else { "start" };
-        self.metrics.machine_actions.with_label_values(&[action, "wake"]).inc();
+        self.metrics.machine_actions.with_label_values(&[action, reason]).inc();
         let result = match self.driver.start(&target).await {
             Ok(()) => self.until_ready(m, started + budget).await,
             Err(e) => Err(Failure::Other(Arc::from(e.to_string()))),
@@ -243,7 +312,7 @@ impl Lifecycle {
         match &result {
             Ok(()) => {
                 m.live.touch();
-                self.set_state(m, MachineState::Started, "wake");
+                self.set_state(m, MachineState::Started, reason);
                 self.metrics.wakes.with_label_values(&["ok"]).inc();
                 tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, from = from.as_str(),
                     ms = started.elapsed().as_secs_f64() * 1000.0, "machine woke");

@@ -28,7 +28,9 @@ pub mod updater;
 
 pub use apply::Event;
 pub use decode::{DecodeError, decode};
-pub use snapshot::{AppEntry, CertEntry, Compacted, InFlight, Machine, MachineLive, Snapshot, StateRecord};
+pub use snapshot::{
+    AppEntry, CertEntry, Compacted, InFlight, Machine, MachineLive, Queued, Snapshot, StateRecord,
+};
 
 /// The published catalog.
 pub struct Catalog {

@@ -25,6 +25,10 @@ pub struct MachineLive {
     in_rotation: AtomicBool,
     /// When the machine last finished its last exchange, as [`crate::clock::now_ms`].
     idle_since_ms: AtomicU64,
+    /// Requests queued for room on this machine's app (every machine at its hard limit);
+    /// while any wait, ending an exchange or the machine becoming routable wakes them.
+    queued: AtomicU32,
+    room: tokio::sync::Notify,
 }
 
 impl MachineLive {
@@ -35,6 +39,8 @@ impl MachineLive {
             healthy: AtomicBool::new(true),
             in_rotation: AtomicBool::new(true),
             idle_since_ms: AtomicU64::new(crate::clock::now_ms()),
+            queued: AtomicU32::new(0),
+            room: tokio::sync::Notify::new(),
         }
     }
 
@@ -46,6 +52,41 @@ impl MachineLive {
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Like [`begin`](Self::begin), but only while fewer than `limit` exchanges are in
+    /// flight, so that concurrent requests never push a machine past its hard limit.
+    pub fn try_begin(self: &Arc<Self>, limit: u32) -> Option<InFlight> {
+        let mut current = self.in_flight.load(Ordering::SeqCst);
+        loop {
+            if current >= limit {
+                return None;
+            }
+            match self.in_flight.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(InFlight(self.clone())),
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// Registers a request queued for room; the guard's `notified` resolves when an
+    /// exchange on the machine ends or the machine becomes routable. Check for room after
+    /// registering and before awaiting, so no wake-up is lost.
+    pub fn queue(self: &Arc<Self>) -> Queued {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        Queued(self.clone())
+    }
+
+    /// Wakes requests queued for room, if there are any.
+    fn wake_queued(&self) {
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            self.room.notify_waiters();
+        }
     }
 
     pub fn state(&self) -> MachineState {
@@ -69,7 +110,10 @@ impl MachineLive {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return true,
+                Ok(_) => {
+                    self.wake_queued();
+                    return true;
+                }
                 Err(now) => current = now,
             }
         }
@@ -87,7 +131,10 @@ impl MachineLive {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return version,
+                Ok(_) => {
+                    self.wake_queued();
+                    return version;
+                }
                 Err(now) => current = now,
             }
         }
@@ -99,6 +146,7 @@ impl MachineLive {
 
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::Relaxed);
+        self.wake_queued();
     }
 
     pub fn in_rotation(&self) -> bool {
@@ -107,6 +155,7 @@ impl MachineLive {
 
     pub fn set_in_rotation(&self, yes: bool) {
         self.in_rotation.store(yes, Ordering::Relaxed);
+        self.wake_queued();
     }
 
     /// When the machine's last exchange ended, or `None` while one is in flight.
@@ -140,12 +189,31 @@ pub struct InFlight(Arc<MachineLive>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let before = self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // SeqCst pairs with `queue`: either the queued request sees the room, or this sees
+        // the request queued and wakes it.
+        let before = self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
         // Every decrement pairs with the increment in `begin`; a wrap means a double drop.
         debug_assert!(before > 0, "in-flight counter underflow");
         if before == 1 {
             self.0.touch();
         }
+        self.0.wake_queued();
+    }
+}
+
+/// A request queued for room on a machine; see [`MachineLive::queue`].
+#[derive(Debug)]
+pub struct Queued(Arc<MachineLive>);
+
+impl Queued {
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.room.notified()
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

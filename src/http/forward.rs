@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::autostart::{Lifecycle, WakeError};
 use crate::catalog::{AppEntry, InFlight, Machine};
 use crate::error::ProxyError;
+use crate::routing::select::Pick;
 use crate::routing::{self, Router};
 use crate::telemetry::{Metrics, status_class};
 use crate::upstream::{Conn, Lease, Pool, Proto, SendError, UpBody};
@@ -170,20 +171,22 @@ impl Handler {
         outcome: &mut Outcome,
     ) -> Result<(Arc<Machine>, Conn, InFlight), ProxyError> {
         let first = match self.router.pick(app, &[]) {
-            Some(m) => m,
-            None if ignored_agent || !self.lifecycle.can_wake(app) => {
-                return Err(ProxyError::NoMachine { app: app.name.clone() });
+            Some(pick) => {
+                if pick.over_soft && !ignored_agent {
+                    self.lifecycle.wake_spare(app);
+                }
+                pick
             }
-            None => self.wait_for_wake(app, arrived, outcome).await?,
+            None => self.wait_for_room(app, arrived, !ignored_agent, outcome).await?,
         };
-        let guard = first.live.begin();
+        let Pick { machine: first, guard, .. } = first;
         let err = match self.pool.checkout(first.addr, proto).await {
             Ok(c) => return Ok((first, c, guard)),
             Err(e) => e,
         };
         drop(guard);
         tracing::warn!(target: "tern::upstream", app = %app.name, machine = %first.id, error = %err, "machine refused the connection");
-        let Some(second) = self.router.pick(app, &[&first.id]) else {
+        let Some(Pick { machine: second, guard, .. }) = self.router.pick(app, &[&first.id]) else {
             return Err(ProxyError::UpstreamConnect {
                 machine: first.id.clone(),
                 addr: first.addr,
@@ -191,7 +194,6 @@ impl Handler {
             });
         };
         self.metrics.upstream_retries.inc();
-        let guard = second.live.begin();
         match self.pool.checkout(second.addr, proto).await {
             Ok(c) => Ok((second, c, guard)),
             Err(e) => Err(ProxyError::UpstreamConnect {
@@ -202,38 +204,39 @@ impl Handler {
         }
     }
 
-    /// Holds the request while a machine of the app wakes, until the app's wake_timeout
-    /// after the request arrived.
-    async fn wait_for_wake(
+    /// Holds the request until a machine of the app has room: one woken for it (if the app
+    /// wakes machines and the client may wake them), or one whose exchanges drop below the
+    /// hard limit; until the app's wake_timeout after the request arrived.
+    async fn wait_for_room(
         &self,
         app: &AppEntry,
         arrived: Instant,
+        may_wake: bool,
         outcome: &mut Outcome,
-    ) -> Result<Arc<Machine>, ProxyError> {
+    ) -> Result<Pick, ProxyError> {
         let began = Instant::now();
-        let result = self.lifecycle.wake(app, arrived + app.spec.wake_timeout).await;
+        let result = self.lifecycle.acquire(app, arrived + app.spec.wake_timeout, may_wake).await;
         let waited = began.elapsed();
-        outcome.waited = Some(waited);
         let label = match &result {
-            Ok(()) => "ok",
+            Ok(_) => "ok",
             Err(WakeError::Timeout) => "timeout",
-            Err(WakeError::QueueFull(_)) => "queue_full",
+            Err(WakeError::QueueFull(_) | WakeError::NoRoom(_)) => "queue_full",
             Err(WakeError::NothingToWake) => "nothing_to_wake",
             Err(WakeError::Failed(_)) => "failed",
         };
-        self.metrics.wake_duration.with_label_values(&[&app.name, label]).observe(waited.as_secs_f64());
-        let name = app.name.clone();
-        match result {
-            Ok(()) => self.router.pick(app, &[]).ok_or(ProxyError::NoMachine { app: name }),
-            Err(WakeError::Timeout) => {
-                Err(ProxyError::WakeTimeout { app: name, timeout: app.spec.wake_timeout })
-            }
-            Err(WakeError::QueueFull(limit)) => Err(ProxyError::QueueFull { app: name, limit }),
-            Err(WakeError::NothingToWake) => Err(ProxyError::NoMachine { app: name }),
-            Err(WakeError::Failed(reason)) => {
-                Err(ProxyError::WakeFailed { app: name, reason: reason.to_string() })
-            }
+        // A request turned away at once (nothing to wake) did not wait.
+        if !matches!(result, Err(WakeError::NothingToWake)) {
+            outcome.waited = Some(waited);
+            self.metrics.wake_duration.with_label_values(&[&app.name, label]).observe(waited.as_secs_f64());
         }
+        let name = app.name.clone();
+        result.map_err(|e| match e {
+            WakeError::Timeout => ProxyError::WakeTimeout { app: name, timeout: app.spec.wake_timeout },
+            WakeError::QueueFull(limit) => ProxyError::QueueFull { app: name, limit },
+            WakeError::NoRoom(hard_limit) => ProxyError::NoRoom { app: name, hard_limit, waited },
+            WakeError::NothingToWake => ProxyError::NoMachine { app: name },
+            WakeError::Failed(reason) => ProxyError::WakeFailed { app: name, reason: reason.to_string() },
+        })
     }
 
     /// Sends the request and waits for the response head, for at most the app's

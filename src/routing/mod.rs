@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::catalog::{AppEntry, Catalog, Machine};
+use crate::catalog::{AppEntry, Catalog};
 
 pub mod host;
 pub mod select;
@@ -26,8 +26,9 @@ impl Router {
         self.catalog.load().route(host).cloned()
     }
 
-    /// The machine for the next exchange, skipping machines already tried.
-    pub fn pick(&self, app: &AppEntry, exclude: &[&str]) -> Option<Arc<Machine>> {
-        select::least_in_flight(&app.machines, exclude).cloned()
+    /// The machine for the next exchange, skipping machines already tried, counted in
+    /// flight on it; `None` when no routable machine has room under its hard limit.
+    pub fn pick(&self, app: &AppEntry, exclude: &[&str]) -> Option<select::Pick> {
+        select::acquire(&app.machines, exclude, &app.spec.concurrency)
     }
 }

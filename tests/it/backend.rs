@@ -10,6 +10,8 @@
 //! - `/download?bytes=N`: N bytes in 64 KiB chunks, streamed
 //! - `/upload`: reads the body as it streams and answers with its length
 //! - `/ws`: WebSocket echo
+//! - `/release`: opens the gate (for a backend in another process: `examples/test_machine.rs`)
+//! - `/healthz`: 200 "ok", or 503 after `/sick` until `/well`
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -50,17 +52,27 @@ struct State {
     name: String,
     gate: Arc<Notify>,
     requests: Arc<AtomicUsize>,
+    sick: std::sync::atomic::AtomicBool,
 }
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Backend {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let gate = Arc::new(Notify::new());
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let accepted = connections.clone();
-        let state = Arc::new(State { name: name.into(), gate: gate.clone(), requests: requests.clone() });
+        let state = Arc::new(State {
+            name: name.into(),
+            gate: gate.clone(),
+            requests: requests.clone(),
+            sick: std::sync::atomic::AtomicBool::new(false),
+        });
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
@@ -170,6 +182,20 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body>
             Response::new(full(n.to_string()))
         }
         "/ws" => websocket(&mut req),
+        "/release" => {
+            state.gate.notify_waiters();
+            Response::new(full("released"))
+        }
+        "/sick" | "/well" => {
+            state.sick.store(req.uri().path() == "/sick", Ordering::SeqCst);
+            Response::new(full("ok"))
+        }
+        "/healthz" if state.sick.load(Ordering::SeqCst) => {
+            let mut r = Response::new(full("sick"));
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            r
+        }
+        "/healthz" => Response::new(full("ok")),
         _ => {
             let mut r = Response::new(full("not found"));
             *r.status_mut() = StatusCode::NOT_FOUND;

@@ -11,6 +11,7 @@ mod harness;
 mod catalog;
 mod errors;
 mod http;
+mod lifecycle;
 mod shutdown;
 mod streams;
 mod tls;

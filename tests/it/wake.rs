@@ -6,13 +6,13 @@ use std::time::Duration;
 use crate::harness::{Ca, HttpVersion, Proxy};
 
 /// The example backend binary (`examples/bench_backend.rs`), which `cargo test` builds.
-fn backend_bin() -> PathBuf {
+pub(crate) fn backend_bin() -> PathBuf {
     let tern = PathBuf::from(crate::harness::tern_bin());
     tern.parent().unwrap().join("examples").join("bench_backend")
 }
 
 /// A port nothing listens on yet, for a machine that tern will start.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -28,15 +28,15 @@ fn sleepy_app(extra: &str, machines: &[(&str, u16, &str, Vec<String>)]) -> Strin
     d
 }
 
-fn backend_cmd(port: u16) -> Vec<String> {
+pub(crate) fn backend_cmd(port: u16) -> Vec<String> {
     vec![backend_bin().display().to_string(), format!("127.0.0.1:{port}")]
 }
 
-fn metric(text: &str, name_and_labels: &str) -> f64 {
+pub(crate) fn metric(text: &str, name_and_labels: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok()).unwrap_or(0.0)
 }
 
-async fn machine_state(proxy: &Proxy, id: &str) -> String {
+pub(crate) async fn machine_state(proxy: &Proxy, id: &str) -> String {
     let v: serde_json::Value =
         reqwest::get(format!("http://{}/v1/apps/sleepy", proxy.admin)).await.unwrap().json().await.unwrap();
     let m = v["machines"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap();

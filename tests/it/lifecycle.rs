@@ -1,0 +1,146 @@
+//! Machines that sleep and wake under load: capacity limits, health checks, autostop,
+//! suspend and resume, and upgrades held across a wake. Machines are real processes
+//! (`examples/test_machine.rs`) run by the `process` driver.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::harness::{Ca, HttpVersion, Proxy, eventually};
+use crate::wake::{free_port, metric};
+
+fn machine_bin() -> PathBuf {
+    let tern = PathBuf::from(crate::harness::tern_bin());
+    tern.parent().unwrap().join("examples").join("test_machine")
+}
+
+/// A machine of app `app` listening on `port`, started by tern in `state`; `env` entries
+/// (`START_DELAY_MS=300`) go into its environment.
+fn machine(app: &str, id: &str, port: u16, state: &str, env: &[&str]) -> String {
+    let mut cmd: Vec<String> = Vec::new();
+    if !env.is_empty() {
+        cmd.push("env".into());
+        cmd.extend(env.iter().map(|e| (*e).to_string()));
+    }
+    cmd.push(machine_bin().display().to_string());
+    cmd.push(format!("127.0.0.1:{port}"));
+    let cmd: Vec<String> = cmd.iter().map(|c| format!("{c:?}")).collect();
+    format!(
+        "[[machines]]\nid = \"{id}\"\napp = \"{app}\"\naddr = \"127.0.0.1:{port}\"\nstate = \"{state}\"\ncmd = [{}]\n",
+        cmd.join(", ")
+    )
+}
+
+fn app(name: &str, extra: &str) -> String {
+    format!("[[apps]]\nname = \"{name}\"\nhostnames = [\"{name}.test\"]\n{extra}\n")
+}
+
+async fn machine_json(proxy: &Proxy, app: &str, id: &str) -> serde_json::Value {
+    let v: serde_json::Value =
+        reqwest::get(format!("http://{}/v1/apps/{app}", proxy.admin)).await.unwrap().json().await.unwrap();
+    v["machines"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap().clone()
+}
+
+/// Waits (up to `limit`) until the machine's admin JSON satisfies `f`.
+async fn until_machine(
+    proxy: &Proxy,
+    app: &str,
+    id: &str,
+    limit: Duration,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let m = machine_json(proxy, app, id).await;
+        if f(&m) {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "machine {id} never reached the expected condition; last seen {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn metric_now(proxy: &Proxy, name: &str) -> f64 {
+    metric(&proxy.metrics().await, name)
+}
+
+/// Asks a machine directly (not through tern): `/release`, `/sick`, `/well`.
+async fn poke(port: u16, path: &str) {
+    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap();
+    assert!(r.status().is_success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_and_hard_limits_steer_wake_and_queue() {
+    let (p1, p2) = (free_port(), free_port());
+    let decl = app("busy", "concurrency = { soft_limit = 1, hard_limit = 2 }\nwake_timeout = \"1s\"")
+        + &machine("busy", "b1", p1, "started", &[])
+        + &machine("busy", "b2", p2, "stopped", &[]);
+    let mut proxy = Proxy::start(&decl).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let url = |path: &str| proxy.url("busy.test", path);
+    until_machine(&proxy, "busy", "b1", Duration::from_secs(10), |m| m["state"] == "started").await;
+    let get = |path: &str| {
+        let (client, url) = (client.clone(), url(path));
+        tokio::spawn(async move {
+            let r = client.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.headers().get("tern-error").cloned(), r.text().await.unwrap())
+        })
+    };
+    let in_flight = |n: u64| move |m: &serde_json::Value| m["in_flight"] == n;
+
+    // Under the soft limit: b1 takes it, nothing else wakes.
+    let a = get("/hang");
+    until_machine(&proxy, "busy", "b1", Duration::from_secs(5), in_flight(1)).await;
+    assert_eq!(machine_json(&proxy, "busy", "b2").await["state"], "stopped");
+    // b1 is at its soft limit: the next request still goes to b1 (room under hard), and
+    // b2 wakes for what comes after.
+    let b = get("/hang");
+    until_machine(&proxy, "busy", "b1", Duration::from_secs(5), in_flight(2)).await;
+    until_machine(&proxy, "busy", "b2", Duration::from_secs(10), |m| m["state"] == "started").await;
+    assert_eq!(
+        metric_now(&proxy, "tern_machine_actions_total{action=\"start\",reason=\"capacity\"}").await,
+        1.0
+    );
+    // b1 is at its hard limit: new work goes to b2.
+    let r = client.get(url("/id")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "b2");
+    let d = get("/hang");
+    until_machine(&proxy, "busy", "b2", Duration::from_secs(5), in_flight(1)).await;
+    let e = get("/hang");
+    until_machine(&proxy, "busy", "b2", Duration::from_secs(5), in_flight(2)).await;
+
+    // Both at their hard limit: the next request queues until an exchange ends.
+    let queued = get("/id");
+    let held = eventually(Duration::from_secs(5), || async {
+        (metric_now(&proxy, "tern_held_requests").await == 1.0).then_some(())
+    })
+    .await;
+    assert!(held.is_some(), "the request is held, not sent to a full machine");
+    assert_eq!(machine_json(&proxy, "busy", "b1").await["in_flight"], 2, "b1 never went past its hard limit");
+    poke(p1, "/release").await;
+    assert_eq!(a.await.unwrap().2, "released");
+    assert_eq!(b.await.unwrap().2, "released");
+    assert_eq!(queued.await.unwrap(), (200, None, "b1".to_string()), "the queued request got b1's room");
+
+    // Full again, and nothing frees up: the queued request gets 503 queue_full at the deadline.
+    let a = get("/hang");
+    let b = get("/hang");
+    until_machine(&proxy, "busy", "b1", Duration::from_secs(5), in_flight(2)).await;
+    let started = tokio::time::Instant::now();
+    let (status, code, _) = get("/id").await.unwrap();
+    assert_eq!((status, code.unwrap()), (503, "queue_full".parse().unwrap()));
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "held until wake_timeout: {:?}",
+        started.elapsed()
+    );
+    poke(p1, "/release").await;
+    poke(p2, "/release").await;
+    for h in [a, b, d, e] {
+        assert_eq!(h.await.unwrap().0, 200);
+    }
+    proxy.shutdown().await.unwrap().unwrap();
+}
