@@ -36,10 +36,13 @@ use tokio::time::Instant;
 
 use crate::catalog::{AppEntry, Catalog, Machine, Queued};
 use crate::driver::{Driver, DriverEvent, Target};
-use crate::model::{MachineState, StateRow};
+use crate::model::{AppSpec, MachineState, StateRow};
 use crate::rib::Rib;
 use crate::routing::select::{self, Pick};
 use crate::telemetry::Metrics;
+
+mod checks;
+mod supervise;
 
 /// How a wake ended, as its waiters see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +90,11 @@ pub struct Lifecycle {
     held: DashMap<Arc<str>, Arc<AtomicU32>>,
     /// Where lifecycle work runs: the control runtime, which outlives every worker.
     runtime: tokio::runtime::Handle,
+    /// Health-check loops running, by machine id.
+    checkers: DashMap<Arc<str>, tokio::task::AbortHandle>,
+    /// One lifecycle operation (wake, autostop) at a time per machine: a wake that arrives
+    /// while the machine is being stopped starts it once the stop is done.
+    ops: DashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// One held request; dropping it releases the app's slot.
@@ -121,7 +129,13 @@ impl Lifecycle {
             wakes: DashMap::new(),
             held: DashMap::new(),
             runtime: tokio::runtime::Handle::current(),
+            checkers: DashMap::new(),
+            ops: DashMap::new(),
         })
+    }
+
+    fn op_lock(&self, id: &Arc<str>) -> Arc<tokio::sync::Mutex<()>> {
+        self.ops.entry(id.clone()).or_default().clone()
     }
 
     /// Whether a request to `app` that finds no room should wait for a wake.
@@ -245,6 +259,8 @@ impl Lifecycle {
                 MachineState::Starting if self.wakes.contains_key(&m.id) => 0,
                 MachineState::Suspended => 1,
                 MachineState::Stopped => 2,
+                // Being stopped: its wake starts it once the stop is done.
+                MachineState::Stopping | MachineState::Suspending => 3,
                 _ => return None,
             };
             Some((order, m.region() != &*self.region))
@@ -279,9 +295,9 @@ impl Lifecycle {
         let (tx, rx) = watch::channel(Progress::Waking);
         entry.insert(rx.clone());
         let this = self.clone();
-        let (machine, budget, kill) = (machine.clone(), app.spec.wake_timeout, app.spec.kill_timeout);
+        let (machine, spec) = (machine.clone(), app.spec.clone());
         self.runtime.spawn(async move {
-            let result = this.run_wake(&machine, budget, kill, reason).await;
+            let result = this.run_wake(&machine, &spec, reason).await;
             this.wakes.remove(&machine.id);
             let _ = tx.send(match result {
                 Ok(()) => Progress::Ready,
@@ -292,21 +308,17 @@ impl Lifecycle {
         rx
     }
 
-    async fn run_wake(
-        &self,
-        m: &Arc<Machine>,
-        budget: Duration,
-        kill_timeout: Duration,
-        reason: &'static str,
-    ) -> Result<(), Failure> {
+    async fn run_wake(&self, m: &Arc<Machine>, spec: &AppSpec, reason: &'static str) -> Result<(), Failure> {
         let started = Instant::now();
+        let op = self.op_lock(&m.id);
+        let _op = op.lock().await;
         let from = m.state();
         let target = Target::of(m);
         self.set_state(m, MachineState::Starting, reason);
         let action = if from == MachineState::Suspended { "resume" } else { "start" };
         self.metrics.machine_actions.with_label_values(&[action, reason]).inc();
         let result = match self.driver.start(&target).await {
-            Ok(()) => self.until_ready(m, started + budget).await,
+            Ok(()) => self.until_ready(m, spec, started + spec.wake_timeout).await,
             Err(e) => Err(Failure::Other(Arc::from(e.to_string()))),
         };
         match &result {
@@ -321,7 +333,7 @@ impl Lifecycle {
                 self.metrics.wakes.with_label_values(&["failed"]).inc();
                 tracing::warn!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, reason = %failure,
                     "machine failed to start");
-                if let Err(e) = self.driver.stop(&target, kill_timeout).await {
+                if let Err(e) = self.driver.stop(&target, spec.kill_timeout).await {
                     tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not stop it");
                 }
                 self.set_state(m, MachineState::Stopped, "start_failed");
@@ -330,16 +342,26 @@ impl Lifecycle {
         result
     }
 
-    /// Probes the machine's port until it accepts a connection, its process exits, or the
-    /// deadline passes. Probes start at 250 µs apart and back off to 2 ms, so readiness is
-    /// seen within about 2 ms of the machine listening.
-    async fn until_ready(&self, m: &Machine, deadline: Instant) -> Result<(), Failure> {
+    /// Probes the machine until it is ready, its process exits, or the deadline passes.
+    /// Ready means its port accepts a connection, and, if the app has an HTTP check, that
+    /// check passes. Probes start at 250 µs apart and back off to 2 ms, so readiness is seen
+    /// within about 2 ms.
+    async fn until_ready(&self, m: &Machine, spec: &AppSpec, deadline: Instant) -> Result<(), Failure> {
         let mut gap = Duration::from_micros(250);
+        let http_check = spec.checks.iter().find(|c| c.kind == crate::model::CheckType::Http);
+        let host = spec.hostnames.first().cloned().unwrap_or_else(|| m.addr.to_string());
         loop {
             let attempt =
                 tokio::time::timeout(Duration::from_millis(100), tokio::net::TcpStream::connect(m.addr));
             if let Ok(Ok(_)) = attempt.await {
-                return Ok(());
+                match http_check {
+                    None => return Ok(()),
+                    Some(check) => match checks::probe(check, m.addr, &host).await {
+                        Ok(()) => return Ok(()),
+                        Err(why) => tracing::debug!(target: "tern::lifecycle", machine = %m.id, %why,
+                                "not ready: its HTTP check fails"),
+                    },
+                }
             }
             if !self.driver.running(&m.id) {
                 return Err(Failure::Other(Arc::from(
@@ -404,7 +426,9 @@ impl Lifecycle {
             {
                 match m.state() {
                     MachineState::Started | MachineState::Starting => {
-                        drop(self.wake_machine(m, app));
+                        // Not routable until its process is up and ready.
+                        self.set_state(m, MachineState::Starting, "declared");
+                        drop(self.wake_machine_for(m, app, "declared"));
                     }
                     MachineState::Suspended | MachineState::Suspending | MachineState::Stopping => {
                         self.set_state(m, MachineState::Stopped, "restart");

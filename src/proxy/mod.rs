@@ -101,6 +101,7 @@ pub async fn run(
     );
     tokio::spawn(lifecycle.clone().watch_driver(driver_rx));
     lifecycle.reconcile_at_start();
+    let supervisor = tokio::spawn(lifecycle.clone().supervise(shutdown.clone()));
     let health = Arc::new(Health::default());
     let deps = Deps {
         tls: tls::server_config(catalog.clone())?,
@@ -146,6 +147,7 @@ pub async fn run(
     }
     // Machines this node runs go down with it, recorded as stopped; the next start wakes
     // them on demand.
+    let _ = supervisor.await;
     lifecycle.stop_all().await;
     let _ = admin_stop_tx.send(true);
     let _ = admin_task.await;

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub wakes: IntCounterVec,
     pub held_requests: IntGauge,
     pub machine_actions: IntCounterVec,
+    pub machines: IntGaugeVec,
+    pub supervisor_passes: IntCounter,
+    pub checks: IntCounterVec,
 }
 
 /// Waking spans milliseconds (a suspended machine) to tens of seconds (a cold start).
@@ -166,6 +169,24 @@ impl Metrics {
                 ),
                 &["action", "reason"],
             )?,
+            machines: IntGaugeVec::new(
+                Opts::new(
+                    "tern_machines",
+                    "Machines in the catalog by lifecycle state, as of the last supervisor pass.",
+                ),
+                &["state"],
+            )?,
+            supervisor_passes: IntCounter::new(
+                "tern_supervisor_passes_total",
+                "Passes of the lifecycle supervisor (checks and autostop), one a second while it is healthy.",
+            )?,
+            checks: IntCounterVec::new(
+                Opts::new(
+                    "tern_checks_total",
+                    "Health-check rounds run against started machines, by app and result.",
+                ),
+                &["app", "result"],
+            )?,
             registry,
         };
         m.register_all()?;
@@ -198,6 +219,9 @@ impl Metrics {
         r.register(Box::new(self.wakes.clone()))?;
         r.register(Box::new(self.held_requests.clone()))?;
         r.register(Box::new(self.machine_actions.clone()))?;
+        r.register(Box::new(self.machines.clone()))?;
+        r.register(Box::new(self.supervisor_passes.clone()))?;
+        r.register(Box::new(self.checks.clone()))?;
         Ok(())
     }
 

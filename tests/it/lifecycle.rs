@@ -144,3 +144,142 @@ async fn soft_and_hard_limits_steer_wake_and_queue() {
     }
     proxy.shutdown().await.unwrap().unwrap();
 }
+
+/// Waits until the supervisor has made `n` more passes than now: a real event to wait on
+/// when a test must show that something did *not* happen.
+async fn passes(proxy: &Proxy, n: f64) {
+    let start = metric_now(proxy, "tern_supervisor_passes_total").await;
+    let done = eventually(Duration::from_secs(20), || async {
+        (metric_now(proxy, "tern_supervisor_passes_total").await >= start + n).then_some(())
+    })
+    .await;
+    assert!(done.is_some(), "the supervisor kept running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_check_takes_a_machine_out_of_routing_and_a_passing_one_brings_it_back() {
+    let (p1, p2) = (free_port(), free_port());
+    let checks =
+        "[[apps.checks]]\ntype = \"http\"\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"1s\"";
+    let decl = app("chk", checks)
+        + &machine("chk", "c1", p1, "started", &[])
+        + &machine("chk", "c2", p2, "started", &[]);
+    let mut proxy = Proxy::start(&decl).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    for id in ["c1", "c2"] {
+        until_machine(&proxy, "chk", id, Duration::from_secs(10), |m| m["state"] == "started").await;
+    }
+    let ids = |n: usize| {
+        let (client, url) = (client.clone(), proxy.url("chk.test", "/id"));
+        async move {
+            let mut seen = Vec::new();
+            for _ in 0..n {
+                seen.push(client.get(&url).send().await.unwrap().text().await.unwrap());
+            }
+            seen
+        }
+    };
+    poke(p1, "/sick").await;
+    until_machine(&proxy, "chk", "c1", Duration::from_secs(5), |m| m["healthy"] == false).await;
+    assert!(ids(30).await.iter().all(|id| id == "c2"), "a failing machine takes no requests");
+    let m = machine_json(&proxy, "chk", "c1").await;
+    assert_eq!(m["state"], "started", "a check never stops a machine");
+    assert!(metric_now(&proxy, "tern_checks_total{app=\"chk\",result=\"fail\"}").await >= 1.0);
+
+    poke(p1, "/well").await;
+    until_machine(&proxy, "chk", "c1", Duration::from_secs(5), |m| m["healthy"] == true).await;
+    assert!(ids(30).await.iter().any(|id| id == "c1"), "back in routing once it passes");
+    proxy.shutdown().await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autostop_keeps_min_machines_running_and_spares_a_machine_with_an_open_stream() {
+    // Two idle machines, at least one running: exactly one is stopped.
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let decl = app("idle", "auto_stop = \"stop\"\nauto_stop_after = \"1s\"\nmin_machines_running = 1")
+        + &machine("idle", "i1", p1, "started", &[])
+        + &machine("idle", "i2", p2, "started", &[])
+        + &app("streamy", "auto_stop = \"stop\"\nauto_stop_after = \"1s\"")
+        + &machine("streamy", "s1", p3, "started", &[]);
+    let mut proxy = Proxy::start(&decl).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    until_machine(&proxy, "streamy", "s1", Duration::from_secs(10), |m| m["state"] == "started").await;
+    // An SSE stream that stays open (one event, then silence).
+    let mut sse = client.get(proxy.url("streamy.test", "/sse")).send().await.unwrap();
+    assert_eq!(sse.chunk().await.unwrap().unwrap(), "data: one\n\n");
+
+    let stopped = eventually(Duration::from_secs(20), || async {
+        let states = [machine_json(&proxy, "idle", "i1").await, machine_json(&proxy, "idle", "i2").await];
+        (states.iter().filter(|m| m["state"] == "stopped").count() == 1).then_some(())
+    })
+    .await;
+    assert!(stopped.is_some(), "one idle machine was stopped");
+    assert_eq!(
+        metric_now(&proxy, "tern_machine_actions_total{action=\"stop\",reason=\"autostop\"}").await,
+        1.0
+    );
+    // Well past the window, several passes later: still one running, and the streaming
+    // machine still serves its stream.
+    passes(&proxy, 3.0).await;
+    let states = [machine_json(&proxy, "idle", "i1").await, machine_json(&proxy, "idle", "i2").await];
+    assert_eq!(states.iter().filter(|m| m["state"] == "started").count(), 1, "min_machines_running holds");
+    assert_eq!(machine_json(&proxy, "streamy", "s1").await["state"], "started", "an open stream is activity");
+    assert_eq!(
+        metric_now(&proxy, "tern_machine_actions_total{action=\"stop\",reason=\"autostop\"}").await,
+        1.0
+    );
+
+    // The stream goes on; once it ends, the machine is stopped after the window.
+    poke(p3, "/release").await;
+    assert_eq!(sse.chunk().await.unwrap().unwrap(), "data: two\n\n");
+    assert!(sse.chunk().await.unwrap().is_none(), "the stream ended cleanly");
+    until_machine(&proxy, "streamy", "s1", Duration::from_secs(20), |m| m["state"] == "stopped").await;
+    assert!(std::net::TcpStream::connect(("127.0.0.1", p3)).is_err(), "its process is gone");
+    proxy.shutdown().await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_machine_resumes_and_answers() {
+    let port = free_port();
+    let decl = app("frozen", "auto_stop = \"suspend\"\nauto_stop_after = \"1s\"")
+        + &machine("frozen", "f1", port, "started", &[]);
+    let mut proxy = Proxy::start(&decl).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    until_machine(&proxy, "frozen", "f1", Duration::from_secs(10), |m| m["state"] == "started").await;
+    let before = client.get(proxy.url("frozen.test", "/id")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(before, "f1");
+    until_machine(&proxy, "frozen", "f1", Duration::from_secs(20), |m| m["state"] == "suspended").await;
+
+    let started = tokio::time::Instant::now();
+    let r = client.get(proxy.url("frozen.test", "/id")).send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "f1", "the same process, thawed");
+    assert_eq!(
+        metric_now(&proxy, "tern_machine_actions_total{action=\"resume\",reason=\"wake\"}").await,
+        1.0
+    );
+    assert_eq!(metric_now(&proxy, "tern_machine_actions_total{action=\"start\",reason=\"wake\"}").await, 0.0);
+    eprintln!("resumed and answered in {took:?}");
+    proxy.shutdown().await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_is_held_across_a_wake() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let port = free_port();
+    // The app takes 300 ms to boot, so the upgrade really waits.
+    let decl = app("wsapp", "") + &machine("wsapp", "w1", port, "stopped", &["START_DELAY_MS=300"]);
+    let mut proxy = Proxy::start(&decl).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://wsapp.test/ws", tcp).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    assert!(started.elapsed() >= Duration::from_millis(300), "it waited for the boot");
+    ws.send(Message::text("after the wake")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("after the wake"));
+    ws.close(None).await.unwrap();
+    assert_eq!(metric_now(&proxy, "tern_wakes_total{result=\"ok\"}").await, 1.0);
+    proxy.shutdown().await.unwrap().unwrap();
+}

@@ -1,0 +1,347 @@
+//! The supervisor: once a second it runs each app's health checks on its started machines
+//! and decides whether to stop (or suspend) one of them.
+//!
+//! A machine's life as autostop sees it:
+//!
+//! ```text
+//!              idle for auto_stop_after, or excess for auto_stop_after
+//!              and no exchange in flight; never below min_machines_running
+//!   started ─────────────────────────────────────────────▶ cordoned (out of rotation)
+//!      ▲                                                        │ 50 ms for requests that
+//!      │ an exchange began meanwhile: back in rotation          │ picked it just before
+//!      ├────────────────────────────────────────────────────────┤
+//!      │                                                        ▼
+//!      │  wake (a request)                         stopping / suspending ──▶ stopped / suspended
+//!      └────────────────────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! Per app and region, with N started machines of which `over_soft` are at or over the soft
+//! limit, the excess is N − (over_soft + 1) for N > 1, and for a lone machine 1 if it has
+//! nothing in flight, else 0 (fly-proxy's rule). While the excess is at least 1 and more
+//! than `min_machines_running` machines run in the region, one machine per pass is stopped:
+//! one that has been idle (nothing in flight) for `auto_stop_after`, or, once the excess
+//! has lasted `auto_stop_after` with every machine busy now and then, one with nothing in
+//! flight at that moment. An open stream or WebSocket is an exchange in flight, so a machine
+//! holding one is never chosen. Only machines this node's driver runs are stopped.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::catalog::{AppEntry, Machine};
+use crate::model::{AutoStop, MachineState};
+
+use super::{Lifecycle, checks};
+
+/// How often the supervisor looks at every app.
+const TICK: Duration = Duration::from_secs(1);
+
+/// How long a cordoned machine waits for requests that chose it just before.
+const CORDON: Duration = Duration::from_millis(50);
+
+/// What the autostop decision needs to know about one machine.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct View {
+    pub started: bool,
+    /// This node may stop it (its driver runs it) and it is in rotation.
+    pub stoppable: bool,
+    pub load: u32,
+    /// When its last exchange ended; `None` while one is in flight.
+    pub idle_since_ms: Option<u64>,
+}
+
+/// Autostop's limits for one app.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rule {
+    pub soft_limit: u32,
+    pub min_running: u32,
+    pub window_ms: u64,
+}
+
+/// Which machine of one app's region to stop now, if any. `excess_since` is when the region
+/// last began to have excess capacity; it is kept across passes and reset by this function.
+pub(crate) fn choose_stop(
+    views: &[View],
+    rule: Rule,
+    now_ms: u64,
+    excess_since: &mut Option<u64>,
+) -> Option<usize> {
+    let started: Vec<(usize, &View)> = views.iter().enumerate().filter(|(_, v)| v.started).collect();
+    let n = started.len();
+    let excess = match started.as_slice() {
+        [] => 0,
+        [(_, only)] => usize::from(only.load == 0),
+        many => {
+            let over_soft = many.iter().filter(|(_, v)| v.load >= rule.soft_limit).count();
+            n.saturating_sub(over_soft + 1)
+        }
+    };
+    if excess == 0 || n <= rule.min_running as usize {
+        *excess_since = None;
+        return None;
+    }
+    let since = *excess_since.get_or_insert(now_ms);
+    let quiet = |v: &View| v.stoppable && v.load == 0 && v.idle_since_ms.is_some();
+    let longest_idle = |ok: &dyn Fn(&View) -> bool| {
+        started.iter().filter(|(_, v)| ok(v)).min_by_key(|(_, v)| v.idle_since_ms)
+    };
+    let idle_for_window =
+        |v: &View| quiet(v) && v.idle_since_ms.is_some_and(|t| now_ms.saturating_sub(t) >= rule.window_ms);
+    let chosen = longest_idle(&idle_for_window)
+        .or_else(|| (now_ms.saturating_sub(since) >= rule.window_ms).then(|| longest_idle(&quiet)).flatten());
+    if chosen.is_some() {
+        *excess_since = None;
+    }
+    chosen.map(|(i, _)| *i)
+}
+
+impl Lifecycle {
+    /// Runs checks and autostop until `shutdown`.
+    pub async fn supervise(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut excess_since: HashMap<(Arc<str>, String), u64> = HashMap::new();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = crate::shutdown::requested(&mut shutdown) => break,
+                _ = tick.tick() => {}
+            }
+            let snap = self.catalog.load_full();
+            let now = crate::clock::now_ms();
+            let mut regions_seen = HashSet::new();
+            let mut states = [0i64; 7];
+            for app in snap.apps() {
+                for m in app.machines.iter() {
+                    states[usize::from(m.state().code())] += 1;
+                }
+                if !app.spec.checks.is_empty() {
+                    self.ensure_checks(app);
+                }
+                if app.spec.auto_stop != AutoStop::Off {
+                    self.autostop_pass(app, now, &mut excess_since, &mut regions_seen);
+                }
+            }
+            excess_since.retain(|k, _| regions_seen.contains(k));
+            for (code, count) in states.iter().enumerate() {
+                let state = MachineState::from_code(u8::try_from(code).unwrap_or(u8::MAX));
+                self.metrics.machines.with_label_values(&[state.as_str()]).set(*count);
+            }
+            self.metrics.supervisor_passes.inc();
+        }
+        for c in self.checkers.iter() {
+            c.value().abort();
+        }
+    }
+
+    fn autostop_pass(
+        self: &Arc<Self>,
+        app: &AppEntry,
+        now: u64,
+        excess_since: &mut HashMap<(Arc<str>, String), u64>,
+        seen: &mut HashSet<(Arc<str>, String)>,
+    ) {
+        let mut by_region: HashMap<&str, Vec<&Arc<Machine>>> = HashMap::new();
+        for m in app.machines.iter() {
+            by_region.entry(m.region()).or_default().push(m);
+        }
+        let rule = Rule {
+            soft_limit: app.spec.concurrency.soft_limit,
+            min_running: app.spec.min_machines_running,
+            window_ms: u64::try_from(app.spec.auto_stop_after.as_millis()).unwrap_or(u64::MAX),
+        };
+        for (region, machines) in by_region {
+            let views: Vec<View> = machines
+                .iter()
+                .map(|m| View {
+                    started: m.state() == MachineState::Started,
+                    stoppable: m.live.in_rotation() && self.driver.running(&m.id),
+                    load: m.live.in_flight(),
+                    idle_since_ms: m.live.idle_since_ms(),
+                })
+                .collect();
+            let key = (app.name.clone(), region.to_string());
+            let mut since = excess_since.get(&key).copied();
+            let chosen = choose_stop(&views, rule, now, &mut since);
+            match since {
+                Some(t) => {
+                    excess_since.insert(key.clone(), t);
+                }
+                None => {
+                    excess_since.remove(&key);
+                }
+            }
+            seen.insert(key);
+            if let Some(i) = chosen {
+                let m = machines[i].clone();
+                m.live.set_in_rotation(false);
+                let (this, spec) = (self.clone(), app.spec.clone());
+                self.runtime.spawn(async move { this.autostop(&m, &spec).await });
+            }
+        }
+    }
+
+    /// Stops (or suspends) a cordoned machine, unless an exchange began on it meanwhile.
+    async fn autostop(&self, m: &Arc<Machine>, spec: &crate::model::AppSpec) {
+        tokio::time::sleep(CORDON).await;
+        let op = self.op_lock(&m.id);
+        let _op = op.lock().await;
+        if m.live.in_flight() > 0 || m.state() != MachineState::Started {
+            m.live.set_in_rotation(true);
+            return;
+        }
+        let idle_ms = m.live.idle_since_ms().map(|t| crate::clock::now_ms().saturating_sub(t));
+        let target = crate::driver::Target::of(m);
+        let suspended = if spec.auto_stop == AutoStop::Suspend {
+            self.set_state(m, MachineState::Suspending, "autostop");
+            match self.driver.suspend(&target).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not suspend; stopping instead");
+                    false
+                }
+            }
+        } else {
+            false
+        };
+        if !suspended {
+            self.set_state(m, MachineState::Stopping, "autostop");
+            if let Err(e) = self.driver.stop(&target, spec.kill_timeout).await {
+                tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not stop machine");
+            }
+        }
+        let (action, state) =
+            if suspended { ("suspend", MachineState::Suspended) } else { ("stop", MachineState::Stopped) };
+        self.set_state(m, state, "autostop");
+        m.live.set_in_rotation(true);
+        m.live.set_healthy(true);
+        self.metrics.machine_actions.with_label_values(&[action, "autostop"]).inc();
+        tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, to = state.as_str(),
+            idle_ms, "autostop");
+    }
+
+    /// Starts the check loop of every started machine of the app that has none yet.
+    fn ensure_checks(self: &Arc<Self>, app: &AppEntry) {
+        for m in app.machines.iter().filter(|m| m.state() == MachineState::Started) {
+            if let dashmap::Entry::Vacant(slot) = self.checkers.entry(m.id.clone()) {
+                let this = self.clone();
+                let id = m.id.clone();
+                let task = self.runtime.spawn(async move { this.check_loop(id).await });
+                slot.insert(task.abort_handle());
+            }
+        }
+    }
+
+    /// Checks one machine every interval while it is started and its app has checks; a
+    /// failing machine is out of routing until it passes. Ends healthy, so a later start
+    /// is judged afresh.
+    async fn check_loop(self: Arc<Self>, id: Arc<str>) {
+        let grace = self.app_of(&id).map_or(Duration::ZERO, |(_, app)| {
+            app.spec.checks.iter().map(|c| c.grace_period).max().unwrap_or_default()
+        });
+        tokio::time::sleep(grace).await;
+        while let Some((m, app)) = self.app_of(&id) {
+            if m.state() != MachineState::Started || app.spec.checks.is_empty() {
+                m.live.set_healthy(true);
+                break;
+            }
+            let host = app.spec.hostnames.first().cloned().unwrap_or_else(|| m.addr.to_string());
+            let result = checks::all_pass(&app.spec.checks, m.addr, &host).await;
+            let pass = result.is_ok();
+            let label = if pass { "pass" } else { "fail" };
+            self.metrics.checks.with_label_values(&[&app.name, label]).inc();
+            if pass != m.live.healthy() {
+                match &result {
+                    Ok(()) => tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %app.name,
+                        "checks pass again; back in routing"),
+                    Err(why) => tracing::warn!(target: "tern::lifecycle", machine = %m.id, app = %app.name,
+                        reason = %why, "check failed; out of routing until it passes"),
+                }
+                m.live.set_healthy(pass);
+            }
+            let every = app.spec.checks.iter().map(|c| c.interval).min().unwrap_or(Duration::from_secs(15));
+            drop((m, app));
+            tokio::time::sleep(every).await;
+        }
+        self.checkers.remove(&id);
+    }
+
+    fn app_of(&self, id: &str) -> Option<(Arc<Machine>, Arc<AppEntry>)> {
+        let snap = self.catalog.load();
+        let m = snap.machine(id)?.clone();
+        let app = snap.app(&m.spec.app)?.clone();
+        Some((m, app))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULE: Rule = Rule { soft_limit: 10, min_running: 0, window_ms: 60_000 };
+
+    fn idle(since: u64) -> View {
+        View { started: true, stoppable: true, load: 0, idle_since_ms: Some(since) }
+    }
+
+    fn busy(load: u32) -> View {
+        View { started: true, stoppable: true, load, idle_since_ms: None }
+    }
+
+    #[test]
+    fn a_lone_idle_machine_stops_after_the_window_and_not_before() {
+        let mut since = None;
+        assert_eq!(choose_stop(&[idle(0)], RULE, 59_999, &mut since), None);
+        assert_eq!(choose_stop(&[idle(0)], RULE, 60_000, &mut since), Some(0));
+        // A lone machine with anything in flight has no excess.
+        let mut since = None;
+        assert_eq!(choose_stop(&[busy(1)], RULE, 1_000_000, &mut since), None);
+        assert_eq!(since, None);
+    }
+
+    #[test]
+    fn never_below_min_machines_running() {
+        let rule = Rule { min_running: 2, ..RULE };
+        let mut since = None;
+        let two = [idle(0), idle(0)];
+        assert_eq!(choose_stop(&two, rule, 10_000_000, &mut since), None);
+        let three = [idle(0), idle(5), idle(0)];
+        let i = choose_stop(&three, rule, 10_000_000, &mut since).unwrap();
+        assert!(i == 0 || i == 2, "the longest idle goes first");
+    }
+
+    #[test]
+    fn an_open_stream_is_activity() {
+        // Two machines, one holding a stream (load 1) for hours: only the idle one may go.
+        let views = [busy(1), idle(0)];
+        let mut since = None;
+        assert_eq!(choose_stop(&views, RULE, 10_000_000, &mut since), Some(1));
+        let views = [busy(1), View { started: false, ..idle(0) }];
+        assert_eq!(choose_stop(&views, RULE, 10_000_000, &mut None), None, "and the last one never");
+    }
+
+    #[test]
+    fn excess_under_load_is_shed_after_it_lasts_a_window() {
+        // Three machines, none over soft: excess 2, but each is busy now and then, so none
+        // is idle for the whole window. After a window of excess, one quiet one goes.
+        let views = [busy(3), idle(150_000), busy(2)];
+        let mut since = None;
+        assert_eq!(choose_stop(&views, RULE, 100_500, &mut since), None);
+        assert_eq!(since, Some(100_500));
+        assert_eq!(choose_stop(&views, RULE, 160_499, &mut since), None);
+        assert_eq!(choose_stop(&views, RULE, 160_500, &mut since), Some(1));
+        assert_eq!(since, None, "one at a time: the clock starts over");
+        // Every machine over soft: no excess, nothing stops.
+        let hot = [busy(10), busy(12)];
+        assert_eq!(choose_stop(&hot, RULE, 1_000_000, &mut since), None);
+        assert_eq!(since, None);
+    }
+
+    #[test]
+    fn machines_this_node_does_not_run_count_but_are_not_stopped() {
+        let other = View { stoppable: false, ..idle(0) };
+        assert_eq!(choose_stop(&[other, other], RULE, 10_000_000, &mut None), None);
+        assert_eq!(choose_stop(&[other, idle(10)], RULE, 10_000_000, &mut None), Some(1));
+    }
+}
