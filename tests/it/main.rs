@@ -11,6 +11,7 @@ mod harness;
 mod catalog;
 mod errors;
 mod http;
+mod machines_api;
 mod shutdown;
 mod streams;
 mod tls;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::harness::{Ca, HttpVersion, Proxy};
 
 /// The example backend binary (`examples/bench_backend.rs`), which `cargo test` builds.
-fn backend_bin() -> PathBuf {
+pub fn backend_bin() -> PathBuf {
     let tern = PathBuf::from(crate::harness::tern_bin());
     tern.parent().unwrap().join("examples").join("bench_backend")
 }
