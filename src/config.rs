@@ -131,6 +131,126 @@ impl Default for Driver {
     }
 }
 
+/// The `machines-api` driver's settings, checked: see [`Driver::machines_api`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachinesApi {
+    /// Host name or IP address to connect to (an IPv6 address without brackets).
+    pub host: String,
+    pub port: u16,
+    /// `host[:port]` as written in `url`, for the `Host` header.
+    pub authority: String,
+    /// Any path written before `/v1/...` (a gateway's prefix), without a trailing slash.
+    pub prefix: String,
+    pub token: ApiToken,
+}
+
+/// Where the bearer token comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ApiToken {
+    /// `token = "..."` in the config file.
+    Literal(String),
+    /// `token_env = "NAME"`: read from the environment when the driver is built (`tern serve`).
+    Env(String),
+}
+
+impl std::fmt::Debug for ApiToken {
+    // A token never reaches a log line through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiToken::Literal(_) => f.write_str("Literal(<redacted>)"),
+            ApiToken::Env(name) => write!(f, "Env({name:?})"),
+        }
+    }
+}
+
+impl Driver {
+    /// The `machines-api` settings: `url` (required, `http://host[:port][/prefix]`) and exactly one
+    /// of `token` or `token_env`. Any other key is refused. The error is (field, message), as
+    /// `Config::validate` reports it.
+    pub fn machines_api(&self) -> Result<MachinesApi, (&'static str, String)> {
+        const KNOWN: [&str; 3] = ["url", "token", "token_env"];
+        if let Some(key) = self.options.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err((
+                "[driver]",
+                format!("unknown key {key:?} for the machines-api driver (known: url, token, token_env)"),
+            ));
+        }
+        let Some(url) = self.options.get("url") else {
+            return Err((
+                "[driver]",
+                "the machines-api driver needs url, the orchestrator's base URL (such as \
+                 \"http://127.0.0.1:4280\")"
+                    .into(),
+            ));
+        };
+        let url = url.as_str().ok_or(("url", "must be a URL (a string)".to_string()))?;
+        let (host, port, authority, prefix) = parse_api_url(url).map_err(|m| ("url", m))?;
+        let as_str = |key: &'static str| -> Result<&str, (&'static str, String)> {
+            self.options[key].as_str().ok_or((key, "must be a string".to_string()))
+        };
+        let token = match (self.options.contains_key("token"), self.options.contains_key("token_env")) {
+            (true, true) => return Err(("token_env", "set token or token_env, not both".into())),
+            (false, false) => {
+                return Err((
+                    "[driver]",
+                    "the machines-api driver needs token (the bearer token) or token_env (the name of \
+                     the environment variable that holds it)"
+                        .into(),
+                ));
+            }
+            (true, false) => {
+                let t = as_str("token")?;
+                if !valid_token(t) {
+                    return Err(("token", "must be non-empty printable ASCII, without line breaks".into()));
+                }
+                ApiToken::Literal(t.to_string())
+            }
+            (false, true) => {
+                let name = as_str("token_env")?;
+                if name.is_empty() || name.contains(['=', '\0']) {
+                    return Err(("token_env", format!("{name:?} is not an environment variable name")));
+                }
+                ApiToken::Env(name.to_string())
+            }
+        };
+        Ok(MachinesApi { host, port, authority, prefix, token })
+    }
+}
+
+/// A bearer token must fit in a header value: printable ASCII (spaces inside allowed).
+pub fn valid_token(t: &str) -> bool {
+    !t.trim().is_empty() && t.trim() == t && t.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// `http://host[:port][/prefix]` into (host, port, authority, prefix).
+fn parse_api_url(url: &str) -> Result<(String, u16, String, String), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "{url:?}: https is not supported yet; run a local TLS sidecar (stunnel, a proxy) \
+                 and point url at it over http"
+            ));
+        }
+        _ => return Err(format!("{url:?} must start with http://")),
+    }
+    let authority = uri.authority().ok_or_else(|| format!("{url:?} has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("{url:?}: credentials in the URL are not supported; use token"));
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Err(format!("{url:?}: a base URL takes no query or fragment"));
+    }
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    let port = authority.port_u16().unwrap_or(80);
+    let prefix = uri.path().trim_end_matches('/').to_string();
+    Ok((host.to_string(), port, authority.as_str().to_string(), prefix))
+}
+
 /// Node-wide limits. Every field has a default; see `docs/config.md`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -323,10 +443,7 @@ impl Config {
         }
         match self.driver.kind {
             DriverKind::MachinesApi => {
-                return Err((
-                    "kind",
-                    "driver \"machines-api\" is not supported by this version yet; use \"process\"".into(),
-                ));
+                self.driver.machines_api()?;
             }
             DriverKind::Process => {
                 if let Some(key) = self.driver.options.keys().find(|k| k.as_str() != "log_dir") {
@@ -443,8 +560,44 @@ kind = "process"
         let (line, msg) = Config::parse(&format!("{base}kind = \"process\"\nlog_dri = \"x\"\n")).unwrap_err();
         assert!(msg.contains("log_dri"), "{msg}");
         assert_eq!(line, 3, "{msg}");
-        let (_, msg) = Config::parse(&format!("{base}kind = \"machines-api\"\n")).unwrap_err();
-        assert!(msg.contains("not supported"), "{msg}");
+    }
+
+    #[test]
+    fn machines_api_settings_are_checked() {
+        let base = "[[listen]]\naddr = \"127.0.0.1:0\"\n[driver]\nkind = \"machines-api\"\n";
+        let ok =
+            |extra: &str| Config::parse(&format!("{base}{extra}")).unwrap().driver.machines_api().unwrap();
+        let err = |extra: &str| Config::parse(&format!("{base}{extra}")).unwrap_err();
+
+        let api = ok("url = \"http://127.0.0.1:4280\"\ntoken = \"secret\"\n");
+        assert_eq!((api.host.as_str(), api.port, api.prefix.as_str()), ("127.0.0.1", 4280, ""));
+        assert_eq!(api.authority, "127.0.0.1:4280");
+        assert_eq!(api.token, ApiToken::Literal("secret".into()));
+        assert!(!format!("{api:?}").contains("secret"), "the token stays out of Debug");
+        let api = ok("url = \"http://[::1]/flaps/\"\ntoken_env = \"FLY_API_TOKEN\"\n");
+        assert_eq!((api.host.as_str(), api.port, api.prefix.as_str()), ("::1", 80, "/flaps"));
+        assert_eq!(api.token, ApiToken::Env("FLY_API_TOKEN".into()));
+
+        // (config text after the [driver] table's kind line, what the message names, its line)
+        let cases = [
+            ("token = \"t\"\n", "needs url", 3),
+            ("url = \"http://h:1\"\n", "needs token", 3),
+            ("url = \"http://h:1\"\ntoken = \"t\"\ntokn = \"x\"\n", "tokn", 3),
+            ("url = \"https://api.machines.dev\"\ntoken = \"t\"\n", "sidecar", 5),
+            ("url = \"ftp://h\"\ntoken = \"t\"\n", "http://", 5),
+            ("url = \"not a url\"\ntoken = \"t\"\n", "not a URL", 5),
+            ("url = 4280\ntoken = \"t\"\n", "url: must be a URL", 5),
+            ("url = \"http://h:1\"\ntoken = \"\"\n", "token: must be non-empty", 6),
+            ("url = \"http://h:1\"\ntoken = \"a\\nb\"\n", "token: must be non-empty", 6),
+            ("url = \"http://h:1\"\ntoken = \"t\"\ntoken_env = \"T\"\n", "not both", 7),
+            ("url = \"http://h:1\"\ntoken_env = \"\"\n", "token_env", 6),
+            ("url = \"http://h:1\"\nlog_dir = \"x\"\ntoken = \"t\"\n", "log_dir", 3),
+        ];
+        for (extra, says, line) in cases {
+            let (at, msg) = err(extra);
+            assert!(msg.contains(says), "{extra:?}: {msg}");
+            assert_eq!(at, line, "{extra:?}: {msg}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+pub mod machines_api;
 pub mod process;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -92,7 +93,10 @@ pub fn build(
             Ok(Arc::new(process::ProcessDriver::new(dir, events)))
         }
         crate::config::DriverKind::MachinesApi => {
-            Err("driver kind \"machines-api\" is not supported yet; use \"process\"".into())
+            // Nothing is watched, so no events: `events` is dropped and its receiver ends.
+            // `Config::parse` checked the settings already; this only fails for a hand-built config.
+            let settings = config.driver.machines_api().map_err(|(field, msg)| format!("{field}: {msg}"))?;
+            Ok(Arc::new(machines_api::MachinesApiDriver::new(&settings)?))
         }
     }
 }

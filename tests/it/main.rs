@@ -12,6 +12,7 @@ mod catalog;
 mod errors;
 mod http;
 mod lifecycle;
+mod machines_api;
 mod shutdown;
 mod streams;
 mod tls;
