@@ -280,6 +280,7 @@ async fn a_websocket_upgrade_is_held_across_a_wake() {
     ws.send(Message::text("after the wake")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("after the wake"));
     ws.close(None).await.unwrap();
+    drop(ws);
     assert_eq!(metric_now(&proxy, "tern_wakes_total{result=\"ok\"}").await, 1.0);
     proxy.shutdown().await.unwrap().unwrap();
 }
