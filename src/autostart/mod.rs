@@ -327,7 +327,7 @@ impl Lifecycle {
                 self.set_state(m, MachineState::Started, reason);
                 self.metrics.wakes.with_label_values(&["ok"]).inc();
                 tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, from = from.as_str(),
-                    ms = started.elapsed().as_secs_f64() * 1000.0, "machine woke");
+                    ms = started.elapsed().as_millis() as u64, "machine woke");
             }
             Err(failure) => {
                 self.metrics.wakes.with_label_values(&["failed"]).inc();
