@@ -344,4 +344,95 @@ mod tests {
         assert_eq!(choose_stop(&[other, other], RULE, 10_000_000, &mut None), None);
         assert_eq!(choose_stop(&[other, idle(10)], RULE, 10_000_000, &mut None), Some(1));
     }
+
+    /// A mock driver (no processes in a unit test): records what it is asked to do.
+    #[derive(Default)]
+    struct MockDriver {
+        calls: parking_lot::Mutex<Vec<String>>,
+        running: dashmap::DashSet<Arc<str>>,
+    }
+
+    impl crate::driver::Driver for MockDriver {
+        fn manages(&self, _: &crate::model::MachineSpec) -> bool {
+            true
+        }
+        fn start<'a>(
+            &'a self,
+            m: &'a crate::driver::Target,
+        ) -> crate::driver::BoxFuture<'a, Result<(), crate::driver::DriverError>> {
+            self.calls.lock().push(format!("start {}", m.id));
+            self.running.insert(m.id.clone());
+            Box::pin(async { Ok(()) })
+        }
+        fn stop<'a>(
+            &'a self,
+            m: &'a crate::driver::Target,
+            _: Duration,
+        ) -> crate::driver::BoxFuture<'a, Result<(), crate::driver::DriverError>> {
+            self.calls.lock().push(format!("stop {}", m.id));
+            self.running.remove(&m.id);
+            Box::pin(async { Ok(()) })
+        }
+        fn suspend<'a>(
+            &'a self,
+            m: &'a crate::driver::Target,
+        ) -> crate::driver::BoxFuture<'a, Result<(), crate::driver::DriverError>> {
+            self.calls.lock().push(format!("suspend {}", m.id));
+            Box::pin(async { Ok(()) })
+        }
+        fn running(&self, id: &str) -> bool {
+            self.running.contains(id)
+        }
+    }
+
+    /// The supervisor on tokio's paused clock: only time matters here, so a test of minutes
+    /// runs in milliseconds and cannot be flaky.
+    #[tokio::test(start_paused = true)]
+    async fn autostop_waits_out_the_window_and_any_open_exchange() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rib = crate::rib::sqlite::SqliteRib::open(&dir.path().join("rib.db"), Duration::from_millis(10))
+            .expect("rib");
+        let catalog = Arc::new(crate::catalog::Catalog::new());
+        let mut snap = crate::catalog::Snapshot::default();
+        let app: crate::model::AppSpec = toml::from_str(
+            "name = \"a\"\nhostnames = [\"a.test\"]\nauto_stop = \"stop\"\nauto_stop_after = \"60s\"",
+        )
+        .expect("app");
+        snap.apply(crate::catalog::Event::App(app));
+        snap.apply(crate::catalog::Event::Machine(crate::model::MachineSpec {
+            id: "m1".into(),
+            app: "a".into(),
+            region: String::new(),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            state: MachineState::Started,
+            cmd: Some(vec!["app".into()]),
+        }));
+        catalog.publish(snap);
+        let driver = Arc::new(MockDriver::default());
+        driver.running.insert(Arc::from("m1"));
+        let lifecycle = Lifecycle::new(
+            driver.clone(),
+            Arc::new(rib),
+            catalog.clone(),
+            Arc::from("node"),
+            Arc::from(""),
+            Arc::new(crate::telemetry::Metrics::new()),
+        );
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(lifecycle.clone().supervise(shutdown));
+        let m = catalog.load().machine("m1").expect("m1").clone();
+
+        // A stream open for ten minutes: the machine is busy all along.
+        let stream = m.live.begin();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(driver.calls.lock().is_empty(), "nothing stops a machine with an open stream");
+        drop(stream);
+        // The window starts when the stream ends.
+        tokio::time::sleep(Duration::from_secs(58)).await;
+        assert!(driver.calls.lock().is_empty(), "not before the idle window");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(*driver.calls.lock(), ["stop m1"]);
+        assert_eq!(m.state(), MachineState::Stopped);
+        assert!(m.live.in_rotation(), "back in rotation, ready for the next wake");
+    }
 }
