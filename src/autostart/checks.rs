@@ -42,6 +42,11 @@ async fn attempt(check: &Check, addr: SocketAddr, host: &str) -> Result<(), Stri
     if status.is_success() { Ok(()) } else { Err(format!("answered {status}")) }
 }
 
+/// The `Host` a check sends: the app's first exact hostname, else the machine's address.
+pub fn host_for(spec: &crate::model::AppSpec, addr: SocketAddr) -> String {
+    spec.hostnames.iter().find(|h| !h.starts_with('*')).cloned().unwrap_or_else(|| addr.to_string())
+}
+
 /// Whether every check of the app passes now, and the first failure if not.
 pub async fn all_pass(checks: &[Check], addr: SocketAddr, host: &str) -> Result<(), String> {
     for check in checks {

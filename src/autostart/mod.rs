@@ -159,9 +159,10 @@ impl Lifecycle {
         let mut tried: Vec<Arc<str>> = Vec::new();
         let mut last_failure: Option<Arc<str>> = None;
         loop {
-            // Registered before looking, so an exchange ending in between is not missed.
-            let queued: Vec<Queued> =
-                app.machines.iter().filter(|m| m.routable()).map(|m| m.live.queue()).collect();
+            // Registered before looking, on every machine of the app, so neither an exchange
+            // ending nor a machine turning routable (a spare woken, checks passing) in between
+            // is missed.
+            let queued: Vec<Queued> = app.machines.iter().map(|m| m.live.queue()).collect();
             let mut notified: Vec<_> = queued.iter().map(|q| Box::pin(q.notified())).collect();
             for n in &mut notified {
                 n.as_mut().enable();
@@ -174,7 +175,7 @@ impl Lifecycle {
                 }
                 return Ok(pick);
             }
-            if !queued.is_empty() {
+            if app.machines.iter().any(|m| m.routable()) {
                 // Every routable machine is at its hard limit: queue for room.
                 if may_wake {
                     self.wake_spare(app);
@@ -193,6 +194,7 @@ impl Lifecycle {
                 continue;
             }
             drop(notified);
+            drop(queued);
             if !may_wake {
                 return Err(WakeError::NothingToWake);
             }
@@ -224,12 +226,10 @@ impl Lifecycle {
     /// Every routable machine of the app is over its soft limit: wake one more if there is
     /// one to wake and none is waking yet. The caller does not wait for it.
     pub fn wake_spare(self: &Arc<Self>, app: &AppEntry) {
-        if !self.can_wake(app) {
+        if app.machines.iter().any(|m| self.wakes.contains_key(&m.id)) || !self.can_wake(app) {
             return;
         }
-        if let Some(m) = self.candidate(app, &[])
-            && m.state() != MachineState::Starting
-        {
+        if let Some(m) = self.candidate(app, &[]) {
             tracing::info!(target: "tern::lifecycle", app = %app.name, machine = %m.id,
                 "every started machine is over its soft limit; waking another");
             drop(self.wake_machine_for(&m, app, "capacity"));
@@ -256,7 +256,7 @@ impl Lifecycle {
                 return None;
             }
             let order = match m.state() {
-                MachineState::Starting if self.wakes.contains_key(&m.id) => 0,
+                _ if self.wakes.contains_key(&m.id) => 0,
                 MachineState::Suspended => 1,
                 MachineState::Stopped => 2,
                 // Being stopped: its wake starts it once the stop is done.
@@ -317,13 +317,28 @@ impl Lifecycle {
         self.set_state(m, MachineState::Starting, reason);
         let action = if from == MachineState::Suspended { "resume" } else { "start" };
         self.metrics.machine_actions.with_label_values(&[action, reason]).inc();
-        let result = match self.driver.start(&target).await {
-            Ok(()) => self.until_ready(m, spec, started + spec.wake_timeout).await,
-            Err(e) => Err(Failure::Other(Arc::from(e.to_string()))),
+        let deadline = started + spec.wake_timeout;
+        let result = match tokio::time::timeout_at(deadline, self.driver.start(&target)).await {
+            Ok(Ok(())) => self.until_ready(m, spec, deadline).await,
+            Ok(Err(e)) => Err(Failure::Other(Arc::from(e.to_string()))),
+            Err(_) => Err(Failure::NotReady),
         };
+        // A machine declared started that does not get ready in time (its checks fail, say)
+        // keeps running: a check never stops a machine, and restarting tern must not stop
+        // machines it adopts. Its checks decide when it takes traffic.
+        if reason == "declared" && matches!(result, Err(Failure::NotReady)) {
+            m.live.set_healthy(spec.checks.is_empty());
+            self.set_state(m, MachineState::Started, reason);
+            tracing::warn!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app,
+                "declared started but not ready within wake_timeout; left running, routed once its checks pass");
+            return Ok(());
+        }
         match &result {
             Ok(()) => {
                 m.live.touch();
+                // Judged afresh: a failing check or a cordon from before the stop is stale.
+                m.live.set_healthy(true);
+                m.live.set_in_rotation(true);
                 self.set_state(m, MachineState::Started, reason);
                 self.metrics.wakes.with_label_values(&["ok"]).inc();
                 tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, from = from.as_str(),
@@ -349,7 +364,7 @@ impl Lifecycle {
     async fn until_ready(&self, m: &Machine, spec: &AppSpec, deadline: Instant) -> Result<(), Failure> {
         let mut gap = Duration::from_micros(250);
         let http_check = spec.checks.iter().find(|c| c.kind == crate::model::CheckType::Http);
-        let host = spec.hostnames.first().cloned().unwrap_or_else(|| m.addr.to_string());
+        let host = checks::host_for(spec, m.addr);
         loop {
             let attempt =
                 tokio::time::timeout(Duration::from_millis(100), tokio::net::TcpStream::connect(m.addr));

@@ -41,6 +41,9 @@ const TICK: Duration = Duration::from_secs(1);
 /// How long a cordoned machine waits for requests that chose it just before.
 const CORDON: Duration = Duration::from_millis(50);
 
+/// How long an excess machine shed under load may take to finish its exchanges.
+const DRAIN: Duration = Duration::from_secs(10);
+
 /// What the autostop decision needs to know about one machine.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct View {
@@ -60,14 +63,15 @@ pub(crate) struct Rule {
     pub window_ms: u64,
 }
 
-/// Which machine of one app's region to stop now, if any. `excess_since` is when the region
-/// last began to have excess capacity; it is kept across passes and reset by this function.
+/// Which machine of one app's region to stop now, if any, and whether it must first drain
+/// (it may have exchanges in flight). `excess_since` is when the region last began to have
+/// excess capacity; it is kept across passes and reset by this function.
 pub(crate) fn choose_stop(
     views: &[View],
     rule: Rule,
     now_ms: u64,
     excess_since: &mut Option<u64>,
-) -> Option<usize> {
+) -> Option<(usize, bool)> {
     let started: Vec<(usize, &View)> = views.iter().enumerate().filter(|(_, v)| v.started).collect();
     let n = started.len();
     let excess = match started.as_slice() {
@@ -89,12 +93,21 @@ pub(crate) fn choose_stop(
     };
     let idle_for_window =
         |v: &View| quiet(v) && v.idle_since_ms.is_some_and(|t| now_ms.saturating_sub(t) >= rule.window_ms);
-    let chosen = longest_idle(&idle_for_window)
-        .or_else(|| (now_ms.saturating_sub(since) >= rule.window_ms).then(|| longest_idle(&quiet)).flatten());
-    if chosen.is_some() {
+    if let Some((i, _)) = longest_idle(&idle_for_window) {
         *excess_since = None;
+        return Some((*i, false));
     }
-    chosen.map(|(i, _)| *i)
+    // Excess that lasted a window while traffic touched every machine: shed the least loaded
+    // (never a lone machine: it goes only when idle for the window).
+    if n > 1 && now_ms.saturating_sub(since) >= rule.window_ms {
+        let least =
+            started.iter().filter(|(_, v)| v.stoppable).min_by_key(|(_, v)| (v.load, v.idle_since_ms));
+        if let Some((i, _)) = least {
+            *excess_since = None;
+            return Some((*i, true));
+        }
+    }
+    None
 }
 
 impl Lifecycle {
@@ -173,18 +186,35 @@ impl Lifecycle {
                 }
             }
             seen.insert(key);
-            if let Some(i) = chosen {
+            if let Some((i, drain)) = chosen {
                 let m = machines[i].clone();
                 m.live.set_in_rotation(false);
                 let (this, spec) = (self.clone(), app.spec.clone());
-                self.runtime.spawn(async move { this.autostop(&m, &spec).await });
+                self.runtime.spawn(async move { this.autostop(&m, &spec, drain).await });
             }
         }
     }
 
-    /// Stops (or suspends) a cordoned machine, unless an exchange began on it meanwhile.
-    async fn autostop(&self, m: &Arc<Machine>, spec: &crate::model::AppSpec) {
+    /// Stops (or suspends) a cordoned machine once nothing is in flight on it. An idle
+    /// machine that took an exchange meanwhile, or an excess one still busy after `DRAIN`
+    /// (an open stream, say), goes back into rotation instead.
+    async fn autostop(&self, m: &Arc<Machine>, spec: &crate::model::AppSpec, drain: bool) {
         tokio::time::sleep(CORDON).await;
+        if drain {
+            let drained = tokio::time::timeout(DRAIN, async {
+                loop {
+                    let queued = m.live.queue();
+                    let ended = queued.notified();
+                    tokio::pin!(ended);
+                    ended.as_mut().enable();
+                    if m.live.in_flight() == 0 {
+                        return;
+                    }
+                    ended.await;
+                }
+            });
+            let _ = drained.await;
+        }
         let op = self.op_lock(&m.id);
         let _op = op.lock().await;
         if m.live.in_flight() > 0 || m.state() != MachineState::Started {
@@ -246,8 +276,13 @@ impl Lifecycle {
                 m.live.set_healthy(true);
                 break;
             }
-            let host = app.spec.hostnames.first().cloned().unwrap_or_else(|| m.addr.to_string());
+            let host = checks::host_for(&app.spec, m.addr);
+            let version = m.live.state_version();
             let result = checks::all_pass(&app.spec.checks, m.addr, &host).await;
+            if m.live.state_version() != version {
+                // Stopped or restarted while probing: the answer is about another life.
+                continue;
+            }
             let pass = result.is_ok();
             let label = if pass { "pass" } else { "fail" };
             self.metrics.checks.with_label_values(&[&app.name, label]).inc();
@@ -293,11 +328,22 @@ mod tests {
     fn a_lone_idle_machine_stops_after_the_window_and_not_before() {
         let mut since = None;
         assert_eq!(choose_stop(&[idle(0)], RULE, 59_999, &mut since), None);
-        assert_eq!(choose_stop(&[idle(0)], RULE, 60_000, &mut since), Some(0));
+        assert_eq!(choose_stop(&[idle(0)], RULE, 60_000, &mut since), Some((0, false)));
         // A lone machine with anything in flight has no excess.
         let mut since = None;
         assert_eq!(choose_stop(&[busy(1)], RULE, 1_000_000, &mut since), None);
         assert_eq!(since, None);
+    }
+
+    #[test]
+    fn a_lone_machine_with_regular_traffic_is_never_shed() {
+        // A request every 30 s against a 60 s window: passes between requests see load 0,
+        // but the machine is never idle for a whole window.
+        let mut since = None;
+        for t in (0..600_000u64).step_by(1_000) {
+            let v = if t % 30_000 == 0 { busy(1) } else { idle(t - t % 30_000) };
+            assert_eq!(choose_stop(&[v], RULE, t, &mut since), None, "at {t} ms");
+        }
     }
 
     #[test]
@@ -307,7 +353,7 @@ mod tests {
         let two = [idle(0), idle(0)];
         assert_eq!(choose_stop(&two, rule, 10_000_000, &mut since), None);
         let three = [idle(0), idle(5), idle(0)];
-        let i = choose_stop(&three, rule, 10_000_000, &mut since).unwrap();
+        let (i, _) = choose_stop(&three, rule, 10_000_000, &mut since).unwrap();
         assert!(i == 0 || i == 2, "the longest idle goes first");
     }
 
@@ -316,7 +362,7 @@ mod tests {
         // Two machines, one holding a stream (load 1) for hours: only the idle one may go.
         let views = [busy(1), idle(0)];
         let mut since = None;
-        assert_eq!(choose_stop(&views, RULE, 10_000_000, &mut since), Some(1));
+        assert_eq!(choose_stop(&views, RULE, 10_000_000, &mut since), Some((1, false)));
         let views = [busy(1), View { started: false, ..idle(0) }];
         assert_eq!(choose_stop(&views, RULE, 10_000_000, &mut None), None, "and the last one never");
     }
@@ -330,7 +376,15 @@ mod tests {
         assert_eq!(choose_stop(&views, RULE, 100_500, &mut since), None);
         assert_eq!(since, Some(100_500));
         assert_eq!(choose_stop(&views, RULE, 160_499, &mut since), None);
-        assert_eq!(choose_stop(&views, RULE, 160_500, &mut since), Some(1));
+        assert_eq!(
+            choose_stop(&views, RULE, 160_500, &mut since),
+            Some((1, true)),
+            "the least loaded, drained"
+        );
+        // Steady load on every machine: still the least loaded one goes, after draining.
+        let views = [busy(3), busy(1), busy(2)];
+        let mut since = Some(0);
+        assert_eq!(choose_stop(&views, RULE, 60_000, &mut since), Some((1, true)));
         assert_eq!(since, None, "one at a time: the clock starts over");
         // Every machine over soft: no excess, nothing stops.
         let hot = [busy(10), busy(12)];
@@ -342,7 +396,7 @@ mod tests {
     fn machines_this_node_does_not_run_count_but_are_not_stopped() {
         let other = View { stoppable: false, ..idle(0) };
         assert_eq!(choose_stop(&[other, other], RULE, 10_000_000, &mut None), None);
-        assert_eq!(choose_stop(&[other, idle(10)], RULE, 10_000_000, &mut None), Some(1));
+        assert_eq!(choose_stop(&[other, idle(10)], RULE, 10_000_000, &mut None), Some((1, false)));
     }
 
     /// A mock driver (no processes in a unit test): records what it is asked to do.

@@ -145,16 +145,16 @@ impl MachineLive {
     }
 
     pub fn set_healthy(&self, healthy: bool) {
-        self.healthy.store(healthy, Ordering::Relaxed);
+        self.healthy.store(healthy, Ordering::SeqCst);
         self.wake_queued();
     }
 
     pub fn in_rotation(&self) -> bool {
-        self.in_rotation.load(Ordering::Relaxed)
+        self.in_rotation.load(Ordering::SeqCst)
     }
 
     pub fn set_in_rotation(&self, yes: bool) {
-        self.in_rotation.store(yes, Ordering::Relaxed);
+        self.in_rotation.store(yes, Ordering::SeqCst);
         self.wake_queued();
     }
 
@@ -189,14 +189,14 @@ pub struct InFlight(Arc<MachineLive>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // The idle window starts now, before the count says idle: the supervisor must never
+        // see "nothing in flight" next to a stale idle_since.
+        self.0.touch();
         // SeqCst pairs with `queue`: either the queued request sees the room, or this sees
         // the request queued and wakes it.
         let before = self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
         // Every decrement pairs with the increment in `begin`; a wrap means a double drop.
         debug_assert!(before > 0, "in-flight counter underflow");
-        if before == 1 {
-            self.0.touch();
-        }
         self.0.wake_queued();
     }
 }

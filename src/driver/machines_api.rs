@@ -19,7 +19,8 @@
 //!   (how a machine runs is the orchestrator's business: its image and config).
 //! - **The token** is `token` in the config, or `token_env`, the name of an environment
 //!   variable read once when the driver is built (exactly one of the two). It is sent as
-//!   `Bearer <token>` and never logged.
+//!   `Bearer <token>` (a token that already names its scheme, Fly's `FlyV1 …`, goes as it is)
+//!   and never logged.
 //! - **`running(id)`** cannot look at processes. It answers from a set of the machines whose
 //!   start this driver saw the orchestrator accept and that it has not stopped since (suspended
 //!   ones stay in it). So, as with the `process` driver, shutdown stops what this tern woke or
@@ -91,7 +92,10 @@ impl MachinesApiDriver {
         if !crate::config::valid_token(token) {
             return Err("[driver] the token must be non-empty printable ASCII, without line breaks".into());
         }
-        let mut auth = HeaderValue::from_str(&format!("Bearer {token}"))
+        // Fly's scoped tokens (`fly tokens create`) carry their own scheme, `FlyV1 …`, and
+        // go out as they are; anything else is a bearer token.
+        let value = if token.starts_with("FlyV1 ") { token.to_string() } else { format!("Bearer {token}") };
+        let mut auth = HeaderValue::from_str(&value)
             .map_err(|_| "[driver] the token does not fit in an HTTP header".to_string())?;
         auth.set_sensitive(true);
         let authority = HeaderValue::from_str(&settings.authority)

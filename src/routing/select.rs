@@ -30,6 +30,12 @@ pub fn acquire(machines: &[Arc<Machine>], exclude: &[&str], limits: &Concurrency
         let m = least_loaded(machines, exclude, hard)?;
         let load = m.live.in_flight();
         if let Some(guard) = m.live.try_begin(hard) {
+            // Counted first, then checked again: a machine cordoned for a stop in between
+            // either sees this exchange (and stays) or is seen here as out of rotation.
+            if !m.routable() {
+                drop(guard);
+                continue;
+            }
             return Some(Pick { machine: m.clone(), guard, over_soft: load >= limits.soft_limit });
         }
     }
