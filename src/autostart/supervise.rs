@@ -254,12 +254,16 @@ impl Lifecycle {
     /// Starts the check loop of every started machine of the app that has none yet.
     fn ensure_checks(self: &Arc<Self>, app: &AppEntry) {
         for m in app.machines.iter().filter(|m| m.state() == MachineState::Started) {
-            if let dashmap::Entry::Vacant(slot) = self.checkers.entry(m.id.clone()) {
-                let this = self.clone();
-                let id = m.id.clone();
-                let task = self.runtime.spawn(async move { this.check_loop(id).await });
-                slot.insert(task.abort_handle());
+            // A loop that ended (its machine stopped) may not have removed its entry yet, or
+            // may have ended before the entry was written: a finished one is replaced.
+            let entry = self.checkers.entry(m.id.clone());
+            if matches!(&entry, dashmap::Entry::Occupied(e) if !e.get().is_finished()) {
+                continue;
             }
+            let this = self.clone();
+            let id = m.id.clone();
+            let task = self.runtime.spawn(async move { this.check_loop(id).await });
+            entry.insert(task.abort_handle());
         }
     }
 
@@ -299,7 +303,10 @@ impl Lifecycle {
             drop((m, app));
             tokio::time::sleep(every).await;
         }
-        self.checkers.remove(&id);
+        // Only this loop's own entry: a newer loop for the machine may have replaced it.
+        if let Some(me) = tokio::task::try_id() {
+            self.checkers.remove_if(&id, |_, h| h.id() == me);
+        }
     }
 
     fn app_of(&self, id: &str) -> Option<(Arc<Machine>, Arc<AppEntry>)> {

@@ -99,49 +99,29 @@ impl MachineLive {
 
     /// Takes `state` if `version` is newer than the one held; returns whether it did.
     pub fn observe(&self, state: MachineState, version: u64) -> bool {
-        let mut current = self.state.load(Ordering::Acquire);
-        loop {
-            if unpack(current).1 >= version {
-                return false;
-            }
-            match self.state.compare_exchange_weak(
-                current,
-                pack(state, version),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    self.wake_queued();
-                    return true;
-                }
-                Err(now) => current = now,
-            }
+        let newer = |current| (unpack(current).1 < version).then_some(pack(state, version));
+        let taken = self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, newer).is_ok();
+        if taken {
+            self.wake_queued();
         }
+        taken
     }
 
     /// Moves to `state` with the next version, whatever the current one; returns that
     /// version. For the one writer that owns the machine's lifecycle on this node.
     pub fn transition(&self, state: MachineState) -> u64 {
-        let mut current = self.state.load(Ordering::Acquire);
-        loop {
-            let version = unpack(current).1 + 1;
-            match self.state.compare_exchange_weak(
-                current,
-                pack(state, version),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    self.wake_queued();
-                    return version;
-                }
-                Err(now) => current = now,
-            }
-        }
+        let next = |current| Some(pack(state, unpack(current).1 + 1));
+        // The closure always answers Some, so the update always succeeds.
+        let previous =
+            self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, next).unwrap_or_else(|v| v);
+        self.wake_queued();
+        unpack(previous).1 + 1
     }
 
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        // SeqCst, like `in_rotation`, pairs with `queue`: a request queued for room either
+        // sees the machine routable or is woken by the change that made it so.
+        self.healthy.load(Ordering::SeqCst)
     }
 
     pub fn set_healthy(&self, healthy: bool) {
