@@ -77,6 +77,10 @@ fn decode_app(key: &str, body: &str) -> Result<AppSpec, String> {
         return Err(format!("body names app {:?}", spec.name));
     }
     names::check_app_name(&spec.name)?;
+    spec.concurrency.check().map_err(|e| format!("concurrency: {e}"))?;
+    for c in &spec.checks {
+        c.check().map_err(|e| format!("checks: {e}"))?;
+    }
     for h in &mut spec.hostnames {
         *h = names::normalize_hostname(h)?;
     }

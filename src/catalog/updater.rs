@@ -174,6 +174,13 @@ mod tests {
             change(Table::Apps, "good", Some(r#"{"name":"good","hostnames":["good.test"]}"#)),
             change(Table::Apps, "bad", Some("{not json")),
             change(Table::Apps, "liar", Some(r#"{"name":"other"}"#)),
+            // Parses, but would probe its machines in a tight loop.
+            change(Table::Apps, "spin", Some(r#"{"name":"spin","checks":[{"type":"tcp","interval":"0s"}]}"#)),
+            change(
+                Table::Apps,
+                "upside",
+                Some(r#"{"name":"upside","concurrency":{"soft_limit":5,"hard_limit":2}}"#),
+            ),
             change(
                 Table::Machines,
                 "m",
@@ -184,7 +191,7 @@ mod tests {
         assert!(next.route("good.test").is_some());
         assert_eq!(next.app_count(), 1);
         assert_eq!(next.machine_count(), 0);
-        assert_eq!(metrics.rib_rows_skipped.with_label_values(&["apps"]).get(), 2);
+        assert_eq!(metrics.rib_rows_skipped.with_label_values(&["apps"]).get(), 4);
         assert_eq!(metrics.rib_rows_skipped.with_label_values(&["machines"]).get(), 1);
     }
 

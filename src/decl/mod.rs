@@ -138,15 +138,10 @@ fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
         if app.internal_port == 0 {
             return Err(at(&p("internal_port"), "must be a port number from 1 to 65535"));
         }
-        check_concurrency(&app).map_err(|m| at(&p("concurrency"), m))?;
+        app.concurrency.check().map_err(|m| at(&p("concurrency"), m))?;
         for (j, c) in app.checks.iter().enumerate() {
             let cp = [Seg::Key("apps"), Seg::Index(i), Seg::Key("checks"), Seg::Index(j)];
-            if c.kind == model::CheckType::Http && !c.path.as_deref().is_some_and(|p| p.starts_with('/')) {
-                return Err(at(&cp, "an http check needs a path starting with '/'"));
-            }
-            if c.interval.is_zero() || c.timeout.is_zero() {
-                return Err(at(&cp, "interval and timeout must be above zero"));
-            }
+            c.check().map_err(|m| at(&cp, m))?;
         }
         decl.apps.push(app);
     }
@@ -180,19 +175,6 @@ fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
         }
     }
     Ok(decl)
-}
-
-fn check_concurrency(app: &AppSpec) -> Result<(), String> {
-    let c = &app.concurrency;
-    if c.soft_limit == 0 {
-        return Err("soft_limit must be at least 1".into());
-    }
-    if let Some(hard) = c.hard_limit {
-        if hard < c.soft_limit {
-            return Err(format!("hard_limit ({hard}) is below soft_limit ({})", c.soft_limit));
-        }
-    }
-    Ok(())
 }
 
 fn load_cert(c: RawCert, i: usize, base: &Path) -> Result<CertSpec, Invalid> {

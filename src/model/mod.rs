@@ -98,6 +98,21 @@ pub struct Concurrency {
     pub hard_limit: Option<u32>,
 }
 
+impl Concurrency {
+    /// The rules `tern apply` and the catalog's RIB reader both hold a row to.
+    pub fn check(&self) -> Result<(), String> {
+        if self.soft_limit == 0 {
+            return Err("soft_limit must be at least 1".into());
+        }
+        match self.hard_limit {
+            Some(hard) if hard < self.soft_limit => {
+                Err(format!("hard_limit ({hard}) is below soft_limit ({})", self.soft_limit))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Default for Concurrency {
     fn default() -> Self {
         Concurrency { kind: ConcurrencyType::Requests, soft_limit: default_soft_limit(), hard_limit: None }
@@ -133,6 +148,20 @@ pub struct Check {
     pub timeout: Duration,
     #[serde(default, deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub grace_period: Duration,
+}
+
+impl Check {
+    /// The rules `tern apply` and the catalog's RIB reader both hold a check to (a zero
+    /// interval would probe a machine in a tight loop).
+    pub fn check(&self) -> Result<(), String> {
+        if self.kind == CheckType::Http && !self.path.as_deref().is_some_and(|p| p.starts_with('/')) {
+            return Err("an http check needs a path starting with '/'".into());
+        }
+        if self.interval.is_zero() || self.timeout.is_zero() {
+            return Err("interval and timeout must be above zero".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
