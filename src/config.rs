@@ -277,6 +277,9 @@ pub struct Limits {
     pub upstream_idle_timeout: Duration,
     /// Most idle pooled connections kept per machine.
     pub upstream_max_idle: usize,
+    /// Most connections each worker opens to one machine at once; a burst beyond that
+    /// waits for one of them, or for a pooled connection to come back.
+    pub upstream_max_connecting: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
@@ -293,6 +296,7 @@ impl Default for Limits {
             keepalive_timeout: Duration::from_secs(75),
             upstream_idle_timeout: Duration::from_secs(60),
             upstream_max_idle: 256,
+            upstream_max_connecting: 8,
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -459,6 +463,9 @@ impl Config {
         }
         if self.limits.max_connections == 0 {
             return Err(("max_connections", "must be at least 1".into()));
+        }
+        if self.limits.upstream_max_connecting == 0 {
+            return Err(("upstream_max_connecting", "must be at least 1".into()));
         }
         if self.limits.max_header_bytes < 1024 {
             return Err(("max_header_bytes", "must be at least 1024".into()));

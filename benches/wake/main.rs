@@ -37,6 +37,7 @@
 //! - `WAKE_BACKLOG` (default 1024, what tokio's `TcpListener::bind` uses): the machine's
 //!   `listen(2)` backlog.
 //! - `WAKE_WORKERS` (default 0: one per CPU): tern's `workers`.
+//! - `WAKE_MAX_CONNECTING` (default: tern's own, 8): tern's `[limits] upstream_max_connecting`.
 //! - `WAKE_DUMP=FILE`: also write every request's figures, per round, as CSV.
 //! - `WAKE_DIRECT` = `herd` | `fifo` | `reuse:K`: no tern; reference points for what any
 //!   proxy pays on this machine to release held requests, three ways (see `direct.rs`).
@@ -71,6 +72,7 @@ struct Settings {
     delay_ms: Option<u64>,
     backlog: u32,
     workers: usize,
+    max_connecting: Option<usize>,
     accept_after_ms: u64,
     direct: Option<direct::Mode>,
 }
@@ -96,6 +98,10 @@ impl Settings {
             delay_ms: (delay > 0).then_some(delay),
             backlog: env_or("WAKE_BACKLOG", 1024)?,
             workers: env_or("WAKE_WORKERS", 0)?,
+            max_connecting: match std::env::var("WAKE_MAX_CONNECTING") {
+                Ok(v) => Some(v.trim().parse().context("WAKE_MAX_CONNECTING")?),
+                Err(_) => None,
+            },
             accept_after_ms: env_or("WAKE_ACCEPT_AFTER_MS", 0)?,
             direct: match std::env::var("WAKE_DIRECT") {
                 Ok(m) => Some(m.parse()?),
@@ -241,7 +247,7 @@ async fn one_round(n: usize, s: &Settings, tern: &Path, me: &Path) -> anyhow::Re
     let port = free_port()?;
     let config = dir.path().join("tern.toml");
     let decl = dir.path().join("decl.toml");
-    std::fs::write(&config, node_config(dir.path(), s.workers))?;
+    std::fs::write(&config, node_config(dir.path(), s.workers, s.max_connecting))?;
     std::fs::write(&decl, declaration(port, n, &backend_cmd(me, port, n, s)))?;
     let applied = Command::new(tern).arg("apply").arg("-c").arg(&config).arg(&decl).output().await?;
     if !applied.status.success() {
@@ -425,12 +431,14 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn node_config(dir: &Path, workers: usize) -> String {
+fn node_config(dir: &Path, workers: usize, max_connecting: Option<usize>) -> String {
+    let limits =
+        max_connecting.map_or(String::new(), |n| format!("\n[limits]\nupstream_max_connecting = {n}\n"));
     format!(
         "region = \"bench\"\nworkers = {workers}\n\n[[listen]]\naddr = \"127.0.0.1:0\"\n\n\
          [admin]\naddr = \"127.0.0.1:0\"\n\n[rib]\npath = \"{}\"\n\n\
          [driver]\nkind = \"process\"\nlog_dir = \"{}\"\n\n\
-         [log]\nformat = \"json\"\nlevel = \"info\"\naccess = false\n",
+         [log]\nformat = \"json\"\nlevel = \"info\"\naccess = false\n{limits}",
         dir.join("tern.db").display(),
         dir.join("machine-logs").display(),
     )

@@ -103,6 +103,7 @@ async fn run(deps: Deps, mut jobs: mpsc::UnboundedReceiver<Job>, open: Arc<Atomi
             connect_timeout: deps.limits.connect_timeout,
             idle_timeout: deps.limits.upstream_idle_timeout,
             max_idle_per_host: deps.limits.upstream_max_idle,
+            max_connecting: deps.limits.upstream_max_connecting,
         },
         deps.metrics.clone(),
     );

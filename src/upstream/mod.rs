@@ -6,10 +6,19 @@
 //! body) is still in hand and can go to another machine. A pooled connection that turns
 //! out to be dead before the request was written hands the request back too.
 //!
+//! New connections to one machine are opened at most `max_connecting` at a time per worker,
+//! and one at a time for h2c. A burst, such as every request held for a machine that just
+//! woke, takes whatever pooled connection comes back or slot frees first, all within
+//! `connect_timeout`; for h2c, every held request shares the one connection the first of
+//! them opens, instead of each opening its own. This caps how many connects are in
+//! progress, never how many connections are open: a long stream holds its connection, not
+//! a slot.
+//!
 //! It sends what routing decided; it knows nothing of apps or hostnames.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +29,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::telemetry::Metrics;
@@ -39,6 +49,9 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_host: usize,
+    /// Most connections being opened to one machine at once; more requests wait for one
+    /// of those, or for a pooled connection to come back, whichever is first.
+    pub max_connecting: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,6 +69,11 @@ struct IdleConn {
 struct HostPool {
     idle: Mutex<Vec<IdleConn>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
+    /// Connects in progress to this machine.
+    connecting: AtomicUsize,
+    /// A connection came back to `idle`, or a connect finished (a slot is free; for h2c,
+    /// the shared connection may be up).
+    available: Notify,
 }
 
 /// Connections to every machine, keyed by address and protocol.
@@ -98,23 +116,43 @@ impl Pool {
         Arc::new(Pool { hosts: DashMap::new(), config, metrics })
     }
 
-    /// A connection to `addr`: an idle pooled one if there is one, else a new one.
+    /// A connection to `addr`: an idle pooled one if there is one, else a new one once fewer
+    /// than `max_connecting` are being opened; within `connect_timeout` in all.
     pub async fn checkout(self: &Arc<Self>, addr: SocketAddr, proto: Proto) -> Result<Conn, ConnectError> {
         let key = Key { addr, proto };
         if let Some(sender) = self.take_idle(key) {
             return Ok(Conn { sender, key, reused: true, pool: self.clone() });
         }
-        self.connect(key).await
+        let deadline = Instant::now() + self.config.connect_timeout;
+        let host = self.host(key);
+        loop {
+            let available = host.available.notified();
+            tokio::pin!(available);
+            // Registered before looking, so a hand-back between the look and the wait is seen.
+            available.as_mut().enable();
+            if let Some(sender) = self.take_idle(key) {
+                return Ok(Conn { sender, key, reused: true, pool: self.clone() });
+            }
+            if let Some(slot) = Slot::take(&host, key.proto, self.config.max_connecting) {
+                return self.connect(key, deadline, slot).await;
+            }
+            if tokio::time::timeout_at(deadline, available).await.is_err() {
+                self.metrics.upstream_connect_errors.inc();
+                return Err(ConnectError { addr, source: std::io::ErrorKind::TimedOut.into() });
+            }
+        }
     }
 
     /// A new connection, never a pooled one: for retrying a request a dead pooled
-    /// connection handed back.
+    /// connection handed back. It takes no slot: it replaces a connection that just died.
     pub async fn connect_fresh(
         self: &Arc<Self>,
         addr: SocketAddr,
         proto: Proto,
     ) -> Result<Conn, ConnectError> {
-        self.connect(Key { addr, proto }).await
+        let key = Key { addr, proto };
+        let slot = Slot::force(&self.host(key), proto);
+        self.connect(key, Instant::now() + self.config.connect_timeout, slot).await
     }
 
     fn host(&self, key: Key) -> Arc<HostPool> {
@@ -149,16 +187,25 @@ impl Pool {
         let mut idle = host.idle.lock();
         if idle.len() < self.config.max_idle_per_host {
             idle.push(IdleConn { sender, since: Instant::now() });
+            drop(idle);
+            host.available.notify_one();
         }
     }
 
-    async fn connect(self: &Arc<Self>, key: Key) -> Result<Conn, ConnectError> {
+    /// Opens a connection, holding `slot` until it is up (or failed).
+    async fn connect(
+        self: &Arc<Self>,
+        key: Key,
+        deadline: Instant,
+        slot: Slot,
+    ) -> Result<Conn, ConnectError> {
+        let _slot = slot;
         let started = Instant::now();
         let fail = |source: std::io::Error| {
             self.metrics.upstream_connect_errors.inc();
             ConnectError { addr: key.addr, source }
         };
-        let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(key.addr))
+        let stream = tokio::time::timeout_at(deadline, TcpStream::connect(key.addr))
             .await
             .map_err(|_| fail(std::io::ErrorKind::TimedOut.into()))?
             .map_err(fail)?;
@@ -219,6 +266,41 @@ impl Pool {
                 () = crate::shutdown::requested(&mut shutdown) => return,
                 _ = tick.tick() => self.reap(),
             }
+        }
+    }
+}
+
+/// One of a machine's `max_connecting` places for a connect in progress. Giving it back
+/// lets the next waiter in: one of them for HTTP/1.1, where it will open its own connection
+/// or take one handed back; all of them for h2c, where the connection just opened (if it
+/// was) serves everyone.
+struct Slot {
+    host: Arc<HostPool>,
+    proto: Proto,
+}
+
+impl Slot {
+    fn take(host: &Arc<HostPool>, proto: Proto, max_connecting: usize) -> Option<Slot> {
+        // h2c multiplexes: one connect at a time, and waiters share its result.
+        let limit = if proto == Proto::H2c { 1 } else { max_connecting.max(1) };
+        host.connecting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| Slot { host: host.clone(), proto })
+    }
+
+    fn force(host: &Arc<HostPool>, proto: Proto) -> Slot {
+        host.connecting.fetch_add(1, Ordering::AcqRel);
+        Slot { host: host.clone(), proto }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.host.connecting.fetch_sub(1, Ordering::AcqRel);
+        match self.proto {
+            Proto::Http1 => self.host.available.notify_one(),
+            Proto::H2c => self.host.available.notify_waiters(),
         }
     }
 }

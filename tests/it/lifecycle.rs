@@ -284,3 +284,28 @@ async fn a_websocket_upgrade_is_held_across_a_wake() {
     assert_eq!(metric_now(&proxy, "tern_wakes_total{result=\"ok\"}").await, 1.0);
     proxy.shutdown().await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_held_for_an_h2c_machine_share_one_connection_per_worker() {
+    let port = free_port();
+    let decl = app("grpcish", "[apps.http_options]\nh2_backend = true")
+        + &machine("grpcish", "g1", port, "stopped", &["START_DELAY_MS=200"]);
+    let mut proxy = Proxy::start(&decl).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let url = proxy.url("grpcish.test", "/id");
+    let requests = (0..100).map(|_| {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            let r = client.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    });
+    let results = futures_util::future::join_all(requests).await;
+    let ok = results.iter().filter(|r| matches!(r, Ok((200, id)) if id == "g1")).count();
+    assert_eq!(ok, 100);
+    // One HTTP/2 connection per tern worker (2 here) carries every held request, rather
+    // than one connection each, opened all at once against a machine that just booted.
+    let connects = metric_now(&proxy, "tern_upstream_connect_duration_seconds_count").await;
+    assert!((1.0..=2.0).contains(&connects), "{connects} connections opened to the machine");
+    proxy.shutdown().await.unwrap().unwrap();
+}
