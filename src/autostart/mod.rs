@@ -359,14 +359,20 @@ impl Lifecycle {
 
     /// Probes the machine until it is ready, its process exits, or the deadline passes.
     /// Ready means its port accepts a connection, and, if the app has an HTTP check, that
-    /// check passes. Probes go out every millisecond (tokio's timer tick: a shorter sleep
-    /// rounds up to it), so readiness is seen within about 1–2 ms; a refused connect on the
+    /// check passes. Probes go out every millisecond (on tokio's 1 ms timer ticks),
+    /// so readiness is seen within about 1 ms; a refused connect on the
     /// same host costs microseconds, so even a slow boot's thousands of probes are cheap.
     async fn until_ready(&self, m: &Machine, spec: &AppSpec, deadline: Instant) -> Result<(), Failure> {
-        let gap = Duration::from_millis(1);
+        // An interval, not a sleep per turn: tokio's timer rounds each deadline up to its
+        // next millisecond tick, so a 1 ms sleep after each probe spaces them 1–2 ms apart,
+        // while an interval's deadlines are fixed on the 1 ms grid and the probes land on
+        // every tick.
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let http_check = spec.checks.iter().find(|c| c.kind == crate::model::CheckType::Http);
         let host = checks::host_for(spec, m.addr);
         loop {
+            tick.tick().await;
             let attempt =
                 tokio::time::timeout(Duration::from_millis(100), tokio::net::TcpStream::connect(m.addr));
             if let Ok(Ok(_)) = attempt.await {
@@ -384,11 +390,9 @@ impl Lifecycle {
                     "the machine's process exited before it accepted connections",
                 )));
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Err(Failure::NotReady);
             }
-            tokio::time::sleep(gap.min(deadline - now)).await;
         }
     }
 
