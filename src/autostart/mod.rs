@@ -459,6 +459,18 @@ impl Lifecycle {
     }
 
     /// At shutdown: stops every machine this node runs, and records them stopped.
+    /// Asks every open stream through this node to end cleanly: SSE responses at an event
+    /// boundary, WebSockets with a close frame. Used at shutdown, when they would otherwise
+    /// hold the drain to its deadline and then be cut.
+    pub fn end_all_streams(&self) {
+        let snap = self.catalog.load_full();
+        for app in snap.apps() {
+            for m in app.machines.iter() {
+                m.live.end_streams();
+            }
+        }
+    }
+
     pub async fn stop_all(&self) {
         let snap = self.catalog.load_full();
         let mut stops = tokio::task::JoinSet::new();

@@ -23,6 +23,14 @@
 //! has lasted `auto_stop_after` with every machine busy now and then, one with nothing in
 //! flight at that moment. An open stream or WebSocket is an exchange in flight, so a machine
 //! holding one is never chosen. Only machines this node's driver runs are stopped.
+//!
+//! A machine declared `stopped` while its process runs is retired on the next pass:
+//!
+//! ```text
+//!   running, declared stopped ──▶ streams asked to end cleanly ──▶ in-flight requests
+//!   (already out of routing)      (SSE at an event boundary,       drain (≤ DRAIN) ──▶ process
+//!                                  WebSockets: close frame 1001)                      stopped
+//! ```
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -135,6 +143,7 @@ impl Lifecycle {
                 if app.spec.auto_stop != AutoStop::Off {
                     self.autostop_pass(app, now, &mut excess_since, &mut regions_seen);
                 }
+                self.retire_declared_stopped(app);
             }
             excess_since.retain(|k, _| regions_seen.contains(k));
             for (code, count) in states.iter().enumerate() {
@@ -201,19 +210,7 @@ impl Lifecycle {
     async fn autostop(&self, m: &Arc<Machine>, spec: &crate::model::AppSpec, drain: bool) {
         tokio::time::sleep(CORDON).await;
         if drain {
-            let drained = tokio::time::timeout(DRAIN, async {
-                loop {
-                    let queued = m.live.queue();
-                    let ended = queued.notified();
-                    tokio::pin!(ended);
-                    ended.as_mut().enable();
-                    if m.live.in_flight() == 0 {
-                        return;
-                    }
-                    ended.await;
-                }
-            });
-            let _ = drained.await;
+            let _ = tokio::time::timeout(DRAIN, until_no_exchange(m)).await;
         }
         let op = self.op_lock(&m.id);
         let _op = op.lock().await;
@@ -249,6 +246,36 @@ impl Lifecycle {
         self.metrics.machine_actions.with_label_values(&[action, "autostop"]).inc();
         tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, to = state.as_str(),
             idle_ms, "autostop");
+    }
+
+    /// Stops the machines of `app` that were declared `stopped` (with `tern apply`, or in
+    /// the RIB) while their process runs. Routing left them the moment the declaration
+    /// arrived; here their requests get `DRAIN` to finish, their streams are ended cleanly
+    /// (SSE at an event boundary, WebSockets with a close frame) and the process is stopped.
+    fn retire_declared_stopped(self: &Arc<Self>, app: &AppEntry) {
+        for m in app.machines.iter() {
+            if m.state() != MachineState::Stopped || !self.driver.running(&m.id) {
+                continue;
+            }
+            // Anything else acting on the machine (a wake, an autostop, an earlier pass)
+            // holds its lock; the next pass looks again.
+            let Ok(op) = self.op_lock(&m.id).try_lock_owned() else { continue };
+            let (this, m, kill) = (self.clone(), m.clone(), app.spec.kill_timeout);
+            self.runtime.spawn(async move {
+                let _op = op;
+                if m.state() != MachineState::Stopped || !this.driver.running(&m.id) {
+                    return;
+                }
+                m.live.end_streams();
+                let drained = tokio::time::timeout(DRAIN, until_no_exchange(&m)).await.is_ok();
+                if let Err(e) = this.driver.stop(&crate::driver::Target::of(&m), kill).await {
+                    tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not stop machine");
+                }
+                this.metrics.machine_actions.with_label_values(&["stop", "declared"]).inc();
+                tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, drained,
+                    "declared stopped: stopped its process");
+            });
+        }
     }
 
     /// Starts the check loop of every started machine of the app that has none yet.
@@ -314,6 +341,20 @@ impl Lifecycle {
         let m = snap.machine(id)?.clone();
         let app = snap.app(&m.spec.app)?.clone();
         Some((m, app))
+    }
+}
+
+/// Resolves once the machine has no exchange in flight.
+async fn until_no_exchange(m: &Machine) {
+    loop {
+        let queued = m.live.queue();
+        let ended = queued.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        if m.live.in_flight() == 0 {
+            return;
+        }
+        ended.await;
     }
 }
 

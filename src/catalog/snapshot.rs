@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use rustls::sign::CertifiedKey;
+use tokio_util::sync::CancellationToken;
 
 use crate::model::{AppSpec, CertSpec, MachineSpec, MachineState};
 
@@ -29,6 +30,10 @@ pub struct MachineLive {
     /// while any wait, ending an exchange or the machine becoming routable wakes them.
     queued: AtomicU32,
     room: tokio::sync::Notify,
+    /// What the machine's open streams (SSE responses, WebSockets) wait on to end cleanly
+    /// before it stops. Made when the first stream asks, so an idle catalog of a million
+    /// machines carries no token each.
+    streams_end: parking_lot::Mutex<Option<CancellationToken>>,
 }
 
 impl MachineLive {
@@ -41,6 +46,21 @@ impl MachineLive {
             idle_since_ms: AtomicU64::new(crate::clock::now_ms()),
             queued: AtomicU32::new(0),
             room: tokio::sync::Notify::new(),
+            streams_end: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// The token a stream on this machine waits on: cancelled when the machine is about
+    /// to stop, asking the stream to end cleanly.
+    pub fn streams_end(&self) -> CancellationToken {
+        self.streams_end.lock().get_or_insert_with(CancellationToken::new).clone()
+    }
+
+    /// Asks every open stream on the machine to end cleanly. A stream that begins later
+    /// gets a fresh token; none should, as the machine is out of rotation by then.
+    pub fn end_streams(&self) {
+        if let Some(token) = self.streams_end.lock().take() {
+            token.cancel();
         }
     }
 

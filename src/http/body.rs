@@ -5,6 +5,7 @@
 //! machine, open exchanges on the client connection), so they end exactly when the body
 //! ends or is dropped, and the app's idle timeout, which only fires after a silence.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,12 +14,14 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::catalog::InFlight;
 use crate::telemetry::Metrics;
 use crate::upstream::{BoxError, Lease, UpBody};
 
 use super::activity::{Activity, ExchangeGuard, IdleTimer};
+use super::ending::{self, SseEdge};
 
 /// A response body: either tern's own (an error page) or a machine's, streamed.
 pub struct ProxyBody {
@@ -44,7 +47,45 @@ struct Streamed {
     idle: IdleTimer,
     metrics: Arc<Metrics>,
     guards: ExchangeGuards,
+    /// For an SSE response: ending it cleanly when its machine is about to stop.
+    sse: Option<SseEnd>,
 }
+
+/// An SSE response listening for its machine's request to end streams. Once asked, it ends
+/// at the next event boundary, or is cut if none comes within [`ending::GRACE`].
+struct SseEnd {
+    edge: SseEdge,
+    asked: Pin<Box<WaitForCancellationFutureOwned>>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl SseEnd {
+    pub fn new(token: CancellationToken) -> Self {
+        SseEnd { edge: SseEdge::default(), asked: Box::pin(token.cancelled_owned()), deadline: None }
+    }
+
+    /// Ready(true) to end the body cleanly now, Ready(false) to cut it (the grace ran out
+    /// mid-event), Pending to carry on.
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if self.deadline.is_none() {
+            if self.asked.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.deadline = Some(Box::pin(tokio::time::sleep(ending::GRACE)));
+        }
+        if self.edge.at_boundary() {
+            return Poll::Ready(true);
+        }
+        match self.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(false),
+            _ => Poll::Pending,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the machine is stopping and the event in progress did not end in time")]
+pub struct EndedMidEvent;
 
 impl Streamed {
     /// Gives the machine connection back once the body has been read to the end.
@@ -52,6 +93,51 @@ impl Streamed {
         if let Some(lease) = self.guards.lease.take() {
             lease.release();
         }
+    }
+}
+
+impl Streamed {
+    fn poll_stream(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Asked to end and between events: end here, before reading into the next one.
+        if let Some(sse) = &mut self.sse
+            && let Poll::Ready(clean) = sse.poll_end(cx)
+        {
+            return Poll::Ready(self.end_early(clean));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.idle.activity().touch();
+                if let (Some(sse), Some(data)) = (&mut self.sse, frame.data_ref()) {
+                    sse.edge.feed(data);
+                }
+                if self.inner.is_end_stream() {
+                    self.release();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => {
+                self.release();
+                Poll::Ready(None)
+            }
+            Poll::Pending => match self.idle.poll_expired(cx) {
+                Poll::Ready(()) => {
+                    self.metrics.streams_cut_idle.inc();
+                    Poll::Ready(Some(Err(IdleTimeout.into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    /// Ends an SSE body its machine asked to end: cleanly (the client sees the end of the
+    /// body) or, past the grace mid-event, with an error (the client sees it cut). The
+    /// machine connection is not given back: the response was not read to its end.
+    fn end_early(&mut self, clean: bool) -> Option<Result<Frame<Bytes>, BoxError>> {
+        self.sse = None;
+        let how = if clean { "clean" } else { "cut" };
+        self.metrics.streams_ended.with_label_values(&["sse", how]).inc();
+        if clean { None } else { Some(Err(EndedMidEvent.into())) }
     }
 }
 
@@ -78,8 +164,17 @@ impl ProxyBody {
         ProxyBody { kind: Kind::Full(None) }
     }
 
-    pub fn streamed(inner: Incoming, idle: IdleTimer, metrics: Arc<Metrics>, guards: ExchangeGuards) -> Self {
-        ProxyBody { kind: Kind::Stream(Box::new(Streamed { inner, idle, metrics, guards })) }
+    /// A machine's response body, streamed. With `sse_end` (an SSE response), the body
+    /// ends cleanly at an event boundary once that token is cancelled.
+    pub fn streamed(
+        inner: Incoming,
+        idle: IdleTimer,
+        metrics: Arc<Metrics>,
+        guards: ExchangeGuards,
+        sse_end: Option<CancellationToken>,
+    ) -> Self {
+        let sse = sse_end.map(SseEnd::new);
+        ProxyBody { kind: Kind::Stream(Box::new(Streamed { inner, idle, metrics, guards, sse })) }
     }
 }
 
@@ -93,27 +188,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Kind::Stream(s) => match Pin::new(&mut s.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    s.idle.activity().touch();
-                    if s.inner.is_end_stream() {
-                        s.release();
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(None) => {
-                    s.release();
-                    Poll::Ready(None)
-                }
-                Poll::Pending => match s.idle.poll_expired(cx) {
-                    Poll::Ready(()) => {
-                        s.metrics.streams_cut_idle.inc();
-                        Poll::Ready(Some(Err(IdleTimeout.into())))
-                    }
-                    Poll::Pending => Poll::Pending,
-                },
-            },
+            Kind::Stream(s) => s.poll_stream(cx),
         }
     }
 

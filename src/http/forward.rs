@@ -117,6 +117,12 @@ impl Handler {
                     app.spec.wake_ignore_user_agents.iter().any(|s| ua.contains(s.as_str()))
                 });
         let upgrade = headers::wants_upgrade(&req);
+        let websocket = upgrade
+            && req
+                .headers()
+                .get(header::UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket")));
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let client_version = req.version();
         // WebSocket over h2c needs extended CONNECT; upgrades always use HTTP/1.1.
@@ -141,10 +147,11 @@ impl Handler {
                 });
             };
             let machine_upgrade = hyper::upgrade::on(&mut resp);
+            let kind = if websocket { tunnel::Kind::WebSocket } else { tunnel::Kind::Other };
             self.tasks.spawn(tunnel::run(
                 client_upgrade,
                 machine_upgrade,
-                idle,
+                tunnel::Settings { idle_timeout: idle, kind, end: machine.live.streams_end() },
                 self.metrics.clone(),
                 guards,
             ));
@@ -158,7 +165,11 @@ impl Handler {
         // picks that from the connection, this only keeps the head consistent.
         parts.version = Version::HTTP_11;
         let timer = IdleTimer::new(activity, idle);
-        Ok(Response::from_parts(parts, ProxyBody::streamed(body, timer, self.metrics.clone(), guards)))
+        let sse_end = is_event_stream(&parts.headers).then(|| machine.live.streams_end());
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody::streamed(body, timer, self.metrics.clone(), guards, sse_end),
+        ))
     }
 
     /// Picks a machine and connects; if it refuses, tries one other started machine.
@@ -276,6 +287,13 @@ impl Handler {
             () = silent_for(activity, idle) => Err(timeout()),
         }
     }
+}
+
+/// An SSE response (`text/event-stream`), which tern may end cleanly between events.
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
+        ct.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+    })
 }
 
 /// The host the client asked for: the URI authority (HTTP/2, absolute-form), else `Host`.

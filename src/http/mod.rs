@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 pub mod activity;
 pub mod body;
+pub mod ending;
 mod forward;
 pub mod headers;
 pub mod request_id;

@@ -1,22 +1,61 @@
 //! Upgraded connections (WebSocket or any HTTP/1.1 Upgrade): once the machine answers 101,
-//! bytes are copied both ways until either side closes or the exchange has been silent for
-//! the app's idle_timeout. Nothing is buffered beyond the copy buffers.
+//! bytes are copied both ways until either side closes, the exchange has been silent for
+//! the app's idle_timeout, or the machine is about to stop. Nothing is buffered beyond one
+//! copy buffer per direction.
+//!
+//! When the machine is about to stop, a WebSocket is closed the way RFC 6455 asks (see
+//! [`super::ending`]): each direction finishes the frame it is in, the client gets a close
+//! frame (1001, going away) and so does the machine, and the client has [`GRACE`] to send
+//! its own close frame before tern closes the connection. Any other upgraded protocol is
+//! shut down.
 
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::Metrics;
 
 use super::activity::{Activity, TouchIo, silent_for};
 use super::body::ExchangeGuards;
+use super::ending::{self, GRACE, WsFrames};
+
+/// Bytes read at a time in each direction (what `copy_bidirectional` uses).
+const BUF: usize = 8 * 1024;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    WebSocket,
+    /// An upgrade to a protocol tern does not read.
+    Other,
+}
+
+pub struct Settings {
+    pub idle_timeout: Duration,
+    pub kind: Kind,
+    /// Cancelled when the machine is about to stop.
+    pub end: CancellationToken,
+}
+
+/// How one direction of the tunnel finished.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Finish {
+    /// Its source closed.
+    Eof,
+    /// Asked to end, it reached a frame boundary (and sent its close frame) in time.
+    Ended,
+    /// Asked to end, it did not reach a frame boundary in time.
+    Cut,
+}
 
 pub async fn run(
     client: OnUpgrade,
     machine: OnUpgrade,
-    idle_timeout: Duration,
+    settings: Settings,
     metrics: Arc<Metrics>,
     guards: ExchangeGuards,
 ) {
@@ -28,18 +67,157 @@ pub async fn run(
         }
     };
     let activity = Arc::new(Activity::new());
-    let mut client = TouchIo::new(TokioIo::new(client), activity.clone());
-    let mut machine = TouchIo::new(TokioIo::new(machine), activity.clone());
+    let client = TouchIo::new(TokioIo::new(client), activity.clone());
+    let machine = TouchIo::new(TokioIo::new(machine), activity.clone());
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut machine_rx, mut machine_tx) = tokio::io::split(machine);
+    let ws = settings.kind == Kind::WebSocket;
+    let end = &settings.end;
+    let both = async {
+        tokio::join!(
+            to_client(&mut machine_rx, &mut client_tx, ws, end),
+            to_machine(&mut client_rx, &mut machine_tx, ws, end),
+        )
+    };
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut machine) => {
-            if let Err(e) = r {
+        (down, up) = both => {
+            if let (Ok(down), Ok(up)) = (&down, &up)
+                && (*down != Finish::Eof || *up != Finish::Eof)
+            {
+                let how = if *down == Finish::Cut || *up == Finish::Cut { "cut" } else { "clean" };
+                let kind = if ws { "websocket" } else { "tunnel" };
+                metrics.streams_ended.with_label_values(&[kind, how]).inc();
+            }
+            if let Err(e) = down.and(up) {
                 tracing::debug!(target: "tern::http", error = %e, "tunnel ended with an error");
             }
         }
-        () = silent_for(&activity, idle_timeout) => {
+        // A side that stopped reading can hold a write past both graces; asked to end, the
+        // tunnel is gone within two.
+        () = async { end.cancelled().await; tokio::time::sleep(GRACE * 2).await } => {
+            metrics.streams_ended.with_label_values(&[if ws { "websocket" } else { "tunnel" }, "cut"]).inc();
+        }
+        () = silent_for(&activity, settings.idle_timeout) => {
             metrics.streams_cut_idle.inc();
-            tracing::debug!(target: "tern::http", ?idle_timeout, "tunnel closed after the app's idle_timeout of silence");
+            tracing::debug!(target: "tern::http", idle_timeout = ?settings.idle_timeout,
+                "tunnel closed after the app's idle_timeout of silence");
         }
     }
+    // Best effort: the peer may be gone already.
+    let _ = client_tx.shutdown().await;
+    let _ = machine_tx.shutdown().await;
     drop(guards);
+}
+
+/// Machine → client. Asked to end, a WebSocket finishes the frame in progress and sends the
+/// client a close frame; then nothing more from the machine is passed on.
+async fn to_client<R, W>(from: &mut R, to: &mut W, ws: bool, end: &CancellationToken) -> io::Result<Finish>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut frames = ws.then(WsFrames::default);
+    if copy_until_end(from, to, frames.as_mut(), end).await? {
+        return Ok(Finish::Eof);
+    }
+    let Some(frames) = frames.as_mut() else { return Ok(Finish::Ended) };
+    match tokio::time::timeout(GRACE, finish_frame(from, to, frames)).await {
+        Ok(Ok(true)) => {
+            to.write_all(&ending::close_frame(None)).await?;
+            to.flush().await?;
+            Ok(Finish::Ended)
+        }
+        Ok(Ok(false)) => Ok(Finish::Eof),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Ok(Finish::Cut),
+    }
+}
+
+/// Client → machine. Asked to end, a WebSocket finishes the frame in progress, sends the
+/// machine a (masked) close frame, then waits up to [`GRACE`] for the client's own close
+/// frame, answering tern's, without passing anything more on.
+async fn to_machine<R, W>(from: &mut R, to: &mut W, ws: bool, end: &CancellationToken) -> io::Result<Finish>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut frames = ws.then(WsFrames::default);
+    if copy_until_end(from, to, frames.as_mut(), end).await? {
+        return Ok(Finish::Eof);
+    }
+    let Some(frames) = frames.as_mut() else { return Ok(Finish::Ended) };
+    let closing = async {
+        if !finish_frame(from, to, frames).await? {
+            return Ok(Finish::Eof);
+        }
+        to.write_all(&ending::close_frame(Some(fastrand::u32(..).to_be_bytes()))).await?;
+        to.flush().await?;
+        // The client's answer, read and dropped: the machine has had its close frame.
+        let mut buf = vec![0; BUF];
+        while !frames.saw_close() {
+            let n = from.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            frames.feed(&buf[..n], false);
+        }
+        io::Result::Ok(Finish::Ended)
+    };
+    match tokio::time::timeout(GRACE, closing).await {
+        Ok(r) => r,
+        // A client that does not answer a close frame is not waited for.
+        Err(_) => Ok(if frames.saw_close() { Finish::Ended } else { Finish::Cut }),
+    }
+}
+
+/// Copies until the source closes (true) or `end` is cancelled (false). Only the read is
+/// raced against `end`, and a read that loses the race has taken nothing, so no byte is
+/// lost between the two phases.
+async fn copy_until_end<R, W>(
+    from: &mut R,
+    to: &mut W,
+    mut frames: Option<&mut WsFrames>,
+    end: &CancellationToken,
+) -> io::Result<bool>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0; BUF];
+    loop {
+        let n = tokio::select! {
+            biased;
+            () = end.cancelled() => return Ok(false),
+            r = from.read(&mut buf) => r?,
+        };
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(true);
+        }
+        if let Some(f) = frames.as_deref_mut() {
+            f.feed(&buf[..n], false);
+        }
+        to.write_all(&buf[..n]).await?;
+    }
+}
+
+/// Passes on the rest of the frame in progress, if any, and nothing after it. True once
+/// between frames; false if the source closed first.
+async fn finish_frame<R, W>(from: &mut R, to: &mut W, frames: &mut WsFrames) -> io::Result<bool>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // Never read past the frame's end: what follows it must stay unread, not dropped halfway.
+    let mut buf = vec![0; BUF];
+    while !frames.at_boundary() {
+        let want = frames.remaining_hint().min(BUF);
+        let n = from.read(&mut buf[..want]).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let took = frames.feed(&buf[..n], true);
+        to.write_all(&buf[..took]).await?;
+    }
+    Ok(true)
 }

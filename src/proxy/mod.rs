@@ -136,6 +136,9 @@ pub async fn run(
     let mut shutdown = shutdown;
     crate::shutdown::requested(&mut shutdown).await;
     health.set_draining();
+    // Streams never finish on their own; end them cleanly now rather than cut them at the
+    // deadline. Requests get until the deadline.
+    lifecycle.end_all_streams();
     tracing::info!(target: "tern::proxy", open_connections = workers.open_connections(),
         deadline = ?config.limits.shutdown_timeout,
         "shutting down: no new connections; letting in-flight requests finish");

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub rib_rows_skipped: IntCounterVec,
     pub rib_errors: IntCounter,
     pub streams_cut_idle: IntCounter,
+    pub streams_ended: IntCounterVec,
     pub wake_duration: HistogramVec,
     pub wakes: IntCounterVec,
     pub held_requests: IntGauge,
@@ -143,6 +144,15 @@ impl Metrics {
                 "tern_idle_timeouts_total",
                 "Exchanges and tunnels closed after the app's idle_timeout of silence.",
             )?,
+            streams_ended: IntCounterVec::new(
+                Opts::new(
+                    "tern_streams_ended_total",
+                    "Streams tern ended because their machine was stopping or tern was shutting \
+                     down, by kind (sse, websocket, tunnel) and how (clean: at an event or frame \
+                     boundary, with a close frame for WebSockets; cut: not in time).",
+                ),
+                &["kind", "how"],
+            )?,
             wake_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "tern_wake_duration_seconds",
@@ -215,6 +225,7 @@ impl Metrics {
         r.register(Box::new(self.rib_rows_skipped.clone()))?;
         r.register(Box::new(self.rib_errors.clone()))?;
         r.register(Box::new(self.streams_cut_idle.clone()))?;
+        r.register(Box::new(self.streams_ended.clone()))?;
         r.register(Box::new(self.wake_duration.clone()))?;
         r.register(Box::new(self.wakes.clone()))?;
         r.register(Box::new(self.held_requests.clone()))?;

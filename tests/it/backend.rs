@@ -39,6 +39,8 @@ pub struct Backend {
     pub requests: Arc<AtomicUsize>,
     /// TCP connections accepted so far.
     pub connections: Arc<AtomicUsize>,
+    /// The status code of each WebSocket close frame `/ws` has received.
+    pub ws_closes: Arc<parking_lot::Mutex<Vec<u16>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -53,6 +55,7 @@ struct State {
     gate: Arc<Notify>,
     requests: Arc<AtomicUsize>,
     sick: std::sync::atomic::AtomicBool,
+    ws_closes: Arc<parking_lot::Mutex<Vec<u16>>>,
 }
 
 impl Backend {
@@ -67,11 +70,13 @@ impl Backend {
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let accepted = connections.clone();
+        let ws_closes = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let state = Arc::new(State {
             name: name.into(),
             gate: gate.clone(),
             requests: requests.clone(),
             sick: std::sync::atomic::AtomicBool::new(false),
+            ws_closes: ws_closes.clone(),
         });
         let task = tokio::spawn(async move {
             loop {
@@ -90,7 +95,7 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, gate, requests, connections, task }
+        Backend { addr, gate, requests, connections, ws_closes, task }
     }
 }
 
@@ -181,7 +186,7 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body>
             }
             Response::new(full(n.to_string()))
         }
-        "/ws" => websocket(&mut req),
+        "/ws" => websocket(&mut req, state.ws_closes.clone()),
         "/release" => {
             state.gate.notify_waiters();
             Response::new(full("released"))
@@ -222,7 +227,7 @@ where
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) })
 }
 
-fn websocket(req: &mut Request<Incoming>) -> Response<Body> {
+fn websocket(req: &mut Request<Incoming>, closes: Arc<parking_lot::Mutex<Vec<u16>>>) -> Response<Body> {
     let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
         let mut r = Response::new(full("not a websocket request"));
         *r.status_mut() = StatusCode::BAD_REQUEST;
@@ -243,7 +248,8 @@ fn websocket(req: &mut Request<Incoming>) -> Response<Body> {
                 if tx.send(msg).await.is_err() {
                     return;
                 }
-            } else if msg.is_close() {
+            } else if let tokio_tungstenite::tungstenite::Message::Close(frame) = msg {
+                closes.lock().push(frame.map_or(1005, |f| u16::from(f.code)));
                 return;
             }
         }

@@ -309,3 +309,41 @@ async fn requests_held_for_an_h2c_machine_share_one_connection_per_worker() {
     assert!((1.0..=2.0).contains(&connects), "{connects} connections opened to the machine");
     proxy.shutdown().await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_declared_stopped_ends_its_streams_cleanly_then_stops() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let port = free_port();
+    let decl = |state: &str| app("live", "") + &machine("live", "l1", port, state, &[]);
+    let mut proxy = Proxy::start(&decl("started")).await;
+    until_machine(&proxy, "live", "l1", Duration::from_secs(10), |m| m["state"] == "started").await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let mut sse = client.get(proxy.url("live.test", "/sse")).send().await.unwrap();
+    assert_eq!(sse.chunk().await.unwrap().unwrap(), "data: one\n\n");
+    let tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://live.test/ws", tcp).await.unwrap();
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+
+    // The operator declares the machine stopped while both streams are open.
+    proxy.apply(&decl("stopped"));
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("no close frame came") {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    while let Some(Ok(_)) = ws.next().await {}
+    assert!(sse.chunk().await.expect("a clean end, not an error").is_none());
+    // Then its process is stopped.
+    eventually(Duration::from_secs(10), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err().then_some(())
+    })
+    .await
+    .expect("the machine's process is stopped");
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "tern_machine_actions_total{action=\"stop\",reason=\"declared\"}"), 1.0);
+    assert_eq!(metric(&m, "tern_streams_ended_total{how=\"clean\",kind=\"sse\"}"), 1.0);
+    assert_eq!(metric(&m, "tern_streams_ended_total{how=\"clean\",kind=\"websocket\"}"), 1.0);
+    assert_eq!(machine_json(&proxy, "live", "l1").await["state"], "stopped");
+    proxy.shutdown().await.unwrap().unwrap();
+}

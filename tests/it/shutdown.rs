@@ -80,3 +80,56 @@ async fn sigterm_drains_and_exits_zero() {
     let status = tokio::time::timeout(Duration::from_secs(10), tern.child.wait()).await.unwrap().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_sse_and_websockets_cleanly_instead_of_waiting_for_them() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let ca = Ca::new();
+    let b = Backend::start("m1").await;
+    let decl = app_decl("live", &["live.test"], &[("m1", b.addr, "started")], "")
+        + &ca.decl("live.test", &["live.test"]);
+    let mut proxy = Proxy::start(&decl).await;
+    let mut sse = Vec::new();
+    for (version, tls) in [(HttpVersion::Http1, false), (HttpVersion::Http2, true)] {
+        let client = proxy.client(&ca, version);
+        let url = if tls { proxy.tls_url("live.test", "/sse") } else { proxy.url("live.test", "/sse") };
+        let mut resp = client.get(url).send().await.unwrap();
+        assert_eq!(resp.chunk().await.unwrap().unwrap(), "data: one\n\n");
+        sse.push(resp);
+    }
+    let tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://live.test/ws", tcp).await.unwrap();
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
+
+    let run = proxy.shutdown();
+    // The WebSocket client is told the server is going away…
+    match ws.next().await {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1001);
+            assert_eq!(frame.reason.as_str(), "machine stopping");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    // (Reading on sends tungstenite's answering close frame, then the connection ends.)
+    while let Some(Ok(_)) = ws.next().await {}
+    // …and each SSE stream ends cleanly after its last whole event: not cut, not hanging
+    // until the 30 s shutdown deadline.
+    for mut resp in sse {
+        let mut tail = resp.chunk().await.expect("a clean end, not an error");
+        while tail.as_ref().is_some_and(|c| c.is_empty()) {
+            tail = resp.chunk().await.expect("a clean end, not an error");
+        }
+        assert!(tail.is_none(), "got {tail:?}");
+    }
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("shutdown did not wait for streams")
+        .unwrap()
+        .unwrap();
+    // The machine was sent a close frame too (masked, as a client's must be), which it read.
+    eventually(Duration::from_secs(5), || async { (!b.ws_closes.lock().is_empty()).then_some(()) }).await;
+    assert_eq!(*b.ws_closes.lock(), vec![1001]);
+}

@@ -1,0 +1,263 @@
+//! Ending a stream cleanly when its machine is about to stop (or tern is shutting down),
+//! rather than cutting it when the process goes away.
+//!
+//! - An SSE response ends at the next event boundary (after a blank line), so the client
+//!   sees a whole last event and a clean end of body; `EventSource` then reconnects, and
+//!   routing sends it to a machine that is staying.
+//! - A WebSocket gets a close frame with status 1001 (going away) in each direction, each
+//!   written between two frames (RFC 6455 §5.4 lets control frames go between fragments),
+//!   then tern waits briefly for the client's own close frame before closing the socket.
+//! - Any other upgraded connection is shut down; tern cannot speak its protocol.
+//!
+//! The signal comes from the machine ([`crate::catalog::MachineLive::end_streams`]).
+//! A stream that is in the middle of an event or frame when asked gets [`GRACE`] to reach
+//! the end of it; past that it is cut.
+
+use std::time::Duration;
+
+/// How long a stream asked to end may take to reach the end of its current event or frame,
+/// and how long a WebSocket client gets to answer tern's close frame.
+pub const GRACE: Duration = Duration::from_secs(1);
+
+/// WebSocket close status 1001, "going away": the server is going down.
+const GOING_AWAY: [u8; 2] = 1001u16.to_be_bytes();
+const REASON: &[u8] = b"machine stopping";
+
+/// A close frame (1001, "machine stopping"): unmasked for the client, masked with `mask`
+/// for the machine (frames a client sends must be masked, RFC 6455 §5.3).
+pub fn close_frame(mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(2 + REASON.len());
+    payload.extend_from_slice(&GOING_AWAY);
+    payload.extend_from_slice(REASON);
+    let len = u8::try_from(payload.len()).unwrap_or(125).min(125);
+    let mut frame = vec![0x88]; // FIN + opcode 8 (close)
+    match mask {
+        None => frame.push(len),
+        Some(key) => {
+            frame.push(0x80 | len);
+            frame.extend_from_slice(&key);
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= key[i % 4];
+            }
+        }
+    }
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// Where an SSE body is between events: after a blank line (two line endings in a row,
+/// each `\n`, `\r` or `\r\n`), the stream may end without cutting an event in half.
+#[derive(Debug)]
+pub struct SseEdge {
+    /// Line endings in a row at the end of what has passed so far.
+    endings: u8,
+    /// The last byte was `\r`, so a `\n` right after it belongs to the same line ending.
+    after_cr: bool,
+}
+
+impl Default for SseEdge {
+    fn default() -> Self {
+        // Nothing has passed yet: a boundary.
+        SseEdge { endings: 2, after_cr: false }
+    }
+}
+
+impl SseEdge {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            match b {
+                b'\n' if self.after_cr => self.after_cr = false,
+                b'\n' => self.endings = self.endings.saturating_add(1),
+                b'\r' => {
+                    self.endings = self.endings.saturating_add(1);
+                    self.after_cr = true;
+                }
+                _ => {
+                    self.endings = 0;
+                    self.after_cr = false;
+                }
+            }
+        }
+    }
+
+    pub fn at_boundary(&self) -> bool {
+        self.endings >= 2
+    }
+}
+
+/// Where a WebSocket byte stream (one direction) is between frames: reads frame headers
+/// just far enough to know each frame's length.
+#[derive(Debug, Default)]
+pub struct WsFrames {
+    /// Header bytes of the current frame seen so far (a header is at most 14 bytes).
+    head: [u8; 14],
+    have: usize,
+    /// Payload bytes of the current frame still to come, once its header is complete.
+    left: u64,
+    /// The opcode of the last complete header.
+    last_opcode: Option<u8>,
+}
+
+impl WsFrames {
+    /// Between two frames.
+    pub fn at_boundary(&self) -> bool {
+        self.have == 0 && self.left == 0
+    }
+
+    /// Whether a close frame has been seen (its header, at least).
+    pub fn saw_close(&self) -> bool {
+        self.last_opcode == Some(0x8)
+    }
+
+    /// Takes in `bytes` in order. With `stop_at_boundary`, stops at the first frame
+    /// boundary (possibly at once) and returns how many bytes it took; otherwise takes all.
+    pub fn feed(&mut self, bytes: &[u8], stop_at_boundary: bool) -> usize {
+        let mut at = 0;
+        loop {
+            if stop_at_boundary && self.at_boundary() {
+                return at;
+            }
+            if at == bytes.len() {
+                return at;
+            }
+            if self.left > 0 {
+                let take = usize::try_from(self.left).unwrap_or(usize::MAX).min(bytes.len() - at);
+                self.left -= take as u64;
+                at += take;
+                continue;
+            }
+            self.head[self.have] = bytes[at];
+            self.have += 1;
+            at += 1;
+            if let Some(len) = self.header_done() {
+                self.last_opcode = Some(self.head[0] & 0x0f);
+                self.have = 0;
+                self.left = len;
+            }
+        }
+    }
+
+    /// How many bytes may be read without going past the end of the current frame (or of
+    /// its header, while that is incomplete): at least 1.
+    pub fn remaining_hint(&self) -> usize {
+        if self.left > 0 {
+            return usize::try_from(self.left).unwrap_or(usize::MAX);
+        }
+        self.header_len().map_or(2, |len| len) - self.have
+    }
+
+    /// The length of the header being read, once its first two bytes are in.
+    fn header_len(&self) -> Option<usize> {
+        if self.have < 2 {
+            return None;
+        }
+        let ext = match self.head[1] & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        Some(2 + ext + if self.head[1] & 0x80 != 0 { 4 } else { 0 })
+    }
+
+    /// The payload length, once the header in `head` is complete.
+    fn header_done(&self) -> Option<u64> {
+        let need = self.header_len()?;
+        if self.have < need {
+            return None;
+        }
+        let len7 = self.head[1] & 0x7f;
+        let ext = need - 2 - if self.head[1] & 0x80 != 0 { 4 } else { 0 };
+        Some(match ext {
+            2 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
+            8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&self.head[2..10]);
+                u64::from_be_bytes(b)
+            }
+            _ => u64::from(len7),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_boundaries_follow_blank_lines_in_any_line_ending() {
+        let mut e = SseEdge::default();
+        assert!(e.at_boundary(), "nothing sent yet");
+        for (chunk, boundary) in [
+            (&b"data: one\n"[..], false),
+            (b"\n", true),
+            (b"data: two\r\n\r", true), // a lone \r ends a line too
+            (b"\n", true),              // and this \n completes its \r\n
+            (b"event: x\rdata: 3\r\r", true),
+            (b"data: partial", false),
+            (b"\n\ndata: next", false),
+        ] {
+            e.feed(chunk);
+            assert_eq!(e.at_boundary(), boundary, "after {:?}", String::from_utf8_lossy(chunk));
+        }
+    }
+
+    fn frame(opcode: u8, masked: bool, payload_len: usize) -> Vec<u8> {
+        let mut f = vec![0x80 | opcode];
+        let m = if masked { 0x80 } else { 0 };
+        match payload_len {
+            0..=125 => f.push(m | payload_len as u8),
+            126..=65535 => {
+                f.push(m | 126);
+                f.extend_from_slice(&(payload_len as u16).to_be_bytes());
+            }
+            _ => {
+                f.push(m | 127);
+                f.extend_from_slice(&(payload_len as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            f.extend_from_slice(&[1, 2, 3, 4]);
+        }
+        f.extend(std::iter::repeat_n(b'x', payload_len));
+        f
+    }
+
+    #[test]
+    fn websocket_frames_are_followed_across_any_split() {
+        let mut stream = Vec::new();
+        let mut ends = vec![];
+        for (op, masked, len) in
+            [(1, false, 5), (2, true, 300), (0, false, 70_000), (9, true, 0), (8, false, 2)]
+        {
+            stream.extend(frame(op, masked, len));
+            ends.push(stream.len());
+        }
+        // Fed one byte at a time, it is at a boundary exactly at each frame's end.
+        let mut f = WsFrames::default();
+        for (i, b) in stream.iter().enumerate() {
+            f.feed(std::slice::from_ref(b), false);
+            assert_eq!(f.at_boundary(), ends.contains(&(i + 1)), "after byte {i}");
+        }
+        assert!(f.saw_close());
+        // Asked to stop at a boundary, it takes exactly the rest of the current frame.
+        let mut f = WsFrames::default();
+        assert_eq!(f.feed(&stream[..3], false), 3);
+        assert_eq!(f.feed(&stream[3..], true), ends[0] - 3);
+        assert_eq!(f.feed(&stream[ends[0]..], true), 0, "already between frames");
+    }
+
+    #[test]
+    fn close_frames_say_going_away_and_are_masked_for_the_machine() {
+        let plain = close_frame(None);
+        assert_eq!(&plain[..4], &[0x88, 18, 0x03, 0xe9]);
+        assert_eq!(&plain[4..], REASON);
+        let masked = close_frame(Some([9, 8, 7, 6]));
+        assert_eq!(&masked[..2], &[0x88, 0x80 | 18]);
+        let unmasked: Vec<u8> =
+            masked[6..].iter().enumerate().map(|(i, b)| b ^ [9, 8, 7, 6][i % 4]).collect();
+        assert_eq!(&unmasked[..], &plain[2..]);
+        let mut f = WsFrames::default();
+        assert_eq!(f.feed(&masked, false), masked.len());
+        assert!(f.at_boundary() && f.saw_close());
+    }
+}
