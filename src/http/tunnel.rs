@@ -75,8 +75,8 @@ pub async fn run(
     let end = &settings.end;
     let both = async {
         tokio::join!(
-            to_client(&mut machine_rx, &mut client_tx, ws, end),
-            to_machine(&mut client_rx, &mut machine_tx, ws, end),
+            one_way(&mut machine_rx, &mut client_tx, ws, end, Toward::Client),
+            one_way(&mut client_rx, &mut machine_tx, ws, end, Toward::Machine),
         )
     };
     tokio::select! {
@@ -109,34 +109,25 @@ pub async fn run(
     drop(guards);
 }
 
-/// Machine → client. Asked to end, a WebSocket finishes the frame in progress and sends the
-/// client a close frame; then nothing more from the machine is passed on.
-async fn to_client<R, W>(from: &mut R, to: &mut W, ws: bool, end: &CancellationToken) -> io::Result<Finish>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut frames = ws.then(WsFrames::default);
-    if copy_until_end(from, to, frames.as_mut(), end).await? {
-        return Ok(Finish::Eof);
-    }
-    let Some(frames) = frames.as_mut() else { return Ok(Finish::Ended) };
-    match tokio::time::timeout(GRACE, finish_frame(from, to, frames)).await {
-        Ok(Ok(true)) => {
-            to.write_all(&ending::close_frame(None)).await?;
-            to.flush().await?;
-            Ok(Finish::Ended)
-        }
-        Ok(Ok(false)) => Ok(Finish::Eof),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Ok(Finish::Cut),
-    }
+/// Which way one half of the tunnel carries bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Toward {
+    Client,
+    Machine,
 }
 
-/// Client → machine. Asked to end, a WebSocket finishes the frame in progress, sends the
-/// machine a (masked) close frame, then waits up to [`GRACE`] for the client's own close
-/// frame, answering tern's, without passing anything more on.
-async fn to_machine<R, W>(from: &mut R, to: &mut W, ws: bool, end: &CancellationToken) -> io::Result<Finish>
+/// One direction of the tunnel. Asked to end, a WebSocket finishes the frame in progress
+/// and sends a close frame the way it flows: plain to the client, masked to the machine
+/// (frames from a client must be). Client → machine then waits up to [`GRACE`] for the
+/// client's own close frame, answering tern's, reading and dropping what comes. Nothing
+/// more is passed on either way.
+async fn one_way<R, W>(
+    from: &mut R,
+    to: &mut W,
+    ws: bool,
+    end: &CancellationToken,
+    toward: Toward,
+) -> io::Result<Finish>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -146,27 +137,34 @@ where
         return Ok(Finish::Eof);
     }
     let Some(frames) = frames.as_mut() else { return Ok(Finish::Ended) };
+    let mut sent = false;
     let closing = async {
         if !finish_frame(from, to, frames).await? {
             return Ok(Finish::Eof);
         }
-        to.write_all(&ending::close_frame(Some(fastrand::u32(..).to_be_bytes()))).await?;
+        let mask = (toward == Toward::Machine).then(|| fastrand::u32(..).to_be_bytes());
+        to.write_all(&ending::close_frame(mask)).await?;
         to.flush().await?;
-        // The client's answer, read and dropped: the machine has had its close frame.
-        let mut buf = vec![0; BUF];
-        while !frames.saw_close() {
-            let n = from.read(&mut buf).await?;
-            if n == 0 {
-                break;
+        sent = true;
+        if toward == Toward::Machine {
+            let mut buf = vec![0; BUF];
+            while !frames.saw_close() {
+                let n = from.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                frames.feed(&buf[..n], false);
             }
-            frames.feed(&buf[..n], false);
         }
         io::Result::Ok(Finish::Ended)
     };
     match tokio::time::timeout(GRACE, closing).await {
         Ok(r) => r,
-        // A client that does not answer a close frame is not waited for.
-        Err(_) => Ok(if frames.saw_close() { Finish::Ended } else { Finish::Cut }),
+        // A side that does not reach a frame boundary, or a client that does not answer
+        // a close frame, is not waited for.
+        Err(_) => {
+            Ok(if toward == Toward::Machine && frames.saw_close() { Finish::Ended } else { Finish::Cut })
+        }
     }
 }
 
