@@ -68,6 +68,8 @@ pub enum WakeError {
     Failed(Arc<str>),
 }
 
+const SHUTTING_DOWN: &str = "tern is shutting down";
+
 /// Why a wake failed.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
@@ -95,6 +97,9 @@ pub struct Lifecycle {
     /// One lifecycle operation (wake, autostop) at a time per machine: a wake that arrives
     /// while the machine is being stopped starts it once the stop is done.
     ops: DashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>,
+    /// Set by [`Lifecycle::stop_all`]: no wake starts a machine any more, and one in
+    /// progress gives up (stopping what it started), so none outlives tern.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// One held request; dropping it releases the app's slot.
@@ -131,6 +136,7 @@ impl Lifecycle {
             runtime: tokio::runtime::Handle::current(),
             checkers: DashMap::new(),
             ops: DashMap::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -312,6 +318,9 @@ impl Lifecycle {
         let started = Instant::now();
         let op = self.op_lock(&m.id);
         let _op = op.lock().await;
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(Failure::Other(Arc::from(SHUTTING_DOWN)));
+        }
         let from = m.state();
         let target = Target::of(m);
         self.set_state(m, MachineState::Starting, reason);
@@ -389,6 +398,9 @@ impl Lifecycle {
                 return Err(Failure::Other(Arc::from(
                     "the machine's process exited before it accepted connections",
                 )));
+            }
+            if self.closing.load(Ordering::SeqCst) {
+                return Err(Failure::Other(Arc::from(SHUTTING_DOWN)));
             }
             if Instant::now() >= deadline {
                 return Err(Failure::NotReady);
@@ -471,24 +483,37 @@ impl Lifecycle {
         }
     }
 
-    pub async fn stop_all(&self) {
+    /// Stops every machine this node runs, at shutdown, and records them stopped. Each is
+    /// stopped under its lifecycle lock, after whatever wake or autostop holds it: a wake in
+    /// progress gives up within a probe interval (and stops what it started), and no new
+    /// one starts, so no machine process outlives tern.
+    pub async fn stop_all(self: &Arc<Self>) {
+        self.closing.store(true, Ordering::SeqCst);
         let snap = self.catalog.load_full();
         let mut stops = tokio::task::JoinSet::new();
         for app in snap.apps() {
-            for m in app.machines.iter().filter(|m| self.driver.running(&m.id)) {
-                let target = Target::of(m);
-                let (driver, kill, m) = (self.driver.clone(), app.spec.kill_timeout, m.clone());
-                self.set_state(&m, MachineState::Stopping, "shutdown");
-                self.metrics.machine_actions.with_label_values(&["stop", "shutdown"]).inc();
-                stops.spawn_on(async move { (driver.stop(&target, kill).await, m) }, &self.runtime);
+            // Running, or about to be: a wake that has not taken the lock yet finds `closing`.
+            let live = |m: &&Arc<Machine>| self.driver.running(&m.id) || self.wakes.contains_key(&m.id);
+            for m in app.machines.iter().filter(live) {
+                let (this, kill, m) = (self.clone(), app.spec.kill_timeout, m.clone());
+                stops.spawn_on(async move { this.stop_at_shutdown(&m, kill).await }, &self.runtime);
             }
         }
-        while let Some(Ok((result, m))) = stops.join_next().await {
-            if let Err(e) = result {
-                tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not stop machine");
-            }
-            self.set_state(&m, MachineState::Stopped, "shutdown");
+        while stops.join_next().await.is_some() {}
+    }
+
+    async fn stop_at_shutdown(&self, m: &Arc<Machine>, kill_timeout: std::time::Duration) {
+        let op = self.op_lock(&m.id);
+        let _op = op.lock().await;
+        if !self.driver.running(&m.id) {
+            return;
         }
+        self.set_state(m, MachineState::Stopping, "shutdown");
+        self.metrics.machine_actions.with_label_values(&["stop", "shutdown"]).inc();
+        if let Err(e) = self.driver.stop(&Target::of(m), kill_timeout).await {
+            tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not stop machine");
+        }
+        self.set_state(m, MachineState::Stopped, "shutdown");
     }
 }
 

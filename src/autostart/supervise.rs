@@ -487,39 +487,46 @@ mod tests {
         }
     }
 
-    /// The supervisor on tokio's paused clock: only time matters here, so a test of minutes
-    /// runs in milliseconds and cannot be flaky.
-    #[tokio::test(start_paused = true)]
-    async fn autostop_waits_out_the_window_and_any_open_exchange() {
+    /// A lifecycle over a mock driver and a real RIB, with one app `a` (its extra TOML
+    /// given) and its machine `m1` (with a `cmd`) in `state`.
+    fn setup(app_toml: &str, state: MachineState) -> (tempfile::TempDir, Arc<MockDriver>, Arc<Lifecycle>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let rib = crate::rib::sqlite::SqliteRib::open(&dir.path().join("rib.db"), Duration::from_millis(10))
             .expect("rib");
         let catalog = Arc::new(crate::catalog::Catalog::new());
         let mut snap = crate::catalog::Snapshot::default();
-        let app: crate::model::AppSpec = toml::from_str(
-            "name = \"a\"\nhostnames = [\"a.test\"]\nauto_stop = \"stop\"\nauto_stop_after = \"60s\"",
-        )
-        .expect("app");
+        let app: crate::model::AppSpec =
+            toml::from_str(&format!("name = \"a\"\nhostnames = [\"a.test\"]\n{app_toml}")).expect("app");
         snap.apply(crate::catalog::Event::App(app));
         snap.apply(crate::catalog::Event::Machine(crate::model::MachineSpec {
             id: "m1".into(),
             app: "a".into(),
             region: String::new(),
             addr: "127.0.0.1:1".parse().expect("addr"),
-            state: MachineState::Started,
+            state,
             cmd: Some(vec!["app".into()]),
         }));
         catalog.publish(snap);
         let driver = Arc::new(MockDriver::default());
-        driver.running.insert(Arc::from("m1"));
         let lifecycle = Lifecycle::new(
             driver.clone(),
             Arc::new(rib),
-            catalog.clone(),
+            catalog,
             Arc::from("node"),
             Arc::from(""),
             Arc::new(crate::telemetry::Metrics::new()),
         );
+        (dir, driver, lifecycle)
+    }
+
+    /// The supervisor on tokio's paused clock: only time matters here, so a test of minutes
+    /// runs in milliseconds and cannot be flaky.
+    #[tokio::test(start_paused = true)]
+    async fn autostop_waits_out_the_window_and_any_open_exchange() {
+        let (_dir, driver, lifecycle) =
+            setup("auto_stop = \"stop\"\nauto_stop_after = \"60s\"", MachineState::Started);
+        driver.running.insert(Arc::from("m1"));
+        let catalog = lifecycle.catalog.clone();
         let (_stop, shutdown) = watch::channel(false);
         tokio::spawn(lifecycle.clone().supervise(shutdown));
         let m = catalog.load().machine("m1").expect("m1").clone();
@@ -536,5 +543,37 @@ mod tests {
         assert_eq!(*driver.calls.lock(), ["stop m1"]);
         assert_eq!(m.state(), MachineState::Stopped);
         assert!(m.live.in_rotation(), "back in rotation, ready for the next wake");
+    }
+
+    /// A wake that is waiting for the machine's lock when tern shuts down (behind an autostop,
+    /// say) must not start the machine after `stop_all` has run: it would outlive tern.
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_queued_at_shutdown_starts_nothing() {
+        let (_dir, driver, lifecycle) = setup("wake_timeout = \"30s\"", MachineState::Stopped);
+        let app = lifecycle.catalog.load().app("a").expect("app").clone();
+        // Something else holds the machine's lock, as an autostop in progress would.
+        let busy = lifecycle.op_lock(&Arc::from("m1")).lock_owned().await;
+        let held = tokio::spawn({
+            let (lifecycle, app) = (lifecycle.clone(), app.clone());
+            async move {
+                lifecycle
+                    .acquire(&app, tokio::time::Instant::now() + Duration::from_secs(30), true)
+                    .await
+                    .err()
+            }
+        });
+        while !lifecycle.wakes.contains_key("m1") {
+            tokio::task::yield_now().await;
+        }
+        let stopping = tokio::spawn({
+            let lifecycle = lifecycle.clone();
+            async move { lifecycle.stop_all().await }
+        });
+        drop(busy);
+        stopping.await.expect("stop_all");
+        let err = held.await.expect("held request").expect("the held request fails");
+        assert!(err.to_string().contains("shutting down"), "{err}");
+        assert!(driver.calls.lock().iter().all(|c| !c.starts_with("start")), "{:?}", driver.calls.lock());
+        assert!(driver.running.is_empty(), "no machine process outlives tern");
     }
 }
