@@ -268,12 +268,20 @@ impl Lifecycle {
                 }
                 m.live.end_streams();
                 let drained = tokio::time::timeout(DRAIN, until_no_exchange(&m)).await.is_ok();
-                if let Err(e) = this.driver.stop(&crate::driver::Target::of(&m), kill).await {
-                    tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not stop machine");
+                // Declared started again while it drained: it stays.
+                if m.state() != MachineState::Stopped {
+                    return;
                 }
-                this.metrics.machine_actions.with_label_values(&["stop", "declared"]).inc();
-                tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, drained,
-                    "declared stopped: stopped its process");
+                match this.driver.stop(&crate::driver::Target::of(&m), kill).await {
+                    Ok(()) => {
+                        this.metrics.machine_actions.with_label_values(&["stop", "declared"]).inc();
+                        tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, drained,
+                            "declared stopped: stopped its process");
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not stop machine");
+                    }
+                }
             });
         }
     }

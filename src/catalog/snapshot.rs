@@ -51,16 +51,25 @@ impl MachineLive {
     }
 
     /// The token a stream on this machine waits on: cancelled when the machine is about
-    /// to stop, asking the stream to end cleanly.
+    /// to stop, asking the stream to end cleanly. Once cancelled it stays so until the
+    /// machine is started again, so a stream whose response arrives after the request to
+    /// end (its request was already in flight) ends as soon as it begins.
     pub fn streams_end(&self) -> CancellationToken {
         self.streams_end.lock().get_or_insert_with(CancellationToken::new).clone()
     }
 
-    /// Asks every open stream on the machine to end cleanly. A stream that begins later
-    /// gets a fresh token; none should, as the machine is out of rotation by then.
+    /// Asks every open stream on the machine to end cleanly.
     pub fn end_streams(&self) {
-        if let Some(token) = self.streams_end.lock().take() {
-            token.cancel();
+        self.streams_end.lock().get_or_insert_with(CancellationToken::new).cancel();
+    }
+
+    /// A machine that starts again takes streams that run until it is asked again.
+    fn started_again(&self, from: MachineState, to: MachineState) {
+        if to == MachineState::Started && from != MachineState::Started {
+            let mut token = self.streams_end.lock();
+            if token.as_ref().is_some_and(CancellationToken::is_cancelled) {
+                *token = None;
+            }
         }
     }
 
@@ -120,11 +129,12 @@ impl MachineLive {
     /// Takes `state` if `version` is newer than the one held; returns whether it did.
     pub fn observe(&self, state: MachineState, version: u64) -> bool {
         let newer = |current| (unpack(current).1 < version).then_some(pack(state, version));
-        let taken = self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, newer).is_ok();
-        if taken {
+        let taken = self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, newer);
+        if let Ok(previous) = taken {
+            self.started_again(unpack(previous).0, state);
             self.wake_queued();
         }
-        taken
+        taken.is_ok()
     }
 
     /// Moves to `state` with the next version, whatever the current one; returns that
@@ -134,6 +144,7 @@ impl MachineLive {
         // The closure always answers Some, so the update always succeeds.
         let previous =
             self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, next).unwrap_or_else(|v| v);
+        self.started_again(unpack(previous).0, state);
         self.wake_queued();
         unpack(previous).1 + 1
     }

@@ -57,16 +57,40 @@ struct SseEnd {
     edge: SseEdge,
     asked: Pin<Box<WaitForCancellationFutureOwned>>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The last frame was cut short at a boundary: end now.
+    cut_at_boundary: bool,
 }
 
 impl SseEnd {
     pub fn new(token: CancellationToken) -> Self {
-        SseEnd { edge: SseEdge::default(), asked: Box::pin(token.cancelled_owned()), deadline: None }
+        SseEnd {
+            edge: SseEdge::default(),
+            asked: Box::pin(token.cancelled_owned()),
+            deadline: None,
+            cut_at_boundary: false,
+        }
+    }
+
+    /// Takes in a frame's bytes. Once asked to end, if the frame runs past an event
+    /// boundary into an event it does not finish, says how much of it to pass on: up to
+    /// that boundary, after which the body ends.
+    fn take(&mut self, data: &Bytes) -> Option<usize> {
+        let last = self.edge.feed(data);
+        if self.deadline.is_none() || self.edge.at_boundary() {
+            return None;
+        }
+        let upto = last?;
+        self.edge = SseEdge::default();
+        self.cut_at_boundary = true;
+        Some(upto)
     }
 
     /// Ready(true) to end the body cleanly now, Ready(false) to cut it (the grace ran out
     /// mid-event), Pending to carry on.
     fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if self.cut_at_boundary {
+            return Poll::Ready(true);
+        }
         if self.deadline.is_none() {
             if self.asked.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
@@ -105,10 +129,17 @@ impl Streamed {
             return Poll::Ready(self.end_early(clean));
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
                 self.idle.activity().touch();
-                if let (Some(sse), Some(data)) = (&mut self.sse, frame.data_ref()) {
-                    sse.edge.feed(data);
+                if let Some(sse) = &mut self.sse
+                    && let Some(data) = frame.data_ref()
+                    && let Some(upto) = sse.take(data)
+                {
+                    // Asked to end: pass on up to the last boundary in this frame, then end.
+                    if upto == 0 {
+                        return Poll::Ready(self.end_early(true));
+                    }
+                    frame = Frame::data(data.slice(..upto));
                 }
                 if self.inner.is_end_stream() {
                     self.release();

@@ -63,8 +63,15 @@ impl Default for SseEdge {
 }
 
 impl SseEdge {
-    pub fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+    /// Takes in `bytes`; returns the offset just after the last event boundary in them
+    /// (0 if the only one is where they start), if any.
+    pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut last = (self.at_boundary() && !self.after_cr).then_some(0);
+        for (i, &b) in bytes.iter().enumerate() {
+            // A blank line that ended in a lone `\r`: the boundary was just before `b`.
+            if self.after_cr && b != b'\n' && self.at_boundary() {
+                last = Some(i);
+            }
             match b {
                 b'\n' if self.after_cr => self.after_cr = false,
                 b'\n' => self.endings = self.endings.saturating_add(1),
@@ -77,7 +84,12 @@ impl SseEdge {
                     self.after_cr = false;
                 }
             }
+            // A `\r` that a `\n` may follow is not a boundary yet: that `\n` belongs to it.
+            if self.at_boundary() && !self.after_cr {
+                last = Some(i + 1);
+            }
         }
+        last
     }
 
     pub fn at_boundary(&self) -> bool {
@@ -199,6 +211,18 @@ mod tests {
             e.feed(chunk);
             assert_eq!(e.at_boundary(), boundary, "after {:?}", String::from_utf8_lossy(chunk));
         }
+    }
+
+    #[test]
+    fn sse_feed_says_where_the_last_boundary_is() {
+        let mut e = SseEdge::default();
+        assert_eq!(e.feed(b"data: a\n\ndata: b\n\ndata: c"), Some(18));
+        assert_eq!(e.feed(b"ontinued"), None);
+        assert_eq!(e.feed(b"\n\n"), Some(2));
+        assert_eq!(e.feed(b"data: d\r\n\r\ndata: e"), Some(11));
+        assert_eq!(e.feed(b"\r\rx"), Some(2), "a blank line of lone CRs");
+        let mut e = SseEdge::default();
+        assert_eq!(e.feed(b"data: x"), Some(0), "at the very start");
     }
 
     fn frame(opcode: u8, masked: bool, payload_len: usize) -> Vec<u8> {

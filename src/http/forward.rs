@@ -196,7 +196,7 @@ impl Handler {
             Err(e) => e,
         };
         drop(guard);
-        tracing::warn!(target: "tern::upstream", app = %app.name, machine = %first.id, error = %err, "machine refused the connection");
+        tracing::warn!(target: "tern::upstream", app = %app.name, machine = %first.id, error = %err, "could not connect to the machine");
         let Some(Pick { machine: second, guard, .. }) = self.router.pick(app, &[&first.id]) else {
             return Err(ProxyError::UpstreamConnect {
                 machine: first.id.clone(),
@@ -289,11 +289,18 @@ impl Handler {
     }
 }
 
-/// An SSE response (`text/event-stream`), which tern may end cleanly between events.
+/// An SSE response (`text/event-stream`) whose events tern can see, so it may end it
+/// cleanly between two. A compressed one cannot be read for boundaries: it runs until its
+/// machine goes, like any other response.
 fn is_event_stream(headers: &http::HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
+    let sse = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
         ct.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
-    })
+    });
+    let plain = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .all(|v| v.to_str().is_ok_and(|e| e.trim().is_empty() || e.trim().eq_ignore_ascii_case("identity")));
+    sse && plain
 }
 
 /// The host the client asked for: the URI authority (HTTP/2, absolute-form), else `Host`.

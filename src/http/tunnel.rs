@@ -73,29 +73,32 @@ pub async fn run(
     let (mut machine_rx, mut machine_tx) = tokio::io::split(machine);
     let ws = settings.kind == Kind::WebSocket;
     let end = &settings.end;
+    let kind = if ws { "websocket" } else { "tunnel" };
+    // One side closing is passed on as a half-close while the other keeps flowing; one side
+    // failing ends both, as `copy_bidirectional` did.
     let both = async {
-        tokio::join!(
+        tokio::try_join!(
             one_way(&mut machine_rx, &mut client_tx, ws, end, Toward::Client),
             one_way(&mut client_rx, &mut machine_tx, ws, end, Toward::Machine),
         )
     };
     tokio::select! {
-        (down, up) = both => {
-            if let (Ok(down), Ok(up)) = (&down, &up)
-                && (*down != Finish::Eof || *up != Finish::Eof)
-            {
-                let how = if *down == Finish::Cut || *up == Finish::Cut { "cut" } else { "clean" };
-                let kind = if ws { "websocket" } else { "tunnel" };
+        r = both => match r {
+            Ok((down, up)) if down != Finish::Eof || up != Finish::Eof => {
+                let how = match (down, up) {
+                    _ if !ws => "closed",
+                    (Finish::Cut, _) | (_, Finish::Cut) => "cut",
+                    _ => "clean",
+                };
                 metrics.streams_ended.with_label_values(&[kind, how]).inc();
             }
-            if let Err(e) = down.and(up) {
-                tracing::debug!(target: "tern::http", error = %e, "tunnel ended with an error");
-            }
-        }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(target: "tern::http", error = %e, "tunnel ended with an error"),
+        },
         // A side that stopped reading can hold a write past both graces; asked to end, the
         // tunnel is gone within two.
         () = async { end.cancelled().await; tokio::time::sleep(GRACE * 2).await } => {
-            metrics.streams_ended.with_label_values(&[if ws { "websocket" } else { "tunnel" }, "cut"]).inc();
+            metrics.streams_ended.with_label_values(&[kind, "cut"]).inc();
         }
         () = silent_for(&activity, settings.idle_timeout) => {
             metrics.streams_cut_idle.inc();
@@ -142,9 +145,12 @@ where
         if !finish_frame(from, to, frames).await? {
             return Ok(Finish::Eof);
         }
-        let mask = (toward == Toward::Machine).then(|| fastrand::u32(..).to_be_bytes());
-        to.write_all(&ending::close_frame(mask)).await?;
-        to.flush().await?;
+        // A close frame already went this way (a closing handshake under way): no second.
+        if !frames.saw_close() {
+            let mask = (toward == Toward::Machine).then(|| fastrand::u32(..).to_be_bytes());
+            to.write_all(&ending::close_frame(mask)).await?;
+            to.flush().await?;
+        }
         sent = true;
         if toward == Toward::Machine {
             let mut buf = vec![0; BUF];
@@ -160,11 +166,9 @@ where
     };
     match tokio::time::timeout(GRACE, closing).await {
         Ok(r) => r,
-        // A side that does not reach a frame boundary, or a client that does not answer
-        // a close frame, is not waited for.
-        Err(_) => {
-            Ok(if toward == Toward::Machine && frames.saw_close() { Finish::Ended } else { Finish::Cut })
-        }
+        // A side that does not reach a frame boundary in time is cut; a client that does
+        // not answer its close frame is not waited for, and the end was still clean.
+        Err(_) => Ok(if sent { Finish::Ended } else { Finish::Cut }),
     }
 }
 
@@ -196,6 +200,8 @@ where
             f.feed(&buf[..n], false);
         }
         to.write_all(&buf[..n]).await?;
+        // TLS may keep what it could not send yet; nothing else would push it out.
+        to.flush().await?;
     }
 }
 
@@ -216,6 +222,7 @@ where
         }
         let took = frames.feed(&buf[..n], true);
         to.write_all(&buf[..took]).await?;
+        to.flush().await?;
     }
     Ok(true)
 }

@@ -103,18 +103,19 @@ async fn shutdown_ends_sse_and_websockets_cleanly_instead_of_waiting_for_them() 
     let (mut ws, _) = tokio_tungstenite::client_async("ws://live.test/ws", tcp).await.unwrap();
     ws.send(Message::text("before")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
+    let tcp = tokio::net::TcpStream::connect(proxy.https).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(ca.client_config(&[b"http/1.1"])))
+        .connect(rustls::pki_types::ServerName::try_from("live.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut wss, _) = tokio_tungstenite::client_async("wss://live.test/ws", tls).await.unwrap();
+    wss.send(Message::text("over tls")).await.unwrap();
+    assert_eq!(wss.next().await.unwrap().unwrap(), Message::text("over tls"));
 
     let run = proxy.shutdown();
-    // The WebSocket client is told the server is going away…
-    match ws.next().await {
-        Some(Ok(Message::Close(Some(frame)))) => {
-            assert_eq!(u16::from(frame.code), 1001);
-            assert_eq!(frame.reason.as_str(), "machine stopping");
-        }
-        other => panic!("expected a close frame, got {other:?}"),
-    }
-    // (Reading on sends tungstenite's answering close frame, then the connection ends.)
-    while let Some(Ok(_)) = ws.next().await {}
+    // Each WebSocket client is told the server is going away…
+    expect_going_away(&mut ws).await;
+    expect_going_away(&mut wss).await;
     // …and each SSE stream ends cleanly after its last whole event: not cut, not hanging
     // until the 30 s shutdown deadline.
     for mut resp in sse {
@@ -130,6 +131,24 @@ async fn shutdown_ends_sse_and_websockets_cleanly_instead_of_waiting_for_them() 
         .unwrap()
         .unwrap();
     // The machine was sent a close frame too (masked, as a client's must be), which it read.
-    eventually(Duration::from_secs(5), || async { (!b.ws_closes.lock().is_empty()).then_some(()) }).await;
-    assert_eq!(*b.ws_closes.lock(), vec![1001]);
+    eventually(Duration::from_secs(5), || async { (b.ws_closes.lock().len() == 2).then_some(()) }).await;
+    assert_eq!(*b.ws_closes.lock(), vec![1001, 1001]);
+}
+
+/// The next message is a close frame saying the server is going away (1001); reading on
+/// sends the client's answering close frame, then the connection ends.
+async fn expect_going_away<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("no close frame came") {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1001);
+            assert_eq!(frame.reason.as_str(), "machine stopping");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    while let Some(Ok(_)) = ws.next().await {}
 }
