@@ -15,9 +15,10 @@
 //!      └────────────────────────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! Per app and region, with N started machines of which `over_soft` are at or over the soft
-//! limit, the excess is N − (over_soft + 1) for N > 1, and for a lone machine 1 if it has
-//! nothing in flight, else 0 (fly-proxy's rule). While the excess is at least 1 and more
+//! Per app and region, with N started machines passing their checks (a failing one is
+//! neither counted nor stopped), of which `over_soft` are at or over the soft limit, the
+//! excess is N − (over_soft + 1) for N > 1, and for a lone machine 1 if it has nothing in
+//! flight, else 0 (fly-proxy's rule). While the excess is at least 1 and more
 //! than `min_machines_running` machines run in the region, one machine per pass is stopped:
 //! one that has been idle (nothing in flight) for `auto_stop_after`, or, once the excess
 //! has lasted `auto_stop_after` with every machine busy now and then, one with nothing in
@@ -177,7 +178,9 @@ impl Lifecycle {
             let views: Vec<View> = machines
                 .iter()
                 .map(|m| View {
-                    started: m.state() == MachineState::Started,
+                    // A machine failing its checks is not running for the app: it does not
+                    // count toward the minimum, and a check never stops a machine.
+                    started: m.state() == MachineState::Started && m.live.healthy(),
                     stoppable: m.live.in_rotation() && self.driver.running(&m.id),
                     load: m.live.in_flight(),
                     idle_since_ms: m.live.idle_since_ms(),
@@ -496,8 +499,11 @@ mod tests {
     }
 
     /// A lifecycle over a mock driver and a real RIB, with one app `a` (its extra TOML
-    /// given) and its machine `m1` (with a `cmd`) in `state`.
-    fn setup(app_toml: &str, state: MachineState) -> (tempfile::TempDir, Arc<MockDriver>, Arc<Lifecycle>) {
+    /// given) and its machines (each with a `cmd`) in the given states.
+    fn setup(
+        app_toml: &str,
+        machines: &[(&str, MachineState)],
+    ) -> (tempfile::TempDir, Arc<MockDriver>, Arc<Lifecycle>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let rib = crate::rib::sqlite::SqliteRib::open(&dir.path().join("rib.db"), Duration::from_millis(10))
             .expect("rib");
@@ -506,14 +512,16 @@ mod tests {
         let app: crate::model::AppSpec =
             toml::from_str(&format!("name = \"a\"\nhostnames = [\"a.test\"]\n{app_toml}")).expect("app");
         snap.apply(crate::catalog::Event::App(app));
-        snap.apply(crate::catalog::Event::Machine(crate::model::MachineSpec {
-            id: "m1".into(),
-            app: "a".into(),
-            region: String::new(),
-            addr: "127.0.0.1:1".parse().expect("addr"),
-            state,
-            cmd: Some(vec!["app".into()]),
-        }));
+        for (id, state) in machines {
+            snap.apply(crate::catalog::Event::Machine(crate::model::MachineSpec {
+                id: (*id).into(),
+                app: "a".into(),
+                region: String::new(),
+                addr: "127.0.0.1:1".parse().expect("addr"),
+                state: *state,
+                cmd: Some(vec!["app".into()]),
+            }));
+        }
         catalog.publish(snap);
         let driver = Arc::new(MockDriver::default());
         let lifecycle = Lifecycle::new(
@@ -532,7 +540,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn autostop_waits_out_the_window_and_any_open_exchange() {
         let (_dir, driver, lifecycle) =
-            setup("auto_stop = \"stop\"\nauto_stop_after = \"60s\"", MachineState::Started);
+            setup("auto_stop = \"stop\"\nauto_stop_after = \"60s\"", &[("m1", MachineState::Started)]);
         driver.running.insert(Arc::from("m1"));
         let catalog = lifecycle.catalog.clone();
         let (_stop, shutdown) = watch::channel(false);
@@ -557,7 +565,7 @@ mod tests {
     /// say) must not start the machine after `stop_all` has run: it would outlive tern.
     #[tokio::test(start_paused = true)]
     async fn a_wake_queued_at_shutdown_starts_nothing() {
-        let (_dir, driver, lifecycle) = setup("wake_timeout = \"30s\"", MachineState::Stopped);
+        let (_dir, driver, lifecycle) = setup("wake_timeout = \"30s\"", &[("m1", MachineState::Stopped)]);
         let app = lifecycle.catalog.load().app("a").expect("app").clone();
         // Something else holds the machine's lock, as an autostop in progress would.
         let busy = lifecycle.op_lock(&Arc::from("m1")).lock_owned().await;
@@ -583,5 +591,29 @@ mod tests {
         assert!(err.to_string().contains("shutting down"), "{err}");
         assert!(driver.calls.lock().iter().all(|c| !c.starts_with("start")), "{:?}", driver.calls.lock());
         assert!(driver.running.is_empty(), "no machine process outlives tern");
+    }
+
+    /// A machine failing its checks takes no traffic, so it looks idle; but it neither
+    /// counts toward `min_machines_running` nor is stopped (a check never stops a machine).
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_machine_neither_counts_toward_the_minimum_nor_is_stopped() {
+        let app = "auto_stop = \"stop\"\nauto_stop_after = \"60s\"\nmin_machines_running = 1";
+        let started = MachineState::Started;
+        let (_dir, driver, lifecycle) = setup(app, &[("healthy", started), ("failing", started)]);
+        for id in ["healthy", "failing"] {
+            driver.running.insert(Arc::from(id));
+        }
+        let failing = lifecycle.catalog.load().machine("failing").expect("failing").clone();
+        failing.live.set_healthy(false);
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(lifecycle.clone().supervise(shutdown));
+        // Both idle for five windows: the healthy one is the minimum, the failing one is not
+        // autostop's to stop.
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert!(driver.calls.lock().is_empty(), "{:?}", driver.calls.lock());
+        // Once it passes again, it is ordinary excess and goes after its idle window.
+        failing.live.set_healthy(true);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(driver.calls.lock().len(), 1, "{:?}", driver.calls.lock());
     }
 }
