@@ -80,6 +80,12 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Whether the machine is running (started or suspended) as far as the driver knows.
     fn running(&self, id: &str) -> bool;
+
+    /// At startup, before anything is started: deals with machines an earlier run of tern
+    /// left running (it crashed or was killed before it could stop them).
+    fn clean_up_leftovers(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Builds the configured driver; `events` receives what it notices on its own.

@@ -12,6 +12,12 @@
 //!
 //! Each machine runs in its own process group, so signals reach whatever its `cmd` spawns
 //! (a shell's children too). stdout and stderr go to `<log_dir>/<machine id>.log`, appended.
+//!
+//! While a machine runs, `<log_dir>/<machine id>.pid` holds its process group and the
+//! kernel's start time of its leader. If tern dies without stopping its machines (a crash,
+//! SIGKILL), the next `tern serve` finds those files, checks that the same process still
+//! runs (the start time guards against a reused pid), and stops it before starting anything:
+//! otherwise it would keep the machine's port and answer in place of the machine tern starts.
 //! The machine learns who it is from `FLY_MACHINE_ID`, `FLY_APP_NAME`, `FLY_REGION` and
 //! `PORT`, as on Fly.io.
 
@@ -81,6 +87,12 @@ impl ProcessDriver {
         let (tx, exited) = watch::channel(false);
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         self.procs.insert(m.id.clone(), Proc { pgid, exited, stopping: stopping.clone(), frozen: false });
+        let pid_path = self.log_dir.join(format!("{}.pid", m.id));
+        if let Some(started) = start_time(pgid) {
+            if let Err(e) = std::fs::write(&pid_path, format!("{} {started}\n", pgid.as_raw())) {
+                tracing::warn!(target: "tern::driver", machine = %m.id, error = %e, "cannot record the machine's pid");
+            }
+        }
         tracing::info!(target: "tern::driver", machine = %m.id, pid, log = %log_path.display(), "machine process started");
 
         let (procs, events, id) = (self.procs.clone(), self.events.clone(), m.id.clone());
@@ -90,7 +102,9 @@ impl ProcessDriver {
                 Err(e) => format!("wait failed: {e}"),
             };
             // Only forget the entry if it is still this process (not a later start).
-            procs.remove_if(&id, |_, p| p.pgid == pgid);
+            if procs.remove_if(&id, |_, p| p.pgid == pgid).is_some() {
+                let _ = std::fs::remove_file(&pid_path);
+            }
             let _ = tx.send(true);
             if stopping.load(std::sync::atomic::Ordering::Acquire) {
                 tracing::info!(target: "tern::driver", machine = %id, %status, "machine process stopped");
@@ -162,4 +176,62 @@ impl Driver for ProcessDriver {
     fn running(&self, id: &str) -> bool {
         self.procs.contains_key(id)
     }
+
+    fn clean_up_leftovers(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let Ok(entries) = std::fs::read_dir(&self.log_dir) else { return };
+            let mut stops = tokio::task::JoinSet::new();
+            for path in entries.flatten().map(|e| e.path()) {
+                if path.extension().is_none_or(|x| x != "pid") {
+                    continue;
+                }
+                let recorded = std::fs::read_to_string(&path).ok().and_then(|t| {
+                    let mut it = t.split_whitespace();
+                    Some((Pid::from_raw(it.next()?.parse().ok()?), it.next()?.parse::<u64>().ok()?))
+                });
+                let _ = std::fs::remove_file(&path);
+                let Some((pgid, started)) = recorded else { continue };
+                if start_time(pgid) != Some(started) {
+                    continue; // gone, or the pid now belongs to someone else
+                }
+                let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                tracing::warn!(target: "tern::driver", machine = %id, pid = pgid.as_raw(),
+                    "a machine process left by an earlier run of tern still runs; stopping it");
+                stops.spawn(stop_leftover(pgid, started));
+            }
+            while stops.join_next().await.is_some() {}
+        })
+    }
+}
+
+/// How long a leftover machine gets between SIGTERM and SIGKILL (its app's `kill_timeout` is
+/// not known yet at this point).
+const LEFTOVER_KILL_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn stop_leftover(pgid: Pid, started: u64) {
+    let alive = || start_time(pgid) == Some(started);
+    let _ = killpg(pgid, Signal::SIGTERM);
+    let _ = killpg(pgid, Signal::SIGCONT); // a suspended one only sees SIGTERM once it runs
+    let deadline = tokio::time::Instant::now() + LEFTOVER_KILL_TIMEOUT;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while alive() && tokio::time::Instant::now() < deadline {
+        tick.tick().await;
+    }
+    if alive() {
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+}
+
+/// The kernel's start time of process `pid` (clock ticks since boot, `/proc/<pid>/stat`
+/// field 22), or `None` if there is no such process. Not its parent's child any more, a
+/// leftover becomes a zombie only briefly, and a zombie has no process group to signal.
+fn start_time(pid: Pid) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw())).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }

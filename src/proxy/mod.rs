@@ -90,6 +90,7 @@ pub async fn run(
         catalog::updater::start(catalog.clone(), rib.clone(), metrics.clone(), shutdown.clone()).await?;
     let (driver_tx, driver_rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = crate::driver::build(&config, driver_tx).map_err(StartError::Driver)?;
+    driver.clean_up_leftovers().await;
     let node: Arc<str> = Arc::from(config.node.clone().unwrap_or_else(|| config.region.clone()));
     let lifecycle = Lifecycle::new(
         driver,

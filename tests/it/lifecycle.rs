@@ -347,3 +347,49 @@ async fn a_machine_declared_stopped_ends_its_streams_cleanly_then_stops() {
     assert_eq!(machine_json(&proxy, "live", "l1").await["state"], "stopped");
     proxy.shutdown().await.unwrap().unwrap();
 }
+
+/// tern killed outright (a crash, SIGKILL) cannot stop its machines; the next `tern serve`
+/// must stop what the last one left before starting the machine again, or the leftover
+/// would keep the port and answer in place of the machine tern runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_left_running_by_a_killed_tern_is_stopped_by_the_next_one() {
+    use crate::harness::{self, ServeProcess};
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rib.db");
+    harness::apply_decl(&db, &(app("left", "") + &machine("left", "l1", port, "started", &[])));
+    let config = dir.path().join("tern.toml");
+    std::fs::write(&config, harness::node_config(&db, "") + "format = \"json\"\n").unwrap();
+    harness::install_crypto();
+    let pid_through = |tern: &ServeProcess| {
+        let url = format!("http://left.test:{}/pid", tern.http.port());
+        let client = harness::client_for(tern.http, tern.https, &Ca::new(), HttpVersion::Http1);
+        async move {
+            let r = client.get(url).send().await.ok()?;
+            if r.status() != 200 {
+                return None;
+            }
+            r.text().await.ok()?.parse::<u32>().ok()
+        }
+    };
+    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+
+    let mut first = ServeProcess::start(&config).await;
+    let old = eventually(Duration::from_secs(10), || pid_through(&first)).await.expect("the machine answers");
+    first.child.start_kill().unwrap();
+    first.child.wait().await.unwrap();
+    assert!(alive(old), "killed outright, tern left its machine running");
+
+    let mut second = ServeProcess::start(&config).await;
+    eventually(Duration::from_secs(10), || async { (!alive(old)).then_some(()) })
+        .await
+        .expect("the leftover machine process is stopped");
+    let new =
+        eventually(Duration::from_secs(10), || pid_through(&second)).await.expect("the machine answers");
+    assert_ne!(new, old, "a process tern runs now, not the leftover");
+
+    let pid = second.pid().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    second.child.wait().await.unwrap();
+    assert!(!alive(new), "a clean shutdown stops the machine");
+}
