@@ -22,6 +22,18 @@
 //!                                          wake_timeout): then 503 wake_timeout
 //! ```
 //!
+//! When machines of the app are started but every one is at its hard limit, the request
+//! waits for room instead, in the app's line:
+//!
+//! ```text
+//!  held ──▶ back of the app's line ──at the front, and a slot frees──▶ forwarded
+//!              │                   (an exchange ends, or a machine turns routable)
+//!              └── wake_timeout after arrival ──▶ 503 queue_full
+//! ```
+//!
+//! Only the front of the line may take a slot, and a new request joins the line whenever
+//! anyone waits in it, so requests are served in the order they arrived.
+//!
 //! Machine states live in `MachineLive` (what routing reads, changed at once) and in the
 //! RIB's `machine_states` table (so other readers and a restarted tern see them). Each
 //! change takes the next version, so an echo of an older record never undoes a newer one.
@@ -97,9 +109,55 @@ pub struct Lifecycle {
     /// One lifecycle operation (wake, autostop) at a time per machine: a wake that arrives
     /// while the machine is being stopped starts it once the stop is done.
     ops: DashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>,
+    /// Requests waiting for room on a machine of the app, in arrival order, by app.
+    lines: DashMap<Arc<str>, Arc<Line>>,
     /// Set by [`Lifecycle::stop_all`]: no wake starts a machine any more, and one in
     /// progress gives up (stopping what it started), so none outlives tern.
     closing: std::sync::atomic::AtomicBool,
+}
+
+/// The requests of one app waiting for room (every routable machine at its hard limit), in
+/// the order they began to wait. Only the one at the front may take a slot that frees, so
+/// the longest waiting is served first and a late arrival never takes a slot ahead of
+/// those already waiting.
+#[derive(Default)]
+struct Line {
+    tickets: parking_lot::Mutex<std::collections::VecDeque<u64>>,
+    next: std::sync::atomic::AtomicU64,
+    /// The front changed: the new front may look for room.
+    turn: tokio::sync::Notify,
+}
+
+/// A request's place in its app's line; leaving it (served, or given up) lets the next in.
+struct Place {
+    line: Arc<Line>,
+    ticket: u64,
+}
+
+impl Line {
+    fn join(self: &Arc<Self>) -> Place {
+        let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+        self.tickets.lock().push_back(ticket);
+        Place { line: self.clone(), ticket }
+    }
+}
+
+impl Place {
+    fn at_front(&self) -> bool {
+        self.line.tickets.lock().front() == Some(&self.ticket)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut tickets = self.line.tickets.lock();
+        let was_front = tickets.front() == Some(&self.ticket);
+        tickets.retain(|t| *t != self.ticket);
+        drop(tickets);
+        if was_front {
+            self.line.turn.notify_waiters();
+        }
+    }
 }
 
 /// One held request; dropping it releases the app's slot.
@@ -137,6 +195,7 @@ impl Lifecycle {
             checkers: DashMap::new(),
             ops: DashMap::new(),
             closing: std::sync::atomic::AtomicBool::new(false),
+            lines: DashMap::new(),
         })
     }
 
@@ -164,25 +223,34 @@ impl Lifecycle {
         let _held = self.hold(app)?;
         let mut tried: Vec<Arc<str>> = Vec::new();
         let mut last_failure: Option<Arc<str>> = None;
+        let line = self.lines.entry(app.name.clone()).or_default().clone();
+        let mut place: Option<Place> = None;
         loop {
-            // Registered before looking, on every machine of the app, so neither an exchange
-            // ending nor a machine turning routable (a spare woken, checks passing) in between
-            // is missed.
+            // Registered before looking, on every machine of the app and on the line, so
+            // neither an exchange ending, a machine turning routable (a spare woken, checks
+            // passing) nor the request ahead leaving is missed in between.
             let queued: Vec<Queued> = app.machines.iter().map(|m| m.live.queue()).collect();
             let mut notified: Vec<_> = queued.iter().map(|q| Box::pin(q.notified())).collect();
+            notified.push(Box::pin(line.turn.notified()));
             for n in &mut notified {
                 n.as_mut().enable();
             }
             // A wake that finished between the caller's pick and now (or another node's
-            // start, or an exchange ending) leaves nothing to wait for.
-            if let Some(pick) = select::acquire(&app.machines, &[], &app.spec.concurrency) {
+            // start, or an exchange ending) leaves nothing to wait for; but a request already
+            // waiting for room goes first.
+            let my_turn = place.as_ref().map_or_else(|| line.tickets.lock().is_empty(), Place::at_front);
+            if my_turn && let Some(pick) = select::acquire(&app.machines, &[], &app.spec.concurrency) {
                 if pick.over_soft && may_wake {
                     self.wake_spare(app);
                 }
                 return Ok(pick);
             }
             if app.machines.iter().any(|m| m.routable()) {
-                // Every routable machine is at its hard limit: queue for room.
+                // Every routable machine is at its hard limit (or others wait ahead): queue.
+                if place.is_none() {
+                    place = Some(line.join());
+                    continue;
+                }
                 if may_wake {
                     self.wake_spare(app);
                 }

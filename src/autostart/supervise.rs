@@ -358,8 +358,8 @@ impl Lifecycle {
 /// Resolves once the machine has no exchange in flight.
 async fn until_no_exchange(m: &Machine) {
     loop {
-        let queued = m.live.queue();
-        let ended = queued.notified();
+        let watch = m.live.watch();
+        let ended = watch.notified();
         tokio::pin!(ended);
         ended.as_mut().enable();
         if m.live.in_flight() == 0 {

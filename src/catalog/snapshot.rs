@@ -29,6 +29,8 @@ pub struct MachineLive {
     /// Requests queued for room on this machine's app (every machine at its hard limit);
     /// while any wait, ending an exchange or the machine becoming routable wakes them.
     queued: AtomicU32,
+    /// Of those, the lifecycle manager's own watches (an autostop draining the machine).
+    watching: AtomicU32,
     room: tokio::sync::Notify,
     /// What the machine's open streams (SSE responses, WebSockets) wait on to end cleanly
     /// before it stops. Made when the first stream asks, so an idle catalog of a million
@@ -45,6 +47,7 @@ impl MachineLive {
             in_rotation: AtomicBool::new(true),
             idle_since_ms: AtomicU64::new(crate::clock::now_ms()),
             queued: AtomicU32::new(0),
+            watching: AtomicU32::new(0),
             room: tokio::sync::Notify::new(),
             streams_end: parking_lot::Mutex::new(None),
         }
@@ -108,7 +111,20 @@ impl MachineLive {
     /// registering and before awaiting, so no wake-up is lost.
     pub fn queue(self: &Arc<Self>) -> Queued {
         self.queued.fetch_add(1, Ordering::SeqCst);
-        Queued(self.clone())
+        Queued(self.clone(), false)
+    }
+
+    /// Like [`queue`](Self::queue), for the lifecycle manager waiting for the machine's
+    /// exchanges to end (not a request waiting for room: see [`has_queued`](Self::has_queued)).
+    pub fn watch(self: &Arc<Self>) -> Queued {
+        self.watching.fetch_add(1, Ordering::SeqCst);
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        Queued(self.clone(), true)
+    }
+
+    /// Whether any request is queued for room on this machine's app.
+    pub fn has_queued(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) > self.watching.load(Ordering::SeqCst)
     }
 
     /// Wakes requests queued for room, if there are any.
@@ -214,7 +230,7 @@ impl Drop for InFlight {
 
 /// A request queued for room on a machine; see [`MachineLive::queue`].
 #[derive(Debug)]
-pub struct Queued(Arc<MachineLive>);
+pub struct Queued(Arc<MachineLive>, bool);
 
 impl Queued {
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
@@ -225,6 +241,9 @@ impl Queued {
 impl Drop for Queued {
     fn drop(&mut self) {
         self.0.queued.fetch_sub(1, Ordering::SeqCst);
+        if self.1 {
+            self.0.watching.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 

@@ -181,7 +181,11 @@ impl Handler {
         ignored_agent: bool,
         outcome: &mut Outcome,
     ) -> Result<(Arc<Machine>, Conn, InFlight), ProxyError> {
-        let first = match self.router.pick(app, &[]) {
+        // Requests already waiting for room on this app go first: join them rather than
+        // take a slot that frees ahead of them. (Every waiter registers on every machine, so
+        // the first machine tells.)
+        let waiting = app.machines.first().is_some_and(|m| m.live.has_queued());
+        let first = match if waiting { None } else { self.router.pick(app, &[]) } {
             Some(pick) => {
                 if pick.over_soft && !ignored_agent {
                     self.lifecycle.wake_spare(app);

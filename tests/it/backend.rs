@@ -10,6 +10,7 @@
 //! - `/download?bytes=N`: N bytes in 64 KiB chunks, streamed
 //! - `/upload`: reads the body as it streams and answers with its length
 //! - `/ws`: WebSocket echo
+//! - `/seq`: how many requests this backend has had, this one included (arrival order)
 //! - `/pid`: the process id of the machine (for a backend in its own process)
 //! - `/release`: opens the gate (for a backend in another process: `examples/test_machine.rs`)
 //! - `/healthz`: 200 "ok", or 503 after `/sick` until `/well`
@@ -113,6 +114,7 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body>
     match req.uri().path() {
         "/id" => Response::new(full(state.name.clone())),
         "/pid" => Response::new(full(std::process::id().to_string())),
+        "/seq" => Response::new(full(state.requests.load(Ordering::SeqCst).to_string())),
         "/echo" => {
             let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for (k, v) in req.headers() {

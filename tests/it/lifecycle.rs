@@ -393,3 +393,47 @@ async fn a_machine_left_running_by_a_killed_tern_is_stopped_by_the_next_one() {
     second.child.wait().await.unwrap();
     assert!(!alive(new), "a clean shutdown stops the machine");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queued_for_room_are_served_in_arrival_order() {
+    let port = free_port();
+    let decl = app("fair", "concurrency = { soft_limit = 1, hard_limit = 1 }\nwake_timeout = \"30s\"")
+        + &machine("fair", "f1", port, "started", &[]);
+    let mut proxy = Proxy::start(&decl).await;
+    until_machine(&proxy, "fair", "f1", Duration::from_secs(10), |m| m["state"] == "started").await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    // One request takes the machine's only slot and keeps it.
+    let holder = tokio::spawn({
+        let (client, url) = (client.clone(), proxy.url("fair.test", "/hang"));
+        async move { client.get(url).send().await.unwrap().status() }
+    });
+    until_machine(&proxy, "fair", "f1", Duration::from_secs(10), |m| m["in_flight"] == 1).await;
+    // Six more queue behind it, one after the other.
+    let mut queued = Vec::new();
+    for i in 0..6 {
+        let (client, url) = (client.clone(), proxy.url("fair.test", "/seq"));
+        queued.push(tokio::spawn(async move {
+            let r = client.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }));
+        let held = f64::from(i + 1);
+        eventually(Duration::from_secs(10), || async {
+            (metric_now(&proxy, "tern_held_requests").await == held).then_some(())
+        })
+        .await
+        .expect("the request is queued");
+    }
+    poke(port, "/release").await;
+    assert_eq!(holder.await.unwrap(), 200);
+    // The machine numbers requests as they reach it: the queue went out in arrival order.
+    let mut arrivals = Vec::new();
+    for q in queued {
+        let (status, seq) = q.await.unwrap();
+        assert_eq!(status, 200);
+        arrivals.push(seq.parse::<u64>().unwrap());
+    }
+    let mut sorted = arrivals.clone();
+    sorted.sort_unstable();
+    assert_eq!(arrivals, sorted, "served out of order");
+    proxy.shutdown().await.unwrap().unwrap();
+}
