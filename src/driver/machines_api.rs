@@ -5,13 +5,17 @@
 //!  start    POST {url}/v1/apps/{app}/machines/{id}/start
 //!           GET  {url}/v1/apps/{app}/machines/{id}/wait?state=started&timeout=60
 //!  stop     POST {url}/v1/apps/{app}/machines/{id}/stop     {"signal":"SIGTERM","timeout":"5s"}
+//!           GET  {url}/v1/apps/{app}/machines/{id}/wait?state=stopped&timeout=N
 //!  suspend  POST {url}/v1/apps/{app}/machines/{id}/suspend
 //! ```
 //!
 //! Every call carries `Authorization: Bearer <token>` and has a deadline (30 s; the wait gets
 //! its own 60 s plus that margin; a stop gets `kill_timeout` more). A non-2xx answer becomes
-//! [`DriverError::Api`] with the status and the start of the body. `start` returns once the
-//! orchestrator says the machine is `started`; whether it accepts connections is still the
+//! [`DriverError::Api`] with the status and the start of the body. `stop` returns once the
+//! orchestrator says the machine is `stopped` (its stop call only begins the stop), so a wake
+//! right after an autostop never asks to start a machine still stopping; an orchestrator
+//! that answers that wait with 400 is taken at its stop call's word. `start` returns
+//! once the orchestrator says the machine is `started`; whether it accepts connections is still the
 //! lifecycle manager's probe, as with any driver.
 //!
 //! What this driver decides, and why:
@@ -230,6 +234,19 @@ impl Driver for MachinesApiDriver {
                 .await
                 .map_err(|e| api_error("stop", m, e))?;
             self.running.remove(&m.id);
+            // The machine gets its kill_timeout and a little more to go down.
+            let secs = (kill_timeout.as_secs() + 5).min(WAIT_SECS);
+            let wait = format!("{}?state=stopped&timeout={secs}", self.path(m, "wait"));
+            match self.call(Method::GET, wait, None, Duration::from_secs(secs) + CALL_TIMEOUT).await {
+                Ok(()) => {}
+                // An orchestrator that cannot wait for `stopped` this way (some want the
+                // machine's instance_id too) has still accepted the stop.
+                Err(CallError::Status { status: StatusCode::BAD_REQUEST, excerpt }) => {
+                    tracing::debug!(target: "tern::driver", machine = %m.id, %excerpt,
+                        "orchestrator would not wait for the stop; not waiting");
+                }
+                Err(e) => return Err(api_error("wait for the stop of", m, e)),
+            }
             tracing::info!(target: "tern::driver", machine = %m.id, app = %m.app, "orchestrator stopped the machine");
             Ok(())
         })

@@ -162,12 +162,18 @@ impl MockState {
             }
             ("GET", "wait") => {
                 let started = self.machines.lock().get(&key).is_some_and(|m| m.process.is_some());
-                match (query.split('&').any(|kv| kv == "state=started"), started) {
-                    (true, true) => answer(StatusCode::OK, r#"{"ok":true}"#),
-                    (true, false) => answer(StatusCode::REQUEST_TIMEOUT, r#"{"error":"deadline_exceeded"}"#),
-                    (false, _) => {
-                        answer(StatusCode::BAD_REQUEST, r#"{"error":"this mock waits for started"}"#)
+                let wanted = query.split('&').find_map(|kv| kv.strip_prefix("state="));
+                match (wanted, started) {
+                    (Some("started"), true) | (Some("stopped"), false) => {
+                        answer(StatusCode::OK, r#"{"ok":true}"#)
                     }
+                    (Some("started" | "stopped"), _) => {
+                        answer(StatusCode::REQUEST_TIMEOUT, r#"{"error":"deadline_exceeded"}"#)
+                    }
+                    _ => answer(
+                        StatusCode::BAD_REQUEST,
+                        r#"{"error":"this mock waits for started or stopped"}"#,
+                    ),
                 }
             }
             ("POST", "stop") => {
@@ -243,6 +249,12 @@ async fn mock_orchestrator_a_request_wakes_a_stopped_machine_through_the_api_and
     let stops: Vec<_> = calls.iter().filter(|c| c.method == "POST" && c.target.ends_with("/stop")).collect();
     assert_eq!(stops.len(), 1, "{calls:#?}");
     assert_eq!(stops[0].target, "/v1/apps/sleepy/machines/m1/stop");
+    assert!(
+        calls.iter().any(|c| c.method == "GET"
+            && c.target.starts_with("/v1/apps/sleepy/machines/m1/wait?")
+            && c.target.contains("state=stopped")),
+        "stop waits for the orchestrator to say stopped: {calls:#?}"
+    );
     assert_eq!(stops[0].authorization.as_deref(), Some("Bearer s3cret"));
     let body: serde_json::Value = serde_json::from_str(&stops[0].body).unwrap();
     assert_eq!(body, serde_json::json!({"signal": "SIGTERM", "timeout": "5s"}), "kill_timeout's default");
