@@ -293,15 +293,8 @@ async fn requests_held_for_an_h2c_machine_share_one_connection_per_worker() {
     let mut proxy = Proxy::start(&decl).await;
     let client = proxy.client(&Ca::new(), HttpVersion::Http1);
     let url = proxy.url("grpcish.test", "/id");
-    let requests = (0..100).map(|_| {
-        let (client, url) = (client.clone(), url.clone());
-        tokio::spawn(async move {
-            let r = client.get(url).send().await.unwrap();
-            (r.status().as_u16(), r.text().await.unwrap())
-        })
-    });
-    let results = futures_util::future::join_all(requests).await;
-    let ok = results.iter().filter(|r| matches!(r, Ok((200, id)) if id == "g1")).count();
+    let results = crate::wake::concurrent_gets(&client, &url, 100).await;
+    let ok = results.iter().filter(|(status, id)| *status == 200 && id == "g1").count();
     assert_eq!(ok, 100);
     // One HTTP/2 connection per tern worker (2 here) carries every held request, rather
     // than one connection each, opened all at once against a machine that just booted.

@@ -40,6 +40,18 @@ pub(crate) fn backend_cmd(port: u16) -> Vec<String> {
     vec![backend_bin().display().to_string(), format!("127.0.0.1:{port}")]
 }
 
+/// `n` GETs of `url` at once; each one's status and body.
+pub(crate) async fn concurrent_gets(client: &reqwest::Client, url: &str, n: usize) -> Vec<(u16, String)> {
+    let requests = (0..n).map(|_| {
+        let (client, url) = (client.clone(), url.to_string());
+        tokio::spawn(async move {
+            let r = client.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    });
+    futures_util::future::join_all(requests).await.into_iter().map(Result::unwrap).collect()
+}
+
 pub(crate) fn metric(text: &str, name_and_labels: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok()).unwrap_or(0.0)
 }
@@ -63,15 +75,8 @@ async fn a_thousand_requests_to_a_stopped_app_start_it_once_and_all_get_answers(
 
     let client = proxy.client(&Ca::new(), HttpVersion::Http1);
     let url = proxy.url("sleepy.test", "/");
-    let requests = (0..1000).map(|_| {
-        let (client, url) = (client.clone(), url.clone());
-        tokio::spawn(async move {
-            let r = client.get(url).send().await.unwrap();
-            (r.status().as_u16(), r.text().await.unwrap())
-        })
-    });
-    let results = futures_util::future::join_all(requests).await;
-    let ok = results.iter().filter(|r| matches!(r, Ok((200, body)) if body == "hello, world\n")).count();
+    let results = concurrent_gets(&client, &url, 1000).await;
+    let ok = results.iter().filter(|(status, body)| *status == 200 && body == "hello, world\n").count();
     assert_eq!(ok, 1000, "every held request answered by the woken machine");
 
     let m = proxy.metrics().await;
