@@ -14,10 +14,12 @@
 //! (a shell's children too). stdout and stderr go to `<log_dir>/<machine id>.log`, appended.
 //!
 //! While a machine runs, `<log_dir>/<machine id>.pid` holds its process group and the
-//! kernel's start time of its leader. If tern dies without stopping its machines (a crash,
-//! SIGKILL), the next `tern serve` finds those files, checks that the same process still
-//! runs (the start time guards against a reused pid), and stops it before starting anything:
-//! otherwise it would keep the machine's port and answer in place of the machine tern starts.
+//! kernel's start time of its leader, and the same for the tern that runs it. If tern dies
+//! without stopping its machines (a crash, SIGKILL), the next `tern serve` finds those files,
+//! checks that the machine's process still runs and that the tern that started it does not
+//! (start times guard against reused pids), and stops it before starting anything: otherwise
+//! it would keep the machine's port and answer in place of the machine tern starts. A
+//! machine of a tern that still runs (the old process during an upgrade) is left alone.
 //! The machine learns who it is from `FLY_MACHINE_ID`, `FLY_APP_NAME`, `FLY_REGION` and
 //! `PORT`, as on Fly.io.
 
@@ -88,8 +90,10 @@ impl ProcessDriver {
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         self.procs.insert(m.id.clone(), Proc { pgid, exited, stopping: stopping.clone(), frozen: false });
         let pid_path = self.log_dir.join(format!("{}.pid", m.id));
-        if let Some(started) = start_time(pgid) {
-            if let Err(e) = std::fs::write(&pid_path, format!("{} {started}\n", pgid.as_raw())) {
+        let me = Pid::this();
+        if let (Some(started), Some(my_start)) = (start_time(pgid), start_time(me)) {
+            let record = format!("{} {started} {} {my_start}\n", pgid.as_raw(), me.as_raw());
+            if let Err(e) = std::fs::write(&pid_path, record) {
                 tracing::warn!(target: "tern::driver", machine = %m.id, error = %e, "cannot record the machine's pid");
             }
         }
@@ -102,7 +106,10 @@ impl ProcessDriver {
                 Err(e) => format!("wait failed: {e}"),
             };
             // Only forget the entry if it is still this process (not a later start).
-            if procs.remove_if(&id, |_, p| p.pgid == pgid).is_some() {
+            if procs.remove_if(&id, |_, p| p.pgid == pgid).is_some()
+                && read_record(&pid_path).is_some_and(|r| r.machine.0 == pgid)
+            {
+                // Still this process's record, not a later start's.
                 let _ = std::fs::remove_file(&pid_path);
             }
             let _ = tx.send(true);
@@ -185,12 +192,16 @@ impl Driver for ProcessDriver {
                 if path.extension().is_none_or(|x| x != "pid") {
                     continue;
                 }
-                let recorded = std::fs::read_to_string(&path).ok().and_then(|t| {
-                    let mut it = t.split_whitespace();
-                    Some((Pid::from_raw(it.next()?.parse().ok()?), it.next()?.parse::<u64>().ok()?))
-                });
+                let Some(record) = read_record(&path) else {
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                };
+                let (owner, owner_started) = record.owner;
+                if owner != Pid::this() && start_time(owner) == Some(owner_started) {
+                    continue; // its tern still runs (the old one, during an upgrade): its own
+                }
                 let _ = std::fs::remove_file(&path);
-                let Some((pgid, started)) = recorded else { continue };
+                let (pgid, started) = record.machine;
                 if start_time(pgid) != Some(started) {
                     continue; // gone, or the pid now belongs to someone else
                 }
@@ -202,6 +213,21 @@ impl Driver for ProcessDriver {
             while stops.join_next().await.is_some() {}
         })
     }
+}
+
+/// What a `.pid` file records: the machine's process group with its leader's start time,
+/// and the tern that started it, likewise.
+struct Record {
+    machine: (Pid, u64),
+    owner: (Pid, u64),
+}
+
+fn read_record(path: &std::path::Path) -> Option<Record> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut n = text.split_whitespace().map(str::parse::<u64>);
+    let mut next = || n.next()?.ok();
+    let pid = |v: u64| i32::try_from(v).ok().map(Pid::from_raw);
+    Some(Record { machine: (pid(next()?)?, next()?), owner: (pid(next()?)?, next()?) })
 }
 
 /// How long a leftover machine gets between SIGTERM and SIGKILL (its app's `kill_timeout` is
@@ -234,4 +260,51 @@ fn start_time(pid: Pid) -> Option<u64> {
         return None;
     }
     fields.nth(18)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in machine process in its own process group, as the driver starts them.
+    fn machine_process() -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("sleep").arg("60").process_group(0).spawn().expect("sleep")
+    }
+
+    fn record(dir: &std::path::Path, id: &str, machine: &std::process::Child, owner: Pid) {
+        let pgid = Pid::from_raw(i32::try_from(machine.id()).expect("pid"));
+        let text = format!(
+            "{} {} {} {}\n",
+            pgid.as_raw(),
+            start_time(pgid).expect("machine start"),
+            owner.as_raw(),
+            start_time(owner).unwrap_or(1),
+        );
+        std::fs::write(dir.join(format!("{id}.pid")), text).expect("write");
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_a_dead_tern_are_stopped_and_a_live_terns_machines_are_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (events, _rx) = mpsc::unbounded_channel();
+        let driver = ProcessDriver::new(dir.path().to_path_buf(), events);
+        // One machine whose tern still runs (this test's parent stands in for it)…
+        let mut kept = machine_process();
+        record(dir.path(), "kept", &kept, nix::unistd::getppid());
+        // …and one whose tern is gone (a finished process stands in for it).
+        let mut dead_tern = std::process::Command::new("true").spawn().expect("true");
+        let dead = Pid::from_raw(i32::try_from(dead_tern.id()).expect("pid"));
+        dead_tern.wait().expect("wait");
+        let mut left = machine_process();
+        record(dir.path(), "left", &left, dead);
+
+        driver.clean_up_leftovers().await;
+        let status = left.wait().expect("wait");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGTERM));
+        assert!(kept.try_wait().expect("try_wait").is_none(), "a live tern's machine keeps running");
+        assert!(dir.path().join("kept.pid").exists() && !dir.path().join("left.pid").exists());
+        kept.kill().expect("kill");
+        let _ = kept.wait();
+    }
 }
