@@ -117,45 +117,51 @@ pub struct Lifecycle {
 }
 
 /// The requests of one app waiting for room (every routable machine at its hard limit), in
-/// the order they began to wait. Only the one at the front may take a slot that frees, so
-/// the longest waiting is served first and a late arrival never takes a slot ahead of
-/// those already waiting.
+/// the order they began to wait. Only the one at the front looks for a slot; the others
+/// sleep until the request ahead of them leaves (served, or given up), which wakes just the
+/// next one. So the longest waiting is served first, a late arrival never takes a slot
+/// ahead of those already waiting, and a freed slot wakes one request, not the whole line.
 #[derive(Default)]
 struct Line {
-    tickets: parking_lot::Mutex<std::collections::VecDeque<u64>>,
+    waiting: parking_lot::Mutex<std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>>,
     next: std::sync::atomic::AtomicU64,
-    /// The front changed: the new front may look for room.
-    turn: tokio::sync::Notify,
 }
 
-/// A request's place in its app's line; leaving it (served, or given up) lets the next in.
+/// A request's place in its app's line.
 struct Place {
     line: Arc<Line>,
     ticket: u64,
+    /// Notified when this place reaches the front.
+    turn: Arc<tokio::sync::Notify>,
 }
 
 impl Line {
     fn join(self: &Arc<Self>) -> Place {
         let ticket = self.next.fetch_add(1, Ordering::Relaxed);
-        self.tickets.lock().push_back(ticket);
-        Place { line: self.clone(), ticket }
+        let turn = Arc::new(tokio::sync::Notify::new());
+        self.waiting.lock().push_back((ticket, turn.clone()));
+        Place { line: self.clone(), ticket, turn }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.lock().is_empty()
     }
 }
 
 impl Place {
     fn at_front(&self) -> bool {
-        self.line.tickets.lock().front() == Some(&self.ticket)
+        self.line.waiting.lock().front().is_some_and(|(t, _)| *t == self.ticket)
     }
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        let mut tickets = self.line.tickets.lock();
-        let was_front = tickets.front() == Some(&self.ticket);
-        tickets.retain(|t| *t != self.ticket);
-        drop(tickets);
-        if was_front {
-            self.line.turn.notify_waiters();
+        let mut waiting = self.line.waiting.lock();
+        let was_front = waiting.front().is_some_and(|(t, _)| *t == self.ticket);
+        waiting.retain(|(t, _)| *t != self.ticket);
+        if was_front && let Some((_, next)) = waiting.front() {
+            // A stored permit if the next one is not asleep yet: it is not lost.
+            next.notify_one();
         }
     }
 }
@@ -225,21 +231,28 @@ impl Lifecycle {
         let mut last_failure: Option<Arc<str>> = None;
         let line = self.lines.entry(app.name.clone()).or_default().clone();
         let mut place: Option<Place> = None;
+        let (name, caller_app) = (app.name.clone(), app);
         loop {
-            // Registered before looking, on every machine of the app and on the line, so
-            // neither an exchange ending, a machine turning routable (a spare woken, checks
-            // passing) nor the request ahead leaving is missed in between.
+            // The app as the catalog has it now: a machine added since counts too.
+            let current = self.catalog.load_full();
+            let app: &AppEntry = current.app(&name).map_or(caller_app, |a| a);
+            let at_front = place.as_ref().map_or_else(|| line.is_empty(), Place::at_front);
+            // Registered before looking, so nothing in between is missed: the front listens
+            // for an exchange ending or a machine turning routable (a spare woken, checks
+            // passing) on every machine; the rest, for their turn. Every waiter counts on
+            // the machines, which is how a new request knows to join the line.
             let queued: Vec<Queued> = app.machines.iter().map(|m| m.live.queue()).collect();
-            let mut notified: Vec<_> = queued.iter().map(|q| Box::pin(q.notified())).collect();
-            notified.push(Box::pin(line.turn.notified()));
+            let turn = place.as_ref().map(|p| p.turn.clone());
+            let mut notified: Vec<_> =
+                if at_front { queued.iter().map(|q| Box::pin(q.notified())).collect() } else { Vec::new() };
+            notified.extend(turn.iter().map(|t| Box::pin(t.notified())));
             for n in &mut notified {
                 n.as_mut().enable();
             }
             // A wake that finished between the caller's pick and now (or another node's
-            // start, or an exchange ending) leaves nothing to wait for; but a request already
-            // waiting for room goes first.
-            let my_turn = place.as_ref().map_or_else(|| line.tickets.lock().is_empty(), Place::at_front);
-            if my_turn && let Some(pick) = select::acquire(&app.machines, &[], &app.spec.concurrency) {
+            // start, or an exchange ending) leaves nothing to wait for; but requests already
+            // waiting for room go first.
+            if at_front && let Some(pick) = select::acquire(&app.machines, &[], &app.spec.concurrency) {
                 if pick.over_soft && may_wake {
                     self.wake_spare(app);
                 }
@@ -248,27 +261,23 @@ impl Lifecycle {
             if app.machines.iter().any(|m| m.routable()) {
                 // Every routable machine is at its hard limit (or others wait ahead): queue.
                 if place.is_none() {
+                    drop(notified);
                     place = Some(line.join());
                     continue;
                 }
                 if may_wake {
                     self.wake_spare(app);
                 }
-                let any = std::future::poll_fn(|cx| {
-                    for n in &mut notified {
-                        if n.as_mut().poll(cx).is_ready() {
-                            return std::task::Poll::Ready(());
-                        }
-                    }
-                    std::task::Poll::Pending
-                });
-                if tokio::time::timeout_at(deadline, any).await.is_err() {
+                if tokio::time::timeout_at(deadline, any_of(&mut notified)).await.is_err() {
                     return Err(WakeError::NoRoom(app.spec.concurrency.hard_limit.unwrap_or(u32::MAX)));
                 }
                 continue;
             }
             drop(notified);
             drop(queued);
+            // Nothing is routable: this request waits for a wake now, not for room, and must
+            // not hold up those behind it.
+            place = None;
             if !may_wake {
                 return Err(WakeError::NothingToWake);
             }
@@ -583,6 +592,19 @@ impl Lifecycle {
         }
         self.set_state(m, MachineState::Stopped, "shutdown");
     }
+}
+
+/// Resolves when any of `notified` does.
+async fn any_of(notified: &mut [std::pin::Pin<Box<tokio::sync::futures::Notified<'_>>>]) {
+    std::future::poll_fn(|cx| {
+        for n in notified.iter_mut() {
+            if n.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await;
 }
 
 fn unix_ms() -> i64 {
