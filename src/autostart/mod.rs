@@ -47,7 +47,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::catalog::{AppEntry, Catalog, Machine, Queued};
-use crate::driver::{Driver, DriverEvent, Target};
+use crate::driver::{Driver, DriverError, DriverEvent, Target};
 use crate::model::{AppSpec, MachineState, StateRow};
 use crate::rib::Rib;
 use crate::routing::select::{self, Pick};
@@ -113,7 +113,7 @@ pub struct Lifecycle {
     lines: DashMap<Arc<str>, Arc<Line>>,
     /// Set by [`Lifecycle::stop_all`]: no wake starts a machine any more, and one in
     /// progress gives up (stopping what it started), so none outlives tern.
-    closing: std::sync::atomic::AtomicBool,
+    closing: tokio_util::sync::CancellationToken,
 }
 
 /// The requests of one app waiting for room (every routable machine at its hard limit), in
@@ -200,7 +200,7 @@ impl Lifecycle {
             runtime: tokio::runtime::Handle::current(),
             checkers: DashMap::new(),
             ops: DashMap::new(),
-            closing: std::sync::atomic::AtomicBool::new(false),
+            closing: tokio_util::sync::CancellationToken::new(),
             lines: DashMap::new(),
         })
     }
@@ -395,7 +395,7 @@ impl Lifecycle {
         let started = Instant::now();
         let op = self.op_lock(&m.id);
         let _op = op.lock().await;
-        if self.closing.load(Ordering::SeqCst) {
+        if self.closing.is_cancelled() {
             return Err(Failure::Other(Arc::from(SHUTTING_DOWN)));
         }
         let from = m.state();
@@ -404,7 +404,12 @@ impl Lifecycle {
         let action = if from == MachineState::Suspended { "resume" } else { "start" };
         self.metrics.machine_actions.with_label_values(&[action, reason]).inc();
         let deadline = started + spec.wake_timeout;
-        let result = match tokio::time::timeout_at(deadline, self.driver.start(&target)).await {
+        // A start can take long (an orchestrator booting a VM); shutdown does not wait for it.
+        let start = tokio::select! {
+            r = tokio::time::timeout_at(deadline, self.driver.start(&target)) => r,
+            () = self.closing.cancelled() => Ok(Err(DriverError::Api(SHUTTING_DOWN.into()))),
+        };
+        let result = match start {
             Ok(Ok(())) => self.until_ready(m, spec, deadline).await,
             Ok(Err(e)) => Err(Failure::Other(Arc::from(e.to_string()))),
             Err(_) => Err(Failure::NotReady),
@@ -476,7 +481,7 @@ impl Lifecycle {
                     "the machine's process exited before it accepted connections",
                 )));
             }
-            if self.closing.load(Ordering::SeqCst) {
+            if self.closing.is_cancelled() {
                 return Err(Failure::Other(Arc::from(SHUTTING_DOWN)));
             }
             if Instant::now() >= deadline {
@@ -565,7 +570,7 @@ impl Lifecycle {
     /// progress gives up within a probe interval (and stops what it started), and no new
     /// one starts, so no machine process outlives tern.
     pub async fn stop_all(self: &Arc<Self>) {
-        self.closing.store(true, Ordering::SeqCst);
+        self.closing.cancel();
         let snap = self.catalog.load_full();
         let mut stops = tokio::task::JoinSet::new();
         for app in snap.apps() {
