@@ -5,7 +5,8 @@
 //!  start    POST {url}/v1/apps/{app}/machines/{id}/start
 //!           GET  {url}/v1/apps/{app}/machines/{id}/wait?state=started&timeout=60
 //!  stop     POST {url}/v1/apps/{app}/machines/{id}/stop     {"signal":"SIGTERM","timeout":"5s"}
-//!           GET  {url}/v1/apps/{app}/machines/{id}/wait?state=stopped&timeout=N
+//!           GET  {url}/v1/apps/{app}/machines/{id}                  (its instance_id)
+//!           GET  {url}/v1/apps/{app}/machines/{id}/wait?instance_id=…&state=stopped&timeout=N
 //!  suspend  POST {url}/v1/apps/{app}/machines/{id}/suspend
 //! ```
 //!
@@ -56,6 +57,8 @@ use super::{BoxFuture, Driver, DriverError, Target};
 use crate::config::{ApiToken, MachinesApi};
 
 /// Deadline of one call to the orchestrator.
+/// The most of a successful answer tern reads.
+const ANSWER_BYTES: usize = 64 * 1024;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `start` asks the orchestrator to wait for `started` (Fly's API allows at most 60).
 const WAIT_SECS: u64 = 60;
@@ -126,7 +129,7 @@ impl MachinesApiDriver {
         path: String,
         body: Option<serde_json::Value>,
         deadline: Duration,
-    ) -> Result<(), CallError> {
+    ) -> Result<Bytes, CallError> {
         match tokio::time::timeout(deadline, self.exchange(method, path, body)).await {
             Ok(result) => result,
             Err(_) => Err(CallError::Transport(format!("no answer within {deadline:?}"))),
@@ -138,7 +141,7 @@ impl MachinesApiDriver {
         method: Method,
         path: String,
         body: Option<serde_json::Value>,
-    ) -> Result<(), CallError> {
+    ) -> Result<Bytes, CallError> {
         let transport = |what: &str, e: &dyn std::fmt::Display| {
             CallError::Transport(format!("{what} {}:{}: {e}", self.host, self.port))
         };
@@ -170,11 +173,19 @@ impl MachinesApiDriver {
         let req = req.body(body).map_err(|e| CallError::Transport(format!("bad request: {e}")))?;
         let resp = sender.send_request(req).await.map_err(|e| transport("no answer from", &e))?;
         let status = resp.status();
-        if status.is_success() {
-            return Ok(());
-        }
         let mut body = resp.into_body();
         let mut buf = Vec::new();
+        if status.is_success() {
+            // What tern reads of an answer (a machine's JSON) is small; more is cut off.
+            while buf.len() < ANSWER_BYTES {
+                match body.frame().await {
+                    Some(Ok(frame)) => buf.extend_from_slice(frame.data_ref().map_or(&[][..], |d| &d[..])),
+                    Some(Err(e)) => return Err(transport("a broken answer from", &e)),
+                    None => break,
+                }
+            }
+            return Ok(Bytes::from(buf));
+        }
         while buf.len() < EXCERPT_BYTES {
             match body.frame().await {
                 Some(Ok(frame)) => buf.extend_from_slice(frame.data_ref().map_or(&[][..], |d| &d[..])),
@@ -190,9 +201,19 @@ impl MachinesApiDriver {
         self.call(Method::GET, path, None, CALL_TIMEOUT).await.is_ok()
     }
 
+    /// The machine's current instance_id (`GET …/machines/{id}`), if the orchestrator says.
+    async fn instance_id(&self, m: &Target) -> Option<String> {
+        let path = format!("{}/v1/apps/{}/machines/{}", self.prefix, segment(&m.app), segment(&m.id));
+        let answer = self.call(Method::GET, path, None, CALL_TIMEOUT).await.ok()?;
+        let machine: serde_json::Value = serde_json::from_slice(&answer).ok()?;
+        let id = machine.get("instance_id")?.as_str()?;
+        // It goes into a query string as it is: only take what needs no escaping.
+        id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_').then(|| id.to_string())
+    }
+
     async fn start_machine(&self, m: &Target) -> Result<(), DriverError> {
         match self.call(Method::POST, self.path(m, "start"), None, CALL_TIMEOUT).await {
-            Ok(()) => {}
+            Ok(_) => {}
             // Refused, but perhaps only because it is started already (adopting machines at
             // tern start). Auth failures and unknown machines are final.
             Err(CallError::Status { status, .. })
@@ -208,7 +229,7 @@ impl MachinesApiDriver {
         tracing::info!(target: "tern::driver", machine = %m.id, app = %m.app, "orchestrator started the machine");
         let wait = format!("{}?state=started&timeout={WAIT_SECS}", self.path(m, "wait"));
         let deadline = Duration::from_secs(WAIT_SECS) + CALL_TIMEOUT;
-        self.call(Method::GET, wait, None, deadline).await.map_err(|e| match e {
+        self.call(Method::GET, wait, None, deadline).await.map(drop).map_err(|e| match e {
             CallError::Status { status: StatusCode::REQUEST_TIMEOUT, .. } => DriverError::Api(format!(
                 "machine {} was not started within {WAIT_SECS}s (wait answered 408)",
                 m.id
@@ -234,11 +255,13 @@ impl Driver for MachinesApiDriver {
                 .await
                 .map_err(|e| api_error("stop", m, e))?;
             self.running.remove(&m.id);
-            // The machine gets its kill_timeout and a little more to go down.
+            // The machine gets its kill_timeout and a little more to go down. Fly's API waits
+            // for `stopped` only given the machine's current instance_id, so ask for it first.
             let secs = (kill_timeout.as_secs() + 5).min(WAIT_SECS);
-            let wait = format!("{}?state=stopped&timeout={secs}", self.path(m, "wait"));
+            let instance = self.instance_id(m).await.map_or(String::new(), |i| format!("instance_id={i}&"));
+            let wait = format!("{}?{instance}state=stopped&timeout={secs}", self.path(m, "wait"));
             match self.call(Method::GET, wait, None, Duration::from_secs(secs) + CALL_TIMEOUT).await {
-                Ok(()) => {}
+                Ok(_) => {}
                 // An orchestrator that cannot wait for `stopped` this way (some want the
                 // machine's instance_id too) has still accepted the stop.
                 Err(CallError::Status { status: StatusCode::BAD_REQUEST, excerpt }) => {
@@ -256,6 +279,7 @@ impl Driver for MachinesApiDriver {
         Box::pin(async move {
             self.call(Method::POST, self.path(m, "suspend"), None, CALL_TIMEOUT)
                 .await
+                .map(drop)
                 .map_err(|e| api_error("suspend", m, e))
         })
     }

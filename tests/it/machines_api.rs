@@ -137,8 +137,10 @@ impl MockState {
 
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let parts: Vec<&str> = path.split('/').collect();
-        let ["", "v1", "apps", app, "machines", id, action] = parts[..] else {
-            return answer(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#);
+        let (app, id, action) = match parts[..] {
+            ["", "v1", "apps", app, "machines", id, action] => (app, id, action),
+            ["", "v1", "apps", app, "machines", id] => (app, id, ""),
+            _ => return answer(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#),
         };
         let key = (app.to_string(), id.to_string());
         let Some(port) = self.machines.lock().get(&key).map(|m| m.port) else {
@@ -160,9 +162,23 @@ impl MockState {
                 }
                 answer(StatusCode::OK, &format!(r#"{{"previous_state":"{previous}","migrated":false}}"#))
             }
+            ("GET", "") => {
+                let started = self.machines.lock().get(&key).is_some_and(|m| m.process.is_some());
+                let state = if started { "started" } else { "stopped" };
+                answer(
+                    StatusCode::OK,
+                    &format!(r#"{{"id":"{id}","state":"{state}","instance_id":"01MOCK{id}"}}"#),
+                )
+            }
             ("GET", "wait") => {
                 let started = self.machines.lock().get(&key).is_some_and(|m| m.process.is_some());
                 let wanted = query.split('&').find_map(|kv| kv.strip_prefix("state="));
+                // As Fly's API: waiting for `stopped` needs the machine's instance_id.
+                if wanted == Some("stopped")
+                    && !query.split('&').any(|kv| kv == format!("instance_id=01MOCK{id}"))
+                {
+                    return answer(StatusCode::BAD_REQUEST, r#"{"error":"instance_id is required"}"#);
+                }
                 match (wanted, started) {
                     (Some("started"), true) | (Some("stopped"), false) => {
                         answer(StatusCode::OK, r#"{"ok":true}"#)
@@ -252,8 +268,8 @@ async fn mock_orchestrator_a_request_wakes_a_stopped_machine_through_the_api_and
     assert!(
         calls.iter().any(|c| c.method == "GET"
             && c.target.starts_with("/v1/apps/sleepy/machines/m1/wait?")
-            && c.target.contains("state=stopped")),
-        "stop waits for the orchestrator to say stopped: {calls:#?}"
+            && c.target.contains("instance_id=01MOCKm1&state=stopped")),
+        "stop waits for the orchestrator to say stopped, given the instance_id it read: {calls:#?}"
     );
     assert_eq!(stops[0].authorization.as_deref(), Some("Bearer s3cret"));
     let body: serde_json::Value = serde_json::from_str(&stops[0].body).unwrap();
