@@ -271,8 +271,9 @@ impl Lifecycle {
                 }
                 m.live.end_streams();
                 let drained = tokio::time::timeout(DRAIN, until_no_exchange(&m)).await.is_ok();
-                // Declared started again while it drained: it stays.
+                // Declared started again meanwhile: it stays, and so do its new streams.
                 if m.state() != MachineState::Stopped {
+                    m.live.resume_streams();
                     return;
                 }
                 match this.driver.stop(&crate::driver::Target::of(&m), kill).await {

@@ -36,6 +36,8 @@ pub struct MachineLive {
     /// before it stops. Made when the first stream asks, so an idle catalog of a million
     /// machines carries no token each.
     streams_end: parking_lot::Mutex<Option<CancellationToken>>,
+    /// Set once its streams were asked to end, until it starts again.
+    streams_ended: AtomicBool,
 }
 
 impl MachineLive {
@@ -50,29 +52,46 @@ impl MachineLive {
             watching: AtomicU32::new(0),
             room: tokio::sync::Notify::new(),
             streams_end: parking_lot::Mutex::new(None),
+            streams_ended: AtomicBool::new(false),
         }
     }
 
     /// The token a stream on this machine waits on: cancelled when the machine is about
-    /// to stop, asking the stream to end cleanly. Once cancelled it stays so until the
-    /// machine is started again, so a stream whose response arrives after the request to
-    /// end (its request was already in flight) ends as soon as it begins.
+    /// to stop, asking the stream to end cleanly. Once asked, the machine stays so until it
+    /// is started again, so a stream whose response arrives after the request to end (its
+    /// request was already in flight) ends as soon as it begins.
     pub fn streams_end(&self) -> CancellationToken {
-        self.streams_end.lock().get_or_insert_with(CancellationToken::new).clone()
+        let mut slot = self.streams_end.lock();
+        let token = slot.get_or_insert_with(CancellationToken::new).clone();
+        if self.streams_ended.load(Ordering::SeqCst) {
+            token.cancel();
+        }
+        token
     }
 
-    /// Asks every open stream on the machine to end cleanly.
+    /// Asks every open stream on the machine to end cleanly. Allocates nothing for a
+    /// machine without streams (shutdown asks every machine in the catalog).
     pub fn end_streams(&self) {
-        self.streams_end.lock().get_or_insert_with(CancellationToken::new).cancel();
+        let slot = self.streams_end.lock();
+        self.streams_ended.store(true, Ordering::SeqCst);
+        if let Some(token) = slot.as_ref() {
+            token.cancel();
+        }
+    }
+
+    /// Streams that begin from now on run until the machine is asked again: it was
+    /// started again, or kept after all.
+    pub fn resume_streams(&self) {
+        let mut slot = self.streams_end.lock();
+        if self.streams_ended.swap(false, Ordering::SeqCst) {
+            *slot = None;
+        }
     }
 
     /// A machine that starts again takes streams that run until it is asked again.
     fn started_again(&self, from: MachineState, to: MachineState) {
         if to == MachineState::Started && from != MachineState::Started {
-            let mut token = self.streams_end.lock();
-            if token.as_ref().is_some_and(CancellationToken::is_cancelled) {
-                *token = None;
-            }
+            self.resume_streams();
         }
     }
 
