@@ -590,7 +590,8 @@ mod tests {
         stopping.await.expect("stop_all");
         let err = held.await.expect("held request").expect("the held request fails");
         assert!(err.to_string().contains("shutting down"), "{err}");
-        assert!(driver.calls.lock().iter().all(|c| !c.starts_with("start")), "{:?}", driver.calls.lock());
+        let calls = driver.calls.lock().clone();
+        assert!(calls.iter().all(|c| !c.starts_with("start")), "{calls:?}");
         assert!(driver.running.is_empty(), "no machine process outlives tern");
     }
 
@@ -611,10 +612,12 @@ mod tests {
         // Both idle for five windows: the healthy one is the minimum, the failing one is not
         // autostop's to stop.
         tokio::time::sleep(Duration::from_secs(300)).await;
-        assert!(driver.calls.lock().is_empty(), "{:?}", driver.calls.lock());
+        let calls = driver.calls.lock().clone();
+        assert!(calls.is_empty(), "{calls:?}");
         // Once it passes again, it is ordinary excess and goes after its idle window.
         failing.live.set_healthy(true);
         tokio::time::sleep(Duration::from_secs(3)).await;
-        assert_eq!(driver.calls.lock().len(), 1, "{:?}", driver.calls.lock());
+        let calls = driver.calls.lock().clone();
+        assert_eq!(calls.len(), 1, "{calls:?}");
     }
 }
