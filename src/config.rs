@@ -264,6 +264,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Largest request head tern accepts (request line plus headers); larger gets 431.
     pub max_header_bytes: usize,
+    /// Largest response head a machine may send (status line plus headers); larger gets the
+    /// client a 502 `response_headers_too_large` instead.
+    pub max_response_header_bytes: usize,
     #[serde(deserialize_with = "de_duration")]
     pub tls_handshake_timeout: Duration,
     /// Time to open a TCP connection to a machine.
@@ -291,6 +294,7 @@ impl Default for Limits {
             max_connections: 100_000,
             header_read_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
+            max_response_header_bytes: 64 * 1024,
             tls_handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(75),
@@ -469,6 +473,9 @@ impl Config {
         }
         if self.limits.max_header_bytes < 1024 {
             return Err(("max_header_bytes", "must be at least 1024".into()));
+        }
+        if !(1024..=16 << 20).contains(&self.limits.max_response_header_bytes) {
+            return Err(("max_response_header_bytes", "must be from 1024 to 16 MiB".into()));
         }
         Ok(())
     }

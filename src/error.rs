@@ -36,6 +36,14 @@ pub enum ProxyError {
     HeadersTooLarge { size: usize, limit: usize },
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    #[error("the request's body is malformed: {0}")]
+    BadBody(String),
+    #[error("the client sent part of its request body, then nothing for {timeout:?}")]
+    BodyTimeout { timeout: Duration },
+    #[error("the request target is longer than tern reads")]
+    UriTooLong,
+    #[error("method {0} is not served (tern does not tunnel CONNECT)")]
+    MethodNotAllowed(http::Method),
     #[error("no app serves the hostname {host:?}")]
     NoApp { host: String },
     #[error("app {app} has no started machine")]
@@ -59,6 +67,8 @@ pub enum ProxyError {
     UpstreamTimeout { machine: Arc<str>, timeout: Duration },
     #[error("machine {machine} broke off the exchange: {detail}")]
     UpstreamError { machine: Arc<str>, detail: String },
+    #[error("machine {machine} sent a response head over the limit of {limit} bytes ({detail})")]
+    ResponseHeadersTooLarge { machine: Arc<str>, limit: usize, detail: String },
     #[error("tern is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -73,6 +83,10 @@ impl ProxyError {
             ProxyError::BadHost => "bad_host",
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BadBody(_) => "bad_body",
+            ProxyError::BodyTimeout { .. } => "body_timeout",
+            ProxyError::UriTooLong => "uri_too_long",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::NoApp { .. } => "no_app",
             ProxyError::NoMachine { .. } => "no_machine",
             ProxyError::WakeTimeout { .. } => "wake_timeout",
@@ -81,6 +95,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect { .. } => "upstream_connect",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::UpstreamError { .. } => "upstream_error",
+            ProxyError::ResponseHeadersTooLarge { .. } => "response_headers_too_large",
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::Internal(_) => "internal",
         }
@@ -88,7 +103,12 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadHost | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadHost | ProxyError::BadRequest(_) | ProxyError::BadBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ProxyError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoApp { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoMachine { .. }
@@ -97,7 +117,9 @@ impl ProxyError {
             | ProxyError::NoRoom { .. }
             | ProxyError::WakeFailed { .. }
             | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::UpstreamError { .. }
+            | ProxyError::ResponseHeadersTooLarge { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -108,6 +130,10 @@ impl ProxyError {
             ProxyError::BadHost
             | ProxyError::HeadersTooLarge { .. }
             | ProxyError::BadRequest(_)
+            | ProxyError::BadBody(_)
+            | ProxyError::BodyTimeout { .. }
+            | ProxyError::UriTooLong
+            | ProxyError::MethodNotAllowed(_)
             | ProxyError::NoApp { .. } => Origin::Client,
             ProxyError::NoMachine { .. }
             | ProxyError::WakeTimeout { .. }
@@ -116,7 +142,8 @@ impl ProxyError {
             | ProxyError::WakeFailed { .. }
             | ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
-            | ProxyError::UpstreamError { .. } => Origin::Upstream,
+            | ProxyError::UpstreamError { .. }
+            | ProxyError::ResponseHeadersTooLarge { .. } => Origin::Upstream,
             ProxyError::ShuttingDown | ProxyError::Internal(_) => Origin::Internal,
         }
     }
@@ -143,6 +170,10 @@ impl ProxyError {
             ProxyError::BadHost => "The request did not say which host it is for.",
             ProxyError::HeadersTooLarge { .. } => "The request's headers are too large.",
             ProxyError::BadRequest(_) => "The request is malformed.",
+            ProxyError::BadBody(_) => "The request's body is malformed.",
+            ProxyError::BodyTimeout { .. } => "The request's body stopped arriving.",
+            ProxyError::UriTooLong => "The request's target is too long.",
+            ProxyError::MethodNotAllowed(_) => "This method is not served here.",
             ProxyError::NoApp { .. } => "No app is served at this address.",
             ProxyError::NoMachine { .. } => "The app has no machine running right now.",
             ProxyError::WakeTimeout { .. } => "The app is starting up and was not ready in time; try again.",
@@ -151,6 +182,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect { .. } => "The app could not be reached.",
             ProxyError::UpstreamTimeout { .. } => "The app did not answer in time.",
             ProxyError::UpstreamError { .. } => "The app closed the connection unexpectedly.",
+            ProxyError::ResponseHeadersTooLarge { .. } => "The app's response headers are too large.",
             ProxyError::ShuttingDown => "This server is restarting; try again.",
             ProxyError::Internal(_) => "Something went wrong inside the proxy.",
         }
@@ -167,6 +199,11 @@ mod tests {
             ProxyError::BadHost,
             ProxyError::HeadersTooLarge { size: 2, limit: 1 },
             ProxyError::BadRequest("x"),
+            ProxyError::BadBody("x".into()),
+            ProxyError::BodyTimeout { timeout: Duration::from_secs(1) },
+            ProxyError::UriTooLong,
+            ProxyError::MethodNotAllowed(http::Method::CONNECT),
+            ProxyError::ResponseHeadersTooLarge { machine: "m".into(), limit: 1, detail: "x".into() },
             ProxyError::NoApp { host: "a".into() },
             ProxyError::NoMachine { app: "a".into() },
             ProxyError::WakeTimeout { app: "a".into(), timeout: Duration::from_secs(1) },

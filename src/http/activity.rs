@@ -67,6 +67,10 @@ impl IdleTimer {
         &self.activity
     }
 
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Ready(()) once the exchange has been silent for the timeout; otherwise registers the
     /// waker for the current deadline.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -40,6 +41,9 @@ pub struct ExchangeGuards {
     /// The machine connection, given back to the pool when the body has been read to the
     /// end and closed if the body is abandoned midway.
     pub lease: Option<Lease>,
+    /// For a request whose body waited for the machine's 100: ends an unsent body with the
+    /// exchange.
+    pub gate: Option<GateGuard>,
 }
 
 struct Streamed {
@@ -239,11 +243,131 @@ impl Body for ProxyBody {
     }
 }
 
+/// What the exchange learns from the request body it sent: whether reading it from the
+/// client failed. A malformed body (bad chunk framing, a length mismatch) is the client's
+/// fault, whatever error the machine connection reports for it.
+#[derive(Debug, Default)]
+pub struct RequestBodyState {
+    failed: std::sync::OnceLock<String>,
+    /// The body is being read from the client (and so the client owes the rest of it).
+    reading: std::sync::atomic::AtomicBool,
+    ended: std::sync::atomic::AtomicBool,
+}
+
+impl RequestBodyState {
+    /// Why the client's body could not be read, if it could not.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+
+    /// Whether tern is still waiting for the rest of the client's body: a silence then is
+    /// the client's, not the machine's.
+    pub fn unfinished(&self) -> bool {
+        self.reading.load(Ordering::Acquire) && !self.ended.load(Ordering::Acquire)
+    }
+}
+
+/// `Expect: 100-continue`, relayed: the client's body is not read (so hyper sends the client
+/// no `100 Continue`) until the machine says it wants it with its own 100, or
+/// [`CONTINUE_FALLBACK`] passes without one (a machine that ignores `Expect`, as clients
+/// themselves assume after about a second). A machine that answers with a final response
+/// first never gets the body: the client's is dropped unread, and the machine connection is
+/// closed once that response has been read to its end.
+#[derive(Debug, Default)]
+pub struct ContinueGate {
+    state: std::sync::atomic::AtomicU8,
+    waker: parking_lot::Mutex<Option<std::task::Waker>>,
+}
+
+/// How long a request waits for its machine's 100 before its body is sent anyway.
+pub const CONTINUE_FALLBACK: std::time::Duration = std::time::Duration::from_secs(1);
+
+const GATE_WAITING: u8 = 0;
+const GATE_OPEN: u8 = 1;
+/// A final response came first: the body is never sent.
+const GATE_ABANDONED: u8 = 2;
+/// ...and that response has ended: close the machine connection.
+const GATE_FINISHED: u8 = 3;
+
+impl ContinueGate {
+    /// The machine answered 100 (or the fallback passed): send the body.
+    pub fn open(&self) {
+        self.move_from(GATE_WAITING, GATE_OPEN);
+    }
+
+    /// A final response arrived. Returns true if the body was never asked for, in which
+    /// case it never will be and the machine connection must not be reused.
+    pub fn abandon_if_waiting(&self) -> bool {
+        self.move_from(GATE_WAITING, GATE_ABANDONED)
+    }
+
+    fn move_from(&self, from: u8, to: u8) -> bool {
+        let moved = self.state.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if moved && let Some(w) = self.waker.lock().take() {
+            w.wake();
+        }
+        moved
+    }
+
+    fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+}
+
+/// Held by an exchange whose request body was gated: when the exchange ends, an abandoned
+/// body ends too, closing the machine connection it kept busy.
+pub struct GateGuard(pub Arc<ContinueGate>);
+
+impl Drop for GateGuard {
+    fn drop(&mut self) {
+        self.0.move_from(GATE_ABANDONED, GATE_FINISHED);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the machine answered before asking for the request body")]
+struct BodyNotWanted;
+
 /// A client's request body on its way to a machine; each frame counts as activity, so an
 /// upload in progress keeps the exchange alive while the app has not answered yet.
 struct ClientBody {
-    inner: Incoming,
+    /// `None` once dropped unread (a gated body the machine never asked for).
+    inner: Option<Incoming>,
     activity: Arc<Activity>,
+    state: Arc<RequestBodyState>,
+    gate: Option<Gated>,
+}
+
+/// A request body held for its machine's 100.
+struct Gated {
+    gate: Arc<ContinueGate>,
+    /// Started at the first poll: when the body is sent anyway.
+    fallback: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl ClientBody {
+    /// Ready(Ok) to read the body, Ready(Err) to end it with an error, Pending to wait.
+    fn poll_gate(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Some(Gated { gate, fallback }) = &mut self.gate else { return Poll::Ready(Ok(())) };
+        *gate.waker.lock() = Some(cx.waker().clone());
+        match gate.state() {
+            GATE_OPEN => Poll::Ready(Ok(())),
+            GATE_FINISHED => Poll::Ready(Err(BodyNotWanted.into())),
+            GATE_ABANDONED => {
+                // Dropping it unread tells hyper to send the client no 100.
+                self.inner = None;
+                Poll::Pending
+            }
+            _ => {
+                let sleep = fallback.get_or_insert_with(|| Box::pin(tokio::time::sleep(CONTINUE_FALLBACK)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    gate.open();
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending
+            }
+        }
+    }
 }
 
 impl Body for ClientBody {
@@ -254,22 +378,41 @@ impl Body for ClientBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(_))) = &r {
-            self.activity.touch();
+        match self.poll_gate(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+            Poll::Pending => return Poll::Pending,
+        }
+        let Some(inner) = self.inner.as_mut() else { return Poll::Pending };
+        let r = Pin::new(inner).poll_frame(cx);
+        self.state.reading.store(true, Ordering::Release);
+        match &r {
+            Poll::Ready(None) => self.state.ended.store(true, Ordering::Release),
+            Poll::Ready(Some(Ok(_))) => self.activity.touch(),
+            Poll::Ready(Some(Err(e))) => {
+                let _ = self.state.failed.set(e.to_string());
+            }
+            _ => {}
         }
         r.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_some_and(http_body::Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map_or_else(SizeHint::default, http_body::Body::size_hint)
     }
 }
 
-pub fn upstream_body(inner: Incoming, activity: Arc<Activity>) -> UpBody {
-    ClientBody { inner, activity }.boxed_unsync()
+/// The client's body as sent to a machine. With `gate`, it waits for the machine's 100.
+pub fn upstream_body(
+    inner: Incoming,
+    activity: Arc<Activity>,
+    state: Arc<RequestBodyState>,
+    gate: Option<Arc<ContinueGate>>,
+) -> UpBody {
+    let gate = gate.map(|gate| Gated { gate, fallback: None });
+    ClientBody { inner: Some(inner), activity, state, gate }.boxed_unsync()
 }

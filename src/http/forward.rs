@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -18,7 +18,7 @@ use crate::telemetry::{Metrics, status_class};
 use crate::upstream::{Conn, Lease, Pool, Proto, SendError, UpBody};
 
 use super::activity::{Activity, ConnState, ExchangeGuard, IdleTimer, silent_for};
-use super::body::{ExchangeGuards, ProxyBody, upstream_body};
+use super::body::{ContinueGate, ExchangeGuards, GateGuard, ProxyBody, RequestBodyState, upstream_body};
 use super::headers::{self, ClientSide};
 use super::{ConnInfo, request_id, respond, tunnel};
 
@@ -29,6 +29,8 @@ pub struct Handler {
     pub metrics: Arc<Metrics>,
     pub region: Arc<str>,
     pub max_header_bytes: usize,
+    /// Largest response head a machine may send (status line plus headers).
+    pub max_response_header_bytes: usize,
     pub access_log: bool,
     /// Tunnels outlive their request; tracking them lets shutdown wait for them.
     pub tasks: TaskTracker,
@@ -92,6 +94,31 @@ impl Handler {
         resp
     }
 
+    /// tern's answer to a request head hyper could not parse (see [`super::parser_replies`]),
+    /// counted and logged like any refusal.
+    pub(super) fn parser_refusal(
+        &self,
+        refusal: super::parser_replies::Refusal,
+        date: &str,
+        peer: std::net::SocketAddr,
+    ) -> Vec<u8> {
+        use super::parser_replies::Refusal;
+        let err = match refusal {
+            Refusal::Malformed => ProxyError::BadRequest("a request line or header that does not parse"),
+            Refusal::UriTooLong => ProxyError::UriTooLong,
+            Refusal::HeadTooLarge => ProxyError::HeadersTooLarge { size: 0, limit: self.max_header_bytes },
+        };
+        let id = request_id::new(&self.region);
+        self.metrics.errors.with_label_values(&[err.code()]).inc();
+        self.metrics.requests.with_label_values(&["-", status_class(err.status().as_u16())]).inc();
+        if self.access_log {
+            tracing::info!(target: "tern::access", request_id = %id, %peer, method = "-", host = "-",
+                path = "-", status = err.status().as_u16(), app = "-", machine = "-",
+                tern_error = err.code(), "request");
+        }
+        respond::http1_bytes(&err, &id, date)
+    }
+
     async fn forward(
         &self,
         mut req: Request<Incoming>,
@@ -105,53 +132,103 @@ impl Handler {
         if size > self.max_header_bytes {
             return Err(ProxyError::HeadersTooLarge { size, limit: self.max_header_bytes });
         }
+        check_request(&req)?;
         let raw_host = request_host(&req).ok_or(ProxyError::BadHost)?.to_owned();
         let host = routing::normalize(&raw_host).map_err(|_| ProxyError::BadHost)?.into_owned();
         outcome.host = Some(host.clone());
         let app = self.router.app_for(&host).ok_or(ProxyError::NoApp { host })?;
         outcome.app = Some(app.name.clone());
 
-        let ignored_agent =
-            !app.spec.wake_ignore_user_agents.is_empty()
-                && req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).is_some_and(|ua| {
-                    app.spec.wake_ignore_user_agents.iter().any(|s| ua.contains(s.as_str()))
-                });
-        let upgrade = headers::wants_upgrade(&req);
-        let websocket = upgrade
-            && req
-                .headers()
-                .get(header::UPGRADE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket")));
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let route = Route::of(&app, &mut req);
         let client_version = req.version();
-        // WebSocket over h2c needs extended CONNECT; upgrades always use HTTP/1.1.
-        let proto = if app.spec.http_options.h2_backend && !upgrade { Proto::H2c } else { Proto::Http1 };
         let activity = Arc::new(Activity::new());
-        let up_req =
-            upstream_request(req, conn, id, &raw_host, upgrade, proto, self.region.as_ref(), &activity)?;
+        let body_state = Arc::new(RequestBodyState::default());
+        let up = Upstream {
+            id,
+            raw_host: &raw_host,
+            upgrade: route.upgrade.as_deref(),
+            proto: route.proto,
+            region: &self.region,
+        };
+        let body_parts = BodyParts { activity: &activity, state: &body_state, gate: route.gate.as_ref() };
+        let up_req = upstream_request(req, conn, up, body_parts)?;
 
         let (machine, upstream, in_flight) =
-            self.connect(&app, proto, arrived, ignored_agent, outcome).await?;
+            self.connect(&app, route.proto, arrived, route.ignored_agent, outcome).await?;
         outcome.machine = Some(machine.id.clone());
         let idle = app.spec.idle_timeout;
-        let (mut resp, lease) =
-            self.send(upstream, up_req, &machine, proto, upgrade, &activity, idle).await?;
+        let upgrade = route.upgrade.is_some();
+        let sent = self.send(upstream, up_req, &machine, route.proto, upgrade, &activity, idle).await;
+        let (resp, mut lease) = self.received(sent, &body_state, &machine)?;
+        if route.gate.as_ref().is_some_and(|g| g.abandon_if_waiting()) {
+            // The machine answered without wanting the body: the connection is mid-request.
+            lease = None;
+        }
+        let guards = ExchangeGuards { in_flight, exchange, lease, gate: route.gate.clone().map(GateGuard) };
+        let timer = IdleTimer::new(activity, idle);
+        self.relay(resp, guards, Relay { machine: &machine, route, client_version, id, timer })
+    }
 
-        let guards = ExchangeGuards { in_flight, exchange, lease };
+    /// The machine's answer, or why there is none. Whatever the machine connection reports,
+    /// a body the client framed wrongly, or stopped sending, is the client's fault.
+    fn received(
+        &self,
+        sent: Result<(Response<Incoming>, Option<Lease>), ProxyError>,
+        body: &RequestBodyState,
+        machine: &Machine,
+    ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+        let (resp, lease) = match (sent, body.failure()) {
+            (Err(_), Some(why)) => return Err(ProxyError::BadBody(why.to_string())),
+            (Err(ProxyError::UpstreamTimeout { timeout, .. }), None) if body.unfinished() => {
+                return Err(ProxyError::BodyTimeout { timeout });
+            }
+            (sent, _) => sent?,
+        };
+        let head = headers::response_head_size(&resp);
+        if head > self.max_response_header_bytes {
+            return Err(ProxyError::ResponseHeadersTooLarge {
+                machine: machine.id.clone(),
+                limit: self.max_response_header_bytes,
+                detail: format!("{head} bytes"),
+            });
+        }
+        Ok((resp, lease))
+    }
+
+    /// Passes the machine's response on: a body streamed to the client, or, after a 101 to
+    /// the protocol asked for, a tunnel.
+    fn relay(
+        &self,
+        mut resp: Response<Incoming>,
+        mut guards: ExchangeGuards,
+        r: Relay<'_>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let Relay { machine, route, client_version, id, timer } = r;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
+            let switched_to = headers::upgrade_protocols(resp.headers()).next().unwrap_or("");
+            let (Some(client_upgrade), Some(asked)) = (route.client_upgrade, route.upgrade.as_deref()) else {
                 return Err(ProxyError::UpstreamError {
                     machine: machine.id.clone(),
                     detail: "101 Switching Protocols to a request that asked for no upgrade".into(),
                 });
             };
+            if !switched_to.eq_ignore_ascii_case(asked) {
+                return Err(ProxyError::UpstreamError {
+                    machine: machine.id.clone(),
+                    detail: format!(
+                        "101 Switching Protocols to {switched_to:?}, not the {asked:?} asked for"
+                    ),
+                });
+            }
             let machine_upgrade = hyper::upgrade::on(&mut resp);
+            let websocket = asked.eq_ignore_ascii_case("websocket");
             let kind = if websocket { tunnel::Kind::WebSocket } else { tunnel::Kind::Other };
+            let settings =
+                tunnel::Settings { idle_timeout: timer.timeout(), kind, end: machine.live.streams_end() };
             self.tasks.spawn(tunnel::run(
                 client_upgrade,
                 machine_upgrade,
-                tunnel::Settings { idle_timeout: idle, kind, end: machine.live.streams_end() },
+                settings,
                 self.metrics.clone(),
                 guards,
             ));
@@ -160,11 +237,13 @@ impl Handler {
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }
         let (mut parts, body) = resp.into_parts();
-        headers::prepare_response(&mut parts.headers, client_version, id, false);
+        if headers::prepare_response(&mut parts.headers, client_version, id, false) {
+            // Framed two ways: read by its chunks, and never trusted with another request.
+            guards.lease = None;
+        }
         // An h2c machine's response goes to the client in the client's protocol; hyper
         // picks that from the connection, this only keeps the head consistent.
         parts.version = Version::HTTP_11;
-        let timer = IdleTimer::new(activity, idle);
         let sse_end = is_event_stream(&parts.headers).then(|| machine.live.streams_end());
         Ok(Response::from_parts(
             parts,
@@ -269,9 +348,16 @@ impl Handler {
         idle: Duration,
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
         let timeout = || ProxyError::UpstreamTimeout { machine: machine.id.clone(), timeout: idle };
-        let failed = |e: hyper::Error| ProxyError::UpstreamError {
-            machine: machine.id.clone(),
-            detail: e.to_string(),
+        let failed = |e: hyper::Error| {
+            if e.is_parse_too_large() {
+                // Over hyper's read buffer (sized from the limit), or over 100 header fields.
+                return ProxyError::ResponseHeadersTooLarge {
+                    machine: machine.id.clone(),
+                    limit: self.max_response_header_bytes,
+                    detail: e.to_string(),
+                };
+            }
+            ProxyError::UpstreamError { machine: machine.id.clone(), detail: e.to_string() }
         };
         let reused = conn.reused();
         let first = tokio::select! {
@@ -307,6 +393,33 @@ fn is_event_stream(headers: &http::HeaderMap) -> bool {
     sse && plain
 }
 
+/// Refuses requests that are ambiguous or that tern does not serve, before anything is
+/// routed: `CONNECT` (tern is no tunnel), a `*` target on anything but `OPTIONS`, two `Host`
+/// headers (which one routes?), an HTTP/1.1 request without `Host` (RFC 9112 §3.2), and an
+/// HTTP/2 request whose `Host` names another host than its `:authority`.
+fn check_request<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
+    }
+    if req.uri().path() == "*" && req.method() != Method::OPTIONS {
+        return Err(ProxyError::BadRequest("a \"*\" request target is only for OPTIONS"));
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadHost);
+    }
+    match (req.version(), host, req.uri().authority()) {
+        (Version::HTTP_11, None, _) => Err(ProxyError::BadHost),
+        (Version::HTTP_2, Some(host), Some(authority)) => {
+            let same = host.to_str().ok().and_then(|h| routing::normalize(h).ok())
+                == routing::normalize(authority.as_str()).ok();
+            if same { Ok(()) } else { Err(ProxyError::BadHost) }
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The host the client asked for: the URI authority (HTTP/2, absolute-form), else `Host`.
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
     if let Some(auth) = req.uri().authority() {
@@ -315,17 +428,79 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
     req.headers().get(header::HOST).and_then(|v| v.to_str().ok())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How one request goes to its app's machines, as its head says.
+struct Route {
+    /// The one protocol the client may switch to. Any other it asked for (h2c above all: it
+    /// would hand the connection to the machine, past tern) is dropped, and the request goes
+    /// on as a plain one.
+    upgrade: Option<String>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    proto: Proto,
+    /// `Expect: 100-continue`, relayed from the machine.
+    gate: Option<Arc<ContinueGate>>,
+    /// A user agent the app never wakes a machine for.
+    ignored_agent: bool,
+}
+
+impl Route {
+    fn of(app: &AppEntry, req: &mut Request<Incoming>) -> Route {
+        let ignored_agent =
+            !app.spec.wake_ignore_user_agents.is_empty()
+                && req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).is_some_and(|ua| {
+                    app.spec.wake_ignore_user_agents.iter().any(|s| ua.contains(s.as_str()))
+                });
+        let upgrade: Option<String> = headers::wants_upgrade(req)
+            .then(|| {
+                headers::upgrade_protocols(req.headers())
+                    .find(|p| app.spec.http_options.allows_upgrade(p))
+                    .map(str::to_owned)
+            })
+            .flatten();
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut *req));
+        // WebSocket over h2c needs extended CONNECT; upgrades always use HTTP/1.1.
+        let proto =
+            if app.spec.http_options.h2_backend && upgrade.is_none() { Proto::H2c } else { Proto::Http1 };
+        // hyper relays only an HTTP/1.1 machine's 100 (and only an HTTP/1.1 client waits for one).
+        let gate = (req.version() == Version::HTTP_11
+            && proto == Proto::Http1
+            && headers::expects_continue(req.headers()))
+        .then(|| Arc::new(ContinueGate::default()));
+        Route { upgrade, client_upgrade, proto, gate, ignored_agent }
+    }
+}
+
+/// What passing a response on needs to know.
+struct Relay<'a> {
+    machine: &'a Machine,
+    route: Route,
+    client_version: Version,
+    id: &'a str,
+    timer: IdleTimer,
+}
+
+/// How the request goes to the machine.
+struct Upstream<'a> {
+    id: &'a str,
+    raw_host: &'a str,
+    upgrade: Option<&'a str>,
+    proto: Proto,
+    region: &'a str,
+}
+
+/// What the request body shares with the exchange.
+struct BodyParts<'a> {
+    activity: &'a Arc<Activity>,
+    state: &'a Arc<RequestBodyState>,
+    gate: Option<&'a Arc<ContinueGate>>,
+}
+
 fn upstream_request(
     req: Request<Incoming>,
     conn: &ConnInfo,
-    id: &str,
-    raw_host: &str,
-    upgrade: bool,
-    proto: Proto,
-    region: &str,
-    activity: &Arc<Activity>,
+    up: Upstream<'_>,
+    body_parts: BodyParts<'_>,
 ) -> Result<Request<UpBody>, ProxyError> {
+    let Upstream { id, raw_host, upgrade, proto, region } = up;
     let (mut parts, body) = req.into_parts();
     let side = ClientSide {
         peer_ip: conn.peer.ip(),
@@ -335,7 +510,8 @@ fn upstream_request(
         request_id: id,
         version: parts.version,
     };
-    headers::prepare_request(&mut parts.headers, &side, raw_host, upgrade, proto == Proto::H2c);
+    let gated = body_parts.gate.is_some();
+    headers::prepare_request(&mut parts.headers, &side, raw_host, upgrade, gated, proto == Proto::H2c);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = match proto {
         Proto::Http1 => path.parse(),
@@ -352,5 +528,17 @@ fn upstream_request(
             parts.headers.insert(header::HOST, v);
         }
     }
-    Ok(Request::from_parts(parts, upstream_body(body, activity.clone())))
+    let gate = body_parts.gate.cloned();
+    let mut req = Request::from_parts(
+        parts,
+        upstream_body(body, body_parts.activity.clone(), body_parts.state.clone(), gate.clone()),
+    );
+    if let Some(gate) = gate {
+        hyper::ext::on_informational(&mut req, move |r| {
+            if r.status() == StatusCode::CONTINUE {
+                gate.open();
+            }
+        });
+    }
+    Ok(req)
 }

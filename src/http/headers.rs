@@ -18,16 +18,19 @@ const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port")
 const X_FORWARDED_SSL: HeaderName = HeaderName::from_static("x-forwarded-ssl");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
-/// Headers that describe one connection, never forwarded.
+/// Headers that describe one connection, never forwarded. (`Trailer` is not one of them: it
+/// names the trailer fields of the message, end to end.)
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    // Only meaningful with `Upgrade: h2c`, which tern never forwards.
+    HTTP2_SETTINGS,
 ];
 
 /// What tern knows about the client side of an exchange.
@@ -54,6 +57,25 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && connection_has(req.headers(), "upgrade")
+}
+
+/// The protocols an `Upgrade` header lists, in order (RFC 9110 §7.8).
+pub fn upgrade_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether a client asked `Expect: 100-continue`.
+pub fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::EXPECT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.trim().eq_ignore_ascii_case("100-continue")))
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -87,26 +109,33 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Prepares a client's request headers for a machine.
 ///
 /// `host` is the client's Host or :authority, which is forwarded unchanged so the app
-/// sees the name it was reached by; `to_h2` means the machine speaks h2c.
+/// sees the name it was reached by; `upgrade` is the one protocol the client may switch to
+/// (any other it asked for is dropped); `expect` keeps `Expect: 100-continue`, for a
+/// machine whose 100 tern relays; `to_h2` means the machine speaks h2c.
 pub fn prepare_request(
     headers: &mut HeaderMap,
     side: &ClientSide<'_>,
     host: &str,
-    upgrade: bool,
+    upgrade: Option<&str>,
+    expect: bool,
     to_h2: bool,
 ) {
-    let upgrade_value = if upgrade { headers.get(header::UPGRADE).cloned() } else { None };
-    let te_trailers = to_h2
-        && headers.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
-        });
+    let upgrade_value = upgrade.and_then(|u| HeaderValue::from_str(u).ok());
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
     strip_hop_by_hop(headers);
+    if !expect {
+        headers.remove(header::EXPECT);
+    }
     if let Some(u) = upgrade_value {
         headers.insert(header::UPGRADE, u);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     if te_trailers {
-        // gRPC servers require it, and it is the one TE value HTTP/2 allows.
+        // The machine sends trailers only to a client that says it takes them (gRPC servers
+        // require it); it is also the one TE value HTTP/2 allows.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if !headers.contains_key(header::HOST) && !to_h2 {
@@ -132,9 +161,22 @@ pub fn prepare_request(
     append_via(headers, via_value(side.version));
 }
 
-/// Prepares a machine's response headers for the client.
-pub fn prepare_response(headers: &mut HeaderMap, client_version: Version, request_id: &str, upgraded: bool) {
+/// Prepares a machine's response headers for the client. Returns true when the machine
+/// framed the body two ways at once (`Content-Length` and `Transfer-Encoding`): the chunked
+/// framing is what the body was read by, so the length is dropped (RFC 9112 §6.3), and the
+/// caller should not reuse that machine connection.
+pub fn prepare_response(
+    headers: &mut HeaderMap,
+    client_version: Version,
+    request_id: &str,
+    upgraded: bool,
+) -> bool {
     let upgrade_value = if upgraded { headers.get(header::UPGRADE).cloned() } else { None };
+    let both_framings =
+        headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH);
+    if both_framings {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(headers);
     if let Some(u) = upgrade_value {
         headers.insert(header::UPGRADE, u);
@@ -142,6 +184,7 @@ pub fn prepare_response(headers: &mut HeaderMap, client_version: Version, reques
     }
     append_via(headers, via_value(client_version));
     set(headers, FLY_REQUEST_ID, request_id);
+    both_framings
 }
 
 fn append_via(headers: &mut HeaderMap, ours: &str) {
@@ -163,6 +206,11 @@ fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         headers.insert(name, v);
     }
+}
+
+/// The size of a response head as a machine sent it: status line plus headers.
+pub fn response_head_size<B>(resp: &http::Response<B>) -> usize {
+    resp.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>() + 17
 }
 
 /// The size of a request head as a client sent it: request line plus headers.
@@ -198,7 +246,7 @@ mod tests {
         h.insert("fly-client-ip", "6.6.6.6".parse().unwrap());
         h.insert("x-forwarded-proto", "https".parse().unwrap());
         h.insert("fly-region", "evil".parse().unwrap());
-        prepare_request(&mut h, &side(false), "a.test", false, false);
+        prepare_request(&mut h, &side(false), "a.test", None, false, false);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 203.0.113.7");
         assert_eq!(h["fly-client-ip"], "203.0.113.7");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -217,16 +265,22 @@ mod tests {
         h.insert("connection", "keep-alive, x-secret, host".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("x-secret", "1".parse().unwrap());
-        h.insert("te", "trailers".parse().unwrap());
+        h.insert("te", "gzip".parse().unwrap());
         h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA".parse().unwrap());
+        h.insert("expect", "100-continue".parse().unwrap());
         h.insert("host", "a.test".parse().unwrap());
         h.insert("x-keep", "1".parse().unwrap());
-        prepare_request(&mut h, &side(true), "a.test", false, false);
-        for gone in ["connection", "keep-alive", "x-secret", "te", "transfer-encoding"] {
+        h.insert("trailer", "x-sum".parse().unwrap());
+        prepare_request(&mut h, &side(true), "a.test", None, false, false);
+        for gone in
+            ["connection", "keep-alive", "x-secret", "te", "transfer-encoding", "http2-settings", "expect"]
+        {
             assert!(!h.contains_key(gone), "{gone} was forwarded");
         }
         assert_eq!(h["host"], "a.test");
         assert_eq!(h["x-keep"], "1");
+        assert_eq!(h["trailer"], "x-sum", "Trailer is end to end");
         assert_eq!(h["x-forwarded-proto"], "https");
     }
 
@@ -234,14 +288,21 @@ mod tests {
     fn upgrades_keep_their_upgrade_and_h2c_keeps_te_trailers() {
         let mut h = HeaderMap::new();
         h.insert("connection", "Upgrade".parse().unwrap());
-        h.insert("upgrade", "websocket".parse().unwrap());
-        prepare_request(&mut h, &side(false), "a.test", true, false);
-        assert_eq!(h["upgrade"], "websocket");
+        h.insert("upgrade", "h2c, websocket".parse().unwrap());
+        prepare_request(&mut h, &side(false), "a.test", Some("websocket"), false, false);
+        assert_eq!(h["upgrade"], "websocket", "only the protocol tern allows");
         assert_eq!(h["connection"], "upgrade");
 
         let mut h = HeaderMap::new();
+        h.insert("te", "trailers, deflate".parse().unwrap());
+        h.insert("expect", "100-continue".parse().unwrap());
+        prepare_request(&mut h, &side(false), "a.test", None, true, false);
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["expect"], "100-continue");
+
+        let mut h = HeaderMap::new();
         h.insert("te", "trailers".parse().unwrap());
-        prepare_request(&mut h, &side(false), "a.test", false, true);
+        prepare_request(&mut h, &side(false), "a.test", None, false, true);
         assert_eq!(h["te"], "trailers");
         assert!(!h.contains_key("host"), "h2c carries :authority, not Host");
     }
@@ -251,9 +312,15 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("via", "1.1 cdn".parse().unwrap());
         h.insert("connection", "close".parse().unwrap());
-        prepare_response(&mut h, Version::HTTP_2, "id-ams", false);
+        assert!(!prepare_response(&mut h, Version::HTTP_2, "id-ams", false));
         assert_eq!(h["via"], "1.1 cdn, 2 tern");
         assert_eq!(h["fly-request-id"], "id-ams");
         assert!(!h.contains_key("connection"));
+
+        let mut h = HeaderMap::new();
+        h.insert("content-length", "5".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        assert!(prepare_response(&mut h, Version::HTTP_11, "id-ams", false), "framed two ways");
+        assert!(!h.contains_key("content-length") && !h.contains_key("transfer-encoding"));
     }
 }

@@ -8,6 +8,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -19,6 +24,7 @@ pub mod body;
 pub mod ending;
 mod forward;
 pub mod headers;
+mod parser_replies;
 pub mod request_id;
 pub mod respond;
 mod tunnel;
@@ -26,6 +32,7 @@ mod tunnel;
 pub use forward::Handler;
 
 use activity::{ConnState, TouchIo};
+use parser_replies::ParserReplies;
 
 /// The client side of one connection.
 #[derive(Clone, Debug)]
@@ -42,55 +49,107 @@ pub struct ServerLimits {
     pub keepalive_timeout: Duration,
 }
 
+/// What a client connection speaks. Over TLS that is what ALPN settled, exactly: a client
+/// that negotiated one protocol and speaks another is not served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge (h2c), told apart by the preface.
+    Sniff,
+    /// TLS with ALPN `http/1.1`, or no ALPN.
+    Http1,
+    /// TLS with ALPN `h2`.
+    Http2,
+}
+
 /// Connection settings shared by every client connection.
 pub struct Server {
-    builder: auto::Builder<TokioExecutor>,
+    /// Plain TCP: sniffs the HTTP/2 preface.
+    sniff: auto::Builder<TokioExecutor>,
+    /// TLS, after ALPN: exactly one protocol each. (hyper-util's `auto` builder ignores its
+    /// `http1_only`/`http2_only` when serving with upgrades, so these are hyper's own.)
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     keepalive_timeout: Duration,
 }
 
 impl Server {
     pub fn new(limits: &ServerLimits) -> Self {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
         // Room for heads up to twice our own limit, so tern (not hyper) answers the
         // over-limit ones, with a tern-error code.
         let head_room = (limits.max_header_bytes * 2).max(64 * 1024);
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            .max_buf_size(head_room.max(8192 + 1))
-            .keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(head_room).unwrap_or(u32::MAX))
-            .max_concurrent_streams(256)
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(20));
-        Server { builder, keepalive_timeout: limits.keepalive_timeout }
+        let h2_header_list = u32::try_from(head_room).unwrap_or(u32::MAX);
+        // The same settings for both kinds of builder: they are different types.
+        macro_rules! h1_settings {
+            ($b:expr) => {
+                $b.timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
+                    .max_buf_size(head_room.max(8192 + 1))
+                    .keep_alive(true)
+            };
+        }
+        macro_rules! h2_settings {
+            ($b:expr) => {
+                $b.timer(TokioTimer::new())
+                    .max_header_list_size(h2_header_list)
+                    .max_concurrent_streams(256)
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .keep_alive_timeout(Duration::from_secs(20))
+            };
+        }
+        let mut sniff = auto::Builder::new(TokioExecutor::new());
+        h1_settings!(sniff.http1());
+        h2_settings!(sniff.http2());
+        let mut http1 = http1::Builder::new();
+        h1_settings!(http1);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        h2_settings!(http2);
+        Server { sniff, http1, http2, keepalive_timeout: limits.keepalive_timeout }
     }
 
-    /// Serves one client connection until it closes. When `shutdown` turns true, or the
-    /// connection has had no open exchange and no bytes for the keep-alive timeout, it is
-    /// closed gracefully: HTTP/1.1 after the response in progress, HTTP/2 with GOAWAY.
+    /// Serves one client connection until it closes, in the protocol `wire` says. When
+    /// `shutdown` turns true, or the connection has had no open exchange and no bytes for the
+    /// keep-alive timeout, it is closed gracefully: HTTP/1.1 after the response in progress,
+    /// HTTP/2 with GOAWAY.
     pub async fn serve<IO>(
         &self,
         io: IO,
         info: ConnInfo,
         handler: Arc<Handler>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
+        wire: Wire,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let state = Arc::new(ConnState::default());
-        let io = TokioIo::new(TouchIo::new(io, state.activity.clone()));
         let info = Arc::new(info);
         let svc_state = state.clone();
+        let peer = info.peer;
+        let svc_handler = handler.clone();
         let svc = service_fn(move |req| {
-            let (handler, info, state) = (handler.clone(), info.clone(), svc_state.clone());
+            let (handler, info, state) = (svc_handler.clone(), info.clone(), svc_state.clone());
             async move { Ok::<_, Infallible>(handler.handle(req, info, state).await) }
         });
-        let conn = self.builder.serve_connection_with_upgrades(io, svc);
+        if wire == Wire::Http2 {
+            let io = TokioIo::new(TouchIo::new(io, state.activity.clone()));
+            let conn = self.http2.serve_connection(io, svc);
+            return self.drive(conn, shutdown, &state).await;
+        }
+        // HTTP/1.1's parser answers some heads itself; make those answers tern's.
+        let io = ParserReplies::new(io, state.clone(), handler, peer);
+        let io = TokioIo::new(TouchIo::new(io, state.activity.clone()));
+        if wire == Wire::Sniff {
+            self.drive(self.sniff.serve_connection_with_upgrades(io, svc), shutdown, &state).await;
+        } else {
+            self.drive(self.http1.serve_connection(io, svc).with_upgrades(), shutdown, &state).await;
+        }
+    }
+
+    /// Runs a connection to its end, closing it gracefully at shutdown or when idle.
+    async fn drive<C, E>(&self, conn: C, mut shutdown: watch::Receiver<bool>, state: &ConnState)
+    where
+        C: Future<Output = Result<(), E>> + Graceful,
+        E: std::fmt::Display,
+    {
         tokio::pin!(conn);
         let mut closing = false;
         loop {
@@ -111,5 +170,51 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// A connection that can be asked to finish what it has in progress and close.
+trait Graceful {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, E> Graceful for auto::UpgradeableConnection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        auto::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S> Graceful for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, E> Graceful for http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self);
     }
 }

@@ -82,6 +82,30 @@ pub fn error(
     resp
 }
 
+/// A whole HTTP/1.1 response for `err`, as bytes, for a refusal made below the handler (a
+/// head hyper could not parse), where no `Accept` was read: plain text, and the connection
+/// closes after it. `date` is the `Date` value to send.
+pub fn http1_bytes(err: &ProxyError, request_id: &str, date: &str) -> Vec<u8> {
+    let status = err.status();
+    let body = format!("{} {}\n{} {request_id}\n", status.as_u16(), err.public_message(), err.code());
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n{TERN_ERROR}: {}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         cache-control: no-store\r\nvia: {}\r\n{FLY_REQUEST_ID}: {request_id}\r\nconnection: close\r\n\
+         content-length: {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        err.code(),
+        via_value(Version::HTTP_11),
+        body.len(),
+    );
+    if !date.is_empty() {
+        out += &format!("date: {date}\r\n");
+    }
+    out += "\r\n";
+    out += &body;
+    out.into_bytes()
+}
+
 fn html_page(status: u16, message: &str, code: &str, request_id: &str, retry: Option<u32>) -> String {
     // The message and code are static strings of ours; the id is ULID characters and a
     // region code: nothing here needs escaping.

@@ -170,6 +170,47 @@ pub struct HttpOptions {
     /// Speak HTTP/2 with prior knowledge (h2c) to the app's machines, as gRPC needs.
     #[serde(default)]
     pub h2_backend: bool,
+    /// Protocols other than `websocket` that clients may switch to with `Upgrade` (tokens
+    /// such as `"tcp-tunnel"`, lower case). Any other upgrade is dropped from the request,
+    /// which then goes to the machine as a plain one. Never `h2c`: an h2c connection would
+    /// run past tern, with nothing checked, logged or counted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upgrades: Vec<String>,
+}
+
+impl HttpOptions {
+    pub fn check(&self) -> Result<(), String> {
+        for u in &self.upgrades {
+            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b);
+            if u.is_empty() || !u.bytes().all(token) || u.bytes().any(|b| b.is_ascii_uppercase()) {
+                return Err(format!("upgrades: {u:?} is not a lower-case protocol token"));
+            }
+            if is_http2(u) {
+                return Err(format!(
+                    "upgrades: {u:?} cannot be allowed: an h2c upgrade would hand the connection to \
+                     the machine past tern (use http_options.h2_backend to speak HTTP/2 to machines)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a client may switch to `protocol` (one token of an `Upgrade` header).
+    pub fn allows_upgrade(&self, protocol: &str) -> bool {
+        if is_http2(protocol) {
+            return false;
+        }
+        protocol.eq_ignore_ascii_case("websocket")
+            || self.upgrades.iter().any(|u| u.eq_ignore_ascii_case(protocol))
+    }
+}
+
+/// `h2c`, `h2` or `HTTP/2…`: protocols that would turn the connection into HTTP/2.
+fn is_http2(protocol: &str) -> bool {
+    let name = protocol.split('/').next().unwrap_or(protocol);
+    name.eq_ignore_ascii_case("h2c")
+        || name.eq_ignore_ascii_case("h2")
+        || (name.eq_ignore_ascii_case("http") && protocol.get(5..).is_some_and(|v| v.starts_with('2')))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
 use crate::config::Limits;
-use crate::http::{ConnInfo, Handler, Server};
+use crate::http::{ConnInfo, Handler, Server, Wire};
 use crate::routing::Router;
 use crate::telemetry::Metrics;
 use crate::tls;
@@ -104,6 +104,7 @@ async fn run(deps: Deps, mut jobs: mpsc::UnboundedReceiver<Job>, open: Arc<Atomi
             idle_timeout: deps.limits.upstream_idle_timeout,
             max_idle_per_host: deps.limits.upstream_max_idle,
             max_connecting: deps.limits.upstream_max_connecting,
+            max_response_head: deps.limits.max_response_header_bytes,
         },
         deps.metrics.clone(),
     );
@@ -114,6 +115,7 @@ async fn run(deps: Deps, mut jobs: mpsc::UnboundedReceiver<Job>, open: Arc<Atomi
         metrics: deps.metrics.clone(),
         region: deps.region.clone(),
         max_header_bytes: deps.limits.max_header_bytes,
+        max_response_header_bytes: deps.limits.max_response_header_bytes,
         access_log: deps.access_log,
         tasks: tasks.clone(),
         lifecycle: deps.lifecycle.clone(),
@@ -166,10 +168,14 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
         )
         .await;
         if let Ok(stream) = accepted {
-            deps.server.serve(stream, info, handler, shutdown).await;
+            let wire = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Wire::Http2,
+                _ => Wire::Http1,
+            };
+            deps.server.serve(stream, info, handler, shutdown, wire).await;
         }
     } else {
-        deps.server.serve(stream, info, handler, shutdown).await;
+        deps.server.serve(stream, info, handler, shutdown, Wire::Sniff).await;
     }
     gauge.dec();
 }

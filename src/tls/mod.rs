@@ -2,6 +2,13 @@
 //! then wildcard), with no lock on the handshake path: certificates were parsed and checked
 //! when they were applied. An unknown or missing SNI is refused with an `unrecognized_name`
 //! alert before any certificate work. TLS 1.2 and 1.3 only; ALPN `h2` and `http/1.1`.
+//!
+//! The ClientHello is read here before rustls sees it ([`hello`]), so that one that arrives
+//! in many small records is handed over in as few as possible: rustls counts record headers
+//! against its 64 KiB handshake buffer, and would otherwise drop a big, finely fragmented
+//! hello without a word.
+
+mod hello;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,6 +73,8 @@ pub enum HandshakeFailure {
     UnknownSni,
     Timeout,
     Protocol,
+    /// A ClientHello larger than rustls can buffer.
+    HelloTooLarge,
 }
 
 impl HandshakeFailure {
@@ -75,6 +84,7 @@ impl HandshakeFailure {
             HandshakeFailure::UnknownSni => "unknown_sni",
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::Protocol => "protocol",
+            HandshakeFailure::HelloTooLarge => "hello_too_large",
         }
     }
 }
@@ -86,17 +96,28 @@ const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 11
 /// Completes a server handshake on `io`, or refuses it. The whole handshake shares one
 /// deadline.
 pub async fn accept<IO>(
-    io: IO,
+    mut io: IO,
     config: Arc<ServerConfig>,
     catalog: &Catalog,
     timeout: Duration,
     metrics: &Metrics,
-) -> Result<TlsStream<IO>, HandshakeFailure>
+) -> Result<TlsStream<hello::Replay<IO>>, HandshakeFailure>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let deadline = tokio::time::Instant::now() + timeout;
     let result = tokio::time::timeout_at(deadline, async {
+        let first = match hello::read(&mut io).await {
+            Ok(bytes) => bytes,
+            Err(hello::HelloError::TooLarge) => {
+                // Best effort, as for unknown names.
+                let _ = io.write_all(&hello::ILLEGAL_PARAMETER_ALERT).await;
+                let _ = io.shutdown().await;
+                return Err(HandshakeFailure::HelloTooLarge);
+            }
+            Err(hello::HelloError::Io) => return Err(HandshakeFailure::Protocol),
+        };
+        let io = hello::Replay::new(first, io);
         let start =
             LazyConfigAcceptor::new(Acceptor::default(), io).await.map_err(|_| HandshakeFailure::Protocol)?;
         let known = match start.client_hello().server_name() {

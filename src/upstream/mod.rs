@@ -52,6 +52,9 @@ pub struct PoolConfig {
     /// Most connections being opened to one machine at once; more requests wait for one
     /// of those, or for a pooled connection to come back, whichever is first.
     pub max_connecting: usize,
+    /// Largest response head tern reads from a machine; hyper's read buffer is sized from
+    /// it, so a bigger head fails to parse instead of being buffered whole.
+    pub max_response_head: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -213,8 +216,12 @@ impl Pool {
         let io = TokioIo::new(stream);
         let sender = match key.proto {
             Proto::Http1 => {
-                let (sender, conn) =
-                    http1::Builder::new().handshake(io).await.map_err(|e| fail(std::io::Error::other(e)))?;
+                let (sender, conn) = http1::Builder::new()
+                    // Slack for the difference between bytes on the wire and tern's count.
+                    .max_buf_size(self.config.max_response_head.max(8192) + 1024)
+                    .handshake(io)
+                    .await
+                    .map_err(|e| fail(std::io::Error::other(e)))?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.with_upgrades().await {
                         tracing::debug!(target: "tern::upstream", error = %e, "machine connection ended");
@@ -226,6 +233,7 @@ impl Pool {
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .keep_alive_interval(Duration::from_secs(20))
+                    .max_header_list_size(u32::try_from(self.config.max_response_head).unwrap_or(u32::MAX))
                     .handshake(io)
                     .await
                     .map_err(|e| fail(std::io::Error::other(e)))?;

@@ -9,6 +9,8 @@
 //! - `/hang`: no response until the gate opens, then 200 "released"
 //! - `/download?bytes=N`: N bytes in 64 KiB chunks, streamed
 //! - `/upload`: reads the body as it streams and answers with its length
+//! - `/trailers`: reads the body and answers with its trailers (`name=value`), chunked, with a
+//!   `x-checksum` trailer of its own (the body's length)
 //! - `/ws`: WebSocket echo
 //! - `/seq`: how many requests this backend has had, this one included (arrival order)
 //! - `/pid`: the process id of the machine (for a backend in its own process)
@@ -190,6 +192,7 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body>
             }
             Response::new(full(n.to_string()))
         }
+        "/trailers" => trailers(req.into_body()).await,
         "/ws" => websocket(&mut req, state.ws_closes.clone()),
         "/release" => {
             state.gate.notify_waiters();
@@ -211,6 +214,25 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body>
             r
         }
     }
+}
+
+async fn trailers(mut body: Incoming) -> Response<Body> {
+    let (mut len, mut got) = (0usize, Vec::new());
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(d) = frame.data_ref() {
+            len += d.len();
+        }
+        if let Some(t) = frame.trailers_ref() {
+            got.extend(t.iter().map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or(""))));
+        }
+    }
+    let mut trailer = http::HeaderMap::new();
+    trailer.insert("x-checksum", len.into());
+    let frames =
+        vec![Ok::<_, Infallible>(Frame::data(Bytes::from(got.join(",")))), Ok(Frame::trailers(trailer))];
+    let mut r = Response::new(BoxBody::new(StreamBody::new(futures_util::stream::iter(frames))));
+    r.headers_mut().insert("trailer", "x-checksum".parse().unwrap());
+    r
 }
 
 fn sse(stream: impl futures_util::Stream<Item = Bytes> + Send + Sync + 'static) -> Response<Body> {

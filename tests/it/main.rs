@@ -10,6 +10,7 @@ mod harness;
 
 mod catalog;
 mod errors;
+mod hostile;
 mod http;
 mod lifecycle;
 mod machines_api;

@@ -1,0 +1,191 @@
+//! Reading the ClientHello before rustls does.
+//!
+//! rustls buffers at most 64 KiB of handshake data, record headers included: a ClientHello
+//! sent in small records (say 512 bytes each, 5 bytes of header apiece) runs out of room
+//! well before 64 KiB, and rustls then fails the read with an I/O error, so the client gets
+//! no alert at all. Here the hello's records are read first and, when the hello spans more
+//! than one, handed to rustls re-framed into full 16 KiB records. A hello too big even so
+//! gets a fatal `illegal_parameter` alert, as OpenSSL sends for an excessive message.
+//!
+//! Anything that is not a handshake record is passed on untouched, for rustls to refuse
+//! with the alert it chooses.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// The largest ClientHello (handshake header included) rustls can take once re-framed:
+/// 64 KiB less five record headers, less the byte rustls keeps free.
+pub const MAX_HELLO: usize = 0xffff - 5 * 5 - 1;
+
+/// Payload bytes per TLS record.
+const MAX_RECORD: usize = 16 * 1024;
+
+const HANDSHAKE: u8 = 0x16;
+
+/// A fatal `illegal_parameter` (47) alert in a plaintext record.
+pub const ILLEGAL_PARAMETER_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 47];
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum HelloError {
+    /// The connection failed or closed before the hello was whole.
+    Io,
+    /// The hello is larger than [`MAX_HELLO`].
+    TooLarge,
+}
+
+/// Reads the client's first flight up to the end of its ClientHello. Returns the bytes for
+/// rustls: as read, if the hello came in one record (or is not a hello at all), else the
+/// hello re-framed into as few records as possible.
+pub async fn read<IO: AsyncRead + Unpin>(io: &mut IO) -> Result<Vec<u8>, HelloError> {
+    let mut raw = Vec::with_capacity(512);
+    // The handshake bytes read so far, without record headers.
+    let mut message = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        io.read_exact(&mut head).await.map_err(|_| HelloError::Io)?;
+        raw.extend_from_slice(&head);
+        let len = usize::from(u16::from_be_bytes([head[3], head[4]]));
+        if head[0] != HANDSHAKE || len > MAX_RECORD {
+            // Not a handshake record: rustls decides what it is.
+            return Ok(raw);
+        }
+        let version = [head[1], head[2]];
+        let start = raw.len();
+        raw.resize(start + len, 0);
+        io.read_exact(&mut raw[start..]).await.map_err(|_| HelloError::Io)?;
+        message.extend_from_slice(&raw[start..]);
+        let Some(size) = message_size(&message) else { continue };
+        if size > MAX_HELLO {
+            return Err(HelloError::TooLarge);
+        }
+        if message.len() >= size {
+            let records = raw.len() - message.len();
+            // One record (the usual case): nothing to gain from re-framing.
+            return Ok(if records <= 5 { raw } else { reframe(&message, version) });
+        }
+    }
+}
+
+/// The whole size of the first handshake message (its 4-byte header included), once its
+/// header has arrived.
+fn message_size(message: &[u8]) -> Option<usize> {
+    let header = message.get(..4)?;
+    Some(4 + (usize::from(header[1]) << 16 | usize::from(header[2]) << 8 | usize::from(header[3])))
+}
+
+/// The handshake bytes in full-size records.
+fn reframe(message: &[u8], version: [u8; 2]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + 5 * message.len().div_ceil(MAX_RECORD));
+    for chunk in message.chunks(MAX_RECORD) {
+        out.push(HANDSHAKE);
+        out.extend_from_slice(&version);
+        out.extend_from_slice(&u16::try_from(chunk.len()).unwrap_or(u16::MAX).to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+/// The connection with the bytes read ahead put back in front.
+pub struct Replay<IO> {
+    ahead: Vec<u8>,
+    at: usize,
+    inner: IO,
+}
+
+impl<IO> Replay<IO> {
+    pub fn new(ahead: Vec<u8>, inner: IO) -> Self {
+        Replay { ahead, at: 0, inner }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Replay<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.ahead.len() {
+            let n = buf.remaining().min(self.ahead.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.ahead[at..at + n]);
+            self.at += n;
+            if self.at == self.ahead.len() {
+                self.ahead = Vec::new();
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Replay<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handshake message of `size` bytes (header included) in records of `record` bytes.
+    fn fragmented(size: usize, record: usize) -> (Vec<u8>, Vec<u8>) {
+        let body = size - 4;
+        let mut message = vec![1, (body >> 16) as u8, (body >> 8) as u8, body as u8];
+        message.extend((0..body).map(|i| i as u8));
+        let mut wire = Vec::new();
+        for chunk in message.chunks(record) {
+            wire.extend_from_slice(&[HANDSHAKE, 3, 1]);
+            wire.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            wire.extend_from_slice(chunk);
+        }
+        (message, wire)
+    }
+
+    #[tokio::test]
+    async fn a_fragmented_hello_is_reframed_and_a_whole_one_passes_as_is() {
+        let (message, wire) = fragmented(60_000, 512);
+        let out = read(&mut &wire[..]).await.unwrap();
+        assert_eq!(out, reframe(&message, [3, 1]));
+        assert_eq!(out.len(), message.len() + 5 * 4, "four full records");
+
+        let (_, wire) = fragmented(300, 16 * 1024);
+        assert_eq!(read(&mut &wire[..]).await.unwrap(), wire);
+        // Not a handshake: passed on as read, for rustls to refuse.
+        assert_eq!(read(&mut &b"GET / HTTP/1.1\r\n"[..]).await.unwrap(), b"GET /");
+    }
+
+    #[tokio::test]
+    async fn too_big_or_cut_short() {
+        let (_, wire) = fragmented(MAX_HELLO + 1, 16 * 1024);
+        assert_eq!(read(&mut &wire[..]).await, Err(HelloError::TooLarge));
+        let (_, wire) = fragmented(MAX_HELLO, 1024);
+        assert!(read(&mut &wire[..]).await.is_ok());
+        let (_, wire) = fragmented(5_000, 1024);
+        assert_eq!(read(&mut &wire[..3000]).await, Err(HelloError::Io));
+    }
+}

@@ -1,0 +1,725 @@
+//! The wire is hostile. Each test sends raw bytes (over TCP, or TLS with a chosen ALPN) the
+//! way an attacker or a broken machine would, and checks what tern does with them: a coded
+//! refusal, never a request smuggled past it, never a response it cannot frame.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::backend::Backend;
+use crate::harness::{Ca, HttpVersion, Proxy, app_decl, eventually};
+use crate::wake::metric;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// Writes `bytes` and reads until the peer closes.
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, tcp.read_to_end(&mut out)).await.expect("the peer never closed");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Writes `bytes` on a new connection and reads one response.
+async fn one_response(addr: SocketAddr, bytes: &[u8]) -> Raw {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    read_response(&mut tcp, &mut Vec::new()).await
+}
+
+/// One HTTP/1.1 response as read off the wire.
+#[derive(Debug)]
+struct Raw {
+    /// Status line and header lines, header names lower-cased.
+    head: String,
+    body: Vec<u8>,
+    /// Trailer lines of a chunked body, names lower-cased.
+    trailers: String,
+}
+
+impl Raw {
+    fn status(&self) -> u16 {
+        self.head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(str::trim)
+    }
+}
+
+/// Reads one response (head, then a body framed by Content-Length or chunked encoding) and
+/// leaves the connection open for the next. 1xx responses are returned like any other.
+async fn read_response<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Raw {
+    tokio::time::timeout(LIMIT, read_response_inner(s, buf)).await.expect("no whole response in time")
+}
+
+async fn fill<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 16 * 1024];
+    let n = s.read(&mut chunk).await.unwrap();
+    assert!(n > 0, "connection closed mid-response; got {:?}", String::from_utf8_lossy(buf));
+    buf.extend_from_slice(&chunk[..n]);
+}
+
+async fn read_line<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> String {
+    loop {
+        if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[..i]).into_owned();
+            buf.drain(..i + 2);
+            return line;
+        }
+        fill(s, buf).await;
+    }
+}
+
+async fn read_response_inner<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Raw {
+    let mut head = String::new();
+    loop {
+        let line = read_line(s, buf).await;
+        if line.is_empty() {
+            break;
+        }
+        let line = match line.split_once(':') {
+            Some((name, value)) if !head.is_empty() => format!("{}:{value}", name.to_ascii_lowercase()),
+            _ => line,
+        };
+        head += &line;
+        head += "\n";
+    }
+    let mut raw = Raw { head, body: Vec::new(), trailers: String::new() };
+    let status = raw.status();
+    if (100..200).contains(&status) || status == 204 || status == 304 {
+        return raw;
+    }
+    if raw.header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let size = read_line(s, buf).await;
+            let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+            if size == 0 {
+                loop {
+                    let line = read_line(s, buf).await;
+                    if line.is_empty() {
+                        return raw;
+                    }
+                    raw.trailers += &line.to_ascii_lowercase();
+                    raw.trailers += "\n";
+                }
+            }
+            while buf.len() < size + 2 {
+                fill(s, buf).await;
+            }
+            raw.body.extend_from_slice(&buf[..size]);
+            buf.drain(..size + 2);
+        }
+    }
+    let len: usize = raw.header("content-length").map_or(0, |v| v.parse().unwrap());
+    while buf.len() < len {
+        fill(s, buf).await;
+    }
+    raw.body = buf.drain(..len).collect();
+    raw
+}
+
+/// A machine that speaks raw bytes, for answers no well-behaved server would give. It
+/// records each request head it reads (and, after answering 101, every byte that follows)
+/// and answers with whatever `answer` returns for the head.
+struct RawMachine {
+    addr: SocketAddr,
+    heads: Arc<parking_lot::Mutex<Vec<String>>>,
+    after_upgrade: Arc<parking_lot::Mutex<Vec<u8>>>,
+    /// Connections the machine accepted.
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawMachine {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawMachine {
+    async fn start(answer: fn(&str) -> Vec<u8>) -> RawMachine {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let after_upgrade = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (h, a, c) = (heads.clone(), after_upgrade.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve_raw(tcp, answer, h.clone(), a.clone()));
+            }
+        });
+        RawMachine { addr, heads, after_upgrade, connections, task }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().clone()
+    }
+}
+
+async fn serve_raw(
+    mut tcp: TcpStream,
+    answer: fn(&str) -> Vec<u8>,
+    heads: Arc<parking_lot::Mutex<Vec<String>>>,
+    after: Arc<parking_lot::Mutex<Vec<u8>>>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        buf.drain(..end);
+        heads.lock().push(head.clone());
+        let reply = answer(&head);
+        if tcp.write_all(&reply).await.is_err() {
+            return;
+        }
+        if reply.starts_with(b"HTTP/1.1 101") {
+            after.lock().extend_from_slice(&buf);
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = tcp.read(&mut chunk).await {
+                if n == 0 {
+                    return;
+                }
+                after.lock().extend_from_slice(&chunk[..n]);
+            }
+            return;
+        }
+    }
+}
+
+fn ok_plain(_: &str) -> Vec<u8> {
+    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain".to_vec()
+}
+
+/// Answers 101 to anything, as a machine that honours `Upgrade: h2c` (or a careless one) does.
+fn always_101(_: &str) -> Vec<u8> {
+    b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n".to_vec()
+}
+
+/// Answers 101 (to the protocol asked for) only to a request that asks to upgrade, and 200
+/// otherwise.
+fn upgrade_if_asked(head: &str) -> Vec<u8> {
+    let asked = head.lines().find_map(|l| l.strip_prefix("upgrade:")).map(str::trim);
+    match asked {
+        Some(p) => format!("HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {p}\r\n\r\n")
+            .into_bytes(),
+        None => ok_plain(head),
+    }
+}
+
+const H2C_UPGRADE: &str = "GET / HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+     Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n";
+
+/// What a client that got its h2c upgrade would send next: the h2 preface, then a request for
+/// another host, with a spoofed client address.
+const SMUGGLED: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nGET /admin HTTP/1.1\r\nHost: other.test\r\nFly-Client-IP: 10.0.0.1\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_is_never_forwarded() {
+    // A machine that upgrades whenever asked: tern must not ask on the client's behalf.
+    let m = RawMachine::start(upgrade_if_asked).await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", m.addr, "started")], "")).await;
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(H2C_UPGRADE.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut tcp, &mut buf).await;
+    assert_eq!(r.status(), 200, "served as a plain request: {r:?}");
+    assert_eq!(r.body, b"plain");
+    let heads = m.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(!heads[0].contains("upgrade") && !heads[0].contains("http2-settings"), "{heads:?}");
+
+    // A machine that answers 101 to anything: the client gets a coded 502, never a tunnel.
+    let m = RawMachine::start(always_101).await;
+    proxy.apply(&app_decl("app", &["app.test"], &[("m1", m.addr, "started")], ""));
+    let got = eventually(LIMIT, || async {
+        let r = one_response(proxy.http, H2C_UPGRADE.as_bytes()).await;
+        (r.body != b"plain").then_some(r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.status(), 502, "{got:?}");
+    assert_eq!(got.header("tern-error"), Some("upstream_error"), "{got:?}");
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(H2C_UPGRADE.as_bytes()).await.unwrap();
+    let _ = tcp.write_all(SMUGGLED).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, tcp.read_to_end(&mut rest)).await;
+    assert!(m.after_upgrade.lock().is_empty(), "bytes after the 101 reached the machine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_other_than_websocket_need_the_apps_consent() {
+    let m = RawMachine::start(upgrade_if_asked).await;
+    let decl = |extra: &str| app_decl("app", &["app.test"], &[("m1", m.addr, "started")], extra);
+    let proxy = Proxy::start(&decl("")).await;
+    let ask = "GET / HTTP/1.1\r\nHost: app.test\r\nConnection: upgrade\r\nUpgrade: tcp-tunnel\r\n\r\n";
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(ask.as_bytes()).await.unwrap();
+    let r = read_response(&mut tcp, &mut Vec::new()).await;
+    assert_eq!(r.status(), 200, "not opted in: a plain request: {r:?}");
+    assert!(!m.heads()[0].contains("upgrade"), "{:?}", m.heads());
+
+    proxy.apply(&decl("[apps.http_options]\nupgrades = [\"tcp-tunnel\"]"));
+    let got = eventually(LIMIT, || async {
+        let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+        tcp.write_all(ask.as_bytes()).await.unwrap();
+        let r = read_response(&mut tcp, &mut Vec::new()).await;
+        (r.status() == 101).then_some(tcp)
+    })
+    .await;
+    let mut tcp = got.expect("the opted-in upgrade is forwarded");
+    tcp.write_all(b"hello through the tunnel").await.unwrap();
+    let arrived = eventually(LIMIT, || async {
+        let after = m.after_upgrade.lock().clone();
+        (after == b"hello through the tunnel").then_some(())
+    })
+    .await;
+    assert!(arrived.is_some(), "{:?}", String::from_utf8_lossy(&m.after_upgrade.lock()));
+
+    // h2c can never be opted into: it would hand the connection to the machine.
+    let bad = tern::decl::parse(
+        &decl("[apps.http_options]\nupgrades = [\"h2c\"]"),
+        "t.toml",
+        std::path::Path::new("."),
+    )
+    .unwrap_err();
+    assert!(bad.to_string().contains("h2c"), "{bad}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_hosts_and_targets_get_400() {
+    let b = Backend::start("m1").await;
+    let proxy =
+        Proxy::start(&app_decl("app", &["app.test", "b.test"], &[("m1", b.addr, "started")], "")).await;
+    let cases = [
+        "GET /echo HTTP/1.1\r\nHost: app.test\r\nHost: b.test\r\n\r\n",
+        "GET /echo HTTP/1.1\r\nHost: app.test\r\nHost: app.test\r\n\r\n",
+        "GET /echo HTTP/1.1\r\n\r\n",
+        "GET * HTTP/1.1\r\nHost: app.test\r\n\r\n",
+    ];
+    for case in cases {
+        let r = one_response(proxy.http, case.as_bytes()).await;
+        assert_eq!(r.status(), 400, "{case:?}: {r:?}");
+        assert!(matches!(r.header("tern-error"), Some("bad_host" | "bad_request")), "{case:?}: {r:?}");
+    }
+    assert_eq!(b.requests.load(Ordering::SeqCst), 0, "none reached the machine");
+    // OPTIONS * is the one request whose target may be "*".
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(b"OPTIONS * HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let r = read_response(&mut tcp, &mut Vec::new()).await;
+    assert_ne!(r.status(), 400, "{r:?}");
+    assert_eq!(b.requests.load(Ordering::SeqCst), 1);
+
+    // HTTP/2: `:path *` on a GET.
+    let tcp = TcpStream::connect(proxy.http).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let uri = http::Uri::builder().scheme("http").authority("app.test").path_and_query("*").build().unwrap();
+    let req = http::Request::builder().method("GET").uri(uri).body(()).unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["tern-error"], "bad_request");
+    assert_eq!(b.requests.load(Ordering::SeqCst), 1);
+}
+
+/// Content-Length 5, but chunked encoding carrying 16 bytes: the chunked framing wins.
+fn length_and_chunked(_: &str) -> Vec<u8> {
+    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n"
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_with_both_length_and_chunked_is_framed_by_chunks() {
+    let ca = Ca::new();
+    let m = RawMachine::start(length_and_chunked).await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", m.addr, "started")], "")).await;
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        // Twice on one connection: the first response's framing must not desync the second.
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+        let r = read_response(&mut tcp, &mut buf).await;
+        assert_eq!(r.status(), 200, "{r:?}");
+        assert_eq!(r.header("content-length"), None, "{r:?}");
+        assert_eq!(r.body, b"0123456789abcdef");
+    }
+    assert_eq!(m.connections.load(Ordering::SeqCst), 2, "a connection framed two ways is not reused");
+    let r = proxy.client(&ca, HttpVersion::Http2).get(proxy.url("app.test", "/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"0123456789abcdef");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_body_is_the_clients_fault() {
+    let b = Backend::start("m1").await;
+    let decl = app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "idle_timeout = \"300ms\"");
+    let proxy = Proxy::start(&decl).await;
+    let bodies: [&[u8]; 5] = [
+        b"0x5\r\nhello\r\n0\r\n\r\n",
+        b" 5\r\nhello\r\n0\r\n\r\n",
+        b"100000000000000005\r\nhello\r\n0\r\n\r\n",
+        b"5\r\nhello, and more than five\r\n0\r\n\r\n",
+        b"5\r\nhello0\r\n\r\n",
+    ];
+    for body in bodies {
+        let mut req =
+            b"POST /upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        req.extend_from_slice(body);
+        let shown = String::from_utf8_lossy(body);
+        let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+        tcp.write_all(&req).await.unwrap();
+        let r = read_response(&mut tcp, &mut Vec::new()).await;
+        assert_eq!(r.status(), 400, "{shown:?}: {r:?}");
+        assert_eq!(r.header("tern-error"), Some("bad_body"), "{shown:?}: {r:?}");
+        // The client's framing cannot be trusted any more: the connection closes.
+        let rest = read_all(&mut tcp).await;
+        assert!(rest.is_empty(), "{shown:?}: {:?}", String::from_utf8_lossy(&rest));
+    }
+    // A chunk of 2^64 - 1 bytes parses (hyper refuses only sizes that overflow 64 bits), so
+    // the client owes the rest of it: once it has been silent for idle_timeout, that is its
+    // fault too, not the app's.
+    let r = one_response(
+        proxy.http,
+        b"POST /upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status(), 408, "{r:?}");
+    assert_eq!(r.header("tern-error"), Some("body_timeout"));
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "tern_errors_total{code=\"bad_body\"}"), 5.0, "{m}");
+    assert_eq!(metric(&m, "tern_requests_total{app=\"app\",class=\"4xx\"}"), 6.0, "{m}");
+    assert_eq!(metric(&m, "tern_errors_total{code=\"upstream_error\"}"), 0.0, "{m}");
+    assert_eq!(metric(&m, "tern_errors_total{code=\"upstream_timeout\"}"), 0.0, "{m}");
+    // The machine is fine: a good request after all that is answered.
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(b"POST /upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut tcp, &mut Vec::new()).await;
+    assert_eq!((r.status(), r.body.as_slice()), (200, &b"5"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_refused_with_a_code() {
+    let b = Backend::start("m1").await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "")).await;
+    let r = one_response(proxy.http, b"CONNECT app.test:443 HTTP/1.1\r\nHost: app.test:443\r\n\r\n").await;
+    assert_eq!(r.status(), 405, "{r:?}");
+    assert_eq!(r.header("tern-error"), Some("method_not_allowed"), "{r:?}");
+    // Over HTTP/2 too.
+    let tcp = TcpStream::connect(proxy.http).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder().method("CONNECT").uri("app.test:443").body(()).unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["tern-error"], "method_not_allowed");
+    assert_eq!(b.requests.load(Ordering::SeqCst), 0);
+}
+
+/// A 200 whose head is far larger than any client accepts.
+fn huge_head(_: &str) -> Vec<u8> {
+    let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-big: ".to_vec();
+    r.extend(std::iter::repeat_n(b'x', 200 * 1024));
+    r.extend_from_slice(b"\r\n\r\nok");
+    r
+}
+
+/// A 200 with a 60 KB header, within a 64 KiB limit.
+fn near_limit(_: &str) -> Vec<u8> {
+    let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-big: ".to_vec();
+    r.extend(std::iter::repeat_n(b'x', 60 * 1000));
+    r.extend_from_slice(b"\r\n\r\nok");
+    r
+}
+
+/// A 200 with 300 small header fields, 6 KB in all.
+fn many_fields(_: &str) -> Vec<u8> {
+    let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n".to_vec();
+    for i in 0..300 {
+        r.extend_from_slice(format!("x-f{i}: v\r\n").as_bytes());
+    }
+    r.extend_from_slice(b"\r\nok");
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_heads_are_capped() {
+    let big = RawMachine::start(huge_head).await;
+    let many = RawMachine::start(many_fields).await;
+    let near = RawMachine::start(near_limit).await;
+    let decl = app_decl("big", &["big.test"], &[("b1", big.addr, "started")], "")
+        + &app_decl("many", &["many.test"], &[("m1", many.addr, "started")], "")
+        + &app_decl("near", &["near.test"], &[("n1", near.addr, "started")], "");
+    let proxy = Proxy::start_with(&decl, "[limits]\nmax_response_header_bytes = 65536\n").await;
+    let resp = exchange(proxy.http, b"GET / HTTP/1.1\r\nHost: big.test\r\nConnection: close\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 502"), "{}", &resp[..resp.len().min(300)]);
+    assert!(resp.contains("tern-error: response_headers_too_large"), "{}", &resp[..resp.len().min(300)]);
+    assert!(resp.len() < 4096, "the big head never reaches the client");
+    // More than 100 fields, as HAProxy also refuses by default.
+    let r = one_response(proxy.http, b"GET / HTTP/1.1\r\nHost: many.test\r\n\r\n").await;
+    assert_eq!(r.status(), 502, "{r:?}");
+    assert_eq!(r.header("tern-error"), Some("response_headers_too_large"));
+    // Just under the limit passes whole.
+    let r = one_response(proxy.http, b"GET / HTTP/1.1\r\nHost: near.test\r\n\r\n").await;
+    assert_eq!(r.status(), 200, "{}", r.head.len());
+    assert_eq!(r.header("x-big").map(str::len), Some(60 * 1000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_carries_a_code_even_those_the_parser_makes() {
+    let b = Backend::start("m1").await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "")).await;
+    let fields: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (
+            format!("GET / HTTP/1.1\r\nHost: app.test\r\n{fields}\r\n").into_bytes(),
+            "431",
+            "headers_too_large",
+        ),
+        (
+            format!("GET /{} HTTP/1.1\r\nHost: app.test\r\n\r\n", "a".repeat(70_000)).into_bytes(),
+            "414",
+            "uri_too_long",
+        ),
+        (b"GET / HTTP/1.1\r\nHo st: app.test\r\n\r\n".to_vec(), "400", "bad_request"),
+        (b"GET / HTTP/9.9\r\nHost: app.test\r\n\r\n".to_vec(), "400", "bad_request"),
+        (b"G\x01T / HTTP/1.1\r\nHost: app.test\r\n\r\n".to_vec(), "400", "bad_request"),
+        (
+            b"GET / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello"
+                .to_vec(),
+            "400",
+            "bad_request",
+        ),
+    ];
+    for (req, status, code) in cases {
+        let resp = exchange(proxy.http, &req).await;
+        let shown = String::from_utf8_lossy(&req[..req.len().min(60)]).into_owned();
+        assert!(resp.starts_with(&format!("HTTP/1.1 {status}")), "{shown:?}: {resp}");
+        assert!(resp.contains(&format!("tern-error: {code}")), "{shown:?}: {resp}");
+        assert!(resp.contains("fly-request-id: "), "{shown:?}: {resp}");
+    }
+    assert_eq!(b.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_pass_both_ways() {
+    let b = Backend::start("m1").await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "")).await;
+    let request = |te: &str| {
+        format!(
+            "POST /trailers HTTP/1.1\r\nHost: app.test\r\n{te}Trailer: x-sum\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n"
+        )
+    };
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(request("TE: trailers\r\n").as_bytes()).await.unwrap();
+    let r = read_response(&mut tcp, &mut Vec::new()).await;
+    assert_eq!(r.status(), 200, "{r:?}");
+    assert_eq!(String::from_utf8_lossy(&r.body), "x-sum=42", "the machine got the request's trailers");
+    assert_eq!(r.trailers, "x-checksum: 5\n", "the client asked for trailers and got them: {r:?}");
+
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(request("").as_bytes()).await.unwrap();
+    let r = read_response(&mut tcp, &mut Vec::new()).await;
+    assert_eq!(String::from_utf8_lossy(&r.body), "x-sum=42");
+    assert_eq!(r.trailers, "", "no TE: trailers, no trailers: {r:?}");
+}
+
+fn unauthorized(_: &str) -> Vec<u8> {
+    b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 6\r\n\r\nno way".to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_reflects_the_machine() {
+    let b = Backend::start("m1").await;
+    let refuses = RawMachine::start(unauthorized).await;
+    let decl = app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "")
+        + &app_decl("strict", &["strict.test"], &[("s1", refuses.addr, "started")], "")
+        + &app_decl("asleep", &["asleep.test"], &[("z1", "127.0.0.1:9".parse().unwrap(), "stopped")], "");
+    let proxy = Proxy::start(&decl).await;
+    let head = |host: &str| {
+        format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    };
+
+    // A machine that wants the body: its 100 comes through, then its answer.
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(head("app.test").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut tcp, &mut buf).await;
+    assert_eq!(r.status(), 100, "{r:?}");
+    tcp.write_all(b"hello").await.unwrap();
+    let r = read_response(&mut tcp, &mut buf).await;
+    assert_eq!((r.status(), r.body.as_slice()), (200, &b"5"[..]));
+
+    // A machine that refuses at once: its refusal, and no 100 from tern before it.
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(head("strict.test").as_bytes()).await.unwrap();
+    let r = read_response(&mut tcp, &mut Vec::new()).await;
+    assert_eq!(r.status(), 401, "{r:?}");
+    assert_eq!(r.body, b"no way");
+
+    // tern's own refusal, before any body was asked for.
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(head("asleep.test").as_bytes()).await.unwrap();
+    let r = read_response(&mut tcp, &mut Vec::new()).await;
+    assert_eq!(r.status(), 503, "{r:?}");
+    assert_eq!(r.header("tern-error"), Some("no_machine"));
+}
+
+/// A TLS connection to the proxy offering exactly `alpn`.
+async fn tls_with_alpn(ca: &Ca, proxy: &Proxy, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(ca.client_config(alpn)));
+    let tcp = TcpStream::connect(proxy.https).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("app.test").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+async fn read_all<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, s.read_to_end(&mut out)).await.expect("the proxy never closed");
+    out
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_speaks_exactly_the_protocol_alpn_chose() {
+    let ca = Ca::new();
+    let b = Backend::start("m1").await;
+    let decl = app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "")
+        + &ca.decl("app.test", &["app.test"]);
+    let proxy = Proxy::start(&decl).await;
+
+    // ALPN h2, then HTTP/1.1: no HTTP/1.1 answer; at most HTTP/2 frames (a GOAWAY).
+    let mut tls = tls_with_alpn(&ca, &proxy, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls.write_all(b"GET /id HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let got = read_all(&mut tls).await;
+    assert!(!got.starts_with(b"HTTP/"), "{:?}", String::from_utf8_lossy(&got));
+    // ALPN http/1.1, or no ALPN at all, then the HTTP/2 preface: not served as HTTP/2.
+    for alpn in [&[&b"http/1.1"[..]][..], &[]] {
+        let mut tls = tls_with_alpn(&ca, &proxy, alpn).await;
+        tls.write_all(H2_PREFACE).await.unwrap();
+        let got = read_all(&mut tls).await;
+        let h2_settings = got.len() >= 9 && got[3] == 0x04;
+        assert!(!h2_settings, "{alpn:?}: answered as HTTP/2: {got:?}");
+    }
+    assert_eq!(b.requests.load(Ordering::SeqCst), 0);
+    // And what was negotiated works.
+    for version in [HttpVersion::Http1, HttpVersion::Http2] {
+        let r = proxy.client(&ca, version).get(proxy.tls_url("app.test", "/id")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}
+
+/// A real ClientHello for `sni`, grown by a padding extension to `size` bytes of handshake
+/// message, split into records of `record` bytes.
+fn client_hello(ca: &Ca, sni: &str, size: usize, record: usize) -> Vec<u8> {
+    let config = Arc::new(ca.client_config(&[b"http/1.1"]));
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut wire = Vec::new();
+    conn.write_tls(&mut wire).unwrap();
+    // One record holding one handshake message: the ClientHello.
+    let mut hello = wire[5..].to_vec();
+    assert_eq!(hello[0], 1, "a ClientHello");
+    // Body: version (2), random (32), session id, cipher suites, compression, extensions.
+    let mut at = 4 + 2 + 32;
+    at += 1 + hello[at] as usize;
+    at += 2 + u16::from_be_bytes([hello[at], hello[at + 1]]) as usize;
+    at += 1 + hello[at] as usize;
+    let ext_len_at = at;
+    let grow = size - hello.len();
+    assert!(grow >= 4);
+    let pad = grow - 4;
+    hello.extend_from_slice(&[0x00, 0x15]);
+    hello.extend_from_slice(&u16::try_from(pad).unwrap().to_be_bytes());
+    hello.extend(std::iter::repeat_n(0u8, pad));
+    let ext_len = u16::from_be_bytes([hello[ext_len_at], hello[ext_len_at + 1]]) as usize + grow;
+    hello[ext_len_at..ext_len_at + 2].copy_from_slice(&u16::try_from(ext_len).unwrap().to_be_bytes());
+    let body_len = hello.len() - 4;
+    hello[1..4].copy_from_slice(&u32::try_from(body_len).unwrap().to_be_bytes()[1..]);
+    let mut out = Vec::new();
+    for chunk in hello.chunks(record) {
+        out.extend_from_slice(&[0x16, 0x03, 0x01]);
+        out.extend_from_slice(&u16::try_from(chunk.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+/// Reads TLS records until one arrives or the proxy closes; returns the first record's
+/// content type and payload.
+async fn first_record(tcp: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    tokio::time::timeout(LIMIT, tcp.read_exact(&mut head)).await.expect("no answer in time").ok()?;
+    let len = u16::from_be_bytes([head[3], head[4]]) as usize;
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await.ok()?;
+    Some((head[0], payload))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_end_with_an_alert_and_big_hellos_are_read() {
+    let ca = Ca::new();
+    let b = Backend::start("m1").await;
+    let decl = app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "")
+        + &ca.decl("app.test", &["app.test"]);
+    let proxy = Proxy::start(&decl).await;
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("a truncated ClientHello", vec![0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0xff]),
+        ("HTTP on the TLS port", b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n".to_vec()),
+        ("a record too long for TLS", {
+            let mut r = vec![0x16, 0x03, 0x01, 0x48, 0x01];
+            r.extend(std::iter::repeat_n(0u8, 0x4801));
+            r
+        }),
+    ];
+    for (what, bytes) in cases {
+        let mut tcp = TcpStream::connect(proxy.https).await.unwrap();
+        tcp.write_all(&bytes).await.unwrap();
+        let record = first_record(&mut tcp).await;
+        let Some((kind, payload)) = record else { panic!("{what}: closed without an alert") };
+        assert_eq!(kind, 0x15, "{what}: an alert record");
+        assert_eq!(payload[0], 2, "{what}: a fatal alert: {payload:?}");
+    }
+    // A ClientHello of almost 64 KiB (post-quantum key shares and big tickets make them
+    // grow), whole or in small records, is read like any other: the server answers with its
+    // ServerHello.
+    for (size, record) in [(65_000, 16 * 1024), (65_000, 512), (65_500, 1024)] {
+        let mut tcp = TcpStream::connect(proxy.https).await.unwrap();
+        tcp.write_all(&client_hello(&ca, "app.test", size, record)).await.unwrap();
+        let answer = first_record(&mut tcp).await;
+        let (kind, payload) = answer.unwrap_or_else(|| panic!("{size} in {record}: no answer"));
+        assert_eq!(kind, 0x16, "{size} in {record}: a handshake record, not an alert: {payload:?}");
+        assert_eq!(payload[0], 2, "a ServerHello");
+    }
+    // A hello that says it is larger than can be buffered: an alert, not silence.
+    let mut tcp = TcpStream::connect(proxy.https).await.unwrap();
+    let mut huge = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x01, 0x11, 0x70];
+    huge.extend(std::iter::repeat_n(0u8, 0x4000 - 4));
+    tcp.write_all(&huge).await.unwrap();
+    let (kind, payload) = first_record(&mut tcp).await.expect("an alert for an oversized hello");
+    assert_eq!((kind, payload[0]), (0x15, 2), "a fatal alert: {payload:?}");
+}
