@@ -100,10 +100,12 @@ impl Admin {
 
 /// What the catalog holds for an app, as `/v1/apps/{app}` shows it.
 pub fn app_json(app: &AppEntry) -> serde_json::Value {
+    let now = crate::clock::now_ms();
     let machines: Vec<_> = app
         .machines
         .iter()
         .map(|m| {
+            let outlier = m.live.outlier().status(now);
             serde_json::json!({
                 "id": &*m.id,
                 "state": m.state().as_str(),
@@ -113,6 +115,9 @@ pub fn app_json(app: &AppEntry) -> serde_json::Value {
                 "healthy": m.live.healthy(),
                 "in_rotation": m.live.in_rotation(),
                 "state_version": m.live.state_version(),
+                "ejected": outlier.ejected,
+                "ejected_ms_left": outlier.left_ms,
+                "connect_failures": outlier.failures,
             })
         })
         .collect();

@@ -329,6 +329,11 @@ impl Lifecycle {
             let pass = result.is_ok();
             let label = if pass { "pass" } else { "fail" };
             self.metrics.checks.with_label_values(&[&app.name, label]).inc();
+            // A passing check is a machine that answers: a failed connect's ejection ends now.
+            if pass && m.live.outlier().clear() {
+                tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %app.name,
+                    "checks pass; ejection after failed connects lifted");
+            }
             if pass != m.live.healthy() {
                 match &result {
                     Ok(()) => tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %app.name,
@@ -505,6 +510,15 @@ mod tests {
         app_toml: &str,
         machines: &[(&str, MachineState)],
     ) -> (tempfile::TempDir, Arc<MockDriver>, Arc<Lifecycle>) {
+        setup_at(app_toml, machines, "127.0.0.1:1")
+    }
+
+    /// Like [`setup`], with every machine at `addr`.
+    fn setup_at(
+        app_toml: &str,
+        machines: &[(&str, MachineState)],
+        addr: &str,
+    ) -> (tempfile::TempDir, Arc<MockDriver>, Arc<Lifecycle>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let rib = crate::rib::sqlite::SqliteRib::open(&dir.path().join("rib.db"), Duration::from_millis(10))
             .expect("rib");
@@ -518,7 +532,7 @@ mod tests {
                 id: (*id).into(),
                 app: "a".into(),
                 region: String::new(),
-                addr: "127.0.0.1:1".parse().expect("addr"),
+                addr: addr.parse().expect("addr"),
                 state: *state,
                 cmd: Some(vec!["app".into()]),
             }));
@@ -619,5 +633,33 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let calls = driver.calls.lock().clone();
         assert_eq!(calls.len(), 1, "{calls:?}");
+    }
+
+    /// A machine ejected after a failed connect is back as soon as a health check passes,
+    /// not only when its back-off runs out. A real listener answers the TCP check; the
+    /// clock runs (a paused one would race the check's connect against its timeout).
+    #[tokio::test]
+    async fn a_passing_check_lifts_an_ejection_at_once() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let checks =
+            "[[checks]]\ntype = \"tcp\"\ninterval = \"1h\"\ntimeout = \"10s\"\ngrace_period = \"0s\"";
+        let (_dir, _driver, lifecycle) = setup_at(checks, &[("m1", MachineState::Started)], &addr);
+        let app = lifecycle.catalog.load().app("a").expect("app").clone();
+        let m = app.machines[0].clone();
+        m.live.outlier().failed(crate::clock::now_ms(), false);
+        let mut status = m.live.outlier().status(crate::clock::now_ms());
+        assert!(status.ejected && status.failures == 1, "{status:?}");
+        lifecycle.ensure_checks(&app);
+        // Only a success clears the count; a back-off running out leaves it at 1.
+        let cleared = tokio::time::timeout(Duration::from_secs(10), async {
+            while m.live.outlier().status(crate::clock::now_ms()).failures != 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        status = m.live.outlier().status(crate::clock::now_ms());
+        assert!(cleared.is_ok(), "the check passed but the ejection stayed: {status:?}");
+        assert!(!status.ejected);
     }
 }

@@ -7,8 +7,8 @@
 //! version shares almost everything with the current one: one change touches only the
 //! delta, never a copy of the whole catalog.
 //!
-//! Per-machine live state (requests in flight, lifecycle state with its version, health) is
-//! atomics in [`MachineLive`], outside the snapshot, and carried over when a machine's record
+//! Per-machine live state (requests in flight, lifecycle state with its version, health,
+//! passive ejection) is atomics in [`MachineLive`], outside the snapshot, and carried over when a machine's record
 //! changes.
 //!
 //! Applying a change ([`Snapshot::apply`]) does no I/O; its only effect outside the new
@@ -23,6 +23,7 @@ use arc_swap::ArcSwap;
 mod apply;
 mod decode;
 pub mod layered;
+pub mod outlier;
 mod snapshot;
 pub mod updater;
 

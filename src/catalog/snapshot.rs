@@ -10,10 +10,11 @@ use tokio_util::sync::CancellationToken;
 use crate::model::{AppSpec, CertSpec, MachineSpec, MachineState};
 
 use super::layered::Layered;
+use super::outlier::Outlier;
 
 /// Live, per-machine state shared by every snapshot that holds the machine: requests in
 /// flight, the machine's current lifecycle state, whether its checks pass, when it was last
-/// busy. Changed by the request path and the lifecycle manager without a new snapshot.
+/// busy, whether failed connects ejected it. Changed by the request path and the lifecycle manager without a new snapshot.
 #[derive(Debug)]
 pub struct MachineLive {
     in_flight: AtomicU32,
@@ -38,6 +39,8 @@ pub struct MachineLive {
     streams_end: parking_lot::Mutex<Option<CancellationToken>>,
     /// Set once its streams were asked to end, until it starts again.
     streams_ended: AtomicBool,
+    /// Passive ejection after failed connects.
+    outlier: Outlier,
 }
 
 impl MachineLive {
@@ -53,6 +56,7 @@ impl MachineLive {
             room: tokio::sync::Notify::new(),
             streams_end: parking_lot::Mutex::new(None),
             streams_ended: AtomicBool::new(false),
+            outlier: Outlier::default(),
         }
     }
 
@@ -88,11 +92,18 @@ impl MachineLive {
         }
     }
 
-    /// A machine that starts again takes streams that run until it is asked again.
+    /// A machine that starts again takes streams that run until it is asked again, and
+    /// is judged afresh: connects that failed before it started say nothing about it now.
     fn started_again(&self, from: MachineState, to: MachineState) {
         if to == MachineState::Started && from != MachineState::Started {
             self.resume_streams();
+            self.outlier.clear();
         }
+    }
+
+    /// Its passive-ejection state: see [`Outlier`].
+    pub fn outlier(&self) -> &Outlier {
+        &self.outlier
     }
 
     pub fn in_flight(&self) -> u32 {

@@ -251,7 +251,11 @@ impl Handler {
         ))
     }
 
-    /// Picks a machine and connects; if it refuses, tries one other started machine.
+    /// Picks a machine and connects; if it refuses, tries one other started machine. A
+    /// failed connect ejects its machine for a back-off (see `catalog::outlier`), so that
+    /// the requests after this one do not pick it; a working one clears that. The retry
+    /// gets its own `connect_timeout`: after a timeout on a blackholed machine it goes to a
+    /// machine in rotation, which answers in a round trip.
     async fn connect(
         &self,
         app: &AppEntry,
@@ -260,6 +264,21 @@ impl Handler {
         ignored_agent: bool,
         outcome: &mut Outcome,
     ) -> Result<(Arc<Machine>, Conn, InFlight), ProxyError> {
+        let worked = |m: &Machine| {
+            if m.live.outlier().clear() {
+                tracing::info!(target: "tern::upstream", app = %app.name, machine = %m.id,
+                    "connected to the machine again; back in rotation");
+            }
+        };
+        let failed = |m: &Machine, probe: bool, err: &crate::upstream::ConnectError| {
+            let ejected = m.live.outlier().failed(crate::clock::now_ms(), probe);
+            if ejected.is_some() {
+                self.metrics.machine_ejections.inc();
+            }
+            tracing::warn!(target: "tern::upstream", app = %app.name, machine = %m.id, error = %err,
+                ejected_ms = ejected.map(|e| e.for_ms), failures = ejected.map(|e| e.failures),
+                "could not connect to the machine");
+        };
         // Requests already waiting for room on this app go first: join them rather than
         // take a slot that frees ahead of them. (Every waiter registers on every machine, so
         // the first machine tells.)
@@ -273,14 +292,18 @@ impl Handler {
             }
             None => self.wait_for_room(app, arrived, !ignored_agent, outcome).await?,
         };
-        let Pick { machine: first, guard, .. } = first;
+        let Pick { machine: first, guard, probe, .. } = first;
         let err = match self.pool.checkout(first.addr, proto).await {
-            Ok(c) => return Ok((first, c, guard)),
+            Ok(c) => {
+                worked(&first);
+                return Ok((first, c, guard));
+            }
             Err(e) => e,
         };
+        // Ejected before it leaves the count: a request that sees it less loaded sees it ejected.
+        failed(&first, probe, &err);
         drop(guard);
-        tracing::warn!(target: "tern::upstream", app = %app.name, machine = %first.id, error = %err, "could not connect to the machine");
-        let Some(Pick { machine: second, guard, .. }) = self.router.pick(app, &[&first.id]) else {
+        let Some(Pick { machine: second, guard, probe, .. }) = self.router.pick(app, &[&first.id]) else {
             return Err(ProxyError::UpstreamConnect {
                 machine: first.id.clone(),
                 addr: first.addr,
@@ -289,12 +312,18 @@ impl Handler {
         };
         self.metrics.upstream_retries.inc();
         match self.pool.checkout(second.addr, proto).await {
-            Ok(c) => Ok((second, c, guard)),
-            Err(e) => Err(ProxyError::UpstreamConnect {
-                machine: second.id.clone(),
-                addr: second.addr,
-                source: e.source,
-            }),
+            Ok(c) => {
+                worked(&second);
+                Ok((second, c, guard))
+            }
+            Err(e) => {
+                failed(&second, probe, &e);
+                Err(ProxyError::UpstreamConnect {
+                    machine: second.id.clone(),
+                    addr: second.addr,
+                    source: e.source,
+                })
+            }
         }
     }
 

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub upstream_connect_duration: Histogram,
     pub upstream_connect_errors: IntCounter,
     pub upstream_retries: IntCounter,
+    pub machine_ejections: IntCounter,
     pub open_connections: IntGaugeVec,
     pub connections: IntCounterVec,
     pub connections_rejected: IntCounter,
@@ -93,6 +94,10 @@ impl Metrics {
             upstream_retries: IntCounter::new(
                 "tern_upstream_retries_total",
                 "Requests sent to a second machine after the first refused the connection.",
+            )?,
+            machine_ejections: IntCounter::new(
+                "tern_machine_ejections_total",
+                "Times a machine was taken out of selection for a back-off after a failed connect.",
             )?,
             open_connections: IntGaugeVec::new(
                 Opts::new("tern_open_connections", "Client connections open now, by listener."),
@@ -211,6 +216,7 @@ impl Metrics {
         r.register(Box::new(self.upstream_connect_duration.clone()))?;
         r.register(Box::new(self.upstream_connect_errors.clone()))?;
         r.register(Box::new(self.upstream_retries.clone()))?;
+        r.register(Box::new(self.machine_ejections.clone()))?;
         r.register(Box::new(self.open_connections.clone()))?;
         r.register(Box::new(self.connections.clone()))?;
         r.register(Box::new(self.connections_rejected.clone()))?;

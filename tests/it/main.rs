@@ -9,6 +9,7 @@ mod backend;
 mod harness;
 
 mod catalog;
+mod eject;
 mod errors;
 mod hostile;
 mod http;
