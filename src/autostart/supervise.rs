@@ -50,8 +50,9 @@ const TICK: Duration = Duration::from_secs(1);
 /// How long a cordoned machine waits for requests that chose it just before.
 const CORDON: Duration = Duration::from_millis(50);
 
-/// How long an excess machine shed under load may take to finish its exchanges.
-const DRAIN: Duration = Duration::from_secs(10);
+/// How long a machine being retired (shed under load, declared stopped, removed) may take
+/// to finish its exchanges.
+pub(super) const DRAIN: Duration = Duration::from_secs(10);
 
 /// What the autostop decision needs to know about one machine.
 #[derive(Clone, Copy, Debug)]
@@ -125,6 +126,7 @@ impl Lifecycle {
         let mut excess_since: HashMap<(Arc<str>, String), u64> = HashMap::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pass: u64 = 0;
         loop {
             tokio::select! {
                 () = crate::shutdown::requested(&mut shutdown) => break,
@@ -147,6 +149,8 @@ impl Lifecycle {
                 self.retire_declared_stopped(app);
             }
             excess_since.retain(|k, _| regions_seen.contains(k));
+            pass += 1;
+            self.sweep(&snap, pass);
             for (code, count) in states.iter().enumerate() {
                 let state = MachineState::from_code(u8::try_from(code).unwrap_or(u8::MAX));
                 self.metrics.machines.with_label_values(&[state.as_str()]).set(*count);
@@ -357,7 +361,7 @@ impl Lifecycle {
 }
 
 /// Resolves once the machine has no exchange in flight.
-async fn until_no_exchange(m: &Machine) {
+pub(super) async fn until_no_exchange(m: &Machine) {
     loop {
         let watch = m.live.watch();
         let ended = watch.notified();
@@ -496,6 +500,16 @@ mod tests {
         }
         fn running(&self, id: &str) -> bool {
             self.running.contains(id)
+        }
+        fn running_targets(&self) -> Vec<crate::driver::Target> {
+            let target = |id: &Arc<str>| crate::driver::Target {
+                id: id.clone(),
+                app: Arc::from("a"),
+                region: String::new(),
+                addr: "127.0.0.1:1".parse().expect("addr"),
+                cmd: None,
+            };
+            self.running.iter().map(|id| target(&id)).collect()
         }
     }
 

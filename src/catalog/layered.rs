@@ -147,6 +147,11 @@ where
                 }
             }
         }
+        // A hash map keeps its room after removals: without this, a catalog that once held
+        // many more entries (a burst of apps, since pruned) would hold their room for good.
+        if base.capacity() > 2 * base.len() + 16 {
+            base.shrink_to_fit();
+        }
         Arc::new(base)
     }
 

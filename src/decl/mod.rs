@@ -139,6 +139,7 @@ fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
             return Err(at(&p("internal_port"), "must be a port number from 1 to 65535"));
         }
         app.concurrency.check().map_err(|m| at(&p("concurrency"), m))?;
+        app.check_start_timeout().map_err(|m| at(&p("start_timeout"), m))?;
         for (j, c) in app.checks.iter().enumerate() {
             let cp = [Seg::Key("apps"), Seg::Index(i), Seg::Key("checks"), Seg::Index(j)];
             c.check().map_err(|m| at(&cp, m))?;
