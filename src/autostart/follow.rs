@@ -150,7 +150,7 @@ impl Lifecycle {
 
     /// Drops the per-app state of an app that left the catalog: what no request holds now
     /// goes at once, the rest at the supervisor's next sweep.
-    fn forget_app(&self, name: &str) {
+    pub(super) fn forget_app(&self, name: &str) {
         // Under the map's lock, as `hold` and `acquire` take them: nobody takes a clone
         // between the count and the removal.
         self.held.remove_if(name, |_, count| Arc::strong_count(count) == 1);

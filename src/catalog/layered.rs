@@ -213,6 +213,21 @@ mod tests {
     }
 
     #[test]
+    fn a_compaction_gives_back_the_room_of_what_was_removed() {
+        let mut m: Layered<String, u32> = Layered::default();
+        for i in 0..10_000 {
+            m.insert(format!("k{i}"), i, 1);
+        }
+        m = m.rebase(m.compacted(), 1);
+        for i in 1..10_000 {
+            m.remove(format!("k{i}").as_str(), 2);
+        }
+        let base = m.compacted();
+        assert_eq!(base.len(), 1);
+        assert!(base.capacity() < 64, "room for {} entries kept", base.capacity());
+    }
+
+    #[test]
     fn clones_are_independent() {
         let mut a: Layered<String, u32> = Layered::default();
         a.insert("x".into(), 1, 1);

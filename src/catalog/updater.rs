@@ -196,6 +196,8 @@ mod tests {
             change(Table::Apps, "liar", Some(r#"{"name":"other"}"#)),
             // Parses, but would probe its machines in a tight loop.
             change(Table::Apps, "spin", Some(r#"{"name":"spin","checks":[{"type":"tcp","interval":"0s"}]}"#)),
+            // Every start would fail before its machine could answer.
+            change(Table::Apps, "hasty", Some(r#"{"name":"hasty","start_timeout":"0s"}"#)),
             change(
                 Table::Apps,
                 "upside",
@@ -211,7 +213,7 @@ mod tests {
         assert!(next.route("good.test").is_some());
         assert_eq!(next.app_count(), 1);
         assert_eq!(next.machine_count(), 0);
-        assert_eq!(metrics.rib_rows_skipped.with_label_values(&["apps"]).get(), 4);
+        assert_eq!(metrics.rib_rows_skipped.with_label_values(&["apps"]).get(), 5);
         assert_eq!(metrics.rib_rows_skipped.with_label_values(&["machines"]).get(), 1);
     }
 

@@ -316,6 +316,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_apps_series_can_be_forgotten_whatever_their_other_labels() {
+        let m = Metrics::new();
+        m.requests.with_label_values(&["gone", "2xx"]).inc();
+        m.requests.with_label_values(&["kept", "2xx"]).inc();
+        m.wake_duration.with_label_values(&["gone", "a-result-added-later"]).observe(0.1);
+        m.checks.with_label_values(&["gone", "pass"]).inc();
+        m.forget_app("gone");
+        let text = m.render();
+        assert!(text.contains("a-result-added-later"), "forget_app knows the labels in use");
+        m.forget_apps_where(|app| app == "gone");
+        let text = m.render();
+        assert!(!text.contains("app=\"gone\""), "{text}");
+        assert!(text.contains("app=\"kept\""));
+    }
+
+    #[test]
     fn every_metric_renders_with_the_tern_prefix() {
         let m = Metrics::new();
         m.requests.with_label_values(&["a", "2xx"]).inc();
