@@ -96,8 +96,12 @@ impl Lifecycle {
         if let Some((_, check)) = self.checkers.remove_if(&m.id, gone) {
             check.abort();
         }
-        let waking = self.wakes.get(&m.id).filter(|w| w.is_for(&m)).map(|w| w.cancel.cancel()).is_some();
-        if !waking && !self.driver.running(&m.id) {
+        // A start in progress gives up, and stops what it started.
+        let wake = self.wakes.get(&m.id).filter(|w| w.is_for(&m)).map(|w| w.cancel.clone());
+        if let Some(cancel) = &wake {
+            cancel.cancel();
+        }
+        if wake.is_none() && !self.driver.running(&m.id) {
             self.forget_machine(&m.id);
             return;
         }
