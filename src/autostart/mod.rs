@@ -14,13 +14,19 @@
 //!     ▼  one wake per machine, however many requests join it:
 //!   starting ──driver.start──▶ probing (TCP connect every 1 ms) ──accepts──▶ started
 //!     │                            │                                           │
-//!     │ start fails /              │ process exits / wake_timeout              ▼
-//!     │ never ready ◀──────────────┘                               every joined request
+//!     │ start fails /              │ process exits / start_timeout /           ▼
+//!     │ never ready ◀──────────────┘ removed / shutdown              every joined request
 //!     ▼                                                             is forwarded
 //!   stopped (recorded "start_failed") ──▶ joined requests try the next candidate
-//!                                          until their own deadline (arrival +
-//!                                          wake_timeout): then 503 wake_timeout
 //! ```
+//!
+//! A start has its own deadline, the app's `start_timeout` from when it began, and no
+//! request's: each request waits until its own deadline (arrival + `wake_timeout`), then
+//! leaves with 503 wake_timeout while the start goes on, and a later request joins that same
+//! start rather than beginning another. Only the start's deadline, the machine leaving the
+//! catalog or tern shutting down ends it early (stopping what it started). A machine
+//! declared `started` that this node runs is started the same way (reason "declared"), at
+//! boot and whenever `tern apply` declares it later (see `follow.rs`).
 //!
 //! When machines of the app are started but every one is at its hard limit, the request
 //! waits for room instead, in the app's line:
@@ -45,6 +51,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{AppEntry, Catalog, Machine, Queued};
 use crate::driver::{Driver, DriverError, DriverEvent, Target};
@@ -54,6 +61,7 @@ use crate::routing::select::{self, Pick};
 use crate::telemetry::Metrics;
 
 mod checks;
+mod follow;
 mod supervise;
 
 /// How a wake ended, as its waiters see it.
@@ -62,8 +70,22 @@ enum Progress {
     Waking,
     Ready,
     Failed(Arc<str>),
-    /// Started but never ready within wake_timeout: its waiters have run out of time too.
-    TimedOut,
+}
+
+/// A start in progress: one per machine, joined by every request that waits for it.
+struct Wake {
+    progress: watch::Receiver<Progress>,
+    /// Cancelled when the start must give up before its `start_timeout`: tern shuts down,
+    /// or the machine left the catalog. It then stops what it started.
+    cancel: CancellationToken,
+    /// Which machine: one removed and declared again under the same id is another machine.
+    machine: Arc<Machine>,
+}
+
+impl Wake {
+    fn is_for(&self, m: &Machine) -> bool {
+        Arc::ptr_eq(&self.machine.live, &m.live)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +107,7 @@ const SHUTTING_DOWN: &str = "tern is shutting down";
 /// Why a wake failed.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
-    #[error("the machine did not accept connections within wake_timeout")]
+    #[error("the machine was not ready within its app's start_timeout")]
     NotReady,
     #[error("{0}")]
     Other(Arc<str>),
@@ -99,7 +121,7 @@ pub struct Lifecycle {
     region: Arc<str>,
     metrics: Arc<Metrics>,
     /// Wakes in progress, by machine id.
-    wakes: DashMap<Arc<str>, watch::Receiver<Progress>>,
+    wakes: DashMap<Arc<str>, Wake>,
     /// Requests held per app.
     held: DashMap<Arc<str>, Arc<AtomicU32>>,
     /// Where lifecycle work runs: the control runtime, which outlives every worker.
@@ -113,7 +135,7 @@ pub struct Lifecycle {
     lines: DashMap<Arc<str>, Arc<Line>>,
     /// Set by [`Lifecycle::stop_all`]: no wake starts a machine any more, and one in
     /// progress gives up (stopping what it started), so none outlives tern.
-    closing: tokio_util::sync::CancellationToken,
+    closing: CancellationToken,
 }
 
 /// The requests of one app waiting for room (every routable machine at its hard limit), in
@@ -200,7 +222,7 @@ impl Lifecycle {
             runtime: tokio::runtime::Handle::current(),
             checkers: DashMap::new(),
             ops: DashMap::new(),
-            closing: tokio_util::sync::CancellationToken::new(),
+            closing: CancellationToken::new(),
             lines: DashMap::new(),
         })
     }
@@ -299,7 +321,6 @@ impl Lifecycle {
             match result {
                 Progress::Ready => continue,
                 Progress::Failed(why) => last_failure = Some(why),
-                Progress::TimedOut => return Err(WakeError::Timeout),
                 Progress::Waking => last_failure = Some(Arc::from("the wake was abandoned")),
             }
             tried.push(machine.id.clone());
@@ -364,6 +385,8 @@ impl Lifecycle {
         self.wake_machine_for(machine, app, "wake")
     }
 
+    /// The start runs on its own deadline (`start_timeout`), not any request's: a request
+    /// that gives up leaves it running, and a later one joins it.
     fn wake_machine_for(
         self: &Arc<Self>,
         machine: &Arc<Machine>,
@@ -372,47 +395,65 @@ impl Lifecycle {
     ) -> watch::Receiver<Progress> {
         let entry = self.wakes.entry(machine.id.clone());
         let entry = match entry {
-            dashmap::Entry::Occupied(e) if *e.get().borrow() == Progress::Waking => return e.get().clone(),
+            dashmap::Entry::Occupied(e)
+                if *e.get().progress.borrow() == Progress::Waking && e.get().is_for(machine) =>
+            {
+                return e.get().progress.clone();
+            }
             other => other,
         };
         let (tx, rx) = watch::channel(Progress::Waking);
-        entry.insert(rx.clone());
+        let cancel = self.closing.child_token();
+        entry.insert(Wake { progress: rx.clone(), cancel: cancel.clone(), machine: machine.clone() });
         let this = self.clone();
-        let (machine, spec) = (machine.clone(), app.spec.clone());
+        let (machine, spec, mine) = (machine.clone(), app.spec.clone(), rx.clone());
         self.runtime.spawn(async move {
-            let result = this.run_wake(&machine, &spec, reason).await;
-            this.wakes.remove(&machine.id);
+            let result = this.run_wake(&machine, &spec, reason, &cancel).await;
+            // Only this wake's own entry: a machine declared again under the id has its own.
+            this.wakes.remove_if(&machine.id, |_, w| w.progress.same_channel(&mine));
             let _ = tx.send(match result {
                 Ok(()) => Progress::Ready,
-                Err(Failure::NotReady) => Progress::TimedOut,
-                Err(Failure::Other(why)) => Progress::Failed(why),
+                Err(failure) => Progress::Failed(Arc::from(failure.to_string())),
             });
         });
         rx
     }
 
-    async fn run_wake(&self, m: &Arc<Machine>, spec: &AppSpec, reason: &'static str) -> Result<(), Failure> {
+    /// Why a wake was cancelled.
+    fn why_cancelled(&self) -> Arc<str> {
+        Arc::from(if self.closing.is_cancelled() { SHUTTING_DOWN } else { "the machine left the catalog" })
+    }
+
+    async fn run_wake(
+        &self,
+        m: &Arc<Machine>,
+        spec: &AppSpec,
+        reason: &'static str,
+        cancel: &CancellationToken,
+    ) -> Result<(), Failure> {
         let started = Instant::now();
         let op = self.op_lock(&m.id);
         let _op = op.lock().await;
-        if self.closing.is_cancelled() {
-            return Err(Failure::Other(Arc::from(SHUTTING_DOWN)));
+        if cancel.is_cancelled() {
+            return Err(Failure::Other(self.why_cancelled()));
         }
         let from = m.state();
         let target = Target::of(m);
         self.set_state(m, MachineState::Starting, reason);
         let action = if from == MachineState::Suspended { "resume" } else { "start" };
         self.metrics.machine_actions.with_label_values(&[action, reason]).inc();
-        let deadline = started + spec.wake_timeout;
+        let deadline = started + spec.start_timeout;
         // A start can take long (an orchestrator booting a VM); shutdown does not wait for it.
         let start = tokio::select! {
-            r = tokio::time::timeout_at(deadline, self.driver.start(&target)) => r,
-            () = self.closing.cancelled() => Ok(Err(DriverError::Api(SHUTTING_DOWN.into()))),
+            r = tokio::time::timeout_at(deadline, self.driver.start(&target)) => match r {
+                Ok(r) => r.map_err(|e: DriverError| Failure::Other(Arc::from(e.to_string()))),
+                Err(_) => Err(Failure::NotReady),
+            },
+            () = cancel.cancelled() => Err(Failure::Other(self.why_cancelled())),
         };
         let result = match start {
-            Ok(Ok(())) => self.until_ready(m, spec, deadline).await,
-            Ok(Err(e)) => Err(Failure::Other(Arc::from(e.to_string()))),
-            Err(_) => Err(Failure::NotReady),
+            Ok(()) => self.until_ready(m, spec, deadline, cancel).await,
+            Err(failure) => Err(failure),
         };
         // A machine declared started that does not get ready in time (its checks fail, say)
         // keeps running: a check never stops a machine, and restarting tern must not stop
@@ -421,7 +462,7 @@ impl Lifecycle {
             m.live.set_healthy(spec.checks.is_empty());
             self.set_state(m, MachineState::Started, reason);
             tracing::warn!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app,
-                "declared started but not ready within wake_timeout; left running, routed once its checks pass");
+                "declared started but not ready within start_timeout; left running, routed once its checks pass");
             return Ok(());
         }
         match &result {
@@ -453,7 +494,13 @@ impl Lifecycle {
     /// check passes. Probes go out every millisecond (on tokio's 1 ms timer ticks),
     /// so readiness is seen within about 1 ms; a refused connect on the
     /// same host costs microseconds, so even a slow boot's thousands of probes are cheap.
-    async fn until_ready(&self, m: &Machine, spec: &AppSpec, deadline: Instant) -> Result<(), Failure> {
+    async fn until_ready(
+        &self,
+        m: &Machine,
+        spec: &AppSpec,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<(), Failure> {
         // An interval, not a sleep per turn: tokio's timer rounds each deadline up to its
         // next millisecond tick, so a 1 ms sleep after each probe spaces them 1–2 ms apart,
         // while an interval's deadlines are fixed on the 1 ms grid and the probes land on
@@ -481,8 +528,8 @@ impl Lifecycle {
                     "the machine's process exited before it accepted connections",
                 )));
             }
-            if self.closing.is_cancelled() {
-                return Err(Failure::Other(Arc::from(SHUTTING_DOWN)));
+            if cancel.is_cancelled() {
+                return Err(Failure::Other(self.why_cancelled()));
             }
             if Instant::now() >= deadline {
                 return Err(Failure::NotReady);
@@ -490,9 +537,14 @@ impl Lifecycle {
         }
     }
 
-    /// Moves the machine to `state` at once (routing sees it) and records it in the RIB.
+    /// Moves the machine to `state` at once (routing sees it) and records it in the RIB,
+    /// unless it left the catalog: its record went with it, and one written now would
+    /// outlive it (in the RIB, and in every catalog that reads it).
     fn set_state(&self, m: &Machine, state: MachineState, reason: &str) {
         let version = m.live.transition(state);
+        if !self.holds(m) {
+            return;
+        }
         let row = StateRow {
             state,
             version,
@@ -530,7 +582,8 @@ impl Lifecycle {
     }
 
     /// At start-up: machines this node manages that are recorded as running are started
-    /// (tern's earlier processes are gone); ones caught mid-transition are stopped.
+    /// (tern's earlier processes are gone); ones caught mid-transition are stopped. While
+    /// tern runs, [`follow_catalog`](Self::follow_catalog) starts those declared later.
     pub fn reconcile_at_start(self: &Arc<Self>) {
         let snap = self.catalog.load_full();
         for app in snap.apps() {
@@ -539,9 +592,7 @@ impl Lifecycle {
             {
                 match m.state() {
                     MachineState::Started | MachineState::Starting => {
-                        // Not routable until its process is up and ready.
-                        self.set_state(m, MachineState::Starting, "declared");
-                        drop(self.wake_machine_for(m, app, "declared"));
+                        self.start_declared(app, m);
                     }
                     MachineState::Suspended | MachineState::Suspending | MachineState::Stopping => {
                         self.set_state(m, MachineState::Stopped, "restart");
@@ -552,7 +603,6 @@ impl Lifecycle {
         }
     }
 
-    /// At shutdown: stops every machine this node runs, and records them stopped.
     /// Asks every open stream through this node to end cleanly: SSE responses at an event
     /// boundary, WebSockets with a close frame. Used at shutdown, when they would otherwise
     /// hold the drain to its deadline and then be cut.
@@ -565,39 +615,66 @@ impl Lifecycle {
         }
     }
 
-    /// Stops every machine this node runs, at shutdown, and records them stopped. Each is
-    /// stopped under its lifecycle lock, after whatever wake or autostop holds it: a wake in
-    /// progress gives up within a probe interval (and stops what it started), and no new
-    /// one starts, so no machine process outlives tern.
+    /// Stops every machine this node runs, at shutdown, and records them stopped: each one
+    /// the driver runs, whether or not the catalog still holds it (one removed moments ago
+    /// may still be draining), and each one a wake is about to start. Each is stopped under
+    /// its lifecycle lock, after whatever wake, autostop or retirement holds it: a wake in
+    /// progress gives up within a probe interval (and stops what it started), and no new one
+    /// starts, so no machine process outlives tern.
     pub async fn stop_all(self: &Arc<Self>) {
         self.closing.cancel();
         let snap = self.catalog.load_full();
+        let mut todo: std::collections::HashMap<Arc<str>, (Target, Option<Arc<Machine>>)> = self
+            .driver
+            .running_targets()
+            .into_iter()
+            .map(|t| (t.id.clone(), (t.clone(), snap.machine(&t.id).cloned())))
+            .collect();
+        // About to run: a wake that has not taken the lock yet finds `closing`.
+        for w in self.wakes.iter() {
+            let m = w.machine.clone();
+            todo.entry(w.key().clone()).or_insert_with(|| (Target::of(&m), Some(m)));
+        }
         let mut stops = tokio::task::JoinSet::new();
-        for app in snap.apps() {
-            // Running, or about to be: a wake that has not taken the lock yet finds `closing`.
-            let live = |m: &&Arc<Machine>| self.driver.running(&m.id) || self.wakes.contains_key(&m.id);
-            for m in app.machines.iter().filter(live) {
-                let (this, kill, m) = (self.clone(), app.spec.kill_timeout, m.clone());
-                stops.spawn_on(async move { this.stop_at_shutdown(&m, kill).await }, &self.runtime);
-            }
+        for (_, (target, m)) in todo {
+            let app = m.as_ref().and_then(|m| snap.app(&m.spec.app));
+            let kill = app.map_or(KILL_TIMEOUT_UNKNOWN, |a| a.spec.kill_timeout);
+            let this = self.clone();
+            stops.spawn_on(
+                async move { this.stop_at_shutdown(&target, m.as_deref(), kill).await },
+                &self.runtime,
+            );
         }
         while stops.join_next().await.is_some() {}
     }
 
-    async fn stop_at_shutdown(&self, m: &Arc<Machine>, kill_timeout: std::time::Duration) {
-        let op = self.op_lock(&m.id);
+    async fn stop_at_shutdown(&self, target: &Target, m: Option<&Machine>, kill_timeout: Duration) {
+        let op = self.op_lock(&target.id);
         let _op = op.lock().await;
-        if !self.driver.running(&m.id) {
+        if !self.driver.running(&target.id) {
             return;
         }
-        self.set_state(m, MachineState::Stopping, "shutdown");
-        self.metrics.machine_actions.with_label_values(&["stop", "shutdown"]).inc();
-        if let Err(e) = self.driver.stop(&Target::of(m), kill_timeout).await {
-            tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not stop machine");
+        if let Some(m) = m {
+            self.set_state(m, MachineState::Stopping, "shutdown");
         }
-        self.set_state(m, MachineState::Stopped, "shutdown");
+        self.metrics.machine_actions.with_label_values(&["stop", "shutdown"]).inc();
+        if let Err(e) = self.driver.stop(target, kill_timeout).await {
+            tracing::warn!(target: "tern::lifecycle", machine = %target.id, error = %e, "could not stop machine");
+        }
+        if let Some(m) = m {
+            self.set_state(m, MachineState::Stopped, "shutdown");
+        }
+    }
+
+    /// Whether the catalog holds this very machine (not one declared again under its id).
+    fn holds(&self, m: &Machine) -> bool {
+        self.catalog.load().machine(&m.id).is_some_and(|c| Arc::ptr_eq(&c.live, &m.live))
     }
 }
+
+/// The grace between SIGTERM and SIGKILL for a machine whose app tern no longer knows:
+/// the declarations' default `kill_timeout`.
+const KILL_TIMEOUT_UNKNOWN: Duration = Duration::from_secs(5);
 
 /// Resolves when any of `notified` does.
 async fn any_of(notified: &mut [std::pin::Pin<Box<tokio::sync::futures::Notified<'_>>>]) {

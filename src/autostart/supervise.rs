@@ -50,8 +50,9 @@ const TICK: Duration = Duration::from_secs(1);
 /// How long a cordoned machine waits for requests that chose it just before.
 const CORDON: Duration = Duration::from_millis(50);
 
-/// How long an excess machine shed under load may take to finish its exchanges.
-const DRAIN: Duration = Duration::from_secs(10);
+/// How long a machine being retired (shed under load, declared stopped, removed) may take
+/// to finish its exchanges.
+pub(super) const DRAIN: Duration = Duration::from_secs(10);
 
 /// What the autostop decision needs to know about one machine.
 #[derive(Clone, Copy, Debug)]
@@ -125,6 +126,7 @@ impl Lifecycle {
         let mut excess_since: HashMap<(Arc<str>, String), u64> = HashMap::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pass: u64 = 0;
         loop {
             tokio::select! {
                 () = crate::shutdown::requested(&mut shutdown) => break,
@@ -147,6 +149,8 @@ impl Lifecycle {
                 self.retire_declared_stopped(app);
             }
             excess_since.retain(|k, _| regions_seen.contains(k));
+            pass += 1;
+            self.sweep(&snap, pass);
             for (code, count) in states.iter().enumerate() {
                 let state = MachineState::from_code(u8::try_from(code).unwrap_or(u8::MAX));
                 self.metrics.machines.with_label_values(&[state.as_str()]).set(*count);
@@ -362,7 +366,7 @@ impl Lifecycle {
 }
 
 /// Resolves once the machine has no exchange in flight.
-async fn until_no_exchange(m: &Machine) {
+pub(super) async fn until_no_exchange(m: &Machine) {
     loop {
         let watch = m.live.watch();
         let ended = watch.notified();
@@ -502,6 +506,16 @@ mod tests {
         fn running(&self, id: &str) -> bool {
             self.running.contains(id)
         }
+        fn running_targets(&self) -> Vec<crate::driver::Target> {
+            let target = |id: &Arc<str>| crate::driver::Target {
+                id: id.clone(),
+                app: Arc::from("a"),
+                region: String::new(),
+                addr: "127.0.0.1:1".parse().expect("addr"),
+                cmd: None,
+            };
+            self.running.iter().map(|id| target(&id)).collect()
+        }
     }
 
     /// A lifecycle over a mock driver and a real RIB, with one app `a` (its extra TOML
@@ -607,6 +621,59 @@ mod tests {
         let calls = driver.calls.lock().clone();
         assert!(calls.iter().all(|c| !c.starts_with("start")), "{calls:?}");
         assert!(driver.running.is_empty(), "no machine process outlives tern");
+    }
+
+    /// At shutdown every machine the driver runs is stopped, including one the catalog no
+    /// longer holds (removed moments before, its retirement still draining).
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_stops_a_running_machine_the_catalog_no_longer_holds() {
+        let (_dir, driver, lifecycle) = setup("", &[("kept", MachineState::Started)]);
+        for id in ["kept", "removed"] {
+            driver.running.insert(Arc::from(id));
+        }
+        lifecycle.stop_all().await;
+        let mut calls = driver.calls.lock().clone();
+        calls.sort();
+        assert_eq!(calls, ["stop kept", "stop removed"]);
+        assert!(driver.running.is_empty(), "no machine process outlives tern");
+    }
+
+    /// The request path's safety net: a machine declared started that this node does not
+    /// run yet is started (once, however many ask), not left to fail every connect.
+    #[tokio::test(start_paused = true)]
+    async fn a_declared_machine_that_is_not_running_is_started_once_on_demand() {
+        let started = MachineState::Started;
+        let (_dir, driver, lifecycle) = setup("", &[("m1", started), ("m2", started)]);
+        driver.running.insert(Arc::from("m2"));
+        let snap = lifecycle.catalog.load_full();
+        let (app, m1, m2) =
+            (snap.app("a").unwrap(), snap.machine("m1").unwrap(), snap.machine("m2").unwrap());
+        assert!(!lifecycle.start_declared(app, m2), "running already");
+        assert!(lifecycle.start_declared(app, m1));
+        assert_eq!(m1.state(), MachineState::Starting, "out of routing while it starts");
+        assert!(lifecycle.start_declared(app, m1), "a second caller joins the same start");
+        while !driver.running.contains("m1") {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*driver.calls.lock(), ["start m1"]);
+    }
+
+    /// What tern keeps per app goes with the app, but not from under a request that still
+    /// uses it: that part goes at the supervisor's next sweep.
+    #[tokio::test(start_paused = true)]
+    async fn an_apps_state_goes_when_it_leaves_once_no_request_holds_it() {
+        let (_dir, _driver, lifecycle) = setup("", &[]);
+        let app = lifecycle.catalog.load().app("a").expect("app").clone();
+        let held = lifecycle.hold(&app).expect("room");
+        lifecycle.metrics.requests.with_label_values(&["a", "2xx"]).inc();
+        lifecycle.metrics.wake_duration.with_label_values(&["a", "ok"]).observe(0.1);
+        lifecycle.catalog.publish(crate::catalog::Snapshot::default());
+        lifecycle.forget_app("a");
+        assert!(lifecycle.held.contains_key("a"), "a held request still counts on it");
+        assert!(!lifecycle.metrics.render().contains("app=\"a\""), "its series are gone");
+        drop(held);
+        lifecycle.sweep(&lifecycle.catalog.load_full(), 1);
+        assert!(lifecycle.held.is_empty() && lifecycle.lines.is_empty());
     }
 
     /// A machine failing its checks takes no traffic, so it looks idle; but it neither

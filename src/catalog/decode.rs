@@ -79,6 +79,7 @@ fn decode_app(key: &str, body: &str) -> Result<AppSpec, String> {
     names::check_app_name(&spec.name)?;
     spec.concurrency.check().map_err(|e| format!("concurrency: {e}"))?;
     spec.http_options.check().map_err(|e| format!("http_options: {e}"))?;
+    spec.check_start_timeout().map_err(|e| format!("start_timeout: {e}"))?;
     for c in &spec.checks {
         c.check().map_err(|e| format!("checks: {e}"))?;
     }

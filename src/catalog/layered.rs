@@ -147,6 +147,11 @@ where
                 }
             }
         }
+        // A hash map keeps its room after removals: without this, a catalog that once held
+        // many more entries (a burst of apps, since pruned) would hold their room for good.
+        if base.capacity() > 2 * base.len() + 16 {
+            base.shrink_to_fit();
+        }
         Arc::new(base)
     }
 
@@ -205,6 +210,21 @@ mod tests {
         }
         let want: Vec<_> = model.into_iter().collect();
         assert_eq!(contents(&m), want);
+    }
+
+    #[test]
+    fn a_compaction_gives_back_the_room_of_what_was_removed() {
+        let mut m: Layered<String, u32> = Layered::default();
+        for i in 0..10_000 {
+            m.insert(format!("k{i}"), i, 1);
+        }
+        m = m.rebase(m.compacted(), 1);
+        for i in 1..10_000 {
+            m.remove(format!("k{i}").as_str(), 2);
+        }
+        let base = m.compacted();
+        assert_eq!(base.len(), 1);
+        assert!(base.capacity() < 64, "room for {} entries kept", base.capacity());
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //!
 //! Applying a change ([`Snapshot::apply`]) does no I/O; its only effect outside the new
 //! snapshot is on that shared live state (a newer lifecycle state). [`updater`] is the task
-//! that feeds it from the RIB. This module may not import the request path (routing, http,
+//! that feeds it from the RIB, and tells what each batch changed on a channel ([`changes`])
+//! for whoever acts on machines. This module may not import the request path (routing, http,
 //! tls) or any store.
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 mod apply;
+pub mod changes;
 mod decode;
 pub mod layered;
 pub mod outlier;
@@ -28,6 +30,7 @@ mod snapshot;
 pub mod updater;
 
 pub use apply::Event;
+pub use changes::{Changes, Feed};
 pub use decode::{DecodeError, decode};
 pub use snapshot::{
     AppEntry, CertEntry, Compacted, InFlight, Machine, MachineLive, Queued, Snapshot, StateRecord,

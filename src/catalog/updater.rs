@@ -2,6 +2,7 @@
 //! applies the events to a copy of the current snapshot and publishes the result once per
 //! batch. Bad rows are logged, counted and skipped; store errors are logged, counted and
 //! retried with back-off from the last cursor, so a change is never applied twice or lost.
+//! After each publication it sends what the batch changed on the feed ([`Changes`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,16 +14,19 @@ use tokio::task::JoinHandle;
 use crate::rib::{Change, Cursor, Record, Rib, RibError, RibEvent, Subscription};
 use crate::telemetry::Metrics;
 
+use super::changes::{Feed, Touched};
 use super::{Catalog, Compacted, Snapshot, decode};
 
 /// Loads the RIB's snapshot into the catalog, then keeps applying changes in a background
 /// task until `shutdown` turns true. Fails if the first snapshot cannot be read, so that a
-/// proxy never starts serving from an empty catalog by mistake.
+/// proxy never starts serving from an empty catalog by mistake. The first snapshot is not
+/// sent on `feed` (what boot does with it is the caller's business); every later batch is.
 pub async fn start(
     catalog: Arc<Catalog>,
     rib: Arc<dyn Rib>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
+    feed: Feed,
 ) -> Result<JoinHandle<()>, RibError> {
     let mut sub = rib.subscribe(None);
     let cursor = match sub.next().await {
@@ -43,7 +47,7 @@ pub async fn start(
         None => return Err(RibError::Other("the RIB closed the subscription".into())),
     };
     Ok(tokio::spawn(async move {
-        follow(catalog, rib, metrics, sub, cursor, &mut shutdown).await;
+        follow(catalog, rib, metrics, sub, cursor, &mut shutdown, feed).await;
     }))
 }
 
@@ -54,6 +58,7 @@ async fn follow(
     mut sub: Subscription,
     mut cursor: Cursor,
     shutdown: &mut watch::Receiver<bool>,
+    feed: Feed,
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut compaction: Option<JoinHandle<Compacted>> = None;
@@ -77,15 +82,21 @@ async fn follow(
         };
         match event {
             Some(Ok(RibEvent::Snapshot { records, cursor: c })) => {
-                let next = apply_snapshot(&catalog.load(), records, &metrics);
+                let prev = catalog.load_full();
+                let touched = Touched::of_resync(&prev, &records);
+                let next = apply_snapshot(&prev, records, &metrics);
                 publish(&catalog, next, &metrics);
+                tell(&feed, &touched, &prev, &catalog);
                 tracing::info!(target: "tern::catalog", "catalog resynchronised from a RIB snapshot");
                 cursor = c;
                 backoff = Duration::from_millis(100);
             }
             Some(Ok(RibEvent::Changes { changes, cursor: c })) => {
-                let next = apply_changes(&catalog.load(), changes, &metrics);
+                let prev = catalog.load_full();
+                let touched = Touched::of_changes(&changes);
+                let next = apply_changes(&prev, changes, &metrics);
                 publish(&catalog, next, &metrics);
+                tell(&feed, &touched, &prev, &catalog);
                 cursor = c;
                 backoff = Duration::from_millis(100);
             }
@@ -113,6 +124,15 @@ fn publish(catalog: &Catalog, next: Snapshot, metrics: &Metrics) {
     metrics.catalog_machines.set(next.machine_count() as i64);
     metrics.catalog_certificates.set(next.cert_count() as i64);
     catalog.publish(next);
+}
+
+/// Sends what the batch just published changed, if anything. Nobody listening (a closed
+/// feed) is fine: the catalog does not depend on it.
+fn tell(feed: &Feed, touched: &Touched, prev: &Snapshot, catalog: &Catalog) {
+    let changes = touched.diff(prev, &catalog.load());
+    if !changes.is_empty() {
+        let _ = feed.send(changes);
+    }
 }
 
 /// "Diff, then apply": rows that differ from the catalog become events, and whatever the
@@ -176,6 +196,8 @@ mod tests {
             change(Table::Apps, "liar", Some(r#"{"name":"other"}"#)),
             // Parses, but would probe its machines in a tight loop.
             change(Table::Apps, "spin", Some(r#"{"name":"spin","checks":[{"type":"tcp","interval":"0s"}]}"#)),
+            // Every start would fail before its machine could answer.
+            change(Table::Apps, "hasty", Some(r#"{"name":"hasty","start_timeout":"0s"}"#)),
             change(
                 Table::Apps,
                 "upside",
@@ -191,7 +213,7 @@ mod tests {
         assert!(next.route("good.test").is_some());
         assert_eq!(next.app_count(), 1);
         assert_eq!(next.machine_count(), 0);
-        assert_eq!(metrics.rib_rows_skipped.with_label_values(&["apps"]).get(), 4);
+        assert_eq!(metrics.rib_rows_skipped.with_label_values(&["apps"]).get(), 5);
         assert_eq!(metrics.rib_rows_skipped.with_label_values(&["machines"]).get(), 1);
     }
 

@@ -140,6 +140,7 @@ fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
         }
         app.concurrency.check().map_err(|m| at(&p("concurrency"), m))?;
         app.http_options.check().map_err(|m| at(&p("http_options"), m))?;
+        app.check_start_timeout().map_err(|m| at(&p("start_timeout"), m))?;
         for (j, c) in app.checks.iter().enumerate() {
             let cp = [Seg::Key("apps"), Seg::Index(i), Seg::Key("checks"), Seg::Index(j)];
             c.check().map_err(|m| at(&cp, m))?;

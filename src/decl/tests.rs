@@ -43,6 +43,11 @@ fn problems_name_file_line_and_field() {
     assert_eq!(p.field, "apps[0].concurrency");
     assert_eq!(p.line, 7, "{p}");
 
+    let instant = GOOD.replace("idle_timeout = \"60s\"", "idle_timeout = \"60s\"\nstart_timeout = \"0s\"");
+    let p = parse_str(&instant).unwrap_err();
+    assert_eq!(p.field, "apps[0].start_timeout");
+    assert_eq!(p.line, 7, "{p}");
+
     let typo = GOOD.replace("internal_port", "internal_prot");
     let p = parse_str(&typo).unwrap_err();
     assert!(p.message.contains("internal_prot"), "{p}");

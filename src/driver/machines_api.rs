@@ -48,7 +48,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashSet;
+use dashmap::DashMap;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -71,8 +71,8 @@ pub struct MachinesApiDriver {
     authority: HeaderValue,
     prefix: String,
     auth: HeaderValue,
-    /// Machines this driver started (or adopted) and has not stopped since.
-    running: DashSet<Arc<str>>,
+    /// Machines this driver started (or adopted) and has not stopped since, as started.
+    running: DashMap<Arc<str>, Target>,
 }
 
 /// What a call came back with, or why it did not.
@@ -113,7 +113,7 @@ impl MachinesApiDriver {
             authority,
             prefix: settings.prefix.clone(),
             auth,
-            running: DashSet::new(),
+            running: DashMap::new(),
         })
     }
 
@@ -225,7 +225,7 @@ impl MachinesApiDriver {
             Err(e) => return Err(api_error("start", m, e)),
         }
         // Accepted: from here on a stop is due, whatever the wait says.
-        self.running.insert(m.id.clone());
+        self.running.insert(m.id.clone(), m.clone());
         tracing::info!(target: "tern::driver", machine = %m.id, app = %m.app, "orchestrator started the machine");
         let wait = format!("{}?state=started&timeout={WAIT_SECS}", self.path(m, "wait"));
         let deadline = Duration::from_secs(WAIT_SECS) + CALL_TIMEOUT;
@@ -285,7 +285,11 @@ impl Driver for MachinesApiDriver {
     }
 
     fn running(&self, id: &str) -> bool {
-        self.running.contains(id)
+        self.running.contains_key(id)
+    }
+
+    fn running_targets(&self) -> Vec<Target> {
+        self.running.iter().map(|t| t.value().clone()).collect()
     }
 }
 

@@ -81,6 +81,11 @@ pub trait Driver: Send + Sync + 'static {
     /// Whether the machine is running (started or suspended) as far as the driver knows.
     fn running(&self, id: &str) -> bool;
 
+    /// Every machine the driver runs now (started or suspended), as it was started. At
+    /// shutdown tern stops each of them, whether or not the catalog still holds it (one
+    /// removed moments before is still running).
+    fn running_targets(&self) -> Vec<Target>;
+
     /// At startup, before anything is started: deals with machines an earlier run of tern
     /// left running (it crashed or was killed before it could stop them).
     fn clean_up_leftovers(&self) -> BoxFuture<'_, ()> {

@@ -43,6 +43,8 @@ pub struct ProcessDriver {
 
 struct Proc {
     pgid: Pid,
+    /// What it was started as, for stopping it when the catalog no longer holds it.
+    target: Target,
     /// Turns true when the process has exited.
     exited: watch::Receiver<bool>,
     /// Set before tern stops it, so its exit is not reported as unexpected.
@@ -88,7 +90,10 @@ impl ProcessDriver {
         let pgid = Pid::from_raw(i32::try_from(pid).map_err(|_| fail(std::io::Error::other("pid")))?);
         let (tx, exited) = watch::channel(false);
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        self.procs.insert(m.id.clone(), Proc { pgid, exited, stopping: stopping.clone(), frozen: false });
+        self.procs.insert(
+            m.id.clone(),
+            Proc { pgid, target: m.clone(), exited, stopping: stopping.clone(), frozen: false },
+        );
         let pid_path = self.log_dir.join(format!("{}.pid", m.id));
         let me = Pid::this();
         if let (Some(started), Some(my_start)) = (start_time(pgid), start_time(me)) {
@@ -182,6 +187,10 @@ impl Driver for ProcessDriver {
 
     fn running(&self, id: &str) -> bool {
         self.procs.contains_key(id)
+    }
+
+    fn running_targets(&self) -> Vec<Target> {
+        self.procs.iter().map(|p| p.target.clone()).collect()
     }
 
     fn clean_up_leftovers(&self) -> BoxFuture<'_, ()> {

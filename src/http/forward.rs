@@ -303,12 +303,18 @@ impl Handler {
         // Ejected before it leaves the count: a request that sees it less loaded sees it ejected.
         failed(&first, probe, &err);
         drop(guard);
-        let Some(Pick { machine: second, guard, probe, .. }) = self.router.pick(app, &[&first.id]) else {
-            return Err(ProxyError::UpstreamConnect {
-                machine: first.id.clone(),
-                addr: first.addr,
-                source: err.source,
-            });
+        // Declared started moments ago and this node has not started it yet: start it now.
+        let starting = self.lifecycle.start_declared(app, &first);
+        let Pick { machine: second, guard, probe, .. } = match self.router.pick(app, &[&first.id]) {
+            Some(pick) => pick,
+            None if starting => self.wait_for_room(app, arrived, !ignored_agent, outcome).await?,
+            None => {
+                return Err(ProxyError::UpstreamConnect {
+                    machine: first.id.clone(),
+                    addr: first.addr,
+                    source: err.source,
+                });
+            }
         };
         self.metrics.upstream_retries.inc();
         match self.pool.checkout(second.addr, proto).await {

@@ -60,6 +60,13 @@ pub struct AppSpec {
         serialize_with = "ser_duration"
     )]
     pub wake_timeout: Duration,
+    /// How long one start of a machine may take to become ready, whoever waits on it.
+    #[serde(
+        default = "default_start_timeout",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
+    pub start_timeout: Duration,
     #[serde(default = "default_max_pending")]
     pub max_pending: u32,
     #[serde(default)]
@@ -68,6 +75,14 @@ pub struct AppSpec {
     pub checks: Vec<Check>,
     #[serde(default)]
     pub http_options: HttpOptions,
+}
+
+impl AppSpec {
+    /// The rule `tern apply` and the catalog's RIB reader both hold `start_timeout` to: at
+    /// zero every start would fail before the machine could answer.
+    pub fn check_start_timeout(&self) -> Result<(), String> {
+        if self.start_timeout.is_zero() { Err("must be above zero".into()) } else { Ok(()) }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -375,6 +390,9 @@ fn default_kill_timeout() -> Duration {
 }
 fn default_wake_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_start_timeout() -> Duration {
+    Duration::from_secs(120)
 }
 fn default_max_pending() -> u32 {
     1000

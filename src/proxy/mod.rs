@@ -86,8 +86,12 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let catalog = Arc::new(Catalog::new());
+    // What each published batch changed, for the lifecycle manager; it starts listening
+    // after boot's reconcile, and nothing sent meanwhile is lost.
+    let (feed, changes) = tokio::sync::mpsc::unbounded_channel();
     let updater =
-        catalog::updater::start(catalog.clone(), rib.clone(), metrics.clone(), shutdown.clone()).await?;
+        catalog::updater::start(catalog.clone(), rib.clone(), metrics.clone(), shutdown.clone(), feed)
+            .await?;
     let (driver_tx, driver_rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = crate::driver::build(&config, driver_tx).map_err(StartError::Driver)?;
     driver.clean_up_leftovers().await;
@@ -102,6 +106,7 @@ pub async fn run(
     );
     tokio::spawn(lifecycle.clone().watch_driver(driver_rx));
     lifecycle.reconcile_at_start();
+    tokio::spawn(lifecycle.clone().follow_catalog(changes));
     let supervisor = tokio::spawn(lifecycle.clone().supervise(shutdown.clone()));
     let health = Arc::new(Health::default());
     let deps = Deps {

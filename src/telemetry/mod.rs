@@ -258,6 +258,54 @@ impl Default for Metrics {
     }
 }
 
+impl Metrics {
+    /// Removes every series of an app that left the catalog, so that apps that come and go
+    /// do not pile up series (and the memory behind them).
+    pub fn forget_app(&self, app: &str) {
+        for class in STATUS_CLASSES {
+            let _ = self.requests.remove_label_values(&[app, class]);
+        }
+        let _ = self.request_duration.remove_label_values(&[app]);
+        for result in WAKE_RESULTS {
+            let _ = self.wake_duration.remove_label_values(&[app, result]);
+        }
+        for result in ["pass", "fail"] {
+            let _ = self.checks.remove_label_values(&[app, result]);
+        }
+    }
+
+    /// Removes every series whose `app` label satisfies `gone`, whatever its other labels:
+    /// for series written after their app left (by an exchange that outlived it). Reads
+    /// every app-labelled series, so it is for an occasional sweep, not each removal.
+    pub fn forget_apps_where(&self, gone: impl Fn(&str) -> bool) {
+        fn sweep<T: prometheus::core::MetricVecBuilder>(
+            vec: &prometheus::core::MetricVec<T>,
+            gone: &dyn Fn(&str) -> bool,
+        ) {
+            use prometheus::core::Collector;
+            for family in vec.collect() {
+                for metric in family.get_metric() {
+                    let labels: std::collections::HashMap<&str, &str> =
+                        metric.get_label().iter().map(|l| (l.name(), l.value())).collect();
+                    if labels.get("app").is_some_and(|app| gone(app)) {
+                        let _ = vec.remove(&labels);
+                    }
+                }
+            }
+        }
+        sweep(&self.requests, &gone);
+        sweep(&self.request_duration, &gone);
+        sweep(&self.wake_duration, &gone);
+        sweep(&self.checks, &gone);
+    }
+}
+
+/// Every value [`status_class`] gives.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The `result` labels of `tern_wake_duration_seconds` (see the request path).
+const WAKE_RESULTS: [&str; 5] = ["ok", "timeout", "queue_full", "nothing_to_wake", "failed"];
+
 /// "2xx", "4xx", …: the status class label of `tern_requests_total`.
 pub fn status_class(status: u16) -> &'static str {
     match status {
@@ -272,6 +320,22 @@ pub fn status_class(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_apps_series_can_be_forgotten_whatever_their_other_labels() {
+        let m = Metrics::new();
+        m.requests.with_label_values(&["gone", "2xx"]).inc();
+        m.requests.with_label_values(&["kept", "2xx"]).inc();
+        m.wake_duration.with_label_values(&["gone", "a-result-added-later"]).observe(0.1);
+        m.checks.with_label_values(&["gone", "pass"]).inc();
+        m.forget_app("gone");
+        let text = m.render();
+        assert!(text.contains("a-result-added-later"), "forget_app knows the labels in use");
+        m.forget_apps_where(|app| app == "gone");
+        let text = m.render();
+        assert!(!text.contains("app=\"gone\""), "{text}");
+        assert!(text.contains("app=\"kept\""));
+    }
 
     #[test]
     fn every_metric_renders_with_the_tern_prefix() {

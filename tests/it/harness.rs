@@ -83,6 +83,13 @@ pub fn apply_decl(db: &Path, text: &str) {
     tern::decl::apply(&mut store, &decl, false, false).unwrap();
 }
 
+/// Like [`apply_decl`], with `--prune`: whatever `text` does not name leaves the RIB.
+pub fn apply_decl_pruning(db: &Path, text: &str) {
+    let decl = tern::decl::parse(text, "test.toml", Path::new(".")).unwrap_or_else(|p| panic!("{p}"));
+    let mut store = Store::open(db).unwrap();
+    tern::decl::apply(&mut store, &decl, true, false).unwrap();
+}
+
 pub fn tern_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tern")
 }
@@ -133,6 +140,11 @@ impl Proxy {
 
     pub fn apply(&self, decl: &str) {
         apply_decl(&self.db, decl);
+    }
+
+    /// `tern apply --prune`.
+    pub fn apply_pruning(&self, decl: &str) {
+        apply_decl_pruning(&self.db, decl);
     }
 
     /// Starts graceful shutdown; returns the proxy's run task to await.

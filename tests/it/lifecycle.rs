@@ -8,14 +8,14 @@ use std::time::Duration;
 use crate::harness::{Ca, HttpVersion, Proxy, eventually};
 use crate::wake::{free_port, metric};
 
-fn machine_bin() -> PathBuf {
+pub(crate) fn machine_bin() -> PathBuf {
     let tern = PathBuf::from(crate::harness::tern_bin());
     tern.parent().unwrap().join("examples").join("test_machine")
 }
 
 /// A machine of app `app` listening on `port`, started by tern in `state`; `env` entries
 /// (`START_DELAY_MS=300`) go into its environment.
-fn machine(app: &str, id: &str, port: u16, state: &str, env: &[&str]) -> String {
+pub(crate) fn machine(app: &str, id: &str, port: u16, state: &str, env: &[&str]) -> String {
     let mut cmd: Vec<String> = Vec::new();
     if !env.is_empty() {
         cmd.push("env".into());
@@ -30,18 +30,18 @@ fn machine(app: &str, id: &str, port: u16, state: &str, env: &[&str]) -> String 
     )
 }
 
-fn app(name: &str, extra: &str) -> String {
+pub(crate) fn app(name: &str, extra: &str) -> String {
     format!("[[apps]]\nname = \"{name}\"\nhostnames = [\"{name}.test\"]\n{extra}\n")
 }
 
-async fn machine_json(proxy: &Proxy, app: &str, id: &str) -> serde_json::Value {
+pub(crate) async fn machine_json(proxy: &Proxy, app: &str, id: &str) -> serde_json::Value {
     let v: serde_json::Value =
         reqwest::get(format!("http://{}/v1/apps/{app}", proxy.admin)).await.unwrap().json().await.unwrap();
     v["machines"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap().clone()
 }
 
 /// Waits (up to `limit`) until the machine's admin JSON satisfies `f`.
-async fn until_machine(
+pub(crate) async fn until_machine(
     proxy: &Proxy,
     app: &str,
     id: &str,
@@ -62,12 +62,12 @@ async fn until_machine(
     }
 }
 
-async fn metric_now(proxy: &Proxy, name: &str) -> f64 {
+pub(crate) async fn metric_now(proxy: &Proxy, name: &str) -> f64 {
     metric(&proxy.metrics().await, name)
 }
 
 /// Asks a machine directly (not through tern): `/release`, `/sick`, `/well`.
-async fn poke(port: u16, path: &str) {
+pub(crate) async fn poke(port: u16, path: &str) {
     let r = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap();
     assert!(r.status().is_success());
 }

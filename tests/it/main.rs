@@ -9,6 +9,7 @@ mod backend;
 mod harness;
 
 mod catalog;
+mod declared;
 mod eject;
 mod errors;
 mod hostile;

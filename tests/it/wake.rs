@@ -99,7 +99,9 @@ async fn a_machine_that_never_gets_ready_fails_every_held_request_at_the_deadlin
     let port = free_port();
     // A process that runs but never listens.
     let cmd = vec!["sleep".to_string(), "600".to_string()];
-    let decl = sleepy_app("wake_timeout = \"1s\"\nkill_timeout = \"1s\"", &[("s1", port, "stopped", cmd)]);
+    // Its start gives up a second after the requests do.
+    let app = "wake_timeout = \"1s\"\nstart_timeout = \"2s\"\nkill_timeout = \"1s\"";
+    let decl = sleepy_app(app, &[("s1", port, "stopped", cmd)]);
     let mut proxy = Proxy::start(&decl).await;
     let client = proxy.client(&Ca::new(), HttpVersion::Http1);
     let started = tokio::time::Instant::now();
@@ -118,7 +120,7 @@ async fn a_machine_that_never_gets_ready_fails_every_held_request_at_the_deadlin
         assert!(r.headers()["content-type"].to_str().unwrap().starts_with(content_type));
     }
     assert!(waited >= Duration::from_millis(900), "held until the deadline, not failed early: {waited:?}");
-    // The start is reported failed and the machine is back to stopped.
+    // The start is reported failed at its own deadline and the machine is back to stopped.
     let failed = crate::harness::eventually(Duration::from_secs(5), || async {
         let m = proxy.metrics().await;
         (metric(&m, "tern_wakes_total{result=\"failed\"}") == 1.0).then_some(())
