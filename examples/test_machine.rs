@@ -18,7 +18,8 @@ async fn main() {
     if let Some(ms) = std::env::var("START_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
-    let _backend = backend::Backend::start_on(&name, addr).await;
-    eprintln!("test_machine {name} listening on {addr}");
+    let backend = backend::Backend::start_on(&name, addr).await;
+    // The bound address: with port 0, the one the kernel picked.
+    eprintln!("test_machine {name} listening on {}", backend.addr);
     std::future::pending::<()>().await
 }
