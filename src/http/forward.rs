@@ -271,13 +271,7 @@ impl Handler {
             }
         };
         let failed = |m: &Machine, probe: bool, err: &crate::upstream::ConnectError| {
-            let ejected = m.live.outlier().failed(crate::clock::now_ms(), probe);
-            if ejected.is_some() {
-                self.metrics.machine_ejections.inc();
-            }
-            tracing::warn!(target: "tern::upstream", app = %app.name, machine = %m.id, error = %err,
-                ejected_ms = ejected.map(|e| e.for_ms), failures = ejected.map(|e| e.failures),
-                "could not connect to the machine");
+            self.connect_failed(m, probe, err);
         };
         // Requests already waiting for room on this app go first: join them rather than
         // take a slot that frees ahead of them. (Every waiter registers on every machine, so
@@ -331,6 +325,17 @@ impl Handler {
                 })
             }
         }
+    }
+
+    /// Ejects a machine whose connect failed, for its back-off (see `catalog::outlier`).
+    fn connect_failed(&self, m: &Machine, probe: bool, err: &crate::upstream::ConnectError) {
+        let ejected = m.live.outlier().failed(crate::clock::now_ms(), probe);
+        if ejected.is_some() {
+            self.metrics.machine_ejections.inc();
+        }
+        tracing::warn!(target: "tern::upstream", app = %m.spec.app, machine = %m.id, error = %err,
+            ejected_ms = ejected.map(|e| e.for_ms), failures = ejected.map(|e| e.failures),
+            "could not connect to the machine");
     }
 
     /// Holds the request until a machine of the app has room: one woken for it (if the app
@@ -404,7 +409,10 @@ impl Handler {
             Err(SendError::NotSent(req, _)) if reused => req,
             Err(SendError::NotSent(_, e) | SendError::Failed(e)) => return Err(failed(e)),
         };
+        // The pooled connection died while idle, and now a new one fails too: the machine is
+        // gone, as surely as if the first connect had failed.
         let fresh = self.pool.connect_fresh(machine.addr, proto).await.map_err(|e| {
+            self.connect_failed(machine, false, &e);
             ProxyError::UpstreamConnect { machine: machine.id.clone(), addr: machine.addr, source: e.source }
         })?;
         tokio::select! {

@@ -93,7 +93,7 @@ impl Metrics {
             )?,
             upstream_retries: IntCounter::new(
                 "tern_upstream_retries_total",
-                "Requests sent to a second machine after the first refused the connection.",
+                "Requests sent to a second machine after the connection to the first failed (refused or timed out).",
             )?,
             machine_ejections: IntCounter::new(
                 "tern_machine_ejections_total",
