@@ -4,10 +4,14 @@
 //! and writes tern's own coded response in their place.
 //!
 //! hyper's answer has an exact shape: one of three status lines, then only `connection:
-//! close`, `content-length: 0` and `date`, written as one buffer while no exchange is open on
-//! the connection. Every response tern's handler makes carries `fly-request-id` and `via`,
-//! so none of them can match; neither can body bytes, which are written while their
-//! exchange is open.
+//! close`, `content-length: 0` and a well-formed `date`, written as one buffer. It comes only
+//! between messages, and the wrapper replaces nothing else: a write is a candidate only at a
+//! message boundary, that is before anything was written on the connection, or after a
+//! flush that completed while no exchange was open (every byte of every finished response
+//! is then on the wire). Body bytes never qualify, even those a machine shaped like hyper's
+//! answer: hyper lets go of a body (ending its exchange) before it writes the body's last
+//! bytes, and those are written after the last flush of the open exchange. An HTTP/2
+//! connection (the preface seen on the sniffing listener) is left alone altogether.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -40,16 +44,36 @@ pub struct ParserReplies<IO> {
     /// tern's response, still being written.
     pending: Vec<u8>,
     written: usize,
+    /// Everything written so far belongs to finished exchanges and has been flushed.
+    at_boundary: bool,
+    /// Whether the client's first bytes were read: they tell HTTP/1.1 from HTTP/2.
+    sniffed: bool,
+    /// An HTTP/2 connection: nothing of it is hyper's HTTP/1.1 answer.
+    http2: bool,
 }
 
 impl<IO> ParserReplies<IO> {
     pub fn new(inner: IO, conn: Arc<ConnState>, handler: Arc<Handler>, peer: SocketAddr) -> Self {
-        ParserReplies { inner, conn, handler, peer, pending: Vec::new(), written: 0 }
+        ParserReplies {
+            inner,
+            conn,
+            handler,
+            peer,
+            pending: Vec::new(),
+            written: 0,
+            at_boundary: true,
+            sniffed: false,
+            http2: false,
+        }
     }
 
     /// tern's replacement, if `buf` is one of hyper's own answers.
     fn replacement(&self, buf: &[u8]) -> Option<Vec<u8>> {
-        if !buf.starts_with(b"HTTP/1.1 4") || self.conn.open_exchanges() > 0 {
+        if !self.at_boundary
+            || self.http2
+            || !buf.starts_with(b"HTTP/1.1 4")
+            || self.conn.open_exchanges() > 0
+        {
             return None;
         }
         let (refusal, date) = recognise(buf)?;
@@ -74,11 +98,20 @@ pub fn recognise(buf: &[u8]) -> Option<(Refusal, &str)> {
     for line in lines.filter(|l| !l.is_empty()) {
         match line.split_once(": ")? {
             ("connection", "close") | ("content-length", "0") => {}
-            ("date", d) => date = d,
+            ("date", d) if is_http_date(d) => date = d,
             _ => return None,
         }
     }
     Some((refusal, date))
+}
+
+/// An IMF-fixdate as hyper writes it: `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn is_http_date(d: &str) -> bool {
+    let b = d.as_bytes();
+    b.len() == 29
+        && d.ends_with(" GMT")
+        && b[3] == b','
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b' ' | b',' | b':'))
 }
 
 impl<IO: AsyncWrite + Unpin> ParserReplies<IO> {
@@ -113,7 +146,14 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ParserReplies<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !self.sniffed && buf.filled().len() > before {
+            self.sniffed = true;
+            // "PRI " starts only the HTTP/2 preface (no HTTP/1.1 method is PRI).
+            self.http2 = buf.filled()[before..].starts_with(b"PRI ");
+        }
+        r
     }
 }
 
@@ -123,6 +163,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for ParserReplies<IO> {
         if let Some(with) = self.replacement(buf) {
             return self.replace(cx, buf.len(), with);
         }
+        self.at_boundary = false;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -138,6 +179,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for ParserReplies<IO> {
         {
             return self.replace(cx, only.len(), with);
         }
+        self.at_boundary = false;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -147,7 +189,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for ParserReplies<IO> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_pending(cx))?;
-        Pin::new(&mut self.inner).poll_flush(cx)
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        // All written is out; if no exchange is open, the next write begins a message.
+        self.at_boundary = self.conn.open_exchanges() == 0;
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -178,5 +223,8 @@ mod tests {
         assert_eq!(recognise(app.as_bytes()), None);
         assert_eq!(recognise(hyper("404 Not Found").as_bytes()), None);
         assert_eq!(recognise(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n"), None, "not a whole head");
+        // A date line carrying anything but a date (a forged response, say) is not hyper's.
+        let forged = "HTTP/1.1 400 Bad Request\r\ndate: HTTP/1.1 302 Found\nLocation: x\r\n\r\n";
+        assert_eq!(recognise(forged.as_bytes()), None);
     }
 }

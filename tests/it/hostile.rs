@@ -486,6 +486,48 @@ async fn response_heads_are_capped() {
     assert_eq!(r.header("x-big").map(str::len), Some(60 * 1000));
 }
 
+/// A machine whose body, sent after its head, is exactly hyper's own refusal.
+async fn body_shaped_like_a_refusal(tcp: TcpStream) {
+    let mut tcp = tcp;
+    let mut buf = [0u8; 4096];
+    let _ = tcp.read(&mut buf).await;
+    let body = "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\
+                date: Sun, 29 Nov 2026 16:51:12 GMT\r\n\r\n";
+    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.flush().await.unwrap();
+    // Long enough for tern to have flushed the head on its own.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tcp.write_all(body.as_bytes()).await.unwrap();
+    let _ = tcp.read(&mut buf).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_shaped_like_a_parser_refusal_is_passed_on_untouched() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let machine = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(body_shaped_like_a_refusal(tcp));
+        }
+    });
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", addr, "started")], "")).await;
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let r = read_response(&mut tcp, &mut Vec::new()).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.body.starts_with(b"HTTP/1.1 400 Bad Request\r\nconnection: close"),
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.header("tern-error"), None);
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "tern_errors_total{code=\"bad_request\"}"), 0.0, "no refusal was made");
+    machine.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refusal_carries_a_code_even_those_the_parser_makes() {
     let b = Backend::start("m1").await;
@@ -512,14 +554,25 @@ async fn every_refusal_carries_a_code_even_those_the_parser_makes() {
             "bad_request",
         ),
     ];
-    for (req, status, code) in cases {
-        let resp = exchange(proxy.http, &req).await;
+    for (req, status, code) in &cases {
+        let resp = exchange(proxy.http, req).await;
         let shown = String::from_utf8_lossy(&req[..req.len().min(60)]).into_owned();
         assert!(resp.starts_with(&format!("HTTP/1.1 {status}")), "{shown:?}: {resp}");
         assert!(resp.contains(&format!("tern-error: {code}")), "{shown:?}: {resp}");
         assert!(resp.contains("fly-request-id: "), "{shown:?}: {resp}");
     }
     assert_eq!(b.requests.load(Ordering::SeqCst), 0);
+    // The same on a connection that has served a request already.
+    for (req, status, code) in &cases {
+        let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+        tcp.write_all(b"GET /id HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(read_response(&mut tcp, &mut buf).await.status(), 200);
+        tcp.write_all(req).await.unwrap();
+        let r = read_response(&mut tcp, &mut buf).await;
+        assert_eq!(r.status().to_string(), *status, "{r:?}");
+        assert_eq!(r.header("tern-error"), Some(*code), "{r:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
