@@ -349,9 +349,14 @@ impl ClientBody {
     /// Ready(Ok) to read the body, Ready(Err) to end it with an error, Pending to wait.
     fn poll_gate(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         let Some(Gated { gate, fallback }) = &mut self.gate else { return Poll::Ready(Ok(())) };
+        // Stored before the state is read: a move in between wakes this poll's task.
         *gate.waker.lock() = Some(cx.waker().clone());
         match gate.state() {
-            GATE_OPEN => Poll::Ready(Ok(())),
+            GATE_OPEN => {
+                // Open for good: the rest of the body flows without the gate.
+                self.gate = None;
+                Poll::Ready(Ok(()))
+            }
             GATE_FINISHED => Poll::Ready(Err(BodyNotWanted.into())),
             GATE_ABANDONED => {
                 // Dropping it unread tells hyper to send the client no 100.
@@ -362,6 +367,7 @@ impl ClientBody {
                 let sleep = fallback.get_or_insert_with(|| Box::pin(tokio::time::sleep(CONTINUE_FALLBACK)));
                 if sleep.as_mut().poll(cx).is_ready() {
                     gate.open();
+                    self.gate = None;
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Pending
@@ -388,7 +394,14 @@ impl Body for ClientBody {
         self.state.reading.store(true, Ordering::Release);
         match &r {
             Poll::Ready(None) => self.state.ended.store(true, Ordering::Release),
-            Poll::Ready(Some(Ok(_))) => self.activity.touch(),
+            Poll::Ready(Some(Ok(_))) => {
+                self.activity.touch();
+                // hyper polls no further once the body says it is complete (its length
+                // reached, or END_STREAM): the end is only visible here.
+                if self.inner.as_ref().is_some_and(http_body::Body::is_end_stream) {
+                    self.state.ended.store(true, Ordering::Release);
+                }
+            }
             Poll::Ready(Some(Err(e))) => {
                 let _ = self.state.failed.set(e.to_string());
             }

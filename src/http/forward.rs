@@ -454,7 +454,10 @@ fn check_request<B>(req: &Request<B>) -> Result<(), ProxyError> {
     }
     match (req.version(), host, req.uri().authority()) {
         (Version::HTTP_11, None, _) => Err(ProxyError::BadHost),
-        (Version::HTTP_2, Some(host), Some(authority)) => {
+        // Byte-equal (the usual case) needs no normalising.
+        (Version::HTTP_2, Some(host), Some(authority))
+            if host.as_bytes() != authority.as_str().as_bytes() =>
+        {
             let same = host.to_str().ok().and_then(|h| routing::normalize(h).ok())
                 == routing::normalize(authority.as_str()).ok();
             if same { Ok(()) } else { Err(ProxyError::BadHost) }
@@ -503,9 +506,13 @@ impl Route {
         // WebSocket over h2c needs extended CONNECT; upgrades always use HTTP/1.1.
         let proto =
             if app.spec.http_options.h2_backend && upgrade.is_none() { Proto::H2c } else { Proto::Http1 };
-        // hyper relays only an HTTP/1.1 machine's 100 (and only an HTTP/1.1 client waits for one).
+        // hyper relays only an HTTP/1.1 machine's 100 (and only an HTTP/1.1 client waits for
+        // one). An empty body has nothing to wait for, and an upgrade's body goes with it: its
+        // 101 is the machine's answer, and nothing would end a body held back past it.
         let gate = (req.version() == Version::HTTP_11
             && proto == Proto::Http1
+            && upgrade.is_none()
+            && !http_body::Body::is_end_stream(req.body())
             && headers::expects_continue(req.headers()))
         .then(|| Arc::new(ContinueGate::default()));
         Route { upgrade, client_upgrade, proto, gate, ignored_agent }
@@ -565,8 +572,9 @@ fn upstream_request(
         Proto::Http1 => Version::HTTP_11,
         Proto::H2c => Version::HTTP_2,
     };
-    if parts.headers.get(header::HOST).is_some_and(|h| h != raw_host) && proto == Proto::Http1 {
-        // An absolute-form target wins over Host (RFC 9112 §3.2.2): send what routed it.
+    if parts.headers.get(header::HOST).is_some_and(|h| h != raw_host) {
+        // An absolute-form target wins over Host (RFC 9112 §3.2.2): send what routed it (to
+        // an h2c machine, the same as its :authority).
         if let Ok(v) = HeaderValue::from_str(raw_host) {
             parts.headers.insert(header::HOST, v);
         }

@@ -79,6 +79,13 @@ pub fn error(
     if let Some(secs) = retry {
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
+    if status == http::StatusCode::METHOD_NOT_ALLOWED {
+        // RFC 9110 §15.5.6: a 405 lists what is served; tern forwards every method but CONNECT.
+        h.insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"),
+        );
+    }
     resp
 }
 

@@ -59,10 +59,17 @@ pub async fn run(
     metrics: Arc<Metrics>,
     guards: ExchangeGuards,
 ) {
-    let (client, machine) = match tokio::try_join!(client, machine) {
-        Ok(pair) => pair,
-        Err(e) => {
+    // Both sides' connections must hand over first; a side that never does (a request body
+    // never finished, say) must not hold the exchange for ever.
+    let upgraded = tokio::time::timeout(settings.idle_timeout, async { tokio::try_join!(client, machine) });
+    let (client, machine) = match upgraded.await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => {
             tracing::debug!(target: "tern::http", error = %e, "upgrade did not complete");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(target: "tern::http", "upgrade did not complete within the app's idle_timeout");
             return;
         }
     };

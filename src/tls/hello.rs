@@ -38,35 +38,60 @@ pub enum HelloError {
 
 /// Reads the client's first flight up to the end of its ClientHello. Returns the bytes for
 /// rustls: as read, if the hello came in one record (or is not a hello at all), else the
-/// hello re-framed into as few records as possible.
+/// hello re-framed into as few records as possible, followed by whatever was read past it.
+/// It holds at most one record beyond the hello itself, and refuses empty records (RFC 8446
+/// §5.1 forbids them), so a client cannot make it buffer without bound.
 pub async fn read<IO: AsyncRead + Unpin>(io: &mut IO) -> Result<Vec<u8>, HelloError> {
-    let mut raw = Vec::with_capacity(512);
-    // The handshake bytes read so far, without record headers.
-    let mut message = Vec::new();
+    // Read but not yet taken into `message`: the record being parsed is at its start.
+    let mut buf = Vec::with_capacity(READ_AHEAD);
+    // The handshake bytes of a hello that spans records (none while it fits in one).
+    let mut message: Option<Vec<u8>> = None;
+    let mut version = [0x03, 0x01];
     loop {
-        let mut head = [0u8; 5];
-        io.read_exact(&mut head).await.map_err(|_| HelloError::Io)?;
-        raw.extend_from_slice(&head);
-        let len = usize::from(u16::from_be_bytes([head[3], head[4]]));
-        if head[0] != HANDSHAKE || len > MAX_RECORD {
-            // Not a handshake record: rustls decides what it is.
-            return Ok(raw);
+        fill(io, &mut buf, 5).await?;
+        let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+        if buf[0] != HANDSHAKE || len == 0 || len > MAX_RECORD {
+            // Not a record of a hello rustls could take: it decides what that is.
+            return Ok(match &message {
+                None => buf,
+                Some(m) => [reframe(m, version), buf].concat(),
+            });
         }
-        let version = [head[1], head[2]];
-        let start = raw.len();
-        raw.resize(start + len, 0);
-        io.read_exact(&mut raw[start..]).await.map_err(|_| HelloError::Io)?;
-        message.extend_from_slice(&raw[start..]);
-        let Some(size) = message_size(&message) else { continue };
+        fill(io, &mut buf, 5 + len).await?;
+        if message.is_none() {
+            version = [buf[1], buf[2]];
+            match message_size(&buf[5..5 + len]) {
+                // The whole hello in its first record (the usual case): hand it over as read.
+                Some(size) if size <= len => return Ok(buf),
+                Some(size) if size > MAX_HELLO => return Err(HelloError::TooLarge),
+                _ => {}
+            }
+        }
+        let m = message.get_or_insert_with(|| Vec::with_capacity(2 * MAX_RECORD));
+        m.extend_from_slice(&buf[5..5 + len]);
+        buf.drain(..5 + len);
+        let Some(size) = message_size(m) else { continue };
         if size > MAX_HELLO {
             return Err(HelloError::TooLarge);
         }
-        if message.len() >= size {
-            let records = raw.len() - message.len();
-            // One record (the usual case): nothing to gain from re-framing.
-            return Ok(if records <= 5 { raw } else { reframe(&message, version) });
+        if m.len() >= size {
+            return Ok([reframe(m, version), buf].concat());
         }
     }
+}
+
+/// Bytes asked of the socket at a time.
+const READ_AHEAD: usize = 4096;
+
+/// Reads until `buf` holds at least `want` bytes.
+async fn fill<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut Vec<u8>, want: usize) -> Result<(), HelloError> {
+    while buf.len() < want {
+        buf.reserve(READ_AHEAD.max(want - buf.len()));
+        if io.read_buf(buf).await.map_err(|_| HelloError::Io)? == 0 {
+            return Err(HelloError::Io);
+        }
+    }
+    Ok(())
 }
 
 /// The whole size of the first handshake message (its 4-byte header included), once its
@@ -176,7 +201,22 @@ mod tests {
         let (_, wire) = fragmented(300, 16 * 1024);
         assert_eq!(read(&mut &wire[..]).await.unwrap(), wire);
         // Not a handshake: passed on as read, for rustls to refuse.
-        assert_eq!(read(&mut &b"GET / HTTP/1.1\r\n"[..]).await.unwrap(), b"GET /");
+        assert_eq!(read(&mut &b"GET / HTTP/1.1\r\n"[..]).await.unwrap(), b"GET / HTTP/1.1\r\n");
+        // Byte by byte, the same.
+        let (message, wire) = fragmented(60_000, 1);
+        assert_eq!(read(&mut &wire[..]).await.unwrap(), reframe(&message, [3, 1]));
+    }
+
+    #[tokio::test]
+    async fn empty_records_are_not_buffered() {
+        // A hello's first record, then empty handshake records: handed over at the first one.
+        let (_, wire) = fragmented(5_000, 1024);
+        let mut stream = wire[..1029].to_vec();
+        for _ in 0..1000 {
+            stream.extend_from_slice(&[HANDSHAKE, 3, 1, 0, 0]);
+        }
+        let out = read(&mut &stream[..]).await.unwrap();
+        assert!(out.len() < 1029 + 5 + READ_AHEAD + 16, "{}", out.len());
     }
 
     #[tokio::test]

@@ -425,6 +425,7 @@ async fn connect_is_refused_with_a_code() {
     let r = one_response(proxy.http, b"CONNECT app.test:443 HTTP/1.1\r\nHost: app.test:443\r\n\r\n").await;
     assert_eq!(r.status(), 405, "{r:?}");
     assert_eq!(r.header("tern-error"), Some("method_not_allowed"), "{r:?}");
+    assert!(r.header("allow").is_some_and(|a| a.contains("GET") && !a.contains("CONNECT")), "{r:?}");
     // Over HTTP/2 too.
     let tcp = TcpStream::connect(proxy.http).await.unwrap();
     let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
@@ -638,6 +639,75 @@ async fn expect_100_continue_reflects_the_machine() {
     let r = read_response(&mut tcp, &mut Vec::new()).await;
     assert_eq!(r.status(), 503, "{r:?}");
     assert_eq!(r.header("tern-error"), Some("no_machine"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_on_an_upgrade_or_an_empty_body_holds_nothing_back() {
+    let m = RawMachine::start(upgrade_if_asked).await;
+    let b = Backend::start("b1").await;
+    let decl = app_decl("app", &["app.test"], &[("m1", m.addr, "started")], "")
+        + &app_decl("empty", &["empty.test"], &[("b1", b.addr, "started")], "");
+    let proxy = Proxy::start(&decl).await;
+    // An upgrade with Expect and a body: the body goes with the upgrade, not held for a 100
+    // that will never come.
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\
+          Expect: 100-continue\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let mut r = read_response(&mut tcp, &mut buf).await;
+    if r.status() == 100 {
+        // tern read the body the client sent along, and hyper said so.
+        r = read_response(&mut tcp, &mut buf).await;
+    }
+    assert_eq!(r.status(), 101, "{r:?}");
+    assert!(!m.heads()[0].contains("expect"), "{:?}", m.heads());
+    tcp.write_all(b"through").await.unwrap();
+    let arrived =
+        eventually(LIMIT, || async { (m.after_upgrade.lock().as_slice() == b"hellothrough").then_some(()) })
+            .await;
+    assert!(arrived.is_some(), "{:?}", String::from_utf8_lossy(&m.after_upgrade.lock()));
+    // The client leaves: the exchange ends and the machine is idle again.
+    drop(tcp);
+    let idle = eventually(LIMIT, || async {
+        let v: serde_json::Value =
+            reqwest::get(format!("http://{}/v1/apps/app", proxy.admin)).await.ok()?.json().await.ok()?;
+        (v["machines"][0]["in_flight"] == 0).then_some(())
+    })
+    .await;
+    assert!(idle.is_some(), "the upgraded exchange never ended");
+
+    // Expect with an empty body: nothing to wait for, and the machine connection is reused.
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        tcp.write_all(
+            b"POST /upload HTTP/1.1\r\nHost: empty.test\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let r = read_response(&mut tcp, &mut buf).await;
+        assert_eq!((r.status(), r.body.as_slice()), (200, &b"0"[..]), "{r:?}");
+    }
+    assert_eq!(b.connections.load(Ordering::SeqCst), 1, "the machine connection was kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_silent_after_the_whole_body_is_the_machines_fault() {
+    let b = Backend::start("m1").await;
+    let decl = app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "idle_timeout = \"300ms\"");
+    let proxy = Proxy::start(&decl).await;
+    for req in [
+        &b"POST /hang HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n\r\nhello"[..],
+        b"POST /hang HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ] {
+        let r = one_response(proxy.http, req).await;
+        assert_eq!(r.status(), 504, "{r:?}");
+        assert_eq!(r.header("tern-error"), Some("upstream_timeout"));
+    }
 }
 
 /// A TLS connection to the proxy offering exactly `alpn`.
