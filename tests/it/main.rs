@@ -13,6 +13,7 @@ mod errors;
 mod http;
 mod lifecycle;
 mod machines_api;
+mod ops;
 mod shutdown;
 mod streams;
 mod tls;
