@@ -1,6 +1,6 @@
 //! What an operator meets at the command line: `tern check` refusing what `tern apply` would,
-//! RIB paths that cannot be used, a bad log filter, and a second `tern serve` on addresses
-//! another one holds. The real `tern` binary throughout.
+//! RIB paths that cannot be used, a bad log filter, a second `tern serve` on addresses another
+//! one holds, and access-log lines. The real `tern` binary throughout.
 
 use std::path::Path;
 use std::process::Output;
@@ -208,5 +208,51 @@ async fn a_second_serve_on_the_same_addresses_is_refused_naming_the_first_pid() 
         let r = client.get(format!("http://app.test:{}/id", first.http.port())).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.text().await.unwrap(), "m1");
+    }
+}
+
+/// Digits after the decimal point of a JSON number as tern wrote it.
+fn decimals(v: &serde_json::Value) -> usize {
+    let s = v.to_string();
+    s.split_once('.').map_or(0, |(_, frac)| frac.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_durations_are_rounded_to_hundredths_of_a_millisecond() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rib.db");
+    let port = crate::wake::free_port();
+    let cmd: Vec<String> = crate::wake::backend_cmd(port).iter().map(|c| format!("{c:?}")).collect();
+    let decl = format!(
+        "[[apps]]\nname = \"app\"\nhostnames = [\"app.test\"]\n\n[[machines]]\nid = \"m1\"\napp = \"app\"\n\
+         addr = \"127.0.0.1:{port}\"\nstate = \"stopped\"\ncmd = [{}]\n",
+        cmd.join(", ")
+    );
+    harness::apply_decl(&db, &decl);
+    let config = dir.path().join("tern.toml");
+    let text =
+        harness::node_config(&db, "").replace("access = false", "access = true") + "format = \"json\"\n";
+    std::fs::write(&config, text).unwrap();
+    harness::install_crypto();
+    let mut tern = ServeProcess::start(&config).await;
+    let client = harness::client_for(tern.http, tern.https, &Ca::new(), HttpVersion::Http1);
+    // The first request wakes the machine (wake_ms); the second does not.
+    for _ in 0..2 {
+        let r = client.get(format!("http://app.test:{}/", tern.http.port())).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let mut lines = Vec::new();
+    while lines.len() < 2 {
+        let v = tokio::time::timeout(Duration::from_secs(10), tern.logs.recv()).await.unwrap().unwrap();
+        if v["target"] == "tern::access" {
+            lines.push(v);
+        }
+    }
+    assert!(lines[0]["wake_ms"].is_number(), "{}", lines[0]);
+    assert!(lines[1].get("wake_ms").is_none_or(serde_json::Value::is_null), "{}", lines[1]);
+    for v in &lines {
+        assert!(v["duration_ms"].is_number(), "{v}");
+        assert!(decimals(&v["duration_ms"]) <= 2, "duration_ms: {v}");
+        assert!(decimals(&v["wake_ms"]) <= 2, "wake_ms: {v}");
     }
 }
