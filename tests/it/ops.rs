@@ -1,6 +1,7 @@
 //! What an operator meets at the command line: `tern check` refusing what `tern apply` would,
 //! RIB paths that cannot be used, a bad log filter, a second `tern serve` on addresses another
-//! one holds, and access-log lines. The real `tern` binary throughout.
+//! one holds, and access-log lines. The real `tern` binary throughout. Also the test bench's
+//! own promise that a machine's reserved port cannot be taken by anyone else.
 
 use std::path::Path;
 use std::process::Output;
@@ -255,4 +256,21 @@ async fn access_log_durations_are_rounded_to_hundredths_of_a_millisecond() {
         assert!(decimals(&v["duration_ms"]) <= 2, "duration_ms: {v}");
         assert!(decimals(&v["wake_ms"]) <= 2, "wake_ms: {v}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserved_port_refuses_connections_and_is_taken_by_its_machine_and_nobody_else() {
+    let port = harness::reserve_port();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let refused = tokio::net::TcpStream::connect(addr).await.unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    // Another test's listener (tokio's bind, SO_REUSEADDR and all) cannot take it...
+    let e = tokio::net::TcpListener::bind(addr).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+    // ...but the machine declared on it can, and gets every connection.
+    let machine = Backend::start_on("m1", addr).await;
+    harness::install_crypto();
+    let r = reqwest::get(format!("http://{addr}/id")).await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "m1");
+    drop(machine);
 }
