@@ -41,9 +41,10 @@ trap cleanup EXIT
 
 # No port is picked by binding and releasing (another process could take it in between): the
 # backend and tern listen on port 0 and report their addresses; nginx and HAProxy are handed
-# sockets already listening on port 0 (with_sockets below), which they inherit.
+# sockets already listening on port 0 (with_sockets.py below), which they inherit. It execs the
+# server, so the pid recorded for cleanup is the server's.
 #
-# with_sockets NAME BACKLOG N TEMPLATE OUT -- CMD...: listens on N loopback sockets (port 0),
+# with_sockets.py NAME BACKLOG N TEMPLATE OUT -- CMD...: listens on N loopback sockets (port 0),
 # writes their ports to $work/NAME.ports, renders TEMPLATE into OUT (@PORTi@ and @FDi@ replaced),
 # then execs CMD with the sockets open, their descriptors also in $NGINX (nginx's way to inherit
 # listening sockets; HAProxy takes them as "bind fd@N").
@@ -67,7 +68,6 @@ open(os.path.join(os.path.dirname(out), name + ".ports"), "w").write("".join(f"{
 env = dict(os.environ, NGINX="".join(f"{s.fileno()};" for s in socks))
 os.execvpe(cmd[0], cmd, env)
 PY
-with_sockets() { python3 "$work/with_sockets.py" "$@"; }
 # The Nth port (from 1) with_sockets wrote for NAME, once it is there.
 port_of() {
   for _ in $(seq 1 200); do [ -s "$work/$1.ports" ] && { sed -n "${2}p" "$work/$1.ports"; return 0; }; sleep 0.05; done
@@ -163,7 +163,7 @@ http {
   }
 }
 CONF
-with_sockets nginx 511 2 "$work/nginx.conf.in" "$work/nginx.conf" -- \
+python3 "$work/with_sockets.py" nginx 511 2 "$work/nginx.conf.in" "$work/nginx.conf" -- \
   "$NGINX" -p "$work/nginx" -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
 N_HTTP=$(port_of nginx 1); N_TLS=$(port_of nginx 2)
 wait_http "http://localhost:$N_HTTP/"; wait_http "https://localhost:$N_TLS/"
@@ -191,7 +191,7 @@ frontend tls
 backend app
   server b1 127.0.0.1:$BPORT maxconn 2000
 CONF
-with_sockets haproxy 4096 2 "$work/haproxy.cfg.in" "$work/haproxy.cfg" -- \
+python3 "$work/with_sockets.py" haproxy 4096 2 "$work/haproxy.cfg.in" "$work/haproxy.cfg" -- \
   "$HAPROXY" -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
 H_HTTP=$(port_of haproxy 1); H_TLS=$(port_of haproxy 2)
 wait_http "http://localhost:$H_HTTP/"; wait_http "https://localhost:$H_TLS/"

@@ -256,6 +256,11 @@ async fn access_log_durations_are_rounded_to_hundredths_of_a_millisecond() {
         assert!(decimals(&v["duration_ms"]) <= 2, "duration_ms: {v}");
         assert!(decimals(&v["wake_ms"]) <= 2, "wake_ms: {v}");
     }
+    // A graceful stop, so that tern stops the machine it started (a kill would orphan it).
+    std::process::Command::new("kill").args(["-TERM", &tern.pid().to_string()]).status().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), tern.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(), "the machine is stopped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
