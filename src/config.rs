@@ -426,6 +426,7 @@ impl Config {
         if self.region.is_empty() || !self.region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(("region", format!("{:?} is not a region code", self.region)));
         }
+        check_log_filter(&self.log.level).map_err(|m| ("level", m))?;
         let mut seen = std::collections::HashSet::new();
         for l in &self.listen {
             // Port 0 asks the kernel for a free port: never a duplicate.
@@ -470,7 +471,6 @@ impl Config {
         if self.limits.max_header_bytes < 1024 {
             return Err(("max_header_bytes", "must be at least 1024".into()));
         }
-        check_log_filter(&self.log.level).map_err(|m| ("level", m))?;
         Ok(())
     }
 
