@@ -16,7 +16,16 @@ fn main() -> std::io::Result<()> {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9700".into());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&addr).await?;
+        // SO_REUSEPORT: the integration tests reserve a machine's port by keeping it bound
+        // (never listening) and let the machine share it.
+        let addr: std::net::SocketAddr =
+            addr.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let socket =
+            if addr.is_ipv6() { tokio::net::TcpSocket::new_v6()? } else { tokio::net::TcpSocket::new_v4()? };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?;
         eprintln!("bench_backend listening on {}", listener.local_addr()?);
         loop {
             let (stream, _) = listener.accept().await?;

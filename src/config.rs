@@ -430,6 +430,7 @@ impl Config {
         if self.region.is_empty() || !self.region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(("region", format!("{:?} is not a region code", self.region)));
         }
+        check_log_filter(&self.log.level).map_err(|m| ("level", m))?;
         let mut seen = std::collections::HashSet::new();
         for l in &self.listen {
             // Port 0 asks the kernel for a free port: never a duplicate.
@@ -503,6 +504,29 @@ impl Config {
             self.rib.path = dir.join(&self.rib.path);
         }
     }
+}
+
+/// `[log] level`: tracing's filter syntax, checked here so that a typo is an error at start
+/// (tracing would quietly drop a bad directive, or read `loud` as a target name and log
+/// nothing else). A bare word must be a level; a target at every level is `tern=trace`.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    use tracing_subscriber::filter::{Directive, LevelFilter};
+    if filter.trim().is_empty() {
+        return Err("must be a filter such as \"info\" or \"tern=debug\" (\"off\" for no logs)".into());
+    }
+    for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !d.contains(['=', '[']);
+        if bare && d.parse::<LevelFilter>().is_err() {
+            return Err(format!(
+                "{d:?} is not a level (trace, debug, info, warn, error, off); for a target, \
+                 write it with its level, as in \"tern=debug\""
+            ));
+        }
+        if let Err(e) = d.parse::<Directive>() {
+            return Err(format!("{d:?} is not a filter directive: {e}"));
+        }
+    }
+    Ok(())
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -611,6 +635,26 @@ kind = "process"
             let (at, msg) = err(extra);
             assert!(msg.contains(says), "{extra:?}: {msg}");
             assert_eq!(at, line, "{extra:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_bad_log_filter_is_an_error_with_its_line() {
+        for good in ["info", "warn,tern::access=info", "tern=debug,hyper=off", "TRACE", "info,"] {
+            let text = format!("region = \"ams\"\n[log]\nlevel = \"{good}\"\n");
+            assert!(Config::parse(&text).is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("tern=loud", "\"tern=loud\" is not a filter directive"),
+            ("loud", "\"loud\" is not a level"),
+            ("info,garbage", "\"garbage\" is not a level"),
+            ("tern=[", "is not a filter directive"),
+            ("", "must be a filter"),
+        ] {
+            let text = format!("region = \"ams\"\n\n[log]\nformat = \"json\"\nlevel = \"{bad}\"\n");
+            let (line, msg) = Config::parse(&text).unwrap_err();
+            assert_eq!(line, 5, "{bad}: {msg}");
+            assert!(msg.starts_with("level: ") && msg.contains(says), "{bad}: {msg}");
         }
     }
 

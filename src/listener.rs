@@ -1,8 +1,10 @@
 //! Listening sockets and the accept loop.
 //!
-//! Sockets are made with socket2 so that each can set SO_REUSEPORT (a second tern can bind
-//! the same address during an upgrade), IPV6_V6ONLY (so `[::]` and `0.0.0.0` can both be
-//! listed) and its own backlog. The accept loop survives descriptor exhaustion
+//! Sockets are made with socket2 so that each can set IPV6_V6ONLY (so `[::]` and `0.0.0.0`
+//! can both be listed) and its own backlog. They do not set SO_REUSEPORT: with it a second
+//! tern would bind the same address and silently take half the connections; an address
+//! already taken is refused with the pid that holds it ([`holder`]). Upgrades will hand the
+//! sockets themselves to the new process instead. The accept loop survives descriptor exhaustion
 //! (EMFILE/ENFILE) with a back-off and a metric, and stops accepting while the node-wide
 //! connection cap is reached, leaving new connections queued in the kernel.
 
@@ -17,11 +19,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::telemetry::Metrics;
 
+pub mod holder;
+
 /// Binds a listening socket.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // SO_REUSEADDR only lets a restarted tern bind past connections still in TIME_WAIT;
+    // Linux never lets it share a port another socket listens on.
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -106,12 +111,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn binds_v4_and_v6_and_reuses_the_port() {
+    async fn binds_v4_and_v6_and_refuses_an_address_in_use() {
         let a = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         let addr = a.local_addr().unwrap();
-        // SO_REUSEPORT: a second socket may bind the same address (hitless upgrades).
-        let b = bind(addr, 16).unwrap();
-        assert_eq!(b.local_addr().unwrap(), addr);
+        // No SO_REUSEPORT: a second socket on the same address would split its traffic.
+        let e = bind(addr, 16).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
         if let Ok(v6) = bind("[::1]:0".parse().unwrap(), 16) {
             assert!(v6.local_addr().unwrap().is_ipv6());
         }

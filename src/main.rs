@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use tern::config::{Config, LogFormat, Source};
 use tern::proxy::{self, Bound};
 use tern::rib::Table;
-use tern::rib::sqlite::{SqliteRib, Store};
+use tern::rib::sqlite::{Existing, SqliteRib, Store, open_existing};
 
 // A proxy allocates and frees small buffers and headers for every request, on every worker
 // thread at once; mimalloc's thread-local free lists serve that pattern better than glibc's.
@@ -141,7 +141,11 @@ fn apply(
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("{}: {e}", decl_path.display());
+            match e {
+                // A conflict names the declaration's file, line and field itself.
+                tern::decl::PlanError::Conflict(problem) => eprintln!("{problem}"),
+                other => eprintln!("{}: {other}", decl_path.display()),
+            }
             eprintln!("tern: nothing was applied");
             Ok(ExitCode::FAILURE)
         }
@@ -162,22 +166,48 @@ fn check(config_path: Option<&Path>, decl_path: Option<&Path>) -> anyhow::Result
         }
         Source::Embedded => println!("embedded default config: ok"),
     }
-    if let Some(path) = decl_path {
-        match tern::decl::load(path) {
-            Ok(d) => println!(
-                "{}: ok ({} apps, {} machines, {} certificates)",
-                path.display(),
-                d.apps.len(),
-                d.machines.len(),
-                d.certificates.len()
-            ),
-            Err(problem) => {
-                eprintln!("{problem}");
-                return Ok(ExitCode::FAILURE);
-            }
+    let decl = match decl_path.map(tern::decl::load).transpose() {
+        Ok(d) => d,
+        Err(problem) => {
+            eprintln!("{problem}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if let (Some(path), Some(d)) = (decl_path, &decl) {
+        let (apps, machines, certs) = (d.apps.len(), d.machines.len(), d.certificates.len());
+        println!("{}: ok ({apps} apps, {machines} machines, {certs} certificates)", path.display());
+    }
+    // What `apply` would refuse only because of what the RIB holds: the same plan, read-only.
+    let rib_path = config.rib.path.display();
+    let rib = match open_existing(&config.rib.path) {
+        Ok(Existing::Present(rib)) => rib,
+        Ok(Existing::Absent(why)) => {
+            let alone = if decl.is_some() { "; the declaration was checked on its own" } else { "" };
+            println!("RIB {rib_path}: not looked at: {why} (tern apply or tern serve creates it){alone}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => {
+            eprintln!("tern: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let Some(d) = decl else {
+        let count = |t: Table| rib.all(t).map_or(0, |rows| rows.len());
+        let (apps, machines) = (count(Table::Apps), count(Table::Machines));
+        println!("RIB {rib_path}: ok ({apps} apps, {machines} machines)");
+        return Ok(ExitCode::SUCCESS);
+    };
+    match tern::decl::dry_run(&rib, &d, false) {
+        Ok(plan) => {
+            println!("against the RIB {rib_path}, tern apply (without --prune) would make:\n{plan}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("tern: tern apply would refuse this declaration against the RIB {rib_path}");
+            Ok(ExitCode::FAILURE)
         }
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn status(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {

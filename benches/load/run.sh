@@ -39,31 +39,71 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 [ -n "${KEEP:-}" ] && trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; echo "kept $work"' EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+# No port is picked by binding and releasing (another process could take it in between): the
+# backend and tern listen on port 0 and report their addresses; nginx and HAProxy are handed
+# sockets already listening on port 0 (with_sockets.py below), which they inherit. It execs the
+# server, so the pid recorded for cleanup is the server's.
+#
+# with_sockets.py NAME BACKLOG N TEMPLATE OUT -- CMD...: listens on N loopback sockets (port 0),
+# writes their ports to $work/NAME.ports, renders TEMPLATE into OUT (@PORTi@ and @FDi@ replaced),
+# then execs CMD with the sockets open, their descriptors also in $NGINX (nginx's way to inherit
+# listening sockets; HAProxy takes them as "bind fd@N").
+cat > "$work/with_sockets.py" <<'PY'
+import os, socket, sys
+name, backlog, n, template, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+cmd = sys.argv[sys.argv.index("--") + 1:]
+socks = []
+for _ in range(n):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    s.listen(backlog)
+    os.set_inheritable(s.fileno(), True)
+    socks.append(s)
+text = open(template).read()
+for i, s in enumerate(socks):
+    text = text.replace(f"@PORT{i}@", str(s.getsockname()[1])).replace(f"@FD{i}@", str(s.fileno()))
+open(out, "w").write(text)
+open(os.path.join(os.path.dirname(out), name + ".ports"), "w").write("".join(f"{s.getsockname()[1]}\n" for s in socks))
+env = dict(os.environ, NGINX="".join(f"{s.fileno()};" for s in socks))
+os.execvpe(cmd[0], cmd, env)
+PY
+# The Nth port (from 1) with_sockets wrote for NAME, once it is there.
+port_of() {
+  for _ in $(seq 1 200); do [ -s "$work/$1.ports" ] && { sed -n "${2}p" "$work/$1.ports"; return 0; }; sleep 0.05; done
+  echo "$1 never reported its ports" >&2; return 1
+}
+# Waits until URL answers (curl -k: any certificate; the sockets listen before the server runs).
+wait_http() { for _ in $(seq 1 200); do curl -sfk -o /dev/null "$1" && return 0; sleep 0.05; done; echo "$1 never answered" >&2; return 1; }
 
 # One certificate for all three, for "localhost" (so clients send SNI and resolve it).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
   -addext subjectAltName=DNS:localhost -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 cat "$work/cert.pem" "$work/key.pem" > "$work/combined.pem"
 
-BPORT=$(free_port); "$BACKEND" "127.0.0.1:$BPORT" 2>/dev/null & pids+=($!); wait_port "$BPORT"
+"$BACKEND" 127.0.0.1:0 2>"$work/backend.log" & pids+=($!)
+BPORT=
+for _ in $(seq 1 200); do
+  BPORT=$(sed -n 's/^bench_backend listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$work/backend.log")
+  [ -n "$BPORT" ] && break; sleep 0.05
+done
+[ -n "$BPORT" ] || { echo "the backend never reported its port" >&2; exit 1; }
 
-# tern
-T_HTTP=$(free_port); T_TLS=$(free_port); T_ADMIN=$(free_port)
+# tern: port 0, addresses read from its "listening" log lines.
 cat > "$work/tern.toml" <<TOML
 region = "bench"
 [[listen]]
-addr = "127.0.0.1:$T_HTTP"
+addr = "127.0.0.1:0"
 [[listen]]
-addr = "127.0.0.1:$T_TLS"
+addr = "127.0.0.1:0"
 tls = true
 [admin]
-addr = "127.0.0.1:$T_ADMIN"
+addr = "127.0.0.1:0"
 [rib]
 path = "$work/tern.db"
 [log]
-level = "warn"
+format = "json"
+level = "warn,tern::listener=info"
 access = false
 TOML
 cat > "$work/decl.toml" <<TOML
@@ -82,12 +122,22 @@ key_file = "$work/key.pem"
 TOML
 "$TERN" apply -c "$work/tern.toml" "$work/decl.toml" >/dev/null
 TOKIO_WORKER_THREADS=2 "$TERN" serve -c "$work/tern.toml" 2>"$work/tern.log" & pids+=($!)
-wait_port "$T_HTTP"; wait_port "$T_TLS"
+# tern_port true|false: the port of tern's TLS or plain listener, from its log.
+tern_port() {
+  for _ in $(seq 1 200); do
+    local p
+    p=$(grep '"message":"listening"' "$work/tern.log" | grep -v '"admin":true' | grep "\"tls\":$1" \
+      | sed -n 's/.*"addr":"127\.0\.0\.1:\([0-9]*\)".*/\1/p' | head -1)
+    [ -n "$p" ] && { echo "$p"; return 0; }; sleep 0.05
+  done
+  echo "tern never reported its listeners" >&2; return 1
+}
+T_HTTP=$(tern_port false); T_TLS=$(tern_port true)
+wait_http "http://localhost:$T_HTTP/"; wait_http "https://localhost:$T_TLS/"
 
-# nginx
-N_HTTP=$(free_port); N_TLS=$(free_port)
+# nginx: 511 is its default backlog.
 mkdir -p "$work/nginx"
-cat > "$work/nginx.conf" <<CONF
+cat > "$work/nginx.conf.in" <<CONF
 worker_processes 2;
 pid $work/nginx.pid;
 error_log $work/nginx-error.log warn;
@@ -97,8 +147,8 @@ http {
   keepalive_requests 1000000;
   upstream backend { server 127.0.0.1:$BPORT; keepalive 256; }
   server {
-    listen 127.0.0.1:$N_HTTP;
-    listen 127.0.0.1:$N_TLS ssl http2;
+    listen 127.0.0.1:@PORT0@;
+    listen 127.0.0.1:@PORT1@ ssl http2;
     server_name localhost;
     ssl_certificate $work/cert.pem;
     ssl_certificate_key $work/key.pem;
@@ -113,12 +163,13 @@ http {
   }
 }
 CONF
-"$NGINX" -p "$work/nginx" -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
-wait_port "$N_HTTP"; wait_port "$N_TLS"
+python3 "$work/with_sockets.py" nginx 511 2 "$work/nginx.conf.in" "$work/nginx.conf" -- \
+  "$NGINX" -p "$work/nginx" -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
+N_HTTP=$(port_of nginx 1); N_TLS=$(port_of nginx 2)
+wait_http "http://localhost:$N_HTTP/"; wait_http "https://localhost:$N_TLS/"
 
-# HAProxy
-H_HTTP=$(free_port); H_TLS=$(free_port)
-cat > "$work/haproxy.cfg" <<CONF
+# HAProxy: its backlog defaults to maxconn.
+cat > "$work/haproxy.cfg.in" <<CONF
 global
   nbthread 2
   maxconn 4096
@@ -132,16 +183,18 @@ defaults
   option forwardfor
   http-reuse always
 frontend plain
-  bind 127.0.0.1:$H_HTTP
+  bind fd@@FD0@
   default_backend app
 frontend tls
-  bind 127.0.0.1:$H_TLS ssl crt $work/combined.pem alpn h2,http/1.1
+  bind fd@@FD1@ ssl crt $work/combined.pem alpn h2,http/1.1
   default_backend app
 backend app
   server b1 127.0.0.1:$BPORT maxconn 2000
 CONF
-"$HAPROXY" -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
-wait_port "$H_HTTP"; wait_port "$H_TLS"
+python3 "$work/with_sockets.py" haproxy 4096 2 "$work/haproxy.cfg.in" "$work/haproxy.cfg" -- \
+  "$HAPROXY" -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
+H_HTTP=$(port_of haproxy 1); H_TLS=$(port_of haproxy 2)
+wait_http "http://localhost:$H_HTTP/"; wait_http "https://localhost:$H_TLS/"
 
 # name url tool -> "rps p99_ms errors"
 measure() {

@@ -79,6 +79,8 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
 
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
+    // The bench holds the port (bound, not listening) until the round ends; share it.
+    sock.set_reuse_port(true)?;
     // Set before any request can arrive: it also turns on the kernel's receive
     // timestamping, and accepted sockets inherit it.
     socket::setsockopt(&sock, sockopt::ReceiveTimestampns, &true)?;

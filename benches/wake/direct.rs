@@ -62,7 +62,7 @@ impl std::fmt::Display for Mode {
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: wake.test\r\n\r\n";
 
 pub async fn round(mode: Mode, n: usize, s: &Settings, me: &Path) -> anyhow::Result<Round> {
-    let port = free_port()?;
+    let (_held, port) = free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let cmd = backend_cmd(me, port, n, s);
     let mut machine = Command::new(&cmd[0]).args(&cmd[1..]).kill_on_drop(true).spawn()?;

@@ -244,7 +244,7 @@ async fn one_round(n: usize, s: &Settings, tern: &Path, me: &Path) -> anyhow::Re
         return direct::round(mode, n, s, me).await;
     }
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
+    let (_held, port) = free_port()?;
     let config = dir.path().join("tern.toml");
     let decl = dir.path().join("decl.toml");
     std::fs::write(&config, node_config(dir.path(), s.workers, s.max_connecting))?;
@@ -426,9 +426,15 @@ fn metric(text: &str, name: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
-/// A port nothing listens on yet, for the machine tern will start.
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A port for the machine tern will start, held by the returned socket (bound, never
+/// listening) until the round ends: releasing it before the machine binds would let another
+/// process take it. The machine binds with SO_REUSEPORT to share it (same user, both set).
+fn free_port() -> std::io::Result<(socket2::Socket, u16)> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    let port = socket.local_addr()?.as_socket().map_or(0, |a| a.port());
+    Ok((socket, port))
 }
 
 fn node_config(dir: &Path, workers: usize, max_connecting: Option<usize>) -> String {

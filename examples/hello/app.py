@@ -2,12 +2,16 @@
 """The example app: one machine of the "hello" app. Standard library only.
 
 GET /         -> "Hello from <machine> in <region>" plus the forwarding headers tern added
-GET /events   -> a text/event-stream that sends one event a second, five times
+GET /events   -> a text/event-stream that sends one event a second for ten minutes (long
+                 enough to change the routing with `tern apply` while it runs)
 """
 import argparse
 import json
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+EVENTS = 600
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -20,10 +24,13 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
             self.end_headers()
-            for i in range(5):
-                self.wfile.write(f"id: {i}\ndata: tick {i} from {ARGS.machine}\n\n".encode())
-                self.wfile.flush()
-                time.sleep(1)
+            try:
+                for i in range(EVENTS):
+                    self.wfile.write(f"id: {i}\ndata: tick {i} from {ARGS.machine}\n\n".encode())
+                    self.wfile.flush()
+                    time.sleep(1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client (or tern, shutting down) ended the stream
             return
         seen = {k: v for k, v in self.headers.items() if k.lower().startswith(("fly-", "x-forwarded", "via"))}
         body = f"Hello from {ARGS.machine} in {ARGS.region}\n" + json.dumps(seen, indent=2, sort_keys=True) + "\n"

@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-cargo build --release --quiet --bin tern
+# Cargo shows its progress: the first build compiles every dependency and takes minutes.
+echo "Building tern (release). The first build takes several minutes; later ones, seconds." >&2
+cargo build --release --bin tern
 ./target/release/tern apply examples/hello/hello.toml
 cat <<'TOUR'
 
@@ -16,6 +18,8 @@ tern is starting; the app's machine is stopped. In another terminal:
   curl --cacert examples/hello/certs/ca.pem --resolve hello.example.com:8443:127.0.0.1 https://hello.example.com:8443/
   curl --http2 --cacert examples/hello/certs/ca.pem --resolve hello.example.com:8443:127.0.0.1 https://hello.example.com:8443/
   curl -N -H 'Host: hello.example.com' http://127.0.0.1:8080/events  # an open stream keeps it awake
+Change the routing live: see "Change the routing while tern runs" in README.md.
+Ctrl-C here ends open streams cleanly, lets requests in flight finish, stops the machine, exits 0.
 
 TOUR
 ./target/release/tern serve

@@ -98,7 +98,12 @@ mod tests {
         let err = probe(&check(CheckType::Http), bad, "a.test").await.unwrap_err();
         assert!(err.contains("503"), "{err}");
         assert_eq!(probe(&check(CheckType::Tcp), bad, "a.test").await, Ok(()));
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
-        assert!(probe(&check(CheckType::Tcp), closed, "a.test").await.is_err());
+        // Bound but never listening, and kept for the test: connecting is refused, and no
+        // other test can take the port meanwhile (as it could after a bind and release).
+        let closed =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        closed.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind");
+        let closed_addr = closed.local_addr().ok().and_then(|a| a.as_socket()).expect("addr");
+        assert!(probe(&check(CheckType::Tcp), closed_addr, "a.test").await.is_err());
     }
 }

@@ -176,15 +176,37 @@ mod tests {
         v
     }
 
+    /// Prints the seed of a randomised test that panics, so the failure can be replayed
+    /// with `TERN_TEST_SEED=<seed>`.
+    struct SeedOnPanic(u64);
+
+    impl Drop for SeedOnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!("randomised test failed with seed {0}; replay: TERN_TEST_SEED={0}", self.0);
+            }
+        }
+    }
+
+    /// `TERN_TEST_SEED` if set, else a fresh seed (each run tries new cases).
+    fn seeded() -> (fastrand::Rng, SeedOnPanic) {
+        let seed = std::env::var("TERN_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| fastrand::u64(..));
+        (fastrand::Rng::with_seed(seed), SeedOnPanic(seed))
+    }
+
     #[test]
     fn behaves_like_a_map_across_compactions() {
+        let (mut rng, _seed) = seeded();
         let mut m: Layered<String, u32> = Layered::default();
         let mut model = std::collections::BTreeMap::new();
         let mut generation = 0;
         for round in 0..2000u32 {
             generation += 1;
-            let key = format!("k{}", fastrand::u32(..64));
-            if fastrand::bool() {
+            let key = format!("k{}", rng.u32(..64));
+            if rng.bool() {
                 m.insert(key.clone(), round, generation);
                 model.insert(key, round);
             } else {
@@ -196,7 +218,7 @@ mod tests {
                 let base = m.compacted();
                 for _ in 0..5 {
                     generation += 1;
-                    let key = format!("k{}", fastrand::u32(..64));
+                    let key = format!("k{}", rng.u32(..64));
                     m.insert(key.clone(), round + 10_000, generation);
                     model.insert(key, round + 10_000);
                 }

@@ -14,7 +14,7 @@ use crate::model::{self, AppSpec, CertSpec, MachineSpec, names};
 mod locate;
 pub mod plan;
 
-pub use plan::{Plan, PlanError, apply};
+pub use plan::{Current, Plan, PlanError, apply, dry_run};
 
 /// A field inside a declaration: `apps[0].hostnames[1]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,9 +40,12 @@ pub fn path_string(path: &[Seg]) -> String {
     s
 }
 
-/// The first problem found in a declaration.
+/// The first problem found in a declaration. Line 0: the file as a whole (it cannot be read,
+/// say), printed without a line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {}{message}", if field.is_empty() { String::new() } else { format!("{field}: ") })]
+#[error("{file}:{}{}{message}",
+    if *line == 0 { String::new() } else { format!("{line}:") },
+    if field.is_empty() { " ".to_string() } else { format!(" {field}: ") })]
 pub struct Problem {
     pub file: String,
     pub line: usize,
@@ -78,6 +81,22 @@ pub struct Declaration {
     pub apps: Vec<AppSpec>,
     pub machines: Vec<MachineSpec>,
     pub certificates: Vec<CertSpec>,
+    /// Where it was read from, so that problems found later (against the RIB) still name
+    /// the file, line and field.
+    file: String,
+    text: String,
+}
+
+impl Declaration {
+    /// A problem with `path` in this declaration, at the line where the field is written.
+    fn problem_at(&self, path: &[Seg], message: String) -> Problem {
+        Problem {
+            file: self.file.clone(),
+            line: locate::line_for(&self.text, path),
+            field: path_string(path),
+            message,
+        }
+    }
 }
 
 /// Reads and validates a declaration file. Relative certificate paths are resolved from
@@ -101,12 +120,15 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Declaration, Problem
         field: String::new(),
         message: e.message().trim().to_string(),
     })?;
-    validate(raw, base).map_err(|(path, message)| Problem {
+    let mut decl = validate(raw, base).map_err(|(path, message)| Problem {
         file: file.to_string(),
         line: locate::line_for(text, &path),
         field: path_string(&path),
         message,
-    })
+    })?;
+    decl.file = file.to_string();
+    decl.text = text.to_string();
+    Ok(decl)
 }
 
 type Invalid = (FieldPath, String);

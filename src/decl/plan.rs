@@ -1,6 +1,7 @@
 //! Applying a declaration to the RIB: one transaction that reads what is there, checks the
 //! result as a whole (no hostname claimed twice, no machine without its app), and writes
-//! only the rows that change. Either all of it lands or none of it.
+//! only the rows that change. Either all of it lands or none of it. `tern check` runs the
+//! same plan over a read-only view ([`dry_run`]), so it refuses exactly what `apply` would.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -8,17 +9,19 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::model::{AppSpec, CertSpec, MachineSpec, StateRow};
-use crate::rib::sqlite::{Store, Tx};
+use crate::rib::sqlite::{ReadOnly, Store, Tx};
 use crate::rib::{Record, RibError, Table};
 
-use super::Declaration;
+use super::{Declaration, Problem, Seg};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error(transparent)]
     Rib(#[from] RibError),
-    #[error("{0}")]
-    Conflict(String),
+    /// The declaration is valid alone but not with what the RIB holds; the problem names
+    /// the declaration's file, line and field.
+    #[error(transparent)]
+    Conflict(Problem),
     #[error("cannot encode {0}: {1}")]
     Encode(String, serde_json::Error),
 }
@@ -64,6 +67,24 @@ impl fmt::Display for Plan {
     }
 }
 
+/// The rows a plan is made against: a write transaction (`apply`) or a read-only view
+/// (`check`).
+pub trait Current {
+    fn all(&self, table: Table) -> Result<Vec<Record>, RibError>;
+}
+
+impl Current for Tx<'_> {
+    fn all(&self, table: Table) -> Result<Vec<Record>, RibError> {
+        Tx::all(self, table)
+    }
+}
+
+impl Current for ReadOnly {
+    fn all(&self, table: Table) -> Result<Vec<Record>, RibError> {
+        ReadOnly::all(self, table)
+    }
+}
+
 /// Writes `decl` into the RIB: upsert by key; with `prune`, also delete every row `decl`
 /// does not name. With `dry_run`, checks and plans without writing.
 pub fn apply(store: &mut Store, decl: &Declaration, prune: bool, dry_run: bool) -> Result<Plan, PlanError> {
@@ -76,7 +97,12 @@ pub fn apply(store: &mut Store, decl: &Declaration, prune: bool, dry_run: bool) 
     })
 }
 
-fn plan(tx: &Tx<'_>, decl: &Declaration, prune: bool) -> Result<Plan, PlanError> {
+/// What `apply` would do to `current`, refused exactly as `apply` would refuse it.
+pub fn dry_run(current: &impl Current, decl: &Declaration, prune: bool) -> Result<Plan, PlanError> {
+    plan(current, decl, prune)
+}
+
+fn plan(tx: &impl Current, decl: &Declaration, prune: bool) -> Result<Plan, PlanError> {
     let current_apps = rows(tx, Table::Apps)?;
     let current_machines = rows(tx, Table::Machines)?;
     let current_certs = rows(tx, Table::Certificates)?;
@@ -100,7 +126,7 @@ fn plan(tx: &Tx<'_>, decl: &Declaration, prune: bool) -> Result<Plan, PlanError>
     Ok(plan)
 }
 
-fn rows(tx: &Tx<'_>, table: Table) -> Result<BTreeMap<String, String>, PlanError> {
+fn rows(tx: &impl Current, table: Table) -> Result<BTreeMap<String, String>, PlanError> {
     Ok(tx.all(table)?.into_iter().map(|r| (r.key, r.body)).collect())
 }
 
@@ -161,45 +187,67 @@ fn changed_fields(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Strin
 }
 
 /// Checks the RIB as it will be after the apply: hostnames unique across all apps, and
-/// every declared machine's app present.
+/// every declared machine's app present. A conflict points at the declaration's field.
 fn check_result(
     decl: &Declaration,
     current_apps: &BTreeMap<String, String>,
     prune: bool,
 ) -> Result<(), PlanError> {
-    let mut apps: HashMap<String, Vec<String>> = HashMap::new();
+    // Apps the RIB keeps that this declaration does not replace (none with --prune).
+    let mut kept: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     if !prune {
         for (name, body) in current_apps {
+            if decl.apps.iter().any(|a| &a.name == name) {
+                continue;
+            }
             match serde_json::from_str::<AppSpec>(body) {
                 Ok(a) => {
-                    apps.insert(name.clone(), a.hostnames);
+                    kept.insert(name, a.hostnames);
                 }
                 Err(e) => tracing::warn!(target: "tern::rib", app = %name, error = %e,
                     "existing app row does not decode; ignored for the hostname check"),
             }
         }
     }
-    for a in &decl.apps {
-        apps.insert(a.name.clone(), a.hostnames.clone());
-    }
     let mut owner: HashMap<&str, &str> = HashMap::new();
-    let mut names: Vec<&String> = apps.keys().collect();
-    names.sort();
-    for name in names {
-        for h in &apps[name] {
+    for (name, hosts) in &kept {
+        for h in hosts {
             if let Some(other) = owner.insert(h, name) {
-                return Err(PlanError::Conflict(format!(
-                    "hostname {h:?} would be claimed by both app {other:?} and app {name:?}; \
-                     remove it from one of them (or apply with --prune)"
+                return Err(PlanError::Conflict(Problem {
+                    file: decl.file.clone(),
+                    line: 0,
+                    field: String::new(),
+                    message: format!(
+                        "the RIB already has hostname {h:?} claimed by both app {other:?} and app \
+                         {name:?}; fix the RIB (or apply with --prune) before applying"
+                    ),
+                }));
+            }
+        }
+    }
+    for (i, a) in decl.apps.iter().enumerate() {
+        for (j, h) in a.hostnames.iter().enumerate() {
+            if let Some(other) = owner.get(h.as_str()) {
+                let path = [Seg::Key("apps"), Seg::Index(i), Seg::Key("hostnames"), Seg::Index(j)];
+                return Err(PlanError::Conflict(decl.problem_at(
+                    &path,
+                    format!(
+                        "hostname {h:?} is already claimed by app {other:?} in the RIB; remove it \
+                         from one of them (or apply with --prune if {other:?} should go)"
+                    ),
                 )));
             }
         }
     }
-    for m in &decl.machines {
-        if !apps.contains_key(&m.app) {
-            return Err(PlanError::Conflict(format!(
-                "machine {:?} belongs to app {:?}, which is neither declared nor in the RIB",
-                m.id, m.app
+    for (i, m) in decl.machines.iter().enumerate() {
+        if !kept.contains_key(m.app.as_str()) && !decl.apps.iter().any(|a| a.name == m.app) {
+            let path = [Seg::Key("machines"), Seg::Index(i), Seg::Key("app")];
+            return Err(PlanError::Conflict(decl.problem_at(
+                &path,
+                format!(
+                    "machine {:?} belongs to app {:?}, which is neither declared nor in the RIB",
+                    m.id, m.app
+                ),
             )));
         }
     }

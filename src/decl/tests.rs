@@ -105,20 +105,84 @@ fn apply_upserts_reports_and_prunes() {
 }
 
 #[test]
-fn apply_refuses_conflicts_with_the_rib_and_writes_nothing() {
+fn apply_refuses_conflicts_with_the_rib_at_their_line_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(&dir.path().join("rib.db")).unwrap();
     apply(&mut store, &parse_str(GOOD).unwrap(), false, false).unwrap();
-    let thief = parse_str("[[apps]]\nname = \"thief\"\nhostnames = [\"hello.example.com\"]\n").unwrap();
-    let err = apply(&mut store, &thief, false, false).unwrap_err();
-    assert!(err.to_string().contains("\"hello.example.com\""), "{err}");
-    let orphan =
-        parse_str("[[machines]]\nid = \"x\"\napp = \"ghost\"\naddr = \"127.0.0.1:1\"\nstate = \"started\"\n")
-            .unwrap();
-    let err = apply(&mut store, &orphan, false, false).unwrap_err();
-    assert!(err.to_string().contains("\"ghost\""), "{err}");
+    let thief = "[[apps]]\nname = \"thief\"\nhostnames = [\n  \"thief.test\",\n  \"hello.example.com\",\n]\n";
+    let err = apply(&mut store, &parse_str(thief).unwrap(), false, false).unwrap_err();
+    let PlanError::Conflict(p) = &err else { panic!("{err:?}") };
+    assert_eq!((p.line, p.field.as_str()), (5, "apps[0].hostnames[1]"), "{p}");
+    assert!(
+        p.to_string().starts_with(
+            "decl.toml:5: apps[0].hostnames[1]: hostname \"hello.example.com\" is already claimed by app \"hello\""
+        ),
+        "{p}"
+    );
+    let orphan = "[[apps]]\nname = \"x\"\n\n[[machines]]\nid = \"x\"\napp = \"ghost\"\naddr = \"127.0.0.1:1\"\nstate = \"started\"\n";
+    let err = apply(&mut store, &parse_str(orphan).unwrap(), false, false).unwrap_err();
+    let PlanError::Conflict(p) = &err else { panic!("{err:?}") };
+    assert_eq!((p.line, p.field.as_str()), (6, "machines[0].app"), "{p}");
+    assert!(p.message.contains("\"ghost\""), "{p}");
     assert_eq!(store.read_all(crate::rib::Table::Apps).unwrap().len(), 1);
     assert_eq!(store.read_all(crate::rib::Table::Machines).unwrap().len(), 1);
+
+    // Re-declaring the holder with other names frees the name; --prune drops the holder.
+    let moved = format!("{thief}\n[[apps]]\nname = \"hello\"\nhostnames = [\"new.example.com\"]\n");
+    assert!(apply(&mut store, &parse_str(&moved).unwrap(), false, true).is_ok());
+    assert!(apply(&mut store, &parse_str(thief).unwrap(), true, true).is_ok());
+}
+
+#[test]
+fn check_plans_against_a_read_only_view_exactly_as_apply_does() {
+    use crate::rib::sqlite::{Existing, open_existing};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rib.db");
+    let Existing::Absent(why) = open_existing(&path).unwrap() else { panic!("nothing there yet") };
+    assert_eq!(why, "the file does not exist yet");
+    assert!(!path.exists(), "looking creates nothing");
+
+    let mut store = Store::open(&path).unwrap();
+    apply(&mut store, &parse_str(GOOD).unwrap(), false, false).unwrap();
+    let Existing::Present(view) = open_existing(&path).unwrap() else { panic!("a RIB is there") };
+    let thief = parse_str("[[apps]]\nname = \"thief\"\nhostnames = [\"hello.example.com\"]\n").unwrap();
+    let by_check = dry_run(&view, &thief, false).unwrap_err().to_string();
+    let by_apply = apply(&mut store, &thief, false, true).unwrap_err().to_string();
+    assert_eq!(by_check, by_apply);
+    let changed = parse_str(&GOOD.replace("\"60s\"", "\"90s\"")).unwrap();
+    let plan = dry_run(&view, &changed, false).unwrap();
+    assert_eq!(plan.to_string(), "~ app hello (idle_timeout)\n1 changed, 1 unchanged");
+}
+
+#[test]
+fn unusable_rib_paths_are_errors_that_say_why() {
+    use crate::rib::sqlite::{Existing, open_existing};
+    let dir = tempfile::tempdir().unwrap();
+    let err = |p: &std::path::Path| match open_existing(p) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("{} should not be usable", p.display()),
+    };
+    assert!(err(dir.path()).ends_with("is a directory; [rib] path must name the database file"));
+    let junk = dir.path().join("junk.db");
+    std::fs::write(&junk, "this is not a database, but it is long enough").unwrap();
+    assert!(err(&junk).ends_with("is not a SQLite database"), "{}", err(&junk));
+    let nowhere = dir.path().join("missing").join("rib.db");
+    assert!(err(&nowhere).contains("its directory"), "{}", err(&nowhere));
+    assert!(err(&nowhere).contains("does not exist"), "{}", err(&nowhere));
+    // Some other program's SQLite database is not a RIB; an empty one is just not set up yet.
+    let other = dir.path().join("other.db");
+    rusqlite::Connection::open(&other)
+        .unwrap()
+        .execute_batch("CREATE TABLE apps (x); CREATE TABLE t (y);")
+        .unwrap();
+    assert!(
+        err(&other).contains("is not a tern RIB: table machines, certificates is missing"),
+        "{}",
+        err(&other)
+    );
+    let empty = dir.path().join("empty.db");
+    std::fs::write(&empty, "").unwrap();
+    assert!(matches!(open_existing(&empty), Ok(Existing::Absent(_))));
 }
 
 #[test]

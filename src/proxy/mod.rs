@@ -27,6 +27,8 @@ use worker::{Deps, Job, Workers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("{addr} is already in use{}", in_use_by(holder.as_ref()))]
+    InUse { addr: SocketAddr, holder: Option<listener::holder::Holder> },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -43,6 +45,18 @@ pub enum StartError {
     Workers(#[source] std::io::Error),
 }
 
+/// The end of the "address in use" message: who holds it, as far as this user can tell.
+fn in_use_by(holder: Option<&listener::holder::Holder>) -> String {
+    match holder {
+        Some(h) if h.pid == std::process::id() => {
+            " by another listener of this same tern (check [[listen]] and [admin] addresses)".into()
+        }
+        Some(h) if h.cmdline.is_empty() => format!(" by pid {}", h.pid),
+        Some(h) => format!(" by pid {} ({})", h.pid, h.cmdline),
+        None => " (by a process this user cannot inspect, or one that just exited)".into(),
+    }
+}
+
 /// Listening sockets, bound but not yet accepting.
 pub struct Bound {
     listeners: Vec<(std::net::TcpListener, Listen)>,
@@ -52,7 +66,12 @@ pub struct Bound {
 impl Bound {
     pub fn bind(config: &Config) -> Result<Bound, StartError> {
         let bind = |addr: SocketAddr, backlog: u32| {
-            listener::bind(addr, backlog).map_err(|source| StartError::Bind { addr, source })
+            listener::bind(addr, backlog).map_err(|source| match source.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    StartError::InUse { addr, holder: listener::holder::find(addr) }
+                }
+                _ => StartError::Bind { addr, source },
+            })
         };
         let mut listeners = Vec::with_capacity(config.listen.len());
         for l in &config.listen {

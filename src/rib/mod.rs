@@ -86,6 +86,9 @@ pub enum RibError {
     },
     #[error("RIB: {0}")]
     Other(String),
+    /// The RIB's path holds something tern cannot use as its database.
+    #[error("the RIB at {path} {reason}")]
+    Unusable { path: String, reason: String },
 }
 
 /// A stream of RIB events. Errors are reported and the store retries by itself; the stream

@@ -16,6 +16,9 @@ use tokio::sync::mpsc;
 use super::{Change, Cursor, Record, Rib, RibError, RibEvent, Subscription, Table};
 use crate::model::StateRow;
 
+mod existing;
+pub use existing::{Existing, ReadOnly, open_existing};
+
 /// Change-log entries kept for subscribers to resume from.
 pub const RETAIN_CHANGES: i64 = 100_000;
 /// Changes sent to a subscriber in one event, so a huge apply cannot build one huge event.

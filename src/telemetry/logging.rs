@@ -12,9 +12,14 @@ pub struct LogGuard {
 /// Installs the global subscriber. `level` is a tracing filter (`info`, `tern=debug`);
 /// `RUST_LOG`, when set, wins. Calling it twice keeps the first subscriber.
 pub fn init_logging(json: bool, level: &str) -> LogGuard {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // `level` was checked with the config; a bad RUST_LOG is reported once logs work.
+    let env = std::env::var(EnvFilter::DEFAULT_ENV).ok().filter(|v| !v.trim().is_empty());
+    let from_env = env.as_deref().map(EnvFilter::try_new);
+    let bad_env = matches!(from_env, Some(Err(_)));
+    let filter = match from_env {
+        Some(Ok(f)) => f,
+        _ => EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         // Drop lines rather than block the runtime when the reader cannot keep up.
         .lossy(true)
@@ -28,6 +33,10 @@ pub fn init_logging(json: bool, level: &str) -> LogGuard {
     let installed = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
     if installed.is_err() {
         tracing::debug!(target: "tern::telemetry", "a log subscriber was already installed");
+    }
+    if bad_env {
+        tracing::warn!(target: "tern::telemetry", rust_log = env.as_deref().unwrap_or_default(), level,
+            "RUST_LOG is not a valid filter; using [log] level instead");
     }
     LogGuard { _guard: guard }
 }

@@ -67,8 +67,10 @@ impl Backend {
         Self::start_on(name, "127.0.0.1:0".parse().unwrap()).await
     }
 
+    /// Listens on `addr` with SO_REUSEPORT, so a port the test reserved
+    /// (`harness::reserve_port`) can be taken.
     pub async fn start_on(name: &str, addr: SocketAddr) -> Backend {
-        let listener = TcpListener::bind(addr).await.unwrap();
+        let listener = listen_shared(addr);
         let addr = listener.local_addr().unwrap();
         let gate = Arc::new(Notify::new());
         let requests = Arc::new(AtomicUsize::new(0));
@@ -101,6 +103,19 @@ impl Backend {
         });
         Backend { addr, gate, requests, connections, ws_closes, task }
     }
+}
+
+/// A listener that may share its port with the test's reservation of it (same user, both
+/// SO_REUSEPORT); the reservation never listens, so every connection comes here.
+fn listen_shared(addr: SocketAddr) -> TcpListener {
+    let socket =
+        socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.set_reuse_port(true).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    socket.bind(&addr.into()).unwrap();
+    socket.listen(1024).unwrap();
+    TcpListener::from_std(socket.into()).unwrap()
 }
 
 fn full(s: impl Into<Bytes>) -> Body {

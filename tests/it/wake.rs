@@ -11,17 +11,9 @@ pub(crate) fn backend_bin() -> PathBuf {
     tern.parent().unwrap().join("examples").join("bench_backend")
 }
 
-/// A port nothing listens on yet, for a machine that tern will start, picked at random
-/// and checked free.
+/// A port for a machine that tern will start: see [`crate::harness::reserve_port`].
 pub(crate) fn free_port() -> u16 {
-    // Below the kernel's ephemeral range (32768 and up by default), so that the many
-    // outgoing connections of a test cannot take the port before the machine binds it.
-    loop {
-        let port = fastrand::u16(20_000..32_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
+    crate::harness::reserve_port()
 }
 
 fn sleepy_app(extra: &str, machines: &[(&str, u16, &str, Vec<String>)]) -> String {
