@@ -610,7 +610,7 @@ async fn expect_100_continue_reflects_the_machine() {
     let refuses = RawMachine::start(unauthorized).await;
     let decl = app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "")
         + &app_decl("strict", &["strict.test"], &[("s1", refuses.addr, "started")], "")
-        + &app_decl("asleep", &["asleep.test"], &[("z1", "127.0.0.1:9".parse().unwrap(), "stopped")], "");
+        + &app_decl("asleep", &["asleep.test"], &[("z1", crate::harness::dead_addr(), "stopped")], "");
     let proxy = Proxy::start(&decl).await;
     let head = |host: &str| {
         format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
