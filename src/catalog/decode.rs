@@ -100,6 +100,17 @@ fn decode_machine(key: &str, body: &str) -> Result<MachineSpec, String> {
 }
 
 impl Snapshot {
+    /// Whether the catalog holds a version of this RIB row (a row that later fails to
+    /// decode leaves that version serving).
+    pub(super) fn holds(&self, table: Table, key: &str) -> bool {
+        match table {
+            Table::Apps => self.apps.contains_key(key),
+            Table::Machines => self.machines.contains_key(key),
+            Table::Certificates => self.cert_for_key(key).is_some(),
+            Table::MachineStates => self.states.contains_key(key),
+        }
+    }
+
     /// The certificate stored under exactly this hostname key (exact or "*.suffix").
     pub(super) fn cert_for_key(&self, key: &str) -> Option<&std::sync::Arc<CertEntry>> {
         match key.strip_prefix("*.") {

@@ -1,8 +1,14 @@
 //! The task that keeps the catalog in step with the RIB: it subscribes, decodes each row,
 //! applies the events to a copy of the current snapshot and publishes the result once per
-//! batch. Bad rows are logged, counted and skipped; store errors are logged, counted and
-//! retried with back-off from the last cursor, so a change is never applied twice or lost.
-//! After each publication it sends what the batch changed on the feed ([`Changes`]).
+//! batch. Store errors are logged, counted and retried with back-off from the last cursor,
+//! so a change is never applied twice or lost. After each publication it sends what the batch
+//! changed on the feed ([`Changes`]).
+//!
+//! A row that does not decode is logged, counted and skipped, and the row's last good
+//! version keeps serving: at run time that is simply the entry the catalog holds. A snapshot
+//! (at start, or a resync) may bring a bad row the catalog holds nothing for; then the RIB's
+//! history is asked for the newest earlier body of that row that decodes, back to the row's
+//! last deletion ([`Rib::look_back`]), so that a restart serves what the running proxy did.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,11 +17,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::rib::{Change, Cursor, Record, Rib, RibError, RibEvent, Subscription};
+use crate::rib::{Change, Cursor, Record, Rib, RibError, RibEvent, Subscription, Table};
 use crate::telemetry::Metrics;
 
 use super::changes::{Feed, Touched};
-use super::{Catalog, Compacted, Snapshot, decode};
+use super::{Catalog, Compacted, DecodeError, Event, Snapshot, decode};
 
 /// Loads the RIB's snapshot into the catalog, then keeps applying changes in a background
 /// task until `shutdown` turns true. Fails if the first snapshot cannot be read, so that a
@@ -31,7 +37,8 @@ pub async fn start(
     let mut sub = rib.subscribe(None);
     let cursor = match sub.next().await {
         Some(Ok(RibEvent::Snapshot { records, cursor })) => {
-            let mut next = apply_snapshot(&catalog.load(), records, &metrics);
+            let current = catalog.load_full();
+            let mut next = resync(&current, records, &cursor, &rib, &metrics).await;
             // Start from compact maps: nothing is serving yet, so the O(n) fold is free.
             next = next.rebase(&next.compact());
             publish(&catalog, next, &metrics);
@@ -84,7 +91,7 @@ async fn follow(
             Some(Ok(RibEvent::Snapshot { records, cursor: c })) => {
                 let prev = catalog.load_full();
                 let touched = Touched::of_resync(&prev, &records);
-                let next = apply_snapshot(&prev, records, &metrics);
+                let next = resync(&prev, records, &c, &rib, &metrics).await;
                 publish(&catalog, next, &metrics);
                 tell(&feed, &touched, &prev, &catalog);
                 tracing::info!(target: "tern::catalog", "catalog resynchronised from a RIB snapshot");
@@ -99,6 +106,11 @@ async fn follow(
                 tell(&feed, &touched, &prev, &catalog);
                 cursor = c;
                 backoff = Duration::from_millis(100);
+            }
+            Some(Err(e)) if e.is_absent() => {
+                metrics.rib_errors.inc();
+                tracing::error!(target: "tern::catalog", error = %e,
+                    "the RIB is gone; serving the last catalog until it is back");
             }
             Some(Err(e)) => {
                 metrics.rib_errors.inc();
@@ -136,15 +148,99 @@ fn tell(feed: &Feed, touched: &Touched, prev: &Snapshot, catalog: &Catalog) {
 }
 
 /// "Diff, then apply": rows that differ from the catalog become events, and whatever the
-/// catalog holds that the snapshot lacks is removed.
-pub fn apply_snapshot(current: &Snapshot, records: Vec<Record>, metrics: &Metrics) -> Snapshot {
+/// catalog holds that the snapshot lacks is removed. Returns the rows that did not decode
+/// and that the catalog held no version of.
+pub fn apply_snapshot(
+    current: &Snapshot,
+    records: Vec<Record>,
+    metrics: &Metrics,
+) -> (Snapshot, Vec<(Table, DecodeError)>) {
     let mut next = current.clone();
     let present: HashSet<_> = records.iter().map(|r| (r.table, r.key.clone())).collect();
     next.retain_only(&present);
+    let mut unserved = Vec::new();
     for r in records {
-        apply_row(&mut next, r.table, &r.key, Some(&r.body), metrics);
+        if let Err(e) = apply_row(&mut next, r.table, &r.key, Some(&r.body), metrics) {
+            unserved.push((r.table, e));
+        }
+    }
+    (next, unserved)
+}
+
+/// [`apply_snapshot`], then the last good version from the RIB's history for each bad row
+/// the catalog held nothing for.
+async fn resync(
+    current: &Snapshot,
+    records: Vec<Record>,
+    cursor: &Cursor,
+    rib: &Arc<dyn Rib>,
+    metrics: &Metrics,
+) -> Snapshot {
+    let (mut next, unserved) = apply_snapshot(current, records, metrics);
+    if unserved.is_empty() {
+        return next;
+    }
+    let (rib, base, upto) = (rib.clone(), next.clone(), cursor.clone());
+    let keys: Vec<(Table, String)> = unserved.iter().map(|(t, e)| (*t, e.key.clone())).collect();
+    let found = tokio::task::spawn_blocking(move || last_good(&*rib, &base, &upto, &keys)).await;
+    let found = match found {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            metrics.rib_errors.inc();
+            tracing::error!(target: "tern::catalog", error = %e, "reading the RIB's history failed");
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::error!(target: "tern::catalog", error = %e, "reading the RIB's history failed");
+            Vec::new()
+        }
+    };
+    let mut found: std::collections::HashMap<_, _> = found.into_iter().map(|(t, k, e)| ((t, k), e)).collect();
+    for (table, e) in unserved {
+        let (table_name, key, reason) = (table.as_str(), &e.key, &e.reason);
+        if let Some(event) = found.remove(&(table, e.key.clone())) {
+            next.apply(event);
+            metrics.rib_rows_kept.with_label_values(&[table_name]).inc();
+            tracing::warn!(target: "tern::catalog", table = table_name, key, reason,
+                "RIB row does not decode; serving its last good version from the RIB's history");
+        } else {
+            tracing::warn!(target: "tern::catalog", table = table_name, key, reason,
+                "RIB row does not decode and has no earlier good version; skipped");
+        }
     }
     next
+}
+
+/// For each of `unserved`, the newest body at or before `upto` that decodes, unless the row
+/// was deleted after it: exactly what a proxy running all along would hold.
+fn last_good(
+    rib: &dyn Rib,
+    base: &Snapshot,
+    upto: &Cursor,
+    unserved: &[(Table, String)],
+) -> Result<Vec<(Table, String, Event)>, RibError> {
+    let mut pending: HashSet<(Table, String)> = unserved.iter().cloned().collect();
+    let mut found = Vec::new();
+    rib.look_back(upto, unserved, &mut |c: Change| {
+        let row = (c.table, c.key);
+        if !pending.contains(&row) {
+            return true;
+        }
+        match c.body {
+            // Deleted since: nothing before the deletion may come back.
+            None => {
+                pending.remove(&row);
+            }
+            Some(body) => {
+                if let Ok(Some(event)) = decode(base, row.0, &row.1, Some(&body)) {
+                    pending.remove(&row);
+                    found.push((row.0, row.1, event));
+                }
+            }
+        }
+        !pending.is_empty()
+    })?;
+    Ok(found)
 }
 
 /// Applies a batch of changes in commit order.
@@ -152,7 +248,10 @@ pub fn apply_changes(current: &Snapshot, changes: Vec<Change>, metrics: &Metrics
     let mut next = current.clone();
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     for c in &changes {
-        apply_row(&mut next, c.table, &c.key, c.body.as_deref(), metrics);
+        if let Err(e) = apply_row(&mut next, c.table, &c.key, c.body.as_deref(), metrics) {
+            tracing::warn!(target: "tern::catalog", table = c.table.as_str(), key = %c.key, reason = %e.reason,
+                "RIB row does not decode and the catalog holds no earlier version; skipped");
+        }
         let lag_ms = (now_ms - c.committed_at_ms).max(0);
         metrics.catalog_apply_lag.observe(lag_ms as f64 / 1000.0);
     }
@@ -160,22 +259,30 @@ pub fn apply_changes(current: &Snapshot, changes: Vec<Change>, metrics: &Metrics
     next
 }
 
+/// Applies one row. A row that does not decode is counted and skipped; if the catalog holds
+/// a version of it, that version keeps serving (logged here); if not, the error is returned
+/// and the caller says what becomes of the row.
 fn apply_row(
     next: &mut Snapshot,
-    table: crate::rib::Table,
+    table: Table,
     key: &str,
     body: Option<&str>,
     metrics: &Metrics,
-) {
+) -> Result<(), DecodeError> {
     match decode(next, table, key, body) {
         Ok(Some(event)) => next.apply(event),
         Ok(None) => {}
         Err(e) => {
             metrics.rib_rows_skipped.with_label_values(&[table.as_str()]).inc();
+            if !next.holds(table, key) {
+                return Err(e);
+            }
+            metrics.rib_rows_kept.with_label_values(&[table.as_str()]).inc();
             tracing::warn!(target: "tern::catalog", table = table.as_str(), key, reason = %e.reason,
-                "RIB row does not decode; skipped, the rest applies");
+                "RIB row does not decode; its last good version keeps serving, the rest applies");
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -230,11 +337,80 @@ mod tests {
             key: "b".into(),
             body: r#"{"name":"b","hostnames":["b.test"]}"#.into(),
         };
-        let first = apply_snapshot(&Snapshot::default(), vec![a.clone(), b], &metrics);
+        let (first, _) = apply_snapshot(&Snapshot::default(), vec![a.clone(), b], &metrics);
         let a_entry = first.app("a").unwrap().clone();
-        let second = apply_snapshot(&first, vec![a], &metrics);
+        let (second, _) = apply_snapshot(&first, vec![a], &metrics);
         assert!(second.route("b.test").is_none());
         // An unchanged row is not re-applied: the entry is the very same allocation.
         assert!(Arc::ptr_eq(&a_entry, second.app("a").unwrap()));
+    }
+
+    /// The catalog a proxy loads from a RIB that `write` made, with its metrics (and the
+    /// directory that must outlive them).
+    async fn load(
+        write: impl FnOnce(&crate::rib::sqlite::Tx<'_>) -> Result<(), RibError>,
+    ) -> (Arc<Catalog>, Arc<Metrics>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rib.db");
+        crate::rib::sqlite::Store::open(&path).unwrap().transact(write).unwrap();
+        let rib = crate::rib::sqlite::SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        let (catalog, metrics) = (Arc::new(Catalog::new()), Arc::new(Metrics::new()));
+        let (_stop, rx) = watch::channel(false);
+        let (feed, _) = tokio::sync::mpsc::unbounded_channel();
+        start(catalog.clone(), Arc::new(rib), metrics.clone(), rx, feed).await.unwrap();
+        (catalog, metrics, dir)
+    }
+
+    fn app(name: &str, host: &str) -> Record {
+        let body = format!(r#"{{"name":"{name}","hostnames":["{host}"]}}"#);
+        Record { table: Table::Apps, key: name.into(), body }
+    }
+
+    fn bad(name: &str) -> Record {
+        Record { table: Table::Apps, key: name.into(), body: "{not json".into() }
+    }
+
+    #[tokio::test]
+    async fn at_start_a_bad_row_serves_its_newest_good_version_from_the_history() {
+        let (catalog, metrics, _dir) = load(|tx| {
+            tx.put(&app("a", "one.test"))?;
+            tx.put(&app("a", "two.test"))?;
+            tx.put(&bad("a"))?;
+            tx.put(&Record { body: "{still not json".into(), ..bad("a") })?;
+            tx.put(&app("ok", "ok.test"))
+        })
+        .await;
+        let snap = catalog.load();
+        assert_eq!(snap.route("two.test").map(|a| &*a.name), Some("a"), "the newest good version serves");
+        assert!(snap.route("one.test").is_none());
+        assert!(snap.route("ok.test").is_some());
+        assert_eq!(metrics.rib_rows_skipped.with_label_values(&["apps"]).get(), 1);
+        assert_eq!(metrics.rib_rows_kept.with_label_values(&["apps"]).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn nothing_from_before_a_deletion_comes_back() {
+        let (catalog, metrics, _dir) = load(|tx| {
+            tx.put(&app("a", "old.test"))?;
+            tx.delete(Table::Apps, "a")?;
+            tx.put(&bad("a"))
+        })
+        .await;
+        assert!(catalog.load().app("a").is_none(), "a proxy running all along would not serve it either");
+        assert_eq!(metrics.rib_rows_skipped.with_label_values(&["apps"]).get(), 1);
+        assert_eq!(metrics.rib_rows_kept.with_label_values(&["apps"]).get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_bad_machine_keeps_its_last_good_version_at_start_too() {
+        let (catalog, _, _dir) = load(|tx| {
+            tx.put(&app("a", "a.test"))?;
+            let m = r#"{"id":"m","app":"a","addr":"127.0.0.1:1","state":"started"}"#;
+            tx.put(&Record { table: Table::Machines, key: "m".into(), body: m.into() })?;
+            tx.put(&Record { table: Table::Machines, key: "m".into(), body: r#"{"id":"m"}"#.into() })
+        })
+        .await;
+        let snap = catalog.load();
+        assert_eq!(snap.route("a.test").unwrap().machines.len(), 1);
     }
 }

@@ -4,7 +4,8 @@
 //! changes that can be resumed from a [`Cursor`]. A store that cannot resume from a cursor
 //! (it compacted its log, or it was replaced) sends a fresh snapshot instead, and the
 //! catalog diffs it against what it holds. The RIB moves opaque JSON bodies; decoding them
-//! is the catalog's job, so a bad row is skipped there without stopping the stream.
+//! is the catalog's job, so a bad row is skipped there without stopping the stream, and
+//! the last good version of it (in the catalog, or found by [`Rib::look_back`]) serves on.
 //!
 //! SQLite is the embedded default; fleets will implement the same trait over a distributed
 //! store (a Corrosion subscription or an etcd watch).
@@ -84,11 +85,26 @@ pub enum RibError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The store's file is gone (deleted or moved away). Nothing is created in its place:
+    /// an empty RIB would empty the catalog.
+    #[error("RIB database {path} is missing (deleted or moved)")]
+    Missing { path: String },
+    /// The file exists but holds no RIB yet (a writer is creating it, or it is not ours).
+    #[error("{path} holds no RIB (no tern schema)")]
+    NoSchema { path: String },
     #[error("RIB: {0}")]
     Other(String),
     /// The RIB's path holds something tern cannot use as its database.
     #[error("the RIB at {path} {reason}")]
     Unusable { path: String, reason: String },
+}
+
+impl RibError {
+    /// Whether the store is absent rather than failing: the catalog keeps serving what it
+    /// holds and the store watches for it to come back.
+    pub fn is_absent(&self) -> bool {
+        matches!(self, RibError::Missing { .. } | RibError::NoSchema { .. })
+    }
 }
 
 /// A stream of RIB events. Errors are reported and the store retries by itself; the stream
@@ -116,4 +132,22 @@ pub trait Rib: Send + Sync + 'static {
     /// unless the store already holds a newer version; returns whether it wrote. Blocking:
     /// call it from a blocking thread.
     fn record_state(&self, id: &str, row: &crate::model::StateRow) -> Result<bool, RibError>;
+
+    /// Visits the earlier changes of `keys` committed at or before `upto`, newest first,
+    /// until `visit` returns false. With it the catalog serves the last good version of a
+    /// row whose current body does not decode at start and after a resync, as it does at
+    /// run time (where it simply keeps what it holds). Blocking: call it from a blocking
+    /// thread.
+    ///
+    /// Optional: a store that keeps no history (or none for `upto`'s epoch) visits nothing,
+    /// and such rows are skipped until they are fixed.
+    fn look_back(
+        &self,
+        upto: &Cursor,
+        keys: &[(Table, String)],
+        visit: &mut dyn FnMut(Change) -> bool,
+    ) -> Result<(), RibError> {
+        let _ = (upto, keys, visit);
+        Ok(())
+    }
 }

@@ -5,18 +5,27 @@
 //! driver, or an operator with `sqlite3`), so subscribers see all of them. A subscriber
 //! polls `PRAGMA data_version`, which costs microseconds and changes only when another
 //! connection commits, and then reads `changes` after its cursor. The log keeps the last
-//! [`RETAIN_CHANGES`] entries; a subscriber that falls further behind gets a snapshot.
+//! [`RETAIN_CHANGES`] entries; a subscriber that falls further behind gets a snapshot. The
+//! log also lets [`Rib::look_back`] find a row's last body that decoded.
+//!
+//! The schema is versioned (`schema`) so that any SQLite an operator writes with runs the
+//! triggers. A subscriber notices the file being replaced under it (`watch`); nothing but
+//! `tern apply` and a proxy's first start ever creates the file.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
-use super::{Change, Cursor, Record, Rib, RibError, RibEvent, Subscription, Table};
+use super::{Change, Cursor, Record, Rib, RibError, Subscription, Table};
 use crate::model::StateRow;
 
 mod existing;
+mod schema;
+mod watch;
+
 pub use existing::{Existing, ReadOnly, open_existing};
 
 /// Change-log entries kept for subscribers to resume from.
@@ -24,61 +33,126 @@ pub const RETAIN_CHANGES: i64 = 100_000;
 /// Changes sent to a subscriber in one event, so a huge apply cannot build one huge event.
 const BATCH: usize = 10_000;
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS changes (
-    seq  INTEGER PRIMARY KEY AUTOINCREMENT,
-    tbl  TEXT NOT NULL,
-    key  TEXT NOT NULL,
-    body TEXT,
-    at   INTEGER NOT NULL
-);
-"#;
-
-fn table_schema(t: &str) -> String {
-    let now = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
-    format!(
-        r#"
-CREATE TABLE IF NOT EXISTS {t} (
-    key        TEXT PRIMARY KEY,
-    body       TEXT NOT NULL,
-    updated_at INTEGER NOT NULL DEFAULT ({now})
-);
-CREATE TRIGGER IF NOT EXISTS {t}_ins AFTER INSERT ON {t} BEGIN
-    INSERT INTO changes (tbl, key, body, at) VALUES ('{t}', NEW.key, NEW.body, {now});
-END;
-CREATE TRIGGER IF NOT EXISTS {t}_upd AFTER UPDATE ON {t} WHEN OLD.body IS NOT NEW.body OR OLD.key IS NOT NEW.key BEGIN
-    INSERT INTO changes (tbl, key, body, at) SELECT '{t}', OLD.key, NULL, {now} WHERE OLD.key IS NOT NEW.key;
-    INSERT INTO changes (tbl, key, body, at) VALUES ('{t}', NEW.key, NEW.body, {now});
-END;
-CREATE TRIGGER IF NOT EXISTS {t}_del AFTER DELETE ON {t} BEGIN
-    INSERT INTO changes (tbl, key, body, at) VALUES ('{t}', OLD.key, NULL, {now});
-END;
-"#
-    )
-}
-
 fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> RibError + '_ {
     move |source| RibError::Sqlite { path: path.display().to_string(), source }
 }
 
-fn open_conn(path: &Path) -> Result<Connection, RibError> {
-    let err = sql_err(path);
-    let conn = Connection::open(path).map_err(&err)?;
-    conn.busy_timeout(Duration::from_secs(10)).map_err(&err)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(&err)?;
-    conn.pragma_update(None, "synchronous", "NORMAL").map_err(&err)?;
-    Ok(conn)
+fn missing(path: &Path) -> RibError {
+    RibError::Missing { path: path.display().to_string() }
 }
 
-/// Creates the schema if it is missing and returns the store's epoch.
+/// Which file a path named when it was opened: a file deleted and re-created (or renamed
+/// over) under the same path is another file, and a connection to the old one never sees
+/// what is written to the new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+/// The file `path` names now, or `None` if nothing is there. One `stat`: cheap enough to
+/// call on every poll.
+fn file_id(path: &Path) -> Result<Option<FileId>, RibError> {
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(Some(FileId { dev: m.dev(), ino: m.ino() })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(RibError::Other(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// A database file a connection has open, and that file's write-ahead log (`-wal`), which
+/// stays the same file while any connection to the database is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Opened {
+    db: FileId,
+    wal: Option<FileId>,
+}
+
+impl Opened {
+    /// Call once the schema was ensured, when the log exists.
+    fn now(path: &Path, db: FileId) -> Opened {
+        Opened { db, wal: file_id(&sidecar(path, "-wal")).ok().flatten() }
+    }
+}
+
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// Call when `path` no longer names `old`, while a connection to `old` is still open (so its
+/// log cannot have been freed and its inode reused). SQLite finds a database's log by name,
+/// and a replaced file's log is left behind under that name: opened with the new file, it
+/// would be replayed into it and show the old file's pages. If the log at the path is still
+/// the old file's, it and its index (`-shm`) are removed; the old file is gone from the
+/// path, so nothing that file's readers need is lost.
+fn drop_stale_log(path: &Path, old: &Opened) {
+    let wal = sidecar(path, "-wal");
+    if old.wal.is_none() || file_id(&wal).ok().flatten() != old.wal {
+        return;
+    }
+    for p in [wal, sidecar(path, "-shm")] {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(target: "tern::rib", path = %p.display(), error = %e,
+                "could not remove the replaced RIB's log; the new file may show its pages"),
+        }
+    }
+    tracing::info!(target: "tern::rib", path = %path.display(),
+        "removed the replaced RIB file's write-ahead log, so that it is not replayed into the new one");
+}
+
+/// Opens the database and says which file it is. With `create`, a missing file is created
+/// (`tern apply`, a proxy's first start); without, a missing file or one without a RIB in
+/// it is an error and nothing is written to it.
+fn open_conn(path: &Path, create: bool) -> Result<(Connection, FileId), RibError> {
+    let err = sql_err(path);
+    let before = file_id(path)?;
+    if before.is_none() && !create {
+        return Err(missing(path));
+    }
+    let mut flags = OpenFlags::default();
+    if !create {
+        flags.remove(OpenFlags::SQLITE_OPEN_CREATE);
+    }
+    let conn = match Connection::open_with_flags(path, flags) {
+        Ok(c) => c,
+        Err(_) if !create && file_id(path)?.is_none() => return Err(missing(path)),
+        Err(e) => return Err(err(e)),
+    };
+    conn.busy_timeout(Duration::from_secs(10)).map_err(&err)?;
+    if !create && !holds_rib(&conn).map_err(&err)? {
+        return Err(RibError::NoSchema { path: path.display().to_string() });
+    }
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(&err)?;
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(&err)?;
+    let after = file_id(path)?.ok_or_else(|| missing(path))?;
+    if before.is_some_and(|b| b != after) {
+        return Err(RibError::Other(format!("{} was replaced while being opened", path.display())));
+    }
+    Ok((conn, after))
+}
+
+/// Whether the database has been made a RIB (its schema and epoch are written together).
+fn holds_rib(conn: &Connection) -> rusqlite::Result<bool> {
+    let has_meta: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_meta == 0 {
+        return Ok(false);
+    }
+    conn.query_row("SELECT COUNT(*) FROM meta WHERE key = 'epoch'", [], |r| r.get::<_, i64>(0)).map(|n| n > 0)
+}
+
+/// Brings the schema up to date (creating it if missing) and returns the store's epoch.
 fn ensure_schema(conn: &mut Connection, path: &Path) -> Result<String, RibError> {
     let err = sql_err(path);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&err)?;
-    tx.execute_batch(SCHEMA).map_err(&err)?;
-    for t in Table::ALL {
-        tx.execute_batch(&table_schema(t.as_str())).map_err(&err)?;
-    }
+    schema::ensure(&tx, path)?;
     let fresh = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
     tx.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)", [&fresh]).map_err(&err)?;
     let epoch: String =
@@ -91,6 +165,7 @@ fn ensure_schema(conn: &mut Connection, path: &Path) -> Result<String, RibError>
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    file: Opened,
 }
 
 /// A write transaction: reads see the database as of its start plus its own writes.
@@ -113,10 +188,10 @@ impl Tx<'_> {
     pub fn put(&self, record: &Record) -> Result<(), RibError> {
         let sql = format!(
             "INSERT INTO {} (key, body) VALUES (?1, ?2)
-             ON CONFLICT(key) DO UPDATE SET body = excluded.body,
-                 updated_at = CAST(unixepoch('subsec') * 1000 AS INTEGER)
+             ON CONFLICT(key) DO UPDATE SET body = excluded.body, updated_at = {}
              WHERE body IS NOT excluded.body",
-            record.table.as_str()
+            record.table.as_str(),
+            schema::NOW_MS,
         );
         self.tx.execute(&sql, params![record.key, record.body]).map_err(sql_err(self.path))?;
         Ok(())
@@ -124,16 +199,13 @@ impl Tx<'_> {
 
     /// Writes a machine's lifecycle state unless the row already holds a newer version.
     pub fn put_newer_state(&self, key: &str, body: &str) -> Result<bool, RibError> {
-        let n = self
-            .tx
-            .execute(
-                "INSERT INTO machine_states (key, body) VALUES (?1, ?2)
-                 ON CONFLICT(key) DO UPDATE SET body = excluded.body,
-                     updated_at = CAST(unixepoch('subsec') * 1000 AS INTEGER)
-                 WHERE json_extract(body, '$.version') < json_extract(excluded.body, '$.version')",
-                params![key, body],
-            )
-            .map_err(sql_err(self.path))?;
+        let sql = format!(
+            "INSERT INTO machine_states (key, body) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET body = excluded.body, updated_at = {}
+             WHERE json_extract(body, '$.version') < json_extract(excluded.body, '$.version')",
+            schema::NOW_MS,
+        );
+        let n = self.tx.execute(&sql, params![key, body]).map_err(sql_err(self.path))?;
         Ok(n > 0)
     }
 
@@ -147,9 +219,19 @@ impl Tx<'_> {
 impl Store {
     /// Opens (creating if needed) the RIB database at `path`.
     pub fn open(path: &Path) -> Result<Store, RibError> {
-        let mut conn = open_conn(path)?;
+        Self::open_as(path, true)
+    }
+
+    /// Opens the RIB database at `path` only if it exists and holds a RIB: a running proxy
+    /// must never create an empty one in place of a RIB that was deleted.
+    pub fn open_no_create(path: &Path) -> Result<Store, RibError> {
+        Self::open_as(path, false)
+    }
+
+    fn open_as(path: &Path, create: bool) -> Result<Store, RibError> {
+        let (mut conn, db) = open_conn(path, create)?;
         ensure_schema(&mut conn, path)?;
-        Ok(Store { conn, path: path.to_path_buf() })
+        Ok(Store { conn, path: path.to_path_buf(), file: Opened::now(path, db) })
     }
 
     /// Runs `f` in one IMMEDIATE transaction (no other writer can interleave) and commits
@@ -190,7 +272,8 @@ fn read_table(conn: &Connection, table: Table, path: &Path) -> Result<Vec<Record
 pub struct SqliteRib {
     path: PathBuf,
     poll_interval: Duration,
-    /// The connection lifecycle records go through, opened on first use.
+    /// The connection lifecycle records go through, opened on first use and reopened when
+    /// the path names another file.
     writer: parking_lot::Mutex<Option<Store>>,
 }
 
@@ -206,168 +289,76 @@ impl SqliteRib {
 impl Rib for SqliteRib {
     fn subscribe(&self, from: Option<Cursor>) -> Subscription {
         let (tx, rx) = mpsc::channel(4);
-        let path = self.path.clone();
-        let poll = self.poll_interval;
-        let spawned = std::thread::Builder::new()
-            .name("tern-rib-watch".into())
-            .spawn(move || watch(&path, poll, from, &tx));
-        if let Err(e) = spawned {
-            tracing::error!(target: "tern::rib", error = %e, "could not start the RIB watcher thread");
-        }
+        watch::spawn(self.path.clone(), self.poll_interval, from, tx);
         Subscription::new(rx)
     }
 
     fn record_state(&self, id: &str, row: &StateRow) -> Result<bool, RibError> {
         let body = serde_json::to_string(row).map_err(|e| RibError::Other(e.to_string()))?;
         let mut writer = self.writer.lock();
-        if writer.is_none() {
-            *writer = Some(Store::open(&self.path)?);
+        let now = file_id(&self.path)?;
+        // A write to a file that was replaced would be lost with it.
+        if let Some(old) = writer.take_if(|s| Some(s.file.db) != now) {
+            drop_stale_log(&self.path, &old.file);
         }
-        let store = writer.as_mut().expect("opened above");
+        let store = match writer.take() {
+            Some(store) => writer.insert(store),
+            None => writer.insert(Store::open_no_create(&self.path)?),
+        };
         store.transact(|tx| tx.put_newer_state(id, &body))
     }
-}
 
-/// Runs until the subscription is dropped; errors are sent on, then retried with back-off.
-fn watch(path: &Path, poll: Duration, from: Option<Cursor>, tx: &mpsc::Sender<Result<RibEvent, RibError>>) {
-    let mut cursor = from;
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match watch_once(path, poll, &mut cursor, tx) {
-            Ok(()) => return,
-            Err(e) => {
-                if tx.blocking_send(Err(e)).is_err() {
-                    return;
-                }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// Ok(()) means the subscriber went away.
-fn watch_once(
-    path: &Path,
-    poll: Duration,
-    cursor: &mut Option<Cursor>,
-    tx: &mpsc::Sender<Result<RibEvent, RibError>>,
-) -> Result<(), RibError> {
-    let err = sql_err(path);
-    let mut conn = open_conn(path)?;
-    let epoch = ensure_schema(&mut conn, path)?;
-    conn.pragma_update(None, "query_only", true).map_err(&err)?;
-    let mut need_snapshot = match cursor {
-        Some(c) if c.epoch == epoch => oldest_seq(&conn, path)?.is_some_and(|min| min > c.seq + 1),
-        _ => true,
-    };
-    let mut seen_version = data_version(&conn, path)?;
-    loop {
-        if need_snapshot {
-            let (records, seq) = read_snapshot(&mut conn, path)?;
-            let c = Cursor { epoch: epoch.clone(), seq };
-            *cursor = Some(c.clone());
-            if tx.blocking_send(Ok(RibEvent::Snapshot { records, cursor: c })).is_err() {
-                return Ok(());
-            }
-        }
-        let Some(at) = cursor.as_mut() else { return Ok(()) };
-        need_snapshot = drain_changes(&conn, path, at, tx)?;
-        if tx.is_closed() {
+    fn look_back(
+        &self,
+        upto: &Cursor,
+        keys: &[(Table, String)],
+        visit: &mut dyn FnMut(Change) -> bool,
+    ) -> Result<(), RibError> {
+        if keys.is_empty() {
             return Ok(());
         }
-        if need_snapshot {
-            continue;
+        let err = sql_err(&self.path);
+        let (conn, _) = open_conn(&self.path, false)?;
+        let epoch: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))
+            .optional()
+            .map_err(&err)?;
+        if epoch.as_deref() != Some(upto.epoch.as_str()) {
+            // Another store's history says nothing about the rows `upto` came with.
+            return Ok(());
         }
-        // Wait for another connection to commit.
-        loop {
-            std::thread::sleep(poll);
-            if tx.is_closed() {
-                return Ok(());
-            }
-            let v = data_version(&conn, path)?;
-            if v != seen_version {
-                seen_version = v;
+        // Table names hold no '/', so "table/key" names one row unambiguously.
+        let wanted: Vec<String> = keys.iter().map(|(t, k)| format!("{}/{k}", t.as_str())).collect();
+        let wanted = serde_json::to_string(&wanted).map_err(|e| RibError::Other(e.to_string()))?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT tbl, key, body, at FROM changes
+                 WHERE seq <= ?1 AND tbl || '/' || key IN (SELECT value FROM json_each(?2))
+                 ORDER BY seq DESC",
+            )
+            .map_err(&err)?;
+        let mut rows = stmt.query(params![upto.seq, wanted]).map_err(&err)?;
+        while let Some(row) = rows.next().map_err(&err)? {
+            let tbl: String = row.get(0).map_err(&err)?;
+            let Some(table) = Table::parse(&tbl) else { continue };
+            let change = Change {
+                table,
+                key: row.get(1).map_err(&err)?,
+                body: row.get(2).map_err(&err)?,
+                committed_at_ms: row.get(3).map_err(&err)?,
+            };
+            if !visit(change) {
                 break;
             }
         }
+        Ok(())
     }
-}
-
-/// Sends every change after `at`, advancing it. Returns true when the log no longer holds
-/// the next change (it was pruned), so a snapshot is needed.
-fn drain_changes(
-    conn: &Connection,
-    path: &Path,
-    at: &mut Cursor,
-    tx: &mpsc::Sender<Result<RibEvent, RibError>>,
-) -> Result<bool, RibError> {
-    loop {
-        let batch = read_changes(conn, path, at.seq)?;
-        let Some((first_seq, _)) = batch.first() else { return Ok(false) };
-        if *first_seq > at.seq + 1 {
-            return Ok(true);
-        }
-        let full = batch.len() == BATCH;
-        at.seq = batch.last().map_or(at.seq, |(s, _)| *s);
-        let changes = batch.into_iter().map(|(_, c)| c).collect();
-        if tx.blocking_send(Ok(RibEvent::Changes { changes, cursor: at.clone() })).is_err() {
-            return Ok(false);
-        }
-        if !full {
-            return Ok(false);
-        }
-    }
-}
-
-fn data_version(conn: &Connection, path: &Path) -> Result<i64, RibError> {
-    conn.query_row("PRAGMA data_version", [], |r| r.get(0)).map_err(sql_err(path))
-}
-
-fn oldest_seq(conn: &Connection, path: &Path) -> Result<Option<i64>, RibError> {
-    conn.query_row("SELECT MIN(seq) FROM changes", [], |r| r.get(0)).map_err(sql_err(path))
-}
-
-fn read_snapshot(conn: &mut Connection, path: &Path) -> Result<(Vec<Record>, i64), RibError> {
-    let err = sql_err(path);
-    // One read transaction, so the rows and the cursor describe the same moment.
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(&err)?;
-    let seq: i64 =
-        tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0)).map_err(&err)?;
-    let mut records = Vec::new();
-    for t in Table::ALL {
-        records.extend(read_table(&tx, t, path)?);
-    }
-    tx.commit().map_err(&err)?;
-    Ok((records, seq))
-}
-
-fn read_changes(conn: &Connection, path: &Path, after: i64) -> Result<Vec<(i64, Change)>, RibError> {
-    let err = sql_err(path);
-    let mut stmt = conn
-        .prepare_cached("SELECT seq, tbl, key, body, at FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")
-        .map_err(&err)?;
-    let rows = stmt
-        .query_map(params![after, BATCH as i64], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })
-        .map_err(&err)?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (seq, tbl, key, body, at) = row.map_err(&err)?;
-        // A row naming an unknown table cannot come from our triggers; skip it.
-        let Some(table) = Table::parse(&tbl) else {
-            tracing::warn!(target: "tern::rib", seq, table = %tbl, "change for an unknown table skipped");
-            continue;
-        };
-        out.push((seq, Change { table, key, body, committed_at_ms: at }));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rib::RibEvent;
 
     fn rec(table: Table, key: &str, body: &str) -> Record {
         Record { table, key: key.into(), body: body.into() }
@@ -424,5 +415,117 @@ mod tests {
         });
         assert!(r.is_err());
         assert!(store.read_all(Table::Apps).unwrap().is_empty());
+    }
+
+    /// The next event, failing the test rather than hanging if none comes.
+    async fn next(sub: &mut Subscription) -> Result<RibEvent, RibError> {
+        tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("no event").expect("ended")
+    }
+
+    fn remove_db(path: &Path) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(sidecar(path, suffix));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replaced_file_is_noticed_and_sent_as_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rib.db");
+        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        let mut sub = rib.subscribe(None);
+        assert!(matches!(next(&mut sub).await, Ok(RibEvent::Snapshot { .. })));
+        // Written while the proxy has the file open: it sits in the write-ahead log.
+        Store::open(&path).unwrap().transact(|tx| tx.put(&rec(Table::Apps, "old", "{}"))).unwrap();
+        assert!(matches!(next(&mut sub).await, Ok(RibEvent::Changes { .. })));
+
+        // Another file takes the path: written elsewhere, then renamed over the RIB.
+        let other = dir.path().join("new.db");
+        Store::open(&other).unwrap().transact(|tx| tx.put(&rec(Table::Apps, "new", "{}"))).unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        let Ok(RibEvent::Snapshot { records, .. }) = next(&mut sub).await else {
+            panic!("expected a snapshot of the new file")
+        };
+        assert_eq!(records, vec![rec(Table::Apps, "new", "{}")], "the new file, not the old one's log");
+
+        // Lifecycle records go to the new file too.
+        let row = StateRow {
+            state: crate::model::MachineState::Started,
+            version: 1,
+            reason: String::new(),
+            node: String::new(),
+            at_ms: 0,
+        };
+        assert!(rib.record_state("m", &row).unwrap());
+        let Ok(RibEvent::Changes { changes, .. }) = next(&mut sub).await else { panic!("expected changes") };
+        assert_eq!((changes[0].table, changes[0].key.as_str()), (Table::MachineStates, "m"));
+        let mut check = Store::open_no_create(&path).unwrap();
+        assert_eq!(check.read_all(Table::Apps).unwrap(), vec![rec(Table::Apps, "new", "{}")]);
+        let ok: String = check.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(ok, "ok");
+    }
+
+    #[tokio::test]
+    async fn a_deleted_file_is_reported_once_and_not_recreated_until_a_writer_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rib.db");
+        Store::open(&path).unwrap().transact(|tx| tx.put(&rec(Table::Apps, "old", "{}"))).unwrap();
+        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        let mut sub = rib.subscribe(None);
+        assert!(matches!(next(&mut sub).await, Ok(RibEvent::Snapshot { .. })));
+
+        remove_db(&path);
+        assert!(matches!(next(&mut sub).await, Err(RibError::Missing { .. })));
+        // Neither the watcher nor a lifecycle record puts an empty RIB in its place.
+        let row = StateRow {
+            state: crate::model::MachineState::Started,
+            version: 1,
+            reason: String::new(),
+            node: String::new(),
+            at_ms: 0,
+        };
+        assert!(matches!(rib.record_state("m", &row), Err(RibError::Missing { .. })));
+        assert!(!path.exists());
+
+        // A file with no RIB in it yet (a writer half-way) is waited out as well.
+        std::fs::write(&path, b"").unwrap();
+        Store::open(&path).unwrap().transact(|tx| tx.put(&rec(Table::Apps, "new", "{}"))).unwrap();
+        let Ok(RibEvent::Snapshot { records, .. }) = next(&mut sub).await else {
+            panic!("expected a snapshot of the re-created file, and nothing before it")
+        };
+        assert_eq!(records, vec![rec(Table::Apps, "new", "{}")]);
+    }
+
+    #[test]
+    fn look_back_visits_a_keys_history_newest_first_up_to_the_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rib.db");
+        let mut store = Store::open(&path).unwrap();
+        store.transact(|tx| tx.put(&rec(Table::Apps, "a", "1"))).unwrap();
+        store.transact(|tx| tx.put(&rec(Table::Apps, "b", "x"))).unwrap();
+        store.transact(|tx| tx.delete(Table::Apps, "a")).unwrap();
+        store.transact(|tx| tx.put(&rec(Table::Apps, "a", "2"))).unwrap();
+        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        let epoch: String =
+            store.conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0)).unwrap();
+        store.transact(|tx| tx.put(&rec(Table::Apps, "a", "3"))).unwrap(); // after the cursor
+        let upto = Cursor { epoch, seq: 4 };
+        let mut seen = Vec::new();
+        let keys = [(Table::Apps, "a".to_string())];
+        rib.look_back(&upto, &keys, &mut |c| {
+            seen.push(c.body);
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, vec![Some("2".to_string()), None, Some("1".to_string())]);
+
+        let foreign = Cursor { epoch: "elsewhere".into(), seq: 4 };
+        let mut visited = 0;
+        rib.look_back(&foreign, &keys, &mut |_| {
+            visited += 1;
+            true
+        })
+        .unwrap();
+        assert_eq!(visited, 0, "another store's cursor says nothing about this history");
     }
 }

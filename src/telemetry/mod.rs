@@ -39,6 +39,7 @@ pub struct Metrics {
     pub catalog_apply_lag: Histogram,
     pub catalog_changes: IntCounter,
     pub rib_rows_skipped: IntCounterVec,
+    pub rib_rows_kept: IntCounterVec,
     pub rib_errors: IntCounter,
     pub streams_cut_idle: IntCounter,
     pub streams_ended: IntCounterVec,
@@ -141,6 +142,13 @@ impl Metrics {
                 ),
                 &["table"],
             )?,
+            rib_rows_kept: IntCounterVec::new(
+                Opts::new(
+                    "tern_rib_rows_kept_total",
+                    "RIB rows that did not decode while an earlier version of the row keeps serving, by table.",
+                ),
+                &["table"],
+            )?,
             rib_errors: IntCounter::new(
                 "tern_rib_errors_total",
                 "Failed reads of the RIB (retried with back-off).",
@@ -229,6 +237,7 @@ impl Metrics {
         r.register(Box::new(self.catalog_apply_lag.clone()))?;
         r.register(Box::new(self.catalog_changes.clone()))?;
         r.register(Box::new(self.rib_rows_skipped.clone()))?;
+        r.register(Box::new(self.rib_rows_kept.clone()))?;
         r.register(Box::new(self.rib_errors.clone()))?;
         r.register(Box::new(self.streams_cut_idle.clone()))?;
         r.register(Box::new(self.streams_ended.clone()))?;

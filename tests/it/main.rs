@@ -17,6 +17,7 @@ mod http;
 mod lifecycle;
 mod machines_api;
 mod ops;
+mod rib;
 mod shutdown;
 mod streams;
 mod tls;

@@ -1,0 +1,273 @@
+//! The thread that follows the SQLite RIB for one subscription: a snapshot, then every
+//! change after the cursor, found by polling `PRAGMA data_version`.
+//!
+//! It also watches the path itself. A connection stays on the file it opened, so a RIB
+//! deleted and re-created (or renamed over) under a running proxy would go unseen: each
+//! poll compares the file the path names (device and inode, one `stat`) with the one open,
+//! and on a difference reopens and sends a fresh snapshot, which the catalog diffs against
+//! what it holds. While the path names nothing, or a file with no RIB in it yet, nothing is
+//! created there (an empty RIB would empty the catalog): the subscriber is told once, keeps
+//! serving what it has, and the thread waits for the RIB to come back.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, TransactionBehavior, params};
+use tokio::sync::mpsc;
+
+use super::{BATCH, FileId, Opened, drop_stale_log, file_id, open_conn, read_table, sql_err};
+use crate::rib::{Change, Cursor, Record, RibError, RibEvent, Table};
+
+type Tx = mpsc::Sender<Result<RibEvent, RibError>>;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Starts the watcher thread; it runs until the subscription is dropped.
+pub(super) fn spawn(path: PathBuf, poll: Duration, from: Option<Cursor>, tx: Tx) {
+    let watcher = Watcher { path, poll, tx, cursor: from, file: None, absent: false, backoff: FIRST_BACKOFF };
+    let spawned = std::thread::Builder::new().name("tern-rib-watch".into()).spawn(move || watcher.run());
+    if let Err(e) = spawned {
+        tracing::error!(target: "tern::rib", error = %e, "could not start the RIB watcher thread");
+    }
+}
+
+struct Watcher {
+    path: PathBuf,
+    poll: Duration,
+    tx: Tx,
+    cursor: Option<Cursor>,
+    /// The file the cursor belongs to, once one was opened.
+    file: Option<FileId>,
+    /// The subscriber was told the RIB is gone and has not heard it is back.
+    absent: bool,
+    backoff: Duration,
+}
+
+/// Why [`Watcher::follow`] returned without an error.
+enum Stop {
+    Unsubscribed,
+    /// The path names another file now.
+    Moved,
+}
+
+impl Watcher {
+    /// Errors are sent on, then retried with back-off; an absent RIB is reported once.
+    fn run(mut self) {
+        loop {
+            match self.follow() {
+                Ok(Stop::Unsubscribed) => return,
+                Ok(Stop::Moved) => {
+                    tracing::warn!(target: "tern::rib", path = %self.path.display(),
+                        "the RIB file was replaced; reopening it and resynchronising");
+                }
+                Err(e) if e.is_absent() => {
+                    let no_schema = matches!(e, RibError::NoSchema { .. });
+                    if !self.absent {
+                        self.absent = true;
+                        if self.tx.blocking_send(Err(e)).is_err() {
+                            return;
+                        }
+                    }
+                    if no_schema {
+                        // A writer may be creating it; retry opening with back-off.
+                        self.pause();
+                    }
+                    if !self.wait_for_path() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    if self.tx.blocking_send(Err(e)).is_err() {
+                        return;
+                    }
+                    self.pause();
+                }
+            }
+        }
+    }
+
+    fn pause(&mut self) {
+        std::thread::sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+    }
+
+    /// Waits, one `stat` per poll, until the path names a file. False if the subscriber
+    /// went away meanwhile.
+    fn wait_for_path(&self) -> bool {
+        loop {
+            if self.tx.is_closed() {
+                return false;
+            }
+            if matches!(file_id(&self.path), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(self.poll);
+        }
+    }
+
+    /// Opens the RIB and follows it until the subscriber goes away, the path names another
+    /// file, or something fails.
+    fn follow(&mut self) -> Result<Stop, RibError> {
+        let path = self.path.clone();
+        let err = sql_err(&path);
+        let (mut conn, file) = open_conn(&path, false)?;
+        let mut epoch = super::ensure_schema(&mut conn, &path)?;
+        conn.pragma_update(None, "query_only", true).map_err(&err)?;
+        let opened = Opened::now(&path, file);
+        // A file that replaced the one the cursor came from may share its epoch (a copy
+        // restored from a backup) without continuing its history: start over from a snapshot.
+        let replaced = self.file.is_some_and(|f| f != file);
+        if self.absent {
+            tracing::info!(target: "tern::rib", path = %path.display(), "the RIB is back; resynchronising");
+            self.absent = false;
+        }
+        self.file = Some(file);
+        self.backoff = FIRST_BACKOFF;
+        let mut need_snapshot = replaced
+            || match &self.cursor {
+                Some(c) if c.epoch == epoch => oldest_seq(&conn, &path)?.is_some_and(|min| min > c.seq + 1),
+                _ => true,
+            };
+        let mut seen_version = data_version(&conn, &path)?;
+        loop {
+            if need_snapshot {
+                let (records, seq) = read_snapshot(&mut conn, &path)?;
+                let c = Cursor { epoch: epoch.clone(), seq };
+                self.cursor = Some(c.clone());
+                if self.tx.blocking_send(Ok(RibEvent::Snapshot { records, cursor: c })).is_err() {
+                    return Ok(Stop::Unsubscribed);
+                }
+            }
+            let Some(at) = self.cursor.as_mut() else { return Ok(Stop::Unsubscribed) };
+            need_snapshot = drain_changes(&conn, &path, at, &self.tx)?;
+            if self.tx.is_closed() {
+                return Ok(Stop::Unsubscribed);
+            }
+            if need_snapshot {
+                continue;
+            }
+            if let Some(stop) = self.wait_for_commit(&conn, &opened, &mut seen_version)? {
+                return Ok(stop);
+            }
+            // The content may have been replaced in place (`sqlite3 tern.db ".restore
+            // other.db"` copies pages, log included, and fires no trigger): a log from
+            // another history, or one rewound behind the cursor, needs a snapshot.
+            let (now_epoch, last_seq) = log_head(&conn, &path)?;
+            if now_epoch != epoch || self.cursor.as_ref().is_some_and(|c| last_seq < c.seq) {
+                tracing::warn!(target: "tern::rib", path = %path.display(),
+                    "the RIB's change log was replaced; resynchronising");
+                epoch = now_epoch;
+                need_snapshot = true;
+            }
+        }
+    }
+}
+
+/// The store's epoch and the last sequence number in its log.
+fn log_head(conn: &Connection, path: &Path) -> Result<(String, i64), RibError> {
+    conn.query_row(
+        "SELECT (SELECT value FROM meta WHERE key = 'epoch'), (SELECT COALESCE(MAX(seq), 0) FROM changes)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .map_err(sql_err(path))
+}
+
+impl Watcher {
+    /// Sleeps a poll at a time until another connection commits (`None`), the subscriber
+    /// goes away, or the path names another file or none.
+    fn wait_for_commit(
+        &self,
+        conn: &Connection,
+        opened: &Opened,
+        seen: &mut i64,
+    ) -> Result<Option<Stop>, RibError> {
+        loop {
+            std::thread::sleep(self.poll);
+            if self.tx.is_closed() {
+                return Ok(Some(Stop::Unsubscribed));
+            }
+            match file_id(&self.path)? {
+                Some(now) if now == opened.db => {}
+                now => {
+                    drop_stale_log(&self.path, opened);
+                    return match now {
+                        None => Err(super::missing(&self.path)),
+                        Some(_) => Ok(Some(Stop::Moved)),
+                    };
+                }
+            }
+            let v = data_version(conn, &self.path)?;
+            if v != *seen {
+                *seen = v;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Sends every change after `at`, advancing it. Returns true when the log no longer holds
+/// the next change (it was pruned), so a snapshot is needed.
+fn drain_changes(conn: &Connection, path: &Path, at: &mut Cursor, tx: &Tx) -> Result<bool, RibError> {
+    loop {
+        let batch = read_changes(conn, path, at.seq)?;
+        let Some((first_seq, _)) = batch.first() else { return Ok(false) };
+        if *first_seq > at.seq + 1 {
+            return Ok(true);
+        }
+        let full = batch.len() == BATCH;
+        at.seq = batch.last().map_or(at.seq, |(s, _)| *s);
+        let changes = batch.into_iter().map(|(_, c)| c).collect();
+        if tx.blocking_send(Ok(RibEvent::Changes { changes, cursor: at.clone() })).is_err() {
+            return Ok(false);
+        }
+        if !full {
+            return Ok(false);
+        }
+    }
+}
+
+fn data_version(conn: &Connection, path: &Path) -> Result<i64, RibError> {
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0)).map_err(sql_err(path))
+}
+
+fn oldest_seq(conn: &Connection, path: &Path) -> Result<Option<i64>, RibError> {
+    conn.query_row("SELECT MIN(seq) FROM changes", [], |r| r.get(0)).map_err(sql_err(path))
+}
+
+fn read_snapshot(conn: &mut Connection, path: &Path) -> Result<(Vec<Record>, i64), RibError> {
+    let err = sql_err(path);
+    // One read transaction, so the rows and the cursor describe the same moment.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(&err)?;
+    let seq: i64 =
+        tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0)).map_err(&err)?;
+    let mut records = Vec::new();
+    for t in Table::ALL {
+        records.extend(read_table(&tx, t, path)?);
+    }
+    tx.commit().map_err(&err)?;
+    Ok((records, seq))
+}
+
+fn read_changes(conn: &Connection, path: &Path, after: i64) -> Result<Vec<(i64, Change)>, RibError> {
+    let err = sql_err(path);
+    let mut stmt = conn
+        .prepare_cached("SELECT seq, tbl, key, body, at FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+        .map_err(&err)?;
+    let rows = stmt
+        .query_map(params![after, BATCH as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .map_err(&err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, tbl, key, body, at) = row.map_err(&err)?;
+        // A row naming an unknown table cannot come from our triggers; skip it.
+        let Some(table) = Table::parse(&tbl) else {
+            tracing::warn!(target: "tern::rib", seq, table = %tbl, "change for an unknown table skipped");
+            continue;
+        };
+        out.push((seq, Change { table, key, body, committed_at_ms: at }));
+    }
+    Ok(out)
+}
