@@ -51,6 +51,9 @@ impl Snapshot {
     /// Removes everything whose key is not in `present`: the "diff" half of a resync (the
     /// "apply" half is the decoded snapshot's events, which skip unchanged rows).
     pub fn retain_only(&mut self, present: &HashSet<(Table, String)>) {
+        // A generation of its own: a compaction taken at the current one already holds what
+        // this removes, and rebasing onto it keeps only delta entries newer than it.
+        self.generation += 1;
         let gone = |t: Table, k: &str| !present.contains(&(t, k.to_string()));
         let apps: Vec<String> =
             self.apps.keys().filter(|k| gone(Table::Apps, k)).map(|k| k.to_string()).collect();
@@ -305,6 +308,20 @@ mod tests {
         s.apply(Event::Machine(machine("m1", "a", "127.0.0.1:2", MachineState::Started)));
         assert_eq!(s.machine("m1").unwrap().live.in_flight(), 0);
         drop(guard);
+    }
+
+    #[test]
+    fn a_resync_while_a_compaction_runs_removes_for_good() {
+        let mut s = Snapshot::default();
+        s.apply(Event::App(app("a", &["a.test"])));
+        s.apply(Event::Machine(machine("m1", "a", "127.0.0.1:1", MachineState::Started)));
+        // Taken in the background; the next thing to arrive is a snapshot without them.
+        let compaction = s.compact();
+        s.retain_only(&HashSet::new());
+        let rebased = s.rebase(&compaction);
+        assert!(rebased.route("a.test").is_none(), "the removed app came back with the compaction");
+        assert!(rebased.app("a").is_none() && rebased.machine("m1").is_none());
+        assert_eq!((rebased.app_count(), rebased.machine_count()), (0, 0));
     }
 
     #[test]

@@ -329,6 +329,8 @@ pub struct CertEntry {
 pub struct Snapshot {
     /// Counts applied events; stamps delta entries so compactions can be rebased.
     pub(super) generation: u64,
+    /// The generation of the compaction the bases came from.
+    pub(super) base_at: u64,
     pub(super) apps: Layered<Arc<str>, Arc<AppEntry>>,
     /// Exact hostname → app.
     pub(super) hosts: Layered<Arc<str>, Arc<AppEntry>>,
@@ -447,8 +449,12 @@ impl Snapshot {
             c.at <= self.generation,
             "a compaction of a later snapshot cannot be rebased onto an earlier one"
         );
+        // Its bases lack what the bases in use folded in after it, and the deltas no longer
+        // hold those changes: they would be lost.
+        debug_assert!(c.at >= self.base_at, "a compaction older than the one in use cannot be rebased onto");
         Snapshot {
             generation: self.generation,
+            base_at: c.at,
             apps: self.apps.rebase(c.apps.clone(), c.at),
             hosts: self.hosts.rebase(c.hosts.clone(), c.at),
             wild_hosts: self.wild_hosts.rebase(c.wild_hosts.clone(), c.at),
