@@ -101,7 +101,7 @@ pub fn ensure(tx: &Transaction<'_>, path: &Path) -> Result<(), RibError> {
         .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0))
         .optional()
         .map_err(&other)?;
-    let version = match recorded {
+    let version = match &recorded {
         Some(v) => v
             .parse::<i64>()
             .map_err(|_| RibError::Other(format!("{}: unreadable schema version {v:?}", path.display())))?,
@@ -126,15 +126,18 @@ pub fn ensure(tx: &Transaction<'_>, path: &Path) -> Result<(), RibError> {
         sql += &create_triggers(t);
     }
     tx.execute_batch(&sql).map_err(&other)?;
+    if recorded.as_deref() != Some(VERSION.to_string().as_str()) {
+        // Only then: a write wakes every subscriber's poll.
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [VERSION.to_string()],
+        )
+        .map_err(&other)?;
+    }
     if version < VERSION {
         tracing::info!(target: "tern::rib", from = version, to = VERSION, "RIB schema migrated");
     }
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES ('schema', ?1)
-         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        [VERSION.to_string()],
-    )
-    .map_err(&other)?;
     Ok(())
 }
 
