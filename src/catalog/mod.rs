@@ -24,6 +24,7 @@ use arc_swap::ArcSwap;
 mod apply;
 pub mod changes;
 mod decode;
+mod fuzz;
 pub mod layered;
 pub mod outlier;
 mod snapshot;
@@ -32,6 +33,7 @@ pub mod updater;
 pub use apply::Event;
 pub use changes::{Changes, Feed};
 pub use decode::{DecodeError, decode};
+pub use fuzz::fuzz_apply;
 pub use snapshot::{
     AppEntry, CertEntry, Compacted, InFlight, Machine, MachineLive, Queued, Snapshot, StateRecord,
 };

@@ -191,6 +191,178 @@ impl WsFrames {
     }
 }
 
+/// The fuzz target's property: whatever the bytes and however they are split into reads,
+/// [`SseEdge`] and [`WsFrames`] report the boundaries a whole-stream reading finds, and never
+/// panic. Two leading bytes seed how the rest is split (and, for WebSocket, which reads stop
+/// at a boundary).
+///
+/// - SSE: after each read, `at_boundary` says whether the stream so far ends in a blank line
+///   (two line endings in a row, `\r\n` counting as one; the start counts as a boundary),
+///   and `feed` returns the last such place in the read that is not between a `\r` and a
+///   `\n` that may follow it, so passing on bytes up to it never splits a line ending.
+/// - WebSocket: a boundary is exactly where a frame ends, by its header's length. `feed`
+///   with `stop_at_boundary` takes up to the next frame end and no further; without, it
+///   takes everything. `remaining_hint` is at least 1, and a read no larger than it is taken
+///   whole (the tunnel reads that much and must never drop what it read). `saw_close` says
+///   whether the last complete header was a close frame's.
+pub fn fuzz_boundaries(data: &[u8]) {
+    let (seed, stream) = match data {
+        [a, b, rest @ ..] => (u64::from(u16::from_le_bytes([*a, *b])), rest),
+        _ => return,
+    };
+    let sse = SseModel::new(stream);
+    let ws = WsModel::new(stream);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut stops = fastrand::Rng::with_seed(!seed);
+    let max = 1 + rng.usize(..64);
+    for split in [Split::Whole, Split::Bytes, Split::Random] {
+        let mut chunk = || match split {
+            Split::Whole => stream.len(),
+            Split::Bytes => 1,
+            Split::Random => rng.usize(..=max),
+        };
+        // SSE: every byte offered is taken.
+        let mut edge = SseEdge::default();
+        let mut at = 0;
+        while at < stream.len() {
+            let end = (at + chunk()).min(stream.len());
+            let got = edge.feed(&stream[at..end]).map(|off| at + off);
+            assert_eq!(got, sse.last_boundary(at, end), "SSE read {at}..{end} of {stream:?}");
+            assert_eq!(edge.at_boundary(), sse.at_boundary(end), "SSE after {end} of {stream:?}");
+            at = end;
+        }
+        ws_reads(&ws, stream, &mut chunk, &mut || stops.bool());
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Split {
+    Whole,
+    Bytes,
+    Random,
+}
+
+fn ws_reads(ws: &WsModel, stream: &[u8], chunk: &mut dyn FnMut() -> usize, stop: &mut dyn FnMut() -> bool) {
+    let mut frames = WsFrames::default();
+    let mut at = 0;
+    let mut stalled = false;
+    while at < stream.len() {
+        let hint = frames.remaining_hint();
+        assert!(hint >= 1, "remaining_hint is 0 at {at}");
+        // After a read that took nothing (already at a boundary), read on as the tunnel does.
+        let stop_at_boundary = !stalled && stop();
+        let end = (at + chunk()).min(stream.len());
+        let took = frames.feed(&stream[at..end], stop_at_boundary);
+        let want = if stop_at_boundary { ws.next_end(at).map_or(end, |e| e.min(end)) } else { end };
+        assert_eq!(at + took, want, "WebSocket read {at}..{end} (stop {stop_at_boundary}) of {stream:?}");
+        if stop_at_boundary && !ws.is_end(at) && end - at <= hint {
+            assert_eq!(took, end - at, "a read of at most remaining_hint ({hint}) was not taken whole");
+        }
+        at += took;
+        stalled = took == 0;
+        assert_eq!(frames.at_boundary(), ws.is_end(at), "WebSocket boundary at {at} of {stream:?}");
+        assert_eq!(frames.saw_close(), ws.closed_by(at), "close seen by {at} of {stream:?}");
+    }
+}
+
+/// SSE boundaries found by reading the whole stream backwards from each position.
+struct SseModel<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> SseModel<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        SseModel { bytes }
+    }
+
+    /// Whether `bytes[..p]` ends in a blank line: two line endings in a row at its end, a
+    /// `\r\n` being one and the start of the stream counting as two.
+    fn at_boundary(&self, p: usize) -> bool {
+        let mut endings = 0;
+        let mut j = p;
+        while endings < 2 {
+            if j == 0 {
+                return true;
+            }
+            match self.bytes[j - 1] {
+                b'\n' if j >= 2 && self.bytes[j - 2] == b'\r' => j -= 2,
+                b'\n' | b'\r' => j -= 1,
+                _ => return false,
+            }
+            endings += 1;
+        }
+        true
+    }
+
+    /// The last boundary in `from..=to` that reading up to `to` confirms: not right after a
+    /// `\r` whose next byte is a `\n` or not read yet.
+    fn last_boundary(&self, from: usize, to: usize) -> Option<usize> {
+        (from..=to).rev().find(|&q| {
+            let after_cr = q > 0 && self.bytes[q - 1] == b'\r';
+            self.at_boundary(q) && !(after_cr && (q == to || self.bytes[q] == b'\n'))
+        })
+    }
+}
+
+/// WebSocket frames found by parsing the whole stream from its start.
+struct WsModel {
+    /// Where each frame ends (its header and payload complete), in order.
+    ends: Vec<u128>,
+    /// Where each header is complete, with its opcode.
+    headers: Vec<(u128, u8)>,
+}
+
+impl WsModel {
+    fn new(bytes: &[u8]) -> Self {
+        let (mut ends, mut headers) = (Vec::new(), Vec::new());
+        let mut at: u128 = 0;
+        let len = bytes.len() as u128;
+        while at + 2 <= len {
+            let start = at as usize;
+            let (b0, b1) = (bytes[start], bytes[start + 1]);
+            let ext = match b1 & 0x7f {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            let header = 2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 };
+            if at + header as u128 > len {
+                break;
+            }
+            let payload = match ext {
+                2 => u128::from(u16::from_be_bytes([bytes[start + 2], bytes[start + 3]])),
+                8 => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&bytes[start + 2..start + 10]);
+                    u128::from(u64::from_be_bytes(b))
+                }
+                _ => u128::from(b1 & 0x7f),
+            };
+            headers.push((at + header as u128, b0 & 0x0f));
+            at += header as u128 + payload;
+            ends.push(at);
+        }
+        WsModel { ends, headers }
+    }
+
+    fn is_end(&self, p: usize) -> bool {
+        p == 0 || self.ends.binary_search(&(p as u128)).is_ok()
+    }
+
+    /// The first frame end at or after `p`, if the stream holds it.
+    fn next_end(&self, p: usize) -> Option<usize> {
+        if self.is_end(p) {
+            return Some(p);
+        }
+        let e = *self.ends.iter().find(|e| **e > p as u128)?;
+        usize::try_from(e).ok()
+    }
+
+    fn closed_by(&self, p: usize) -> bool {
+        self.headers.iter().rev().find(|(h, _)| *h <= p as u128).is_some_and(|(_, op)| *op == 0x8)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,5 +455,35 @@ mod tests {
         let mut f = WsFrames::default();
         assert_eq!(f.feed(&masked, false), masked.len());
         assert!(f.at_boundary() && f.saw_close());
+    }
+
+    #[test]
+    fn fuzz_property_holds_on_samples() {
+        let mut ws = Vec::new();
+        for (op, masked, len) in
+            [(1, false, 5), (2, true, 300), (0, false, 70_000), (9, true, 0), (8, false, 2)]
+        {
+            ws.extend(frame(op, masked, len));
+        }
+        let samples: [&[u8]; 7] = [
+            b"\x01\x00data: a\n\ndata: b\r\n\r\ndata: c\r\rx",
+            b"\x07\x00\r\n\r\n\r\r\n\n\r",
+            b"\x02\x01\x81\x7f\xff\xff\xff\xff\xff\xff\xff\xffabc",
+            b"\x03\x01\x82\x7f\x00\x00\x00\x00\x00\x00\x00\x03abc\x88\x00",
+            b"\x05\x00\x88\xfe\x00\x02\x01\x02\x03\x04\x05\x06\x07\x08",
+            b"\x00\x00",
+            &ws,
+        ];
+        for s in samples {
+            fuzz_boundaries(s);
+        }
+        let mut rng = fastrand::Rng::with_seed(0x55e);
+        for _ in 0..500 {
+            let len = rng.usize(2..120);
+            // Mostly line endings and small frame headers, so boundaries come often.
+            let alphabet = [b'\n', b'\r', b'a', 0x81, 0x88, 0x02, 0x7e, 0x7f, 0x00];
+            let data: Vec<u8> = (0..len).map(|_| alphabet[rng.usize(..alphabet.len())]).collect();
+            fuzz_boundaries(&data);
+        }
     }
 }
