@@ -232,6 +232,8 @@ pub struct ServeProcess {
 
 impl ServeProcess {
     pub async fn start(config_path: &Path) -> ServeProcess {
+        // Tests talk to it with reqwest, which needs a process-wide TLS provider.
+        install_crypto();
         let mut child = tokio::process::Command::new(tern_bin())
             .args(["serve", "-c"])
             .arg(config_path)

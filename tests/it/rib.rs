@@ -43,6 +43,7 @@ fn documented_hand_edit(db: &Path) -> String {
 }
 
 async fn machine_state(admin: std::net::SocketAddr, app: &str, id: &str) -> Option<String> {
+    crate::harness::install_crypto();
     let r = reqwest::get(format!("http://{admin}/v1/apps/{app}")).await.ok()?;
     let v: serde_json::Value = r.json().await.ok()?;
     let m = v["machines"].as_array()?.iter().find(|m| m["id"] == id)?;
@@ -201,6 +202,7 @@ async fn a_rib_made_by_an_earlier_tern_is_migrated_keeping_its_rows_and_cursors(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_row_keeps_its_last_good_version_serving_across_a_restart() {
+    crate::harness::install_crypto();
     let ca = Ca::new();
     let b = Backend::start("m1").await;
     let dir = tempfile::tempdir().unwrap();
