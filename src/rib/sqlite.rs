@@ -60,48 +60,36 @@ fn file_id(path: &Path) -> Result<Option<FileId>, RibError> {
     }
 }
 
-/// A database file a connection has open, and that file's write-ahead log (`-wal`), which
-/// stays the same file while any connection to the database is open.
+/// A database file a connection has open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Opened {
     db: FileId,
-    wal: Option<FileId>,
 }
 
 impl Opened {
-    /// Call once the schema was ensured, when the log exists.
-    fn now(path: &Path, db: FileId) -> Opened {
-        Opened { db, wal: file_id(&sidecar(path, "-wal")).ok().flatten() }
+    fn now(_path: &Path, db: FileId) -> Opened {
+        Opened { db }
     }
 }
 
+#[cfg(test)]
 fn sidecar(path: &Path, suffix: &str) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(suffix);
     PathBuf::from(p)
 }
 
-/// Call when `path` no longer names `old`, while a connection to `old` is still open (so its
-/// log cannot have been freed and its inode reused). SQLite finds a database's log by name,
-/// and a replaced file's log is left behind under that name: opened with the new file, it
-/// would be replayed into it and show the old file's pages. If the log at the path is still
-/// the old file's, it and its index (`-shm`) are removed; the old file is gone from the
-/// path, so nothing that file's readers need is lost.
-fn drop_stale_log(path: &Path, old: &Opened) {
-    let wal = sidecar(path, "-wal");
-    if old.wal.is_none() || file_id(&wal).ok().flatten() != old.wal {
-        return;
-    }
-    for p in [wal, sidecar(path, "-shm")] {
-        match std::fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(target: "tern::rib", path = %p.display(), error = %e,
-                "could not remove the replaced RIB's log; the new file may show its pages"),
-        }
-    }
-    tracing::info!(target: "tern::rib", path = %path.display(),
-        "removed the replaced RIB file's write-ahead log, so that it is not replayed into the new one");
+/// Lets go of a connection to a file that no longer is at its path, without closing it.
+///
+/// SQLite keeps a database's recent commits in a log found by name (`tern.db-wal`, with its
+/// index `tern.db-shm`), and when the last connection to a database closes, it checkpoints
+/// and deletes that log by name. Once another file has taken the path, that name may be the
+/// new file's log, holding commits another program just made: closing would delete them.
+/// So a connection to a replaced file is never closed; it costs its descriptors (three, kept
+/// until tern exits) per replacement, an operator's action. Nor does tern remove a log left
+/// behind: a replacement must take it along (docs/rib.md, "Replacing the file").
+fn abandon<T>(held: T) {
+    std::mem::forget(held);
 }
 
 /// Opens the database and says which file it is. With `create`, a missing file is created
@@ -299,7 +287,7 @@ impl Rib for SqliteRib {
         let now = file_id(&self.path)?;
         // A write to a file that was replaced would be lost with it.
         if let Some(old) = writer.take_if(|s| Some(s.file.db) != now) {
-            drop_stale_log(&self.path, &old.file);
+            abandon(old);
         }
         let store = match writer.take() {
             Some(store) => writer.insert(store),
@@ -439,9 +427,13 @@ mod tests {
         Store::open(&path).unwrap().transact(|tx| tx.put(&rec(Table::Apps, "old", "{}"))).unwrap();
         assert!(matches!(next(&mut sub).await, Ok(RibEvent::Changes { .. })));
 
-        // Another file takes the path: written elsewhere, then renamed over the RIB.
+        // Another file takes the path: written elsewhere, then renamed over the RIB once the
+        // old file's log is removed (docs/rib.md: a replacement takes the log with it).
         let other = dir.path().join("new.db");
         Store::open(&other).unwrap().transact(|tx| tx.put(&rec(Table::Apps, "new", "{}"))).unwrap();
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(sidecar(&path, suffix));
+        }
         std::fs::rename(&other, &path).unwrap();
         let Ok(RibEvent::Snapshot { records, .. }) = next(&mut sub).await else {
             panic!("expected a snapshot of the new file")

@@ -236,6 +236,15 @@ async fn a_bad_row_keeps_its_last_good_version_serving_across_a_restart() {
     assert!(m.contains("tern_rib_rows_kept_total{table=\"apps\"} 1"), "counted as kept: {m}");
 }
 
+/// Removes a database's write-ahead log and its index, as a replacement must (docs/rib.md).
+fn remove_log(db: &Path) {
+    for suffix in ["-wal", "-shm"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rib_file_replaced_under_a_running_proxy_is_resynced() {
     let ca = Ca::new();
@@ -279,13 +288,15 @@ async fn a_rib_file_replaced_under_a_running_proxy_is_resynced() {
     assert_eq!(status("first.test").await, 200);
     assert!(!proxy.db.exists(), "an empty RIB was created in place of the deleted one");
 
-    // Re-created by `tern apply`: the proxy serves the new file, and only it.
+    // Re-created by `tern apply`, the old file's log removed with it (docs/rib.md): the proxy
+    // serves the new file, and only it.
+    remove_log(&proxy.db);
     tern_apply(&app_decl("second", &["second.test"], &[("m2", b.addr, "started")], ""), &config);
     assert!(serves("second.test", 200).await, "the re-created RIB is never served");
     assert!(serves("first.test", 404).await, "what the deleted RIB held is still served");
 
-    // Renamed over, with the old file's latest changes still in its write-ahead log (the
-    // proxy's open connection keeps them from being checkpointed).
+    // Renamed over, its log removed first (docs/rib.md), with the old file's latest changes
+    // still in that log (the proxy's open connection keeps them from being checkpointed).
     tern_apply(
         &app_decl("second", &["second.test", "again.test"], &[("m2", b.addr, "started")], ""),
         &config,
@@ -298,7 +309,13 @@ async fn a_rib_file_replaced_under_a_running_proxy_is_resynced() {
         &app_decl("third", &["third.test"], &[("m3", b.addr, "started")], ""),
         &write_config(&elsewhere, &other_db),
     );
+    remove_log(&proxy.db);
     std::fs::rename(&other_db, &proxy.db).unwrap();
+    // Written at once, before the proxy can have noticed: nothing of it may be lost (tern
+    // never deletes a log at the path, nor closes the replaced file's connection, which would
+    // delete it by name).
+    tern_apply(&app_decl("late", &["late.test"], &[("m5", b.addr, "started")], ""), &config);
+    assert!(serves("late.test", 200).await, "a write right after the rename was lost");
     assert!(serves("third.test", 200).await, "the file renamed over the RIB is never served");
     assert!(serves("second.test", 404).await);
     assert!(serves("again.test", 404).await);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
-use super::{BATCH, FileId, Opened, drop_stale_log, file_id, open_conn, read_table, sql_err};
+use super::{BATCH, FileId, Opened, abandon, file_id, open_conn, read_table, sql_err};
 use crate::rib::{Change, Cursor, Record, RibError, RibEvent, Table};
 
 type Tx = mpsc::Sender<Result<RibEvent, RibError>>;
@@ -146,8 +146,18 @@ impl Watcher {
             if need_snapshot {
                 continue;
             }
-            if let Some(stop) = self.wait_for_commit(&conn, &opened, &mut seen_version)? {
-                return Ok(stop);
+            match self.wait_for_commit(&conn, &opened, &mut seen_version) {
+                Ok(None) => {}
+                // The file is gone from the path: its connection must never close.
+                Ok(Some(Stop::Moved)) => {
+                    abandon(conn);
+                    return Ok(Stop::Moved);
+                }
+                Err(e) if e.is_absent() => {
+                    abandon(conn);
+                    return Err(e);
+                }
+                other => return other.map(|stop| stop.unwrap_or(Stop::Unsubscribed)),
             }
             // The content may have been replaced in place (`sqlite3 tern.db ".restore
             // other.db"` copies pages, log included, and fires no trigger): a log from
@@ -190,7 +200,6 @@ impl Watcher {
             match file_id(&self.path)? {
                 Some(now) if now == opened.db => {}
                 now => {
-                    drop_stale_log(&self.path, opened);
                     return match now {
                         None => Err(super::missing(&self.path)),
                         Some(_) => Ok(Some(Stop::Moved)),
