@@ -15,6 +15,10 @@
 //!     stopped (reason "removed"); its lifecycle lock is forgotten
 //!
 //!  app removed ──▶ its held-request counter, its line and its metric series are forgotten
+//!
+//!  machine running, its address or cmd changed ──▶ out of routing (starting) ──▶ the old
+//!     process's streams end cleanly, its requests drain (≤ DRAIN) ──▶ stopped (reason
+//!     "redeclared") ──▶ the new version starts, as at boot; requests wait for it
 //! ```
 //!
 //! Per-key state kept for a removed app or machine that a request still holds (an `Arc` in
@@ -49,6 +53,10 @@ impl Lifecycle {
             let kill = app.map_or(super::KILL_TIMEOUT_UNKNOWN, |a| a.kill_timeout);
             self.retire_removed(m, kill);
         }
+        for (old, app) in changes.redeclared {
+            let kill = app.map_or(super::KILL_TIMEOUT_UNKNOWN, |a| a.kill_timeout);
+            self.restart_redeclared(old, kill);
+        }
         let snap = self.catalog.load_full();
         for m in &changes.machines {
             // The version published now: a later batch may have changed it again.
@@ -72,7 +80,8 @@ impl Lifecycle {
     /// declared started moments ago (before this node acted on the change) calls this and,
     /// if it returns true, waits for the start rather than failing.
     pub fn start_declared(self: &Arc<Self>, app: &AppEntry, m: &Arc<Machine>) -> bool {
-        if !self.driver.manages(&m.spec) || m.addr.port() == 0 {
+        // A request routed before a removal must not start the machine again.
+        if !self.driver.manages(&m.spec) || m.addr.port() == 0 || !self.holds(m) {
             return false;
         }
         if self.wakes.get(&m.id).is_some_and(|w| w.is_for(m)) {
@@ -86,6 +95,77 @@ impl Lifecycle {
         self.set_state(m, MachineState::Starting, "declared");
         drop(self.wake_machine_for(m, app, "declared"));
         true
+    }
+
+    /// Makes a running machine whose address or command changed run its new declaration, as
+    /// a restart of tern would: the old process is retired like a declared stop (streams
+    /// ended cleanly, requests drained), then the new version starts. The new version is out
+    /// of routing meanwhile, and its wake, waiting for the machine's lock behind the stop,
+    /// holds the requests that come.
+    fn restart_redeclared(self: &Arc<Self>, old: Arc<Machine>, kill_timeout: Duration) {
+        let snap = self.catalog.load_full();
+        let (Some(new), Some(app)) = (
+            snap.machine(&old.id).cloned(),
+            snap.machine(&old.id).and_then(|m| snap.app(&m.spec.app)).cloned(),
+        ) else {
+            return;
+        };
+        // Declared stopped now: the supervisor's declared-stop pass retires it.
+        if !self.driver.running(&old.id)
+            || !matches!(new.state(), MachineState::Started | MachineState::Starting)
+        {
+            return;
+        }
+        self.set_state(&new, MachineState::Starting, "declared");
+        let op = self.op_lock(&old.id);
+        let early = op.clone().try_lock_owned().ok();
+        let wake_now = early.is_some();
+        if wake_now {
+            drop(self.wake_machine_for(&new, &app, "declared"));
+        }
+        let this = self.clone();
+        self.runtime.spawn(async move {
+            let held = match early {
+                Some(g) => g,
+                None => op.lock_owned().await,
+            };
+            if this.driver.running(&old.id) {
+                this.retire_old_version(&old, kill_timeout).await;
+            }
+            drop(held);
+            if !wake_now {
+                this.start_current(&old.id);
+            }
+        });
+    }
+
+    /// Ends an old version's streams, drains its requests and stops its process.
+    async fn retire_old_version(&self, old: &Machine, kill_timeout: Duration) {
+        old.live.end_streams();
+        let drained = tokio::select! {
+            r = tokio::time::timeout(DRAIN, until_no_exchange(old)) => r.is_ok(),
+            () = self.closing.cancelled() => false,
+        };
+        match self.driver.stop(&Target::of(old), kill_timeout).await {
+            Ok(()) => {
+                self.metrics.machine_actions.with_label_values(&["stop", "redeclared"]).inc();
+                tracing::info!(target: "tern::lifecycle", machine = %old.id, app = %old.spec.app, drained,
+                    "address or cmd changed: stopped the old process; starting the new declaration");
+            }
+            Err(e) => {
+                tracing::warn!(target: "tern::lifecycle", machine = %old.id, error = %e, "could not stop the old process");
+            }
+        }
+    }
+
+    /// Starts the version of machine `id` the catalog holds now, if it is declared started.
+    fn start_current(self: &Arc<Self>, id: &str) {
+        let snap = self.catalog.load_full();
+        if let Some(m) = snap.machine(id)
+            && let Some(app) = snap.app(&m.spec.app)
+        {
+            self.start_declared(app, m);
+        }
     }
 
     /// Retires a machine that left the catalog: as for a declared stop, its streams end
@@ -109,6 +189,8 @@ impl Lifecycle {
         self.runtime.spawn(async move {
             this.stop_removed(&m, kill_timeout).await;
             this.forget_machine(&m.id);
+            // Declared again under its id while this one stopped: that one runs now.
+            this.start_current(&m.id);
         });
     }
 
@@ -185,5 +267,97 @@ impl Lifecycle {
 fn shrink<K: Eq + std::hash::Hash, V>(map: &dashmap::DashMap<K, V>) {
     if map.capacity() > 4 * map.len() + 64 {
         map.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    use crate::autostart::supervise::tests::setup_at;
+    use crate::catalog::{Changes, Event};
+    use crate::model::MachineState;
+
+    async fn until(mut f: impl FnMut() -> bool) {
+        for _ in 0..2000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("condition never held");
+    }
+
+    /// A request routed before a prune, whose connect then fails (the retirement stopped
+    /// the process), asks for the declared start of its stale machine: nothing starts.
+    #[tokio::test]
+    async fn a_request_routed_before_a_prune_does_not_start_the_removed_machine() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listener");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (_dir, driver, lifecycle) = setup_at("", &[("m1", MachineState::Started)], &addr);
+        driver.running.insert(Arc::from("m1"));
+        let old = lifecycle.catalog.load_full();
+        let (app, m1) = (old.app("a").expect("a").clone(), old.machine("m1").expect("m1").clone());
+        let mut next = (*old).clone();
+        next.apply(Event::RemoveMachine("m1".into()));
+        lifecycle.catalog.publish(next);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(lifecycle.clone().follow_catalog(rx));
+        let removed = vec![(m1.clone(), Some(app.spec.clone()))];
+        tx.send(Changes { removed_machines: removed, ..Default::default() }).expect("feed");
+        until(|| !driver.running.contains("m1")).await;
+        assert!(!lifecycle.start_declared(&app, &m1), "a machine the catalog no longer holds");
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(lifecycle.clone().supervise(shutdown));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(*driver.calls.lock(), ["stop m1"]);
+    }
+
+    /// A request waiting for a wake when its whole app is pruned wakes nothing else.
+    #[tokio::test]
+    async fn a_prune_during_a_wake_starts_no_other_machine_of_the_app() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listener");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let stopped = MachineState::Stopped;
+        let (_dir, driver, lifecycle) = setup_at("", &[("m1", stopped), ("m2", stopped)], &addr);
+        // m1 never gets ready (nothing listens at its address), so its wake is in progress.
+        let mut snap = (*lifecycle.catalog.load_full()).clone();
+        snap.apply(Event::Machine(crate::model::MachineSpec {
+            id: "m1".into(),
+            app: "a".into(),
+            region: String::new(),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            state: stopped,
+            cmd: Some(vec!["app".into()]),
+        }));
+        lifecycle.catalog.publish(snap);
+        let app = lifecycle.catalog.load_full().app("a").expect("a").clone();
+        let request = tokio::spawn({
+            let (lifecycle, app) = (lifecycle.clone(), app.clone());
+            async move {
+                lifecycle
+                    .acquire(&app, tokio::time::Instant::now() + Duration::from_secs(10), true)
+                    .await
+                    .is_ok()
+            }
+        });
+        until(|| driver.calls.lock().iter().any(|c| c == "start m1")).await;
+        lifecycle.catalog.publish(crate::catalog::Snapshot::default());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(lifecycle.clone().follow_catalog(rx));
+        let removed = app.machines.iter().map(|m| (m.clone(), Some(app.spec.clone()))).collect();
+        tx.send(Changes {
+            removed_machines: removed,
+            removed_apps: vec![app.name.clone()],
+            ..Default::default()
+        })
+        .expect("feed");
+        assert!(!request.await.expect("request"), "the request is refused, not served");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(driver.running.is_empty(), "{:?}", *driver.calls.lock());
+        assert!(!driver.calls.lock().iter().any(|c| c == "start m2"), "{:?}", *driver.calls.lock());
     }
 }

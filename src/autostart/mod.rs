@@ -257,7 +257,12 @@ impl Lifecycle {
         loop {
             // The app as the catalog has it now: a machine added since counts too.
             let current = self.catalog.load_full();
-            let app: &AppEntry = current.app(&name).map_or(caller_app, |a| a);
+            // Removed since the request was routed: nothing of it may be woken again.
+            let Some(app) = current.app(&name) else {
+                let _ = caller_app;
+                return Err(WakeError::NothingToWake);
+            };
+            let app: &AppEntry = app;
             let at_front = place.as_ref().map_or_else(|| line.is_empty(), Place::at_front);
             // Registered before looking, so nothing in between is missed: the front listens
             // for an exchange ending or a machine turning routable (a spare woken, checks
@@ -436,6 +441,10 @@ impl Lifecycle {
         let _op = op.lock().await;
         if cancel.is_cancelled() {
             return Err(Failure::Other(self.why_cancelled()));
+        }
+        if !self.holds(m) {
+            // Removed (or declared anew) while this wake waited for the machine's lock.
+            return Err(Failure::Other(Arc::from("the machine left the catalog")));
         }
         let from = m.state();
         let target = Target::of(m);
@@ -667,7 +676,7 @@ impl Lifecycle {
     }
 
     /// Whether the catalog holds this very machine (not one declared again under its id).
-    fn holds(&self, m: &Machine) -> bool {
+    pub(super) fn holds(&self, m: &Machine) -> bool {
         self.catalog.load().machine(&m.id).is_some_and(|c| Arc::ptr_eq(&c.live, &m.live))
     }
 }

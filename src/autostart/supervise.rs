@@ -380,7 +380,7 @@ pub(super) async fn until_no_exchange(m: &Machine) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     const RULE: Rule = Rule { soft_limit: 10, min_running: 0, window_ms: 60_000 };
@@ -470,9 +470,9 @@ mod tests {
 
     /// A mock driver (no processes in a unit test): records what it is asked to do.
     #[derive(Default)]
-    struct MockDriver {
-        calls: parking_lot::Mutex<Vec<String>>,
-        running: dashmap::DashSet<Arc<str>>,
+    pub(in crate::autostart) struct MockDriver {
+        pub calls: parking_lot::Mutex<Vec<String>>,
+        pub running: dashmap::DashSet<Arc<str>>,
     }
 
     impl crate::driver::Driver for MockDriver {
@@ -528,7 +528,7 @@ mod tests {
     }
 
     /// Like [`setup`], with every machine at `addr`.
-    fn setup_at(
+    pub(in crate::autostart) fn setup_at(
         app_toml: &str,
         machines: &[(&str, MachineState)],
         addr: &str,

@@ -30,11 +30,18 @@ pub struct Changes {
     pub removed_machines: Vec<(Arc<Machine>, Option<Arc<AppSpec>>)>,
     /// Apps that left the catalog.
     pub removed_apps: Vec<Arc<str>>,
+    /// Machines still in the catalog whose address or command changed (their app's
+    /// `internal_port`, say): the version before, with its app's spec then. A process
+    /// running the old version must make way for the new one.
+    pub redeclared: Vec<(Arc<Machine>, Option<Arc<AppSpec>>)>,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.machines.is_empty() && self.removed_machines.is_empty() && self.removed_apps.is_empty()
+        self.machines.is_empty()
+            && self.removed_machines.is_empty()
+            && self.removed_apps.is_empty()
+            && self.redeclared.is_empty()
     }
 }
 
@@ -85,8 +92,15 @@ impl Touched {
         let mut out = Changes::default();
         let mut seen: HashSet<Arc<str>> = HashSet::new();
         let mut changed = |m: &Arc<Machine>, out: &mut Changes| {
-            if seen.insert(m.id.clone()) {
-                out.machines.push(m.clone());
+            if !seen.insert(m.id.clone()) {
+                return;
+            }
+            out.machines.push(m.clone());
+            if let Some(before) = prev.machine(&m.id)
+                && (before.addr != m.addr || before.spec.cmd != m.spec.cmd)
+            {
+                let app = prev.app(&before.spec.app).map(|e| e.spec.clone());
+                out.redeclared.push((before.clone(), app));
             }
         };
         for id in &self.machines {

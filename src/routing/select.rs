@@ -51,7 +51,8 @@ pub fn acquire(machines: &[Arc<Machine>], exclude: &[&str], limits: &Concurrency
                 drop(guard);
                 continue;
             }
-            let probe = match if panic { Admit::Yes } else { m.live.outlier().admit(now()) } {
+            let clear = panic || m.live.outlier().is_clear();
+            let probe = match if clear { Admit::Yes } else { m.live.outlier().admit(now()) } {
                 Admit::Yes => false,
                 Admit::Probe => true,
                 Admit::No => {

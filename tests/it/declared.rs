@@ -169,3 +169,34 @@ async fn a_slow_start_outlives_the_requests_that_wait_for_it() {
     assert_eq!(metric(&m, "tern_wakes_total{result=\"failed\"}"), 0.0);
     proxy.shutdown().await.unwrap().unwrap();
 }
+
+/// Before: the old process ran on at the old address, and every request to the new one got
+/// `502 upstream_connect` until tern restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_machine_moved_to_another_port_is_restarted_there() {
+    let (old, new) = (free_port(), free_port());
+    let decl = |port: u16| app("moved", "") + &machine("moved", "k1", port, "started", &[]);
+    let mut proxy = Proxy::start(&decl(old)).await;
+    until_machine(&proxy, "moved", "k1", Duration::from_secs(10), |m| m["state"] == "started").await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let r = client.get(proxy.url("moved.test", "/id")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    proxy.apply(&decl(new));
+    until_machine(&proxy, "moved", "k1", Duration::from_secs(10), |m| {
+        m["addr"] == format!("127.0.0.1:{new}").as_str()
+    })
+    .await;
+    // Requests from now on are answered by the new process (held while it starts).
+    for _ in 0..5 {
+        let r = client.get(proxy.url("moved.test", "/id")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.headers().get("tern-error"));
+    }
+    assert!(refuses(old), "the old process still listens");
+    assert!(!refuses(new));
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "tern_machine_actions_total{action=\"stop\",reason=\"redeclared\"}"), 1.0);
+    assert_eq!(metric(&m, "tern_errors_total{code=\"upstream_connect\"}"), 0.0);
+    proxy.shutdown().await.unwrap().unwrap();
+    assert!(refuses(new));
+}
