@@ -30,11 +30,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::catalog::{AppEntry, Changes, Machine, Snapshot};
-use crate::driver::Target;
 use crate::model::MachineState;
 
 use super::Lifecycle;
-use super::supervise::{DRAIN, until_no_exchange};
 
 /// How many supervisor passes between two sweeps of the metric series of apps gone.
 pub(super) const METRIC_SWEEP_EVERY: u64 = 60;
@@ -130,32 +128,13 @@ impl Lifecycle {
                 None => op.lock_owned().await,
             };
             if this.driver.running(&old.id) {
-                this.retire_old_version(&old, kill_timeout).await;
+                this.retire_process(&old, kill_timeout, "redeclared", || false).await;
             }
             drop(held);
             if !wake_now {
                 this.start_current(&old.id);
             }
         });
-    }
-
-    /// Ends an old version's streams, drains its requests and stops its process.
-    async fn retire_old_version(&self, old: &Machine, kill_timeout: Duration) {
-        old.live.end_streams();
-        let drained = tokio::select! {
-            r = tokio::time::timeout(DRAIN, until_no_exchange(old)) => r.is_ok(),
-            () = self.closing.cancelled() => false,
-        };
-        match self.driver.stop(&Target::of(old), kill_timeout).await {
-            Ok(()) => {
-                self.metrics.machine_actions.with_label_values(&["stop", "redeclared"]).inc();
-                tracing::info!(target: "tern::lifecycle", machine = %old.id, app = %old.spec.app, drained,
-                    "address or cmd changed: stopped the old process; starting the new declaration");
-            }
-            Err(e) => {
-                tracing::warn!(target: "tern::lifecycle", machine = %old.id, error = %e, "could not stop the old process");
-            }
-        }
     }
 
     /// Starts the version of machine `id` the catalog holds now, if it is declared started.
@@ -203,27 +182,7 @@ impl Lifecycle {
         if !self.driver.running(&m.id) || back() {
             return;
         }
-        m.live.end_streams();
-        let drained = tokio::select! {
-            r = tokio::time::timeout(DRAIN, until_no_exchange(m)) => r.is_ok(),
-            // Shutdown ends every stream and waits for requests itself; `stop_all` waits
-            // for this lock.
-            () = self.closing.cancelled() => false,
-        };
-        if back() {
-            m.live.resume_streams();
-            return;
-        }
-        match self.driver.stop(&Target::of(m), kill_timeout).await {
-            Ok(()) => {
-                self.metrics.machine_actions.with_label_values(&["stop", "removed"]).inc();
-                tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, drained,
-                    "removed from the catalog: stopped its process");
-            }
-            Err(e) => {
-                tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not stop a removed machine");
-            }
-        }
+        self.retire_process(m, kill_timeout, "removed", back).await;
     }
 
     /// Drops the per-machine state of a machine the catalog no longer holds, unless

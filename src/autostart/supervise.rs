@@ -273,24 +273,43 @@ impl Lifecycle {
                 if m.state() != MachineState::Stopped || !this.driver.running(&m.id) {
                     return;
                 }
-                m.live.end_streams();
-                let drained = tokio::time::timeout(DRAIN, until_no_exchange(&m)).await.is_ok();
-                // Declared started again meanwhile: it stays, and so do its new streams.
-                if m.state() != MachineState::Stopped {
-                    m.live.resume_streams();
-                    return;
-                }
-                match this.driver.stop(&crate::driver::Target::of(&m), kill).await {
-                    Ok(()) => {
-                        this.metrics.machine_actions.with_label_values(&["stop", "declared"]).inc();
-                        tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, drained,
-                            "declared stopped: stopped its process");
-                    }
-                    Err(e) => {
-                        tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, "could not stop machine");
-                    }
-                }
+                this.retire_process(&m, kill, "declared", || m.state() != MachineState::Stopped).await;
             });
+        }
+    }
+
+    /// Retires a machine's process the way every planned stop does (a declared stop, a
+    /// removal, a changed declaration): its streams are asked to end cleanly, its requests
+    /// get up to `DRAIN` (less if tern shuts down: shutdown waits for them itself), then the
+    /// driver stops it, counted as `stop`/`reason`. `keep`, asked after the drain, says the
+    /// machine is wanted after all (declared again meanwhile): then it stays, and so do the
+    /// streams it takes from now on. The caller holds the machine's lifecycle lock.
+    pub(super) async fn retire_process(
+        &self,
+        m: &Machine,
+        kill_timeout: Duration,
+        reason: &'static str,
+        keep: impl Fn() -> bool,
+    ) {
+        m.live.end_streams();
+        let drained = tokio::select! {
+            r = tokio::time::timeout(DRAIN, until_no_exchange(m)) => r.is_ok(),
+            () = self.closing.cancelled() => false,
+        };
+        if keep() {
+            m.live.resume_streams();
+            return;
+        }
+        match self.driver.stop(&crate::driver::Target::of(m), kill_timeout).await {
+            Ok(()) => {
+                self.metrics.machine_actions.with_label_values(&["stop", reason]).inc();
+                tracing::info!(target: "tern::lifecycle", machine = %m.id, app = %m.spec.app, drained, reason,
+                    "stopped the machine's process");
+            }
+            Err(e) => {
+                tracing::warn!(target: "tern::lifecycle", machine = %m.id, error = %e, reason,
+                    "could not stop the machine's process");
+            }
         }
     }
 
