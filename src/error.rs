@@ -69,6 +69,22 @@ pub enum ProxyError {
     UpstreamError { machine: Arc<str>, detail: String },
     #[error("machine {machine} sent a response head over the limit of {limit} bytes ({detail})")]
     ResponseHeadersTooLarge { machine: Arc<str>, limit: usize, detail: String },
+    #[error("app {app}: the session token does not open ({detail})")]
+    SessionInvalid { app: Arc<str>, detail: String },
+    #[error("app {app}: the session's machine {machine} is no longer in the catalog")]
+    SessionGone { app: Arc<str>, machine: String },
+    #[error("app {app}: machine {machine} cannot take the request: {reason}")]
+    InstanceUnavailable { app: Arc<str>, machine: String, reason: String },
+    #[error("app {app} has no machine in the regions {regions}")]
+    RegionUnavailable { app: Arc<str>, regions: String },
+    #[error("app {app}: more than {limit} fly-replay hops")]
+    ReplayLoop { app: Arc<str>, limit: u32 },
+    #[error("app {app}: the request body is over the replay_buffer of {limit} bytes and cannot be replayed")]
+    ReplayTooLarge { app: Arc<str>, limit: u64 },
+    #[error("app {app}: fly-replay to app {target} of another org")]
+    ReplayUnauthorized { app: Arc<str>, target: String },
+    #[error("machine {machine}: fly-replay it cannot act on: {detail}")]
+    ReplayInvalid { machine: Arc<str>, detail: String },
     #[error("tern is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -96,6 +112,14 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::UpstreamError { .. } => "upstream_error",
             ProxyError::ResponseHeadersTooLarge { .. } => "response_headers_too_large",
+            ProxyError::SessionInvalid { .. } => "session_invalid",
+            ProxyError::SessionGone { .. } => "session_gone",
+            ProxyError::InstanceUnavailable { .. } => "instance_unavailable",
+            ProxyError::RegionUnavailable { .. } => "region_unavailable",
+            ProxyError::ReplayLoop { .. } => "replay_loop",
+            ProxyError::ReplayTooLarge { .. } => "replay_too_large",
+            ProxyError::ReplayUnauthorized { .. } => "replay_unauthorized",
+            ProxyError::ReplayInvalid { .. } => "replay_invalid",
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::Internal(_) => "internal",
         }
@@ -110,7 +134,17 @@ impl ProxyError {
             ProxyError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ProxyError::NoApp { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoApp { .. } | ProxyError::SessionInvalid { .. } | ProxyError::SessionGone { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            ProxyError::ReplayTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ReplayLoop { .. } => StatusCode::LOOP_DETECTED,
+            ProxyError::ReplayUnauthorized { .. } | ProxyError::ReplayInvalid { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::InstanceUnavailable { .. } | ProxyError::RegionUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::NoMachine { .. }
             | ProxyError::WakeTimeout { .. }
             | ProxyError::QueueFull { .. }
@@ -134,7 +168,15 @@ impl ProxyError {
             | ProxyError::BodyTimeout { .. }
             | ProxyError::UriTooLong
             | ProxyError::MethodNotAllowed(_)
-            | ProxyError::NoApp { .. } => Origin::Client,
+            | ProxyError::NoApp { .. }
+            | ProxyError::SessionInvalid { .. }
+            | ProxyError::SessionGone { .. }
+            | ProxyError::ReplayTooLarge { .. } => Origin::Client,
+            ProxyError::InstanceUnavailable { .. }
+            | ProxyError::RegionUnavailable { .. }
+            | ProxyError::ReplayLoop { .. }
+            | ProxyError::ReplayUnauthorized { .. }
+            | ProxyError::ReplayInvalid { .. } => Origin::Upstream,
             ProxyError::NoMachine { .. }
             | ProxyError::WakeTimeout { .. }
             | ProxyError::QueueFull { .. }
@@ -183,6 +225,15 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "The app did not answer in time.",
             ProxyError::UpstreamError { .. } => "The app closed the connection unexpectedly.",
             ProxyError::ResponseHeadersTooLarge { .. } => "The app's response headers are too large.",
+            ProxyError::SessionInvalid { .. } => "The session is not valid for this app.",
+            ProxyError::SessionGone { .. } => "The session has ended; start a new one.",
+            ProxyError::InstanceUnavailable { .. } => "The requested instance cannot take the request.",
+            ProxyError::RegionUnavailable { .. } => "The app has no machine in the requested region.",
+            ProxyError::ReplayLoop { .. } => "The request was replayed too many times.",
+            ProxyError::ReplayTooLarge { .. } => "The request's body is too large to be replayed.",
+            ProxyError::ReplayUnauthorized { .. } | ProxyError::ReplayInvalid { .. } => {
+                "The app redirected the request somewhere it cannot go."
+            }
             ProxyError::ShuttingDown => "This server is restarting; try again.",
             ProxyError::Internal(_) => "Something went wrong inside the proxy.",
         }
@@ -216,6 +267,14 @@ mod tests {
             },
             ProxyError::UpstreamTimeout { machine: "m".into(), timeout: Duration::from_secs(1) },
             ProxyError::UpstreamError { machine: "m".into(), detail: "x".into() },
+            ProxyError::SessionInvalid { app: "a".into(), detail: "x".into() },
+            ProxyError::SessionGone { app: "a".into(), machine: "m".into() },
+            ProxyError::InstanceUnavailable { app: "a".into(), machine: "m".into(), reason: "x".into() },
+            ProxyError::RegionUnavailable { app: "a".into(), regions: "x".into() },
+            ProxyError::ReplayLoop { app: "a".into(), limit: 10 },
+            ProxyError::ReplayTooLarge { app: "a".into(), limit: 1 },
+            ProxyError::ReplayUnauthorized { app: "a".into(), target: "b".into() },
+            ProxyError::ReplayInvalid { machine: "m".into(), detail: "x".into() },
             ProxyError::ShuttingDown,
             ProxyError::Internal("x".into()),
         ];

@@ -298,7 +298,12 @@ mod tests {
             let (lifecycle, app) = (lifecycle.clone(), app.clone());
             async move {
                 lifecycle
-                    .acquire(&app, tokio::time::Instant::now() + Duration::from_secs(10), true)
+                    .acquire(
+                        &app,
+                        Default::default(),
+                        tokio::time::Instant::now() + Duration::from_secs(10),
+                        true,
+                    )
                     .await
                     .is_ok()
             }

@@ -57,6 +57,7 @@ use crate::catalog::{AppEntry, Catalog, Machine, Queued};
 use crate::driver::{Driver, DriverError, DriverEvent, Target};
 use crate::model::{AppSpec, MachineState, StateRow};
 use crate::rib::Rib;
+use crate::routing::decide::{Eligible, WaitFuture, Wakes};
 use crate::routing::select::{self, Pick};
 use crate::telemetry::Metrics;
 
@@ -88,19 +89,8 @@ impl Wake {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum WakeError {
-    #[error("no machine became ready before the request's deadline")]
-    Timeout,
-    #[error("the app already holds {0} requests")]
-    QueueFull(u32),
-    #[error("no stopped or suspended machine to wake")]
-    NothingToWake,
-    #[error("every machine stayed at its hard limit ({0})")]
-    NoRoom(u32),
-    #[error("every machine tried failed to start; last: {0}")]
-    Failed(Arc<str>),
-}
+/// Why a request stopped waiting for room: routing's own error, the trait's.
+pub use crate::routing::decide::WaitError as WakeError;
 
 const SHUTTING_DOWN: &str = "tern is shutting down";
 
@@ -244,6 +234,7 @@ impl Lifecycle {
     pub async fn acquire(
         self: &Arc<Self>,
         app: &AppEntry,
+        eligible: Eligible<'_>,
         deadline: Instant,
         may_wake: bool,
     ) -> Result<Pick, WakeError> {
@@ -279,13 +270,15 @@ impl Lifecycle {
             // A wake that finished between the caller's pick and now (or another node's
             // start, or an exchange ending) leaves nothing to wait for; but requests already
             // waiting for room go first.
-            if at_front && let Some(pick) = select::acquire(&app.machines, &[], &app.spec.concurrency) {
+            if at_front
+                && let Some(pick) = select::acquire_among(&app.machines, &eligible, &app.spec.concurrency)
+            {
                 if pick.over_soft && may_wake {
                     self.wake_spare(app);
                 }
                 return Ok(pick);
             }
-            if app.machines.iter().any(|m| m.routable()) {
+            if app.machines.iter().any(|m| m.routable() && eligible.admits(m)) {
                 // Every routable machine is at its hard limit (or others wait ahead): queue.
                 if place.is_none() {
                     drop(notified);
@@ -308,7 +301,7 @@ impl Lifecycle {
             if !may_wake {
                 return Err(WakeError::NothingToWake);
             }
-            let Some(machine) = self.candidate(app, &tried) else {
+            let Some(machine) = self.candidate(app, &tried, &eligible) else {
                 return Err(match last_failure {
                     Some(f) => WakeError::Failed(f),
                     None => WakeError::NothingToWake,
@@ -332,13 +325,108 @@ impl Lifecycle {
         }
     }
 
+    /// Holds the caller until this very machine has room, then counts the caller in flight
+    /// on it: queued while it is at its hard limit, and, stopped or suspended, woken (if
+    /// `may_wake` and this node runs it). Never another machine: a session's state is on
+    /// this one. Fails at `deadline`, when the machine leaves the catalog, or at once when
+    /// it is down and nothing here may start it.
+    pub async fn wait_for(
+        self: &Arc<Self>,
+        app: &AppEntry,
+        machine: &Arc<Machine>,
+        deadline: Instant,
+        may_wake: bool,
+    ) -> Result<Pick, WakeError> {
+        let _held = self.hold(app)?;
+        let limits = &app.spec.concurrency;
+        let hard = limits.hard_limit.unwrap_or(u32::MAX);
+        let may_wake = may_wake && app.spec.auto_start;
+        loop {
+            let current = self.catalog.load_full();
+            // Removed, or declared again as another machine under its id: the session's
+            // machine is gone.
+            let Some(m) =
+                current.machine(&machine.id).filter(|m| Arc::ptr_eq(&m.live, &machine.live)).cloned()
+            else {
+                return Err(WakeError::Gone);
+            };
+            // Registered before looking: an exchange ending or a state change in between is
+            // not missed. A watcher, not a request in the app's line.
+            let watch = m.live.watch();
+            let mut notified = Box::pin(watch.notified());
+            notified.as_mut().enable();
+            if m.routable() {
+                let load = m.live.in_flight();
+                if let Some(guard) = m.live.try_begin(hard) {
+                    if m.routable() {
+                        return Ok(Pick {
+                            over_soft: load >= limits.soft_limit,
+                            machine: m,
+                            guard,
+                            probe: false,
+                        });
+                    }
+                    drop(guard);
+                    continue;
+                }
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return Err(WakeError::NoRoom(hard));
+                }
+                continue;
+            }
+            let waking = self.wakes.get(&m.id).is_some_and(|w| w.is_for(&m));
+            let startable = may_wake && self.driver.manages(&m.spec) && m.addr.port() != 0;
+            match m.state() {
+                MachineState::Stopped
+                | MachineState::Suspended
+                | MachineState::Stopping
+                | MachineState::Suspending
+                    if !waking && !startable =>
+                {
+                    return Err(WakeError::Unavailable(m.state().as_str()));
+                }
+                // Woken below.
+                MachineState::Stopped
+                | MachineState::Suspended
+                | MachineState::Stopping
+                | MachineState::Suspending => {}
+                MachineState::Destroyed => return Err(WakeError::Unavailable("destroyed")),
+                // Starting (here or on another node), or started but out of rotation for a
+                // moment (checks failing, a cordon): wait for it to turn routable.
+                _ if !waking => {
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        return Err(WakeError::Timeout);
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            drop(notified);
+            drop(watch);
+            let mut progress = self.wake_machine(&m, app);
+            let outcome = tokio::time::timeout_at(deadline, progress.wait_for(|p| *p != Progress::Waking))
+                .await
+                .map(|r| r.map(|p| p.clone()));
+            match outcome {
+                Err(_) => return Err(WakeError::Timeout),
+                Ok(Ok(Progress::Ready)) => {}
+                Ok(Ok(Progress::Failed(why))) => return Err(WakeError::Failed(why)),
+                Ok(Ok(Progress::Waking) | Err(_)) => {
+                    if let Progress::Failed(why) = progress.borrow().clone() {
+                        return Err(WakeError::Failed(why));
+                    }
+                }
+            }
+        }
+    }
+
     /// Every routable machine of the app is over its soft limit: wake one more if there is
     /// one to wake and none is waking yet. The caller does not wait for it.
     pub fn wake_spare(self: &Arc<Self>, app: &AppEntry) {
         if app.machines.iter().any(|m| self.wakes.contains_key(&m.id)) || !self.can_wake(app) {
             return;
         }
-        if let Some(m) = self.candidate(app, &[]) {
+        if let Some(m) = self.candidate(app, &[], &Eligible::default()) {
             tracing::info!(target: "tern::lifecycle", app = %app.name, machine = %m.id,
                 "every started machine is over its soft limit; waking another");
             drop(self.wake_machine_for(&m, app, "capacity"));
@@ -359,9 +447,13 @@ impl Lifecycle {
 
     /// The machine to wait for: one already waking, else a suspended one (it resumes at
     /// once), else a stopped one; this node's region before others.
-    fn candidate(&self, app: &AppEntry, tried: &[Arc<str>]) -> Option<Arc<Machine>> {
+    fn candidate(&self, app: &AppEntry, tried: &[Arc<str>], eligible: &Eligible<'_>) -> Option<Arc<Machine>> {
         let rank = |m: &Machine| -> Option<(u8, bool)> {
-            if tried.contains(&m.id) || !self.driver.manages(&m.spec) || m.addr.port() == 0 {
+            if tried.contains(&m.id)
+                || !eligible.admits(m)
+                || !self.driver.manages(&m.spec)
+                || m.addr.port() == 0
+            {
                 return None;
             }
             let order = match m.state() {
@@ -678,6 +770,36 @@ impl Lifecycle {
     /// Whether the catalog holds this very machine (not one declared again under its id).
     pub(super) fn holds(&self, m: &Machine) -> bool {
         self.catalog.load().machine(&m.id).is_some_and(|c| Arc::ptr_eq(&c.live, &m.live))
+    }
+}
+
+impl Wakes for Arc<Lifecycle> {
+    fn wake_spare(&self, app: &AppEntry) {
+        Lifecycle::wake_spare(self, app);
+    }
+
+    fn wait_any<'a>(
+        &'a self,
+        app: &'a AppEntry,
+        eligible: Eligible<'a>,
+        deadline: Instant,
+        may_wake: bool,
+    ) -> WaitFuture<'a> {
+        Box::pin(self.acquire(app, eligible, deadline, may_wake))
+    }
+
+    fn wait_for<'a>(
+        &'a self,
+        app: &'a AppEntry,
+        machine: &'a Arc<Machine>,
+        deadline: Instant,
+        may_wake: bool,
+    ) -> WaitFuture<'a> {
+        Box::pin(Lifecycle::wait_for(self, app, machine, deadline, may_wake))
+    }
+
+    fn start_declared(&self, app: &AppEntry, machine: &Arc<Machine>) -> bool {
+        Lifecycle::start_declared(self, app, machine)
     }
 }
 

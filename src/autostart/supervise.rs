@@ -621,7 +621,12 @@ pub(super) mod tests {
             let (lifecycle, app) = (lifecycle.clone(), app.clone());
             async move {
                 lifecycle
-                    .acquire(&app, tokio::time::Instant::now() + Duration::from_secs(30), true)
+                    .acquire(
+                        &app,
+                        Default::default(),
+                        tokio::time::Instant::now() + Duration::from_secs(30),
+                        true,
+                    )
                     .await
                     .err()
             }

@@ -10,8 +10,10 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::autostart::{Lifecycle, WakeError};
-use crate::catalog::{AppEntry, InFlight, Machine};
+use crate::catalog::{AppEntry, Machine};
 use crate::error::ProxyError;
+use crate::routing::Refusal;
+use crate::routing::decide::{Regions, Routed, Steering, Wakes, Why};
 use crate::routing::select::Pick;
 use crate::routing::{self, Router};
 use crate::telemetry::{Metrics, status_class};
@@ -46,6 +48,8 @@ struct Outcome {
     host: Option<String>,
     /// How long the request waited for a machine to wake, if it did.
     waited: Option<Duration>,
+    /// Why its machine was chosen.
+    why: Why,
 }
 
 impl Handler {
@@ -90,6 +94,7 @@ impl Handler {
                 // Milliseconds to two decimals (10 µs): finer is noise in a log line.
                 duration_ms = (elapsed.as_secs_f64() * 100_000.0).round() / 100.0,
                 wake_ms = outcome.waited.map(|w| (w.as_secs_f64() * 100_000.0).round() / 100.0),
+                route = outcome.machine.as_ref().map(|_| outcome.why.as_str()),
                 "request");
         }
         resp
@@ -141,6 +146,7 @@ impl Handler {
         outcome.app = Some(app.name.clone());
 
         let route = Route::of(&app, &mut req);
+        let steer = self.steering(&app, req.headers())?;
         let client_version = req.version();
         let activity = Arc::new(Activity::new());
         let body_state = Arc::new(RequestBodyState::default());
@@ -154,9 +160,19 @@ impl Handler {
         let body_parts = BodyParts { activity: &activity, state: &body_state, gate: route.gate.as_ref() };
         let up_req = upstream_request(req, conn, up, body_parts)?;
 
-        let (machine, upstream, in_flight) =
-            self.connect(&app, route.proto, arrived, route.ignored_agent, outcome).await?;
+        let deadline = arrived + app.spec.wake_timeout;
+        let (routed, upstream) =
+            self.connect(&app, &steer, route.proto, deadline, !route.ignored_agent, outcome).await?;
+        let Routed { pick: Pick { machine, guard: in_flight, .. }, why, preferred_missed, .. } = routed;
         outcome.machine = Some(machine.id.clone());
+        outcome.why = why;
+        self.metrics.routing_decisions.with_label_values(&[&app.name, why.as_str()]).inc();
+        let mut up_req = up_req;
+        if let Some(id) = preferred_missed
+            && let Ok(v) = HeaderValue::from_str(&id)
+        {
+            up_req.headers_mut().insert(headers::PREFERRED_UNAVAILABLE, v);
+        }
         let idle = app.spec.idle_timeout;
         let upgrade = route.upgrade.is_some();
         let sent = self.send(upstream, up_req, &machine, route.proto, upgrade, &activity, idle).await;
@@ -252,80 +268,163 @@ impl Handler {
         ))
     }
 
-    /// Picks a machine and connects; if it refuses, tries one other started machine. A
-    /// failed connect ejects its machine for a back-off (see `catalog::outlier`), so that
-    /// the requests after this one do not pick it; a working one clears that. The retry
-    /// gets its own `connect_timeout`: after a timeout on a blackholed machine it goes to a
-    /// machine in rotation, which answers in a round trip.
+    /// Routes the request (see [`routing::decide`]) and connects to the machine chosen; if
+    /// that refuses and the choice was free, tries one other started machine. A failed
+    /// connect ejects its machine for a back-off (see `catalog::outlier`), so that the
+    /// requests after this one do not pick it; a working one clears that. The retry gets
+    /// its own `connect_timeout`: after a timeout on a blackholed machine it goes to a
+    /// machine in rotation, which answers in a round trip. A pinned machine (a session's,
+    /// a forced one) is never swapped for another.
     async fn connect(
         &self,
         app: &AppEntry,
+        steer: &Steering,
         proto: Proto,
-        arrived: Instant,
-        ignored_agent: bool,
+        deadline: Instant,
+        may_wake: bool,
         outcome: &mut Outcome,
-    ) -> Result<(Arc<Machine>, Conn, InFlight), ProxyError> {
+    ) -> Result<(Routed, Conn), ProxyError> {
         let worked = |m: &Machine| {
             if m.live.outlier().clear() {
                 tracing::info!(target: "tern::upstream", app = %app.name, machine = %m.id,
                     "connected to the machine again; back in rotation");
             }
         };
-        let failed = |m: &Machine, probe: bool, err: &crate::upstream::ConnectError| {
-            self.connect_failed(m, probe, err);
-        };
-        // Requests already waiting for room on this app go first: join them rather than
-        // take a slot that frees ahead of them. (Every waiter registers on every machine, so
-        // the first machine tells.)
-        let waiting = app.machines.first().is_some_and(|m| m.live.has_queued());
-        let first = match if waiting { None } else { self.router.pick(app, &[]) } {
-            Some(pick) => {
-                if pick.over_soft && !ignored_agent {
-                    self.lifecycle.wake_spare(app);
-                }
-                pick
-            }
-            None => self.wait_for_room(app, arrived, !ignored_agent, outcome).await?,
-        };
-        let Pick { machine: first, guard, probe, .. } = first;
-        let err = match self.pool.checkout(first.addr, proto).await {
+        let wakes: &dyn Wakes = &self.lifecycle;
+        let routed = self.router.route(app, steer, wakes, deadline, may_wake).await;
+        let first = self.routed(app, steer, routed, outcome)?;
+        let err = match self.pool.checkout(first.pick.machine.addr, proto).await {
             Ok(c) => {
-                worked(&first);
-                return Ok((first, c, guard));
+                worked(&first.pick.machine);
+                return Ok((first, c));
             }
             Err(e) => e,
         };
+        let Routed { pick: Pick { machine: first, guard, probe, .. }, why, preferred_missed, .. } = first;
         // Ejected before it leaves the count: a request that sees it less loaded sees it ejected.
-        failed(&first, probe, &err);
+        self.connect_failed(&first, probe, &err);
         drop(guard);
+        let refused = || ProxyError::UpstreamConnect {
+            machine: first.id.clone(),
+            addr: first.addr,
+            source: std::io::Error::new(err.source.kind(), err.source.to_string()),
+        };
         // Declared started moments ago and this node has not started it yet: start it now.
-        let starting = self.lifecycle.start_declared(app, &first);
-        let Pick { machine: second, guard, probe, .. } = match self.router.pick(app, &[&first.id]) {
-            Some(pick) => pick,
-            None if starting => self.wait_for_room(app, arrived, !ignored_agent, outcome).await?,
-            None => {
-                return Err(ProxyError::UpstreamConnect {
-                    machine: first.id.clone(),
-                    addr: first.addr,
-                    source: err.source,
-                });
+        let starting = wakes.start_declared(app, &first);
+        if steer.pinned.is_some() {
+            if !starting {
+                return Err(refused());
             }
+            let routed = self.router.route(app, steer, wakes, deadline, may_wake).await;
+            let again = self.routed(app, steer, routed, outcome)?;
+            return match self.pool.checkout(again.pick.machine.addr, proto).await {
+                Ok(c) => Ok((again, c)),
+                Err(e) => {
+                    self.connect_failed(&again.pick.machine, again.pick.probe, &e);
+                    Err(refused())
+                }
+            };
+        }
+        let mut retry = steer.clone();
+        retry.preferred = None;
+        retry.exclude.push(first.id.clone());
+        let second = match routing::decide::decide(app, &retry) {
+            routing::decide::Decision::Go(r) => r,
+            _ if starting => {
+                let routed = self.router.route(app, &retry, wakes, deadline, may_wake).await;
+                self.routed(app, &retry, routed, outcome)?
+            }
+            _ => return Err(refused()),
+        };
+        let second = Routed {
+            why: if second.why == routing::decide::Why::LeastLoaded { why } else { second.why },
+            preferred_missed: second.preferred_missed.or(preferred_missed),
+            ..second
         };
         self.metrics.upstream_retries.inc();
-        match self.pool.checkout(second.addr, proto).await {
+        match self.pool.checkout(second.pick.machine.addr, proto).await {
             Ok(c) => {
-                worked(&second);
-                Ok((second, c, guard))
+                worked(&second.pick.machine);
+                Ok((second, c))
             }
             Err(e) => {
-                failed(&second, probe, &e);
+                self.connect_failed(&second.pick.machine, second.pick.probe, &e);
                 Err(ProxyError::UpstreamConnect {
-                    machine: second.id.clone(),
-                    addr: second.addr,
+                    machine: second.pick.machine.id.clone(),
+                    addr: second.pick.machine.addr,
                     source: e.source,
                 })
             }
         }
+    }
+
+    /// A routing decision as the exchange takes it: waits are timed and counted, and a
+    /// refusal becomes the error the client gets.
+    fn routed(
+        &self,
+        app: &AppEntry,
+        steer: &Steering,
+        routed: Result<Routed, Refusal>,
+        outcome: &mut Outcome,
+    ) -> Result<Routed, ProxyError> {
+        let label = |r: &Result<Routed, Refusal>| match r {
+            Ok(_) => "ok",
+            Err(Refusal::Wait(WakeError::Timeout, ..)) => "timeout",
+            Err(Refusal::Wait(WakeError::QueueFull(_) | WakeError::NoRoom(_), ..)) => "queue_full",
+            Err(Refusal::Wait(WakeError::Failed(_), ..)) => "failed",
+            Err(_) => "nothing_to_wake",
+        };
+        let waited = match &routed {
+            Ok(r) => r.waited,
+            // Turned away at once (nothing to wake): it did not wait.
+            Err(Refusal::Wait(
+                WakeError::NothingToWake | WakeError::Unavailable(_) | WakeError::Gone,
+                ..,
+            )) => None,
+            Err(Refusal::Wait(_, _, waited)) => Some(*waited),
+            Err(Refusal::NoRegion) => None,
+        };
+        if let Some(waited) = waited {
+            outcome.waited = Some(waited);
+            self.metrics
+                .wake_duration
+                .with_label_values(&[&app.name, label(&routed)])
+                .observe(waited.as_secs_f64());
+        }
+        let name = app.name.clone();
+        let pinned_why = steer.pinned.as_ref().map(|(_, why)| *why);
+        routed.map_err(|refusal| match refusal {
+            Refusal::NoRegion => {
+                let regions = match &steer.regions {
+                    routing::decide::Regions::Force(r) | routing::decide::Regions::Prefer(r) => r.join(","),
+                    routing::decide::Regions::Any => String::new(),
+                };
+                ProxyError::RegionUnavailable { app: name, regions }
+            }
+            Refusal::Wait(e, pinned, waited) => match (e, pinned, pinned_why) {
+                (WakeError::Gone, Some(m), Some(Why::Session)) => {
+                    ProxyError::SessionGone { app: name, machine: m.to_string() }
+                }
+                (e @ (WakeError::Gone | WakeError::Unavailable(_)), Some(m), _) => {
+                    ProxyError::InstanceUnavailable {
+                        app: name,
+                        machine: m.to_string(),
+                        reason: e.to_string(),
+                    }
+                }
+                (WakeError::Timeout, _, _) => {
+                    ProxyError::WakeTimeout { app: name, timeout: app.spec.wake_timeout }
+                }
+                (WakeError::QueueFull(limit), _, _) => ProxyError::QueueFull { app: name, limit },
+                (WakeError::NoRoom(hard_limit), _, _) => ProxyError::NoRoom { app: name, hard_limit, waited },
+                (WakeError::Failed(reason), _, _) => {
+                    ProxyError::WakeFailed { app: name, reason: reason.to_string() }
+                }
+                (WakeError::NothingToWake | WakeError::Gone | WakeError::Unavailable(_), _, _) => {
+                    ProxyError::NoMachine { app: name }
+                }
+            },
+        })
     }
 
     /// Ejects a machine whose connect failed, for its back-off (see `catalog::outlier`).
@@ -337,41 +436,6 @@ impl Handler {
         tracing::warn!(target: "tern::upstream", app = %m.spec.app, machine = %m.id, error = %err,
             ejected_ms = ejected.map(|e| e.for_ms), failures = ejected.map(|e| e.failures),
             "could not connect to the machine");
-    }
-
-    /// Holds the request until a machine of the app has room: one woken for it (if the app
-    /// wakes machines and the client may wake them), or one whose exchanges drop below the
-    /// hard limit; until the app's wake_timeout after the request arrived.
-    async fn wait_for_room(
-        &self,
-        app: &AppEntry,
-        arrived: Instant,
-        may_wake: bool,
-        outcome: &mut Outcome,
-    ) -> Result<Pick, ProxyError> {
-        let began = Instant::now();
-        let result = self.lifecycle.acquire(app, arrived + app.spec.wake_timeout, may_wake).await;
-        let waited = began.elapsed();
-        let label = match &result {
-            Ok(_) => "ok",
-            Err(WakeError::Timeout) => "timeout",
-            Err(WakeError::QueueFull(_) | WakeError::NoRoom(_)) => "queue_full",
-            Err(WakeError::NothingToWake) => "nothing_to_wake",
-            Err(WakeError::Failed(_)) => "failed",
-        };
-        // A request turned away at once (nothing to wake) did not wait.
-        if !matches!(result, Err(WakeError::NothingToWake)) {
-            outcome.waited = Some(waited);
-            self.metrics.wake_duration.with_label_values(&[&app.name, label]).observe(waited.as_secs_f64());
-        }
-        let name = app.name.clone();
-        result.map_err(|e| match e {
-            WakeError::Timeout => ProxyError::WakeTimeout { app: name, timeout: app.spec.wake_timeout },
-            WakeError::QueueFull(limit) => ProxyError::QueueFull { app: name, limit },
-            WakeError::NoRoom(hard_limit) => ProxyError::NoRoom { app: name, hard_limit, waited },
-            WakeError::NothingToWake => ProxyError::NoMachine { app: name },
-            WakeError::Failed(reason) => ProxyError::WakeFailed { app: name, reason: reason.to_string() },
-        })
     }
 
     /// Sends the request and waits for the response head, for at most the app's
@@ -420,6 +484,42 @@ impl Handler {
             r = fresh.send(*req, upgrade) => r.map_err(|(SendError::NotSent(_, e) | SendError::Failed(e))| failed(e)),
             () = silent_for(activity, idle) => Err(timeout()),
         }
+    }
+}
+
+impl Handler {
+    /// What steers the request within its app: the routing headers (fly-proxy's), never
+    /// to a machine of another app.
+    fn steering(&self, app: &AppEntry, head: &http::HeaderMap) -> Result<Steering, ProxyError> {
+        let mut steer = Steering::default();
+        let text = |name: &str| {
+            head.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+        };
+        if let Some(id) = text(headers::FORCE_INSTANCE) {
+            let Some(m) = self.router.machine_of(app, id) else {
+                return Err(ProxyError::InstanceUnavailable {
+                    app: app.name.clone(),
+                    machine: id.to_owned(),
+                    reason: "the app has no such machine".into(),
+                });
+            };
+            steer.pinned = Some((m, Why::Forced));
+        }
+        if let Some(id) = text(headers::PREFER_INSTANCE) {
+            match self.router.machine_of(app, id) {
+                Some(m) => steer.preferred = Some((m, Why::Preferred)),
+                None => steer.preferred_missing = Some(Arc::from(id)),
+            }
+        }
+        let regions = |v: &str| -> Vec<String> {
+            v.split(',').map(|r| r.trim().to_ascii_lowercase()).filter(|r| !r.is_empty()).collect()
+        };
+        if let Some(v) = text(headers::FORCE_REGION) {
+            steer.regions = Regions::Force(regions(v));
+        } else if let Some(v) = text(headers::PREFER_REGION) {
+            steer.regions = Regions::Prefer(regions(v));
+        }
+        Ok(steer)
     }
 }
 

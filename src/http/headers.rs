@@ -8,6 +8,14 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 
 pub const TERN_ERROR: HeaderName = HeaderName::from_static("tern-error");
+/// Routing headers a client may send (fly-proxy's): they steer the machine choice within
+/// the app, never across apps.
+pub const FORCE_INSTANCE: &str = "fly-force-instance-id";
+pub const PREFER_INSTANCE: &str = "fly-prefer-instance-id";
+pub const FORCE_REGION: &str = "fly-force-region";
+pub const PREFER_REGION: &str = "fly-prefer-region";
+/// Tells the machine that the instance the client preferred could not take the request.
+pub const PREFERRED_UNAVAILABLE: HeaderName = HeaderName::from_static("fly-preferred-instance-unavailable");
 pub const FLY_REQUEST_ID: HeaderName = HeaderName::from_static("fly-request-id");
 const FLY_CLIENT_IP: HeaderName = HeaderName::from_static("fly-client-ip");
 const FLY_FORWARDED_PORT: HeaderName = HeaderName::from_static("fly-forwarded-port");

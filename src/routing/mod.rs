@@ -4,8 +4,13 @@
 
 use std::sync::Arc;
 
-use crate::catalog::{AppEntry, Catalog};
+use tokio::time::Instant;
 
+use crate::catalog::{AppEntry, Catalog, Machine};
+
+use decide::{Decision, Routed, Steering, WaitError, Wakes, Why};
+
+pub mod decide;
 pub mod host;
 pub mod select;
 
@@ -31,4 +36,68 @@ impl Router {
     pub fn pick(&self, app: &AppEntry, exclude: &[&str]) -> Option<select::Pick> {
         select::acquire(&app.machines, exclude, &app.spec.concurrency)
     }
+
+    /// A machine of `app` by id, as the catalog holds it now; never one of another app.
+    pub fn machine_of(&self, app: &AppEntry, id: &str) -> Option<Arc<Machine>> {
+        self.catalog.load().machine(id).filter(|m| *m.spec.app == *app.name).cloned()
+    }
+
+    /// The one routing decision: the machine that takes this request, counted in flight on
+    /// it, after waiting for room or a wake (through `wakes`, if `may_wake`) until
+    /// `deadline` when none can take it at once.
+    pub async fn route(
+        &self,
+        app: &AppEntry,
+        steer: &Steering,
+        wakes: &dyn Wakes,
+        deadline: Instant,
+        may_wake: bool,
+    ) -> Result<Routed, Refusal> {
+        // Requests already waiting for room on this app go first: a free choice joins them
+        // rather than take a slot that frees ahead of them. (Every waiter registers on every
+        // machine, so the first machine tells.)
+        let free = steer.pinned.is_none() && steer.preferred.is_none();
+        let waiting = free && app.machines.first().is_some_and(|m| m.live.has_queued());
+        let decision = if waiting {
+            Decision::WaitAny { preferred_missed: steer.preferred_missing.clone() }
+        } else {
+            decide::decide(app, steer)
+        };
+        let began = Instant::now();
+        match decision {
+            Decision::Go(routed) => {
+                if routed.pick.over_soft && may_wake {
+                    wakes.wake_spare(app);
+                }
+                Ok(routed)
+            }
+            Decision::WaitFor(m, why) => match wakes.wait_for(app, &m, deadline, may_wake).await {
+                Ok(pick) => Ok(Routed { pick, why, waited: Some(began.elapsed()), preferred_missed: None }),
+                Err(e) => Err(Refusal::Wait(e, Some(m.id.clone()), began.elapsed())),
+            },
+            Decision::WaitAny { preferred_missed } => {
+                match wakes.wait_any(app, steer.eligible(), deadline, may_wake).await {
+                    Ok(pick) => {
+                        let why = match (&steer.regions, steer.why) {
+                            (decide::Regions::Force(_), Why::LeastLoaded) => Why::Region,
+                            (_, why) => why,
+                        };
+                        Ok(Routed { pick, why, waited: Some(began.elapsed()), preferred_missed })
+                    }
+                    Err(e) => Err(Refusal::Wait(e, None, began.elapsed())),
+                }
+            }
+            Decision::NoRegion => Err(Refusal::NoRegion),
+        }
+    }
+}
+
+/// Why no machine takes the request.
+#[derive(Debug)]
+pub enum Refusal {
+    /// Waiting ended without room: for the pinned machine (named), or for any; and how long
+    /// the request waited.
+    Wait(WaitError, Option<Arc<str>>, std::time::Duration),
+    /// The regions the request must go to hold no machine of the app.
+    NoRegion,
 }

@@ -21,6 +21,8 @@ use crate::catalog::outlier::Admit;
 use crate::catalog::{InFlight, Machine};
 use crate::model::Concurrency;
 
+use super::decide::Eligible;
+
 /// A machine chosen for an exchange, already counted against its limits.
 pub struct Pick {
     pub machine: Arc<Machine>,
@@ -36,13 +38,33 @@ pub struct Pick {
 /// The least-loaded routable machine below the hard limit, skipping `exclude`, counted in
 /// flight atomically so that racing requests cannot push it past the limit.
 pub fn acquire(machines: &[Arc<Machine>], exclude: &[&str], limits: &Concurrency) -> Option<Pick> {
+    acquire_where(machines, &|m: &Machine| !exclude.contains(&&*m.id), limits)
+}
+
+/// Like [`acquire`], among the machines `eligible` admits.
+pub fn acquire_among(
+    machines: &[Arc<Machine>],
+    eligible: &Eligible<'_>,
+    limits: &Concurrency,
+) -> Option<Pick> {
+    if eligible.is_all() {
+        return acquire_where(machines, &|_: &Machine| true, limits);
+    }
+    acquire_where(machines, &|m: &Machine| eligible.admits(m), limits)
+}
+
+fn acquire_where(
+    machines: &[Arc<Machine>],
+    admit: &dyn Fn(&Machine) -> bool,
+    limits: &Concurrency,
+) -> Option<Pick> {
     let hard = limits.hard_limit.unwrap_or(u32::MAX);
     let now = OnceCell::new();
     let now = || *now.get_or_init(crate::clock::now_ms);
     // A lost race for the last slot on a machine (or for its probe) means another look, not
     // a failure.
     for _ in 0..8 {
-        let (m, panic) = least_loaded(machines, exclude, hard, &now)?;
+        let (m, panic) = least_loaded(machines, admit, hard, &now)?;
         let load = m.live.in_flight();
         if let Some(guard) = m.live.try_begin(hard) {
             // Counted first, then checked again: a machine cordoned for a stop in between
@@ -71,14 +93,15 @@ pub fn acquire(machines: &[Arc<Machine>], exclude: &[&str], limits: &Concurrency
 /// sampling), so equal machines share load evenly.
 pub fn least_in_flight<'a>(machines: &'a [Arc<Machine>], exclude: &[&str]) -> Option<&'a Arc<Machine>> {
     let now = OnceCell::new();
-    least_loaded(machines, exclude, u32::MAX, &|| *now.get_or_init(crate::clock::now_ms)).map(|(m, _)| m)
+    let admit = |m: &Machine| !exclude.contains(&&*m.id);
+    least_loaded(machines, &admit, u32::MAX, &|| *now.get_or_init(crate::clock::now_ms)).map(|(m, _)| m)
 }
 
 /// The least-loaded of the machines in rotation and, when every routable machine is
 /// ejected, of all of them (then `true`: a panic pick, which takes no probe).
 fn least_loaded<'a>(
     machines: &'a [Arc<Machine>],
-    exclude: &[&str],
+    admit: &dyn Fn(&Machine) -> bool,
     hard: u32,
     now: &dyn Fn() -> u64,
 ) -> Option<(&'a Arc<Machine>, bool)> {
@@ -88,7 +111,7 @@ fn least_loaded<'a>(
     // full means waiting for room on it, not sending requests to the ejected ones.
     let mut any_in_rotation = false;
     for m in machines {
-        if !m.routable() || exclude.contains(&&*m.id) {
+        if !m.routable() || !admit(m) {
             continue;
         }
         let out = m.live.outlier().ejected(now);

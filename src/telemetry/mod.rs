@@ -50,6 +50,9 @@ pub struct Metrics {
     pub machines: IntGaugeVec,
     pub supervisor_passes: IntCounter,
     pub checks: IntCounterVec,
+    pub routing_decisions: IntCounterVec,
+    pub sessions: IntCounterVec,
+    pub replays: IntCounterVec,
 }
 
 /// Waking spans milliseconds (a suspended machine) to tens of seconds (a cold start).
@@ -210,6 +213,32 @@ impl Metrics {
                 ),
                 &["app", "result"],
             )?,
+            routing_decisions: IntCounterVec::new(
+                Opts::new(
+                    "tern_routing_decisions_total",
+                    "Requests routed to a machine, by app and why that machine (least_loaded, \
+                     session, cookie, forced, preferred, region, replay, replay_cache).",
+                ),
+                &["app", "why"],
+            )?,
+            sessions: IntCounterVec::new(
+                Opts::new(
+                    "tern_sessions_total",
+                    "Requests to apps with affinity, by app and what their session said: hit (routed \
+                     to its machine), miss (none carried, or a cookie whose machine is gone), \
+                     invalid (a token that does not open), gone (its machine left the catalog), \
+                     opened (a machine's response began one).",
+                ),
+                &["app", "result"],
+            )?,
+            replays: IntCounterVec::new(
+                Opts::new(
+                    "tern_replays_total",
+                    "fly-replay hops, by app (of the machine that asked) and how: header, json, \
+                     cache (a cached decision), fallback (the target failed; back to the origin).",
+                ),
+                &["app", "how"],
+            )?,
             registry,
         };
         m.register_all()?;
@@ -248,6 +277,9 @@ impl Metrics {
         r.register(Box::new(self.machines.clone()))?;
         r.register(Box::new(self.supervisor_passes.clone()))?;
         r.register(Box::new(self.checks.clone()))?;
+        r.register(Box::new(self.routing_decisions.clone()))?;
+        r.register(Box::new(self.sessions.clone()))?;
+        r.register(Box::new(self.replays.clone()))?;
         Ok(())
     }
 
@@ -281,6 +313,15 @@ impl Metrics {
         for result in ["pass", "fail"] {
             let _ = self.checks.remove_label_values(&[app, result]);
         }
+        for why in ROUTING_WHY {
+            let _ = self.routing_decisions.remove_label_values(&[app, why]);
+        }
+        for result in SESSION_RESULTS {
+            let _ = self.sessions.remove_label_values(&[app, result]);
+        }
+        for how in REPLAY_HOW {
+            let _ = self.replays.remove_label_values(&[app, how]);
+        }
     }
 
     /// Removes every series whose `app` label satisfies `gone`, whatever its other labels:
@@ -306,6 +347,9 @@ impl Metrics {
         sweep(&self.request_duration, &gone);
         sweep(&self.wake_duration, &gone);
         sweep(&self.checks, &gone);
+        sweep(&self.routing_decisions, &gone);
+        sweep(&self.sessions, &gone);
+        sweep(&self.replays, &gone);
     }
 }
 
@@ -314,6 +358,16 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// The `result` labels of `tern_wake_duration_seconds` (see the request path).
 const WAKE_RESULTS: [&str; 5] = ["ok", "timeout", "queue_full", "nothing_to_wake", "failed"];
+
+/// The `why` labels of `tern_routing_decisions_total` (routing's `Why`).
+pub const ROUTING_WHY: [&str; 8] =
+    ["least_loaded", "session", "cookie", "forced", "preferred", "region", "replay", "replay_cache"];
+
+/// The `result` labels of `tern_sessions_total`.
+pub const SESSION_RESULTS: [&str; 5] = ["hit", "miss", "invalid", "gone", "opened"];
+
+/// The `how` labels of `tern_replays_total`.
+pub const REPLAY_HOW: [&str; 4] = ["header", "json", "cache", "fallback"];
 
 /// "2xx", "4xx", …: the status class label of `tern_requests_total`.
 pub fn status_class(status: u16) -> &'static str {

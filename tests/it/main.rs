@@ -19,6 +19,7 @@ mod machines_api;
 mod ops;
 mod rib;
 mod shutdown;
+mod steer;
 mod streams;
 mod tls;
 mod wake;
