@@ -83,6 +83,7 @@ fn decode_app(key: &str, body: &str) -> Result<AppSpec, String> {
     for c in &spec.checks {
         c.check().map_err(|e| format!("checks: {e}"))?;
     }
+    spec.check_sessions().map_err(|(field, e)| format!("{field}: {e}"))?;
     for h in &mut spec.hostnames {
         *h = names::normalize_hostname(h)?;
     }
@@ -117,5 +118,53 @@ impl Snapshot {
             Some(suffix) => self.wild_certs.get(suffix),
             None => self.certs.get(key),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app_row(body: &str) -> Result<Option<Event>, DecodeError> {
+        decode(&Snapshot::default(), Table::Apps, "a", Some(body))
+    }
+
+    #[test]
+    fn rows_with_broken_session_settings_are_skipped_naming_the_field() {
+        let bad = [
+            (r#"{"name":"a","affinity":{"headers":["Host"]}}"#, "affinity.headers[0]"),
+            (r#"{"name":"a","affinity":{"headers":["X-S","x-s"]}}"#, "affinity.headers[1]"),
+            (r#"{"name":"a","affinity":{"cookie":"a b"}}"#, "affinity.cookie"),
+            (r#"{"name":"a","replay_buffer":67108865}"#, "replay_buffer"),
+            (
+                r#"{"name":"a","replay_cache":[{"path_prefix":"/","type":"cookie","name":"s","ttl_seconds":5}]}"#,
+                "replay_cache[0].ttl_seconds",
+            ),
+            (
+                r#"{"name":"a","replay_cache":[{"path_prefix":"x","type":"header","name":"h","ttl_seconds":60}]}"#,
+                "replay_cache[0].path_prefix",
+            ),
+        ];
+        for (body, field) in bad {
+            let e = app_row(body).unwrap_err();
+            assert!(e.reason.starts_with(&format!("{field}: ")), "{body}: {e}");
+            assert!(e.to_string().starts_with("apps row \"a\" skipped: "), "{e}");
+        }
+        let e = app_row(r#"{"name":"a","affinity":{"headers":[],"sticky":true}}"#).unwrap_err();
+        assert!(e.reason.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn rows_without_session_settings_get_the_defaults() {
+        let Ok(Some(Event::App(spec))) = app_row(r#"{"name":"a"}"#) else { panic!("decodes") };
+        assert_eq!(spec.affinity, model::Affinity::default());
+        assert_eq!(spec.replay_buffer, 1 << 20);
+        assert!(spec.replay_cache.is_empty());
+        let body = r#"{"name":"a","replay_buffer":"2MiB","affinity":{"headers":[],"cookie":"c"},
+            "replay_cache":[{"path_prefix":"a.test/x","type":"header","name":"X-T","ttl_seconds":10,"allow_bypass":true}]}"#;
+        let Ok(Some(Event::App(spec))) = app_row(body) else { panic!("decodes") };
+        assert_eq!(spec.replay_buffer, 2 << 20);
+        assert_eq!(spec.affinity.cookie.as_deref(), Some("c"));
+        assert_eq!(spec.replay_cache[0].kind, model::ReplayCacheKind::Header);
     }
 }

@@ -12,7 +12,18 @@ pub fn line_of(text: &str, offset: usize) -> usize {
 /// The line of the deepest part of `path` present in `text` (the field itself, or the
 /// table that lacks it).
 pub fn line_for(text: &str, path: &[Seg]) -> usize {
-    let Ok(root) = DeTable::parse(text) else { return 1 };
+    deepest(text, path).map_or(1, |(line, _)| line)
+}
+
+/// Whether `path` itself is written in `text` (not just a table above it).
+pub fn is_written(text: &str, path: &[Seg]) -> bool {
+    deepest(text, path).is_some_and(|(_, depth)| depth == path.len())
+}
+
+/// The line of the deepest part of `path` present, and how many segments of it were found.
+fn deepest(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
+    let Ok(root) = DeTable::parse(text) else { return None };
+    let mut depth = 0;
     let mut span = None;
     let mut current: Option<&Spanned<DeValue<'_>>> = None;
     for seg in path {
@@ -31,9 +42,10 @@ pub fn line_for(text: &str, path: &[Seg]) -> usize {
             Some(v) => {
                 span = Some(v.span());
                 current = Some(v);
+                depth += 1;
             }
             None => break,
         }
     }
-    span.map_or(1, |s| line_of(text, s.start))
+    span.map(|s| (line_of(text, s.start), depth))
 }

@@ -120,11 +120,14 @@ pub fn parse(text: &str, file: &str, base: &Path) -> Result<Declaration, Problem
         field: String::new(),
         message: e.message().trim().to_string(),
     })?;
-    let mut decl = validate(raw, base).map_err(|(path, message)| Problem {
-        file: file.to_string(),
-        line: locate::line_for(text, &path),
-        field: path_string(&path),
-        message,
+    let mut decl = validate(raw, base).map_err(|(path, message)| {
+        let path = as_written(text, path);
+        Problem {
+            file: file.to_string(),
+            line: locate::line_for(text, &path),
+            field: path_string(&path),
+            message,
+        }
     })?;
     decl.file = file.to_string();
     decl.text = text.to_string();
@@ -167,6 +170,7 @@ fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
             let cp = [Seg::Key("apps"), Seg::Index(i), Seg::Key("checks"), Seg::Index(j)];
             c.check().map_err(|m| at(&cp, m))?;
         }
+        app.check_sessions().map_err(|(f, m)| at(&session_path(i, f), m))?;
         decl.apps.push(app);
     }
     let mut ids = HashSet::new();
@@ -199,6 +203,33 @@ fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
         }
     }
     Ok(decl)
+}
+
+/// `path` as the author wrote it: a `replay_buffer` written inside `[apps.affinity]` (as
+/// CONTRACT.md's example does) was moved to the top level of the app while reading.
+fn as_written(text: &str, mut path: FieldPath) -> FieldPath {
+    if let [Seg::Key("apps"), Seg::Index(_), Seg::Key("replay_buffer")] = path.as_slice() {
+        if !locate::is_written(text, &path) {
+            let inner = [&path[..2], &[Seg::Key("affinity"), Seg::Key("replay_buffer")]].concat();
+            if locate::is_written(text, &inner) {
+                path = inner;
+            }
+        }
+    }
+    path
+}
+
+/// Where a broken session setting of app `i` is written.
+fn session_path(i: usize, field: model::SessionField) -> FieldPath {
+    use model::SessionField as F;
+    let mut path = vec![Seg::Key("apps"), Seg::Index(i)];
+    match field {
+        F::AffinityHeader(j) => path.extend([Seg::Key("affinity"), Seg::Key("headers"), Seg::Index(j)]),
+        F::AffinityCookie => path.extend([Seg::Key("affinity"), Seg::Key("cookie")]),
+        F::ReplayBuffer => path.push(Seg::Key("replay_buffer")),
+        F::ReplayCache(j, k) => path.extend([Seg::Key("replay_cache"), Seg::Index(j), Seg::Key(k)]),
+    }
+    path
 }
 
 fn load_cert(c: RawCert, i: usize, base: &Path) -> Result<CertSpec, Invalid> {

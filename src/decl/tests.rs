@@ -191,3 +191,178 @@ fn fuzz_property_holds_on_samples() {
         fuzz_parse(s.as_bytes());
     }
 }
+
+const SESSIONS: &str = r#"
+[[apps]]
+name = "mcp"
+hostnames = ["mcp.example.com"]
+replay_buffer = "512KiB"
+[apps.affinity]
+headers = ["Mcp-Session-Id", "X-Session"]
+cookie = "tern_affinity"
+[[apps.replay_cache]]
+path_prefix = "/"
+type = "cookie"
+name = "session"
+ttl_seconds = 300
+[[apps.replay_cache]]
+path_prefix = "mcp.example.com/api"
+type = "header"
+name = "X-Tenant"
+ttl_seconds = 10
+allow_bypass = true
+"#;
+
+#[test]
+fn session_fields_parse_with_their_defaults() {
+    let d = parse_str(SESSIONS).unwrap();
+    let a = &d.apps[0];
+    assert_eq!(a.affinity.headers, ["Mcp-Session-Id", "X-Session"]);
+    assert_eq!(a.affinity.cookie.as_deref(), Some("tern_affinity"));
+    assert_eq!(a.replay_buffer, 512 * 1024);
+    assert_eq!(a.replay_cache.len(), 2);
+    assert_eq!(a.replay_cache[1].kind, model::ReplayCacheKind::Header);
+    assert!(a.replay_cache[1].allow_bypass && !a.replay_cache[0].allow_bypass);
+    assert_eq!(a.replay_cache[1].host_and_path(), (Some("mcp.example.com"), "/api"));
+
+    let plain = parse_str("[[apps]]\nname = \"plain\"\n").unwrap();
+    let a = &plain.apps[0];
+    assert_eq!(a.affinity, model::Affinity::default());
+    assert_eq!(a.affinity.headers, ["Mcp-Session-Id"]);
+    assert_eq!(a.replay_buffer, 1024 * 1024);
+    assert!(a.replay_cache.is_empty());
+
+    let off = parse_str("[[apps]]\nname = \"off\"\n[apps.affinity]\nheaders = []\n").unwrap();
+    assert!(off.apps[0].affinity.headers.is_empty());
+}
+
+#[test]
+fn replay_buffer_sizes() {
+    for (written, bytes) in [
+        ("\"1MiB\"", 1 << 20),
+        ("\"512KiB\"", 512 << 10),
+        ("\"10MB\"", 10_000_000),
+        ("\"2048\"", 2048),
+        ("4096", 4096),
+        ("0", 0),
+        ("\"64mib\"", 64 << 20),
+    ] {
+        let d = parse_str(&format!("[[apps]]\nname = \"a\"\nreplay_buffer = {written}\n")).unwrap();
+        assert_eq!(d.apps[0].replay_buffer, bytes, "{written}");
+    }
+    for bad in ["\"1 parsec\"", "\"MiB\"", "\"-1\"", "\"99999999999999999999GiB\""] {
+        let p = parse_str(&format!("[[apps]]\nname = \"a\"\nreplay_buffer = {bad}\n")).unwrap_err();
+        assert_eq!(p.line, 3, "{bad}: {p}");
+    }
+    let p = parse_str("[[apps]]\nname = \"a\"\nreplay_buffer = \"65MiB\"\n").unwrap_err();
+    assert_eq!((p.line, p.field.as_str()), (3, "apps[0].replay_buffer"), "{p}");
+    assert!(p.message.contains("64MiB"), "{p}");
+}
+
+/// CONTRACT.md's example writes `replay_buffer` right after `[apps.affinity]`, which TOML
+/// reads as part of that table; both placements mean the app's buffer.
+#[test]
+fn replay_buffer_inside_the_affinity_table_is_the_apps() {
+    let contract = "[[apps]]\nname = \"hello\"\n[apps.affinity]\nheaders = [\"Mcp-Session-Id\"]\n\
+                    cookie = \"tern_affinity\"\nreplay_buffer = \"2MiB\"\n";
+    let d = parse_str(contract).unwrap();
+    assert_eq!(d.apps[0].replay_buffer, 2 << 20);
+    // The RIB holds it at the top level only, and reads it back the same.
+    let json = serde_json::to_value(&d.apps[0]).unwrap();
+    assert_eq!(json["replay_buffer"], 2 << 20);
+    assert!(json["affinity"].get("replay_buffer").is_none(), "{json}");
+    let back: AppSpec = serde_json::from_value(json).unwrap();
+    assert_eq!(back, d.apps[0]);
+
+    // Both, agreeing: fine. Both, disagreeing: refused, naming both.
+    let same = contract.replace("name = \"hello\"\n", "name = \"hello\"\nreplay_buffer = 2097152\n");
+    assert_eq!(parse_str(&same).unwrap().apps[0].replay_buffer, 2 << 20);
+    let two = contract.replace("name = \"hello\"\n", "name = \"hello\"\nreplay_buffer = \"1MiB\"\n");
+    let p = parse_str(&two).unwrap_err();
+    assert!(p.message.contains("replay_buffer is given twice"), "{p}");
+    assert!(p.message.contains("1048576") && p.message.contains("2097152"), "{p}");
+    assert!((1..=2).contains(&p.line), "{p}");
+
+    // A rule broken inside the affinity table is reported where it is written.
+    let big = contract.replace("\"2MiB\"", "\"1GiB\"");
+    let p = parse_str(&big).unwrap_err();
+    assert_eq!((p.line, p.field.as_str()), (6, "apps[0].affinity.replay_buffer"), "{p}");
+}
+
+#[test]
+fn session_rules_are_reported_at_their_field() {
+    let cases: &[(&str, &str, usize, &str, &str)] = &[
+        ("\"X-Session\"]", "\"X Session\"]", 7, "apps[0].affinity.headers[1]", "not an HTTP header name"),
+        ("\"X-Session\"]", "\"\"]", 7, "apps[0].affinity.headers[1]", "not an HTTP header name"),
+        ("\"X-Session\"]", "\"mcp-session-id\"]", 7, "apps[0].affinity.headers[1]", "listed twice"),
+        ("\"X-Session\"]", "\"Content-Length\"]", 7, "apps[0].affinity.headers[1]", "tern owns"),
+        ("\"X-Session\"]", "\"Set-Cookie\"]", 7, "apps[0].affinity.headers[1]", "tern owns"),
+        ("\"X-Session\"]", "\"Fly-Replay\"]", 7, "apps[0].affinity.headers[1]", "tern owns"),
+        ("\"X-Session\"]", "\"tern-error\"]", 7, "apps[0].affinity.headers[1]", "tern owns"),
+        ("\"X-Session\"]", "\"X-Forwarded-For\"]", 7, "apps[0].affinity.headers[1]", "tern owns"),
+        ("\"X-Session\"]", "\"Proxy-Authorization\"]", 7, "apps[0].affinity.headers[1]", "tern owns"),
+        ("\"tern_affinity\"", "\"tern affinity\"", 8, "apps[0].affinity.cookie", "not a cookie name"),
+        ("\"tern_affinity\"", "\"a=b\"", 8, "apps[0].affinity.cookie", "not a cookie name"),
+        ("ttl_seconds = 10", "ttl_seconds = 9", 18, "apps[0].replay_cache[1].ttl_seconds", "at least 10"),
+        ("\"X-Tenant\"", "\"\"", 17, "apps[0].replay_cache[1].name", "not an HTTP header name"),
+        ("\"X-Tenant\"", "\"X:Tenant\"", 17, "apps[0].replay_cache[1].name", "not an HTTP header name"),
+        ("\"session\"", "\"se;ssion\"", 12, "apps[0].replay_cache[0].name", "not a cookie name"),
+        (
+            "path_prefix = \"/\"",
+            "path_prefix = \"api\"",
+            10,
+            "apps[0].replay_cache[0].path_prefix",
+            "start with '/'",
+        ),
+        (
+            "path_prefix = \"/\"",
+            "path_prefix = \"\"",
+            10,
+            "apps[0].replay_cache[0].path_prefix",
+            "start with '/'",
+        ),
+        (
+            "path_prefix = \"/\"",
+            "path_prefix = \"/a b\"",
+            10,
+            "apps[0].replay_cache[0].path_prefix",
+            "character",
+        ),
+        (
+            "\"mcp.example.com/api\"",
+            "\"mcp.example.com:443/api\"",
+            15,
+            "apps[0].replay_cache[1].path_prefix",
+            "not a hostname",
+        ),
+        (
+            "\"mcp.example.com/api\"",
+            "\"*.example.com/api\"",
+            15,
+            "apps[0].replay_cache[1].path_prefix",
+            "not a hostname",
+        ),
+        ("\"mcp.example.com/api\"", "\"/\"", 15, "apps[0].replay_cache[1].path_prefix", "two rules"),
+        ("type = \"header\"", "type = \"query\"", 16, "", "unknown variant"),
+        ("allow_bypass = true", "allow_bypass = true\nttl = 5", 20, "", "unknown field"),
+        ("cookie = \"tern_affinity\"", "cookie = \"tern_affinity\"\nheader = \"x\"", 9, "", "unknown field"),
+    ];
+    for (from, to, line, field, message) in cases {
+        let text = SESSIONS.replacen(from, to, 1);
+        assert_ne!(text, SESSIONS, "{from}");
+        let p = parse_str(&text).unwrap_err();
+        assert_eq!((p.line, p.field.as_str()), (*line, *field), "{to}: {p}");
+        assert!(p.message.contains(message), "{to}: {p}");
+    }
+}
+
+/// Every declaration example in docs/declarations.md is one `tern check` accepts.
+#[test]
+fn the_documented_examples_parse() {
+    let doc = include_str!("../../docs/declarations.md");
+    let blocks: Vec<&str> = doc.split("```toml\n").skip(1).filter_map(|b| b.split("```").next()).collect();
+    assert!(blocks.iter().any(|b| b.contains("[apps.affinity]")), "the sessions example is there");
+    for b in blocks.iter().filter(|b| b.contains("[[apps]]")) {
+        parse_str(b).unwrap_or_else(|p| panic!("{p}\n{b}"));
+    }
+}

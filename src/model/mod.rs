@@ -11,70 +11,53 @@ use serde::{Deserialize, Serialize};
 
 use crate::duration::{de_duration, ser_duration};
 
+mod app_de;
 pub mod cert;
 pub mod names;
+pub mod session;
 
+pub use session::{Affinity, ReplayCacheKind, ReplayCacheRule, SessionField};
+
+/// An app as declared. Deserialized through [`app_de::RawApp`], which holds the defaults
+/// and accepts `replay_buffer` inside `[apps.affinity]` too (see there); serialized (into
+/// the RIB) with every field at the top level.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "app_de::RawApp")]
 pub struct AppSpec {
     pub name: String,
-    #[serde(default = "default_org")]
     pub org: String,
-    #[serde(default)]
     pub hostnames: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub primary_region: Option<String>,
     /// The port the app's machines serve HTTP on, for machines declared by bare IP.
-    #[serde(default = "default_internal_port")]
     pub internal_port: u16,
-    #[serde(default)]
     pub auto_stop: AutoStop,
-    #[serde(default = "yes")]
     pub auto_start: bool,
-    #[serde(default)]
     pub min_machines_running: u32,
     /// How long an exchange may stay silent in both directions, streams included.
-    #[serde(
-        default = "default_idle_timeout",
-        deserialize_with = "de_duration",
-        serialize_with = "ser_duration"
-    )]
+    #[serde(serialize_with = "ser_duration")]
     pub idle_timeout: Duration,
-    #[serde(default)]
     pub concurrency: Concurrency,
-    #[serde(
-        default = "default_auto_stop_after",
-        deserialize_with = "de_duration",
-        serialize_with = "ser_duration"
-    )]
+    #[serde(serialize_with = "ser_duration")]
     pub auto_stop_after: Duration,
-    #[serde(
-        default = "default_kill_timeout",
-        deserialize_with = "de_duration",
-        serialize_with = "ser_duration"
-    )]
+    #[serde(serialize_with = "ser_duration")]
     pub kill_timeout: Duration,
-    #[serde(
-        default = "default_wake_timeout",
-        deserialize_with = "de_duration",
-        serialize_with = "ser_duration"
-    )]
+    #[serde(serialize_with = "ser_duration")]
     pub wake_timeout: Duration,
     /// How long one start of a machine may take to become ready, whoever waits on it.
-    #[serde(
-        default = "default_start_timeout",
-        deserialize_with = "de_duration",
-        serialize_with = "ser_duration"
-    )]
+    #[serde(serialize_with = "ser_duration")]
     pub start_timeout: Duration,
-    #[serde(default = "default_max_pending")]
     pub max_pending: u32,
-    #[serde(default)]
     pub wake_ignore_user_agents: Vec<String>,
-    #[serde(default)]
     pub checks: Vec<Check>,
-    #[serde(default)]
     pub http_options: HttpOptions,
+    /// Sessions bound to a machine by a response header or a cookie.
+    pub affinity: Affinity,
+    /// Request body kept so a fly-replay can send the request again (bytes).
+    pub replay_buffer: u64,
+    /// fly-proxy's session replay cache rules.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replay_cache: Vec<ReplayCacheRule>,
 }
 
 impl AppSpec {
