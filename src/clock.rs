@@ -12,3 +12,11 @@ pub fn now_ms() -> u64 {
     let base = *BASE.get_or_init(Instant::now);
     u64::try_from(Instant::now().saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX)
 }
+
+/// Wall-clock milliseconds since the Unix epoch, for times other nodes and the RIB read
+/// (records' timestamps, session keys' retirement). Not for measuring durations.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -821,7 +821,5 @@ async fn any_of(notified: &mut [std::pin::Pin<Box<tokio::sync::futures::Notified
 }
 
 fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    crate::clock::unix_ms()
 }

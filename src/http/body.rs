@@ -243,18 +243,75 @@ impl Body for ProxyBody {
     }
 }
 
-/// What the exchange learns from the request body it sent: whether reading it from the
-/// client failed. A malformed body (bad chunk framing, a length mismatch) is the client's
-/// fault, whatever error the machine connection reports for it.
-#[derive(Debug, Default)]
+/// The client's request body, shared by the exchange and whichever machine request reads
+/// it. It is read from the client once; what has been read is kept, up to the app's
+/// `replay_buffer`, so that a `fly-replay` can send the request again, kept part first, then
+/// the rest as the client sends it. Keeping costs no copy (frames are reference-counted)
+/// and ends with the machine's response head: a response that does not replay frees it.
+///
+/// It also tells the exchange whether reading the body from the client failed: a malformed
+/// body (bad chunk framing, a length mismatch) is the client's fault, whatever error the
+/// machine connection reports for it.
+#[derive(Debug)]
 pub struct RequestBodyState {
     failed: std::sync::OnceLock<String>,
     /// The body is being read from the client (and so the client owes the rest of it).
     reading: std::sync::atomic::AtomicBool,
     ended: std::sync::atomic::AtomicBool,
+    tape: parking_lot::Mutex<Tape>,
+}
+
+#[derive(Debug)]
+struct Tape {
+    /// The client's body, from where it has been read to; `None` once dropped unread.
+    source: Option<Incoming>,
+    /// Frames read so far, while they fit in `limit`.
+    kept: Vec<Kept>,
+    kept_bytes: u64,
+    limit: u64,
+    /// Past the limit, or no longer kept: the body cannot be sent again.
+    spilled: bool,
+    /// The next kept frame the current reader gets.
+    pos: usize,
+    /// Which reader is current: a replay starts a new one, and the old one (on a machine
+    /// connection being thrown away) gets nothing more.
+    reader: u64,
+}
+
+#[derive(Debug)]
+enum Kept {
+    Data(Bytes),
+    Trailers(http::HeaderMap),
+}
+
+impl Kept {
+    fn frame(&self) -> Frame<Bytes> {
+        match self {
+            Kept::Data(d) => Frame::data(d.clone()),
+            Kept::Trailers(t) => Frame::trailers(t.clone()),
+        }
+    }
 }
 
 impl RequestBodyState {
+    /// A body to read from `source`, keeping up to `limit` bytes of it for a replay.
+    pub fn new(source: Incoming, limit: u64) -> Arc<RequestBodyState> {
+        Arc::new(RequestBodyState {
+            failed: std::sync::OnceLock::new(),
+            reading: std::sync::atomic::AtomicBool::new(false),
+            ended: std::sync::atomic::AtomicBool::new(false),
+            tape: parking_lot::Mutex::new(Tape {
+                source: Some(source),
+                kept: Vec::new(),
+                kept_bytes: 0,
+                limit,
+                spilled: false,
+                pos: 0,
+                reader: 0,
+            }),
+        })
+    }
+
     /// Why the client's body could not be read, if it could not.
     pub fn failure(&self) -> Option<&str> {
         self.failed.get().map(String::as_str)
@@ -265,7 +322,47 @@ impl RequestBodyState {
     pub fn unfinished(&self) -> bool {
         self.reading.load(Ordering::Acquire) && !self.ended.load(Ordering::Acquire)
     }
+
+    /// Whether the body can be sent again from its start: all of it read so far is kept.
+    pub fn replayable(&self) -> bool {
+        !self.tape.lock().spilled
+    }
+
+    /// The response came and does not replay: nothing more is kept, and what was kept is
+    /// freed as soon as the current reader is past it.
+    pub fn stop_keeping(&self) {
+        let mut tape = self.tape.lock();
+        tape.spilled = true;
+        let pos = tape.pos;
+        tape.kept.drain(..pos);
+        tape.pos = 0;
+    }
+
+    /// Starts the body over for a replay, if it can be: the next reader gets the kept
+    /// frames first, then the rest from the client. Any earlier reader gets nothing more.
+    fn rewind(&self) -> Option<u64> {
+        let mut tape = self.tape.lock();
+        if tape.spilled {
+            return None;
+        }
+        tape.reader += 1;
+        tape.pos = 0;
+        Some(tape.reader)
+    }
+
+    /// The body was never asked for (a gated body whose machine answered first): dropping
+    /// it unread tells hyper to send the client no `100 Continue`.
+    fn drop_unread(&self, reader: u64) {
+        let mut tape = self.tape.lock();
+        if tape.reader == reader {
+            tape.source = None;
+        }
+    }
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request is being sent to another machine")]
+struct Replaced;
 
 /// `Expect: 100-continue`, relayed: the client's body is not read (so hyper sends the client
 /// no `100 Continue`) until the machine says it wants it with its own 100, or
@@ -331,10 +428,10 @@ struct BodyNotWanted;
 /// A client's request body on its way to a machine; each frame counts as activity, so an
 /// upload in progress keeps the exchange alive while the app has not answered yet.
 struct ClientBody {
-    /// `None` once dropped unread (a gated body the machine never asked for).
-    inner: Option<Incoming>,
-    activity: Arc<Activity>,
     state: Arc<RequestBodyState>,
+    /// Which reader of the body this is (see [`Tape::reader`]).
+    reader: u64,
+    activity: Arc<Activity>,
     gate: Option<Gated>,
 }
 
@@ -359,8 +456,7 @@ impl ClientBody {
             }
             GATE_FINISHED => Poll::Ready(Err(BodyNotWanted.into())),
             GATE_ABANDONED => {
-                // Dropping it unread tells hyper to send the client no 100.
-                self.inner = None;
+                self.state.drop_unread(self.reader);
                 Poll::Pending
             }
             _ => {
@@ -389,43 +485,99 @@ impl Body for ClientBody {
             Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
             Poll::Pending => return Poll::Pending,
         }
-        let Some(inner) = self.inner.as_mut() else { return Poll::Pending };
-        let r = Pin::new(inner).poll_frame(cx);
-        self.state.reading.store(true, Ordering::Release);
+        let this = &mut *self;
+        let state = &*this.state;
+        let mut tape = state.tape.lock();
+        if tape.reader != this.reader {
+            return Poll::Ready(Some(Err(Replaced.into())));
+        }
+        if let Some(kept) = tape.kept.get(tape.pos) {
+            let frame = kept.frame();
+            tape.pos += 1;
+            this.activity.touch();
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let Some(source) = tape.source.as_mut() else { return Poll::Pending };
+        let r = Pin::new(&mut *source).poll_frame(cx);
+        state.reading.store(true, Ordering::Release);
         match &r {
-            Poll::Ready(None) => self.state.ended.store(true, Ordering::Release),
-            Poll::Ready(Some(Ok(_))) => {
-                self.activity.touch();
+            Poll::Ready(None) => state.ended.store(true, Ordering::Release),
+            Poll::Ready(Some(Ok(frame))) => {
+                this.activity.touch();
                 // hyper polls no further once the body says it is complete (its length
                 // reached, or END_STREAM): the end is only visible here.
-                if self.inner.as_ref().is_some_and(http_body::Body::is_end_stream) {
-                    self.state.ended.store(true, Ordering::Release);
+                if source.is_end_stream() {
+                    state.ended.store(true, Ordering::Release);
+                }
+                let tape = &mut *tape;
+                if !tape.spilled {
+                    let size = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if tape.kept_bytes + size <= tape.limit {
+                        tape.kept_bytes += size;
+                        tape.kept.push(match frame.trailers_ref() {
+                            Some(t) => Kept::Trailers(t.clone()),
+                            None => Kept::Data(frame.data_ref().cloned().unwrap_or_default()),
+                        });
+                        tape.pos = tape.kept.len();
+                    } else {
+                        // Too large to send again: keep nothing more, free what was kept.
+                        tape.spilled = true;
+                        tape.kept = Vec::new();
+                        tape.pos = 0;
+                    }
                 }
             }
             Poll::Ready(Some(Err(e))) => {
-                let _ = self.state.failed.set(e.to_string());
+                let _ = state.failed.set(e.to_string());
             }
-            _ => {}
+            Poll::Pending => {}
         }
         r.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_some_and(http_body::Body::is_end_stream)
+        let tape = self.state.tape.lock();
+        tape.reader == self.reader
+            && tape.pos >= tape.kept.len()
+            && tape.source.as_ref().is_some_and(http_body::Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map_or_else(SizeHint::default, http_body::Body::size_hint)
+        let tape = self.state.tape.lock();
+        let Some(source) = tape.source.as_ref() else { return SizeHint::default() };
+        let rest = source.size_hint();
+        let kept: u64 = match tape.kept.get(tape.pos..) {
+            Some(k) => k.iter().map(|k| if let Kept::Data(d) = k { d.len() as u64 } else { 0 }).sum(),
+            None => 0,
+        };
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + kept);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + kept);
+        }
+        hint
     }
 }
 
-/// The client's body as sent to a machine. With `gate`, it waits for the machine's 100.
+/// The client's body as sent to the first machine. With `gate`, it waits for the
+/// machine's 100.
 pub fn upstream_body(
-    inner: Incoming,
     activity: Arc<Activity>,
     state: Arc<RequestBodyState>,
     gate: Option<Arc<ContinueGate>>,
 ) -> UpBody {
     let gate = gate.map(|gate| Gated { gate, fallback: None });
-    ClientBody { inner: Some(inner), activity, state, gate }.boxed_unsync()
+    ClientBody { state, reader: 0, activity, gate }.boxed_unsync()
+}
+
+/// The client's body from its start again, for a replay; `None` when it was too large to
+/// keep. With `gate`, it waits for the new machine's 100.
+pub fn replayed_body(
+    activity: Arc<Activity>,
+    state: &Arc<RequestBodyState>,
+    gate: Option<Arc<ContinueGate>>,
+) -> Option<UpBody> {
+    let reader = state.rewind()?;
+    let gate = gate.map(|gate| Gated { gate, fallback: None });
+    Some(ClientBody { state: state.clone(), reader, activity, gate }.boxed_unsync())
 }

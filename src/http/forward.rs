@@ -20,9 +20,11 @@ use crate::telemetry::{Metrics, status_class};
 use crate::upstream::{Conn, Lease, Pool, Proto, SendError, UpBody};
 
 use super::activity::{Activity, ConnState, ExchangeGuard, IdleTimer, silent_for};
-use super::body::{ContinueGate, ExchangeGuards, GateGuard, ProxyBody, RequestBodyState, upstream_body};
+use super::body::{
+    ContinueGate, ExchangeGuards, GateGuard, ProxyBody, RequestBodyState, replayed_body, upstream_body,
+};
 use super::headers::{self, ClientSide};
-use super::{ConnInfo, request_id, respond, tunnel};
+use super::{ConnInfo, affinity, replay, request_id, respond, tunnel};
 
 /// Everything an exchange needs, shared by all connections.
 pub struct Handler {
@@ -146,10 +148,14 @@ impl Handler {
         outcome.app = Some(app.name.clone());
 
         let route = Route::of(&app, &mut req);
-        let steer = self.steering(&app, req.headers())?;
+        let mut steer = self.steering(&app, req.headers())?;
+        let keyring = self.router.keyring();
+        let session = affinity::open(&app, &keyring, &self.router, req.headers_mut(), &self.metrics)?;
+        if steer.pinned.is_none() {
+            steer.pinned.clone_from(&session.pinned);
+        }
         let client_version = req.version();
         let activity = Arc::new(Activity::new());
-        let body_state = Arc::new(RequestBodyState::default());
         let up = Upstream {
             id,
             raw_host: &raw_host,
@@ -157,33 +163,134 @@ impl Handler {
             proto: route.proto,
             region: &self.region,
         };
-        let body_parts = BodyParts { activity: &activity, state: &body_state, gate: route.gate.as_ref() };
-        let up_req = upstream_request(req, conn, up, body_parts)?;
-
-        let deadline = arrived + app.spec.wake_timeout;
-        let (routed, upstream) =
-            self.connect(&app, &steer, route.proto, deadline, !route.ignored_agent, outcome).await?;
-        let Routed { pick: Pick { machine, guard: in_flight, .. }, why, preferred_missed, .. } = routed;
-        outcome.machine = Some(machine.id.clone());
-        outcome.why = why;
-        self.metrics.routing_decisions.with_label_values(&[&app.name, why.as_str()]).inc();
-        let mut up_req = up_req;
-        if let Some(id) = preferred_missed
-            && let Ok(v) = HeaderValue::from_str(&id)
-        {
-            up_req.headers_mut().insert(headers::PREFERRED_UNAVAILABLE, v);
-        }
+        let (up_req, body_state) =
+            upstream_request(req, conn, up, &activity, route.gate.as_ref(), app.spec.replay_buffer)?;
+        let mut head = replay::Head {
+            method: up_req.method().clone(),
+            path: up_req.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            headers: up_req.headers().clone(),
+        };
         let idle = app.spec.idle_timeout;
         let upgrade = route.upgrade.is_some();
-        let sent = self.send(upstream, up_req, &machine, route.proto, upgrade, &activity, idle).await;
-        let (resp, mut lease) = self.received(sent, &body_state, &machine)?;
-        if route.gate.as_ref().is_some_and(|g| g.abandon_if_waiting()) {
+        let mut gate = route.gate.clone();
+        let (mut app, mut up_req, mut deadline) = (app, up_req, arrived + app.spec.wake_timeout);
+        let mut hops = 0u32;
+        // The machine that asked for the replay in flight, with what it asked for.
+        let mut replaying: Option<(Arc<Machine>, Arc<AppEntry>, Box<replay::Directive>)> = None;
+        let mut fell_back = false;
+        let (resp, machine, in_flight, mut lease) = loop {
+            let proto = if upgrade || !app.spec.http_options.h2_backend { Proto::Http1 } else { Proto::H2c };
+            let routed = self.connect(&app, &steer, proto, deadline, !route.ignored_agent, outcome).await;
+            let (routed, upstream) = match (routed, replaying.take()) {
+                (Ok(r), _) => r,
+                // The replay's target could not be reached: back to where it came from.
+                (Err(e), Some((origin, origin_app, d))) if d.fallback.is_some() && !fell_back => {
+                    let how = d.fallback.unwrap_or(replay::Fallback::PreferSelf);
+                    tracing::info!(target: "tern::http", request_id = %id, app = %app.name, error = %e,
+                        "fly-replay target unreachable; falling back to the origin");
+                    self.metrics.replays.with_label_values(&[&origin_app.name, "fallback"]).inc();
+                    steer = replay::fallback(&origin_app, &origin, how);
+                    let failed = replay::Failed {
+                        instance: &origin.id,
+                        app: &origin_app.name,
+                        region: origin.region(),
+                        replay_source: &origin.id,
+                        reason: if matches!(e, ProxyError::WakeTimeout { .. }) { "timeout" } else { "no_candidate" },
+                        elapsed_ms: arrived.elapsed().as_millis() as u64,
+                    };
+                    head.headers.remove(replay::FLY_REPLAY_SRC);
+                    head.headers.insert(replay::FLY_REPLAY_FAILED, replay::failed_header(&failed));
+                    fell_back = true;
+                    app = origin_app;
+                    deadline = arrived + app.spec.wake_timeout;
+                    up_req = self.again(&head, &raw_host, proto, &activity, &body_state, &app)?;
+                    continue;
+                }
+                (Err(e), _) => return Err(e),
+            };
+            let Routed { pick: Pick { machine, guard: in_flight, .. }, why, preferred_missed, .. } = routed;
+            outcome.machine = Some(machine.id.clone());
+            outcome.why = why;
+            self.metrics.routing_decisions.with_label_values(&[&app.name, why.as_str()]).inc();
+            if let Some(id) = preferred_missed
+                && let Ok(v) = HeaderValue::from_str(&id)
+            {
+                up_req.headers_mut().insert(headers::PREFERRED_UNAVAILABLE, v);
+            }
+            let sent = self.send(upstream, up_req, &machine, proto, upgrade, &activity, idle).await;
+            let (resp, lease) = self.received(sent, &body_state, &machine)?;
+            let d = match replay::answer(resp, &machine, &head.path, idle).await? {
+                replay::Answer::Serve(resp) => break (resp, machine, in_flight, lease),
+                replay::Answer::Replay(d, how) => {
+                    self.metrics.replays.with_label_values(&[&app.name, how]).inc();
+                    d
+                }
+            };
+            // The machine's answer is thrown away, and its connection with it (the request
+            // may be unsent or half sent on it).
+            drop((lease, in_flight));
+            hops += 1;
+            if hops > replay::MAX_HOPS || fell_back {
+                return Err(ProxyError::ReplayLoop { app: app.name.clone(), limit: replay::MAX_HOPS });
+            }
+            let (target, next) = replay::target(&self.router, &app, &machine, &d)?;
+            head.for_replay(&d, &machine, replay::now_us());
+            // The next machine gets the body as it comes, without waiting for its 100.
+            gate = None;
+            steer = next;
+            deadline = match d.timeout {
+                Some(t) => Instant::now() + t,
+                None => Instant::now() + target.spec.wake_timeout,
+            };
+            let origin_app = std::mem::replace(&mut app, target);
+            up_req = self.again(&head, &raw_host, proto, &activity, &body_state, &origin_app)?;
+            replaying = Some((machine, origin_app, d));
+        };
+        body_state.stop_keeping();
+        if gate.as_ref().is_some_and(|g| g.abandon_if_waiting()) {
             // The machine answered without wanting the body: the connection is mid-request.
             lease = None;
         }
-        let guards = ExchangeGuards { in_flight, exchange, lease, gate: route.gate.clone().map(GateGuard) };
+        let (mut parts, body) = resp.into_parts();
+        replay::strip(&mut parts.headers);
+        session.seal(&app, &machine, &keyring, &mut parts.headers, conn.tls, &self.metrics);
+        let resp = Response::from_parts(parts, body);
+        let guards = ExchangeGuards { in_flight, exchange, lease, gate: gate.map(GateGuard) };
         let timer = IdleTimer::new(activity, idle);
         self.relay(resp, guards, Relay { machine: &machine, route, client_version, id, timer })
+    }
+
+    /// The request once more, for a replay: its head as first sent (transformed), its body
+    /// from the start; refused when the body was too large to keep.
+    fn again(
+        &self,
+        head: &replay::Head,
+        raw_host: &str,
+        proto: Proto,
+        activity: &Arc<Activity>,
+        body_state: &Arc<RequestBodyState>,
+        origin_app: &AppEntry,
+    ) -> Result<Request<UpBody>, ProxyError> {
+        let body = replayed_body(activity.clone(), body_state, None).ok_or_else(|| ProxyError::ReplayTooLarge {
+            app: origin_app.name.clone(),
+            limit: origin_app.spec.replay_buffer,
+        })?;
+        let mut req = Request::new(body);
+        *req.method_mut() = head.method.clone();
+        *req.headers_mut() = head.headers.clone();
+        *req.uri_mut() = match proto {
+            Proto::Http1 => head.path.parse(),
+            Proto::H2c => format!("http://{raw_host}{}", head.path).parse(),
+        }
+        .map_err(|_| ProxyError::BadRequest("request target"))?;
+        *req.version_mut() = match proto {
+            Proto::Http1 => Version::HTTP_11,
+            Proto::H2c => Version::HTTP_2,
+        };
+        if proto == Proto::H2c {
+            req.headers_mut().remove(header::HOST);
+        }
+        Ok(req)
     }
 
     /// The machine's answer, or why there is none. Whatever the machine connection reports,
@@ -638,19 +745,14 @@ struct Upstream<'a> {
     region: &'a str,
 }
 
-/// What the request body shares with the exchange.
-struct BodyParts<'a> {
-    activity: &'a Arc<Activity>,
-    state: &'a Arc<RequestBodyState>,
-    gate: Option<&'a Arc<ContinueGate>>,
-}
-
 fn upstream_request(
     req: Request<Incoming>,
     conn: &ConnInfo,
     up: Upstream<'_>,
-    body_parts: BodyParts<'_>,
-) -> Result<Request<UpBody>, ProxyError> {
+    activity: &Arc<Activity>,
+    gate: Option<&Arc<ContinueGate>>,
+    replay_buffer: u64,
+) -> Result<(Request<UpBody>, Arc<RequestBodyState>), ProxyError> {
     let Upstream { id, raw_host, upgrade, proto, region } = up;
     let (mut parts, body) = req.into_parts();
     let side = ClientSide {
@@ -661,7 +763,7 @@ fn upstream_request(
         request_id: id,
         version: parts.version,
     };
-    let gated = body_parts.gate.is_some();
+    let gated = gate.is_some();
     headers::prepare_request(&mut parts.headers, &side, raw_host, upgrade, gated, proto == Proto::H2c);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = match proto {
@@ -680,11 +782,9 @@ fn upstream_request(
             parts.headers.insert(header::HOST, v);
         }
     }
-    let gate = body_parts.gate.cloned();
-    let mut req = Request::from_parts(
-        parts,
-        upstream_body(body, body_parts.activity.clone(), body_parts.state.clone(), gate.clone()),
-    );
+    let gate = gate.cloned();
+    let state = RequestBodyState::new(body, replay_buffer);
+    let mut req = Request::from_parts(parts, upstream_body(activity.clone(), state.clone(), gate.clone()));
     if let Some(gate) = gate {
         hyper::ext::on_informational(&mut req, move |r| {
             if r.status() == StatusCode::CONTINUE {
@@ -692,5 +792,5 @@ fn upstream_request(
             }
         });
     }
-    Ok(req)
+    Ok((req, state))
 }

@@ -20,11 +20,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 pub mod activity;
+mod affinity;
 pub mod body;
 pub mod ending;
 mod forward;
 pub mod headers;
 mod parser_replies;
+mod replay;
 pub mod request_id;
 pub mod respond;
 mod tunnel;

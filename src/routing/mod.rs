@@ -37,6 +37,16 @@ impl Router {
         select::acquire(&app.machines, exclude, &app.spec.concurrency)
     }
 
+    /// The app named `name`, as the catalog holds it now.
+    pub fn app_named(&self, name: &str) -> Option<Arc<AppEntry>> {
+        self.catalog.load().app(name).cloned()
+    }
+
+    /// The session keys as the catalog holds them now.
+    pub fn keyring(&self) -> Arc<seal::Keyring> {
+        self.catalog.load().keyring().clone()
+    }
+
     /// A machine of `app` by id, as the catalog holds it now; never one of another app.
     pub fn machine_of(&self, app: &AppEntry, id: &str) -> Option<Arc<Machine>> {
         self.catalog.load().machine(id).filter(|m| *m.spec.app == *app.name).cloned()

@@ -126,8 +126,46 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
     req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
+/// Every `key=value` of the query, percent-decoded.
+fn params(req: &Request<Incoming>) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'%' if i + 2 < b.len() => {
+                    out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                    i += 3;
+                }
+                b'+' => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                c => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+    let Some(q) = req.uri().query() else { return Vec::new() };
+    q.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (decode(k), decode(v))).collect()
+}
+
 async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
     state.requests.fetch_add(1, Ordering::SeqCst);
+    // `replay=VALUE` answers any path with `fly-replay: VALUE`, on the machine `only` names
+    // (every machine without it), unless the request has the header `unless` names.
+    let params = params(&req);
+    let mine = params.iter().filter(|(k, _)| k == "only").all(|(_, v)| *v == state.name)
+        && !params.iter().any(|(k, v)| k == "unless" && req.headers().contains_key(v.as_str()));
+    if mine && let Some((_, value)) = params.iter().find(|(k, _)| k == "replay") {
+        let mut r = Response::new(full("replay elsewhere"));
+        r.headers_mut().insert("fly-replay", value.parse().unwrap());
+        return r;
+    }
     match req.uri().path() {
         "/id" => Response::new(full(state.name.clone())),
         "/pid" => Response::new(full(std::process::id().to_string())),
@@ -137,15 +175,33 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body>
             for (k, v) in req.headers() {
                 headers.entry(k.as_str().into()).or_default().push(v.to_str().unwrap_or("").into());
             }
+            let (method, path, version) =
+                (req.method().to_string(), req.uri().path().to_string(), format!("{:?}", req.version()));
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            if mine && let Some((_, json)) = params.iter().find(|(k, _)| k == "replay_json") {
+                let mut r = Response::new(full(json.clone()));
+                r.headers_mut().insert("content-type", "application/vnd.fly.replay+json".parse().unwrap());
+                return r;
+            }
             let v = serde_json::json!({
-                "method": req.method().as_str(),
-                "path": req.uri().path(),
-                "version": format!("{:?}", req.version()),
+                "method": method,
+                "path": path,
+                "version": version,
                 "headers": headers,
                 "machine": state.name,
+                "body": String::from_utf8_lossy(&body),
             });
             let mut r = Response::new(full(v.to_string()));
             r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+            // `set=name:value` adds a response header, on the machine `only` names (all without it).
+            for (k, v) in &params {
+                if k == "set" && mine && let Some((name, value)) = v.split_once(':') {
+                    r.headers_mut().append(
+                        http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                        value.parse().unwrap(),
+                    );
+                }
+            }
             r
         }
         "/sse" => {

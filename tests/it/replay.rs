@@ -1,0 +1,231 @@
+//! fly-replay: a machine answers `fly-replay` (header or JSON body) and tern sends the same
+//! request, body included, where it says; the client sees only the final answer.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use crate::backend::Backend;
+use crate::harness::{Ca, HttpVersion, Proxy};
+use crate::wake::{backend_cmd, free_port, machine_state, metric};
+
+/// App `app` (app.test, org `o`) with machines (id, addr, region); then `extra_apps`.
+fn decl(machines: &[(&str, SocketAddr, &str)], app_extra: &str, extra_apps: &str) -> String {
+    let mut d = format!("[[apps]]\nname = \"app\"\norg = \"o\"\nhostnames = [\"app.test\"]\n{app_extra}\n");
+    for (id, addr, region) in machines {
+        d += &format!(
+            "[[machines]]\nid = \"{id}\"\napp = \"app\"\nregion = \"{region}\"\naddr = \"{addr}\"\nstate = \"started\"\n\n"
+        );
+    }
+    d + extra_apps
+}
+
+fn other_app(name: &str, org: &str, machine: &str, addr: SocketAddr) -> String {
+    format!(
+        "[[apps]]\nname = \"{name}\"\norg = \"{org}\"\nhostnames = [\"{name}.test\"]\n\n[[machines]]\nid = \"{machine}\"\napp = \"{name}\"\naddr = \"{addr}\"\nstate = \"started\"\n\n"
+    )
+}
+
+struct Setup {
+    proxy: Proxy,
+    client: reqwest::Client,
+    b: Vec<Backend>,
+}
+
+async fn setup(regions: &[&str], app_extra: &str, extra_apps: &str) -> Setup {
+    let mut b = Vec::new();
+    for i in 1..=regions.len() {
+        b.push(Backend::start(&format!("m{i}")).await);
+    }
+    let names: Vec<String> = (1..=regions.len()).map(|i| format!("m{i}")).collect();
+    let machines: Vec<(&str, SocketAddr, &str)> =
+        names.iter().zip(&b).zip(regions).map(|((n, b), r)| (n.as_str(), b.addr, *r)).collect();
+    let proxy = Proxy::start(&decl(&machines, app_extra, extra_apps)).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    Setup { proxy, client, b }
+}
+
+fn code(r: &reqwest::Response) -> String {
+    r.headers().get("tern-error").map_or("-".into(), |v| v.to_str().unwrap().into())
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+impl Setup {
+    /// POSTs `body` to /echo with these query parameters, pinned first to m1.
+    async fn post(&self, query: &str, body: &str) -> reqwest::Response {
+        self.client
+            .post(self.proxy.url("app.test", &format!("/echo?{query}")))
+            .header("fly-force-instance-id", "m1")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn replay_to_an_instance_resends_head_and_body_and_marks_the_source() {
+    let s = setup(&["ams", "ams", "ams"], "", "").await;
+    let r = s.post(&format!("only=m1&replay={}", enc("instance=m3;state=secret")), "the body").await;
+    assert_eq!(r.status(), 200, "{}", code(&r));
+    assert!(r.headers().get("fly-replay").is_none(), "fly-replay never reaches the client");
+    let echo: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(echo["machine"], "m3");
+    assert_eq!(echo["body"], "the body");
+    let src = echo["headers"]["fly-replay-src"][0].as_str().unwrap();
+    assert!(src.contains("instance=m1") && src.contains("region=ams") && src.contains("state=secret"), "{src}");
+    assert!(src.contains(";t="), "{src}");
+    let m = s.proxy.metrics().await;
+    assert_eq!(metric(&m, "tern_routing_decisions_total{app=\"app\",why=\"replay\"}"), 1.0);
+    assert_eq!(metric(&m, "tern_replays_total{app=\"app\",how=\"header\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn a_large_body_replays_whole_and_one_over_replay_buffer_is_refused() {
+    let s = setup(&["ams", "ams"], "replay_buffer = \"64KiB\"", "").await;
+    let body = "x".repeat(60 * 1024);
+    let r = s.post(&format!("only=m1&replay={}", enc("instance=m2")), &body).await;
+    let echo: serde_json::Value = r.json().await.unwrap();
+    assert_eq!((echo["machine"].as_str().unwrap(), echo["body"].as_str().unwrap().len()), ("m2", body.len()));
+
+    let body = "x".repeat(100 * 1024);
+    let before = s.b[1].requests.load(Ordering::SeqCst);
+    let r = s.post(&format!("only=m1&replay={}", enc("instance=m2")), &body).await;
+    assert_eq!((r.status().as_u16(), code(&r)), (413, "replay_too_large".into()));
+    assert_eq!(s.b[1].requests.load(Ordering::SeqCst), before, "m2 never saw it");
+}
+
+#[tokio::test]
+async fn replays_chain_up_to_ten_then_stop() {
+    let s = setup(&["ams", "ams"], "", "").await;
+    let r = s.post(&format!("replay={}", enc("elsewhere=true")), "").await;
+    assert_eq!((r.status().as_u16(), code(&r)), (508, "replay_loop".into()));
+    let seen: usize = s.b.iter().map(|b| b.requests.load(Ordering::SeqCst)).sum();
+    assert_eq!(seen, 11, "the first request and ten replays");
+}
+
+#[tokio::test]
+async fn replay_to_another_app_only_within_the_org() {
+    let same = Backend::start("s1").await;
+    let foreign = Backend::start("f1").await;
+    let apps = other_app("same", "o", "s1", same.addr) + &other_app("foreign", "x", "f1", foreign.addr);
+    let s = setup(&["ams"], "", &apps).await;
+    let r = s.post(&format!("only=m1&replay={}", enc("app=same")), "b").await;
+    let echo: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(echo["machine"], "s1");
+    let r = s.post(&format!("only=m1&replay={}", enc("app=foreign")), "b").await;
+    assert_eq!((r.status().as_u16(), code(&r)), (502, "replay_unauthorized".into()));
+    assert_eq!(foreign.requests.load(Ordering::SeqCst), 0);
+    let r = s.post(&format!("only=m1&replay={}", enc("app=nope")), "b").await;
+    assert_eq!((r.status().as_u16(), code(&r)), (502, "replay_invalid".into()));
+    let r = s.post(&format!("only=m1&replay={}", enc("bogus=1")), "b").await;
+    assert_eq!((r.status().as_u16(), code(&r)), (502, "replay_invalid".into()));
+}
+
+#[tokio::test]
+async fn replay_by_region_prefer_instance_and_elsewhere() {
+    let s = setup(&["ams", "fra", "fra"], "", "").await;
+    for _ in 0..10 {
+        let echo: serde_json::Value =
+            s.post(&format!("only=m1&replay={}", enc("region=fra")), "").await.json().await.unwrap();
+        assert!(echo["machine"] == "m2" || echo["machine"] == "m3", "{echo}");
+    }
+    let echo: serde_json::Value =
+        s.post(&format!("only=m1&replay={}", enc("prefer_instance=m3")), "").await.json().await.unwrap();
+    assert_eq!(echo["machine"], "m3");
+    let echo: serde_json::Value =
+        s.post(&format!("only=m1&replay={}", enc("prefer_instance=ghost")), "").await.json().await.unwrap();
+    assert_eq!(echo["headers"]["fly-preferred-instance-unavailable"][0], "ghost");
+    for _ in 0..10 {
+        let echo: serde_json::Value =
+            s.post(&format!("only=m1&replay={}", enc("elsewhere=true")), "").await.json().await.unwrap();
+        assert_ne!(echo["machine"], "m1");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_target_falls_back_to_the_origin_with_the_failure() {
+    let dead = crate::harness::dead_addr();
+    let extra = format!(
+        "[[machines]]\nid = \"dead\"\napp = \"app\"\nregion = \"ams\"\naddr = \"{dead}\"\nstate = \"started\"\n"
+    );
+    let s = setup(&["ams"], "", &extra).await;
+    let q = format!("only=m1&unless=fly-replay-failed&replay={}", enc("instance=dead;fallback=force_self"));
+    let r = s.post(&q, "body").await;
+    assert_eq!(r.status(), 200, "{}", code(&r));
+    let echo: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(echo["machine"], "m1");
+    assert_eq!(echo["body"], "body");
+    let failed = echo["headers"]["fly-replay-failed"][0].as_str().unwrap();
+    assert!(failed.contains("instance=m1") && failed.contains("reason="), "{failed}");
+    // Without fallback: the target's error.
+    let r = s.post(&format!("only=m1&replay={}", enc("instance=dead")), "").await;
+    assert_eq!((r.status().as_u16(), code(&r)), (502, "upstream_connect".into()));
+}
+
+#[tokio::test]
+async fn the_json_form_replays_with_its_transform() {
+    let s = setup(&["ams", "ams"], "", "").await;
+    let json = r#"{"instance":"m2","transform":{"path":"/echo?via=json","set_headers":[{"name":"x-added","value":"yes"}],"delete_headers":["x-gone"]}}"#;
+    let r = s
+        .client
+        .post(s.proxy.url("app.test", &format!("/echo?only=m1&replay_json={}", enc(json))))
+        .header("fly-force-instance-id", "m1")
+        .header("x-gone", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", code(&r));
+    let echo: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(echo["machine"], "m2");
+    assert_eq!(echo["headers"]["x-added"][0], "yes");
+    assert!(echo["headers"].get("x-gone").is_none());
+    let m = s.proxy.metrics().await;
+    assert_eq!(metric(&m, "tern_replays_total{app=\"app\",how=\"json\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_replays_to_the_machine_that_serves_it() {
+    use futures_util::{SinkExt, StreamExt};
+    let s = setup(&["ams", "ams"], "", "").await;
+    let url = format!("ws://{}/ws?only=m1&replay={}", s.proxy.http, enc("instance=m2"));
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    req.headers_mut().insert("host", "app.test".parse().unwrap());
+    req.headers_mut().insert("fly-force-instance-id", "m1".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(tokio_tungstenite::tungstenite::Message::text("hi")).await.unwrap();
+    let echoed = ws.next().await.unwrap().unwrap();
+    assert_eq!(echoed.to_text().unwrap(), "hi");
+    assert_eq!(s.b[0].requests.load(Ordering::SeqCst), 1, "m1 replayed it");
+    assert_eq!(s.b[1].requests.load(Ordering::SeqCst), 1, "m2 took the upgrade");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_to_a_stopped_machine_wakes_it() {
+    let m1 = Backend::start("m1").await;
+    let port = free_port();
+    let cmd: Vec<String> = backend_cmd(port).iter().map(|c| format!("{c:?}")).collect();
+    let d = format!(
+        "[[apps]]\nname = \"sleepy\"\nhostnames = [\"sleepy.test\"]\n\n\
+         [[machines]]\nid = \"m1\"\napp = \"sleepy\"\naddr = \"{}\"\nstate = \"started\"\n\n\
+         [[machines]]\nid = \"s2\"\napp = \"sleepy\"\naddr = \"127.0.0.1:{port}\"\nstate = \"stopped\"\ncmd = [{}]\n",
+        m1.addr,
+        cmd.join(", ")
+    );
+    let proxy = Proxy::start(&d).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let r = client
+        .get(proxy.url("sleepy.test", &format!("/?only=m1&replay={}", enc("instance=s2"))))
+        .header("fly-force-instance-id", "m1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", code(&r));
+    assert_eq!(r.text().await.unwrap(), "hello, world\n");
+    assert_eq!(machine_state(&proxy, "s2").await, "started");
+}

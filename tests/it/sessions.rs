@@ -1,0 +1,179 @@
+//! Session affinity: a machine's session header comes back to the client as a sealed token,
+//! and requests carrying it go to that machine (which sees its own value), on any node
+//! sharing the RIB; the affinity cookie does the same for browsers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use crate::backend::Backend;
+use crate::harness::{Ca, HttpVersion, Proxy};
+use crate::wake::metric;
+
+fn decl(app: &str, org: &str, machines: &[(&str, SocketAddr)], extra: &str) -> String {
+    let mut d = format!("[[apps]]\nname = \"{app}\"\norg = \"{org}\"\nhostnames = [\"{app}.test\"]\n{extra}\n");
+    for (id, addr) in machines {
+        d += &format!(
+            "[[machines]]\nid = \"{id}\"\napp = \"{app}\"\nregion = \"ams\"\naddr = \"{addr}\"\nstate = \"started\"\n\n"
+        );
+    }
+    d
+}
+
+async fn backends(prefix: &str, n: usize) -> Vec<Backend> {
+    let mut v = Vec::new();
+    for i in 1..=n {
+        v.push(Backend::start(&format!("{prefix}{i}")).await);
+    }
+    v
+}
+
+fn ids<'a>(prefix: &str, b: &'a [Backend]) -> Vec<(String, SocketAddr)> {
+    b.iter().enumerate().map(|(i, b)| (format!("{prefix}{}", i + 1), b.addr)).collect()
+}
+
+fn as_refs(v: &[(String, SocketAddr)]) -> Vec<(&str, SocketAddr)> {
+    v.iter().map(|(s, a)| (s.as_str(), *a)).collect()
+}
+
+fn total(b: &[Backend]) -> usize {
+    b.iter().map(|b| b.requests.load(Ordering::SeqCst)).sum()
+}
+
+fn code(r: &reqwest::Response) -> String {
+    r.headers().get("tern-error").map_or("-".into(), |v| v.to_str().unwrap().into())
+}
+
+/// Opens a session: a request whose machine answers `mcp-session-id: value`. Returns the
+/// token the client saw and the machine.
+async fn open(client: &reqwest::Client, proxy: &Proxy, app: &str, value: &str) -> (String, String) {
+    let r = client.post(proxy.url(&format!("{app}.test"), &format!("/echo?set=mcp-session-id:{value}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let token = r.headers().get("mcp-session-id").expect("a session header").to_str().unwrap().to_string();
+    let echo: serde_json::Value = r.json().await.unwrap();
+    (token, echo["machine"].as_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn a_session_sticks_to_its_machine_on_both_nodes_and_the_machine_sees_its_own_value() {
+    let b = backends("m", 3).await;
+    let machines = ids("m", &b);
+    let a = Proxy::start(&decl("mcp", "o", &as_refs(&machines), "")).await;
+    let node_b = Proxy::join(&a).await;
+    let ca = Ca::new();
+    let (ca_client, cb_client) = (a.client(&ca, HttpVersion::Http1), node_b.client(&ca, HttpVersion::Http1));
+    let (token, machine) = open(&ca_client, &a, "mcp", "sess-42").await;
+    assert_ne!(token, "sess-42", "the client sees a token, not the machine's value");
+    assert!(token.bytes().all(|c| (0x21..0x7f).contains(&c)), "visible ASCII only: {token}");
+
+    // Other requests keep the machines busy; least-loaded would spread them.
+    for i in 0..40 {
+        let (client, proxy) = if i % 2 == 0 { (&ca_client, &a) } else { (&cb_client, &node_b) };
+        let method = if i == 39 { reqwest::Method::DELETE } else { reqwest::Method::POST };
+        let r = client
+            .request(method, proxy.url("mcp.test", "/echo"))
+            .header("mcp-session-id", &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", code(&r));
+        let echo: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(echo["machine"], machine.as_str(), "request {i} went astray");
+        assert_eq!(echo["headers"]["mcp-session-id"][0], "sess-42", "the machine sees its own value");
+    }
+    // The machine repeats its value: the client gets the same token back.
+    let r = cb_client
+        .post(node_b.url("mcp.test", "/echo?set=mcp-session-id:sess-42"))
+        .header("mcp-session-id", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers().get("mcp-session-id").unwrap().to_str().unwrap(), token);
+    let m = a.metrics().await;
+    assert_eq!(metric(&m, "tern_routing_decisions_total{app=\"mcp\",why=\"session\"}"), 20.0);
+    assert_eq!(metric(&m, "tern_sessions_total{app=\"mcp\",result=\"hit\"}"), 20.0);
+    assert_eq!(metric(&m, "tern_sessions_total{app=\"mcp\",result=\"opened\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn forged_truncated_and_other_app_tokens_reach_no_machine() {
+    let b = backends("m", 2).await;
+    let other = backends("x", 1).await;
+    let mut d = decl("mcp", "o", &as_refs(&ids("m", &b)), "");
+    d += &decl("other", "o", &as_refs(&ids("x", &other)), "");
+    let proxy = Proxy::start(&d).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let (token, _) = open(&client, &proxy, "mcp", "s1").await;
+    let (other_token, _) = open(&client, &proxy, "other", "s2").await;
+    let before = total(&b) + total(&other);
+    let truncated = &token[..token.len() - 5];
+    let mut flipped = token.clone().into_bytes();
+    let last = flipped.len() - 3;
+    flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
+    let flipped = String::from_utf8(flipped).unwrap();
+    for bad in ["garbage", "s1", truncated, &flipped, &other_token] {
+        let r = client.post(proxy.url("mcp.test", "/echo")).header("mcp-session-id", bad).send().await.unwrap();
+        assert_eq!((r.status().as_u16(), code(&r)), (404, "session_invalid".into()), "token {bad:?}");
+    }
+    assert_eq!(total(&b) + total(&other), before, "no machine saw any of them");
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "tern_sessions_total{app=\"mcp\",result=\"invalid\"}"), 5.0);
+}
+
+#[tokio::test]
+async fn a_session_whose_machine_was_pruned_is_gone_and_a_new_one_works() {
+    let b = backends("m", 2).await;
+    let machines = ids("m", &b);
+    let proxy = Proxy::start(&decl("mcp", "o", &as_refs(&machines), "")).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let (token, machine) = open(&client, &proxy, "mcp", "s1").await;
+    let keep: Vec<(&str, SocketAddr)> = as_refs(&machines).into_iter().filter(|(id, _)| *id != machine).collect();
+    proxy.apply_pruning(&decl("mcp", "o", &keep, ""));
+    let gone = crate::harness::eventually(std::time::Duration::from_secs(10), || async {
+        let r = client.post(proxy.url("mcp.test", "/echo")).header("mcp-session-id", &token).send().await.unwrap();
+        (code(&r) == "session_gone").then_some(r.status().as_u16())
+    })
+    .await;
+    assert_eq!(gone, Some(404));
+    let (_, again) = open(&client, &proxy, "mcp", "s2").await;
+    assert_eq!(again, keep[0].0, "a fresh session on the machine that is left");
+}
+
+#[tokio::test]
+async fn the_affinity_cookie_pins_browsers_and_is_replaced_when_its_machine_is_gone() {
+    let b = backends("m", 3).await;
+    let machines = ids("m", &b);
+    let extra = "[apps.affinity]\ncookie = \"tern_affinity\"";
+    let proxy = Proxy::start(&decl("web", "o", &as_refs(&machines), extra)).await;
+    let ca = Ca::new();
+    let client = proxy.client(&ca, HttpVersion::Http1);
+    let r = client.get(proxy.url("web.test", "/echo")).send().await.unwrap();
+    let set = r.headers().get("set-cookie").expect("a cookie").to_str().unwrap().to_string();
+    assert!(set.starts_with("tern_affinity=") && set.ends_with("; Path=/; HttpOnly; SameSite=Lax"), "{set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+    let first: serde_json::Value = r.json().await.unwrap();
+    for _ in 0..20 {
+        let r = client.get(proxy.url("web.test", "/echo")).header("cookie", format!("a=1; {cookie}")).send().await.unwrap();
+        assert!(r.headers().get("set-cookie").is_none(), "a valid cookie is not set again");
+        let echo: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(echo["machine"], first["machine"]);
+    }
+    // Over TLS the cookie is Secure.
+    let r = client.get(proxy.tls_url("web.test", "/echo")).send().await.unwrap();
+    assert!(r.headers().get("set-cookie").unwrap().to_str().unwrap().ends_with("; Secure"));
+    // A cookie that does not open is no error to a browser: a normal pick and a new cookie.
+    let r = client.get(proxy.url("web.test", "/echo")).header("cookie", "tern_affinity=junk").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("set-cookie").is_some());
+    // Its machine removed: the same.
+    let keep: Vec<(&str, SocketAddr)> =
+        as_refs(&machines).into_iter().filter(|(id, _)| *id != first["machine"].as_str().unwrap()).collect();
+    proxy.apply_pruning(&decl("web", "o", &keep, extra));
+    let replaced = crate::harness::eventually(std::time::Duration::from_secs(10), || async {
+        let r = client.get(proxy.url("web.test", "/echo")).header("cookie", &cookie).send().await.unwrap();
+        let fresh = r.headers().get("set-cookie").is_some();
+        let echo: serde_json::Value = r.json().await.unwrap();
+        (fresh && echo["machine"] != first["machine"]).then_some(())
+    })
+    .await;
+    assert!(replaced.is_some(), "a cookie for a gone machine falls back and is replaced");
+}
