@@ -27,8 +27,9 @@ pub struct Target {
     pub prefer_instance: Option<String>,
 }
 
-/// Entries kept at most, path and session together. Each is small (a target and a key),
-/// so the bound keeps the cache to a few megabytes whatever apps send.
+/// Entries kept at most, path and session together (inserts racing past a full check may
+/// add one each). Each is small (a target and a key), so the bound keeps the cache to a few
+/// megabytes whatever apps send.
 pub const CAPACITY: usize = 65_536;
 
 #[derive(Clone)]
@@ -373,3 +374,6 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         })
         .find(|v| !v.is_empty())
 }
+
+#[cfg(test)]
+mod tests;
