@@ -284,7 +284,8 @@ fn check_state(state: &str) -> Result<(), Invalid> {
         return Err(Invalid::Empty("state"));
     }
     if state.len() > 1024 {
-        return Err(Invalid::bad("state", &state[..32], "is longer than 1024 characters"));
+        let start: String = state.chars().take(32).collect();
+        return Err(Invalid::bad("state", &start, "is longer than 1024 characters"));
     }
     if !state.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b';' | b'"' | b'\\')) {
         return Err(Invalid::bad("state", state, "has a space, ';', '\"', '\\' or a non-ASCII character"));

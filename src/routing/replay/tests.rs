@@ -95,6 +95,9 @@ fn refused_directives_name_their_field() {
     let long = format!("region=ams;state={}", "x".repeat(1025));
     assert!(hdr(&long).unwrap_err().to_string().contains("longer than 1024"));
     assert!(hdr(&format!("region=ams;state={}", "x".repeat(1024))).is_ok());
+    // Cut for the message at a character, not a byte.
+    let e = json(&format!(r#"{{"region": "ams", "state": "{}"}}"#, "é".repeat(600))).unwrap_err();
+    assert!(e.to_string().contains("longer than 1024"), "{e}");
     let not_ascii = HeaderValue::from_bytes(b"region=ams;state=caf\xc3\xa9").unwrap();
     assert_eq!(from_header(&not_ascii).unwrap_err(), Invalid::NotAscii);
 }
