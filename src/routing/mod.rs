@@ -1,6 +1,6 @@
-//! Routing decides app → machine: host normalisation and selection over a catalog
-//! snapshot. No I/O, so it can be fuzzed and benchmarked directly. It reads the catalog and
-//! nothing else of the request path.
+//! Routing decides app → machine: host normalisation, selection over a catalog snapshot,
+//! and reading `fly-replay` directives and remembering them. No I/O, so it can be fuzzed
+//! and benchmarked directly. It reads the catalog and nothing else of the request path.
 
 use std::sync::Arc;
 
@@ -12,6 +12,8 @@ use decide::{Decision, Routed, Steering, WaitError, Wakes, Why};
 
 pub mod decide;
 pub mod host;
+pub mod replay;
+pub mod replay_cache;
 pub mod select;
 
 pub use host::{HostError, normalize};
