@@ -24,7 +24,8 @@ use crate::catalog::{AppEntry, Machine};
 use crate::error::ProxyError;
 use crate::routing::Router;
 use crate::routing::decide::{Regions, Steering, Why};
-use crate::routing::replay::{self, Directive, Fallback};
+use crate::routing::replay;
+pub use crate::routing::replay::{Directive, Failed, Fallback, failed_header};
 
 /// fly-proxy's limit: the eleventh replay in a row is refused.
 pub const MAX_HOPS: u32 = 10;

@@ -123,7 +123,7 @@ pub struct Eligible<'a> {
 
 impl Eligible<'_> {
     pub fn admits(&self, m: &Machine) -> bool {
-        !self.exclude.contains(&m.id) && self.regions.is_none_or(|r| region_matches(r, m.region()))
+        !self.exclude.contains(&m.id) && self.regions.is_none_or(|r| super::replay::region_matches(r, m.region()))
     }
 
     pub fn is_all(&self) -> bool {
@@ -273,10 +273,4 @@ pub fn state_name(m: &Machine) -> &'static str {
         MachineState::Started if !m.live.in_rotation() => "being stopped",
         s => s.as_str(),
     }
-}
-
-/// Whether a machine in `region` is in one of the `wanted` regions (codes as given, any
-/// case; `any` matches every region).
-pub fn region_matches(wanted: &[String], region: &str) -> bool {
-    wanted.iter().any(|w| w.eq_ignore_ascii_case("any") || w.eq_ignore_ascii_case(region))
 }
