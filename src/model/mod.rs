@@ -13,6 +13,8 @@ use crate::duration::{de_duration, ser_duration};
 
 pub mod cert;
 pub mod names;
+pub mod seal;
+pub mod session_key;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

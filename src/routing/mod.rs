@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::catalog::{AppEntry, Catalog};
 
 pub mod host;
+pub mod seal;
 pub mod select;
 
 pub use host::{HostError, normalize};
