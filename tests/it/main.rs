@@ -18,6 +18,7 @@ mod lifecycle;
 mod machines_api;
 mod ops;
 mod rib;
+mod session_keys;
 mod shutdown;
 mod streams;
 mod tls;
