@@ -1,5 +1,6 @@
-//! The admin endpoints: `/healthz`, `/metrics`, `/v1/apps/{app}`. Read-only views of the
-//! catalog and the metrics; served on their own address, never on a public listener.
+//! The admin endpoints: `/healthz`, `/metrics`, `/v1/apps/{app}`, `/v1/session-keys`.
+//! Read-only views of the catalog and the metrics; served on their own address, never on a
+//! public listener. No secret is ever shown.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::catalog::{AppEntry, Catalog};
+use crate::catalog::{AppEntry, Catalog, Snapshot};
 use crate::telemetry::Metrics;
 
 /// Whether the node serves or drains; `/healthz` answers 503 while draining so that a load
@@ -83,6 +84,7 @@ impl Admin {
                     .insert(header::CONTENT_TYPE, "text/plain; version=0.0.4".parse().expect("static"));
                 r
             }
+            "/v1/session-keys" => json(StatusCode::OK, &session_keys_json(&self.catalog.load())),
             _ => match path.strip_prefix("/v1/apps/") {
                 Some(name) if !name.is_empty() && !name.contains('/') => {
                     match self.catalog.load().app(name) {
@@ -128,6 +130,17 @@ pub fn app_json(app: &AppEntry) -> serde_json::Value {
         "internal_port": app.spec.internal_port,
         "machines": machines,
     })
+}
+
+/// The session keys this node holds, as `/v1/session-keys` shows them: ids and times, never
+/// secrets. `sealing` is the key new tokens are sealed with; `keys` lists every key held,
+/// by id.
+pub fn session_keys_json(snap: &Snapshot) -> serde_json::Value {
+    let keys: Vec<_> = snap
+        .session_keys()
+        .map(|k| serde_json::json!({"id": k.id, "created_ms": k.created_ms, "retire_at_ms": k.retire_at_ms}))
+        .collect();
+    serde_json::json!({ "sealing": snap.keyring().sealing_id(), "keys": keys })
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -1,5 +1,6 @@
 //! Milliseconds on tokio's monotonic clock, small enough to keep in an atomic. Built on
-//! `tokio::time::Instant`, so tests that pause time see it paused.
+//! `tokio::time::Instant`, so tests that pause time see it paused. Plus the wall clock in
+//! Unix milliseconds, for times shared with other nodes.
 
 use std::sync::OnceLock;
 
@@ -13,10 +14,9 @@ pub fn now_ms() -> u64 {
     u64::try_from(Instant::now().saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Wall-clock milliseconds since the Unix epoch, for times other nodes and the RIB read
-/// (records' timestamps, session keys' retirement). Not for measuring durations.
+/// Wall-clock milliseconds since the Unix epoch: for times other nodes must read the same
+/// way (RIB timestamps, session key retirement), which the monotonic clock above is not.
 pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -8,9 +8,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use tern::config::{Config, LogFormat, Source};
+use tern::model::session_key::{SessionKeyRow, parse_id};
 use tern::proxy::{self, Bound};
-use tern::rib::Table;
 use tern::rib::sqlite::{Existing, SqliteRib, Store, open_existing};
+use tern::rib::{Rib, Table};
 
 // A proxy allocates and frees small buffers and headers for every request, on every worker
 // thread at once; mimalloc's thread-local free lists serve that pattern better than glibc's.
@@ -53,6 +54,23 @@ enum Command {
     },
     /// Print the apps, machines and certificates in the RIB
     Status,
+    /// Rotate or list the keys session tokens are sealed with (kept in the RIB)
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Add a key that seals every new token; the others keep opening tokens for GRACE
+    Rotate {
+        /// How long tokens sealed under the previous keys keep opening ("24h", "30m", "0s")
+        #[arg(long, default_value = "24h", value_name = "DUR", value_parser = tern::duration::parse)]
+        grace: std::time::Duration,
+    },
+    /// Print each key's id, when it was made and when it stops opening tokens (never its secret)
+    List,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +80,8 @@ fn main() -> ExitCode {
         Command::Apply { decl, prune, dry_run } => apply(cli.config.as_deref(), &decl, prune, dry_run),
         Command::Check { decl } => check(cli.config.as_deref(), decl.as_deref()),
         Command::Status => status(cli.config.as_deref()),
+        Command::Keys { command: KeysCommand::Rotate { grace } } => rotate_keys(cli.config.as_deref(), grace),
+        Command::Keys { command: KeysCommand::List } => list_keys(cli.config.as_deref()),
     };
     match result {
         Ok(code) => code,
@@ -239,9 +259,88 @@ fn summarize(table: Table, body: &str) -> String {
         }
         Table::Machines => format!("{} {} {} {}", s("app"), s("state"), s("addr"), s("region")),
         Table::Certificates => String::new(),
+        Table::SessionKeys => key_summary(body, tern::clock::unix_ms()),
         Table::MachineStates => {
             let version = v.get("version").and_then(serde_json::Value::as_u64).unwrap_or(0);
             format!("{} v{version} {} {}", s("state"), s("reason"), s("node"))
         }
     }
+}
+
+/// `tern keys rotate`: through the RIB's own rotation, so every store applies the same rules
+/// in one transaction. Running proxies pick the new key up from the RIB.
+fn rotate_keys(config_path: Option<&Path>, grace: std::time::Duration) -> anyhow::Result<ExitCode> {
+    let (config, _) = load_config(config_path)?;
+    let rib = SqliteRib::open(&config.rib.path, config.rib.poll_interval)
+        .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?;
+    let now = tern::clock::unix_ms();
+    let fresh = SessionKeyRow::fresh(now)?;
+    let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    let done = rib.rotate_session_key(&fresh, grace_ms)?;
+    println!("session key {} seals new tokens from now on", done.id);
+    if !done.retired.is_empty() {
+        let ids: Vec<String> = done.retired.iter().map(u32::to_string).collect();
+        let (when, rel) = (utc(done.retire_at_ms), relative(done.retire_at_ms, now));
+        println!("key {} keep opening tokens until {when} ({rel}), then retire", ids.join(", "));
+    }
+    if !done.deleted.is_empty() {
+        let ids: Vec<String> = done.deleted.iter().map(u32::to_string).collect();
+        println!("deleted key {} (retired over a day ago)", ids.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tern keys list`: ids and times only; the secrets never leave the RIB this way.
+fn list_keys(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let (config, _) = load_config(config_path)?;
+    let mut store = Store::open(&config.rib.path)
+        .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?;
+    let mut rows = store.read_all(Table::SessionKeys)?;
+    rows.sort_by_key(|r| parse_id(&r.key));
+    println!("RIB {}", config.rib.path.display());
+    println!("{:<6} {:<22} RETIRES", "ID", "CREATED");
+    let now = tern::clock::unix_ms();
+    for r in rows {
+        println!("{:<6} {}", r.key, key_summary(&r.body, now));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A session key row as `created  retires`, without its secret.
+fn key_summary(body: &str, now: i64) -> String {
+    let Ok(row) = serde_json::from_str::<SessionKeyRow>(body) else { return "(does not decode)".into() };
+    let retires = match row.retire_at_ms {
+        None => "never (seals new tokens)".to_string(),
+        Some(at) if at <= now => format!("{} (retired {})", utc(at), relative(at, now)),
+        Some(at) => format!("{} ({})", utc(at), relative(at, now)),
+    };
+    format!("{:<22} {retires}", utc(row.created_ms))
+}
+
+/// "in 23h59m", "5m ago", "in 30s": to the minute once it is that far off.
+fn relative(at_ms: i64, now_ms: i64) -> String {
+    let secs = (at_ms - now_ms).unsigned_abs() / 1000;
+    let d = match (secs / 3600, secs / 60 % 60) {
+        (0, 0) => format!("{secs}s"),
+        (0, m) => format!("{m}m"),
+        (h, 0) => format!("{h}h"),
+        (h, m) => format!("{h}h{m}m"),
+    };
+    if at_ms >= now_ms { format!("in {d}") } else { format!("{d} ago") }
+}
+
+/// Unix milliseconds as `2026-11-29T12:00:00Z` (days to civil date: Howard Hinnant's
+/// algorithm, exact for the proleptic Gregorian calendar).
+fn utc(ms: i64) -> String {
+    let (days, secs) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000) / 1000);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
 }

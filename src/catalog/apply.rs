@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use crate::model::seal::{Keyring, SessionKey};
 use crate::model::{AppSpec, MachineSpec};
 use crate::rib::Table;
 
@@ -31,6 +32,9 @@ pub enum Event {
         record: StateRecord,
     },
     RemoveMachineState(String),
+    /// A session key, new or changed (a rotation retires it).
+    SessionKey(SessionKey),
+    RemoveSessionKey(u32),
 }
 
 impl Snapshot {
@@ -48,6 +52,12 @@ impl Snapshot {
                 // The machine keeps the state it is in; only the record goes.
                 self.states.remove(id.as_str(), self.generation);
             }
+            Event::SessionKey(key) => self.set_session_keys(|keys| {
+                keys.insert(key.id, key);
+            }),
+            Event::RemoveSessionKey(id) => self.set_session_keys(|keys| {
+                keys.remove(&id);
+            }),
         }
     }
 
@@ -72,6 +82,19 @@ impl Snapshot {
         apps.iter().for_each(|a| self.remove_app(a));
         machines.iter().for_each(|m| self.remove_machine(m));
         certs.iter().for_each(|c| self.remove_cert(c));
+        if self.session_keys.keys().any(|id| gone(Table::SessionKeys, &id.to_string())) {
+            self.set_session_keys(|keys| keys.retain(|id, _| !gone(Table::SessionKeys, &id.to_string())));
+        }
+    }
+
+    /// Changes the session keys and prepares the keyring anew. A node holds a handful of
+    /// keys and they change once a rotation, so rebuilding both whole is cheaper than being
+    /// clever; the request path only ever sees a finished keyring.
+    fn set_session_keys(&mut self, change: impl FnOnce(&mut std::collections::BTreeMap<u32, SessionKey>)) {
+        let mut keys = (*self.session_keys).clone();
+        change(&mut keys);
+        self.keyring = Arc::new(Keyring::new(keys.values().cloned().collect()));
+        self.session_keys = Arc::new(keys);
     }
 
     fn upsert_app(&mut self, spec: AppSpec) {
@@ -388,5 +411,52 @@ mod tests {
         assert!(s.route("a.test").is_none());
         assert!(s.route("b.test").is_some());
         assert_eq!(s.machine_count(), 0);
+    }
+
+    #[test]
+    fn session_key_rows_become_the_keyring_and_bad_ones_are_skipped() {
+        use crate::model::session_key::SessionKeyRow;
+        let metrics = crate::telemetry::Metrics::new();
+        let row =
+            |retire: Option<i64>| SessionKeyRow { secret: [3; 32], created_ms: 1, retire_at_ms: retire };
+        let change = |key: &str, body: Option<String>| crate::rib::Change {
+            table: Table::SessionKeys,
+            key: key.into(),
+            body,
+            committed_at_ms: 0,
+        };
+        let s = crate::catalog::updater::apply_changes(
+            &Snapshot::default(),
+            vec![
+                change("1", Some(row(None).to_json())),
+                change("01", Some(row(None).to_json())),
+                change("2", Some("{not json".into())),
+                change("3", Some(r#"{"secret":"AAAA","created_ms":1,"retire_at_ms":null}"#.into())),
+            ],
+            &metrics,
+        );
+        assert_eq!(s.keyring().ids().collect::<Vec<_>>(), [1]);
+        assert_eq!(metrics.rib_rows_skipped.with_label_values(&["session_keys"]).get(), 3);
+        let token = s.keyring().seal("app", "m", b"v").unwrap();
+
+        // A rotation arrives: key 1 retires later, key 4 seals.
+        let rotated = crate::catalog::updater::apply_changes(
+            &s,
+            vec![change("1", Some(row(Some(100)).to_json())), change("4", Some(row(None).to_json()))],
+            &metrics,
+        );
+        assert_eq!(rotated.keyring().sealing_id(), Some(4));
+        assert!(rotated.keyring().open("app", token.as_bytes(), 99).is_ok());
+        assert_eq!(s.keyring().ids().collect::<Vec<_>>(), [1], "the earlier snapshot is untouched");
+
+        // Compaction keeps it; a resync without the row drops it; a deletion removes it.
+        let rebased = rotated.rebase(&rotated.compact());
+        assert_eq!(rebased.keyring().ids().collect::<Vec<_>>(), [4, 1]);
+        let mut resynced = rebased.clone();
+        resynced.retain_only(&[(Table::SessionKeys, "4".to_string())].into_iter().collect());
+        assert_eq!(resynced.keyring().ids().collect::<Vec<_>>(), [4]);
+        let deleted = crate::catalog::updater::apply_changes(&rebased, vec![change("4", None)], &metrics);
+        assert_eq!(deleted.keyring().ids().collect::<Vec<_>>(), [1]);
+        assert_eq!(deleted.session_keys().map(|k| k.id).collect::<Vec<_>>(), [1]);
     }
 }

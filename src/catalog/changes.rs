@@ -81,7 +81,7 @@ impl Touched {
             Table::Machines => {
                 self.machines.insert(Arc::from(key));
             }
-            Table::Certificates | Table::MachineStates => {}
+            Table::Certificates | Table::MachineStates | Table::SessionKeys => {}
         }
     }
 

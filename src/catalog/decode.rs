@@ -1,6 +1,7 @@
 //! Turning RIB rows into catalog events. A row that does not decode is reported to the
 //! caller, which logs, counts and skips it; the rest of the change still applies.
 
+use crate::model::session_key::{SessionKeyRow, parse_id};
 use crate::model::{self, AppSpec, CertSpec, MachineSpec, StateRow, names};
 use crate::rib::Table;
 
@@ -32,6 +33,11 @@ pub fn decode(
             Table::Machines => Event::RemoveMachine(key.into()),
             Table::Certificates => Event::RemoveCert(key.into()),
             Table::MachineStates => Event::RemoveMachineState(key.into()),
+            // A key that is no id was never held: nothing to remove.
+            Table::SessionKeys => match parse_id(key) {
+                Some(id) => Event::RemoveSessionKey(id),
+                None => return Ok(None),
+            },
         }));
     };
     match table {
@@ -67,6 +73,14 @@ pub fn decode(
             let record = StateRecord { state: row.state, version: row.version };
             let unchanged = current.recorded_state(key) == Some(record);
             Ok((!unchanged).then(|| Event::MachineState { id: key.into(), record }))
+        }
+        Table::SessionKeys => {
+            let id = parse_id(key).ok_or_else(|| fail("the key is not a key id (a decimal u32)".into()))?;
+            let row: SessionKeyRow =
+                serde_json::from_str(body).map_err(|e| fail(format!("bad JSON: {e}")))?;
+            let key = row.to_key(id);
+            let unchanged = current.session_keys.get(&id) == Some(&key);
+            Ok((!unchanged).then(|| Event::SessionKey(key)))
         }
     }
 }
@@ -109,6 +123,7 @@ impl Snapshot {
             Table::Machines => self.machines.contains_key(key),
             Table::Certificates => self.cert_for_key(key).is_some(),
             Table::MachineStates => self.states.contains_key(key),
+            Table::SessionKeys => parse_id(key).is_some_and(|id| self.session_keys.contains_key(&id)),
         }
     }
 

@@ -13,11 +13,14 @@
 //! removed app's machines stay, and a bare-IP machine takes its app's `internal_port`
 //! whenever the machine or the app changes. [`Snapshot::retain_only`] removes machines in no
 //! particular order, so after it a contested hostname may go to any of the apps that
-//! republished; the model checks that and adopts the snapshot's choice.
+//! republished; the model checks that and adopts the snapshot's choice. Session keys are a
+//! plain map in the model; the keyring must hold exactly them and seal with the newest one
+//! that is not retiring, whatever compactions happened in between.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 
+use crate::model::seal::SessionKey;
 use crate::model::{AppSpec, MachineAddr, MachineSpec, MachineState};
 use crate::rib::Table;
 
@@ -53,8 +56,14 @@ struct ModelMachine {
     resolved: SocketAddr,
 }
 
+/// Operation bytes from here up change session keys. Taken from the top of the byte range so
+/// that the inputs found before keys existed (all below it) keep their meaning.
+const KEY_OPS: u8 = 240;
+
 #[derive(Clone, Default)]
 struct Model {
+    /// Session key id → when it retires.
+    keys: BTreeMap<u32, Option<i64>>,
     apps: BTreeMap<String, ModelApp>,
     machines: BTreeMap<String, ModelMachine>,
     /// Hostname → the app it routes to.
@@ -154,7 +163,13 @@ pub fn fuzz_apply(data: &[u8]) {
     // An earlier version kept by a reader, which no later change may alter.
     let mut kept: Option<(Snapshot, Model)> = None;
     while !input.0.as_slice().is_empty() {
-        match input.byte() % 11 {
+        let op = input.byte();
+        if op >= KEY_OPS {
+            key_event(op, &mut input, &mut snap, &mut model);
+            agree(&snap, &model);
+            continue;
+        }
+        match op % 11 {
             op @ 0..=5 => event(op, &mut input, &template, &mut snap, &mut model),
             6 => {
                 if running.is_none() {
@@ -237,6 +252,20 @@ fn event(op: u8, input: &mut Input<'_>, template: &AppSpec, snap: &mut Snapshot,
     }
 }
 
+/// A session key added, changed (retiring or not) or removed, in the snapshot and the model.
+fn key_event(op: u8, input: &mut Input<'_>, snap: &mut Snapshot, model: &mut Model) {
+    let (id, how) = (u32::from(input.byte() % 4), input.byte());
+    if op % 2 == 0 {
+        let retire_at_ms = (how & 1 == 1).then_some(i64::from(how));
+        let key = SessionKey { id, secret: [how; 32], created_ms: 0, retire_at_ms };
+        snap.apply(Event::SessionKey(key));
+        model.keys.insert(id, retire_at_ms);
+    } else {
+        snap.apply(Event::RemoveSessionKey(id));
+        model.keys.remove(&id);
+    }
+}
+
 /// A resync's "diff": everything not in `apps` and `machines` goes. Apps first, then
 /// machines, each of which republishes its app, in an order the model cannot know.
 fn retain_only(snap: &mut Snapshot, model: &mut Model, apps: Vec<&str>, machines: Vec<&str>) {
@@ -244,6 +273,8 @@ fn retain_only(snap: &mut Snapshot, model: &mut Model, apps: Vec<&str>, machines
     present.extend(apps.iter().map(|a| (Table::Apps, a.to_string())));
     present.extend(machines.iter().map(|m| (Table::Machines, m.to_string())));
     snap.retain_only(&present);
+    // No session key is in `present`.
+    model.keys.clear();
 
     let gone_apps: Vec<String> = model.apps.keys().filter(|a| !apps.contains(&a.as_str())).cloned().collect();
     for a in &gone_apps {
@@ -287,6 +318,13 @@ fn snap_holder(snap: &Snapshot, host: &str) -> Option<String> {
 
 /// Every lookup the request path makes agrees with the model.
 fn agree(snap: &Snapshot, model: &Model) {
+    let keys: BTreeMap<u32, Option<i64>> = snap.session_keys().map(|k| (k.id, k.retire_at_ms)).collect();
+    assert_eq!(keys, model.keys, "session keys");
+    let mut ring: Vec<u32> = snap.keyring().ids().collect();
+    ring.sort_unstable();
+    assert_eq!(ring, model.keys.keys().copied().collect::<Vec<_>>(), "keyring");
+    let sealing = model.keys.iter().rev().find(|(_, retire)| retire.is_none()).map(|(id, _)| *id);
+    assert_eq!(snap.keyring().sealing_id(), sealing, "sealing key");
     assert_eq!(snap.app_count(), model.apps.len(), "app count");
     assert_eq!(snap.machine_count(), model.machines.len(), "machine count");
     for name in APPS {
@@ -338,6 +376,8 @@ mod tests {
         fuzz_apply(&[
             0, 0, 0b1001, 0, 0, 1, 0b0001, 1, 6, 2, 0, 0, 0, 1, 0, 7, 9, 0b10, 0b1, 3, 0, 8, 10, 1, 1,
         ]);
+        // Session keys: added, retiring, removed while a compaction runs, then a resync.
+        fuzz_apply(&[240, 1, 0, 240, 2, 3, 6, 241, 1, 0, 7, 8, 240, 3, 0, 10, 9, 0, 0]);
         // Seeded, so a failure reproduces.
         let mut rng = fastrand::Rng::with_seed(0x7e2a);
         for _ in 0..2_000 {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
 
+use crate::model::seal::{Keyring, SessionKey};
 use crate::model::{AppSpec, CertSpec, MachineSpec, MachineState};
 
 use super::layered::Layered;
@@ -346,6 +347,11 @@ pub struct Snapshot {
     /// Recorded lifecycle states (the RIB's `machine_states`) by machine id, kept apart
     /// from the machines so a state that arrives before its machine is not lost.
     pub(super) states: Layered<Arc<str>, StateRecord>,
+    /// The RIB's `session_keys` by id. A handful at most, so a plain map replaced whole on
+    /// change rather than a layered one.
+    pub(super) session_keys: Arc<std::collections::BTreeMap<u32, SessionKey>>,
+    /// `session_keys` prepared for sealing and opening, rebuilt whenever they change.
+    pub(super) keyring: Arc<Keyring>,
 }
 
 /// A machine's recorded lifecycle state and the version of the record.
@@ -395,6 +401,17 @@ impl Snapshot {
 
     pub fn apps(&self) -> impl Iterator<Item = &Arc<AppEntry>> {
         self.apps.values()
+    }
+
+    /// The keyring session tokens are sealed and opened with: every session key the RIB
+    /// holds, prepared. Empty until the first key arrives from the RIB.
+    pub fn keyring(&self) -> &Arc<Keyring> {
+        &self.keyring
+    }
+
+    /// The session keys as the RIB holds them, by id (for the admin API: show no secrets).
+    pub fn session_keys(&self) -> impl Iterator<Item = &SessionKey> {
+        self.session_keys.values()
     }
 
     /// The recorded lifecycle state of a machine, if any was recorded.
@@ -463,6 +480,8 @@ impl Snapshot {
             certs: self.certs.rebase(c.certs.clone(), c.at),
             wild_certs: self.wild_certs.rebase(c.wild_certs.clone(), c.at),
             states: self.states.rebase(c.states.clone(), c.at),
+            session_keys: self.session_keys.clone(),
+            keyring: self.keyring.clone(),
         }
     }
 }

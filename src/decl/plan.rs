@@ -56,6 +56,7 @@ impl fmt::Display for Plan {
                 Table::Machines => "machine",
                 Table::Certificates => "certificate",
                 Table::MachineStates => "machine state",
+                Table::SessionKeys => "session key",
             };
             match &c.op {
                 Op::Add => writeln!(f, "+ {what} {}", c.key)?,
@@ -175,6 +176,7 @@ fn normalised(table: Table, v: &serde_json::Value) -> Option<serde_json::Value> 
         Table::Machines => through::<MachineSpec>(v),
         Table::Certificates => through::<CertSpec>(v),
         Table::MachineStates => through::<StateRow>(v),
+        Table::SessionKeys => through::<crate::model::session_key::SessionKeyRow>(v),
     }
 }
 
@@ -281,7 +283,8 @@ fn write(tx: &Tx<'_>, decl: &Declaration, plan: &Plan) -> Result<(), PlanError> 
             Table::Apps => apps.get(c.key.as_str()).map(|a| encode(&c.key, a)),
             Table::Machines => machines.get(c.key.as_str()).map(|m| encode(&c.key, m)),
             Table::Certificates => certs.get(c.key.as_str()).map(|x| encode(&c.key, x)),
-            Table::MachineStates => None,
+            // Never declared: a plan holds no changes to them.
+            Table::MachineStates | Table::SessionKeys => None,
         };
         if let Some(body) = body {
             tx.put(&Record { table: c.table, key: c.key.clone(), body: body? })?;

@@ -105,6 +105,24 @@ fn apply_upserts_reports_and_prunes() {
 }
 
 #[test]
+fn prune_never_deletes_session_keys() {
+    use crate::model::session_key::SessionKeyRow;
+    use crate::rib::Table;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("rib.db")).unwrap();
+    apply(&mut store, &parse_str(GOOD).unwrap(), false, false).unwrap();
+    let key = SessionKeyRow { secret: [1; 32], created_ms: 1, retire_at_ms: None };
+    assert!(store.ensure_session_key(&key).unwrap());
+    store.rotate_session_key(&SessionKeyRow { created_ms: 2, ..key }, 1000).unwrap();
+
+    let plan = apply(&mut store, &parse_str("").unwrap(), true, false).unwrap();
+    assert_eq!(plan.to_string(), "- app hello\n- machine hello-1\n2 changed, 0 unchanged");
+    assert!(store.read_all(Table::Apps).unwrap().is_empty());
+    let keys: Vec<String> = store.read_all(Table::SessionKeys).unwrap().into_iter().map(|r| r.key).collect();
+    assert_eq!(keys, ["1", "2"]);
+}
+
+#[test]
 fn apply_refuses_conflicts_with_the_rib_at_their_line_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(&dir.path().join("rib.db")).unwrap();

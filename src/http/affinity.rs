@@ -69,7 +69,8 @@ pub fn open(
             return Err(invalid(format!("two {name} headers")));
         }
         let opened = keyring.open(&app.name, token.as_bytes(), now).map_err(|e| invalid(e.to_string()))?;
-        let value = HeaderValue::from_bytes(&opened.value).map_err(|_| invalid("not a header value".into()))?;
+        let value =
+            HeaderValue::from_bytes(&opened.value).map_err(|_| invalid("not a header value".into()))?;
         let Some(machine) = router.machine_of(app, &opened.machine) else {
             count("gone");
             return Err(ProxyError::SessionGone { app: app.name.clone(), machine: opened.machine.into() });
@@ -160,7 +161,9 @@ impl Session {
             && let Some(token) = keyring.seal(&app.name, &machine.id, b"")
         {
             let secure = if tls { "; Secure" } else { "" };
-            if let Ok(v) = HeaderValue::from_str(&format!("{cookie}={token}; Path=/; HttpOnly; SameSite=Lax{secure}")) {
+            if let Ok(v) =
+                HeaderValue::from_str(&format!("{cookie}={token}; Path=/; HttpOnly; SameSite=Lax{secure}"))
+            {
                 headers.append(header::SET_COOKIE, v);
             }
         }

@@ -296,6 +296,9 @@ impl Kept {
 impl RequestBodyState {
     /// A body to read from `source`, keeping up to `limit` bytes of it for a replay.
     pub fn new(source: Incoming, limit: u64) -> Arc<RequestBodyState> {
+        // A body that says it is larger (its Content-Length) is never kept: whether it could
+        // be replayed must not depend on how much of it has arrived when the machine answers.
+        let spilled = http_body::Body::size_hint(&source).lower() > limit;
         Arc::new(RequestBodyState {
             failed: std::sync::OnceLock::new(),
             reading: std::sync::atomic::AtomicBool::new(false),
@@ -305,7 +308,7 @@ impl RequestBodyState {
                 kept: Vec::new(),
                 kept_bytes: 0,
                 limit,
-                spilled: false,
+                spilled,
                 pos: 0,
                 reader: 0,
             }),

@@ -127,6 +127,9 @@ impl Handler {
         respond::http1_bytes(&err, &id, date)
     }
 
+    // One exchange, replays included, reads best as one loop: the app, steering and deadline
+    // of each hop change in one place.
+    #[allow(clippy::too_many_lines)]
     async fn forward(
         &self,
         mut req: Request<Incoming>,
@@ -173,37 +176,31 @@ impl Handler {
         let idle = app.spec.idle_timeout;
         let upgrade = route.upgrade.is_some();
         let mut gate = route.gate.clone();
-        let (mut app, mut up_req, mut deadline) = (app, up_req, arrived + app.spec.wake_timeout);
+        let mut deadline = arrived + app.spec.wake_timeout;
+        let first_app = app.clone();
+        let mut app = app;
+        let mut next_req = Some(up_req);
         let mut hops = 0u32;
         // The machine that asked for the replay in flight, with what it asked for.
         let mut replaying: Option<(Arc<Machine>, Arc<AppEntry>, Box<replay::Directive>)> = None;
         let mut fell_back = false;
         let (resp, machine, in_flight, mut lease) = loop {
             let proto = if upgrade || !app.spec.http_options.h2_backend { Proto::Http1 } else { Proto::H2c };
+            let mut up_req = match next_req.take() {
+                Some(r) => r,
+                None => self.again(&head, &raw_host, proto, &activity, &body_state, &first_app)?,
+            };
             let routed = self.connect(&app, &steer, proto, deadline, !route.ignored_agent, outcome).await;
             let (routed, upstream) = match (routed, replaying.take()) {
                 (Ok(r), _) => r,
                 // The replay's target could not be reached: back to where it came from.
                 (Err(e), Some((origin, origin_app, d))) if d.fallback.is_some() && !fell_back => {
-                    let how = d.fallback.unwrap_or(replay::Fallback::PreferSelf);
                     tracing::info!(target: "tern::http", request_id = %id, app = %app.name, error = %e,
                         "fly-replay target unreachable; falling back to the origin");
-                    self.metrics.replays.with_label_values(&[&origin_app.name, "fallback"]).inc();
-                    steer = replay::fallback(&origin_app, &origin, how);
-                    let failed = replay::Failed {
-                        instance: &origin.id,
-                        app: &origin_app.name,
-                        region: origin.region(),
-                        replay_source: &origin.id,
-                        reason: if matches!(e, ProxyError::WakeTimeout { .. }) { "timeout" } else { "no_candidate" },
-                        elapsed_ms: arrived.elapsed().as_millis() as u64,
-                    };
-                    head.headers.remove(replay::FLY_REPLAY_SRC);
-                    head.headers.insert(replay::FLY_REPLAY_FAILED, replay::failed_header(&failed));
+                    steer = self.fall_back(&e, &origin, &origin_app, &d, &mut head, arrived);
                     fell_back = true;
                     app = origin_app;
                     deadline = arrived + app.spec.wake_timeout;
-                    up_req = self.again(&head, &raw_host, proto, &activity, &body_state, &app)?;
                     continue;
                 }
                 (Err(e), _) => return Err(e),
@@ -234,16 +231,18 @@ impl Handler {
                 return Err(ProxyError::ReplayLoop { app: app.name.clone(), limit: replay::MAX_HOPS });
             }
             let (target, next) = replay::target(&self.router, &app, &machine, &d)?;
+            if !body_state.replayable() {
+                return Err(ProxyError::ReplayTooLarge {
+                    app: first_app.name.clone(),
+                    limit: first_app.spec.replay_buffer,
+                });
+            }
             head.for_replay(&d, &machine, replay::now_us());
             // The next machine gets the body as it comes, without waiting for its 100.
             gate = None;
             steer = next;
-            deadline = match d.timeout {
-                Some(t) => Instant::now() + t,
-                None => Instant::now() + target.spec.wake_timeout,
-            };
+            deadline = Instant::now() + d.timeout.unwrap_or(target.spec.wake_timeout);
             let origin_app = std::mem::replace(&mut app, target);
-            up_req = self.again(&head, &raw_host, proto, &activity, &body_state, &origin_app)?;
             replaying = Some((machine, origin_app, d));
         };
         body_state.stop_keeping();
@@ -260,6 +259,32 @@ impl Handler {
         self.relay(resp, guards, Relay { machine: &machine, route, client_version, id, timer })
     }
 
+    /// Where a request goes when its replay's target could not be reached: back to the
+    /// machine that asked (`force_self`) or its app (`prefer_self`), told why.
+    fn fall_back(
+        &self,
+        e: &ProxyError,
+        origin: &Arc<Machine>,
+        origin_app: &Arc<AppEntry>,
+        d: &replay::Directive,
+        head: &mut replay::Head,
+        arrived: Instant,
+    ) -> Steering {
+        self.metrics.replays.with_label_values(&[&origin_app.name, "fallback"]).inc();
+        let reason = if matches!(e, ProxyError::WakeTimeout { .. }) { "timeout" } else { "no_candidate" };
+        let failed = replay::Failed {
+            instance: &origin.id,
+            app: &origin_app.name,
+            region: origin.region(),
+            replay_source: &origin.id,
+            reason,
+            elapsed_ms: arrived.elapsed().as_millis() as u64,
+        };
+        head.headers.remove(replay::FLY_REPLAY_SRC);
+        head.headers.insert(replay::FLY_REPLAY_FAILED, replay::failed_header(&failed));
+        replay::fallback(origin, d.fallback.unwrap_or(replay::Fallback::PreferSelf))
+    }
+
     /// The request once more, for a replay: its head as first sent (transformed), its body
     /// from the start; refused when the body was too large to keep.
     fn again(
@@ -271,9 +296,8 @@ impl Handler {
         body_state: &Arc<RequestBodyState>,
         origin_app: &AppEntry,
     ) -> Result<Request<UpBody>, ProxyError> {
-        let body = replayed_body(activity.clone(), body_state, None).ok_or_else(|| ProxyError::ReplayTooLarge {
-            app: origin_app.name.clone(),
-            limit: origin_app.spec.replay_buffer,
+        let body = replayed_body(activity.clone(), body_state, None).ok_or_else(|| {
+            ProxyError::ReplayTooLarge { app: origin_app.name.clone(), limit: origin_app.spec.replay_buffer }
         })?;
         let mut req = Request::new(body);
         *req.method_mut() = head.method.clone();

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -59,7 +59,8 @@ pub async fn answer(
     if let Some(value) = resp.headers().get(FLY_REPLAY) {
         let mut d = replay::from_header(value).map_err(|e| invalid(e.to_string()))?;
         if d.cache.is_none() {
-            d.cache = replay::cache_from_headers(resp.headers(), request_path).map_err(|e| invalid(e.to_string()))?;
+            d.cache = replay::cache_from_headers(resp.headers(), request_path)
+                .map_err(|e| invalid(e.to_string()))?;
         }
         return Ok(Answer::Replay(Box::new(d), "header"));
     }
@@ -96,7 +97,10 @@ pub fn target(
         Some(name) => {
             let target = router.app_named(name).ok_or_else(|| invalid(format!("app={name}: no such app")))?;
             if target.spec.org != origin_app.spec.org {
-                return Err(ProxyError::ReplayUnauthorized { app: origin_app.name.clone(), target: name.into() });
+                return Err(ProxyError::ReplayUnauthorized {
+                    app: origin_app.name.clone(),
+                    target: name.into(),
+                });
             }
             target
         }
@@ -126,13 +130,12 @@ pub fn target(
 }
 
 /// Where a failed replay goes back to, with `fallback`.
-pub fn fallback(origin_app: &Arc<AppEntry>, origin: &Arc<Machine>, how: Fallback) -> Steering {
+pub fn fallback(origin: &Arc<Machine>, how: Fallback) -> Steering {
     let mut steer = Steering { why: Why::Replay, ..Steering::default() };
     match how {
         Fallback::ForceSelf => steer.pinned = Some((origin.clone(), Why::Replay)),
         Fallback::PreferSelf => steer.preferred = Some((origin.clone(), Why::Replay)),
     }
-    let _ = origin_app;
     steer
 }
 

@@ -14,7 +14,9 @@ use crate::duration::{de_duration, ser_duration};
 mod app_de;
 pub mod cert;
 pub mod names;
+pub mod seal;
 pub mod session;
+pub mod session_key;
 
 pub use session::{Affinity, ReplayCacheKind, ReplayCacheRule, SessionField};
 

@@ -37,6 +37,8 @@ pub enum StartError {
     },
     #[error("cannot load the catalog: {0}")]
     Catalog(#[from] RibError),
+    #[error("cannot make sure the RIB holds a session key: {0}")]
+    SessionKey(String),
     #[error("cannot build the TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
     #[error("cannot start the driver: {0}")]
@@ -91,6 +93,23 @@ impl Bound {
     }
 }
 
+/// Makes sure the RIB holds a session key before the catalog loads, so the first snapshot
+/// brings a keyring. The key used is whichever the RIB holds afterwards (another node's, if
+/// it was quicker), as the catalog reads it; this node's fresh one is only a candidate.
+async fn ensure_session_key(rib: &Arc<dyn Rib>) -> Result<(), StartError> {
+    let fresh = crate::model::session_key::SessionKeyRow::fresh(crate::clock::unix_ms())
+        .map_err(|e| StartError::SessionKey(e.to_string()))?;
+    let rib = rib.clone();
+    let inserted = tokio::task::spawn_blocking(move || rib.ensure_session_key(&fresh))
+        .await
+        .map_err(|e| StartError::SessionKey(e.to_string()))?
+        .map_err(|e| StartError::SessionKey(e.to_string()))?;
+    if inserted {
+        tracing::info!(target: "tern::proxy", id = 1, "no session key in the RIB: made key 1");
+    }
+    Ok(())
+}
+
 /// Runs the proxy until `shutdown` turns true, then drains: `/healthz` turns 503, the
 /// listeners close, open connections finish their in-flight requests (HTTP/1.1 closes after
 /// the current response, HTTP/2 gets GOAWAY) within `limits.shutdown_timeout`.
@@ -108,6 +127,7 @@ pub async fn run(
     // What each published batch changed, for the lifecycle manager; it starts listening
     // after boot's reconcile, and nothing sent meanwhile is lost.
     let (feed, changes) = tokio::sync::mpsc::unbounded_channel();
+    ensure_session_key(&rib).await?;
     let updater =
         catalog::updater::start(catalog.clone(), rib.clone(), metrics.clone(), shutdown.clone(), feed)
             .await?;

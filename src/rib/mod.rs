@@ -1,4 +1,5 @@
-//! The RIB: the state store that holds apps, machines and certificates.
+//! The RIB: the state store that holds apps, machines, certificates and the session keys
+//! every node seals session tokens with (so the store holds secrets).
 //!
 //! The catalog is fed through [`Rib::subscribe`]: one full snapshot, then a stream of
 //! changes that can be resumed from a [`Cursor`]. A store that cannot resume from a cursor
@@ -12,6 +13,8 @@
 
 use tokio::sync::mpsc;
 
+use crate::model::session_key::SessionKeyRow;
+
 pub mod sqlite;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -22,11 +25,15 @@ pub enum Table {
     /// Machines' lifecycle states as recorded by the node managing them, apart from their
     /// declarations so that `tern apply` and lifecycle changes never overwrite each other.
     MachineStates,
+    /// The keys sealed session tokens are made with, by id; written only through
+    /// [`Rib::ensure_session_key`] and [`Rib::rotate_session_key`], never by `tern apply`.
+    SessionKeys,
 }
 
 impl Table {
     /// In the order a snapshot lists them (machines before their states).
-    pub const ALL: [Table; 4] = [Table::Apps, Table::Machines, Table::Certificates, Table::MachineStates];
+    pub const ALL: [Table; 5] =
+        [Table::Apps, Table::Machines, Table::Certificates, Table::MachineStates, Table::SessionKeys];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -34,6 +41,7 @@ impl Table {
             Table::Machines => "machines",
             Table::Certificates => "certificates",
             Table::MachineStates => "machine_states",
+            Table::SessionKeys => "session_keys",
         }
     }
 
@@ -123,6 +131,18 @@ impl Subscription {
     }
 }
 
+/// What a rotation did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rotated {
+    /// The new key, which seals from now on.
+    pub id: u32,
+    /// Keys that sealed until now; they open tokens until `retire_at_ms`.
+    pub retired: Vec<u32>,
+    pub retire_at_ms: i64,
+    /// Keys retired long ago, now deleted.
+    pub deleted: Vec<u32>,
+}
+
 pub trait Rib: Send + Sync + 'static {
     /// Starts a subscription: changes after `from` if the store can resume there, else a
     /// snapshot first.
@@ -132,6 +152,21 @@ pub trait Rib: Send + Sync + 'static {
     /// unless the store already holds a newer version; returns whether it wrote. Blocking:
     /// call it from a blocking thread.
     fn record_state(&self, id: &str, row: &crate::model::StateRow) -> Result<bool, RibError>;
+
+    /// Makes sure the store holds a session key: if it holds none, inserts `fresh` as key 1,
+    /// atomically (insert-if-absent), so nodes starting at once on one store end up with one
+    /// key. Returns whether it inserted. Either way the caller uses the key the store holds,
+    /// as the subscription delivers it, never `fresh` itself: another node's may have won.
+    /// Blocking: call it from a blocking thread.
+    fn ensure_session_key(&self, fresh: &SessionKeyRow) -> Result<bool, RibError>;
+
+    /// Rotates session keys in one atomic step, as [`plan_rotation`] says: `fresh` becomes
+    /// key max + 1 and seals from now on; every key that sealed until now keeps opening
+    /// tokens for `grace_ms` after `fresh.created_ms`, then retires; keys retired more than
+    /// a day ago are deleted. Blocking: call it from a blocking thread.
+    ///
+    /// [`plan_rotation`]: crate::model::session_key::plan_rotation
+    fn rotate_session_key(&self, fresh: &SessionKeyRow, grace_ms: i64) -> Result<Rotated, RibError>;
 
     /// Visits the earlier changes of `keys` committed at or before `upto`, newest first,
     /// until `visit` returns false. With it the catalog serves the last good version of a

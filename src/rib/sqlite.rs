@@ -19,8 +19,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
-use super::{Change, Cursor, Record, Rib, RibError, Subscription, Table};
+use super::{Change, Cursor, Record, Rib, RibError, Rotated, Subscription, Table};
 use crate::model::StateRow;
+use crate::model::session_key::{SessionKeyRow, plan_rotation};
 
 mod existing;
 mod schema;
@@ -101,6 +102,9 @@ fn open_conn(path: &Path, create: bool) -> Result<(Connection, FileId), RibError
     if before.is_none() && !create {
         return Err(missing(path));
     }
+    if before.is_none() {
+        create_private(path)?;
+    }
     let mut flags = OpenFlags::default();
     if !create {
         flags.remove(OpenFlags::SQLITE_OPEN_CREATE);
@@ -114,13 +118,48 @@ fn open_conn(path: &Path, create: bool) -> Result<(Connection, FileId), RibError
     if !create && !holds_rib(&conn).map_err(&err)? {
         return Err(RibError::NoSchema { path: path.display().to_string() });
     }
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(&err)?;
+    wal_mode(&conn).map_err(&err)?;
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(&err)?;
     let after = file_id(path)?.ok_or_else(|| missing(path))?;
     if before.is_some_and(|b| b != after) {
         return Err(RibError::Other(format!("{} was replaced while being opened", path.display())));
     }
     Ok((conn, after))
+}
+
+/// Switches the database to WAL. On a new database that needs an exclusive lock, and SQLite
+/// answers BUSY at once, without its busy handler, while another process does the same:
+/// two nodes starting together on a RIB that does not exist yet. So this retries for as
+/// long as the busy timeout would have waited.
+fn wal_mode(conn: &Connection) -> rusqlite::Result<()> {
+    // 2,000 tries 5 ms apart: the 10 s of the busy timeout.
+    let mut tries = 2_000;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && tries > 0 =>
+            {
+                tries -= 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Creates the database file readable and writable by its owner only (0600), before SQLite
+/// opens it: the RIB holds the session keys' secrets. SQLite gives the `-wal` and `-shm`
+/// files it makes the database file's mode. An empty file is an empty database to SQLite,
+/// and subscribers wait out a file with no RIB in it yet. Someone else creating it first
+/// is fine: theirs is used.
+fn create_private(path: &Path) -> Result<(), RibError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let made = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+    match made {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(RibError::Other(format!("creating {}: {e}", path.display()))),
+    }
 }
 
 /// Whether the database has been made a RIB (its schema and epoch are written together).
@@ -240,6 +279,44 @@ impl Store {
     pub fn read_all(&mut self, table: Table) -> Result<Vec<Record>, RibError> {
         self.transact(|tx| tx.all(table))
     }
+
+    /// [`Rib::ensure_session_key`]: the check and the insert in one IMMEDIATE transaction,
+    /// so of two nodes starting at once the second sees the first one's key.
+    pub fn ensure_session_key(&mut self, fresh: &SessionKeyRow) -> Result<bool, RibError> {
+        self.transact(|tx| {
+            if !tx.all(Table::SessionKeys)?.is_empty() {
+                return Ok(false);
+            }
+            tx.put(&Record { table: Table::SessionKeys, key: "1".into(), body: fresh.to_json() })?;
+            Ok(true)
+        })
+    }
+
+    /// [`Rib::rotate_session_key`], in one IMMEDIATE transaction.
+    pub fn rotate_session_key(&mut self, fresh: &SessionKeyRow, grace_ms: i64) -> Result<Rotated, RibError> {
+        self.transact(|tx| {
+            let rows: Vec<(String, String)> =
+                tx.all(Table::SessionKeys)?.into_iter().map(|r| (r.key, r.body)).collect();
+            let plan =
+                plan_rotation(&rows, fresh.clone(), grace_ms).map_err(|e| RibError::Other(e.to_string()))?;
+            let put = |id: u32, row: &SessionKeyRow| {
+                tx.put(&Record { table: Table::SessionKeys, key: id.to_string(), body: row.to_json() })
+            };
+            for (id, row) in &plan.retire {
+                put(*id, row)?;
+            }
+            for id in &plan.delete {
+                tx.delete(Table::SessionKeys, &id.to_string())?;
+            }
+            put(plan.id, &plan.row)?;
+            Ok(Rotated {
+                id: plan.id,
+                retired: plan.retire.iter().map(|(id, _)| *id).collect(),
+                retire_at_ms: plan.retire_at_ms,
+                deleted: plan.delete,
+            })
+        })
+    }
 }
 
 fn prune(tx: &Connection, path: &Path) -> Result<(), RibError> {
@@ -260,8 +337,7 @@ fn read_table(conn: &Connection, table: Table, path: &Path) -> Result<Vec<Record
 pub struct SqliteRib {
     path: PathBuf,
     poll_interval: Duration,
-    /// The connection lifecycle records go through, opened on first use and reopened when
-    /// the path names another file.
+    /// The connection lifecycle records and session keys are written through.
     writer: parking_lot::Mutex<Option<Store>>,
 }
 
@@ -274,6 +350,23 @@ impl SqliteRib {
     }
 }
 
+impl SqliteRib {
+    /// Runs `write` on the connection writes go through, opened on first use and reopened
+    /// when the path names another file (a write to a replaced file would be lost with it).
+    fn with_writer<T>(&self, write: impl FnOnce(&mut Store) -> Result<T, RibError>) -> Result<T, RibError> {
+        let mut writer = self.writer.lock();
+        let now = file_id(&self.path)?;
+        if let Some(old) = writer.take_if(|s| Some(s.file.db) != now) {
+            abandon(old);
+        }
+        let store = match writer.take() {
+            Some(store) => writer.insert(store),
+            None => writer.insert(Store::open_no_create(&self.path)?),
+        };
+        write(store)
+    }
+}
+
 impl Rib for SqliteRib {
     fn subscribe(&self, from: Option<Cursor>) -> Subscription {
         let (tx, rx) = mpsc::channel(4);
@@ -283,17 +376,15 @@ impl Rib for SqliteRib {
 
     fn record_state(&self, id: &str, row: &StateRow) -> Result<bool, RibError> {
         let body = serde_json::to_string(row).map_err(|e| RibError::Other(e.to_string()))?;
-        let mut writer = self.writer.lock();
-        let now = file_id(&self.path)?;
-        // A write to a file that was replaced would be lost with it.
-        if let Some(old) = writer.take_if(|s| Some(s.file.db) != now) {
-            abandon(old);
-        }
-        let store = match writer.take() {
-            Some(store) => writer.insert(store),
-            None => writer.insert(Store::open_no_create(&self.path)?),
-        };
-        store.transact(|tx| tx.put_newer_state(id, &body))
+        self.with_writer(|store| store.transact(|tx| tx.put_newer_state(id, &body)))
+    }
+
+    fn ensure_session_key(&self, fresh: &SessionKeyRow) -> Result<bool, RibError> {
+        self.with_writer(|store| store.ensure_session_key(fresh))
+    }
+
+    fn rotate_session_key(&self, fresh: &SessionKeyRow, grace_ms: i64) -> Result<Rotated, RibError> {
+        self.with_writer(|store| store.rotate_session_key(fresh, grace_ms))
     }
 
     fn look_back(
@@ -519,5 +610,89 @@ mod tests {
         })
         .unwrap();
         assert_eq!(visited, 0, "another store's cursor says nothing about this history");
+    }
+
+    fn key_row(created_ms: i64) -> SessionKeyRow {
+        SessionKeyRow { secret: [created_ms as u8; 32], created_ms, retire_at_ms: None }
+    }
+
+    #[test]
+    fn nodes_starting_at_once_end_up_with_one_session_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rib.db");
+        Store::open(&path).unwrap();
+        let inserted: Vec<bool> = std::thread::scope(|s| {
+            let nodes: Vec<_> = (0..8)
+                .map(|i| {
+                    let path = &path;
+                    s.spawn(move || {
+                        let rib = SqliteRib::open(path, Duration::from_millis(5)).unwrap();
+                        rib.ensure_session_key(&key_row(i)).unwrap()
+                    })
+                })
+                .collect();
+            nodes.into_iter().map(|n| n.join().unwrap()).collect()
+        });
+        assert_eq!(inserted.iter().filter(|i| **i).count(), 1, "{inserted:?}");
+        let rows = Store::open(&path).unwrap().read_all(Table::SessionKeys).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].key, "1");
+    }
+
+    #[test]
+    fn a_rotation_adds_a_key_and_retires_the_others_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rib.db");
+        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        assert!(rib.ensure_session_key(&key_row(1)).unwrap());
+        let done = rib.rotate_session_key(&key_row(100), 50).unwrap();
+        assert_eq!(done, Rotated { id: 2, retired: vec![1], retire_at_ms: 150, deleted: vec![] });
+        assert!(!rib.ensure_session_key(&key_row(7)).unwrap(), "a key exists: nothing is added");
+        // A day and more later, the next rotation deletes key 1 and retires key 2.
+        let later = 150 + crate::model::session_key::KEEP_RETIRED_MS + 1;
+        let done = rib.rotate_session_key(&key_row(later), 0).unwrap();
+        assert_eq!(done, Rotated { id: 3, retired: vec![2], retire_at_ms: later, deleted: vec![1] });
+        let rows = Store::open(&path).unwrap().read_all(Table::SessionKeys).unwrap();
+        let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["2", "3"]);
+    }
+
+    #[test]
+    fn the_database_file_tern_creates_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rib.db");
+        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        rib.ensure_session_key(&key_row(1)).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let file = sidecar(&path, suffix);
+            let Ok(meta) = std::fs::metadata(&file) else { continue };
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", file.display());
+        }
+    }
+
+    #[test]
+    fn a_version_2_database_gains_the_session_keys_table_and_keeps_everything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rib.db");
+        Store::open(&path).unwrap().transact(|tx| tx.put(&rec(Table::Apps, "a", "{}"))).unwrap();
+        // Back to what a version 2 tern left: no session_keys table, schema 2.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP TRIGGER session_keys_ins; DROP TRIGGER session_keys_upd; DROP TRIGGER session_keys_del;
+             DROP TABLE session_keys; UPDATE meta SET value = '2' WHERE key = 'schema';",
+        )
+        .unwrap();
+        let read = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, String>(0)).unwrap();
+        let (epoch, changes) =
+            (read("SELECT value FROM meta WHERE key = 'epoch'"), read("SELECT COUNT(*) || '' FROM changes"));
+
+        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        assert!(rib.ensure_session_key(&key_row(1)).unwrap());
+        assert_eq!(read("SELECT value FROM meta WHERE key = 'schema'"), "3");
+        assert_eq!(read("SELECT value FROM meta WHERE key = 'epoch'"), epoch, "cursors stay valid");
+        assert_eq!(read("SELECT body FROM apps WHERE key = 'a'"), "{}");
+        let after: i64 = read("SELECT COUNT(*) || '' FROM changes").parse().unwrap();
+        assert_eq!(after, changes.parse::<i64>().unwrap() + 1, "the key's insert is logged, nothing else");
     }
 }

@@ -123,7 +123,8 @@ pub struct Eligible<'a> {
 
 impl Eligible<'_> {
     pub fn admits(&self, m: &Machine) -> bool {
-        !self.exclude.contains(&m.id) && self.regions.is_none_or(|r| super::replay::region_matches(r, m.region()))
+        !self.exclude.contains(&m.id)
+            && self.regions.is_none_or(|r| super::replay::region_matches(r, m.region()))
     }
 
     pub fn is_all(&self) -> bool {

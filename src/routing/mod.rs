@@ -14,6 +14,7 @@ pub mod decide;
 pub mod host;
 pub mod replay;
 pub mod replay_cache;
+pub mod seal;
 pub mod select;
 
 pub use host::{HostError, normalize};

@@ -162,6 +162,9 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body>
     let mine = params.iter().filter(|(k, _)| k == "only").all(|(_, v)| *v == state.name)
         && !params.iter().any(|(k, v)| k == "unless" && req.headers().contains_key(v.as_str()));
     if mine && let Some((_, value)) = params.iter().find(|(k, _)| k == "replay") {
+        // Read first, as a well-behaved server does: one that closes with a body unread
+        // resets the connection, and the client may lose the answer with it.
+        let _ = req.into_body().collect().await;
         let mut r = Response::new(full("replay elsewhere"));
         r.headers_mut().insert("fly-replay", value.parse().unwrap());
         return r;
@@ -195,7 +198,10 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body>
             r.headers_mut().insert("content-type", "application/json".parse().unwrap());
             // `set=name:value` adds a response header, on the machine `only` names (all without it).
             for (k, v) in &params {
-                if k == "set" && mine && let Some((name, value)) = v.split_once(':') {
+                if k == "set"
+                    && mine
+                    && let Some((name, value)) = v.split_once(':')
+                {
                     r.headers_mut().append(
                         http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
                         value.parse().unwrap(),

@@ -10,7 +10,8 @@ use crate::harness::{self, Ca, HttpVersion, Proxy, app_decl, eventually};
 fn rib_rows(db: &std::path::Path) -> Vec<(String, String, String)> {
     let mut store = tern::rib::sqlite::Store::open(db).unwrap();
     let mut rows = Vec::new();
-    for t in tern::rib::Table::ALL {
+    // Not session keys: the proxy writes its own at start, whenever its task gets to it.
+    for t in tern::rib::Table::ALL.into_iter().filter(|t| *t != tern::rib::Table::SessionKeys) {
         for r in store.read_all(t).unwrap() {
             rows.push((t.as_str().to_string(), r.key, r.body));
         }

@@ -19,6 +19,7 @@ mod machines_api;
 mod ops;
 mod replay;
 mod rib;
+mod session_keys;
 mod sessions;
 mod shutdown;
 mod steer;

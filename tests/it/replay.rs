@@ -50,7 +50,13 @@ fn code(r: &reqwest::Response) -> String {
 
 fn enc(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -77,7 +83,10 @@ async fn replay_to_an_instance_resends_head_and_body_and_marks_the_source() {
     assert_eq!(echo["machine"], "m3");
     assert_eq!(echo["body"], "the body");
     let src = echo["headers"]["fly-replay-src"][0].as_str().unwrap();
-    assert!(src.contains("instance=m1") && src.contains("region=ams") && src.contains("state=secret"), "{src}");
+    assert!(
+        src.contains("instance=m1") && src.contains("region=ams") && src.contains("state=secret"),
+        "{src}"
+    );
     assert!(src.contains(";t="), "{src}");
     let m = s.proxy.metrics().await;
     assert_eq!(metric(&m, "tern_routing_decisions_total{app=\"app\",why=\"replay\"}"), 1.0);
@@ -89,6 +98,7 @@ async fn a_large_body_replays_whole_and_one_over_replay_buffer_is_refused() {
     let s = setup(&["ams", "ams"], "replay_buffer = \"64KiB\"", "").await;
     let body = "x".repeat(60 * 1024);
     let r = s.post(&format!("only=m1&replay={}", enc("instance=m2")), &body).await;
+    assert_eq!(r.status(), 200, "{}", code(&r));
     let echo: serde_json::Value = r.json().await.unwrap();
     assert_eq!((echo["machine"].as_str().unwrap(), echo["body"].as_str().unwrap().len()), ("m2", body.len()));
 
@@ -193,7 +203,8 @@ async fn a_websocket_upgrade_replays_to_the_machine_that_serves_it() {
     use futures_util::{SinkExt, StreamExt};
     let s = setup(&["ams", "ams"], "", "").await;
     let url = format!("ws://{}/ws?only=m1&replay={}", s.proxy.http, enc("instance=m2"));
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
     req.headers_mut().insert("host", "app.test".parse().unwrap());
     req.headers_mut().insert("fly-force-instance-id", "m1".parse().unwrap());
     let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();

@@ -10,7 +10,8 @@ use crate::harness::{Ca, HttpVersion, Proxy};
 use crate::wake::metric;
 
 fn decl(app: &str, org: &str, machines: &[(&str, SocketAddr)], extra: &str) -> String {
-    let mut d = format!("[[apps]]\nname = \"{app}\"\norg = \"{org}\"\nhostnames = [\"{app}.test\"]\n{extra}\n");
+    let mut d =
+        format!("[[apps]]\nname = \"{app}\"\norg = \"{org}\"\nhostnames = [\"{app}.test\"]\n{extra}\n");
     for (id, addr) in machines {
         d += &format!(
             "[[machines]]\nid = \"{id}\"\napp = \"{app}\"\nregion = \"ams\"\naddr = \"{addr}\"\nstate = \"started\"\n\n"
@@ -27,7 +28,7 @@ async fn backends(prefix: &str, n: usize) -> Vec<Backend> {
     v
 }
 
-fn ids<'a>(prefix: &str, b: &'a [Backend]) -> Vec<(String, SocketAddr)> {
+fn ids(prefix: &str, b: &[Backend]) -> Vec<(String, SocketAddr)> {
     b.iter().enumerate().map(|(i, b)| (format!("{prefix}{}", i + 1), b.addr)).collect()
 }
 
@@ -46,7 +47,11 @@ fn code(r: &reqwest::Response) -> String {
 /// Opens a session: a request whose machine answers `mcp-session-id: value`. Returns the
 /// token the client saw and the machine.
 async fn open(client: &reqwest::Client, proxy: &Proxy, app: &str, value: &str) -> (String, String) {
-    let r = client.post(proxy.url(&format!("{app}.test"), &format!("/echo?set=mcp-session-id:{value}"))).send().await.unwrap();
+    let r = client
+        .post(proxy.url(&format!("{app}.test"), &format!("/echo?set=mcp-session-id:{value}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let token = r.headers().get("mcp-session-id").expect("a session header").to_str().unwrap().to_string();
     let echo: serde_json::Value = r.json().await.unwrap();
@@ -111,7 +116,8 @@ async fn forged_truncated_and_other_app_tokens_reach_no_machine() {
     flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
     let flipped = String::from_utf8(flipped).unwrap();
     for bad in ["garbage", "s1", truncated, &flipped, &other_token] {
-        let r = client.post(proxy.url("mcp.test", "/echo")).header("mcp-session-id", bad).send().await.unwrap();
+        let r =
+            client.post(proxy.url("mcp.test", "/echo")).header("mcp-session-id", bad).send().await.unwrap();
         assert_eq!((r.status().as_u16(), code(&r)), (404, "session_invalid".into()), "token {bad:?}");
     }
     assert_eq!(total(&b) + total(&other), before, "no machine saw any of them");
@@ -126,10 +132,16 @@ async fn a_session_whose_machine_was_pruned_is_gone_and_a_new_one_works() {
     let proxy = Proxy::start(&decl("mcp", "o", &as_refs(&machines), "")).await;
     let client = proxy.client(&Ca::new(), HttpVersion::Http1);
     let (token, machine) = open(&client, &proxy, "mcp", "s1").await;
-    let keep: Vec<(&str, SocketAddr)> = as_refs(&machines).into_iter().filter(|(id, _)| *id != machine).collect();
+    let keep: Vec<(&str, SocketAddr)> =
+        as_refs(&machines).into_iter().filter(|(id, _)| *id != machine).collect();
     proxy.apply_pruning(&decl("mcp", "o", &keep, ""));
     let gone = crate::harness::eventually(std::time::Duration::from_secs(10), || async {
-        let r = client.post(proxy.url("mcp.test", "/echo")).header("mcp-session-id", &token).send().await.unwrap();
+        let r = client
+            .post(proxy.url("mcp.test", "/echo"))
+            .header("mcp-session-id", &token)
+            .send()
+            .await
+            .unwrap();
         (code(&r) == "session_gone").then_some(r.status().as_u16())
     })
     .await;
@@ -143,8 +155,10 @@ async fn the_affinity_cookie_pins_browsers_and_is_replaced_when_its_machine_is_g
     let b = backends("m", 3).await;
     let machines = ids("m", &b);
     let extra = "[apps.affinity]\ncookie = \"tern_affinity\"";
-    let proxy = Proxy::start(&decl("web", "o", &as_refs(&machines), extra)).await;
     let ca = Ca::new();
+    let proxy =
+        Proxy::start(&(decl("web", "o", &as_refs(&machines), extra) + &ca.decl("web.test", &["web.test"])))
+            .await;
     let client = proxy.client(&ca, HttpVersion::Http1);
     let r = client.get(proxy.url("web.test", "/echo")).send().await.unwrap();
     let set = r.headers().get("set-cookie").expect("a cookie").to_str().unwrap().to_string();
@@ -152,7 +166,12 @@ async fn the_affinity_cookie_pins_browsers_and_is_replaced_when_its_machine_is_g
     let cookie = set.split(';').next().unwrap().to_string();
     let first: serde_json::Value = r.json().await.unwrap();
     for _ in 0..20 {
-        let r = client.get(proxy.url("web.test", "/echo")).header("cookie", format!("a=1; {cookie}")).send().await.unwrap();
+        let r = client
+            .get(proxy.url("web.test", "/echo"))
+            .header("cookie", format!("a=1; {cookie}"))
+            .send()
+            .await
+            .unwrap();
         assert!(r.headers().get("set-cookie").is_none(), "a valid cookie is not set again");
         let echo: serde_json::Value = r.json().await.unwrap();
         assert_eq!(echo["machine"], first["machine"]);
@@ -161,7 +180,12 @@ async fn the_affinity_cookie_pins_browsers_and_is_replaced_when_its_machine_is_g
     let r = client.get(proxy.tls_url("web.test", "/echo")).send().await.unwrap();
     assert!(r.headers().get("set-cookie").unwrap().to_str().unwrap().ends_with("; Secure"));
     // A cookie that does not open is no error to a browser: a normal pick and a new cookie.
-    let r = client.get(proxy.url("web.test", "/echo")).header("cookie", "tern_affinity=junk").send().await.unwrap();
+    let r = client
+        .get(proxy.url("web.test", "/echo"))
+        .header("cookie", "tern_affinity=junk")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("set-cookie").is_some());
     // Its machine removed: the same.

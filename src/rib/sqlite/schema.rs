@@ -10,6 +10,9 @@
 //! and recreates their triggers, in the same transaction that records the new version. The
 //! change log and the epoch are left alone, so subscribers' cursors stay valid.
 //!
+//! Version 3 adds the `session_keys` table (with its triggers); a version 2 database only
+//! gains it, nothing is rebuilt.
+//!
 //! The version is `meta.schema`; a database without it predates versioning (version 1 when
 //! it has a `meta` table, new otherwise).
 
@@ -20,7 +23,9 @@ use rusqlite::{OptionalExtension, Transaction};
 use crate::rib::{RibError, Table};
 
 /// The schema this build writes.
-pub const VERSION: i64 = 2;
+pub const VERSION: i64 = 3;
+/// Tables made before this version have the old `updated_at` default and are rebuilt.
+const REBUILT_BEFORE: i64 = 2;
 
 /// The current time in milliseconds since the Unix epoch, as an SQL expression. 2440587.5
 /// is the Julian day of 1970-01-01T00:00Z; `'now'` has millisecond precision, and the
@@ -74,7 +79,7 @@ fn drop_triggers(t: &str) -> String {
 /// Rebuilds table `t` with the current definition, keeping its rows. Its triggers must be
 /// gone first, so the copy writes nothing to the change log.
 fn rebuild_table(t: &str) -> String {
-    let new = format!("{t}__v{VERSION}");
+    let new = format!("{t}__v{REBUILT_BEFORE}");
     format!(
         "{create}
 INSERT INTO {new} (key, body, updated_at) SELECT key, body, updated_at FROM {t};
@@ -116,7 +121,7 @@ pub fn ensure(tx: &Transaction<'_>, path: &Path) -> Result<(), RibError> {
     }
     let mut sql = String::new();
     for t in Table::ALL.map(Table::as_str) {
-        if version < VERSION {
+        if version < REBUILT_BEFORE {
             sql += &drop_triggers(t);
             if table_exists(tx, t).map_err(&other)? {
                 sql += &rebuild_table(t);
