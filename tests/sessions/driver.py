@@ -243,7 +243,7 @@ def run_client(client, mode, ports, certs, sessions=None):
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])
     except Exception:
-        return {"ok": 0, "failed": sessions, "first_error": f"client crashed: {r.stderr[-400:]}", "sessions": []}
+        return {"ok": 0, "failed": sessions, "first_error": f"client crashed (exit {r.returncode}): {r.stderr[-400:]} {r.stdout[-400:]}", "sessions": []}
 
 
 def session_spread(lines_by_machine):

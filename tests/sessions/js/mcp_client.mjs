@@ -128,7 +128,9 @@ async function worker() {
 await Promise.all(Array.from({ length: Number(opts.concurrency) }, worker));
 results.sort((a, b) => a.idx - b.idx);
 const failed = results.filter((r) => !r.ok);
+// Exit only once the report is flushed: process.exit() right after a large write to a
+// pipe cuts it short (the SDK's open streams would otherwise keep the process alive).
 process.stdout.write(
   JSON.stringify({ ok: results.length - failed.length, failed: failed.length, first_error: failed[0]?.error ?? null, sessions: results }) + '\n',
+  () => process.exit(0),
 );
-process.exit(0);
