@@ -201,3 +201,25 @@ async fn the_affinity_cookie_pins_browsers_and_is_replaced_when_its_machine_is_g
     .await;
     assert!(replaced.is_some(), "a cookie for a gone machine falls back and is replaced");
 }
+
+/// Raw bytes: two session headers (which one would route?) and a token in another affinity
+/// header's place are refused before any machine sees them.
+#[tokio::test]
+async fn two_session_headers_on_the_wire_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = backends("m", 2).await;
+    let proxy = Proxy::start(&decl("mcp", "o", &as_refs(&ids("m", &b)), "")).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let (token, _) = open(&client, &proxy, "mcp", "s1").await;
+    let before = total(&b);
+    let mut conn = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    let req = format!(
+        "GET /echo HTTP/1.1\r\nHost: mcp.test\r\nMcp-Session-Id: {token}\r\nmcp-session-id: {token}\r\nConnection: close\r\n\r\n"
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    assert!(resp.to_ascii_lowercase().contains("tern-error: session_invalid"), "{resp}");
+    assert_eq!(total(&b), before, "no machine saw it");
+}
