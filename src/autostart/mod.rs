@@ -244,6 +244,7 @@ impl Lifecycle {
         let mut last_failure: Option<Arc<str>> = None;
         let line = self.lines.entry(app.name.clone()).or_default().clone();
         let mut place: Option<Place> = None;
+        let restricted = !eligible.is_all();
         let (name, caller_app) = (app.name.clone(), app);
         loop {
             // The app as the catalog has it now: a machine added since counts too.
@@ -254,7 +255,10 @@ impl Lifecycle {
                 return Err(WakeError::NothingToWake);
             };
             let app: &AppEntry = app;
-            let at_front = place.as_ref().map_or_else(|| line.is_empty(), Place::at_front);
+            // A request that may only take some machines (a region, not the one that replayed
+            // it) never joins the app's line: at its front it would hold up requests that
+            // could take the machines it may not.
+            let at_front = restricted || place.as_ref().map_or_else(|| line.is_empty(), Place::at_front);
             // Registered before looking, so nothing in between is missed: the front listens
             // for an exchange ending or a machine turning routable (a spare woken, checks
             // passing) on every machine; the rest, for their turn. Every waiter counts on
@@ -280,7 +284,7 @@ impl Lifecycle {
             }
             if app.machines.iter().any(|m| m.routable() && eligible.admits(m)) {
                 // Every routable machine is at its hard limit (or others wait ahead): queue.
-                if place.is_none() {
+                if place.is_none() && !restricted {
                     drop(notified);
                     place = Some(line.join());
                     continue;

@@ -276,7 +276,15 @@ struct Tape {
     /// Which reader is current: a replay starts a new one, and the old one (on a machine
     /// connection being thrown away) gets nothing more.
     reader: u64,
+    /// The task of the reader that last waited on the client: a replay wakes it, so the old
+    /// machine exchange ends at once (with [`Replaced`]) instead of hanging on a body that
+    /// no longer comes.
+    waiting: Option<std::task::Waker>,
 }
+
+/// What each kept frame costs besides its bytes, so that a body of many tiny frames (1-byte
+/// chunks) cannot keep far more memory than `replay_buffer` says.
+const FRAME_OVERHEAD: u64 = 128;
 
 #[derive(Debug)]
 enum Kept {
@@ -311,6 +319,7 @@ impl RequestBodyState {
                 spilled,
                 pos: 0,
                 reader: 0,
+                waiting: None,
             }),
         })
     }
@@ -326,9 +335,10 @@ impl RequestBodyState {
         self.reading.load(Ordering::Acquire) && !self.ended.load(Ordering::Acquire)
     }
 
-    /// Whether the body can be sent again from its start: all of it read so far is kept.
+    /// Whether the body can be sent again from its start: all of it read so far is kept,
+    /// and reading it from the client has not failed.
     pub fn replayable(&self) -> bool {
-        !self.tape.lock().spilled
+        !self.tape.lock().spilled && self.failed.get().is_none()
     }
 
     /// The response came and does not replay: nothing more is kept, and what was kept is
@@ -350,6 +360,9 @@ impl RequestBodyState {
         }
         tape.reader += 1;
         tape.pos = 0;
+        if let Some(w) = tape.waiting.take() {
+            w.wake();
+        }
         Some(tape.reader)
     }
 
@@ -504,6 +517,11 @@ impl Body for ClientBody {
         let r = Pin::new(&mut *source).poll_frame(cx);
         state.reading.store(true, Ordering::Release);
         match &r {
+            Poll::Pending => tape.waiting = Some(cx.waker().clone()),
+            // A body that failed ends cleanly afterwards: not as complete to the next reader.
+            Poll::Ready(None) if state.failed.get().is_some() => {
+                return Poll::Ready(Some(Err(Replaced.into())));
+            }
             Poll::Ready(None) => state.ended.store(true, Ordering::Release),
             Poll::Ready(Some(Ok(frame))) => {
                 this.activity.touch();
@@ -513,8 +531,9 @@ impl Body for ClientBody {
                     state.ended.store(true, Ordering::Release);
                 }
                 let tape = &mut *tape;
-                if !tape.spilled {
-                    let size = frame.data_ref().map_or(0, |d| d.len() as u64);
+                let empty = frame.data_ref().is_some_and(Bytes::is_empty);
+                if !tape.spilled && !empty {
+                    let size = frame.data_ref().map_or(0, |d| d.len() as u64) + FRAME_OVERHEAD;
                     if tape.kept_bytes + size <= tape.limit {
                         tape.kept_bytes += size;
                         tape.kept.push(match frame.trailers_ref() {
@@ -533,7 +552,6 @@ impl Body for ClientBody {
             Poll::Ready(Some(Err(e))) => {
                 let _ = state.failed.set(e.to_string());
             }
-            Poll::Pending => {}
         }
         r.map_err(Into::into)
     }

@@ -200,7 +200,7 @@ impl Handler {
                     steer = self.fall_back(&e, &origin, &origin_app, &d, &mut head, arrived);
                     fell_back = true;
                     app = origin_app;
-                    deadline = arrived + app.spec.wake_timeout;
+                    deadline = Instant::now() + app.spec.wake_timeout;
                     continue;
                 }
                 (Err(e), _) => return Err(e),
@@ -241,7 +241,9 @@ impl Handler {
             // The next machine gets the body as it comes, without waiting for its 100.
             gate = None;
             steer = next;
-            deadline = Instant::now() + d.timeout.unwrap_or(target.spec.wake_timeout);
+            // A machine's timeout is best effort, and never longer than the target app's own.
+            let wait = d.timeout.map_or(target.spec.wake_timeout, |t| t.min(target.spec.wake_timeout));
+            deadline = Instant::now() + wait;
             let origin_app = std::mem::replace(&mut app, target);
             replaying = Some((machine, origin_app, d));
         };
@@ -313,6 +315,11 @@ impl Handler {
         };
         if proto == Proto::H2c {
             req.headers_mut().remove(header::HOST);
+        } else if !req.headers().contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(raw_host)
+        {
+            // An HTTP/2 client's request to an h2c app had none (:authority said it).
+            req.headers_mut().insert(header::HOST, v);
         }
         Ok(req)
     }
@@ -422,7 +429,8 @@ impl Handler {
             }
         };
         let wakes: &dyn Wakes = &self.lifecycle;
-        let routed = self.router.route(app, steer, wakes, deadline, may_wake).await;
+        let (routed, unpinned) = self.route_softly(app, steer, deadline, may_wake).await;
+        let steer = unpinned.as_ref().unwrap_or(steer);
         let first = self.routed(app, steer, routed, outcome)?;
         let err = match self.pool.checkout(first.pick.machine.addr, proto).await {
             Ok(c) => {
@@ -486,6 +494,26 @@ impl Handler {
                     source: e.source,
                 })
             }
+        }
+    }
+
+    /// Routes; a browser cannot act on an error, so an affinity cookie whose machine cannot
+    /// be had pins nothing (the response brings a new cookie): then the steering used instead.
+    async fn route_softly(
+        &self,
+        app: &AppEntry,
+        steer: &Steering,
+        deadline: Instant,
+        may_wake: bool,
+    ) -> (Result<Routed, Refusal>, Option<Steering>) {
+        let wakes: &dyn Wakes = &self.lifecycle;
+        let routed = self.router.route(app, steer, wakes, deadline, may_wake).await;
+        match (&routed, &steer.pinned) {
+            (Err(Refusal::Wait(WakeError::Unavailable(_) | WakeError::Gone, ..)), Some((_, Why::Cookie))) => {
+                let unpinned = Steering { pinned: None, ..steer.clone() };
+                (self.router.route(app, &unpinned, wakes, deadline, may_wake).await, Some(unpinned))
+            }
+            _ => (routed, None),
         }
     }
 

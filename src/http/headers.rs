@@ -134,6 +134,10 @@ pub fn prepare_request(
         .iter()
         .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
     strip_hop_by_hop(headers);
+    // Only tern says where a replay came from, or that a preferred machine was missed.
+    for name in ["fly-replay-src", "fly-replay-failed", "fly-preferred-instance-unavailable"] {
+        headers.remove(name);
+    }
     if !expect {
         headers.remove(header::EXPECT);
     }

@@ -420,6 +420,17 @@ fn transform_may_touch(name: &HeaderName) -> bool {
             | "keep-alive"
             | "proxy-connection"
             | "http2-settings"
+            // What tern writes about the client: a machine must not forge it for another.
+            | "x-forwarded-for"
+            | "x-forwarded-proto"
+            | "x-forwarded-port"
+            | "x-forwarded-ssl"
+            | "fly-client-ip"
+            | "fly-forwarded-port"
+            | "fly-region"
+            | "fly-request-id"
+            | "via"
+            | "fly-preferred-instance-unavailable"
     ) && !n.starts_with("fly-replay")
         && !n.starts_with("tern-")
 }
