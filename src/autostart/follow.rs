@@ -63,6 +63,9 @@ impl Lifecycle {
                 self.start_declared(app, m);
             }
         }
+        for name in &changes.redeclared_apps {
+            self.replay_cache.forget_app(name);
+        }
         for name in &changes.removed_apps {
             if snap.app(name).is_none() {
                 self.forget_app(name);
@@ -201,6 +204,7 @@ impl Lifecycle {
         self.held.remove_if(name, |_, count| Arc::strong_count(count) == 1);
         self.lines.remove_if(name, |_, line| Arc::strong_count(line) == 1);
         self.metrics.forget_app(name);
+        self.replay_cache.forget_app(name);
     }
 
     /// The supervisor's sweep: per-key state of apps and machines gone from `snap` that was

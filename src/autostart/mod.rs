@@ -58,6 +58,7 @@ use crate::driver::{Driver, DriverError, DriverEvent, Target};
 use crate::model::{AppSpec, MachineState, StateRow};
 use crate::rib::Rib;
 use crate::routing::decide::{Eligible, WaitFuture, Wakes};
+use crate::routing::replay_cache::ReplayCache;
 use crate::routing::select::{self, Pick};
 use crate::telemetry::Metrics;
 
@@ -110,6 +111,8 @@ pub struct Lifecycle {
     node: Arc<str>,
     region: Arc<str>,
     metrics: Arc<Metrics>,
+    /// The node's remembered replays, forgotten with their app.
+    replay_cache: Arc<ReplayCache>,
     /// Wakes in progress, by machine id.
     wakes: DashMap<Arc<str>, Wake>,
     /// Requests held per app.
@@ -199,6 +202,7 @@ impl Lifecycle {
         node: Arc<str>,
         region: Arc<str>,
         metrics: Arc<Metrics>,
+        replay_cache: Arc<ReplayCache>,
     ) -> Arc<Lifecycle> {
         Arc::new(Lifecycle {
             driver,
@@ -207,6 +211,7 @@ impl Lifecycle {
             node,
             region,
             metrics,
+            replay_cache,
             wakes: DashMap::new(),
             held: DashMap::new(),
             runtime: tokio::runtime::Handle::current(),

@@ -579,6 +579,7 @@ pub(super) mod tests {
             Arc::from("node"),
             Arc::from(""),
             Arc::new(crate::telemetry::Metrics::new()),
+            Arc::default(),
         );
         (dir, driver, lifecycle)
     }

@@ -34,6 +34,9 @@ pub struct Changes {
     /// `internal_port`, say): the version before, with its app's spec then. A process
     /// running the old version must make way for the new one.
     pub redeclared: Vec<(Arc<Machine>, Option<Arc<AppSpec>>)>,
+    /// Apps still in the catalog whose spec changed: what was decided under the old one
+    /// (a replay cache rule's index, say) may mean something else now.
+    pub redeclared_apps: Vec<Arc<str>>,
 }
 
 impl Changes {
@@ -42,6 +45,7 @@ impl Changes {
             && self.removed_machines.is_empty()
             && self.removed_apps.is_empty()
             && self.redeclared.is_empty()
+            && self.redeclared_apps.is_empty()
     }
 }
 
@@ -117,7 +121,12 @@ impl Touched {
         for name in &self.apps {
             match (prev.app(name), next.app(name)) {
                 (Some(a), Some(b)) if Arc::ptr_eq(&a.spec, &b.spec) => {}
-                (_, Some(b)) => b.machines.iter().for_each(|m| changed(m, &mut out)),
+                (a, Some(b)) => {
+                    if a.is_some_and(|a| a.spec != b.spec) {
+                        out.redeclared_apps.push(name.clone());
+                    }
+                    b.machines.iter().for_each(|m| changed(m, &mut out));
+                }
                 (Some(_), None) => out.removed_apps.push(name.clone()),
                 (None, None) => {}
             }
@@ -189,5 +198,6 @@ mod tests {
         again.apply(Event::App(a));
         let c = Touched::of_changes(&[change(Table::Apps, "a")]).diff(&next, &again);
         assert_eq!(c.machines.len(), 3);
+        assert_eq!(c.redeclared_apps, [Arc::from("a")]);
     }
 }

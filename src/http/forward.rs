@@ -14,6 +14,7 @@ use crate::catalog::{AppEntry, Machine};
 use crate::error::ProxyError;
 use crate::routing::Refusal;
 use crate::routing::decide::{Regions, Routed, Steering, Wakes, Why};
+use crate::routing::replay_cache::{ReplayCache, session_rule};
 use crate::routing::select::Pick;
 use crate::routing::{self, Router};
 use crate::telemetry::{Metrics, status_class};
@@ -40,6 +41,8 @@ pub struct Handler {
     pub tasks: TaskTracker,
     /// Wakes machines for requests that find none started.
     pub lifecycle: Arc<Lifecycle>,
+    /// The node's remembered replays (path and session), consulted before the first hop.
+    pub replay_cache: Arc<ReplayCache>,
 }
 
 /// What the access log and metrics learn about an exchange.
@@ -147,10 +150,14 @@ impl Handler {
         let raw_host = request_host(&req).ok_or(ProxyError::BadHost)?.to_owned();
         let host = routing::normalize(&raw_host).map_err(|_| ProxyError::BadHost)?.into_owned();
         outcome.host = Some(host.clone());
-        let app = self.router.app_for(&host).ok_or(ProxyError::NoApp { host })?;
+        let app = self.router.app_for(&host).ok_or_else(|| ProxyError::NoApp { host: host.clone() })?;
         outcome.app = Some(app.name.clone());
 
         let route = Route::of(&app, &mut req);
+        // tern's to set: a client's would tell the machine of a cache decision never made.
+        req.headers_mut().remove(replay::FLY_REPLAY_CACHE_STATUS);
+        let path = req.uri().path().to_owned();
+        let cache = self.cache_lookup(&app, &host, &path, req.headers());
         let mut steer = self.steering(&app, req.headers())?;
         let keyring = self.router.keyring();
         let session = affinity::open(&app, &keyring, &self.router, req.headers_mut(), &self.metrics)?;
@@ -184,6 +191,27 @@ impl Handler {
         // The machine that asked for the replay in flight, with what it asked for.
         let mut replaying: Option<(Arc<Machine>, Arc<AppEntry>, Box<replay::Directive>)> = None;
         let mut fell_back = false;
+        // A cached replay routes the first hop; until its target is reached, the app and
+        // steering the request would have had without it.
+        let mut uncached: Option<(Arc<AppEntry>, Steering)> = None;
+        if let Some(hit) = &cache.hit {
+            match replay::cached(&self.router, &app, &hit.target) {
+                Ok((target, next)) => {
+                    self.metrics.replays.with_label_values(&[&app.name, "cache"]).inc();
+                    uncached =
+                        Some((std::mem::replace(&mut app, target), std::mem::replace(&mut steer, next)));
+                    deadline = arrived + app.spec.wake_timeout;
+                    set_cache_status(&mut head, next_req.as_mut(), Some("hit"));
+                }
+                Err(e) => {
+                    tracing::info!(target: "tern::http", request_id = %id, app = %app.name, error = %e,
+                        "cached fly-replay target gone; dropping the entry");
+                    self.forget_cached(&first_app, &host, &hit.key);
+                }
+            }
+        } else if cache.bypassed {
+            set_cache_status(&mut head, next_req.as_mut(), Some("bypass"));
+        }
         let (resp, machine, in_flight, mut lease) = loop {
             let proto = if upgrade || !app.spec.http_options.h2_backend { Proto::Http1 } else { Proto::H2c };
             let mut up_req = match next_req.take() {
@@ -193,6 +221,18 @@ impl Handler {
             let routed = self.connect(&app, &steer, proto, deadline, !route.ignored_agent, outcome).await;
             let (routed, upstream) = match (routed, replaying.take()) {
                 (Ok(r), _) => r,
+                // The cached target could not take it: forget the entry, route as if none.
+                (Err(e), _) if uncached.is_some() => {
+                    tracing::info!(target: "tern::http", request_id = %id, app = %app.name, error = %e,
+                        "cached fly-replay target unreachable; dropping the entry");
+                    if let Some(hit) = &cache.hit {
+                        self.forget_cached(&first_app, &host, &hit.key);
+                    }
+                    set_cache_status(&mut head, None, None);
+                    (app, steer) = uncached.take().expect("checked");
+                    deadline = arrived + app.spec.wake_timeout;
+                    continue;
+                }
                 // The replay's target could not be reached: back to where it came from.
                 (Err(e), Some((origin, origin_app, d))) if d.fallback.is_some() && !fell_back => {
                     tracing::info!(target: "tern::http", request_id = %id, app = %app.name, error = %e,
@@ -205,6 +245,8 @@ impl Handler {
                 }
                 (Err(e), _) => return Err(e),
             };
+            // Reached: from here on the cached target is the request's, as a replay's is.
+            let via_cache = uncached.take().is_some();
             let Routed { pick: Pick { machine, guard: in_flight, .. }, why, preferred_missed, .. } = routed;
             outcome.machine = Some(machine.id.clone());
             outcome.why = why;
@@ -216,7 +258,7 @@ impl Handler {
             }
             let sent = self.send(upstream, up_req, &machine, proto, upgrade, &activity, idle).await;
             let (resp, lease) = self.received(sent, &body_state, &machine)?;
-            let d = match replay::answer(resp, &machine, &head.path, idle).await? {
+            let d = match replay::answer(resp, &machine, &path, idle).await? {
                 replay::Answer::Serve(resp) => break (resp, machine, in_flight, lease),
                 replay::Answer::Replay(d, how) => {
                     self.metrics.replays.with_label_values(&[&app.name, how]).inc();
@@ -237,7 +279,11 @@ impl Handler {
                     limit: first_app.spec.replay_buffer,
                 });
             }
+            let remembered = self.remember(&first_app, &app, &host, &path, &cache, &d, via_cache);
             head.for_replay(&d, &machine, replay::now_us());
+            if remembered {
+                set_cache_status(&mut head, None, Some("miss"));
+            }
             // The next machine gets the body as it comes, without waiting for its 100.
             gate = None;
             steer = next;
@@ -259,6 +305,87 @@ impl Handler {
         let guards = ExchangeGuards { in_flight, exchange, lease, gate: gate.map(GateGuard) };
         let timer = IdleTimer::new(activity, idle);
         self.relay(resp, guards, Relay { machine: &machine, route, client_version, id, timer })
+    }
+
+    /// What the replay caches hold for a request of `app`, before its first hop: a session
+    /// entry for the value its `[[apps.replay_cache]]` rule keys by, else a path entry
+    /// (`fly-replay-cache`); one that allows it is passed over for a client that asks
+    /// (`fly-replay-cache-control: skip`).
+    fn cache_lookup(&self, app: &AppEntry, host: &str, path: &str, headers: &http::HeaderMap) -> CacheLookup {
+        let skip = headers
+            .get(replay::FLY_REPLAY_CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("skip"));
+        let session = session_rule(&app.spec, host, path, headers).map(|(i, v)| (i, v.into_owned()));
+        let mut out = CacheLookup { session, hit: None, bypassed: false };
+        if let Some((rule, value)) = &out.session
+            && let Some(target) = self.replay_cache.session(&app.name, *rule, value)
+        {
+            if skip && app.spec.replay_cache[*rule].allow_bypass {
+                out.bypassed = true;
+            } else {
+                out.hit = Some(CacheHit { key: CacheKey::Session(*rule, value.clone()), target });
+                return out;
+            }
+        }
+        if let Some(h) = self.replay_cache.path_hit(&app.name, host, path) {
+            if skip && h.allow_bypass {
+                out.bypassed = true;
+            } else {
+                out.hit = Some(CacheHit { key: CacheKey::Path(h.prefix), target: h.target });
+                out.bypassed = false;
+            }
+        }
+        out
+    }
+
+    fn forget_cached(&self, app: &AppEntry, host: &str, key: &CacheKey) {
+        match key {
+            CacheKey::Path(prefix) => self.replay_cache.invalidate_path(&app.name, host, prefix),
+            CacheKey::Session(rule, value) => self.replay_cache.invalidate_session(&app.name, *rule, value),
+        }
+    }
+
+    /// What a replay by a machine of `app` does to the caches of the request's app: an
+    /// invalidation forgets the entry it names (or, naming none, the one that routed the
+    /// request); a replay by the origin app's machine that the cache did not route is
+    /// remembered, under its `fly-replay-cache` prefix and under the request's session
+    /// rule. Returns whether it was remembered.
+    #[allow(clippy::too_many_arguments)]
+    fn remember(
+        &self,
+        first_app: &AppEntry,
+        app: &Arc<AppEntry>,
+        host: &str,
+        path: &str,
+        cache: &CacheLookup,
+        d: &replay::Directive,
+        via_cache: bool,
+    ) -> bool {
+        if let Some(c) = d.cache.as_ref().filter(|c| c.invalidate) {
+            if !c.prefix.is_empty() {
+                self.replay_cache.invalidate_path(&first_app.name, host, &c.prefix);
+            } else if let Some(hit) = &cache.hit {
+                self.forget_cached(first_app, host, &hit.key);
+            }
+            return false;
+        }
+        if via_cache || app.name != first_app.name {
+            return false;
+        }
+        let mut remembered = false;
+        // The header form's prefix was checked against the path as it was read; the JSON
+        // form's is checked here, and one that does not cover the request is not kept.
+        if let Some(c) = d.cache.as_ref().filter(|c| c.covers(path)) {
+            self.replay_cache.put_path(&first_app.name, host, c, replay::cache_target(d));
+            remembered = true;
+        }
+        if let Some((rule, value)) = &cache.session {
+            let ttl = Duration::from_secs(first_app.spec.replay_cache[*rule].ttl_seconds);
+            self.replay_cache.put_session(&first_app.name, *rule, value, ttl, replay::cache_target(d));
+            remembered = true;
+        }
+        remembered
     }
 
     /// Where a request goes when its replay's target could not be reached: back to the
@@ -777,6 +904,49 @@ impl Route {
         .then(|| Arc::new(ContinueGate::default()));
         Route { upgrade, client_upgrade, proto, gate, ignored_agent }
     }
+}
+
+/// Sets (or, with `None`, removes) `fly-replay-cache-status` on the request as it will be
+/// sent again and, if given, on the one about to go.
+fn set_cache_status(
+    head: &mut replay::Head,
+    req: Option<&mut Request<UpBody>>,
+    status: Option<&'static str>,
+) {
+    let set = |h: &mut http::HeaderMap| match status {
+        Some(s) => {
+            h.insert(replay::FLY_REPLAY_CACHE_STATUS, HeaderValue::from_static(s));
+        }
+        None => {
+            h.remove(replay::FLY_REPLAY_CACHE_STATUS);
+        }
+    };
+    set(&mut head.headers);
+    if let Some(req) = req {
+        set(req.headers_mut());
+    }
+}
+
+/// What the replay caches say about a request before its first hop.
+struct CacheLookup {
+    /// The `[[apps.replay_cache]]` rule covering it and the value it keys by: where a
+    /// replay of it is remembered.
+    session: Option<(usize, String)>,
+    /// The entry that routes it.
+    hit: Option<CacheHit>,
+    /// An entry was passed over at the client's asking.
+    bypassed: bool,
+}
+
+struct CacheHit {
+    key: CacheKey,
+    target: replay::Target,
+}
+
+/// Which entry routed a request, to forget it.
+enum CacheKey {
+    Path(String),
+    Session(usize, String),
 }
 
 /// What passing a response on needs to know.

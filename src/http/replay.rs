@@ -26,6 +26,7 @@ use crate::routing::Router;
 use crate::routing::decide::{Regions, Steering, Why};
 use crate::routing::replay;
 pub use crate::routing::replay::{Directive, Failed, Fallback, failed_header};
+pub use crate::routing::replay_cache::Target;
 
 /// fly-proxy's limit: the eleventh replay in a row is refused.
 pub const MAX_HOPS: u32 = 10;
@@ -37,6 +38,8 @@ pub const FLY_REPLAY: HeaderName = HeaderName::from_static("fly-replay");
 pub const FLY_REPLAY_SRC: HeaderName = HeaderName::from_static("fly-replay-src");
 pub const FLY_REPLAY_FAILED: HeaderName = HeaderName::from_static("fly-replay-failed");
 pub const FLY_REPLAY_CACHE_STATUS: HeaderName = HeaderName::from_static("fly-replay-cache-status");
+/// `skip` from a client: past a cache entry that allows it.
+pub const FLY_REPLAY_CACHE_CONTROL: HeaderName = HeaderName::from_static("fly-replay-cache-control");
 const JSON_TYPE: &str = "application/vnd.fly.replay+json";
 
 /// What a machine's response asks for.
@@ -90,8 +93,42 @@ pub fn target(
     origin: &Machine,
     d: &Directive,
 ) -> Result<(Arc<AppEntry>, Steering), ProxyError> {
-    let invalid = |detail: String| ProxyError::ReplayInvalid { machine: origin.id.clone(), detail };
-    let app = match d.app.as_deref() {
+    let (app, mut steer) = steer_to(router, origin_app, &origin.id, &cache_target(d), Why::Replay)?;
+    if d.elsewhere && Arc::ptr_eq(&app, origin_app) {
+        steer.exclude.push(origin.id.clone());
+    }
+    Ok((app, steer))
+}
+
+/// Where a cached replay sends a request of `origin_app`, as [`target`] does for the replay
+/// it remembers (a cached replay has no `elsewhere`).
+pub fn cached(
+    router: &Router,
+    origin_app: &Arc<AppEntry>,
+    t: &Target,
+) -> Result<(Arc<AppEntry>, Steering), ProxyError> {
+    steer_to(router, origin_app, &Arc::from("replay cache"), t, Why::ReplayCache)
+}
+
+/// What a replay cache remembers of a directive: where it went.
+pub fn cache_target(d: &Directive) -> Target {
+    Target {
+        app: d.app.clone(),
+        instance: d.instance.clone(),
+        region: d.region.clone(),
+        prefer_instance: d.prefer_instance.clone(),
+    }
+}
+
+fn steer_to(
+    router: &Router,
+    origin_app: &Arc<AppEntry>,
+    origin: &Arc<str>,
+    t: &Target,
+    why: Why,
+) -> Result<(Arc<AppEntry>, Steering), ProxyError> {
+    let invalid = |detail: String| ProxyError::ReplayInvalid { machine: origin.clone(), detail };
+    let app = match t.app.as_deref() {
         None => origin_app.clone(),
         Some(name) if name == &*origin_app.name => origin_app.clone(),
         Some(name) => {
@@ -105,26 +142,23 @@ pub fn target(
             target
         }
     };
-    let mut steer = Steering { why: Why::Replay, ..Steering::default() };
-    if let Some(id) = d.instance.as_deref() {
+    let mut steer = Steering { why, ..Steering::default() };
+    if let Some(id) = t.instance.as_deref() {
         let m = router.machine_of(&app, id).ok_or_else(|| ProxyError::InstanceUnavailable {
             app: app.name.clone(),
             machine: id.into(),
             reason: "fly-replay names no machine of the app".into(),
         })?;
-        steer.pinned = Some((m, Why::Replay));
+        steer.pinned = Some((m, why));
     }
-    if let Some(id) = d.prefer_instance.as_deref() {
+    if let Some(id) = t.prefer_instance.as_deref() {
         match router.machine_of(&app, id) {
-            Some(m) => steer.preferred = Some((m, Why::Replay)),
+            Some(m) => steer.preferred = Some((m, why)),
             None => steer.preferred_missing = Some(Arc::from(id)),
         }
     }
-    if !d.region.is_empty() {
-        steer.regions = Regions::Force(d.region.clone());
-    }
-    if d.elsewhere && Arc::ptr_eq(&app, origin_app) {
-        steer.exclude.push(origin.id.clone());
+    if !t.region.is_empty() {
+        steer.regions = Regions::Force(t.region.clone());
     }
     Ok((app, steer))
 }

@@ -135,6 +135,9 @@ pub async fn run(
     let driver = crate::driver::build(&config, driver_tx).map_err(StartError::Driver)?;
     driver.clean_up_leftovers().await;
     let node: Arc<str> = Arc::from(config.node.clone().unwrap_or_else(|| config.region.clone()));
+    // One per node, shared by the workers: a replay one worker saw routes the next
+    // request whichever worker takes it.
+    let replay_cache = Arc::new(crate::routing::replay_cache::ReplayCache::default());
     let lifecycle = Lifecycle::new(
         driver,
         rib,
@@ -142,6 +145,7 @@ pub async fn run(
         node,
         Arc::from(config.region.as_str()),
         metrics.clone(),
+        replay_cache.clone(),
     );
     tokio::spawn(lifecycle.clone().watch_driver(driver_rx));
     lifecycle.reconcile_at_start();
@@ -162,6 +166,7 @@ pub async fn run(
         access_log: config.log.access,
         shutdown: shutdown.clone(),
         lifecycle: lifecycle.clone(),
+        replay_cache,
     };
     let workers = Arc::new(Workers::start(config.worker_count(), &deps).map_err(StartError::Workers)?);
 

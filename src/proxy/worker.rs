@@ -43,6 +43,7 @@ pub(super) struct Deps {
     pub access_log: bool,
     pub shutdown: watch::Receiver<bool>,
     pub lifecycle: Arc<crate::autostart::Lifecycle>,
+    pub replay_cache: Arc<crate::routing::replay_cache::ReplayCache>,
 }
 
 struct Worker {
@@ -119,6 +120,7 @@ async fn run(deps: Deps, mut jobs: mpsc::UnboundedReceiver<Job>, open: Arc<Atomi
         access_log: deps.access_log,
         tasks: tasks.clone(),
         lifecycle: deps.lifecycle.clone(),
+        replay_cache: deps.replay_cache.clone(),
     });
     let deps = Arc::new(deps);
     let mut shutdown = deps.shutdown.clone();

@@ -27,6 +27,16 @@ pub struct Target {
     pub prefer_instance: Option<String>,
 }
 
+/// A path replay found for a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathHit {
+    pub target: Target,
+    /// Clients may skip it with `fly-replay-cache-control: skip`.
+    pub allow_bypass: bool,
+    /// The prefix it is stored under.
+    pub prefix: String,
+}
+
 /// Entries kept at most, path and session together (inserts racing past a full check may
 /// add one each). Each is small (a target and a key), so the bound keeps the cache to a few
 /// megabytes whatever apps send.
@@ -208,6 +218,12 @@ impl ReplayCache {
     /// The path replay covering `path` (without query) on `host`: the longest live prefix,
     /// with whether clients may bypass it.
     pub fn path(&self, app: &str, host: &str, path: &str) -> Option<(Target, bool)> {
+        self.path_hit(app, host, path).map(|h| (h.target, h.allow_bypass))
+    }
+
+    /// As [`Self::path`], with the prefix the entry is stored under: what
+    /// [`Self::invalidate_path`] takes to forget the entry that routed a request.
+    pub fn path_hit(&self, app: &str, host: &str, path: &str) -> Option<PathHit> {
         let a = self.app(app)?;
         let now = now_ms();
         let mut expired = false;
@@ -217,7 +233,11 @@ impl ReplayCache {
             for prefix in prefixes(path) {
                 match hosts.get(prefix) {
                     Some(e) if e.live(now) => {
-                        found = Some((e.target.clone(), e.allow_bypass));
+                        found = Some(PathHit {
+                            target: e.target.clone(),
+                            allow_bypass: e.allow_bypass,
+                            prefix: prefix.to_owned(),
+                        });
                         break;
                     }
                     Some(_) => expired = true,

@@ -157,7 +157,8 @@ fn params(req: &Request<Incoming>) -> Vec<(String, String)> {
 async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body> {
     state.requests.fetch_add(1, Ordering::SeqCst);
     // `replay=VALUE` answers any path with `fly-replay: VALUE`, on the machine `only` names
-    // (every machine without it), unless the request has the header `unless` names.
+    // (every machine without it), unless the request has the header `unless` names; each
+    // `replay_header=name:value` adds a header to that answer.
     let params = params(&req);
     let mine = params.iter().filter(|(k, _)| k == "only").all(|(_, v)| *v == state.name)
         && !params.iter().any(|(k, v)| k == "unless" && req.headers().contains_key(v.as_str()));
@@ -167,6 +168,11 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body>
         let _ = req.into_body().collect().await;
         let mut r = Response::new(full("replay elsewhere"));
         r.headers_mut().insert("fly-replay", value.parse().unwrap());
+        for (_, v) in params.iter().filter(|(k, _)| k == "replay_header") {
+            let (name, value) = v.split_once(':').unwrap();
+            r.headers_mut()
+                .append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+        }
         return r;
     }
     match req.uri().path() {

@@ -240,3 +240,176 @@ async fn a_replay_to_a_stopped_machine_wakes_it() {
     assert_eq!(r.text().await.unwrap(), "hello, world\n");
     assert_eq!(machine_state(&proxy, "s2").await, "started");
 }
+
+/// The query parameters that make the replaying machine cache its replay for `/echo`.
+fn cache_for_echo(allow_bypass: bool) -> String {
+    let mut q = format!(
+        "replay_header={}&replay_header={}",
+        enc("fly-replay-cache:/echo/*"),
+        enc("fly-replay-cache-ttl-secs:60")
+    );
+    if allow_bypass {
+        q += &format!("&replay_header={}", enc("fly-replay-cache-allow-bypass:yes"));
+    }
+    q
+}
+
+impl Setup {
+    /// POSTs to /echo with these query parameters and headers, pinned first to m1; the echo.
+    async fn echo(&self, query: &str, headers: &[(&str, &str)]) -> serde_json::Value {
+        let mut req = self
+            .client
+            .post(self.proxy.url("app.test", &format!("/echo?{query}")))
+            .header("fly-force-instance-id", "m1");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.body("body").send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", code(&r));
+        r.json().await.unwrap()
+    }
+
+    fn seen(&self, i: usize) -> u64 {
+        self.b[i].requests.load(Ordering::SeqCst) as u64
+    }
+}
+
+fn cache_status(echo: &serde_json::Value) -> Option<&str> {
+    echo["headers"]["fly-replay-cache-status"][0].as_str()
+}
+
+#[tokio::test]
+async fn a_cached_path_replay_sends_later_requests_straight_to_its_target() {
+    let s = setup(&["ams", "ams", "ams"], "", "").await;
+    // The same query each time: m1 would replay again if it saw the request.
+    let q = format!("only=m1&replay={}&{}", enc("instance=m2"), cache_for_echo(false));
+    let echo = s.echo(&q, &[]).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m2"), Some("miss")));
+    assert!(echo["headers"]["fly-replay-src"][0].is_string(), "a replay: {echo}");
+    for _ in 0..3 {
+        // A client's skip does nothing to an entry that does not allow it.
+        let echo = s.echo(&q, &[("fly-replay-cache-control", "skip")]).await;
+        assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m2"), Some("hit")));
+        assert!(echo["headers"].get("fly-replay-src").is_none(), "no replay happened: {echo}");
+        assert_eq!(echo["body"], "body");
+    }
+    assert_eq!(s.seen(0), 1, "m1 saw only the first request");
+    // Outside the prefix: routed as usual.
+    let r = s.client.get(s.proxy.url("app.test", "/id")).header("fly-force-instance-id", "m1").send().await;
+    assert_eq!(r.unwrap().text().await.unwrap(), "m1");
+    let m = s.proxy.metrics().await;
+    assert_eq!(metric(&m, "tern_replays_total{app=\"app\",how=\"cache\"}"), 3.0);
+    assert_eq!(metric(&m, "tern_replays_total{app=\"app\",how=\"header\"}"), 1.0);
+    assert_eq!(metric(&m, "tern_routing_decisions_total{app=\"app\",why=\"replay_cache\"}"), 3.0);
+}
+
+#[tokio::test]
+async fn a_client_may_skip_a_cache_entry_that_allows_it() {
+    let s = setup(&["ams", "ams"], "", "").await;
+    let q = format!("only=m1&replay={}&{}", enc("instance=m2"), cache_for_echo(true));
+    assert_eq!(s.echo(&q, &[]).await["machine"], "m2");
+    // Skipped: m1 gets it, told so (and this time it serves it).
+    let echo = s.echo("", &[("fly-replay-cache-control", "skip")]).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m1"), Some("bypass")));
+    let echo = s.echo("", &[]).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m2"), Some("hit")));
+}
+
+#[tokio::test]
+async fn the_target_invalidates_the_entry_by_replaying_back() {
+    let s = setup(&["ams", "ams"], "", "").await;
+    let q = format!("only=m1&replay={}&{}", enc("instance=m2"), cache_for_echo(false));
+    assert_eq!(s.echo(&q, &[]).await["machine"], "m2");
+    // Cached to m2, which sends it back to m1 and drops the entry.
+    let back =
+        format!("only=m2&replay={}&replay_header={}", enc("instance=m1"), enc("fly-replay-cache:invalidate"));
+    let echo = s.echo(&back, &[]).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m1"), None));
+    assert!(echo["headers"]["fly-replay-src"][0].as_str().unwrap().contains("instance=m2"), "{echo}");
+    // Routed as usual again; a status the client sends is not passed on.
+    let echo = s.echo("", &[("fly-replay-cache-status", "hit")]).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m1"), None));
+    assert_eq!(s.seen(1), 2, "the replay and the cached request");
+}
+
+#[tokio::test]
+async fn a_cached_target_that_cannot_be_reached_is_forgotten() {
+    let dead = crate::harness::dead_addr();
+    let extra = format!(
+        "[[machines]]\nid = \"dead\"\napp = \"app\"\nregion = \"ams\"\naddr = \"{dead}\"\nstate = \"started\"\n"
+    );
+    let s = setup(&["ams"], "", &extra).await;
+    let q = format!("only=m1&replay={}&{}", enc("instance=dead"), cache_for_echo(false));
+    let r = s.post(&q, "").await;
+    assert_eq!((r.status().as_u16(), code(&r)), (502, "upstream_connect".into()));
+    // The entry sends it to the dead machine, which fails: routed as if there were none.
+    for _ in 0..2 {
+        let echo = s.echo("", &[]).await;
+        assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m1"), None));
+        assert!(echo["headers"].get("fly-replay-src").is_none());
+    }
+    let m = s.proxy.metrics().await;
+    assert_eq!(metric(&m, "tern_replays_total{app=\"app\",how=\"cache\"}"), 1.0, "forgotten after one try");
+}
+
+fn session_rule(kind: &str, name: &str) -> String {
+    format!(
+        "[[apps.replay_cache]]\npath_prefix = \"/echo\"\ntype = \"{kind}\"\nname = \"{name}\"\nttl_seconds = 60\n"
+    )
+}
+
+#[tokio::test]
+async fn a_session_rule_by_cookie_remembers_each_value_s_replay() {
+    let s = setup(&["ams", "ams", "ams"], &session_rule("cookie", "user"), "").await;
+    let to = |m: &str| format!("only=m1&replay={}", enc(&format!("instance={m}")));
+    let alice = [("cookie", "theme=dark; user=alice")];
+    let bob = [("cookie", "user=bob")];
+    let echo = s.echo(&to("m2"), &alice).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m2"), Some("miss")));
+    let echo = s.echo(&to("m3"), &bob).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m3"), Some("miss")));
+    for _ in 0..2 {
+        let echo = s.echo(&to("m3"), &alice).await;
+        assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m2"), Some("hit")));
+        let echo = s.echo(&to("m2"), &bob).await;
+        assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m3"), Some("hit")));
+    }
+    assert_eq!(s.seen(0), 2, "m1 saw each value once");
+    // No cookie, no session: m1 decides.
+    let echo = s.echo("", &[]).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m1"), None));
+}
+
+#[tokio::test]
+async fn a_session_rule_by_header_remembers_each_value_s_replay() {
+    let s = setup(&["ams", "ams", "ams"], &session_rule("header", "x-tenant"), "").await;
+    let to = |m: &str| format!("only=m1&replay={}", enc(&format!("instance={m}")));
+    assert_eq!(s.echo(&to("m2"), &[("x-tenant", "a")]).await["machine"], "m2");
+    assert_eq!(s.echo(&to("m3"), &[("x-tenant", "b")]).await["machine"], "m3");
+    let echo = s.echo("", &[("x-tenant", "a")]).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m2"), Some("hit")));
+    let echo = s.echo("", &[("x-tenant", "b")]).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m3"), Some("hit")));
+    let echo = s.echo("", &[("x-tenant", "c")]).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m1"), None));
+    assert_eq!(s.seen(0), 3);
+}
+
+#[tokio::test]
+async fn the_json_form_caches_only_a_prefix_that_covers_the_request() {
+    let s = setup(&["ams", "ams"], "", "").await;
+    let json = |prefix: &str| {
+        let body = format!(r#"{{"instance":"m2","cache":{{"prefix":"{prefix}","ttl":60}}}}"#);
+        format!("only=m1&replay_json={}", enc(&body))
+    };
+    for _ in 0..2 {
+        let echo = s.echo(&json("/elsewhere/*"), &[]).await;
+        assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m2"), None));
+    }
+    assert_eq!(s.seen(0), 2, "not cached: m1 replayed both");
+    let echo = s.echo(&json("/echo/*"), &[]).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m2"), Some("miss")));
+    let echo = s.echo(&json("/echo/*"), &[]).await;
+    assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m2"), Some("hit")));
+    assert_eq!(s.seen(0), 3);
+}
