@@ -30,7 +30,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 cargo build --release --quiet --bin tern --example bench_backend
-TERN=target/release/tern
+TERN=${TERN:-target/release/tern}
 BACKEND=target/release/examples/bench_backend
 
 work=$(mktemp -d)
