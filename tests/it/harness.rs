@@ -126,6 +126,11 @@ impl Proxy {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("rib.db");
         apply_decl(&db, decl);
+        Self::serve(dir, db, extra)
+    }
+
+    /// A proxy serving the RIB at `db` (kept alive by `dir`).
+    fn serve(dir: tempfile::TempDir, db: PathBuf, extra: &str) -> Proxy {
         let config = Config::parse(&node_config(&db, extra)).unwrap();
         let bound = Bound::bind(&config).unwrap();
         let addrs = bound.addrs();
@@ -141,18 +146,7 @@ impl Proxy {
     /// A second node on this proxy's RIB (as two `tern serve` sharing one database).
     pub async fn join(other: &Proxy) -> Proxy {
         install_crypto();
-        let dir = tempfile::tempdir().unwrap();
-        let db = other.db.clone();
-        let config = Config::parse(&node_config(&db, "")).unwrap();
-        let bound = Bound::bind(&config).unwrap();
-        let addrs = bound.addrs();
-        let http = addrs.iter().find(|(_, tls)| !tls).unwrap().0;
-        let https = addrs.iter().find(|(_, tls)| *tls).unwrap().0;
-        let admin = bound.admin_addr().unwrap();
-        let rib = SqliteRib::open(&db, config.rib.poll_interval).unwrap();
-        let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(proxy::run(config, bound, Arc::new(rib), rx));
-        Proxy { dir, db, http, https, admin, stop, task: Some(task) }
+        Self::serve(tempfile::tempdir().unwrap(), other.db.clone(), "")
     }
 
     pub fn apply(&self, decl: &str) {
