@@ -36,15 +36,45 @@ use crate::telemetry::Metrics;
 pub struct Session {
     /// The machine the session is on, and whether a header token or the cookie named it.
     pub pinned: Option<(Arc<Machine>, Why)>,
-    /// The token the client sent and the value it opened to: a response that repeats the
-    /// value gets the same token back, without sealing again.
+    /// The app of that machine when it is not the app the hostname names: a session that a
+    /// `fly-replay` `app=` (same org) began on another app's machine.
+    pub app: Option<Arc<AppEntry>>,
+    /// The token the client sent and the value it opened to, when it is sealed with the key
+    /// that seals now: a response that repeats the value gets the same token back, without
+    /// sealing again.
     echo: Option<(HeaderName, HeaderValue, HeaderValue)>,
     /// The machine the request's valid cookie names (no new cookie is needed for it).
     cookie_for: Option<Arc<str>>,
 }
 
-/// Reads the request's session: opens a token in any of the app's affinity headers
-/// (rewriting it to the machine's own value) and the affinity cookie.
+/// The purpose a cookie token is sealed for (a header's is its lower-case name).
+const COOKIE: &str = "cookie";
+
+/// Where an opened token leads.
+enum Found {
+    /// A machine of the app (or, with `Some`, of another app of its org).
+    Machine(Arc<Machine>, Option<Arc<AppEntry>>),
+    /// Its machine (or app) left the catalog.
+    Gone(String),
+}
+
+/// The machine an opened token names: `id` for one of `app`'s machines, `other/id` for one
+/// of another app of the same org (a session begun after a `fly-replay` `app=`).
+fn find(router: &Router, app: &AppEntry, named: &str) -> Found {
+    let gone = || Found::Gone(named.to_owned());
+    match named.split_once('/') {
+        None => router.machine_of(app, named).map_or_else(gone, |m| Found::Machine(m, None)),
+        Some((other, id)) => {
+            let Some(target) = router.app_named(other).filter(|t| t.spec.org == app.spec.org) else {
+                return gone();
+            };
+            router.machine_of(&target, id).map_or_else(gone, |m| Found::Machine(m, Some(target)))
+        }
+    }
+}
+
+/// Reads the request's session: opens a token in each of the app's affinity headers
+/// present (rewriting it to the machine's own value) and the affinity cookie.
 pub fn open(
     app: &AppEntry,
     keyring: &Keyring,
@@ -60,41 +90,62 @@ pub fn open(
     let count = |result: &str| metrics.sessions.with_label_values(&[&app.name, result]).inc();
     let now = crate::clock::unix_ms();
     for name in &affinity.headers {
-        let Some(token) = headers.get(name.as_str()) else { continue };
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else { continue };
+        let Some(token) = headers.get(&name) else { continue };
         let invalid = |detail: String| {
             count("invalid");
             ProxyError::SessionInvalid { app: app.name.clone(), detail }
         };
-        if headers.get_all(name.as_str()).iter().nth(1).is_some() {
+        if headers.get_all(&name).iter().nth(1).is_some() {
             return Err(invalid(format!("two {name} headers")));
         }
-        let opened = keyring.open(&app.name, token.as_bytes(), now).map_err(|e| invalid(e.to_string()))?;
+        let opened = keyring
+            .open_as(&app.name, name.as_str(), token.as_bytes(), now)
+            .map_err(|e| invalid(e.to_string()))?;
         let value =
             HeaderValue::from_bytes(&opened.value).map_err(|_| invalid("not a header value".into()))?;
-        let Some(machine) = router.machine_of(app, &opened.machine) else {
-            count("gone");
-            return Err(ProxyError::SessionGone { app: app.name.clone(), machine: opened.machine.into() });
-        };
-        count("hit");
-        let token = token.clone();
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid("header name".into()))?;
-        headers.insert(name.clone(), value.clone());
-        session.echo = Some((name, value, token));
-        session.pinned = Some((machine, Why::Session));
-        break;
+        // Every affinity header present must open, and to one machine: none reaches the
+        // machine unchecked.
+        match (&session.pinned, find(router, app, &opened.machine)) {
+            (Some((m, _)), Found::Machine(found, _)) if Arc::ptr_eq(m, &found) => {}
+            (Some(_), _) => {
+                return Err(invalid(format!("{name} names another machine than the other session header")));
+            }
+            (None, Found::Machine(m, other)) => {
+                count("hit");
+                session.pinned = Some((m, Why::Session));
+                session.app = other;
+            }
+            (None, Found::Gone(machine)) => {
+                count("gone");
+                return Err(ProxyError::SessionGone { app: app.name.clone(), machine });
+            }
+        }
+        let current = keyring.sealing_id() == Some(opened.key);
+        if current && session.echo.is_none() {
+            session.echo = Some((name.clone(), value.clone(), token.clone()));
+        }
+        headers.insert(name, value);
     }
     if let Some(cookie) = &affinity.cookie {
-        match cookie_value(headers, cookie).map(|v| keyring.open(&app.name, v.as_bytes(), now)) {
-            Some(Ok(opened)) => match router.machine_of(app, &opened.machine) {
-                Some(m) => {
-                    session.cookie_for = Some(m.id.clone());
+        let opened =
+            cookie_value(headers, cookie).map(|v| keyring.open_as(&app.name, COOKIE, v.as_bytes(), now));
+        match opened {
+            Some(Ok(opened)) => match find(router, app, &opened.machine) {
+                Found::Machine(m, other) => {
+                    // One sealed under a key that no longer seals is set again, so it
+                    // outlives the rotation's grace.
+                    if keyring.sealing_id() == Some(opened.key) {
+                        session.cookie_for = Some(m.id.clone());
+                    }
                     if session.pinned.is_none() {
                         count("hit");
                         session.pinned = Some((m, Why::Cookie));
+                        session.app = other;
                     }
                 }
                 // Its machine is gone: a normal pick, and a new cookie for the one chosen.
-                None => count("gone"),
+                Found::Gone(_) => count("gone"),
             },
             Some(Err(_)) => count("invalid"),
             None if session.pinned.is_none() => count("miss"),
@@ -108,9 +159,13 @@ pub fn open(
 
 impl Session {
     /// Seals the session values in a machine's response, and sets the affinity cookie when
-    /// the request did not carry a valid one for this machine.
+    /// the request did not carry a valid one for this machine. `host` is the app the
+    /// hostname names, which the tokens are sealed for; `app` is the machine's (another
+    /// after a `fly-replay` `app=`).
+    #[allow(clippy::too_many_arguments)]
     pub fn seal(
         &self,
+        host: &AppEntry,
         app: &AppEntry,
         machine: &Machine,
         keyring: &Keyring,
@@ -118,7 +173,12 @@ impl Session {
         tls: bool,
         metrics: &Metrics,
     ) {
-        let affinity = &app.spec.affinity;
+        let affinity = &host.spec.affinity;
+        let named: std::borrow::Cow<'_, str> = if std::ptr::eq(host, app) || host.name == app.name {
+            std::borrow::Cow::Borrowed(&machine.id)
+        } else {
+            std::borrow::Cow::Owned(format!("{}/{}", app.name, machine.id))
+        };
         for name in &affinity.headers {
             let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else { continue };
             let header::Entry::Occupied(mut entry) = headers.entry(name) else { continue };
@@ -129,16 +189,16 @@ impl Session {
                         Some(token.clone())
                     }
                     _ => keyring
-                        .seal(&app.name, &machine.id, value.as_bytes())
+                        .seal_as(&host.name, entry.key().as_str(), &named, value.as_bytes())
                         .and_then(|t| HeaderValue::from_str(&t).ok())
-                        .inspect(|_| metrics.sessions.with_label_values(&[&app.name, "opened"]).inc()),
+                        .inspect(|_| metrics.sessions.with_label_values(&[&host.name, "opened"]).inc()),
                 };
                 match sealed {
                     Some(v) => values.push(v),
                     None => {
                         // No key to seal with (the RIB has none yet): the raw value could not
                         // be routed back, and would only confuse; say so loudly.
-                        tracing::error!(target: "tern::http", app = %app.name,
+                        tracing::error!(target: "tern::http", app = %host.name,
                             "no session key in the catalog; session header dropped");
                     }
                 }
@@ -158,7 +218,7 @@ impl Session {
         }
         if let Some(cookie) = &affinity.cookie
             && self.cookie_for.as_deref() != Some(&*machine.id)
-            && let Some(token) = keyring.seal(&app.name, &machine.id, b"")
+            && let Some(token) = keyring.seal_as(&host.name, COOKIE, &named, b"")
         {
             let secure = if tls { "; Secure" } else { "" };
             if let Ok(v) =

@@ -161,8 +161,19 @@ impl Handler {
         let mut steer = self.steering(&app, req.headers())?;
         let keyring = self.router.keyring();
         let session = affinity::open(&app, &keyring, &self.router, req.headers_mut(), &self.metrics)?;
-        if steer.pinned.is_none() {
-            steer.pinned.clone_from(&session.pinned);
+        match (&steer.pinned, &session.pinned) {
+            (None, pinned) => steer.pinned.clone_from(pinned),
+            // A forced machine that is not the session's would get the session's value, and
+            // echo it under a token for itself: refused, not guessed at.
+            (Some((forced, _)), Some((on, Why::Session))) if forced.id != on.id => {
+                return Err(ProxyError::InstanceUnavailable {
+                    app: app.name.clone(),
+                    machine: forced.id.to_string(),
+                    reason: format!("the request's session is on machine {}", on.id),
+                });
+            }
+            // A cookie is a browser's: the forced machine wins, and its answer sets one.
+            (Some(_), _) => {}
         }
         let client_version = req.version();
         let activity = Arc::new(Activity::new());
@@ -185,7 +196,9 @@ impl Handler {
         let mut gate = route.gate.clone();
         let mut deadline = arrived + app.spec.wake_timeout;
         let first_app = app.clone();
-        let mut app = app;
+        // A session begun on another app's machine (after a fly-replay app=) goes there.
+        let session_elsewhere = steer.pinned.as_ref().is_some_and(|(_, why)| *why != Why::Forced);
+        let mut app = session.app.clone().filter(|_| session_elsewhere).unwrap_or(app);
         let mut next_req = Some(up_req);
         let mut hops = 0u32;
         // The machine that asked for the replay in flight, with what it asked for.
@@ -194,7 +207,8 @@ impl Handler {
         // A cached replay routes the first hop; until its target is reached, the app and
         // steering the request would have had without it.
         let mut uncached: Option<(Arc<AppEntry>, Steering)> = None;
-        if let Some(hit) = &cache.hit {
+        // A session's or a forced machine is the request's: a cached decision does not move it.
+        if let Some(hit) = cache.hit.as_ref().filter(|_| steer.pinned.is_none()) {
             match replay::cached(&self.router, &app, &hit.target) {
                 Ok((target, next)) => {
                     self.metrics.replays.with_label_values(&[&app.name, "cache"]).inc();
@@ -300,7 +314,7 @@ impl Handler {
         }
         let (mut parts, body) = resp.into_parts();
         replay::strip(&mut parts.headers);
-        session.seal(&app, &machine, &keyring, &mut parts.headers, conn.tls, &self.metrics);
+        session.seal(&first_app, &app, &machine, &keyring, &mut parts.headers, conn.tls, &self.metrics);
         let resp = Response::from_parts(parts, body);
         let guards = ExchangeGuards { in_flight, exchange, lease, gate: gate.map(GateGuard) };
         let timer = IdleTimer::new(activity, idle);

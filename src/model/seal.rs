@@ -81,6 +81,8 @@ impl std::fmt::Debug for Keyring {
 pub struct Opened {
     pub machine: Box<str>,
     pub value: Vec<u8>,
+    /// The key it was sealed with: one that no longer seals is worth sealing again.
+    pub key: u32,
 }
 
 /// Why a token did not open. Every case is the client's doing (or an expired key); none is
@@ -150,6 +152,13 @@ impl Keyring {
     /// `None` when there is no such key, or when the token would be too long to open
     /// (a machine id over 255 bytes, or a token over [`MAX_TOKEN_LEN`]).
     pub fn seal(&self, app: &str, machine: &str, value: &[u8]) -> Option<String> {
+        self.seal_as(app, "", machine, value)
+    }
+
+    /// Like [`seal`](Self::seal), for one `purpose` (the header or cookie it travels in):
+    /// the token opens only for that purpose, so a token moved into another header or into
+    /// the cookie is refused.
+    pub fn seal_as(&self, app: &str, purpose: &str, machine: &str, value: &[u8]) -> Option<String> {
         let key = self.sealer()?;
         let machine_len = u8::try_from(machine.len()).ok()?;
         let plain_len = 1 + machine.len() + value.len();
@@ -165,8 +174,10 @@ impl Keyring {
         raw.extend_from_slice(machine.as_bytes());
         raw.extend_from_slice(value);
         let nonce = Nonce::assume_unique_for_key(nonce);
-        let tag = with_aad(app, |aad| key.key.seal_in_place_separate_tag(nonce, aad, &mut raw[HEADER_LEN..]))
-            .ok()?;
+        let tag = with_aad(app, purpose, |aad| {
+            key.key.seal_in_place_separate_tag(nonce, aad, &mut raw[HEADER_LEN..])
+        })
+        .ok()?;
         raw.extend_from_slice(tag.as_ref());
         let mut token = String::with_capacity(TOKEN_PREFIX.len() + base64::encoded_len(raw_len, false)?);
         token.push_str(TOKEN_PREFIX);
@@ -178,6 +189,11 @@ impl Keyring {
     /// for another app, under an unknown key, or under a key whose `retire_at_ms` has passed
     /// (`now_ms` is milliseconds since the Unix epoch). Never panics, whatever the input.
     pub fn open(&self, app: &str, token: &[u8], now_ms: i64) -> Result<Opened, SealError> {
+        self.open_as(app, "", token, now_ms)
+    }
+
+    /// Opens a token sealed by [`seal_as`](Self::seal_as) for `app` and `purpose`.
+    pub fn open_as(&self, app: &str, purpose: &str, token: &[u8], now_ms: i64) -> Result<Opened, SealError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(SealError::Malformed);
         }
@@ -197,7 +213,7 @@ impl Keyring {
         let tag_at = raw.len() - TAG_LEN;
         let tag = Tag::try_from(&raw[tag_at..]).map_err(|_| SealError::Malformed)?;
         let sealed = &mut raw[HEADER_LEN..tag_at];
-        with_aad(app, |aad| key.key.open_in_place_separate_tag(nonce, aad, tag, sealed, 0..))
+        with_aad(app, purpose, |aad| key.key.open_in_place_separate_tag(nonce, aad, tag, sealed, 0..))
             .map_err(|_| SealError::Forged)?;
         // Authenticated: only a sealer of ours wrote this, so a bad layout is a bug, and still
         // an error rather than a panic.
@@ -208,23 +224,30 @@ impl Keyring {
         let value_at = HEADER_LEN + 1 + usize::from(machine_len);
         raw.truncate(tag_at);
         raw.drain(..value_at);
-        Ok(Opened { machine, value: raw })
+        Ok(Opened { machine, value: raw, key: id })
     }
 }
 
-/// Calls `f` with the additional data for `app`, built on the stack for any app name tern
-/// accepts (63 bytes at most), so sealing and opening allocate nothing for it.
-fn with_aad<T>(app: &str, f: impl FnOnce(Aad<&[u8]>) -> T) -> T {
-    let mut buf = [0u8; 128];
-    let len = AAD_DOMAIN.len() + app.len();
+/// Calls `f` with the additional data for `app` (and `purpose`, after a NUL, when there is
+/// one), built on the stack for the names tern accepts, so sealing and opening allocate
+/// nothing for it. App names hold no NUL, so no two (app, purpose) pairs share one.
+fn with_aad<T>(app: &str, purpose: &str, f: impl FnOnce(Aad<&[u8]>) -> T) -> T {
+    let parts: [&[u8]; 4] = if purpose.is_empty() {
+        [AAD_DOMAIN, app.as_bytes(), b"", b""]
+    } else {
+        [AAD_DOMAIN, app.as_bytes(), b"\0", purpose.as_bytes()]
+    };
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut buf = [0u8; 256];
     if let Some(dst) = buf.get_mut(..len) {
-        dst[..AAD_DOMAIN.len()].copy_from_slice(AAD_DOMAIN);
-        dst[AAD_DOMAIN.len()..].copy_from_slice(app.as_bytes());
+        let mut at = 0;
+        for p in parts {
+            dst[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
         return f(Aad::from(&*dst));
     }
-    let mut long = Vec::with_capacity(len);
-    long.extend_from_slice(AAD_DOMAIN);
-    long.extend_from_slice(app.as_bytes());
+    let long: Vec<u8> = parts.concat();
     f(Aad::from(long.as_slice()))
 }
 

@@ -202,10 +202,10 @@ async fn handle(state: Arc<State>, mut req: Request<Incoming>) -> Response<Body>
             });
             let mut r = Response::new(full(v.to_string()));
             r.headers_mut().insert("content-type", "application/json".parse().unwrap());
-            // `set=name:value` adds a response header, on the machine `only` names (all without it).
+            // `set=name:value` adds a response header, on the machine `only` names (all without
+            // it); `set_any=name:value` on every machine.
             for (k, v) in &params {
-                if k == "set"
-                    && mine
+                if (k == "set" && mine || k == "set_any")
                     && let Some((name, value)) = v.split_once(':')
                 {
                     r.headers_mut().append(

@@ -260,7 +260,8 @@ impl Setup {
         let mut req = self
             .client
             .post(self.proxy.url("app.test", &format!("/echo?{query}")))
-            .header("fly-force-instance-id", "m1");
+            // Preferred, not forced: a forced (or session) machine is never moved by the cache.
+            .header("fly-prefer-instance-id", "m1");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }

@@ -223,3 +223,132 @@ async fn two_session_headers_on_the_wire_are_refused() {
     assert!(resp.to_ascii_lowercase().contains("tern-error: session_invalid"), "{resp}");
     assert_eq!(total(&b), before, "no machine saw it");
 }
+
+/// A router app that replays each new session to another app of its org (fly's remote-MCP
+/// pattern): the session's token, used at the router's hostname, goes straight to the
+/// machine that holds it, never through the router again.
+#[tokio::test]
+async fn a_session_begun_after_a_replay_to_another_app_comes_back_to_its_machine() {
+    let router = backends("r", 1).await;
+    let users = backends("u", 2).await;
+    let mut d = decl("router", "o", &as_refs(&ids("r", &router)), "");
+    d += &decl("user", "o", &as_refs(&ids("u", &users)), "");
+    let proxy = Proxy::start(&d).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let url = |q: &str| proxy.url("router.test", &format!("/echo?{q}"));
+    let r = client.post(url("only=r1&replay=app%3Duser&set_any=mcp-session-id:s9")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", code(&r));
+    let token = r
+        .headers()
+        .get("mcp-session-id")
+        .unwrap_or_else(|| panic!("{:?}", r.headers()))
+        .to_str()
+        .unwrap()
+        .to_string();
+    let first: serde_json::Value = r.json().await.unwrap();
+    let machine = first["machine"].as_str().unwrap().to_string();
+    assert!(machine.starts_with('u'), "{first}");
+    let routed_before = router[0].requests.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        let r = client.post(url("")).header("mcp-session-id", &token).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", code(&r));
+        let echo: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(echo["machine"], machine.as_str());
+        assert_eq!(echo["headers"]["mcp-session-id"][0], "s9");
+    }
+    assert_eq!(router[0].requests.load(Ordering::SeqCst), routed_before, "the router saw none of them");
+    // The token is the router app's: at the user app's own hostname it does not open.
+    let r =
+        client.post(proxy.url("user.test", "/echo")).header("mcp-session-id", &token).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), code(&r)), (404, "session_invalid".into()));
+}
+
+#[tokio::test]
+async fn a_forced_machine_other_than_the_sessions_is_refused() {
+    let b = backends("m", 2).await;
+    let proxy = Proxy::start(&decl("mcp", "o", &as_refs(&ids("m", &b)), "")).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let (token, machine) = open(&client, &proxy, "mcp", "s1").await;
+    let other = if machine == "m1" { "m2" } else { "m1" };
+    let before = total(&b);
+    let r = client
+        .post(proxy.url("mcp.test", "/echo"))
+        .header("mcp-session-id", &token)
+        .header("fly-force-instance-id", other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((r.status().as_u16(), code(&r)), (503, "instance_unavailable".into()));
+    assert_eq!(total(&b), before);
+    // Forcing the session's own machine is fine.
+    let r = client
+        .post(proxy.url("mcp.test", "/echo"))
+        .header("mcp-session-id", &token)
+        .header("fly-force-instance-id", &machine)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn a_token_opens_only_where_it_was_given() {
+    let b = backends("m", 2).await;
+    let extra = "[apps.affinity]\nheaders = [\"Mcp-Session-Id\", \"X-Session\"]\ncookie = \"tern_affinity\"";
+    let proxy = Proxy::start(&decl("app", "o", &as_refs(&ids("m", &b)), extra)).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let r = client.post(proxy.url("app.test", "/echo?set=mcp-session-id:s1")).send().await.unwrap();
+    let header_token = r.headers().get("mcp-session-id").unwrap().to_str().unwrap().to_string();
+    let set = r.headers().get("set-cookie").unwrap().to_str().unwrap().to_string();
+    let cookie_token = set.split(';').next().unwrap().split_once('=').unwrap().1.to_string();
+    let before = total(&b);
+    for (name, token) in [("x-session", &header_token), ("mcp-session-id", &cookie_token)] {
+        let r =
+            client.post(proxy.url("app.test", "/echo")).header(name, token.as_str()).send().await.unwrap();
+        assert_eq!((r.status().as_u16(), code(&r)), (404, "session_invalid".into()), "{name}");
+    }
+    assert_eq!(total(&b), before, "no machine saw them");
+    // A header token as the cookie is no cookie: a normal pick and a fresh cookie.
+    let r = client
+        .post(proxy.url("app.test", "/echo"))
+        .header("cookie", format!("tern_affinity={header_token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("set-cookie").is_some());
+}
+
+/// After `tern keys rotate`, a session still in use is sealed again under the new key, so
+/// it outlives the old key's grace.
+#[tokio::test]
+async fn a_session_in_use_is_resealed_under_a_rotated_key() {
+    let b = backends("m", 2).await;
+    let proxy = Proxy::start(&decl("mcp", "o", &as_refs(&ids("m", &b)), "")).await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let (old, _) = open(&client, &proxy, "mcp", "s1").await;
+    let config = proxy.dir.path().join("node.toml");
+    std::fs::write(&config, crate::harness::node_config(&proxy.db, "")).unwrap();
+    let out = std::process::Command::new(crate::harness::tern_bin())
+        .args(["keys", "rotate", "-c"])
+        .arg(&config)
+        .args(["--grace", "1h"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let renewed = crate::harness::eventually(std::time::Duration::from_secs(10), || async {
+        let r = client
+            .post(proxy.url("mcp.test", "/echo?set=mcp-session-id:s1"))
+            .header("mcp-session-id", &old)
+            .send()
+            .await
+            .unwrap();
+        let token = r.headers().get("mcp-session-id")?.to_str().ok()?.to_string();
+        (token != old).then_some(token)
+    })
+    .await
+    .expect("a fresh token once the new key seals");
+    let r =
+        client.post(proxy.url("mcp.test", "/echo")).header("mcp-session-id", &renewed).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", code(&r));
+}

@@ -18,7 +18,7 @@ fn a_token_opens_to_what_was_sealed() {
     let r = ring(&[key(1, None)]);
     let token = r.seal("app", "m-1", b"abc").unwrap();
     let opened = r.open("app", token.as_bytes(), NOW).unwrap();
-    assert_eq!(opened, Opened { machine: "m-1".into(), value: b"abc".to_vec() });
+    assert_eq!(opened, Opened { machine: "m-1".into(), value: b"abc".to_vec(), key: 1 });
     // Empty and binary values too.
     let token = r.seal("app", "m", b"").unwrap();
     assert_eq!(r.open("app", token.as_bytes(), NOW).unwrap().value, b"");
@@ -171,4 +171,14 @@ fn arbitrary_input_is_refused_without_a_panic() {
     }
     let huge = format!("{TOKEN_PREFIX}{}", "A".repeat(10 * MAX_TOKEN_LEN));
     assert_eq!(r.open("app", huge.as_bytes(), NOW), Err(SealError::Malformed));
+}
+
+#[test]
+fn a_token_opens_only_for_its_purpose() {
+    let r = ring(&[key(1, None)]);
+    let token = r.seal_as("app", "mcp-session-id", "m", b"v").unwrap();
+    assert!(r.open_as("app", "mcp-session-id", token.as_bytes(), NOW).is_ok());
+    assert_eq!(r.open_as("app", "cookie", token.as_bytes(), NOW), Err(SealError::Forged));
+    assert_eq!(r.open("app", token.as_bytes(), NOW), Err(SealError::Forged));
+    assert_eq!(r.open_as("ap", "pmcp-session-id", token.as_bytes(), NOW), Err(SealError::Forged));
 }
