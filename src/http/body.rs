@@ -266,7 +266,7 @@ struct Tape {
     /// The client's body, from where it has been read to; `None` once dropped unread.
     source: Option<Incoming>,
     /// Frames read so far, while they fit in `limit`.
-    kept: Vec<Kept>,
+    kept: std::collections::VecDeque<Kept>,
     kept_bytes: u64,
     limit: u64,
     /// Past the limit, or no longer kept: the body cannot be sent again.
@@ -313,7 +313,7 @@ impl RequestBodyState {
             ended: std::sync::atomic::AtomicBool::new(false),
             tape: parking_lot::Mutex::new(Tape {
                 source: Some(source),
-                kept: Vec::new(),
+                kept: std::collections::VecDeque::new(),
                 kept_bytes: 0,
                 limit,
                 spilled,
@@ -342,7 +342,7 @@ impl RequestBodyState {
     }
 
     /// The response came and does not replay: nothing more is kept, and what was kept is
-    /// freed as soon as the current reader is past it.
+    /// freed as the current reader passes it.
     pub fn stop_keeping(&self) {
         let mut tape = self.tape.lock();
         tape.spilled = true;
@@ -509,7 +509,12 @@ impl Body for ClientBody {
         }
         if let Some(kept) = tape.kept.get(tape.pos) {
             let frame = kept.frame();
-            tape.pos += 1;
+            if tape.spilled {
+                // No replay can come any more: what the reader has passed is freed.
+                tape.kept.pop_front();
+            } else {
+                tape.pos += 1;
+            }
             this.activity.touch();
             return Poll::Ready(Some(Ok(frame)));
         }
@@ -536,7 +541,7 @@ impl Body for ClientBody {
                     let size = frame.data_ref().map_or(0, |d| d.len() as u64) + FRAME_OVERHEAD;
                     if tape.kept_bytes + size <= tape.limit {
                         tape.kept_bytes += size;
-                        tape.kept.push(match frame.trailers_ref() {
+                        tape.kept.push_back(match frame.trailers_ref() {
                             Some(t) => Kept::Trailers(t.clone()),
                             None => Kept::Data(frame.data_ref().cloned().unwrap_or_default()),
                         });
@@ -544,7 +549,7 @@ impl Body for ClientBody {
                     } else {
                         // Too large to send again: keep nothing more, free what was kept.
                         tape.spilled = true;
-                        tape.kept = Vec::new();
+                        tape.kept = std::collections::VecDeque::new();
                         tape.pos = 0;
                     }
                 }
@@ -567,10 +572,12 @@ impl Body for ClientBody {
         let tape = self.state.tape.lock();
         let Some(source) = tape.source.as_ref() else { return SizeHint::default() };
         let rest = source.size_hint();
-        let kept: u64 = match tape.kept.get(tape.pos..) {
-            Some(k) => k.iter().map(|k| if let Kept::Data(d) = k { d.len() as u64 } else { 0 }).sum(),
-            None => 0,
-        };
+        let kept: u64 = tape
+            .kept
+            .iter()
+            .skip(tape.pos)
+            .map(|k| if let Kept::Data(d) = k { d.len() as u64 } else { 0 })
+            .sum();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + kept);
         if let Some(upper) = rest.upper() {
