@@ -414,7 +414,11 @@ impl Handler {
         arrived: Instant,
     ) -> Steering {
         self.metrics.replays.with_label_values(&[&origin_app.name, "fallback"]).inc();
-        let reason = if matches!(e, ProxyError::WakeTimeout { .. }) { "timeout" } else { "no_candidate" };
+        let reason = if matches!(e, ProxyError::WakeTimeout { .. } | ProxyError::NoRoom { .. }) {
+            "timeout"
+        } else {
+            "no_candidate"
+        };
         let failed = replay::Failed {
             instance: &origin.id,
             app: &origin_app.name,

@@ -414,3 +414,41 @@ async fn the_json_form_caches_only_a_prefix_that_covers_the_request() {
     assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m2"), Some("hit")));
     assert_eq!(s.seen(0), 3);
 }
+
+/// `timeout` bounds the wait for the target: a target at its hard limit is given up after
+/// it (not after the app's much longer wake_timeout), and `fallback` sends the request back.
+#[tokio::test]
+async fn a_replay_timeout_gives_up_on_a_busy_target_and_falls_back() {
+    let s = setup(
+        &["ams", "ams"],
+        "wake_timeout = \"60s\"\nconcurrency = { type = \"requests\", soft_limit = 1, hard_limit = 1 }",
+        "",
+    )
+    .await;
+    let held = {
+        let (client, url) = (s.client.clone(), s.proxy.url("app.test", "/hang"));
+        tokio::spawn(
+            async move { client.get(url).header("fly-force-instance-id", "m2").send().await.unwrap() },
+        )
+    };
+    crate::harness::eventually(std::time::Duration::from_secs(10), || async {
+        (s.b[1].requests.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await
+    .expect("m2 is busy");
+    let q = format!(
+        "only=m1&unless=fly-replay-failed&replay={}",
+        enc("instance=m2;timeout=300ms;fallback=force_self")
+    );
+    // Well under the app's 60 s wake_timeout: only the replay's timeout can end the wait.
+    let r = tokio::time::timeout(std::time::Duration::from_secs(20), s.post(&q, "b"))
+        .await
+        .expect("the replay's timeout, not wake_timeout, ended the wait");
+    assert_eq!(r.status(), 200, "{}", code(&r));
+    let echo: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(echo["machine"], "m1");
+    let failed = echo["headers"]["fly-replay-failed"][0].as_str().unwrap();
+    assert!(failed.contains("reason=timeout") && failed.contains("instance=m1"), "{failed}");
+    s.b[1].gate.notify_waiters();
+    assert_eq!(held.await.unwrap().status(), 200);
+}
