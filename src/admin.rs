@@ -1,6 +1,8 @@
-//! The admin endpoints: `/healthz`, `/metrics`, `/v1/apps/{app}`, `/v1/session-keys`.
-//! Read-only views of the catalog and the metrics; served on their own address, never on a
-//! public listener. No secret is ever shown.
+//! The admin endpoints: `/healthz`, `/metrics`, `/v1/apps/{app}`, `/v1/session-keys`,
+//! `/v1/watchdog` (read-only views; no secret is ever shown), and the operations
+//! `POST /v1/upgrade`, `POST /v1/drain` and, with `[debug] faults`, `POST /v1/debug/faults/*`.
+//! Served on their own address, never on a public listener: whoever reaches it can restart
+//! tern, so keep it on loopback or a management network.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalog::{AppEntry, Catalog, Snapshot};
 use crate::telemetry::Metrics;
@@ -39,6 +41,23 @@ pub struct Admin {
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    /// Where operations (upgrade, drain, faults) go: the node's control loop.
+    pub control: Option<mpsc::UnboundedSender<Control>>,
+    /// `[debug] faults`: whether `/v1/debug/faults/*` exists.
+    pub faults: bool,
+    /// `GET /v1/watchdog`.
+    pub watchdog: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
+}
+
+/// An operation asked of the node through the admin address.
+#[derive(Debug)]
+pub enum Control {
+    /// Hand the listening sockets to a fresh process (`binary`, or this one's) and drain.
+    Upgrade { binary: Option<std::path::PathBuf>, reply: oneshot::Sender<Result<u32, String>> },
+    /// Turn `/healthz` 503, wait `drain_delay`, drain, exit 0.
+    Drain { reply: oneshot::Sender<Result<(), String>> },
+    /// Fault injection: `deadlock`, `block-worker`, `spin`, `panic`.
+    Fault { kind: String, reply: oneshot::Sender<Result<String, String>> },
 }
 
 impl Admin {
@@ -59,7 +78,7 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.route(&req)) }
+                    async move { Ok::<_, Infallible>(admin.handle(req).await) }
                 });
                 let conn =
                     hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
@@ -70,13 +89,101 @@ impl Admin {
         }
     }
 
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() == Method::POST {
+            return self.operate(req).await;
+        }
+        self.route(&req)
+    }
+
+    /// `POST`: operations, each answered once the node has done (or refused) it.
+    async fn operate(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        let Some(control) = &self.control else {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "this node takes no operations\n");
+        };
+        let body =
+            match http_body_util::BodyExt::collect(http_body_util::Limited::new(req.into_body(), 64 * 1024))
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "the request body could not be read (64 KiB at most)\n",
+                    );
+                }
+            };
+        match path.as_str() {
+            "/v1/upgrade" => {
+                let binary = match serde_json::from_slice::<UpgradeRequest>(if body.is_empty() {
+                    b"{}"
+                } else {
+                    &body
+                }) {
+                    Ok(r) => r.binary,
+                    Err(e) => {
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            &format!("expected {{\"binary\": \"/path\"}}: {e}\n"),
+                        );
+                    }
+                };
+                if let Some(b) = &binary
+                    && !b.is_absolute()
+                {
+                    return text(StatusCode::BAD_REQUEST, "binary must be an absolute path\n");
+                }
+                let (reply, answer) = oneshot::channel();
+                let _ = control.send(Control::Upgrade { binary, reply });
+                match answer.await {
+                    Ok(Ok(pid)) => {
+                        json(StatusCode::OK, &serde_json::json!({"pid": pid, "previous": std::process::id()}))
+                    }
+                    Ok(Err(e)) => json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": e})),
+                    Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping\n"),
+                }
+            }
+            "/v1/drain" => {
+                let (reply, answer) = oneshot::channel();
+                let _ = control.send(Control::Drain { reply });
+                match answer.await {
+                    Ok(Ok(())) => json(
+                        StatusCode::OK,
+                        &serde_json::json!({"draining": true, "pid": std::process::id()}),
+                    ),
+                    Ok(Err(e)) => json(StatusCode::CONFLICT, &serde_json::json!({"error": e})),
+                    Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping\n"),
+                }
+            }
+            p => match p.strip_prefix("/v1/debug/faults/") {
+                Some(kind) if self.faults => {
+                    let (reply, answer) = oneshot::channel();
+                    let _ = control.send(Control::Fault { kind: kind.to_string(), reply });
+                    match answer.await {
+                        Ok(Ok(what)) => {
+                            json(StatusCode::OK, &serde_json::json!({"fault": kind, "injected": what}))
+                        }
+                        Ok(Err(e)) => json(StatusCode::NOT_FOUND, &serde_json::json!({"error": e})),
+                        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping\n"),
+                    }
+                }
+                _ => text(StatusCode::NOT_FOUND, "not found\n"),
+            },
+        }
+    }
+
     fn route(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET, or POST for operations\n");
         }
         let path = req.uri().path();
         match path {
             "/healthz" if self.health.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            "/v1/watchdog" => match &self.watchdog {
+                Some(status) => json(StatusCode::OK, &status()),
+                None => text(StatusCode::NOT_FOUND, "no watchdog\n"),
+            },
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/metrics" => {
                 let mut r = text(StatusCode::OK, &self.metrics.render());
@@ -98,6 +205,13 @@ impl Admin {
             },
         }
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeRequest {
+    #[serde(default)]
+    binary: Option<std::path::PathBuf>,
 }
 
 /// What the catalog holds for an app, as `/v1/apps/{app}` shows it.

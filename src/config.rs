@@ -56,6 +56,10 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub watchdog: Watchdog,
+    #[serde(default)]
+    pub debug: Debug,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -330,6 +334,49 @@ impl Default for Log {
     }
 }
 
+/// What the watchdog does about a wedge.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WedgeAction {
+    /// Start a fresh tern on the same listening sockets, then end this one.
+    #[default]
+    Bounce,
+    /// Exit non-zero, for a supervisor (systemd) to restart.
+    Exit,
+    /// Only report it.
+    Log,
+}
+
+/// `[watchdog]`: see `docs/watchdog.md`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Watchdog {
+    /// A heartbeat or lock making no progress this long is a wedge.
+    #[serde(deserialize_with = "de_duration")]
+    pub stall_after: Duration,
+    pub action: WedgeAction,
+    /// Where the diagnostics of a wedge are written; relative to the RIB's directory.
+    pub diagnostics_dir: PathBuf,
+}
+
+impl Default for Watchdog {
+    fn default() -> Self {
+        Watchdog {
+            stall_after: Duration::from_secs(2),
+            action: WedgeAction::Bounce,
+            diagnostics_dir: PathBuf::from("diagnostics"),
+        }
+    }
+}
+
+/// `[debug]`: switches for tests, never on in production.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Debug {
+    /// Enables `POST /v1/debug/faults/...` on a loopback admin address.
+    pub faults: bool,
+}
+
 fn default_region() -> String {
     "local".into()
 }
@@ -381,6 +428,8 @@ impl Default for Config {
             driver: Driver::default(),
             limits: Limits::default(),
             log: Log::default(),
+            watchdog: Watchdog::default(),
+            debug: Debug::default(),
         }
     }
 }
@@ -478,6 +527,15 @@ impl Config {
         if !(1024..=16 << 20).contains(&self.limits.max_response_header_bytes) {
             return Err(("max_response_header_bytes", "must be from 1024 to 16 MiB".into()));
         }
+        if self.watchdog.stall_after < Duration::from_millis(100) {
+            return Err(("stall_after", "must be at least 100ms".into()));
+        }
+        if self.debug.faults && !self.admin.addr.ip().is_loopback() {
+            return Err((
+                "faults",
+                format!("fault injection is refused on a non-loopback admin address ({})", self.admin.addr),
+            ));
+        }
         Ok(())
     }
 
@@ -488,6 +546,12 @@ impl Config {
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         }
+    }
+
+    /// Where the watchdog writes a wedge's diagnostics: `[watchdog] diagnostics_dir`,
+    /// relative to the RIB's directory.
+    pub fn diagnostics_dir(&self) -> PathBuf {
+        self.rib.path.parent().unwrap_or(Path::new(".")).join(&self.watchdog.diagnostics_dir)
     }
 
     /// Where the process driver writes each machine's stdout and stderr: `[driver] log_dir`,

@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod rib;
 pub mod routing;
 pub mod shutdown;
+pub mod tasks;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -3,8 +3,8 @@
 //! Sockets are made with socket2 so that each can set IPV6_V6ONLY (so `[::]` and `0.0.0.0`
 //! can both be listed) and its own backlog. They do not set SO_REUSEPORT: with it a second
 //! tern would bind the same address and silently take half the connections; an address
-//! already taken is refused with the pid that holds it ([`holder`]). Upgrades will hand the
-//! sockets themselves to the new process instead. The accept loop survives descriptor exhaustion
+//! already taken is refused with the pid that holds it ([`holder`]). Upgrades hand the
+//! sockets themselves to the new process instead ([`inherit`]). The accept loop survives descriptor exhaustion
 //! (EMFILE/ENFILE) with a back-off and a metric, and stops accepting while the node-wide
 //! connection cap is reached, leaving new connections queued in the kernel.
 
@@ -20,6 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use crate::telemetry::Metrics;
 
 pub mod holder;
+pub mod inherit;
 
 /// Binds a listening socket.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use tern::config::{Config, LogFormat, Source};
+use tern::listener::inherit::Inherited;
 use tern::model::session_key::{SessionKeyRow, parse_id};
 use tern::proxy::{self, Bound};
 use tern::rib::sqlite::{Existing, SqliteRib, Store, open_existing};
@@ -54,6 +55,24 @@ enum Command {
     },
     /// Print the apps, machines and certificates in the RIB
     Status,
+    /// Hand the running tern's listening sockets to a fresh process, then drain the old one
+    Upgrade {
+        /// The binary to start [default: the running tern's own path, as it reads now]
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// The running tern's admin address [default: the config's `[admin] addr`]
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
+    },
+    /// Drain the running tern: /healthz 503 for drain_delay, end exchanges over drain_window, exit
+    Drain {
+        /// Return once the drain has begun instead of waiting for the process to exit
+        #[arg(long)]
+        no_wait: bool,
+        /// The running tern's admin address [default: the config's `[admin] addr`]
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
+    },
     /// Rotate or list the keys session tokens are sealed with (kept in the RIB)
     Keys {
         #[command(subcommand)]
@@ -74,9 +93,13 @@ enum KeysCommand {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: taking passed sockets clears their environment variables.
+    let inherited = tern::listener::inherit::Inherited::from_env();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve => serve(cli.config.as_deref()),
+        Command::Serve => serve(cli.config.as_deref(), inherited),
+        Command::Upgrade { binary, admin } => upgrade(cli.config.as_deref(), admin, binary),
+        Command::Drain { no_wait, admin } => drain(cli.config.as_deref(), admin, no_wait),
         Command::Apply { decl, prune, dry_run } => apply(cli.config.as_deref(), &decl, prune, dry_run),
         Command::Check { decl } => check(cli.config.as_deref(), decl.as_deref()),
         Command::Status => status(cli.config.as_deref()),
@@ -96,7 +119,7 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<(Config, Source)> {
     Ok(Config::load(path)?)
 }
 
-fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+fn serve(config_path: Option<&Path>, mut inherited: Inherited) -> anyhow::Result<ExitCode> {
     let (config, source) = load_config(config_path)?;
     let _logs = tern::telemetry::init_logging(config.log.format == LogFormat::Json, &config.log.level);
     match &source {
@@ -107,7 +130,7 @@ fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async move {
-        let bound = Bound::bind(&config)?;
+        let bound = Bound::bind_inheriting(&config, &mut inherited)?;
         let rib = SqliteRib::open(&config.rib.path, config.rib.poll_interval)
             .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -133,6 +156,99 @@ async fn wait_for_signal() {
         _ = int.recv() => "SIGINT",
     };
     tracing::info!(target: "tern::proxy", signal = name, "signal received");
+}
+
+/// `tern upgrade`: asks the running tern (at the config's admin address) to start a
+/// successor on its sockets; it answers once the successor serves.
+fn upgrade(
+    config_path: Option<&Path>,
+    admin: Option<std::net::SocketAddr>,
+    binary: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let admin = admin_addr(config_path, admin)?;
+    let binary = match binary {
+        Some(b) => Some(std::fs::canonicalize(&b).with_context(|| format!("{}", b.display()))?),
+        None => None,
+    };
+    let body = serde_json::json!({ "binary": binary }).to_string();
+    let (status, answer) = admin_post(admin, "/v1/upgrade", &body)?;
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap_or(serde_json::Value::Null);
+    if status != 200 {
+        let why = v.get("error").and_then(|e| e.as_str()).unwrap_or(answer.trim());
+        eprintln!("tern: upgrade failed ({status}): {why}; the running tern keeps serving");
+        return Ok(ExitCode::FAILURE);
+    }
+    let (old, new) =
+        (v.get("previous").cloned().unwrap_or_default(), v.get("pid").cloned().unwrap_or_default());
+    println!("tern pid {new} serves on the listening sockets now; pid {old} drains and exits");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tern drain`: asks the running tern to drain and stop, and (unless `no_wait`) waits for
+/// it to exit.
+fn drain(
+    config_path: Option<&Path>,
+    admin: Option<std::net::SocketAddr>,
+    no_wait: bool,
+) -> anyhow::Result<ExitCode> {
+    let (status, answer) = admin_post(admin_addr(config_path, admin)?, "/v1/drain", "")?;
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap_or(serde_json::Value::Null);
+    if status != 200 {
+        eprintln!("tern: drain refused ({status}): {}", answer.trim());
+        return Ok(ExitCode::FAILURE);
+    }
+    let pid = v.get("pid").and_then(serde_json::Value::as_u64).unwrap_or(0);
+    println!("tern pid {pid} is draining: /healthz says 503, then its exchanges end and it exits");
+    if no_wait || pid == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    while proc.exists() && !is_zombie(&proc) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    println!("tern pid {pid} has exited");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn is_zombie(proc: &Path) -> bool {
+    std::fs::read_to_string(proc.join("stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// `--admin`, else the config's admin address (which must name a port).
+fn admin_addr(
+    config_path: Option<&Path>,
+    given: Option<std::net::SocketAddr>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    if let Some(a) = given {
+        return Ok(a);
+    }
+    let (config, _) = load_config(config_path)?;
+    anyhow::ensure!(
+        config.admin.addr.port() != 0,
+        "the config's admin address has port 0; name the running tern's with --admin ADDR"
+    );
+    Ok(config.admin.addr)
+}
+
+/// A POST to the admin address over plain HTTP/1.1: (status, body).
+fn admin_post(addr: std::net::SocketAddr, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("cannot reach the running tern's admin address {addr}; is it running?"))?;
+    write!(
+        conn,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).context("reading the admin answer")?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, rest.to_string()))
 }
 
 fn apply(

@@ -132,6 +132,7 @@ impl Lifecycle {
                 () = crate::shutdown::requested(&mut shutdown) => break,
                 _ = tick.tick() => {}
             }
+            crate::tasks::fault_point("supervisor");
             let snap = self.catalog.load_full();
             let now = crate::clock::now_ms();
             let mut regions_seen = HashSet::new();

@@ -9,21 +9,21 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 
-use crate::admin::{Admin, Health};
+use crate::admin::{Admin, Control, Health};
 use crate::autostart::Lifecycle;
 use crate::catalog::{self, Catalog};
 use crate::config::{Config, Listen};
 use crate::http::{Server, ServerLimits};
+use crate::listener::inherit::{Handoff, Inherited};
 use crate::rib::{Rib, RibError};
 use crate::telemetry::Metrics;
 use crate::{listener, tls};
 
 mod worker;
 
-use worker::{Deps, Job, Workers};
+use worker::{Deps, Workers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -63,10 +63,18 @@ fn in_use_by(holder: Option<&listener::holder::Holder>) -> String {
 pub struct Bound {
     listeners: Vec<(std::net::TcpListener, Listen)>,
     admin: std::net::TcpListener,
+    /// A descriptor of each, kept for a successor process.
+    handoff: Arc<Handoff>,
 }
 
 impl Bound {
     pub fn bind(config: &Config) -> Result<Bound, StartError> {
+        Bound::bind_inheriting(config, &mut Inherited::default())
+    }
+
+    /// Takes each listener's socket from `inherited` (a predecessor's, or systemd's) when
+    /// it holds one, and binds the rest.
+    pub fn bind_inheriting(config: &Config, inherited: &mut Inherited) -> Result<Bound, StartError> {
         let bind = |addr: SocketAddr, backlog: u32| {
             listener::bind(addr, backlog).map_err(|source| match source.kind() {
                 std::io::ErrorKind::AddrInUse => {
@@ -77,10 +85,26 @@ impl Bound {
         };
         let mut listeners = Vec::with_capacity(config.listen.len());
         for l in &config.listen {
-            listeners.push((bind(l.addr, l.backlog)?, l.clone()));
+            let socket = match inherited.take(l.addr, false) {
+                Some(s) => s,
+                None => bind(l.addr, l.backlog)?,
+            };
+            listeners.push((socket, l.clone()));
         }
-        let admin = bind(config.admin.addr, 128)?;
-        Ok(Bound { listeners, admin })
+        let admin = match inherited.take(config.admin.addr, true) {
+            Some(s) => s,
+            None => bind(config.admin.addr, 128)?,
+        };
+        inherited.close_unclaimed();
+        for (l, c) in &listeners {
+            let addr = l.local_addr().unwrap_or(c.addr);
+            tracing::info!(target: "tern::listener", %addr, tls = c.tls, "listening");
+        }
+        let kept: Vec<(SocketAddr, &std::net::TcpListener)> =
+            listeners.iter().map(|(s, l)| (l.addr, s)).collect();
+        let handoff = Handoff::keep(&kept, (config.admin.addr, &admin))
+            .map_err(|source| StartError::Bind { addr: config.admin.addr, source })?;
+        Ok(Bound { listeners, admin, handoff: Arc::new(handoff) })
     }
 
     /// The bound addresses of the proxy listeners, with whether each terminates TLS.
@@ -110,48 +134,166 @@ async fn ensure_session_key(rib: &Arc<dyn Rib>) -> Result<(), StartError> {
     Ok(())
 }
 
+/// A current-thread runtime on a thread of its own, for one kind of background work; the
+/// thread runs until [`RuntimeThread::stop`].
+struct RuntimeThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RuntimeThread {
+    fn start(name: &str) -> std::io::Result<RuntimeThread> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+            // Tasks still running (none, after an orderly stop) are dropped with it.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+        })?;
+        Ok(RuntimeThread { handle, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// Ends the runtime and waits for its thread, without blocking the caller's runtime.
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// The node's background work, each kind on a runtime of its own: the catalog following the
+/// RIB (`tern-catalog`), and the lifecycle manager with its supervisor, wakes, probes and
+/// health checks (`tern-lifecycle`).
+struct Background {
+    catalog_rt: RuntimeThread,
+    lifecycle_rt: RuntimeThread,
+    updater: tokio::task::JoinHandle<()>,
+    supervisor: tokio::task::JoinHandle<()>,
+    lifecycle: Arc<Lifecycle>,
+    replay_cache: Arc<crate::routing::replay_cache::ReplayCache>,
+}
+
+impl Background {
+    /// Loads the catalog and starts the lifecycle manager, both following `shutdown`.
+    async fn start(
+        config: &Config,
+        rib: Arc<dyn Rib>,
+        metrics: &Arc<Metrics>,
+        catalog: &Arc<Catalog>,
+        tasks: &crate::tasks::Tasks,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Background, StartError> {
+        let catalog_rt = RuntimeThread::start("tern-catalog").map_err(StartError::Workers)?;
+        let lifecycle_rt = RuntimeThread::start("tern-lifecycle").map_err(StartError::Workers)?;
+        // What each published batch changed, for the lifecycle manager; it starts listening
+        // after boot's reconcile, and nothing sent meanwhile is lost.
+        let (feed, changes) = tokio::sync::mpsc::unbounded_channel();
+        ensure_session_key(&rib).await?;
+        let updater = {
+            let (catalog, rib, metrics, shutdown) =
+                (catalog.clone(), rib.clone(), metrics.clone(), shutdown.clone());
+            catalog_rt
+                .handle
+                .spawn(catalog::updater::start(catalog, rib, metrics, shutdown, feed))
+                .await
+                .map_err(|e| StartError::Catalog(RibError::Other(e.to_string())))??
+        };
+        let updater = tasks.watch(&catalog_rt.handle, "catalog", rethrow(updater));
+        let (driver_tx, driver_rx) = tokio::sync::mpsc::unbounded_channel();
+        let node: Arc<str> = Arc::from(config.node.clone().unwrap_or_else(|| config.region.clone()));
+        // One per node, shared by the workers: a replay one worker saw routes the next
+        // request whichever worker takes it.
+        let replay_cache = Arc::new(crate::routing::replay_cache::ReplayCache::default());
+        // The driver and the lifecycle manager spawn their work on the runtime current when
+        // they are made: the lifecycle runtime. (Entered only where nothing is awaited.)
+        let driver = {
+            let _on = lifecycle_rt.handle.enter();
+            crate::driver::build(config, driver_tx).map_err(StartError::Driver)?
+        };
+        let d = driver.clone();
+        lifecycle_rt
+            .handle
+            .spawn(async move { d.clean_up_leftovers().await })
+            .await
+            .map_err(|e| StartError::Driver(e.to_string()))?;
+        let lifecycle = {
+            let _on = lifecycle_rt.handle.enter();
+            Lifecycle::new(
+                driver,
+                rib,
+                catalog.clone(),
+                node,
+                Arc::from(config.region.as_str()),
+                metrics.clone(),
+                replay_cache.clone(),
+            )
+        };
+        tasks.watch(&lifecycle_rt.handle, "driver-events", lifecycle.clone().watch_driver(driver_rx));
+        {
+            let l = lifecycle.clone();
+            lifecycle_rt
+                .handle
+                .spawn(async move { l.reconcile_at_start() })
+                .await
+                .map_err(|e| StartError::Driver(e.to_string()))?;
+        }
+        tasks.watch(&lifecycle_rt.handle, "catalog-follow", lifecycle.clone().follow_catalog(changes));
+        let supervisor = {
+            let (l, s) = (lifecycle.clone(), shutdown.clone());
+            tasks.keep(&lifecycle_rt.handle, "supervisor", move || l.clone().supervise(s.clone()))
+        };
+        Ok(Background { catalog_rt, lifecycle_rt, updater, supervisor, lifecycle, replay_cache })
+    }
+
+    /// Once the workers are done: machines this node runs go down with it, recorded as
+    /// stopped (the next start wakes them on demand), and the runtimes end.
+    async fn stop(self) {
+        let _ = self.supervisor.await;
+        let l = self.lifecycle.clone();
+        let _ = self.lifecycle_rt.handle.spawn(async move { l.stop_all().await }).await;
+        let _ = self.updater.await;
+        self.lifecycle_rt.stop().await;
+        self.catalog_rt.stop().await;
+    }
+}
+
 /// Runs the proxy until `shutdown` turns true, then drains: `/healthz` turns 503, the
 /// listeners close, open connections finish their in-flight requests (HTTP/1.1 closes after
 /// the current response, HTTP/2 gets GOAWAY) within `limits.shutdown_timeout`.
 ///
-/// This task (the control thread) loads the catalog, serves the admin endpoints and accepts
-/// connections; [`worker`] threads serve them.
+/// Threads: this task (the control thread) loads the catalog, serves the admin endpoints and
+/// orchestrates start and stop; the catalog follows the RIB on `tern-catalog`; lifecycle
+/// work (the supervisor, wakes, probes, health checks) runs on `tern-lifecycle`; each
+/// [`worker`] accepts and serves its own connections. A wedge in one of them leaves the
+/// others running, and the watchdog sees which.
 pub async fn run(
     config: Config,
     bound: Bound,
     rib: Arc<dyn Rib>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
+    // `shutdown` (a signal) is one way for the node to end; an upgrade or a drain are the
+    // others. Everything inside follows `halt`, which turns once the way is decided.
+    let (external, (halt_tx, shutdown)) = (shutdown, watch::channel(false));
     let metrics = Arc::new(Metrics::new());
     let catalog = Arc::new(Catalog::new());
-    // What each published batch changed, for the lifecycle manager; it starts listening
-    // after boot's reconcile, and nothing sent meanwhile is lost.
-    let (feed, changes) = tokio::sync::mpsc::unbounded_channel();
-    ensure_session_key(&rib).await?;
-    let updater =
-        catalog::updater::start(catalog.clone(), rib.clone(), metrics.clone(), shutdown.clone(), feed)
-            .await?;
-    let (driver_tx, driver_rx) = tokio::sync::mpsc::unbounded_channel();
-    let driver = crate::driver::build(&config, driver_tx).map_err(StartError::Driver)?;
-    driver.clean_up_leftovers().await;
-    let node: Arc<str> = Arc::from(config.node.clone().unwrap_or_else(|| config.region.clone()));
-    // One per node, shared by the workers: a replay one worker saw routes the next
-    // request whichever worker takes it.
-    let replay_cache = Arc::new(crate::routing::replay_cache::ReplayCache::default());
-    let lifecycle = Lifecycle::new(
-        driver,
-        rib,
-        catalog.clone(),
-        node,
-        Arc::from(config.region.as_str()),
+    let tasks = crate::tasks::Tasks::new(
         metrics.clone(),
-        replay_cache.clone(),
+        Arc::new(|task: &str| {
+            tracing::error!(target: "tern::proxy", task, "a background task that cannot be restarted died");
+        }),
     );
-    tokio::spawn(lifecycle.clone().watch_driver(driver_rx));
-    lifecycle.reconcile_at_start();
-    tokio::spawn(lifecycle.clone().follow_catalog(changes));
-    let supervisor = tokio::spawn(lifecycle.clone().supervise(shutdown.clone()));
+    let bg = Background::start(&config, rib, &metrics, &catalog, &tasks, &shutdown).await?;
+    let lifecycle = bg.lifecycle.clone();
     let health = Arc::new(Health::default());
+    let (stop_accepting_tx, stop_accepting) = watch::channel(false);
     let deps = Deps {
         tls: tls::server_config(catalog.clone())?,
         catalog: catalog.clone(),
@@ -165,85 +307,209 @@ pub async fn run(
         region: Arc::from(config.region.as_str()),
         access_log: config.log.access,
         shutdown: shutdown.clone(),
+        stop_accepting,
+        connection_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
         lifecycle: lifecycle.clone(),
-        replay_cache,
+        replay_cache: bg.replay_cache.clone(),
     };
-    let workers = Arc::new(Workers::start(config.worker_count(), &deps).map_err(StartError::Workers)?);
+    let workers =
+        Workers::start(config.worker_count(), &deps, &bound.listeners).map_err(StartError::Workers)?;
 
     let (admin_stop_tx, admin_stop) = watch::channel(false);
-    let admin = Arc::new(Admin { catalog, metrics: metrics.clone(), health: health.clone() });
+    let (control_tx, control) = tokio::sync::mpsc::unbounded_channel();
+    let admin = Arc::new(Admin {
+        catalog,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        control: Some(control_tx),
+        faults: config.debug.faults,
+        watchdog: None,
+    });
     let admin_listener = tokio::net::TcpListener::from_std(bound.admin)
         .map_err(|source| StartError::Bind { addr: config.admin.addr, source })?;
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.addr);
     tracing::info!(target: "tern::listener", addr = %admin_addr, admin = true, "listening");
     let admin_task = tokio::spawn(admin.serve(admin_listener, admin_stop));
-
-    let accept_tasks =
-        spawn_listeners(bound.listeners, &workers, &metrics, &shutdown, config.limits.max_connections)?;
+    // The workers hold their own descriptors of the listening sockets now.
+    drop(bound.listeners);
+    let handoff = bound.handoff;
     tracing::info!(target: "tern::proxy", admin = %admin_addr, region = %config.region,
         workers = config.worker_count(), "tern is serving");
+    crate::listener::inherit::notify_ready();
 
-    let mut shutdown = shutdown;
-    crate::shutdown::requested(&mut shutdown).await;
+    let node = Node { config: &config, handoff: &handoff, workers: &workers, health: &health };
+    let ending = node.serve_until_the_end(external, control).await;
     health.set_draining();
+    let _ = stop_accepting_tx.send(true);
+    match ending {
+        Ending::Upgraded(pid) => {
+            // The new process serves the admin address too from now on.
+            let _ = admin_stop_tx.send(true);
+            tracing::info!(target: "tern::proxy", successor = pid, open_connections = workers.open_connections(),
+                "handed the listening sockets over; draining this process");
+        }
+        Ending::Stop | Ending::Drained => handoff.close(),
+    }
+    crate::listener::inherit::sd_notify("STOPPING=1");
+    let _ = halt_tx.send(true);
     // Streams never finish on their own; end them cleanly now rather than cut them at the
     // deadline. Requests get until the deadline.
     lifecycle.end_all_streams();
     tracing::info!(target: "tern::proxy", open_connections = workers.open_connections(),
         deadline = ?config.limits.shutdown_timeout,
         "shutting down: no new connections; letting in-flight requests finish");
-    for t in accept_tasks {
-        let _ = t.await;
-    }
-    if let Ok(workers) = Arc::try_unwrap(workers) {
-        workers.join().await;
-    }
-    // Machines this node runs go down with it, recorded as stopped; the next start wakes
-    // them on demand.
-    let _ = supervisor.await;
-    lifecycle.stop_all().await;
+    workers.join().await;
     let _ = admin_stop_tx.send(true);
     let _ = admin_task.await;
-    let _ = updater.await;
+    bg.stop().await;
     tracing::info!(target: "tern::proxy", "stopped");
     Ok(())
 }
 
-/// Starts one accept loop per listener, all sharing the node-wide connection cap, each
-/// handing its connections to the workers.
-fn spawn_listeners(
-    listeners: Vec<(std::net::TcpListener, Listen)>,
-    workers: &Arc<Workers>,
-    metrics: &Arc<Metrics>,
-    shutdown: &watch::Receiver<bool>,
-    max_connections: usize,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
-    let limit = Arc::new(Semaphore::new(max_connections));
-    let mut accept_tasks = Vec::new();
-    for (std_listener, listen) in listeners {
-        let addr = std_listener.local_addr().unwrap_or(listen.addr);
-        let listener = tokio::net::TcpListener::from_std(std_listener)
-            .map_err(|source| StartError::Bind { addr: listen.addr, source })?;
-        tracing::info!(target: "tern::listener", %addr, tls = listen.tls, "listening");
-        let label: Arc<str> = Arc::from(addr.to_string());
-        let (workers, conn_label, tls) = (workers.clone(), label.clone(), listen.tls);
-        let on_accept = move |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
-            // Leave this thread's reactor; the worker registers it with its own.
-            match stream.into_std() {
-                Ok(stream) => workers.dispatch(Job { stream, peer, tls, label: conn_label.clone(), permit }),
-                Err(e) => {
-                    tracing::warn!(target: "tern::listener", error = %e, "cannot hand over a connection")
+/// How a node's serving ends.
+enum Ending {
+    /// A signal (SIGTERM, SIGINT) or the caller's shutdown.
+    Stop,
+    /// `tern drain`: `/healthz` said 503 for `drain_delay` first.
+    Drained,
+    /// `tern upgrade`: a new process (this pid) serves on the same sockets.
+    Upgraded(u32),
+}
+
+/// What the control loop needs of the running node.
+struct Node<'a> {
+    config: &'a Config,
+    handoff: &'a Arc<Handoff>,
+    workers: &'a Workers,
+    health: &'a Arc<Health>,
+}
+
+impl Node<'_> {
+    /// Serves operations from the admin address (and SIGUSR2) until one ends the node, or
+    /// `external` asks it to stop.
+    async fn serve_until_the_end(
+        &self,
+        mut external: watch::Receiver<bool>,
+        mut control: tokio::sync::mpsc::UnboundedReceiver<Control>,
+    ) -> Ending {
+        let mut usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()).ok();
+        loop {
+            let op = tokio::select! {
+                () = crate::shutdown::requested(&mut external) => return Ending::Stop,
+                Some(()) = async { usr2.as_mut()?.recv().await } => {
+                    tracing::info!(target: "tern::proxy", signal = "SIGUSR2", "upgrade asked");
+                    match self.upgrade(None).await {
+                        Ok(pid) => return Ending::Upgraded(pid),
+                        Err(_) => continue, // logged; this process keeps serving
+                    }
+                }
+                op = control.recv() => match op {
+                    Some(op) => op,
+                    None => { crate::shutdown::requested(&mut external).await; return Ending::Stop }
+                },
+            };
+            match op {
+                Control::Upgrade { binary, reply } => match self.upgrade(binary).await {
+                    Ok(pid) => {
+                        let _ = reply.send(Ok(pid));
+                        return Ending::Upgraded(pid);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Control::Drain { reply } => {
+                    self.health.set_draining();
+                    let _ = reply.send(Ok(()));
+                    let delay = drain_delay(self.config);
+                    tracing::info!(target: "tern::proxy", ?delay,
+                        "draining: /healthz says 503; listeners stay open for drain_delay");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = crate::shutdown::requested(&mut external) => {}
+                    }
+                    return Ending::Drained;
+                }
+                Control::Fault { kind, reply } => {
+                    let _ = reply.send(self.inject(&kind));
                 }
             }
-        };
-        accept_tasks.push(tokio::spawn(listener::accept_loop(
-            listener,
-            label,
-            limit.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-            on_accept,
-        )));
+        }
     }
-    Ok(accept_tasks)
+
+    /// Starts a fresh tern (`binary`, else this one's) on this process's listening sockets
+    /// and waits until it serves. Errors are logged and returned; this process serves on.
+    async fn upgrade(&self, binary: Option<std::path::PathBuf>) -> Result<u32, String> {
+        let binary = binary.unwrap_or_else(own_binary);
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let handoff = self.handoff.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            handoff.start_successor(&binary, &args, SUCCESSOR_READY_WITHIN)
+        })
+        .await;
+        match started {
+            Ok(Ok(successor)) => {
+                // Not waited for: it outlives this process, which leaves it to init.
+                let pid = successor.pid;
+                std::mem::forget(successor.child);
+                tracing::info!(target: "tern::proxy", successor = pid, "the new tern is serving");
+                Ok(pid)
+            }
+            Ok(Err(e)) => {
+                tracing::error!(target: "tern::proxy", error = %e, "upgrade failed; this process keeps serving");
+                Err(e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// `[debug] faults`.
+    fn inject(&self, kind: &str) -> Result<String, String> {
+        match kind {
+            "block-worker" => {
+                if self.workers.command(0, worker::Command::Block) {
+                    Ok("worker 0 blocks its thread".into())
+                } else {
+                    Err("no worker to block".into())
+                }
+            }
+            "panic" => {
+                crate::tasks::panic_next("supervisor");
+                Ok("the supervisor task panics at its next pass".into())
+            }
+            other => Err(format!("no fault {other:?} (deadlock, block-worker, spin, panic)")),
+        }
+    }
+}
+
+/// How long a new process may take to load the catalog and start serving.
+const SUCCESSOR_READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn drain_delay(_config: &Config) -> std::time::Duration {
+    std::time::Duration::from_secs(5)
+}
+
+/// The binary this process was started from, as its path now reads (an upgrade usually
+/// replaces the file first; `/proc/self/exe` would still name the old one).
+fn own_binary() -> std::path::PathBuf {
+    match std::env::current_exe() {
+        Ok(p) => {
+            let s = p.to_string_lossy();
+            match s.strip_suffix(" (deleted)") {
+                Some(stripped) => std::path::PathBuf::from(stripped),
+                None => p,
+            }
+        }
+        Err(_) => std::path::PathBuf::from("/proc/self/exe"),
+    }
+}
+
+/// A task's handle as a future that panics if the task did: for [`crate::tasks::Tasks::watch`]
+/// over a task something else spawned.
+async fn rethrow(handle: tokio::task::JoinHandle<()>) {
+    if let Err(e) = handle.await
+        && e.is_panic()
+    {
+        std::panic::resume_unwind(e.into_panic());
+    }
 }

@@ -1,30 +1,34 @@
 //! Worker threads. Each runs a single-threaded Tokio runtime and owns every connection it
-//! is handed: the TLS handshake, the HTTP exchanges, the upstream connections (from its own
+//! accepts: the TLS handshake, the HTTP exchanges, the upstream connections (from its own
 //! pool) and any tunnels all stay on one thread. A request then never hops between threads,
 //! which on a busy proxy costs more in wake-ups than a second thread gains; and nothing the
 //! request path touches is contended across workers but the catalog, which is lock-free.
 //!
-//! The control thread accepts connections and hands each to the worker with the fewest
-//! open connections, once per connection.
+//! Each worker accepts for itself, on its own descriptor of every listening socket (the
+//! same socket, so one kernel accept queue): no other thread stands between a client and a
+//! worker, and a worker that wedges stops taking connections while the others take them
+//! all. The kernel wakes every worker waiting on a socket when a connection arrives; the
+//! first to call accept gets it, which favours the least busy.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
-use crate::config::Limits;
+use crate::config::{Limits, Listen};
 use crate::http::{ConnInfo, Handler, Server, Wire};
 use crate::routing::Router;
 use crate::telemetry::Metrics;
 use crate::tls;
 use crate::upstream::{Pool, PoolConfig};
 
-/// One accepted connection on its way to a worker.
+/// One accepted connection.
 pub(super) struct Job {
-    pub stream: std::net::TcpStream,
+    pub stream: TcpStream,
     pub peer: SocketAddr,
     pub tls: bool,
     pub label: Arc<str>,
@@ -41,13 +45,25 @@ pub(super) struct Deps {
     pub limits: Limits,
     pub region: Arc<str>,
     pub access_log: bool,
+    /// Turns true when open connections should finish (gracefully) and the worker stop.
     pub shutdown: watch::Receiver<bool>,
+    /// Turns true when the worker should stop accepting: at shutdown, or once a new
+    /// process has taken the listening sockets over.
+    pub stop_accepting: watch::Receiver<bool>,
+    /// The node-wide cap on open connections, shared by every worker's accept loops.
+    pub connection_limit: Arc<Semaphore>,
     pub lifecycle: Arc<crate::autostart::Lifecycle>,
     pub replay_cache: Arc<crate::routing::replay_cache::ReplayCache>,
 }
 
+/// Something the node asks one worker to do, other than serving.
+pub(super) enum Command {
+    /// Fault injection: block this worker's thread forever, as a wedged worker would.
+    Block,
+}
+
 struct Worker {
-    jobs: mpsc::UnboundedSender<Job>,
+    commands: mpsc::UnboundedSender<Command>,
     open: Arc<AtomicUsize>,
     done: oneshot::Receiver<()>,
 }
@@ -57,47 +73,56 @@ pub(super) struct Workers {
 }
 
 impl Workers {
-    pub fn start(count: usize, deps: &Deps) -> std::io::Result<Workers> {
+    /// Starts `count` workers, each accepting on its own descriptor of every listener.
+    pub fn start(
+        count: usize,
+        deps: &Deps,
+        listeners: &[(std::net::TcpListener, Listen)],
+    ) -> std::io::Result<Workers> {
         let mut workers = Vec::with_capacity(count);
         for i in 0..count {
-            let (jobs, rx) = mpsc::unbounded_channel();
+            let mine = listeners
+                .iter()
+                .map(|(l, c)| Ok((l.try_clone()?, c.clone())))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let (commands, rx) = mpsc::unbounded_channel();
             let (done_tx, done) = oneshot::channel();
             let open = Arc::new(AtomicUsize::new(0));
             let (deps, open2) = (deps.clone(), open.clone());
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             std::thread::Builder::new().name(format!("tern-worker-{i}")).spawn(move || {
-                runtime.block_on(run(deps, rx, open2));
+                runtime.block_on(run(deps, mine, rx, open2));
                 let _ = done_tx.send(());
             })?;
-            workers.push(Worker { jobs, open, done });
+            workers.push(Worker { commands, open, done });
         }
         Ok(Workers { workers })
-    }
-
-    /// Hands a connection to the worker with the fewest open connections.
-    pub fn dispatch(&self, job: Job) {
-        let Some(w) = self.workers.iter().min_by_key(|w| w.open.load(Ordering::Relaxed)) else { return };
-        // Counted here, not when the worker picks it up, so a burst spreads evenly.
-        w.open.fetch_add(1, Ordering::Relaxed);
-        if w.jobs.send(job).is_err() {
-            w.open.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 
     pub fn open_connections(&self) -> usize {
         self.workers.iter().map(|w| w.open.load(Ordering::Relaxed)).sum()
     }
 
+    /// Sends `command` to worker `index`; false if there is no such worker (or it stopped).
+    pub fn command(&self, index: usize, command: Command) -> bool {
+        self.workers.get(index).is_some_and(|w| w.commands.send(command).is_ok())
+    }
+
     /// Waits until every worker has drained (or passed the shutdown deadline) and stopped.
     pub async fn join(self) {
         for w in self.workers {
-            drop(w.jobs);
+            drop(w.commands);
             let _ = w.done.await;
         }
     }
 }
 
-async fn run(deps: Deps, mut jobs: mpsc::UnboundedReceiver<Job>, open: Arc<AtomicUsize>) {
+async fn run(
+    deps: Deps,
+    listeners: Vec<(std::net::TcpListener, Listen)>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    open: Arc<AtomicUsize>,
+) {
     let tasks = TaskTracker::new();
     let pool = Pool::new(
         PoolConfig {
@@ -123,20 +148,55 @@ async fn run(deps: Deps, mut jobs: mpsc::UnboundedReceiver<Job>, open: Arc<Atomi
         replay_cache: deps.replay_cache.clone(),
     });
     let deps = Arc::new(deps);
-    let mut shutdown = deps.shutdown.clone();
-    loop {
-        let job = tokio::select! {
-            job = jobs.recv() => job,
-            () = crate::shutdown::requested(&mut shutdown) => None,
+    let mut accepting = Vec::with_capacity(listeners.len());
+    for (std_listener, listen) in listeners {
+        let addr = std_listener.local_addr().unwrap_or(listen.addr);
+        let listener = match tokio::net::TcpListener::from_std(std_listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(target: "tern::listener", %addr, error = %e, "a worker cannot accept on a listener");
+                continue;
+            }
         };
-        let Some(job) = job else { break };
-        let (deps, handler, open) = (deps.clone(), handler.clone(), open.clone());
-        tasks.spawn(async move {
-            connection(&deps, handler, job).await;
-            open.fetch_sub(1, Ordering::Relaxed);
-        });
+        let label: Arc<str> = Arc::from(addr.to_string());
+        let (deps2, handler, open, tasks, conn_label) =
+            (deps.clone(), handler.clone(), open.clone(), tasks.clone(), label.clone());
+        let tls = listen.tls;
+        let on_accept = move |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
+            open.fetch_add(1, Ordering::Relaxed);
+            let job = Job { stream, peer, tls, label: conn_label.clone(), permit };
+            let (deps, handler, open) = (deps2.clone(), handler.clone(), open.clone());
+            tasks.spawn(async move {
+                connection(&deps, handler, job).await;
+                open.fetch_sub(1, Ordering::Relaxed);
+            });
+        };
+        accepting.push(tokio::spawn(crate::listener::accept_loop(
+            listener,
+            label,
+            deps.connection_limit.clone(),
+            deps.metrics.clone(),
+            deps.stop_accepting.clone(),
+            on_accept,
+        )));
+    }
+    // Serve until the node stops accepting; connections carry on meanwhile.
+    let mut stop_accepting = deps.stop_accepting.clone();
+    loop {
+        tokio::select! {
+            () = crate::shutdown::requested(&mut stop_accepting) => break,
+            command = commands.recv() => match command {
+                Some(Command::Block) => block_this_thread(),
+                None => crate::shutdown::requested(&mut stop_accepting).await,
+            },
+        }
+    }
+    for a in accepting {
+        let _ = a.await;
     }
     tasks.close();
+    let mut shutdown = deps.shutdown.clone();
+    crate::shutdown::requested(&mut shutdown).await;
     if tokio::time::timeout(deps.limits.shutdown_timeout, tasks.wait()).await.is_err() {
         tracing::warn!(target: "tern::proxy", still_open = tasks.len(),
             "shutdown deadline passed; closing the remaining connections");
@@ -144,16 +204,19 @@ async fn run(deps: Deps, mut jobs: mpsc::UnboundedReceiver<Job>, open: Arc<Atomi
     // Whatever is left is cancelled when the runtime drops.
 }
 
+/// Fault injection (`[debug] faults`): this worker's thread stops, as if a task had made a
+/// blocking call that never returns. Its connections hang; the watchdog must notice.
+fn block_this_thread() {
+    tracing::warn!(target: "tern::proxy", thread = ?std::thread::current().name(),
+        "fault injected: blocking this worker thread forever");
+    loop {
+        std::thread::park();
+    }
+}
+
 async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
     let Job { stream, peer, tls, label, permit } = job;
     let _permit = permit;
-    let stream = match tokio::net::TcpStream::from_std(stream) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(target: "tern::listener", error = %e, "cannot adopt an accepted connection");
-            return;
-        }
-    };
     let gauge = deps.metrics.open_connections.with_label_values(&[&label]);
     gauge.inc();
     let _ = stream.set_nodelay(true);

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub open_connections: IntGaugeVec,
     pub connections: IntCounterVec,
     pub connections_rejected: IntCounter,
+    pub task_panics: IntCounterVec,
     pub accept_errors: IntCounterVec,
     pub tls_handshakes: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
@@ -152,6 +153,13 @@ impl Metrics {
                 ),
                 &["table"],
             )?,
+            task_panics: IntCounterVec::new(
+                Opts::new(
+                    "tern_task_panics_total",
+                    "Background tasks that panicked, by task (restarted, or escalated to the watchdog).",
+                ),
+                &["task"],
+            )?,
             rib_errors: IntCounter::new(
                 "tern_rib_errors_total",
                 "Failed reads of the RIB (retried with back-off).",
@@ -257,6 +265,7 @@ impl Metrics {
         r.register(Box::new(self.open_connections.clone()))?;
         r.register(Box::new(self.connections.clone()))?;
         r.register(Box::new(self.connections_rejected.clone()))?;
+        r.register(Box::new(self.task_panics.clone()))?;
         r.register(Box::new(self.accept_errors.clone()))?;
         r.register(Box::new(self.tls_handshakes.clone()))?;
         r.register(Box::new(self.tls_handshake_failures.clone()))?;

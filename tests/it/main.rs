@@ -25,4 +25,5 @@ mod shutdown;
 mod steer;
 mod streams;
 mod tls;
+mod upgrade;
 mod wake;

@@ -1,0 +1,140 @@
+//! `tern upgrade` and `tern drain`, driven through the real binary and its admin address:
+//! a fresh process takes the listening sockets themselves, so no connection is refused
+//! while the old one finishes what it holds.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::backend::Backend;
+use crate::harness::{self, ServeProcess, app_decl, eventually, tern_bin};
+
+/// Kills a process this test did not spawn itself (a successor) when the test ends.
+struct Reap(u32);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+fn setup(dir: &std::path::Path, backend: SocketAddr) -> std::path::PathBuf {
+    let db = dir.join("rib.db");
+    harness::apply_decl(&db, &app_decl("app", &["app.test"], &[("m1", backend, "started")], ""));
+    let config = dir.join("tern.toml");
+    std::fs::write(&config, harness::node_config(&db, "") + "format = \"json\"\n").unwrap();
+    config
+}
+
+/// One request on a new connection: its status, or what went wrong.
+async fn fresh_get(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&out);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {text:?}"))
+}
+
+async fn cli(args: &[&str], tern: &ServeProcess) -> std::process::Output {
+    let admin = tern.admin.to_string();
+    tokio::process::Command::new(tern_bin()).args(args).args(["--admin", &admin]).output().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_hands_the_sockets_over_and_refuses_no_connection() {
+    let b = Backend::start("m1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path(), b.addr);
+    let mut old = ServeProcess::start(&config).await;
+    let old_pid = old.pid();
+    assert_eq!(fresh_get(old.http, "/id").await, Ok(200));
+
+    // A request the old process holds across the upgrade.
+    let held = tokio::spawn(fresh_get(old.http, "/hang"));
+    eventually(Duration::from_secs(5), || async { (b.requests.load(Ordering::SeqCst) >= 2).then_some(()) })
+        .await
+        .expect("the held request reached the machine");
+
+    // New connections, one after another, all through the upgrade.
+    let (stop, ok, failed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(parking_lot::Mutex::new(Vec::new())),
+    );
+    let load = tokio::spawn({
+        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), old.http);
+        async move {
+            while !stop.load(Ordering::SeqCst) {
+                match fresh_get(addr, "/id").await {
+                    Ok(200) => ok.fetch_add(1, Ordering::SeqCst),
+                    other => {
+                        failed.lock().push(format!("{other:?}"));
+                        0
+                    }
+                };
+            }
+        }
+    });
+    eventually(Duration::from_secs(5), || async { (ok.load(Ordering::SeqCst) >= 20).then_some(()) })
+        .await
+        .unwrap();
+
+    let out = cli(&["upgrade"], &old).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let new_pid: u32 = stdout
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the new pid in {stdout:?}"));
+    let _reap = Reap(new_pid);
+    assert_ne!(new_pid, old_pid);
+    let before = ok.load(Ordering::SeqCst);
+    eventually(Duration::from_secs(5), || async { (ok.load(Ordering::SeqCst) >= before + 50).then_some(()) })
+        .await
+        .expect("new connections keep being answered after the upgrade");
+
+    // The old process still holds its request; it finishes, then the old process exits 0.
+    assert!(old.child.try_wait().unwrap().is_none(), "the old tern waits for its in-flight request");
+    b.gate.notify_one();
+    assert_eq!(held.await.unwrap(), Ok(200));
+    let status = tokio::time::timeout(Duration::from_secs(30), old.child.wait())
+        .await
+        .expect("the old tern exits")
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    assert!(failed.lock().is_empty(), "failed: {:?}", failed.lock());
+    // The admin address belongs to the new process now.
+    let healthz = reqwest::get(format!("http://{}/healthz", old.admin)).await.unwrap();
+    assert_eq!(healthz.status(), 200);
+    assert_eq!(fresh_get(old.http, "/id").await, Ok(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upgrade_leaves_the_running_tern_serving() {
+    let b = Backend::start("m1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path(), b.addr);
+    let mut old = ServeProcess::start(&config).await;
+    // A "new binary" that exits at once, as a broken build would.
+    let out = cli(&["upgrade", "--binary", "/bin/false"], &old).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("exited") && stderr.contains("keeps serving"), "{stderr}");
+    assert!(old.child.try_wait().unwrap().is_none(), "the running tern is still there");
+    assert_eq!(fresh_get(old.http, "/id").await, Ok(200));
+    let healthz = reqwest::get(format!("http://{}/healthz", old.admin)).await.unwrap();
+    assert_eq!(healthz.status(), 200);
+}
