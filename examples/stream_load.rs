@@ -111,17 +111,18 @@ struct Shared {
     stop: watch::Receiver<bool>,
 }
 
-/// How one stream ended.
+/// How one stream ended, and when (the end of the body, the close frame's arrival, the error).
 struct End {
     end: String,
     code: Option<u16>,
     events: u64,
     detail: String,
+    at: f64,
 }
 
 impl End {
     fn new(end: &str, events: u64, detail: impl Into<String>) -> End {
-        End { end: end.into(), code: None, events, detail: detail.into() }
+        End { end: end.into(), code: None, events, detail: detail.into(), at: now() }
     }
 }
 
@@ -281,7 +282,7 @@ async fn run_slot(shared: Arc<Shared>, i: usize) {
         shared.ends.fetch_add(usize::from(end.end != "open_at_exit"), Ordering::Relaxed);
         shared.conns.lock().push(json!({
             "slot": i, "kind": kind, "conn": conn_no, "connect_started": started,
-            "opened": opened_at, "ended": now(), "end": end.end, "code": end.code,
+            "opened": opened_at, "ended": end.at, "end": end.end, "code": end.code,
             "events": end.events, "detail": end.detail,
         }));
         if shared.args.no_reconnect || *stop.borrow() {
@@ -441,6 +442,7 @@ async fn run_ws(ws: tokio_tungstenite::WebSocketStream<TcpStream>, slot: &Slot, 
                     Slot::set_time(&slot.last_data, now());
                 }
                 Some(Ok(Message::Close(frame))) => {
+                    let at = now();
                     let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
                     let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
                     // Let tungstenite send its answering close frame, then see the socket close.
@@ -448,7 +450,7 @@ async fn run_ws(ws: tokio_tungstenite::WebSocketStream<TcpStream>, slot: &Slot, 
                         while let Some(Ok(_)) = rx.next().await {}
                     })
                     .await;
-                    return End { end: "ws_close".into(), code: Some(code), events: echoed, detail: reason };
+                    return End { end: "ws_close".into(), code: Some(code), events: echoed, detail: reason, at };
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return End::new("ws_error", echoed, e.to_string()),

@@ -273,7 +273,8 @@ def print_run(fault, node, f, w, wd_s, pid0):
                  f"+{s(f['first_proxied_after_bounce'])}")
     refused = f["probe_refused"]
     report.check(w["connect"] == 0 and refused == 0, f"{fault}: 0 refused / connect errors",
-                 f"wrk connect errors {w['connect']}, probe connections refused {refused}")
+                 f"wrk connect errors {w['connect']} (write errors {w['write']}: wrk counts a refused "
+                 f"non-blocking connect there), probe connections refused {refused}")
     failed = w["read"] + w["write"] + w["timeout"] + w["non2xx"]
     report.check(w["requests"] is not None and failed <= CONNS, f"{fault}: failed requests <= in flight",
                  f"wrk read {w['read']} + write {w['write']} + timeout {w['timeout']} + non-2xx {w['non2xx']} = "

@@ -75,15 +75,22 @@ def cmdline(pid):
         return []
 
 
+# Pids of tern CLI commands a harness ran (`tern upgrade`, `tern drain`): not servers.
+CLI_PIDS = set()
+
+
 def tern_serving_pids(tern_path):
-    """Live `tern serve` processes below this driver (reparented ones included)."""
+    """Live tern processes below this driver (reparented ones included), other than the CLI
+    commands in CLI_PIDS: a tern started by a tern is found whatever its arguments."""
+    name = os.path.basename(tern_path)
     out = []
     for pid in descendants():
         st = _stat(pid)
-        if not st or st[1] == "Z":
+        if not st or st[1] == "Z" or pid in CLI_PIDS:
             continue
         args = cmdline(pid)
-        if args and os.path.basename(args[0]) == os.path.basename(tern_path) and "serve" in args:
+        # argv[1]: a script through its interpreter (the self-check's fake_tern.py).
+        if st[0] == name[:15] or any(os.path.basename(a) == name for a in args[:2]):
             out.append(pid)
     return sorted(out)
 
@@ -97,12 +104,14 @@ class Procs:
         self.codes = {}
         self.lock = threading.Lock()
 
-    def start(self, name, args, stdout=None, env=None, append_log=True):
+    def start(self, name, args, stdout=None, env=None, append_log=True, cli=False):
         log = open(os.path.join(self.work, f"{name}.log"), "ab" if append_log else "wb")
         p = subprocess.Popen(args, stdout=stdout if stdout is not None else log, stderr=log,
                              stdin=subprocess.DEVNULL, env=env, cwd=self.work)
         with self.lock:
             self.popen[p.pid] = p
+        if cli:
+            CLI_PIDS.add(p.pid)
         with open(os.path.join(self.work, "pids"), "a") as f:
             f.write(f"{p.pid}\n")
         return p
