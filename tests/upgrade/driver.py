@@ -414,8 +414,10 @@ def judge_drain(pid, t_cmd, t_exit, cmd_rc, t_cmd_done, hz, px, summary):
     print(f"  tern drain: exit {cmd_rc} after {s(rel(t_cmd_done))}; said: {out[:300]!r}")
     t503 = next((t for t, _, r in hz if t >= t_cmd and r[0] == 503), None)
     flaps = sum(1 for t, _, r in hz if t503 and t > t503 and r[0] == 200)
-    tclosed, kind = next(((t, r[1] if r[0] is None else r[0]) for t, _, r in px if t >= t_cmd and r[0] != 200),
-                         (None, None))
+    # Closed: the first proxied request refused (or, for a listener that stays bound but no
+    # longer accepts, timed out); any other failure before that is a failure during the delay.
+    tclosed, kind = next(((t, r[1]) for t, _, r in px if t >= t_cmd and r[0] is None
+                          and r[1] in ("refused", "timeout")), (None, None))
     during = [r for t, _, r in px if t503 and t503 <= t < (tclosed or 1e18)]
     ok_during = sum(1 for r in during if r[0] == 200)
     rc = procs.exit_code(pid)

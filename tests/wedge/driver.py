@@ -26,6 +26,7 @@ WRK_TIMEOUT = os.environ.get("WRK_TIMEOUT", "10s")
 ONLY = os.environ.get("WEDGE_ONLY", "deadlock,block-worker,spin,panic").split(",")
 PANIC_PATH = os.environ.get("WEDGE_PANIC_PATH", "/v1/debug/faults/panic")
 STRICT = os.environ.get("STRICT") == "1"
+WORKERS = 2  # `workers` in the node config (ternlab.toml_config)
 HOST = "wedge.test"
 DETECT_LIMIT, SERVE_LIMIT, SPIN_LIMIT = 2.0, 3.0, 2.0
 
@@ -278,7 +279,8 @@ def print_run(fault, node, f, w, wd_s, pid0):
     failed = w["read"] + w["write"] + w["timeout"] + w["non2xx"]
     report.check(w["requests"] is not None and failed <= CONNS, f"{fault}: failed requests <= in flight",
                  f"wrk read {w['read']} + write {w['write']} + timeout {w['timeout']} + non-2xx {w['non2xx']} = "
-                 f"{failed} (bound: {CONNS}, one in flight per connection); probes failed {f['probe_fail']}")
+                 f"{failed} (bound: {CONNS}, one in flight per connection; one worker's share of the "
+                 f"connections is about {CONNS // WORKERS}); probes failed {f['probe_fail']}")
     path = find_diag(node, f, wd_s)
     if path is None:
         report.fail(f"{fault}: diagnostics file", f"none in {node.diag_dir} and none named by /v1/watchdog")
