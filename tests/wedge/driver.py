@@ -94,11 +94,14 @@ def log_wedge_time(log, after):
     except OSError:
         return None, None
     for line in lines:
-        if not re.search(r"wedge|stall|deadlock|watchdog", line, re.I):
-            continue
+        # The message only: paths in other fields contain "wedge" (target/wedge/run-*).
         try:
-            ts = datetime.datetime.fromisoformat(json.loads(line)["timestamp"]).timestamp()
-        except (ValueError, KeyError, TypeError):
+            entry = json.loads(line)
+            message = str(entry.get("message") or entry.get("fields", {}).get("message", ""))
+            ts = datetime.datetime.fromisoformat(entry["timestamp"]).timestamp()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if not re.search(r"wedge|stall|deadlock|watchdog", message, re.I):
             continue
         if ts >= after - 0.05:
             return ts, line[:240]
