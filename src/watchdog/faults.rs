@@ -2,6 +2,7 @@
 //! watchdog must catch, made with tern's real locks and tasks so what it reports is what a
 //! real wedge would show.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 
 /// Takes one lock and runs the closure it is given while holding it (see the
@@ -30,6 +31,22 @@ pub fn deadlock(first: LockTaker, second: LockTaker) -> std::io::Result<()> {
     take("tern-fault-b", second, first, both_hold)?;
     tracing::warn!(target: "tern::watchdog", "fault injected: two threads deadlocked on two of tern's locks");
     Ok(())
+}
+
+static SPIN_ARMED: AtomicBool = AtomicBool::new(false);
+
+/// Makes the next guarded connection spin without progress (see `spin::Guarded`): its task
+/// wakes itself and never moves a byte, until the busy-loop guard closes it.
+pub fn arm_spin() {
+    SPIN_ARMED.store(true, Ordering::SeqCst);
+    tracing::warn!(target: "tern::watchdog", "fault armed: the next connection spins");
+}
+
+/// Whether this connection is the one to spin; disarms the fault if so.
+pub(crate) fn take_spin() -> bool {
+    // A plain load first: the flag is almost never set, and a swap would write to a cache
+    // line every connection shares.
+    SPIN_ARMED.load(Ordering::Relaxed) && SPIN_ARMED.swap(false, Ordering::SeqCst)
 }
 
 #[cfg(test)]

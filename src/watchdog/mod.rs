@@ -13,7 +13,7 @@
 //! (`tern_watchdog_stalls_total{what}`), [`Watchdog::is_wedged`] turns true (so `/healthz`
 //! answers 503), then the `on_wedge` hook, once, which carries out the configured
 //! [`Action`]. With [`Action::Log`] it keeps watching: a later, different wedge is reported
-//! again, the same one never twice.
+//! again, the same one never twice. Busy loops are the business of [`spin`], per connection.
 //!
 //! What it decides is a pure function ([`check::check`]) of what it saw and the time; the
 //! thread is a thin loop around it.
@@ -33,6 +33,7 @@ pub mod check;
 pub mod diagnostics;
 pub mod faults;
 pub mod lock;
+pub mod spin;
 
 use check::{BeatSeen, Finding, Limits, Observation};
 
