@@ -229,3 +229,77 @@ fn the_watchdog_thread_reports_a_runtime_whose_thread_is_blocked() {
     release_tx.send(()).unwrap();
     worker.join().unwrap();
 }
+
+#[test]
+fn a_deadlock_on_terns_own_rib_and_upstream_locks_starves_state_writes_and_is_named() {
+    use crate::model::{MachineState, StateRow};
+    use crate::rib::Rib;
+    use crate::upstream::{Pool, PoolConfig};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let rib = Arc::new(
+        crate::rib::sqlite::SqliteRib::open(&tmp.path().join("tern.db"), Duration::from_secs(1)).unwrap(),
+    );
+    let config = PoolConfig {
+        connect_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(1),
+        max_idle_per_host: 4,
+        max_connecting: 4,
+        max_response_head: 16 * 1024,
+    };
+    let pool = Pool::new(config, Arc::new(Metrics::new()));
+    // Port 9 of TEST-NET-1: never dialled, only its pool entry is locked.
+    let addr = std::net::SocketAddr::from(([192, 0, 2, 9], 9));
+    let first: faults::LockTaker = {
+        let rib = rib.clone();
+        Box::new(move |f| rib.hold_for_fault(f))
+    };
+    let second: faults::LockTaker = Box::new(move |f| pool.hold_for_fault(addr, f));
+    faults::deadlock(first, second).unwrap();
+    // Real work: a machine's state record, written as the lifecycle manager writes it.
+    let (done_tx, done_rx) = mpsc::channel();
+    {
+        let rib = rib.clone();
+        std::thread::Builder::new()
+            .name("test-state-write".into())
+            .spawn(move || {
+                let row = StateRow {
+                    state: MachineState::Started,
+                    version: 1,
+                    reason: "wake".into(),
+                    node: "n".into(),
+                    at_ms: 0,
+                };
+                let _ = done_tx.send(rib.record_state("m-1", &row).is_ok());
+            })
+            .unwrap();
+    }
+    let mut snap = loop {
+        let mut s = lock::snapshot();
+        s.retain_locks(|n| n == "rib.writer" || n == "upstream.idle");
+        let named = |t: &u32| s.threads.get(t).map(|i| i.name.to_string()).unwrap_or_default();
+        let waiting: Vec<String> = s.waiting.iter().map(|w| named(&w.thread)).collect();
+        if ["tern-fault-a", "tern-fault-b", "test-state-write"].iter().all(|n| waiting.iter().any(|w| w == n))
+        {
+            break s;
+        }
+        std::thread::yield_now();
+    };
+    assert!(done_rx.try_recv().is_err(), "the state write is stuck behind the deadlock");
+    // Other tests' threads may hold locks of the same names: keep ours.
+    let ours: Vec<u32> = snap
+        .threads
+        .iter()
+        .filter(|(_, t)| matches!(&*t.name, "tern-fault-a" | "tern-fault-b" | "test-state-write"))
+        .map(|(&k, _)| k)
+        .collect();
+    snap.held.retain(|h| ours.contains(&h.holder));
+    snap.waiting.retain(|w| ours.contains(&w.thread));
+    let since = snap.waiting.iter().map(|w| w.since_ms).max().unwrap();
+    let obs = Observation { now_ms: since + 250, locks: snap, ..Observation::default() };
+    let found = check::check(&obs, Limits { stall_after_ms: 2_000, confirm_ms: 250 });
+    let [Finding::Deadlock { cycle }] = found.as_slice() else { panic!("{found:?}") };
+    let mut locks: Vec<_> = cycle.iter().map(|l| l.holds).collect();
+    locks.sort_unstable();
+    assert_eq!(locks, ["rib.writer", "upstream.idle"]);
+}
