@@ -24,3 +24,4 @@ pub mod tasks;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod watchdog;

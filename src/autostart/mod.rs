@@ -136,10 +136,18 @@ pub struct Lifecycle {
 /// sleep until the request ahead of them leaves (served, or given up), which wakes just the
 /// next one. So the longest waiting is served first, a late arrival never takes a slot
 /// ahead of those already waiting, and a freed slot wakes one request, not the whole line.
-#[derive(Default)]
 struct Line {
-    waiting: parking_lot::Mutex<std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>>,
+    waiting: crate::watchdog::lock::Mutex<std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>>,
     next: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Line {
+            waiting: crate::watchdog::lock::Mutex::new("lifecycle.line", std::collections::VecDeque::new()),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
 }
 
 /// A request's place in its app's line.

@@ -37,7 +37,7 @@ pub struct MachineLive {
     /// What the machine's open streams (SSE responses, WebSockets) wait on to end cleanly
     /// before it stops. Made when the first stream asks, so an idle catalog of a million
     /// machines carries no token each.
-    streams_end: parking_lot::Mutex<Option<CancellationToken>>,
+    streams_end: crate::watchdog::lock::Mutex<Option<CancellationToken>>,
     /// Set once its streams were asked to end, until it starts again.
     streams_ended: AtomicBool,
     /// Passive ejection after failed connects.
@@ -55,7 +55,7 @@ impl MachineLive {
             queued: AtomicU32::new(0),
             watching: AtomicU32::new(0),
             room: tokio::sync::Notify::new(),
-            streams_end: parking_lot::Mutex::new(None),
+            streams_end: crate::watchdog::lock::Mutex::new("machine.streams_end", None),
             streams_ended: AtomicBool::new(false),
             outlier: Outlier::default(),
         }

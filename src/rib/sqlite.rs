@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use super::{Change, Cursor, Record, Rib, RibError, Rotated, Subscription, Table};
 use crate::model::StateRow;
 use crate::model::session_key::{SessionKeyRow, plan_rotation};
+use crate::watchdog::lock::Mutex;
 
 mod existing;
 mod schema;
@@ -33,6 +34,9 @@ pub use existing::{Existing, ReadOnly, open_existing};
 pub const RETAIN_CHANGES: i64 = 100_000;
 /// Changes sent to a subscriber in one event, so a huge apply cannot build one huge event.
 const BATCH: usize = 10_000;
+
+/// How long a statement waits for another process's write (`tern apply`) to finish.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> RibError + '_ {
     move |source| RibError::Sqlite { path: path.display().to_string(), source }
@@ -114,7 +118,7 @@ fn open_conn(path: &Path, create: bool) -> Result<(Connection, FileId), RibError
         Err(_) if !create && file_id(path)?.is_none() => return Err(missing(path)),
         Err(e) => return Err(err(e)),
     };
-    conn.busy_timeout(Duration::from_secs(10)).map_err(&err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(&err)?;
     if !create && !holds_rib(&conn).map_err(&err)? {
         return Err(RibError::NoSchema { path: path.display().to_string() });
     }
@@ -338,7 +342,7 @@ pub struct SqliteRib {
     path: PathBuf,
     poll_interval: Duration,
     /// The connection lifecycle records and session keys are written through.
-    writer: parking_lot::Mutex<Option<Store>>,
+    writer: Mutex<Option<Store>>,
 }
 
 impl SqliteRib {
@@ -346,7 +350,18 @@ impl SqliteRib {
     /// start before anything was ever applied.
     pub fn open(path: &Path, poll_interval: Duration) -> Result<SqliteRib, RibError> {
         Store::open(path)?;
-        Ok(SqliteRib { path: path.to_path_buf(), poll_interval, writer: parking_lot::Mutex::new(None) })
+        // Held across SQLite's busy waits (opening, then the write), each bounded by
+        // BUSY_TIMEOUT: slow while another process writes, but no wedge of tern's.
+        let writer = Mutex::new("rib.writer", None).may_hold_for(2 * BUSY_TIMEOUT);
+        Ok(SqliteRib { path: path.to_path_buf(), poll_interval, writer })
+    }
+
+    /// Fault injection only (`[debug] faults`): runs `f` while holding the writer lock that
+    /// lifecycle state records and session keys are written under, so a deadlock made with
+    /// it (`watchdog::faults::deadlock`) starves real writes.
+    pub fn hold_for_fault(&self, f: &mut dyn FnMut()) {
+        let _writer = self.writer.lock();
+        f();
     }
 }
 

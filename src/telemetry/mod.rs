@@ -1,12 +1,12 @@
 //! Metrics and logs. Every metric name tern exports is defined in this module and nowhere
 //! else; every stage logs under a fixed `tracing` target (`tern::listener`, `tern::tls`,
-//! `tern::http`, `tern::access`, `tern::upstream`, `tern::catalog`, `tern::rib`).
+//! `tern::http`, `tern::access`, `tern::upstream`, `tern::catalog`, `tern::rib`, `tern::watchdog`).
 //!
 //! A leaf: it imports nothing of ours.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 mod logging;
@@ -54,6 +54,11 @@ pub struct Metrics {
     pub routing_decisions: IntCounterVec,
     pub sessions: IntCounterVec,
     pub replays: IntCounterVec,
+    pub watchdog_stalls: IntCounterVec,
+    pub watchdog_bounces: IntCounter,
+    pub heartbeat_age: GaugeVec,
+    pub spurious_wakeups: IntCounterVec,
+    pub task_panics: IntCounterVec,
 }
 
 /// Waking spans milliseconds (a suspended machine) to tens of seconds (a cold start).
@@ -247,6 +252,38 @@ impl Metrics {
                 ),
                 &["app", "how"],
             )?,
+            watchdog_stalls: IntCounterVec::new(
+                Opts::new(
+                    "tern_watchdog_stalls_total",
+                    "Wedges the watchdog reported, by what: heartbeat (a runtime or loop stopped \
+                     ticking), deadlock (a cycle of tracked locks), lock_held (a tracked lock held \
+                     past stall_after).",
+                ),
+                &["what"],
+            )?,
+            watchdog_bounces: IntCounter::new(
+                "tern_watchdog_bounces_total",
+                "Times a wedged tern handed its listening sockets to a fresh process.",
+            )?,
+            heartbeat_age: GaugeVec::new(
+                Opts::new(
+                    "tern_heartbeat_age_seconds",
+                    "Age of each heartbeat at the watchdog's last look (it looks every stall_after/8).",
+                ),
+                &["what"],
+            )?,
+            spurious_wakeups: IntCounterVec::new(
+                Opts::new(
+                    "tern_spurious_wakeups_total",
+                    "Connections closed for spinning: polled again and again without moving a byte, \
+                     by protocol.",
+                ),
+                &["protocol"],
+            )?,
+            task_panics: IntCounterVec::new(
+                Opts::new("tern_task_panics_total", "Background tasks that panicked, by task."),
+                &["task"],
+            )?,
             registry,
         };
         m.register_all()?;
@@ -289,6 +326,11 @@ impl Metrics {
         r.register(Box::new(self.routing_decisions.clone()))?;
         r.register(Box::new(self.sessions.clone()))?;
         r.register(Box::new(self.replays.clone()))?;
+        r.register(Box::new(self.watchdog_stalls.clone()))?;
+        r.register(Box::new(self.watchdog_bounces.clone()))?;
+        r.register(Box::new(self.heartbeat_age.clone()))?;
+        r.register(Box::new(self.spurious_wakeups.clone()))?;
+        r.register(Box::new(self.task_panics.clone()))?;
         Ok(())
     }
 

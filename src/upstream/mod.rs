@@ -27,12 +27,12 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::telemetry::Metrics;
+use crate::watchdog::lock::Mutex;
 
 /// The body type sent to machines.
 pub type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -68,7 +68,6 @@ struct IdleConn {
     since: Instant,
 }
 
-#[derive(Default)]
 struct HostPool {
     idle: Mutex<Vec<IdleConn>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
@@ -77,6 +76,17 @@ struct HostPool {
     /// A connection came back to `idle`, or a connect finished (a slot is free; for h2c,
     /// the shared connection may be up).
     available: Notify,
+}
+
+impl Default for HostPool {
+    fn default() -> Self {
+        HostPool {
+            idle: Mutex::new("upstream.idle", Vec::new()),
+            h2: Mutex::new("upstream.h2", None),
+            connecting: AtomicUsize::new(0),
+            available: Notify::new(),
+        }
+    }
 }
 
 /// Connections to every machine, keyed by address and protocol.
@@ -156,6 +166,16 @@ impl Pool {
         let key = Key { addr, proto };
         let slot = Slot::force(&self.host(key), proto);
         self.connect(key, Instant::now() + self.config.connect_timeout, slot).await
+    }
+
+    /// Fault injection only (`[debug] faults`): runs `f` while holding the HTTP/1.1 idle
+    /// list of the machine at `addr`, which every request to it takes (to check a
+    /// connection out and back in), so a deadlock made with it (`watchdog::faults::deadlock`)
+    /// stops this pool's worker at its next request there.
+    pub fn hold_for_fault(&self, addr: SocketAddr, f: &mut dyn FnMut()) {
+        let host = self.host(Key { addr, proto: Proto::Http1 });
+        let _idle = host.idle.lock();
+        f();
     }
 
     fn host(&self, key: Key) -> Arc<HostPool> {
