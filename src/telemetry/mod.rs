@@ -30,7 +30,6 @@ pub struct Metrics {
     pub open_connections: IntGaugeVec,
     pub connections: IntCounterVec,
     pub connections_rejected: IntCounter,
-    pub task_panics: IntCounterVec,
     pub accept_errors: IntCounterVec,
     pub tls_handshakes: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
@@ -158,13 +157,6 @@ impl Metrics {
                 ),
                 &["table"],
             )?,
-            task_panics: IntCounterVec::new(
-                Opts::new(
-                    "tern_task_panics_total",
-                    "Background tasks that panicked, by task (restarted, or escalated to the watchdog).",
-                ),
-                &["task"],
-            )?,
             rib_errors: IntCounter::new(
                 "tern_rib_errors_total",
                 "Failed reads of the RIB (retried with back-off).",
@@ -281,7 +273,10 @@ impl Metrics {
                 &["protocol"],
             )?,
             task_panics: IntCounterVec::new(
-                Opts::new("tern_task_panics_total", "Background tasks that panicked, by task."),
+                Opts::new(
+                    "tern_task_panics_total",
+                    "Background tasks that panicked, by task (restarted, or escalated to the watchdog).",
+                ),
                 &["task"],
             )?,
             registry,
@@ -302,7 +297,6 @@ impl Metrics {
         r.register(Box::new(self.open_connections.clone()))?;
         r.register(Box::new(self.connections.clone()))?;
         r.register(Box::new(self.connections_rejected.clone()))?;
-        r.register(Box::new(self.task_panics.clone()))?;
         r.register(Box::new(self.accept_errors.clone()))?;
         r.register(Box::new(self.tls_handshakes.clone()))?;
         r.register(Box::new(self.tls_handshake_failures.clone()))?;
