@@ -45,8 +45,8 @@ pub struct Admin {
     pub control: Option<mpsc::UnboundedSender<Control>>,
     /// `[debug] faults`: whether `/v1/debug/faults/*` exists.
     pub faults: bool,
-    /// `GET /v1/watchdog`.
-    pub watchdog: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
+    /// `GET /v1/watchdog`, and `/healthz` 503 while wedged.
+    pub watchdog: Option<Arc<crate::watchdog::Watchdog>>,
 }
 
 /// An operation asked of the node through the admin address.
@@ -180,8 +180,15 @@ impl Admin {
         let path = req.uri().path();
         match path {
             "/healthz" if self.health.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            "/healthz" if self.watchdog.as_ref().is_some_and(|w| w.is_wedged()) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "wedged\n")
+            }
             "/v1/watchdog" => match &self.watchdog {
-                Some(status) => json(StatusCode::OK, &status()),
+                Some(w) => {
+                    let mut status = w.status_json();
+                    status["pid"] = serde_json::json!(std::process::id());
+                    json(StatusCode::OK, &status)
+                }
                 None => text(StatusCode::NOT_FOUND, "no watchdog\n"),
             },
             "/healthz" => text(StatusCode::OK, "ok\n"),

@@ -49,18 +49,26 @@ fn classify(e: &io::Error) -> (&'static str, bool) {
 }
 
 /// Accepts connections until `shutdown` turns true, handing each to `on_accept` with a
-/// permit from `limit` that it must hold for the connection's life.
+/// permit from `limit` that it must hold for the connection's life. `beat`, ticked every
+/// period while the loop waits, tells the watchdog the loop itself still turns.
 pub async fn accept_loop<F>(
     listener: TcpListener,
     label: Arc<str>,
     limit: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
+    beat: Option<(crate::watchdog::Beat, Duration)>,
     mut on_accept: F,
 ) where
     F: FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
 {
     let mut backoff = Duration::from_millis(5);
+    let (beat, period) = match beat {
+        Some((b, p)) => (Some(b), p),
+        None => (None, Duration::from_secs(3600)),
+    };
+    let mut every = tokio::time::interval(period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let permit = match limit.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -68,15 +76,24 @@ pub async fn accept_loop<F>(
                 metrics.connections_rejected.inc();
                 tracing::warn!(target: "tern::listener", listener = %label,
                     "max_connections reached; new connections wait in the backlog");
-                tokio::select! {
-                    p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                    () = crate::shutdown::requested(&mut shutdown) => return,
+                // Waiting for a connection to close is not being stuck: keep ticking.
+                let waiting = limit.clone().acquire_owned();
+                tokio::pin!(waiting);
+                loop {
+                    tokio::select! {
+                        p = &mut waiting => match p { Ok(p) => break p, Err(_) => return },
+                        () = crate::shutdown::requested(&mut shutdown) => return,
+                        _ = every.tick() => if let Some(b) = &beat { b.tick() },
+                    }
                 }
             }
         };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            () = crate::shutdown::requested(&mut shutdown) => return,
+        let accepted = loop {
+            tokio::select! {
+                r = listener.accept() => break r,
+                () = crate::shutdown::requested(&mut shutdown) => return,
+                _ = every.tick() => if let Some(b) = &beat { b.tick() },
+            }
         };
         match accepted {
             Ok((stream, peer)) => {

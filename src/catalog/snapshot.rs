@@ -387,6 +387,11 @@ impl Snapshot {
         self.machines.get(id)
     }
 
+    /// How many batches of changes built this snapshot: for diagnostics.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn app_count(&self) -> usize {
         self.apps.len()
     }

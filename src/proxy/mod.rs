@@ -21,6 +21,7 @@ use crate::rib::{Rib, RibError};
 use crate::telemetry::Metrics;
 use crate::{listener, tls};
 
+mod wedge;
 mod worker;
 
 use worker::{Deps, Workers};
@@ -189,9 +190,14 @@ impl Background {
         catalog: &Arc<Catalog>,
         tasks: &crate::tasks::Tasks,
         shutdown: &watch::Receiver<bool>,
+        watchdog: &crate::watchdog::Watchdog,
     ) -> Result<Background, StartError> {
         let catalog_rt = RuntimeThread::start("tern-catalog").map_err(StartError::Workers)?;
         let lifecycle_rt = RuntimeThread::start("tern-lifecycle").map_err(StartError::Workers)?;
+        // Each runtime's heartbeat ends with the runtime, which retires it.
+        for (rt, what) in [(&catalog_rt, "catalog"), (&lifecycle_rt, "lifecycle")] {
+            rt.handle.spawn(crate::watchdog::beat_forever(watchdog.heartbeat(what), watchdog.tick_period()));
+        }
         // What each published batch changed, for the lifecycle manager; it starts listening
         // after boot's reconcile, and nothing sent meanwhile is lost.
         let (feed, changes) = tokio::sync::mpsc::unbounded_channel();
@@ -273,6 +279,8 @@ impl Background {
 /// work (the supervisor, wakes, probes, health checks) runs on `tern-lifecycle`; each
 /// [`worker`] accepts and serves its own connections. A wedge in one of them leaves the
 /// others running, and the watchdog sees which.
+// The composition root, read top to bottom: each step is a call, in the order the node needs.
+#[allow(clippy::too_many_lines)]
 pub async fn run(
     config: Config,
     bound: Bound,
@@ -282,18 +290,24 @@ pub async fn run(
     // `shutdown` (a signal) is one way for the node to end; an upgrade or a drain are the
     // others. Everything inside follows `halt`, which turns once the way is decided.
     let (external, (halt_tx, shutdown)) = (shutdown, watch::channel(false));
+    let halt_tx = Arc::new(halt_tx);
     let metrics = Arc::new(Metrics::new());
     let catalog = Arc::new(Catalog::new());
+    let watchdog = wedge::watchdog(&config, &metrics);
+    let control_beat =
+        tokio::spawn(crate::watchdog::beat_forever(watchdog.heartbeat("control"), watchdog.tick_period()));
     let tasks = crate::tasks::Tasks::new(
         metrics.clone(),
         Arc::new(|task: &str| {
             tracing::error!(target: "tern::proxy", task, "a background task that cannot be restarted died");
         }),
     );
-    let bg = Background::start(&config, rib, &metrics, &catalog, &tasks, &shutdown).await?;
+    let bg =
+        Background::start(&config, rib.clone(), &metrics, &catalog, &tasks, &shutdown, &watchdog).await?;
     let lifecycle = bg.lifecycle.clone();
     let health = Arc::new(Health::default());
     let (stop_accepting_tx, stop_accepting) = watch::channel(false);
+    let stop_accepting_tx = Arc::new(stop_accepting_tx);
     let deps = Deps {
         tls: tls::server_config(catalog.clone())?,
         catalog: catalog.clone(),
@@ -312,18 +326,18 @@ pub async fn run(
         lifecycle: lifecycle.clone(),
         replay_cache: bg.replay_cache.clone(),
     };
-    let workers =
-        Workers::start(config.worker_count(), &deps, &bound.listeners).map_err(StartError::Workers)?;
+    let workers = Workers::start(config.worker_count(), &deps, &bound.listeners, &watchdog)
+        .map_err(StartError::Workers)?;
 
     let (admin_stop_tx, admin_stop) = watch::channel(false);
     let (control_tx, control) = tokio::sync::mpsc::unbounded_channel();
     let admin = Arc::new(Admin {
-        catalog,
+        catalog: catalog.clone(),
         metrics: metrics.clone(),
         health: health.clone(),
         control: Some(control_tx),
         faults: config.debug.faults,
-        watchdog: None,
+        watchdog: Some(watchdog.clone()),
     });
     let admin_listener = tokio::net::TcpListener::from_std(bound.admin)
         .map_err(|source| StartError::Bind { addr: config.admin.addr, source })?;
@@ -333,16 +347,34 @@ pub async fn run(
     // The workers hold their own descriptors of the listening sockets now.
     drop(bound.listeners);
     let handoff = bound.handoff;
+    let (bounced_tx, bounced) = watch::channel(None);
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bounce = wedge::Bounce {
+        handoff: handoff.clone(),
+        stop_accepting: stop_accepting_tx.clone(),
+        halt: halt_tx.clone(),
+        bounced: bounced_tx,
+        metrics: metrics.clone(),
+        finished: finished.clone(),
+    };
+    wedge::start(&watchdog, catalog.clone(), bounce).map_err(StartError::Workers)?;
     tracing::info!(target: "tern::proxy", admin = %admin_addr, region = %config.region,
         workers = config.worker_count(), "tern is serving");
     crate::listener::inherit::notify_ready();
 
-    let node = Node { config: &config, handoff: &handoff, workers: &workers, health: &health };
-    let ending = node.serve_until_the_end(external, control).await;
+    let node = Node {
+        config: &config,
+        handoff: &handoff,
+        workers: &workers,
+        health: &health,
+        rib: &rib,
+        catalog: &catalog,
+    };
+    let ending = node.serve_until_the_end(external, control, bounced).await;
     health.set_draining();
     let _ = stop_accepting_tx.send(true);
     match ending {
-        Ending::Upgraded(pid) => {
+        Ending::Upgraded(pid) | Ending::Bounced(pid) => {
             // The new process serves the admin address too from now on.
             let _ = admin_stop_tx.send(true);
             tracing::info!(target: "tern::proxy", successor = pid, open_connections = workers.open_connections(),
@@ -362,6 +394,8 @@ pub async fn run(
     let _ = admin_stop_tx.send(true);
     let _ = admin_task.await;
     bg.stop().await;
+    control_beat.abort();
+    finished.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(target: "tern::proxy", "stopped");
     Ok(())
 }
@@ -374,6 +408,8 @@ enum Ending {
     Drained,
     /// `tern upgrade`: a new process (this pid) serves on the same sockets.
     Upgraded(u32),
+    /// The watchdog found this process wedged and a new one (this pid) took over.
+    Bounced(u32),
 }
 
 /// What the control loop needs of the running node.
@@ -382,6 +418,8 @@ struct Node<'a> {
     handoff: &'a Arc<Handoff>,
     workers: &'a Workers,
     health: &'a Arc<Health>,
+    rib: &'a Arc<dyn Rib>,
+    catalog: &'a Arc<Catalog>,
 }
 
 impl Node<'_> {
@@ -391,11 +429,15 @@ impl Node<'_> {
         &self,
         mut external: watch::Receiver<bool>,
         mut control: tokio::sync::mpsc::UnboundedReceiver<Control>,
+        mut bounced: watch::Receiver<Option<u32>>,
     ) -> Ending {
         let mut usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()).ok();
         loop {
             let op = tokio::select! {
                 () = crate::shutdown::requested(&mut external) => return Ending::Stop,
+                Ok(pid) = async { bounced.wait_for(Option::is_some).await.map(|p| p.unwrap_or(0)) } => {
+                    return Ending::Bounced(pid);
+                }
                 Some(()) = async { usr2.as_mut()?.recv().await } => {
                     tracing::info!(target: "tern::proxy", signal = "SIGUSR2", "upgrade asked");
                     match self.upgrade(None).await {
@@ -473,12 +515,40 @@ impl Node<'_> {
                     Err("no worker to block".into())
                 }
             }
+            "deadlock" => self.deadlock(),
+            "spin" => {
+                crate::watchdog::faults::arm_spin();
+                Ok("the next connection spins without progress".into())
+            }
             "panic" => {
                 crate::tasks::panic_next("supervisor");
                 Ok("the supervisor task panics at its next pass".into())
             }
             other => Err(format!("no fault {other:?} (deadlock, block-worker, spin, panic)")),
         }
+    }
+}
+
+impl Node<'_> {
+    /// The deadlock fault: the RIB's writer lock (which lifecycle state writes take) and
+    /// worker 0's upstream idle list for a started machine (which its requests there take),
+    /// each taken by one thread and wanted by the other.
+    fn deadlock(&self) -> Result<String, String> {
+        let snap = self.catalog.load();
+        let machine = snap
+            .apps()
+            .flat_map(|a| a.machines.iter())
+            .find(|m| m.state() == crate::model::MachineState::Started)
+            .ok_or("no started machine whose requests the deadlock could stop")?;
+        let (addr, id) = (machine.addr, machine.id.clone());
+        let pool = self.workers.pool(0).ok_or("no worker")?;
+        let rib = self.rib.clone();
+        crate::watchdog::faults::deadlock(
+            Box::new(move |f| rib.hold_for_fault(f)),
+            Box::new(move |f| pool.hold_for_fault(addr, f)),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(format!("rib.writer and upstream.idle (worker 0, machine {id} at {addr}) deadlocked"))
     }
 }
 

@@ -25,6 +25,7 @@ use crate::routing::Router;
 use crate::telemetry::Metrics;
 use crate::tls;
 use crate::upstream::{Pool, PoolConfig};
+use crate::watchdog::{Beat, Watchdog, beat_forever};
 
 /// One accepted connection.
 pub(super) struct Job {
@@ -66,6 +67,8 @@ struct Worker {
     commands: mpsc::UnboundedSender<Command>,
     open: Arc<AtomicUsize>,
     done: oneshot::Receiver<()>,
+    /// Its upstream pool, for fault injection (its locks are real ones).
+    pool: Arc<Pool>,
 }
 
 pub(super) struct Workers {
@@ -78,6 +81,7 @@ impl Workers {
         count: usize,
         deps: &Deps,
         listeners: &[(std::net::TcpListener, Listen)],
+        watchdog: &Watchdog,
     ) -> std::io::Result<Workers> {
         let mut workers = Vec::with_capacity(count);
         for i in 0..count {
@@ -89,18 +93,45 @@ impl Workers {
             let (done_tx, done) = oneshot::channel();
             let open = Arc::new(AtomicUsize::new(0));
             let (deps, open2) = (deps.clone(), open.clone());
+            let pool = Pool::new(
+                PoolConfig {
+                    connect_timeout: deps.limits.connect_timeout,
+                    idle_timeout: deps.limits.upstream_idle_timeout,
+                    max_idle_per_host: deps.limits.upstream_max_idle,
+                    max_connecting: deps.limits.upstream_max_connecting,
+                    max_response_head: deps.limits.max_response_header_bytes,
+                },
+                deps.metrics.clone(),
+            );
+            let beats = Beats {
+                runtime: watchdog.heartbeat(&format!("worker-{i}")),
+                accept: mine
+                    .iter()
+                    .map(|(l, c)| {
+                        let addr = l.local_addr().unwrap_or(c.addr);
+                        watchdog.heartbeat(&format!("accept {addr} (worker-{i})"))
+                    })
+                    .collect(),
+                period: watchdog.tick_period(),
+            };
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let pool2 = pool.clone();
             std::thread::Builder::new().name(format!("tern-worker-{i}")).spawn(move || {
-                runtime.block_on(run(deps, mine, rx, open2));
+                runtime.block_on(run(deps, mine, rx, open2, pool2, beats));
                 let _ = done_tx.send(());
             })?;
-            workers.push(Worker { commands, open, done });
+            workers.push(Worker { commands, open, done, pool });
         }
         Ok(Workers { workers })
     }
 
     pub fn open_connections(&self) -> usize {
         self.workers.iter().map(|w| w.open.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Worker `index`'s upstream pool.
+    pub fn pool(&self, index: usize) -> Option<Arc<Pool>> {
+        self.workers.get(index).map(|w| w.pool.clone())
     }
 
     /// Sends `command` to worker `index`; false if there is no such worker (or it stopped).
@@ -117,23 +148,24 @@ impl Workers {
     }
 }
 
+/// A worker's heartbeats: its runtime's, and one per accept loop.
+struct Beats {
+    runtime: Beat,
+    accept: Vec<Beat>,
+    period: std::time::Duration,
+}
+
 async fn run(
     deps: Deps,
     listeners: Vec<(std::net::TcpListener, Listen)>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     open: Arc<AtomicUsize>,
+    pool: Arc<Pool>,
+    beats: Beats,
 ) {
     let tasks = TaskTracker::new();
-    let pool = Pool::new(
-        PoolConfig {
-            connect_timeout: deps.limits.connect_timeout,
-            idle_timeout: deps.limits.upstream_idle_timeout,
-            max_idle_per_host: deps.limits.upstream_max_idle,
-            max_connecting: deps.limits.upstream_max_connecting,
-            max_response_head: deps.limits.max_response_header_bytes,
-        },
-        deps.metrics.clone(),
-    );
+    // Ends with the runtime, which retires the heartbeat with it.
+    let ticking = tokio::spawn(beat_forever(beats.runtime, beats.period));
     tokio::spawn(pool.clone().reap_until(deps.shutdown.clone()));
     let handler = Arc::new(Handler {
         router: Router::new(deps.catalog.clone()),
@@ -149,7 +181,7 @@ async fn run(
     });
     let deps = Arc::new(deps);
     let mut accepting = Vec::with_capacity(listeners.len());
-    for (std_listener, listen) in listeners {
+    for ((std_listener, listen), beat) in listeners.into_iter().zip(beats.accept) {
         let addr = std_listener.local_addr().unwrap_or(listen.addr);
         let listener = match tokio::net::TcpListener::from_std(std_listener) {
             Ok(l) => l,
@@ -177,6 +209,7 @@ async fn run(
             deps.connection_limit.clone(),
             deps.metrics.clone(),
             deps.stop_accepting.clone(),
+            Some((beat, beats.period)),
             on_accept,
         )));
     }
@@ -201,6 +234,7 @@ async fn run(
         tracing::warn!(target: "tern::proxy", still_open = tasks.len(),
             "shutdown deadline passed; closing the remaining connections");
     }
+    ticking.abort();
     // Whatever is left is cancelled when the runtime drops.
 }
 

@@ -144,6 +144,12 @@ pub struct Rotated {
 }
 
 pub trait Rib: Send + Sync + 'static {
+    /// Fault injection only (`[debug] faults`): runs `f` while holding the lock this store's
+    /// writes go through, if it has one, so a deadlock made with it starves real writes.
+    fn hold_for_fault(&self, f: &mut dyn FnMut()) {
+        f();
+    }
+
     /// Starts a subscription: changes after `from` if the store can resume there, else a
     /// snapshot first.
     fn subscribe(&self, from: Option<Cursor>) -> Subscription;

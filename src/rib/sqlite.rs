@@ -355,14 +355,6 @@ impl SqliteRib {
         let writer = Mutex::new("rib.writer", None).may_hold_for(2 * BUSY_TIMEOUT);
         Ok(SqliteRib { path: path.to_path_buf(), poll_interval, writer })
     }
-
-    /// Fault injection only (`[debug] faults`): runs `f` while holding the writer lock that
-    /// lifecycle state records and session keys are written under, so a deadlock made with
-    /// it (`watchdog::faults::deadlock`) starves real writes.
-    pub fn hold_for_fault(&self, f: &mut dyn FnMut()) {
-        let _writer = self.writer.lock();
-        f();
-    }
 }
 
 impl SqliteRib {
@@ -383,6 +375,12 @@ impl SqliteRib {
 }
 
 impl Rib for SqliteRib {
+    /// The writer lock that lifecycle state records and session keys are written under.
+    fn hold_for_fault(&self, f: &mut dyn FnMut()) {
+        let _writer = self.writer.lock();
+        f();
+    }
+
     fn subscribe(&self, from: Option<Cursor>) -> Subscription {
         let (tx, rx) = mpsc::channel(4);
         watch::spawn(self.path.clone(), self.poll_interval, from, tx);

@@ -39,6 +39,11 @@ pub struct Limits {
     /// How long every thread of a lock cycle must have been waiting before it is called a
     /// deadlock: a waiter that was just given its lock may not have left the registry yet.
     pub confirm_ms: u64,
+    /// How often heartbeats tick. A heartbeat last heard `age` ago stopped somewhere in the
+    /// tick period after that, so it is called stale once `age + tick_ms` passes
+    /// `stall_after_ms`: a runtime that blocks is then reported `stall_after` after it
+    /// stopped, not up to a tick later.
+    pub tick_ms: u64,
 }
 
 /// A thread, by name (and kernel id when it is known).
@@ -186,7 +191,7 @@ pub fn check(obs: &Observation, limits: Limits) -> Vec<Finding> {
     }
     for b in &obs.beats {
         let age_ms = b.age_ms(obs.now_ms);
-        if age_ms > limits.stall_after_ms {
+        if age_ms + limits.tick_ms > limits.stall_after_ms {
             found.push(Finding::Heartbeat { what: b.what.clone(), age_ms, id: b.id, last_ms: b.last_ms });
         }
     }
@@ -255,7 +260,7 @@ mod tests {
     use super::super::lock::{HeldLock, ThreadInfo, Waiter};
     use super::*;
 
-    const LIMITS: Limits = Limits { stall_after_ms: 2000, confirm_ms: 250 };
+    const LIMITS: Limits = Limits { stall_after_ms: 2000, confirm_ms: 250, tick_ms: 0 };
 
     fn threads(names: &[(u32, &str)]) -> BTreeMap<u32, ThreadInfo> {
         names

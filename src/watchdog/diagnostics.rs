@@ -75,10 +75,18 @@ pub fn render(r: &Report<'_>, tasks: &[Task]) -> String {
     for f in r.findings {
         let _ = writeln!(s, "- {}", f.summary());
     }
-    let _ = writeln!(s, "\n== Heartbeats (age in ms; stale past {} ms)", r.stall_after_ms);
+    let _ = writeln!(s, "\n== Heartbeats (age in ms; STALE: reported above)");
+    let stale: Vec<u64> = r
+        .findings
+        .iter()
+        .filter_map(|f| match f {
+            Finding::Heartbeat { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
     for b in &r.obs.beats {
         let age = b.age_ms(now);
-        let mark = if age > r.stall_after_ms { "  STALE" } else { "" };
+        let mark = if stale.contains(&b.id) { "  STALE" } else { "" };
         let _ = writeln!(s, "{:>10}  {}{mark}", age, b.what);
     }
     render_locks(&mut s, r.obs);
@@ -207,7 +215,7 @@ mod tests {
                 threads,
             },
         };
-        let findings = check(&obs, Limits { stall_after_ms: 2_000, confirm_ms: 250 });
+        let findings = check(&obs, Limits { stall_after_ms: 2_000, confirm_ms: 250, tick_ms: 0 });
         let report = Report {
             findings: &findings,
             obs: &obs,

@@ -83,7 +83,7 @@ mod tests {
         snap.threads.retain(|_, t| t.name.starts_with("tern-fault-"));
         let since = snap.waiting.iter().map(|w| w.since_ms).max().unwrap();
         let obs = Observation { now_ms: since + 250, locks: snap, ..Observation::default() };
-        let found = check(&obs, Limits { stall_after_ms: 2_000, confirm_ms: 250 });
+        let found = check(&obs, Limits { stall_after_ms: 2_000, confirm_ms: 250, tick_ms: 0 });
         let [Finding::Deadlock { cycle }] = found.as_slice() else { panic!("{found:?}") };
         let mut seen: Vec<_> = cycle.iter().map(|l| (&*l.thread.name, l.holds, l.waits_for)).collect();
         seen.sort_unstable();

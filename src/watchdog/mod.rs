@@ -2,7 +2,7 @@
 //! spinning at 100% CPU) into a short blip that explains itself.
 //!
 //! It runs on one OS thread of its own, `tern-watchdog`, never on a runtime it watches,
-//! and looks every `stall_after / 8`. A wedge is:
+//! and looks every `stall_after / 40`; heartbeats tick every `stall_after / 20`. A wedge is:
 //! - a heartbeat older than `stall_after`: each runtime and loop worth watching registers
 //!   one ([`Watchdog::heartbeat`]) and ticks it ([`beat_forever`] on the runtime);
 //! - a cycle among tracked locks ([`lock`]): a deadlock, reported as soon as every thread
@@ -240,12 +240,22 @@ impl Watchdog {
 
     /// How often the watchdog looks.
     pub fn period(&self) -> Duration {
-        (self.settings.stall_after / 8).max(Duration::from_millis(1))
+        (self.settings.stall_after / 40).max(Duration::from_millis(1))
+    }
+
+    /// How often heartbeats should tick ([`beat_forever`]'s period): 20 times per
+    /// `stall_after`, so a stall is seen within a twentieth of it.
+    pub fn tick_period(&self) -> Duration {
+        (self.settings.stall_after / 20).max(Duration::from_millis(1))
     }
 
     fn limits(&self) -> Limits {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        Limits { stall_after_ms: ms(self.settings.stall_after), confirm_ms: ms(self.period()) }
+        Limits {
+            stall_after_ms: ms(self.settings.stall_after),
+            confirm_ms: ms(self.period()),
+            tick_ms: ms(self.tick_period()),
+        }
     }
 
     /// Starts the `tern-watchdog` thread. It ends when the watchdog is dropped. A second

@@ -62,14 +62,17 @@ fn a_stale_heartbeat_is_written_down_counted_and_marked_before_the_hook_runs_onc
             generation: Box::new(|| 7),
         }
     };
-    dog.judge(&look(&dog, &beat, 2_000), &hooks);
-    assert!(order.lock().is_empty() && !dog.is_wedged(), "2 s old is not past stall_after");
-    dog.judge(&look(&dog, &beat, 2_001), &hooks);
+    // Heard from 1.9 s ago and due to tick every 100 ms: it may have stopped only 1.8 s ago.
+    let tick = u64::try_from(dog.tick_period().as_millis()).unwrap();
+    assert_eq!(tick, 100);
+    dog.judge(&look(&dog, &beat, 2_000 - tick), &hooks);
+    assert!(order.lock().is_empty() && !dog.is_wedged(), "not yet stalled for stall_after");
+    dog.judge(&look(&dog, &beat, 2_001 - tick), &hooks);
     let calls = order.lock().clone();
     assert_eq!(calls.len(), 1);
     let (file, counted, wedged, what) = &calls[0];
     let file = file.as_deref().expect("the file was there when the hook ran");
-    assert!(file.contains("heartbeat worker-0 is stale: last tick 2001 ms ago"), "{file}");
+    assert!(file.contains("heartbeat worker-0 is stale: last tick 1901 ms ago"), "{file}");
     assert!(file.contains("catalog generation 7"), "{file}");
     assert_eq!((*counted, *wedged, *what), (1, true, "heartbeat"));
     // Bounce acts once: neither the same stall nor a later one calls the hook again.
@@ -192,6 +195,7 @@ fn the_watchdog_thread_reports_a_runtime_whose_thread_is_blocked() {
     let settings = Settings { stall_after, action: Action::Log, diagnostics_dir: tmp.path().to_path_buf() };
     let dog = Watchdog::new(settings, metrics.clone());
     let beat = dog.heartbeat("test-worker-beat");
+    let tick = dog.tick_period();
     let (block_tx, block_rx) = tokio::sync::oneshot::channel::<()>();
     let (release_tx, release_rx) = mpsc::channel::<()>();
     let worker = std::thread::Builder::new()
@@ -199,7 +203,7 @@ fn the_watchdog_thread_reports_a_runtime_whose_thread_is_blocked() {
         .spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
-                tokio::spawn(beat_forever(beat, stall_after / 8));
+                tokio::spawn(beat_forever(beat, tick));
                 let _ = block_rx.await;
                 // What /v1/debug/faults/block-worker does: the runtime's only thread stops.
                 let _ = release_rx.recv();
@@ -256,6 +260,18 @@ fn a_deadlock_on_terns_own_rib_and_upstream_locks_starves_state_writes_and_is_na
     };
     let second: faults::LockTaker = Box::new(move |f| pool.hold_for_fault(addr, f));
     faults::deadlock(first, second).unwrap();
+    // Both fault threads wait on each other before the real work starts, or it could take
+    // the writer lock first, write, and never wait at all.
+    let waiting_names = || {
+        let mut s = lock::snapshot();
+        s.retain_locks(|n| n == "rib.writer" || n == "upstream.idle");
+        let named = |t: &u32| s.threads.get(t).map(|i| i.name.to_string()).unwrap_or_default();
+        let names: Vec<String> = s.waiting.iter().map(|w| named(&w.thread)).collect();
+        (s, names)
+    };
+    while !["tern-fault-a", "tern-fault-b"].iter().all(|n| waiting_names().1.iter().any(|w| w == n)) {
+        std::thread::yield_now();
+    }
     // Real work: a machine's state record, written as the lifecycle manager writes it.
     let (done_tx, done_rx) = mpsc::channel();
     {
@@ -275,10 +291,7 @@ fn a_deadlock_on_terns_own_rib_and_upstream_locks_starves_state_writes_and_is_na
             .unwrap();
     }
     let mut snap = loop {
-        let mut s = lock::snapshot();
-        s.retain_locks(|n| n == "rib.writer" || n == "upstream.idle");
-        let named = |t: &u32| s.threads.get(t).map(|i| i.name.to_string()).unwrap_or_default();
-        let waiting: Vec<String> = s.waiting.iter().map(|w| named(&w.thread)).collect();
+        let (s, waiting) = waiting_names();
         if ["tern-fault-a", "tern-fault-b", "test-state-write"].iter().all(|n| waiting.iter().any(|w| w == n))
         {
             break s;
@@ -297,7 +310,7 @@ fn a_deadlock_on_terns_own_rib_and_upstream_locks_starves_state_writes_and_is_na
     snap.waiting.retain(|w| ours.contains(&w.thread));
     let since = snap.waiting.iter().map(|w| w.since_ms).max().unwrap();
     let obs = Observation { now_ms: since + 250, locks: snap, ..Observation::default() };
-    let found = check::check(&obs, Limits { stall_after_ms: 2_000, confirm_ms: 250 });
+    let found = check::check(&obs, Limits { stall_after_ms: 2_000, confirm_ms: 250, tick_ms: 0 });
     let [Finding::Deadlock { cycle }] = found.as_slice() else { panic!("{found:?}") };
     let mut locks: Vec<_> = cycle.iter().map(|l| l.holds).collect();
     locks.sort_unstable();
