@@ -16,7 +16,7 @@ use crate::admin::{Admin, Health};
 use crate::autostart::Lifecycle;
 use crate::catalog::{self, Catalog};
 use crate::config::{Config, Listen};
-use crate::http::{Server, ServerLimits};
+use crate::http::{Drain, Server, ServerLimits};
 use crate::rib::{Rib, RibError};
 use crate::telemetry::Metrics;
 use crate::{listener, tls};
@@ -111,8 +111,10 @@ async fn ensure_session_key(rib: &Arc<dyn Rib>) -> Result<(), StartError> {
 }
 
 /// Runs the proxy until `shutdown` turns true, then drains: `/healthz` turns 503, the
-/// listeners close, open connections finish their in-flight requests (HTTP/1.1 closes after
-/// the current response, HTTP/2 gets GOAWAY) within `limits.shutdown_timeout`.
+/// listeners close, and open connections and streams end at their times spread over
+/// `[shutdown] drain_window` (HTTP/1.1 gets `Connection: close` on its next response,
+/// HTTP/2 GOAWAY, SSE ends at an event boundary, WebSockets get close 1001; see
+/// `docs/drain.md`); what is left after the window gets `limits.shutdown_timeout`.
 ///
 /// This task (the control thread) loads the catalog, serves the admin endpoints and accepts
 /// connections; [`worker`] threads serve them.
@@ -152,21 +154,19 @@ pub async fn run(
     tokio::spawn(lifecycle.clone().follow_catalog(changes));
     let supervisor = tokio::spawn(lifecycle.clone().supervise(shutdown.clone()));
     let health = Arc::new(Health::default());
+    let drain = Drain::new(&metrics);
     let deps = Deps {
         tls: tls::server_config(catalog.clone())?,
         catalog: catalog.clone(),
         metrics: metrics.clone(),
-        server: Arc::new(Server::new(&ServerLimits {
-            header_read_timeout: config.limits.header_read_timeout,
-            max_header_bytes: config.limits.max_header_bytes,
-            keepalive_timeout: config.limits.keepalive_timeout,
-        })),
+        server: Arc::new(Server::new(&server_limits(&config.limits), drain.clone())),
         limits: config.limits.clone(),
         region: Arc::from(config.region.as_str()),
         access_log: config.log.access,
         shutdown: shutdown.clone(),
         lifecycle: lifecycle.clone(),
         replay_cache,
+        drain: drain.clone(),
     };
     let workers = Arc::new(Workers::start(config.worker_count(), &deps).map_err(StartError::Workers)?);
 
@@ -186,12 +186,12 @@ pub async fn run(
     let mut shutdown = shutdown;
     crate::shutdown::requested(&mut shutdown).await;
     health.set_draining();
-    // Streams never finish on their own; end them cleanly now rather than cut them at the
-    // deadline. Requests get until the deadline.
-    lifecycle.end_all_streams();
+    // Streams never finish on their own, and keep-alive connections need not: each ends at
+    // its own time in the window, so clients reconnect elsewhere a few at a time.
+    drain.begin(config.shutdown.drain_window);
     tracing::info!(target: "tern::proxy", open_connections = workers.open_connections(),
-        deadline = ?config.limits.shutdown_timeout,
-        "shutting down: no new connections; letting in-flight requests finish");
+        drain_window = ?config.shutdown.drain_window, deadline = ?config.limits.shutdown_timeout,
+        "shutting down: no new connections; draining the open ones over the window");
     for t in accept_tasks {
         let _ = t.await;
     }
@@ -207,6 +207,14 @@ pub async fn run(
     let _ = updater.await;
     tracing::info!(target: "tern::proxy", "stopped");
     Ok(())
+}
+
+fn server_limits(limits: &crate::config::Limits) -> ServerLimits {
+    ServerLimits {
+        header_read_timeout: limits.header_read_timeout,
+        max_header_bytes: limits.max_header_bytes,
+        keepalive_timeout: limits.keepalive_timeout,
+    }
 }
 
 /// Starts one accept loop per listener, all sharing the node-wide connection cap, each

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
 use crate::config::Limits;
-use crate::http::{ConnInfo, Handler, Server, Wire};
+use crate::http::{ConnInfo, Drain, Handler, Server, Wire};
 use crate::routing::Router;
 use crate::telemetry::Metrics;
 use crate::tls;
@@ -44,6 +44,8 @@ pub(super) struct Deps {
     pub shutdown: watch::Receiver<bool>,
     pub lifecycle: Arc<crate::autostart::Lifecycle>,
     pub replay_cache: Arc<crate::routing::replay_cache::ReplayCache>,
+    /// The node's drain: `begin` it to end connections and streams spread over a window.
+    pub drain: Drain,
 }
 
 struct Worker {
@@ -137,9 +139,14 @@ async fn run(deps: Deps, mut jobs: mpsc::UnboundedReceiver<Job>, open: Arc<Atomi
         });
     }
     tasks.close();
-    if tokio::time::timeout(deps.limits.shutdown_timeout, tasks.wait()).await.is_err() {
-        tracing::warn!(target: "tern::proxy", still_open = tasks.len(),
-            "shutdown deadline passed; closing the remaining connections");
+    // Connections end at their times in the drain; what is left after its window gets
+    // shutdown_timeout more.
+    tokio::select! {
+        () = tasks.wait() => {}
+        () = deps.drain.cut_after(deps.limits.shutdown_timeout) => {
+            tracing::warn!(target: "tern::proxy", still_open = tasks.len(),
+                "drain window and shutdown deadline passed; closing the remaining connections");
+        }
     }
     // Whatever is left is cancelled when the runtime drops.
 }
@@ -159,7 +166,6 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
     let info = ConnInfo { peer, local, tls };
-    let shutdown = deps.shutdown.clone();
     if tls {
         let accepted = tls::accept(
             stream,
@@ -174,10 +180,10 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
                 Some(b"h2") => Wire::Http2,
                 _ => Wire::Http1,
             };
-            deps.server.serve(stream, info, handler, shutdown, wire).await;
+            deps.server.serve(stream, info, handler, wire).await;
         }
     } else {
-        deps.server.serve(stream, info, handler, shutdown, Wire::Sniff).await;
+        deps.server.serve(stream, info, handler, Wire::Sniff).await;
     }
     gauge.dec();
 }
