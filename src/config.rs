@@ -55,6 +55,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub shutdown: Shutdown,
+    #[serde(default)]
     pub log: Log,
     #[serde(default)]
     pub watchdog: Watchdog,
@@ -287,7 +289,8 @@ pub struct Limits {
     /// Most connections each worker opens to one machine at once; a burst beyond that
     /// waits for one of them, or for a pooled connection to come back.
     pub upstream_max_connecting: usize,
-    /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
+    /// How long in-flight requests get to finish once a drain's window has passed (on
+    /// SIGTERM/SIGINT: `[shutdown] drain_window`, then this), before they are cut.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
 }
@@ -307,6 +310,30 @@ impl Default for Limits {
             upstream_max_connecting: 8,
             shutdown_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// How tern stops: `[shutdown]`. See `docs/drain.md`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shutdown {
+    /// A drain (SIGTERM/SIGINT, an upgrade, `tern drain`) ends each long-lived exchange open
+    /// when it begins at its own time, spread evenly over this window; whatever is still open
+    /// at its end then gets `limits.shutdown_timeout` before it is cut.
+    #[serde(deserialize_with = "de_duration")]
+    pub drain_window: Duration,
+    /// `tern drain`: how long `/healthz` answers 503 before the listeners close, so a BGP
+    /// speaker or load balancer withdraws the node first.
+    #[serde(deserialize_with = "de_duration")]
+    pub drain_delay: Duration,
+}
+
+/// Longest `drain_window` or `drain_delay`: longer is almost surely a typo ("60m" for "60s").
+const MAX_DRAIN: Duration = Duration::from_secs(3600);
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown { drain_window: Duration::from_secs(60), drain_delay: Duration::from_secs(5) }
     }
 }
 
@@ -427,6 +454,7 @@ impl Default for Config {
             rib: Rib::default(),
             driver: Driver::default(),
             limits: Limits::default(),
+            shutdown: Shutdown::default(),
             log: Log::default(),
             watchdog: Watchdog::default(),
             debug: Debug::default(),
@@ -535,6 +563,13 @@ impl Config {
                 "faults",
                 format!("fault injection is refused on a non-loopback admin address ({})", self.admin.addr),
             ));
+        }
+        for (field, value) in
+            [("drain_window", self.shutdown.drain_window), ("drain_delay", self.shutdown.drain_delay)]
+        {
+            if value > MAX_DRAIN {
+                return Err((field, "must be at most 1h".into()));
+            }
         }
         Ok(())
     }
@@ -720,6 +755,23 @@ kind = "process"
             assert_eq!(line, 5, "{bad}: {msg}");
             assert!(msg.starts_with("level: ") && msg.contains(says), "{bad}: {msg}");
         }
+    }
+
+    #[test]
+    fn shutdown_durations_have_defaults_and_bounds() {
+        let c = Config::parse("region = \"ams\"\n").unwrap();
+        assert_eq!(c.shutdown.drain_window, Duration::from_secs(60));
+        assert_eq!(c.shutdown.drain_delay, Duration::from_secs(5));
+        let c = Config::parse("[shutdown]\ndrain_window = \"2500ms\"\ndrain_delay = \"0s\"\n").unwrap();
+        assert_eq!(c.shutdown.drain_window, Duration::from_millis(2500));
+        assert_eq!(c.shutdown.drain_delay, Duration::ZERO);
+        let (line, msg) =
+            Config::parse("[shutdown]\ndrain_delay = \"1s\"\ndrain_window = \"2h\"\n").unwrap_err();
+        assert_eq!((line, msg.as_str()), (3, "drain_window: must be at most 1h"));
+        let (line, msg) = Config::parse("[shutdown]\ndrain_windw = \"1s\"\n").unwrap_err();
+        assert!(line == 2 && msg.contains("drain_windw"), "{line}: {msg}");
+        let (line, msg) = Config::parse("[shutdown]\ndrain_delay = \"soon\"\n").unwrap_err();
+        assert!(line == 2 && msg.contains("soon"), "{line}: {msg}");
     }
 
     #[test]

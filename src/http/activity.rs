@@ -10,6 +10,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use super::drain::ConnDrain;
+
 /// The last time bytes moved, as an offset from a base instant, readable without a lock.
 #[derive(Debug)]
 pub struct Activity {
@@ -152,15 +154,21 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for TouchIo<IO> {
     }
 }
 
-/// A client connection's state: when bytes last moved and how many exchanges are open.
-/// A connection with no open exchange and no bytes for the keep-alive timeout is closed.
+/// A client connection's state: when bytes last moved, how many exchanges are open, and
+/// where it stands in a drain. A connection with no open exchange and no bytes for the
+/// keep-alive timeout is closed.
 #[derive(Debug, Default)]
 pub struct ConnState {
     pub activity: Arc<Activity>,
     open: AtomicUsize,
+    pub drain: ConnDrain,
 }
 
 impl ConnState {
+    pub fn new(drain: ConnDrain) -> Self {
+        ConnState { activity: Arc::default(), open: AtomicUsize::new(0), drain }
+    }
+
     pub fn begin(self: &Arc<Self>) -> ExchangeGuard {
         self.open.fetch_add(1, Ordering::Relaxed);
         ExchangeGuard(self.clone())
@@ -190,6 +198,13 @@ impl ConnState {
 /// One open exchange on a connection; dropping it closes the exchange.
 #[derive(Debug)]
 pub struct ExchangeGuard(Arc<ConnState>);
+
+impl ExchangeGuard {
+    /// The connection the exchange is on.
+    pub fn conn(&self) -> &Arc<ConnState> {
+        &self.0
+    }
+}
 
 impl Drop for ExchangeGuard {
     fn drop(&mut self) {

@@ -15,14 +15,14 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::catalog::InFlight;
 use crate::telemetry::Metrics;
 use crate::upstream::{BoxError, Lease, UpBody};
 
 use super::activity::{Activity, ExchangeGuard, IdleTimer};
-use super::ending::{self, SseEdge};
+use super::drain::{Registration, StreamEnd};
+use super::ending::{self, SseEdge, Why};
 
 /// A response body: either tern's own (an error page) or a machine's, streamed.
 pub struct ProxyBody {
@@ -51,27 +51,32 @@ struct Streamed {
     idle: IdleTimer,
     metrics: Arc<Metrics>,
     guards: ExchangeGuards,
-    /// For an SSE response: ending it cleanly when its machine is about to stop.
+    /// For an SSE response: ending it cleanly when its machine is about to stop or its time
+    /// in a drain comes.
     sse: Option<SseEnd>,
 }
 
-/// An SSE response listening for its machine's request to end streams. Once asked, it ends
-/// at the next event boundary, or is cut if none comes within [`ending::GRACE`].
+/// An SSE response listening for its machine's request to end streams, or for its time in
+/// a drain. Once asked, it ends at the next event boundary, or is cut if none comes within
+/// [`ending::GRACE`].
 struct SseEnd {
     edge: SseEdge,
-    asked: Pin<Box<WaitForCancellationFutureOwned>>,
+    asked: Pin<Box<dyn Future<Output = Why> + Send>>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The last frame was cut short at a boundary: end now.
     cut_at_boundary: bool,
+    /// Counts the stream as open in a drain, until the body ends.
+    _registered: Registration,
 }
 
 impl SseEnd {
-    pub fn new(token: CancellationToken) -> Self {
+    pub fn new((end, registered): (StreamEnd, Registration)) -> Self {
         SseEnd {
             edge: SseEdge::default(),
-            asked: Box::pin(token.cancelled_owned()),
+            asked: Box::pin(end.wait()),
             deadline: None,
             cut_at_boundary: false,
+            _registered: registered,
         }
     }
 
@@ -112,7 +117,7 @@ impl SseEnd {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("the machine is stopping and the event in progress did not end in time")]
+#[error("the stream was asked to end and the event in progress did not end in time")]
 pub struct EndedMidEvent;
 
 impl Streamed {
@@ -165,7 +170,7 @@ impl Streamed {
         }
     }
 
-    /// Ends an SSE body its machine asked to end: cleanly (the client sees the end of the
+    /// Ends an SSE body asked to end: cleanly (the client sees the end of the
     /// body) or, past the grace mid-event, with an error (the client sees it cut). The
     /// machine connection is not given back: the response was not read to its end.
     fn end_early(&mut self, clean: bool) -> Option<Result<Frame<Bytes>, BoxError>> {
@@ -200,13 +205,13 @@ impl ProxyBody {
     }
 
     /// A machine's response body, streamed. With `sse_end` (an SSE response), the body
-    /// ends cleanly at an event boundary once that token is cancelled.
+    /// ends cleanly at an event boundary once that says so.
     pub fn streamed(
         inner: Incoming,
         idle: IdleTimer,
         metrics: Arc<Metrics>,
         guards: ExchangeGuards,
-        sse_end: Option<CancellationToken>,
+        sse_end: Option<(StreamEnd, Registration)>,
     ) -> Self {
         let sse = sse_end.map(SseEnd::new);
         ProxyBody { kind: Kind::Stream(Box::new(Streamed { inner, idle, metrics, guards, sse })) }

@@ -1,17 +1,19 @@
-//! Ending a stream cleanly when its machine is about to stop (or tern is shutting down),
-//! rather than cutting it when the process goes away.
+//! Ending a stream cleanly when its machine is about to stop or tern is draining, rather
+//! than cutting it when the process goes away.
 //!
 //! - An SSE response ends at the next event boundary (after a blank line), so the client
 //!   sees a whole last event and a clean end of body; `EventSource` then reconnects, and
-//!   routing sends it to a machine that is staying.
+//!   routing sends it to a machine that is staying (or, in a drain, the client reaches the
+//!   node or process that is staying).
 //! - A WebSocket gets a close frame with status 1001 (going away) in each direction, each
 //!   written between two frames (RFC 6455 §5.4 lets control frames go between fragments),
 //!   then tern waits briefly for the client's own close frame before closing the socket.
+//!   The frame's reason says which of the two ([`Why`]).
 //! - Any other upgraded connection is shut down; tern cannot speak its protocol.
 //!
-//! The signal comes from the machine ([`crate::catalog::MachineLive::end_streams`]).
-//! A stream that is in the middle of an event or frame when asked gets [`GRACE`] to reach
-//! the end of it; past that it is cut.
+//! The signal comes from the machine ([`crate::catalog::MachineLive::end_streams`]) or from
+//! the drain ([`super::drain`]). A stream that is in the middle of an event or frame when
+//! asked gets [`GRACE`] to reach the end of it; past that it is cut.
 
 use std::time::Duration;
 
@@ -21,14 +23,33 @@ pub const GRACE: Duration = Duration::from_secs(1);
 
 /// WebSocket close status 1001, "going away": the server is going down.
 const GOING_AWAY: [u8; 2] = 1001u16.to_be_bytes();
-const REASON: &[u8] = b"machine stopping";
 
-/// A close frame (1001, "machine stopping"): unmasked for the client, masked with `mask`
+/// Why a stream is asked to end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// Its machine is about to stop or suspend.
+    Machine,
+    /// tern is draining (stopping, upgrading): this stream's time in the drain came.
+    Drain,
+}
+
+impl Why {
+    /// The reason text of the WebSocket close frame: what a client's log will show.
+    pub fn close_reason(self) -> &'static [u8] {
+        match self {
+            Why::Machine => b"machine stopping",
+            Why::Drain => b"proxy going away",
+        }
+    }
+}
+
+/// A close frame (1001, with `why`'s reason): unmasked for the client, masked with `mask`
 /// for the machine (frames a client sends must be masked, RFC 6455 §5.3).
-pub fn close_frame(mask: Option<[u8; 4]>) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(2 + REASON.len());
+pub fn close_frame(why: Why, mask: Option<[u8; 4]>) -> Vec<u8> {
+    let reason = why.close_reason();
+    let mut payload = Vec::with_capacity(2 + reason.len());
     payload.extend_from_slice(&GOING_AWAY);
-    payload.extend_from_slice(REASON);
+    payload.extend_from_slice(reason);
     let len = u8::try_from(payload.len()).unwrap_or(125).min(125);
     let mut frame = vec![0x88]; // FIN + opcode 8 (close)
     match mask {
@@ -444,10 +465,13 @@ mod tests {
 
     #[test]
     fn close_frames_say_going_away_and_are_masked_for_the_machine() {
-        let plain = close_frame(None);
+        let plain = close_frame(Why::Machine, None);
         assert_eq!(&plain[..4], &[0x88, 18, 0x03, 0xe9]);
-        assert_eq!(&plain[4..], REASON);
-        let masked = close_frame(Some([9, 8, 7, 6]));
+        assert_eq!(&plain[4..], b"machine stopping");
+        let drain = close_frame(Why::Drain, None);
+        assert_eq!(&drain[..4], &[0x88, 18, 0x03, 0xe9]);
+        assert_eq!(&drain[4..], b"proxy going away");
+        let masked = close_frame(Why::Machine, Some([9, 8, 7, 6]));
         assert_eq!(&masked[..2], &[0x88, 0x80 | 18]);
         let unmasked: Vec<u8> =
             masked[6..].iter().enumerate().map(|(i, b)| b ^ [9, 8, 7, 6][i % 4]).collect();

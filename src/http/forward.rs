@@ -24,6 +24,7 @@ use super::activity::{Activity, ConnState, ExchangeGuard, IdleTimer, silent_for}
 use super::body::{
     ContinueGate, ExchangeGuards, GateGuard, ProxyBody, RequestBodyState, replayed_body, upstream_body,
 };
+use super::drain::{self, StreamEnd};
 use super::headers::{self, ClientSide};
 use super::{ConnInfo, affinity, replay, request_id, respond, tunnel};
 
@@ -74,7 +75,7 @@ impl Handler {
         let path = if self.access_log { req.uri().path().to_owned() } else { String::new() };
         let mut outcome = Outcome::default();
         let result = self.forward(req, &conn, &id, exchange, started, &mut outcome).await;
-        let resp = match result {
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(err) => {
                 self.metrics.errors.with_label_values(&[err.code()]).inc();
@@ -85,6 +86,9 @@ impl Handler {
                 respond::error(&err, accept.as_ref(), &id, version)
             }
         };
+        if state.drain.draining() {
+            state.drain.on_response(version, &mut resp);
+        }
         let app_label = outcome.app.as_deref().unwrap_or("-");
         let status = resp.status().as_u16();
         let elapsed = started.elapsed();
@@ -522,9 +526,16 @@ impl Handler {
             }
             let machine_upgrade = hyper::upgrade::on(&mut resp);
             let websocket = asked.eq_ignore_ascii_case("websocket");
-            let kind = if websocket { tunnel::Kind::WebSocket } else { tunnel::Kind::Other };
-            let settings =
-                tunnel::Settings { idle_timeout: timer.timeout(), kind, end: machine.live.streams_end() };
+            let (kind, drain_kind) = if websocket {
+                (tunnel::Kind::WebSocket, drain::Kind::WebSocket)
+            } else {
+                (tunnel::Kind::Other, drain::Kind::Other)
+            };
+            // Registered before the 101 goes out, so the drain never sees the client's
+            // connection gone and its tunnel not yet begun.
+            let (end, registered) =
+                StreamEnd::new(machine.live.streams_end(), guards.exchange.conn(), drain_kind);
+            let settings = tunnel::Settings { idle_timeout: timer.timeout(), kind, end, registered };
             self.tasks.spawn(tunnel::run(
                 client_upgrade,
                 machine_upgrade,
@@ -544,7 +555,8 @@ impl Handler {
         // An h2c machine's response goes to the client in the client's protocol; hyper
         // picks that from the connection, this only keeps the head consistent.
         parts.version = Version::HTTP_11;
-        let sse_end = is_event_stream(&parts.headers).then(|| machine.live.streams_end());
+        let sse_end = is_event_stream(&parts.headers)
+            .then(|| StreamEnd::new(machine.live.streams_end(), guards.exchange.conn(), drain::Kind::Sse));
         Ok(Response::from_parts(
             parts,
             ProxyBody::streamed(body, timer, self.metrics.clone(), guards, sse_end),

@@ -17,11 +17,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
 
 pub mod activity;
 mod affinity;
 pub mod body;
+pub mod drain;
 pub mod ending;
 mod forward;
 pub mod headers;
@@ -31,6 +31,7 @@ pub mod request_id;
 pub mod respond;
 mod tunnel;
 
+pub use drain::Drain;
 pub use forward::Handler;
 
 use activity::{ConnState, TouchIo};
@@ -72,10 +73,12 @@ pub struct Server {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     keepalive_timeout: Duration,
+    /// Every connection served registers with it, and closes at its time in a drain.
+    drain: Drain,
 }
 
 impl Server {
-    pub fn new(limits: &ServerLimits) -> Self {
+    pub fn new(limits: &ServerLimits, drain: Drain) -> Self {
         // Room for heads up to twice our own limit, so tern (not hyper) answers the
         // over-limit ones, with a tern-error code.
         let head_room = (limits.max_header_bytes * 2).max(64 * 1024);
@@ -105,24 +108,21 @@ impl Server {
         h1_settings!(http1);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         h2_settings!(http2);
-        Server { sniff, http1, http2, keepalive_timeout: limits.keepalive_timeout }
+        Server { sniff, http1, http2, keepalive_timeout: limits.keepalive_timeout, drain }
     }
 
-    /// Serves one client connection until it closes, in the protocol `wire` says. When
-    /// `shutdown` turns true, or the connection has had no open exchange and no bytes for the
-    /// keep-alive timeout, it is closed gracefully: HTTP/1.1 after the response in progress,
-    /// HTTP/2 with GOAWAY.
-    pub async fn serve<IO>(
-        &self,
-        io: IO,
-        info: ConnInfo,
-        handler: Arc<Handler>,
-        shutdown: watch::Receiver<bool>,
-        wire: Wire,
-    ) where
+    /// Serves one client connection until it closes, in the protocol `wire` says. When its
+    /// time in a drain comes (see [`drain::time_to_close`]), or it has had no open exchange
+    /// and no bytes for the keep-alive timeout, it is closed gracefully: HTTP/1.1 after the
+    /// response in progress, HTTP/2 with GOAWAY.
+    pub async fn serve<IO>(&self, io: IO, info: ConnInfo, handler: Arc<Handler>, wire: Wire)
+    where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let state = Arc::new(ConnState::default());
+        // Counted in the drain until hyper is done with it; a tunnel it upgrades to counts
+        // on its own.
+        let (drain, _registered) = self.drain.connection();
+        let state = Arc::new(ConnState::new(drain));
         let info = Arc::new(info);
         let svc_state = state.clone();
         let peer = info.peer;
@@ -132,22 +132,23 @@ impl Server {
             async move { Ok::<_, Infallible>(handler.handle(req, info, state).await) }
         });
         if wire == Wire::Http2 {
+            state.drain.set_http2();
             let io = TokioIo::new(TouchIo::new(io, state.activity.clone()));
             let conn = self.http2.serve_connection(io, svc);
-            return self.drive(conn, shutdown, &state).await;
+            return self.drive(conn, &state).await;
         }
         // HTTP/1.1's parser answers some heads itself; make those answers tern's.
         let io = ParserReplies::new(io, state.clone(), handler, peer);
         let io = TokioIo::new(TouchIo::new(io, state.activity.clone()));
         if wire == Wire::Sniff {
-            self.drive(self.sniff.serve_connection_with_upgrades(io, svc), shutdown, &state).await;
+            self.drive(self.sniff.serve_connection_with_upgrades(io, svc), &state).await;
         } else {
-            self.drive(self.http1.serve_connection(io, svc).with_upgrades(), shutdown, &state).await;
+            self.drive(self.http1.serve_connection(io, svc).with_upgrades(), &state).await;
         }
     }
 
-    /// Runs a connection to its end, closing it gracefully at shutdown or when idle.
-    async fn drive<C, E>(&self, conn: C, mut shutdown: watch::Receiver<bool>, state: &ConnState)
+    /// Runs a connection to its end, closing it gracefully at its time in a drain or when idle.
+    async fn drive<C, E>(&self, conn: C, state: &ConnState)
     where
         C: Future<Output = Result<(), E>> + Graceful,
         E: std::fmt::Display,
@@ -162,7 +163,7 @@ impl Server {
                     }
                     return;
                 }
-                () = crate::shutdown::requested(&mut shutdown), if !closing => {
+                () = drain::time_to_close(state), if !closing => {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }

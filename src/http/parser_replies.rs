@@ -152,6 +152,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ParserReplies<IO> {
             self.sniffed = true;
             // "PRI " starts only the HTTP/2 preface (no HTTP/1.1 method is PRI).
             self.http2 = buf.filled()[before..].starts_with(b"PRI ");
+            if self.http2 {
+                // A drain then ends it with GOAWAY.
+                self.conn.drain.set_http2();
+            }
         }
         r
     }

@@ -1,16 +1,16 @@
 //! Upgraded connections (WebSocket or any HTTP/1.1 Upgrade): once the machine answers 101,
 //! bytes are copied both ways until either side closes, the exchange has been silent for
-//! the app's idle_timeout, or the machine is about to stop. Nothing is buffered beyond one
-//! copy buffer per direction.
+//! the app's idle_timeout, or the tunnel is asked to end (its machine is about to stop, or
+//! its time in a drain came). Nothing is buffered beyond one copy buffer per direction.
 //!
-//! When the machine is about to stop, a WebSocket is closed the way RFC 6455 asks (see
-//! [`super::ending`]): each direction finishes the frame it is in, the client gets a close
-//! frame (1001, going away) and so does the machine, and the client has [`GRACE`] to send
-//! its own close frame before tern closes the connection. Any other upgraded protocol is
-//! shut down.
+//! Asked to end, a WebSocket is closed the way RFC 6455 asks (see [`super::ending`]): each
+//! direction finishes the frame it is in, the client gets a close frame (1001, going away,
+//! its reason saying why) and so does the machine, and the client has [`GRACE`] to send its
+//! own close frame before tern closes the connection. Any other upgraded protocol is shut
+//! down.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
@@ -22,7 +22,8 @@ use crate::telemetry::Metrics;
 
 use super::activity::{Activity, TouchIo, silent_for};
 use super::body::ExchangeGuards;
-use super::ending::{self, GRACE, WsFrames};
+use super::drain::{Registration, StreamEnd};
+use super::ending::{self, GRACE, Why, WsFrames};
 
 /// Bytes read at a time in each direction (what `copy_bidirectional` uses).
 const BUF: usize = 8 * 1024;
@@ -37,8 +38,23 @@ pub enum Kind {
 pub struct Settings {
     pub idle_timeout: Duration,
     pub kind: Kind,
-    /// Cancelled when the machine is about to stop.
-    pub end: CancellationToken,
+    /// Resolves when the tunnel is to end: its machine is about to stop, or its time in a
+    /// drain came.
+    pub end: StreamEnd,
+    /// Counts the tunnel as open in a drain while it runs.
+    pub registered: Registration,
+}
+
+/// The tunnel's request to end, as both directions see it.
+struct Asked {
+    token: CancellationToken,
+    why: OnceLock<Why>,
+}
+
+impl Asked {
+    fn why(&self) -> Why {
+        self.why.get().copied().unwrap_or(Why::Machine)
+    }
 }
 
 /// How one direction of the tunnel finished.
@@ -59,9 +75,10 @@ pub async fn run(
     metrics: Arc<Metrics>,
     guards: ExchangeGuards,
 ) {
+    let Settings { idle_timeout, kind, end: asked_by, registered: _registered } = settings;
     // Both sides' connections must hand over first; a side that never does (a request body
     // never finished, say) must not hold the exchange for ever.
-    let upgraded = tokio::time::timeout(settings.idle_timeout, async { tokio::try_join!(client, machine) });
+    let upgraded = tokio::time::timeout(idle_timeout, async { tokio::try_join!(client, machine) });
     let (client, machine) = match upgraded.await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => {
@@ -78,8 +95,8 @@ pub async fn run(
     let machine = TouchIo::new(TokioIo::new(machine), activity.clone());
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut machine_rx, mut machine_tx) = tokio::io::split(machine);
-    let ws = settings.kind == Kind::WebSocket;
-    let end = &settings.end;
+    let ws = kind == Kind::WebSocket;
+    let end = &Asked { token: CancellationToken::new(), why: OnceLock::new() };
     let kind = if ws { "websocket" } else { "tunnel" };
     // One side closing is passed on as a half-close while the other keeps flowing; one side
     // failing ends both, as `copy_bidirectional` did.
@@ -104,12 +121,16 @@ pub async fn run(
         },
         // A side that stopped reading can hold a write past both graces; asked to end, the
         // tunnel is gone within two.
-        () = async { end.cancelled().await; tokio::time::sleep(GRACE * 2).await } => {
+        () = async {
+            let _ = end.why.set(asked_by.wait().await);
+            end.token.cancel();
+            tokio::time::sleep(GRACE * 2).await;
+        } => {
             metrics.streams_ended.with_label_values(&[kind, "cut"]).inc();
         }
-        () = silent_for(&activity, settings.idle_timeout) => {
+        () = silent_for(&activity, idle_timeout) => {
             metrics.streams_cut_idle.inc();
-            tracing::debug!(target: "tern::http", idle_timeout = ?settings.idle_timeout,
+            tracing::debug!(target: "tern::http", ?idle_timeout,
                 "tunnel closed after the app's idle_timeout of silence");
         }
     }
@@ -131,19 +152,13 @@ enum Toward {
 /// (frames from a client must be). Client → machine then waits up to [`GRACE`] for the
 /// client's own close frame, answering tern's, reading and dropping what comes. Nothing
 /// more is passed on either way.
-async fn one_way<R, W>(
-    from: &mut R,
-    to: &mut W,
-    ws: bool,
-    end: &CancellationToken,
-    toward: Toward,
-) -> io::Result<Finish>
+async fn one_way<R, W>(from: &mut R, to: &mut W, ws: bool, end: &Asked, toward: Toward) -> io::Result<Finish>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut frames = ws.then(WsFrames::default);
-    if copy_until_end(from, to, frames.as_mut(), end).await? {
+    if copy_until_end(from, to, frames.as_mut(), &end.token).await? {
         return Ok(Finish::Eof);
     }
     let Some(frames) = frames.as_mut() else { return Ok(Finish::Ended) };
@@ -155,7 +170,7 @@ where
         // A close frame already went this way (a closing handshake under way): no second.
         if !frames.saw_close() {
             let mask = (toward == Toward::Machine).then(|| fastrand::u32(..).to_be_bytes());
-            to.write_all(&ending::close_frame(mask)).await?;
+            to.write_all(&ending::close_frame(end.why(), mask)).await?;
             to.flush().await?;
         }
         sent = true;

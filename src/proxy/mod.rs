@@ -15,7 +15,7 @@ use crate::admin::{Admin, Control, Health};
 use crate::autostart::Lifecycle;
 use crate::catalog::{self, Catalog};
 use crate::config::{Config, Listen};
-use crate::http::{Server, ServerLimits};
+use crate::http::{Drain, Server, ServerLimits};
 use crate::listener::inherit::{Handoff, Inherited};
 use crate::rib::{Rib, RibError};
 use crate::telemetry::Metrics;
@@ -271,8 +271,10 @@ impl Background {
 }
 
 /// Runs the proxy until `shutdown` turns true, then drains: `/healthz` turns 503, the
-/// listeners close, open connections finish their in-flight requests (HTTP/1.1 closes after
-/// the current response, HTTP/2 gets GOAWAY) within `limits.shutdown_timeout`.
+/// listeners close, and open connections and streams end at their times spread over
+/// `[shutdown] drain_window` (HTTP/1.1 gets `Connection: close` on its next response,
+/// HTTP/2 GOAWAY, SSE ends at an event boundary, WebSockets get close 1001; see
+/// `docs/drain.md`); what is left after the window gets `limits.shutdown_timeout`.
 ///
 /// Threads: this task (the control thread) loads the catalog, serves the admin endpoints and
 /// orchestrates start and stop; the catalog follows the RIB on `tern-catalog`; lifecycle
@@ -308,15 +310,12 @@ pub async fn run(
     let health = Arc::new(Health::default());
     let (stop_accepting_tx, stop_accepting) = watch::channel(false);
     let stop_accepting_tx = Arc::new(stop_accepting_tx);
+    let drain = Drain::new(&metrics);
     let deps = Deps {
         tls: tls::server_config(catalog.clone())?,
         catalog: catalog.clone(),
         metrics: metrics.clone(),
-        server: Arc::new(Server::new(&ServerLimits {
-            header_read_timeout: config.limits.header_read_timeout,
-            max_header_bytes: config.limits.max_header_bytes,
-            keepalive_timeout: config.limits.keepalive_timeout,
-        })),
+        server: Arc::new(Server::new(&server_limits(&config.limits), drain.clone())),
         limits: config.limits.clone(),
         region: Arc::from(config.region.as_str()),
         access_log: config.log.access,
@@ -325,6 +324,7 @@ pub async fn run(
         connection_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
         lifecycle: lifecycle.clone(),
         replay_cache: bg.replay_cache.clone(),
+        drain: drain.clone(),
     };
     let workers = Workers::start(config.worker_count(), &deps, &bound.listeners, &watchdog)
         .map_err(StartError::Workers)?;
@@ -372,25 +372,34 @@ pub async fn run(
     };
     let ending = node.serve_until_the_end(external, control, bounced).await;
     health.set_draining();
+    // Streams never finish on their own, and keep-alive connections need not: each ends at
+    // its own time in the window, so clients reconnect (to the new process, after an
+    // upgrade) a few at a time. Begun before accepting stops, so nothing slips between.
+    let window = match ending {
+        Ending::Bounced(_) => config.shutdown.drain_window.min(wedge::BOUNCE_DRAIN),
+        _ => config.shutdown.drain_window,
+    };
+    drain.begin(window);
     let _ = stop_accepting_tx.send(true);
     match ending {
         Ending::Upgraded(pid) | Ending::Bounced(pid) => {
-            // The new process serves the admin address too from now on.
+            // The new process serves the admin address too from now on, and systemd
+            // follows it (its READY=1 carried MAINPID).
             let _ = admin_stop_tx.send(true);
             tracing::info!(target: "tern::proxy", successor = pid, open_connections = workers.open_connections(),
-                "handed the listening sockets over; draining this process");
+                drain_window = ?window, "handed the listening sockets over; draining this process");
         }
-        Ending::Stop | Ending::Drained => handoff.close(),
+        Ending::Stop | Ending::Drained => {
+            handoff.close();
+            crate::listener::inherit::sd_notify("STOPPING=1");
+            tracing::info!(target: "tern::proxy", open_connections = workers.open_connections(),
+                drain_window = ?window, deadline = ?config.limits.shutdown_timeout,
+                "shutting down: no new connections; draining the open ones over the window");
+        }
     }
-    crate::listener::inherit::sd_notify("STOPPING=1");
-    let _ = halt_tx.send(true);
-    // Streams never finish on their own; end them cleanly now rather than cut them at the
-    // deadline. Requests get until the deadline.
-    lifecycle.end_all_streams();
-    tracing::info!(target: "tern::proxy", open_connections = workers.open_connections(),
-        deadline = ?config.limits.shutdown_timeout,
-        "shutting down: no new connections; letting in-flight requests finish");
     workers.join().await;
+    // Background work (catalog, supervisor) ran on through the drain; now it stops.
+    let _ = halt_tx.send(true);
     let _ = admin_stop_tx.send(true);
     let _ = admin_task.await;
     bg.stop().await;
@@ -463,7 +472,7 @@ impl Node<'_> {
                 Control::Drain { reply } => {
                     self.health.set_draining();
                     let _ = reply.send(Ok(()));
-                    let delay = drain_delay(self.config);
+                    let delay = self.config.shutdown.drain_delay;
                     tracing::info!(target: "tern::proxy", ?delay,
                         "draining: /healthz says 503; listeners stay open for drain_delay");
                     tokio::select! {
@@ -555,10 +564,6 @@ impl Node<'_> {
 /// How long a new process may take to load the catalog and start serving.
 const SUCCESSOR_READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn drain_delay(_config: &Config) -> std::time::Duration {
-    std::time::Duration::from_secs(5)
-}
-
 /// The binary this process was started from, as its path now reads (an upgrade usually
 /// replaces the file first; `/proc/self/exe` would still name the old one).
 fn own_binary() -> std::path::PathBuf {
@@ -581,5 +586,13 @@ async fn rethrow(handle: tokio::task::JoinHandle<()>) {
         && e.is_panic()
     {
         std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+fn server_limits(limits: &crate::config::Limits) -> ServerLimits {
+    ServerLimits {
+        header_read_timeout: limits.header_read_timeout,
+        max_header_bytes: limits.max_header_bytes,
+        keepalive_timeout: limits.keepalive_timeout,
     }
 }

@@ -37,6 +37,10 @@ const BOUNCE_READY_WITHIN: Duration = Duration::from_secs(10);
 /// exchanges before it ends for good.
 pub const BOUNCE_GRACE: Duration = Duration::from_secs(10);
 
+/// After a bounce, the window the wedged process's working parts drain over (at most
+/// `drain_window`): short, since a part of it is stuck for good.
+pub const BOUNCE_DRAIN: Duration = Duration::from_secs(5);
+
 pub(super) fn watchdog(config: &Config, metrics: &Arc<Metrics>) -> Arc<Watchdog> {
     let action = match config.watchdog.action {
         WedgeAction::Bounce => Action::Bounce,

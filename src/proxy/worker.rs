@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
 use crate::config::{Limits, Listen};
-use crate::http::{ConnInfo, Handler, Server, Wire};
+use crate::http::{ConnInfo, Drain, Handler, Server, Wire};
 use crate::routing::Router;
 use crate::telemetry::Metrics;
 use crate::tls;
@@ -46,7 +46,8 @@ pub(super) struct Deps {
     pub limits: Limits,
     pub region: Arc<str>,
     pub access_log: bool,
-    /// Turns true when open connections should finish (gracefully) and the worker stop.
+    /// Turns true once the node's connections are done: background work (the pool reaper)
+    /// stops.
     pub shutdown: watch::Receiver<bool>,
     /// Turns true when the worker should stop accepting: at shutdown, or once a new
     /// process has taken the listening sockets over.
@@ -55,6 +56,8 @@ pub(super) struct Deps {
     pub connection_limit: Arc<Semaphore>,
     pub lifecycle: Arc<crate::autostart::Lifecycle>,
     pub replay_cache: Arc<crate::routing::replay_cache::ReplayCache>,
+    /// The node's drain: `begin` it to end connections and streams spread over a window.
+    pub drain: Drain,
 }
 
 /// Something the node asks one worker to do, other than serving.
@@ -228,11 +231,14 @@ async fn run(
         let _ = a.await;
     }
     tasks.close();
-    let mut shutdown = deps.shutdown.clone();
-    crate::shutdown::requested(&mut shutdown).await;
-    if tokio::time::timeout(deps.limits.shutdown_timeout, tasks.wait()).await.is_err() {
-        tracing::warn!(target: "tern::proxy", still_open = tasks.len(),
-            "shutdown deadline passed; closing the remaining connections");
+    // Connections end at their times in the drain; what is left after its window gets
+    // shutdown_timeout more.
+    tokio::select! {
+        () = tasks.wait() => {}
+        () = deps.drain.cut_after(deps.limits.shutdown_timeout) => {
+            tracing::warn!(target: "tern::proxy", still_open = tasks.len(),
+                "drain window and shutdown deadline passed; closing the remaining connections");
+        }
     }
     ticking.abort();
     // Whatever is left is cancelled when the runtime drops.
@@ -256,7 +262,6 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
     let info = ConnInfo { peer, local, tls };
-    let shutdown = deps.shutdown.clone();
     if tls {
         let accepted = tls::accept(
             stream,
@@ -271,10 +276,10 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
                 Some(b"h2") => Wire::Http2,
                 _ => Wire::Http1,
             };
-            deps.server.serve(stream, info, handler, shutdown, wire).await;
+            deps.server.serve(stream, info, handler, wire).await;
         }
     } else {
-        deps.server.serve(stream, info, handler, shutdown, Wire::Sniff).await;
+        deps.server.serve(stream, info, handler, Wire::Sniff).await;
     }
     gauge.dec();
 }

@@ -43,6 +43,7 @@ pub struct Metrics {
     pub rib_errors: IntCounter,
     pub streams_cut_idle: IntCounter,
     pub streams_ended: IntCounterVec,
+    pub drain_ended: IntCounterVec,
     pub wake_duration: HistogramVec,
     pub wakes: IntCounterVec,
     pub held_requests: IntGauge,
@@ -173,6 +174,14 @@ impl Metrics {
                      boundary, with a close frame for WebSockets; cut: not in time).",
                 ),
                 &["kind", "how"],
+            )?,
+            drain_ended: IntCounterVec::new(
+                Opts::new(
+                    "tern_drain_ended_total",
+                    "Connections and streams a drain ended at their time in its window, by kind (h1: \
+                     Connection: close or closed once quiet; h2: GOAWAY; sse; ws; other).",
+                ),
+                &["kind"],
             )?,
             wake_duration: HistogramVec::new(
                 HistogramOpts::new(
@@ -310,6 +319,7 @@ impl Metrics {
         r.register(Box::new(self.rib_errors.clone()))?;
         r.register(Box::new(self.streams_cut_idle.clone()))?;
         r.register(Box::new(self.streams_ended.clone()))?;
+        r.register(Box::new(self.drain_ended.clone()))?;
         r.register(Box::new(self.wake_duration.clone()))?;
         r.register(Box::new(self.wakes.clone()))?;
         r.register(Box::new(self.held_requests.clone()))?;

@@ -94,10 +94,13 @@ pub fn tern_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tern")
 }
 
-/// Node config text listening on port 0 (plain and TLS) with the given extra settings.
+/// Node config text listening on port 0 (plain and TLS) with the given extra settings. Unless
+/// `extra` has a `[shutdown]` table, stopping drains over one second: tests stop tern often,
+/// and a drain over the default minute spreads two idle connections half a minute apart.
 pub fn node_config(db: &Path, extra: &str) -> String {
+    let shutdown = if extra.contains("[shutdown]") { "" } else { "[shutdown]\ndrain_window = \"1s\"\n" };
     format!(
-        "region = \"ams\"\n{extra}\n[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[listen]]\naddr = \"127.0.0.1:0\"\ntls = true\n\n\
+        "region = \"ams\"\n{extra}\n{shutdown}\n[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[listen]]\naddr = \"127.0.0.1:0\"\ntls = true\n\n\
          [admin]\naddr = \"127.0.0.1:0\"\n\n[rib]\npath = \"{}\"\npoll_interval = \"5ms\"\n\n[log]\naccess = false\n",
         db.display()
     )

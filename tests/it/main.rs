@@ -10,6 +10,7 @@ mod harness;
 
 mod catalog;
 mod declared;
+mod drain;
 mod eject;
 mod errors;
 mod hostile;

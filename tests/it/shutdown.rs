@@ -90,7 +90,8 @@ async fn shutdown_ends_sse_and_websockets_cleanly_instead_of_waiting_for_them() 
     let b = Backend::start("m1").await;
     let decl = app_decl("live", &["live.test"], &[("m1", b.addr, "started")], "")
         + &ca.decl("live.test", &["live.test"]);
-    let mut proxy = Proxy::start(&decl).await;
+    // A short drain window: the streams end one by one within it.
+    let mut proxy = Proxy::start_with(&decl, "[shutdown]\ndrain_window = \"1s\"").await;
     let mut sse = Vec::new();
     for (version, tls) in [(HttpVersion::Http1, false), (HttpVersion::Http2, true)] {
         let client = proxy.client(&ca, version);
@@ -117,7 +118,7 @@ async fn shutdown_ends_sse_and_websockets_cleanly_instead_of_waiting_for_them() 
     expect_going_away(&mut ws).await;
     expect_going_away(&mut wss).await;
     // …and each SSE stream ends cleanly after its last whole event: not cut, not hanging
-    // until the 30 s shutdown deadline.
+    // until the drain window and the 30 s shutdown deadline after it.
     for mut resp in sse {
         let mut tail = resp.chunk().await.expect("a clean end, not an error");
         while tail.as_ref().is_some_and(|c| c.is_empty()) {
@@ -135,7 +136,7 @@ async fn shutdown_ends_sse_and_websockets_cleanly_instead_of_waiting_for_them() 
     assert_eq!(*b.ws_closes.lock(), vec![1001, 1001]);
 }
 
-/// The next message is a close frame saying the server is going away (1001); reading on
+/// The next message is a close frame saying the proxy is going away (1001); reading on
 /// sends the client's answering close frame, then the connection ends.
 async fn expect_going_away<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>)
 where
@@ -146,7 +147,7 @@ where
     match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("no close frame came") {
         Some(Ok(Message::Close(Some(frame)))) => {
             assert_eq!(u16::from(frame.code), 1001);
-            assert_eq!(frame.reason.as_str(), "machine stopping");
+            assert_eq!(frame.reason.as_str(), "proxy going away");
         }
         other => panic!("expected a close frame, got {other:?}"),
     }
