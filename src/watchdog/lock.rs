@@ -1,15 +1,17 @@
 //! Named, tracked mutexes, so the watchdog can say which lock is wedged and who holds it.
 //!
-//! A [`Mutex`] is a `parking_lot::Mutex` with a name (`"rib.writer"`) and one word beside it:
-//! the holder (a small per-thread token) and which acquisition this is (a count), stored
-//! with one relaxed atomic write on every lock and cleared on unlock. No clock is read on
-//! that path (a clock read would cost five times the lock): how long a lock has been held
-//! is measured by the watchdog, from the first look that saw that same acquisition, so it
-//! is a lower bound, late by at most one look (`stall_after / 8`). A lock registers itself in a
-//! process-wide registry the first time it is taken, and leaves it when dropped, so a
-//! million machines whose lock was never taken cost no entry. Only a thread that finds the
-//! lock taken (`try_lock` failed) writes itself down as waiting, in the registry, before it
-//! blocks: the uncontended path never touches shared state.
+//! A [`Mutex`] is a `parking_lot::Mutex` with a name (`"rib.writer"`) and one word beside
+//! it: the holder (a small per-thread token) and which acquisition this is (a count),
+//! stored with relaxed atomic writes on every lock and cleared on unlock. No clock is read
+//! on that path (a clock read would cost five times the lock): how long a lock has been
+//! held is measured by the watchdog, from the first look that saw that same acquisition, a
+//! lower bound late by at most one look (`stall_after / 8`).
+//!
+//! A lock registers itself in a process-wide registry the first time it is taken, and
+//! leaves it when dropped, so a million machines whose lock was never taken cost no entry.
+//! Only a thread that finds the lock taken (`try_lock` failed) writes itself down as
+//! waiting, in the registry, before it blocks: the uncontended path touches nothing but
+//! the lock itself.
 //!
 //! From [`snapshot`] the watchdog thread sees every lock held (name, holder thread, since
 //! when) and every waiting thread (and on which lock). A cycle among them (thread A holds
@@ -21,8 +23,10 @@
 //! module is tern's own view, with names an operator can read in a diagnostics file.
 //!
 //! Not visible yet: the DashMaps on tern's paths (autostart's wakes, held counts, checkers,
-//! ops and lines; the replay cache; upstream's hosts) and the locks of `http::body`. A
-//! deadlock through one of them shows as a stale heartbeat, not as a cycle.
+//! ops and lines; the replay cache; upstream's hosts), the locks of `http::body`, and
+//! tokio's async mutexes (autostart's per-machine `ops`), which block tasks, not threads.
+//! A deadlock through one of them shows as a stale heartbeat (or as nothing, for tasks),
+//! not as a cycle.
 //!
 //! This is the one part of the watchdog the rest of tern imports; it imports nothing of
 //! tern's but the watchdog's clock.
