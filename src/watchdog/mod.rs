@@ -332,11 +332,14 @@ impl Watchdog {
     fn report(&self, findings: Vec<Finding>, obs: &Observation, hooks: &Hooks) {
         let at_unix_ms = crate::clock::unix_ms();
         let pid = std::process::id();
+        // A panicking hook must not cost the report (the file matters more than the number).
+        let generation =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (hooks.generation)())).unwrap_or(0);
         let report = diagnostics::Report {
             findings: &findings,
             obs,
             stall_after_ms: self.limits().stall_after_ms,
-            generation: (hooks.generation)(),
+            generation,
             pid,
             at_unix_ms,
         };
