@@ -99,7 +99,7 @@ pub fn render(r: &Report<'_>, tasks: &[Task]) -> String {
 
 fn render_locks(s: &mut String, obs: &Observation) {
     let locks = &obs.locks;
-    let _ = writeln!(s, "\n== Tracked locks held (held for, in ms)");
+    let _ = writeln!(s, "\n== Tracked locks held (held for at least, in ms)");
     if locks.held.is_empty() {
         let _ = writeln!(s, "(none)");
     }

@@ -73,7 +73,7 @@ mod tests {
         deadlock(taker(&a), taker(&b)).unwrap();
         // Both threads block once each holds one lock; wait until the registry shows it.
         let mut snap = loop {
-            let mut s = lock::snapshot();
+            let mut s = lock::snapshot(&mut lock::HoldDates::default(), super::super::now_ms());
             s.retain_locks(|n| n.starts_with("test.fault."));
             if s.waiting.len() == 2 && s.held.len() == 2 {
                 break s;

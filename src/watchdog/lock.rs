@@ -1,12 +1,17 @@
 //! Named, tracked mutexes, so the watchdog can say which lock is wedged and who holds it.
 //!
-//! A [`Mutex`] is a `parking_lot::Mutex` with a name (`"rib.writer"`) and one word beside it:
-//! the holder (a small per-thread token) and the time it took the lock, stored with one
-//! relaxed atomic write on every lock and cleared on unlock. A lock registers itself in a
-//! process-wide registry the first time it is taken, and leaves it when dropped, so a
-//! million machines whose lock was never taken cost no entry. Only a thread that finds the
-//! lock taken (`try_lock` failed) writes itself down as waiting, in the registry, before it
-//! blocks: the uncontended path never touches shared state.
+//! A [`Mutex`] is a `parking_lot::Mutex` with a name (`"rib.writer"`) and one word beside
+//! it: the holder (a small per-thread token) and which acquisition this is (a count),
+//! stored with relaxed atomic writes on every lock and cleared on unlock. No clock is read
+//! on that path (a clock read would cost five times the lock): how long a lock has been
+//! held is measured by the watchdog, from the first look that saw that same acquisition, a
+//! lower bound late by at most one look (`stall_after / 40`).
+//!
+//! A lock registers itself in a process-wide registry the first time it is taken, and
+//! leaves it when dropped, so a million machines whose lock was never taken cost no entry.
+//! Only a thread that finds the lock taken (`try_lock` failed) writes itself down as
+//! waiting, in the registry, before it blocks: the uncontended path touches nothing but
+//! the lock itself.
 //!
 //! From [`snapshot`] the watchdog thread sees every lock held (name, holder thread, since
 //! when) and every waiting thread (and on which lock). A cycle among them (thread A holds
@@ -18,8 +23,10 @@
 //! module is tern's own view, with names an operator can read in a diagnostics file.
 //!
 //! Not visible yet: the DashMaps on tern's paths (autostart's wakes, held counts, checkers,
-//! ops and lines; the replay cache; upstream's hosts) and the locks of `http::body`. A
-//! deadlock through one of them shows as a stale heartbeat, not as a cycle.
+//! ops and lines; the replay cache; upstream's hosts), the locks of `http::body`, and
+//! tokio's async mutexes (autostart's per-machine `ops`), which block tasks, not threads.
+//! A deadlock through one of them shows as a stale heartbeat (or as nothing, for tasks),
+//! not as a cycle.
 //!
 //! This is the one part of the watchdog the rest of tern imports; it imports nothing of
 //! tern's but the watchdog's clock.
@@ -34,11 +41,11 @@ use std::time::Duration;
 
 use super::now_ms;
 
-/// Bits of a lock's word that hold the holder's thread token; the rest hold the time it was
-/// taken, in [`now_ms`] milliseconds (40 bits: 34 years of uptime).
+/// Bits of a lock's word that hold the holder's thread token; the rest count acquisitions
+/// (wrapping), which tells one hold from the next by the same thread.
 const TOKEN_BITS: u32 = 24;
-const MS_BITS: u32 = 64 - TOKEN_BITS;
-const MS_MASK: u64 = (1 << MS_BITS) - 1;
+const SEQ_BITS: u32 = 64 - TOKEN_BITS;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
 /// The token of a thread whose own could not be had (it is exiting, or tokens ran out).
 const UNKNOWN_THREAD: u32 = (1 << TOKEN_BITS) - 1;
 
@@ -58,9 +65,11 @@ pub(crate) struct LockState {
     id: u64,
     name: &'static str,
     may_hold_ms: u64,
-    /// `token << 40 | since_ms` of the holder, zero while free. One word, so the watchdog
-    /// never pairs one holder with another's time.
+    /// `token << 40 | seq` of the holder, zero while free. One word, so the watchdog never
+    /// pairs one holder with another's acquisition.
     word: AtomicU64,
+    /// Acquisitions so far; written only by the holder, so a load and a store suffice.
+    seq: AtomicU64,
 }
 
 impl<T> Mutex<T> {
@@ -91,7 +100,10 @@ impl<T> Mutex<T> {
             Some(guard) => guard,
             None => wait_for(state, &self.inner),
         };
-        state.word.store(pack(thread_token(), now_ms()), Relaxed);
+        // Never zero (zero means free): the token is.
+        let seq = state.seq.load(Relaxed).wrapping_add(1);
+        state.seq.store(seq, Relaxed);
+        state.word.store(pack(thread_token(), seq), Relaxed);
         MutexGuard { inner, state }
     }
 
@@ -160,18 +172,24 @@ fn wait_for<'a, T>(state: &LockState, inner: &'a parking_lot::Mutex<T>) -> parki
     guard
 }
 
-fn pack(token: u32, ms: u64) -> u64 {
-    (u64::from(token) << MS_BITS) | (ms & MS_MASK)
+fn pack(token: u32, seq: u64) -> u64 {
+    (u64::from(token) << SEQ_BITS) | (seq & SEQ_MASK)
 }
 
-fn unpack(word: u64) -> (u32, u64) {
-    (u32::try_from(word >> MS_BITS).unwrap_or(UNKNOWN_THREAD), word & MS_MASK)
+fn holder(word: u64) -> u32 {
+    u32::try_from(word >> SEQ_BITS).unwrap_or(UNKNOWN_THREAD)
 }
 
 fn register(name: &'static str, may_hold_ms: u64) -> Arc<LockState> {
     let mut reg = REGISTRY.lock();
     reg.next_lock += 1;
-    let state = Arc::new(LockState { id: reg.next_lock, name, may_hold_ms, word: AtomicU64::new(0) });
+    let state = Arc::new(LockState {
+        id: reg.next_lock,
+        name,
+        may_hold_ms,
+        word: AtomicU64::new(0),
+        seq: AtomicU64::new(0),
+    });
     reg.locks.insert(state.id, state.clone());
     state
 }
@@ -284,6 +302,8 @@ pub struct HeldLock {
     pub lock: u64,
     pub name: &'static str,
     pub holder: u32,
+    /// When the first snapshot that saw this hold was taken (with the same [`HoldDates`]):
+    /// it was taken at most one look earlier.
     pub since_ms: u64,
     /// How long it may be held before it counts as wedged, beyond `stall_after` (zero: no
     /// longer than that).
@@ -325,21 +345,36 @@ impl LockSnapshot {
     }
 }
 
-/// Every tracked lock held now and every thread waiting for one. Takes the registry's lock
-/// briefly; reads each lock's word without locking it.
-pub fn snapshot() -> LockSnapshot {
+/// When each hold was first seen, across snapshots: each watchdog keeps its own.
+#[derive(Debug, Default)]
+pub struct HoldDates(BTreeMap<u64, (u64, u64)>);
+
+/// Every tracked lock held now and every thread waiting for one, a hold dated by `dates`
+/// from the first snapshot that saw it (`now_ms` if this one is the first). Takes the
+/// registry's lock briefly; reads each lock's word without locking it.
+pub fn snapshot(dates: &mut HoldDates, now_ms: u64) -> LockSnapshot {
     let reg = REGISTRY.lock();
-    let held = reg
-        .locks
-        .values()
-        .filter_map(|s| {
-            let word = s.word.load(Relaxed);
-            (word != 0).then(|| {
-                let (holder, since_ms) = unpack(word);
-                HeldLock { lock: s.id, name: s.name, holder, since_ms, may_hold_ms: s.may_hold_ms }
-            })
-        })
-        .collect();
+    let mut seen = BTreeMap::new();
+    let mut held = Vec::new();
+    for s in reg.locks.values() {
+        let word = s.word.load(Relaxed);
+        if word == 0 {
+            continue;
+        }
+        let since_ms = match dates.0.get(&s.id) {
+            Some(&(same, since)) if same == word => since,
+            _ => now_ms,
+        };
+        seen.insert(s.id, (word, since_ms));
+        held.push(HeldLock {
+            lock: s.id,
+            name: s.name,
+            holder: holder(word),
+            since_ms,
+            may_hold_ms: s.may_hold_ms,
+        });
+    }
+    dates.0 = seen;
     let waiting = reg
         .waiters
         .iter()
@@ -356,7 +391,7 @@ mod tests {
     use super::*;
 
     fn mine(prefix: &'static str) -> LockSnapshot {
-        let mut s = snapshot();
+        let mut s = snapshot(&mut HoldDates::default(), now_ms());
         s.retain_locks(|n| n.starts_with(prefix));
         s
     }
@@ -372,10 +407,27 @@ mod tests {
         let held = &s.held[0];
         assert_eq!(held.name, "test.lock.held");
         assert_eq!(s.threads[&held.holder].tid, nix::unistd::gettid().as_raw());
-        assert!(held.since_ms <= now_ms());
         drop(guard);
         assert!(mine("test.lock.held").held.is_empty());
         assert_eq!(*lock.lock(), 2);
+    }
+
+    #[test]
+    fn a_hold_is_dated_from_the_first_look_that_saw_it_and_a_new_hold_afresh() {
+        let lock = Mutex::new("test.lock.dated", ());
+        let mut dates = HoldDates::default();
+        let mut dated = |at| {
+            let mut s = snapshot(&mut dates, at);
+            s.retain_locks(|n| n == "test.lock.dated");
+            s.held.first().map(|h| h.since_ms)
+        };
+        let guard = lock.lock();
+        assert_eq!(dated(1_000), Some(1_000));
+        assert_eq!(dated(1_250), Some(1_000), "the same hold");
+        drop(guard);
+        assert_eq!(dated(1_500), None);
+        let _again = lock.lock();
+        assert_eq!(dated(1_750), Some(1_750), "taken again by the same thread: a new hold");
     }
 
     #[test]
@@ -422,9 +474,13 @@ mod tests {
     }
 
     #[test]
-    fn the_word_keeps_holder_and_time_together() {
+    fn the_word_keeps_holder_and_acquisition_apart() {
         let word = pack(5, (1 << 40) + 77);
-        assert_eq!(unpack(word), (5, 77), "time wraps at 40 bits, never into the token");
-        assert_eq!(unpack(pack(UNKNOWN_THREAD, 3)), (UNKNOWN_THREAD, 3));
+        assert_eq!(
+            (holder(word), word & SEQ_MASK),
+            (5, 77),
+            "the count wraps at 40 bits, never into the token"
+        );
+        assert_eq!(holder(pack(UNKNOWN_THREAD, 3)), UNKNOWN_THREAD);
     }
 }

@@ -199,6 +199,7 @@ pub struct Watchdog {
     wedged: AtomicBool,
     started: AtomicBool,
     record: parking_lot::Mutex<Record>,
+    hold_dates: parking_lot::Mutex<lock::HoldDates>,
 }
 
 impl Watchdog {
@@ -211,6 +212,7 @@ impl Watchdog {
             wedged: AtomicBool::new(false),
             started: AtomicBool::new(false),
             record: parking_lot::Mutex::new(Record::default()),
+            hold_dates: parking_lot::Mutex::new(lock::HoldDates::default()),
         })
     }
 
@@ -294,9 +296,11 @@ impl Watchdog {
         Ok(())
     }
 
-    /// Heartbeats and tracked locks as they are at `now_ms`.
+    /// Heartbeats and tracked locks as they are at `now_ms` (which dates holds seen for the
+    /// first time: pass the real [`now_ms`]).
     pub fn observe(&self, now_ms: u64, previous_ms: Option<u64>) -> Observation {
-        Observation { now_ms, previous_ms, beats: self.beats_seen(), locks: lock::snapshot() }
+        let locks = lock::snapshot(&mut self.hold_dates.lock(), now_ms);
+        Observation { now_ms, previous_ms, beats: self.beats_seen(), locks }
     }
 
     fn beats_seen(&self) -> Vec<BeatSeen> {
@@ -338,11 +342,14 @@ impl Watchdog {
     fn report(&self, findings: Vec<Finding>, obs: &Observation, hooks: &Hooks) {
         let at_unix_ms = crate::clock::unix_ms();
         let pid = std::process::id();
+        // A panicking hook must not cost the report (the file matters more than the number).
+        let generation =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (hooks.generation)())).unwrap_or(0);
         let report = diagnostics::Report {
             findings: &findings,
             obs,
             stall_after_ms: self.limits().stall_after_ms,
-            generation: (hooks.generation)(),
+            generation,
             pid,
             at_unix_ms,
         };

@@ -33,10 +33,13 @@ fn dog(action: Action, dir: &std::path::Path) -> (Arc<Watchdog>, Arc<Metrics>) {
 /// What the watchdog sees `after_ms` past `beat`'s last tick, without other tests' locks
 /// (the lock registry is process-wide).
 fn look(dog: &Watchdog, beat: &Beat, after_ms: u64) -> Observation {
-    let last = beat.0.last_ms.load(Ordering::Relaxed);
-    let mut obs = dog.observe(last + after_ms, Some((last + after_ms).saturating_sub(250)));
-    obs.locks = LockSnapshot::default();
-    obs
+    let now_ms = beat.0.last_ms.load(Ordering::Relaxed) + after_ms;
+    Observation {
+        now_ms,
+        previous_ms: Some(now_ms.saturating_sub(250)),
+        beats: dog.beats_seen(),
+        ..Default::default()
+    }
 }
 
 fn stalls(m: &Metrics, what: &str) -> u64 {
@@ -263,7 +266,7 @@ fn a_deadlock_on_terns_own_rib_and_upstream_locks_starves_state_writes_and_is_na
     // Both fault threads wait on each other before the real work starts, or it could take
     // the writer lock first, write, and never wait at all.
     let waiting_names = || {
-        let mut s = lock::snapshot();
+        let mut s = lock::snapshot(&mut lock::HoldDates::default(), now_ms());
         s.retain_locks(|n| n == "rib.writer" || n == "upstream.idle");
         let named = |t: &u32| s.threads.get(t).map(|i| i.name.to_string()).unwrap_or_default();
         let names: Vec<String> = s.waiting.iter().map(|w| named(&w.thread)).collect();
