@@ -25,6 +25,7 @@ use crate::routing::Router;
 use crate::telemetry::Metrics;
 use crate::tls;
 use crate::upstream::{Pool, PoolConfig};
+use crate::watchdog::spin::{Counted, Guarded, Progress};
 use crate::watchdog::{Beat, Watchdog, beat_forever};
 
 /// One accepted connection.
@@ -262,24 +263,33 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
     let info = ConnInfo { peer, local, tls };
-    if tls {
-        let accepted = tls::accept(
-            stream,
-            deps.tls.clone(),
-            &deps.catalog,
-            deps.limits.tls_handshake_timeout,
-            &deps.metrics,
-        )
-        .await;
-        if let Ok(stream) = accepted {
-            let wire = match stream.get_ref().1.alpn_protocol() {
-                Some(b"h2") => Wire::Http2,
-                _ => Wire::Http1,
-            };
-            deps.server.serve(stream, info, handler, wire).await;
+    // The busy-loop guard: every byte read or written counts as progress; a connection
+    // task woken thousands of times a second without any is closed (spin::Guarded).
+    let progress = Progress::new();
+    let stream = Counted::new(stream, progress.clone());
+    let serve = async {
+        if tls {
+            let accepted = tls::accept(
+                stream,
+                deps.tls.clone(),
+                &deps.catalog,
+                deps.limits.tls_handshake_timeout,
+                &deps.metrics,
+            )
+            .await;
+            if let Ok(stream) = accepted {
+                let wire = match stream.get_ref().1.alpn_protocol() {
+                    Some(b"h2") => Wire::Http2,
+                    _ => Wire::Http1,
+                };
+                deps.server.serve(stream, info, handler, wire).await;
+            }
+        } else {
+            deps.server.serve(stream, info, handler, Wire::Sniff).await;
         }
-    } else {
-        deps.server.serve(stream, info, handler, Wire::Sniff).await;
-    }
+    };
+    let protocol = if tls { "tls" } else { "http" };
+    // A spinning connection is logged and counted by the guard; dropping it closes it.
+    let _ = Guarded::new(serve, progress, protocol, peer, deps.metrics.clone()).await;
     gauge.dec();
 }

@@ -28,3 +28,4 @@ mod streams;
 mod tls;
 mod upgrade;
 mod wake;
+mod watchdog;

@@ -138,3 +138,44 @@ async fn a_failed_upgrade_leaves_the_running_tern_serving() {
     let healthz = reqwest::get(format!("http://{}/healthz", old.admin)).await.unwrap();
     assert_eq!(healthz.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_says_503_for_drain_delay_while_still_serving_then_exits_zero() {
+    let b = Backend::start("m1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rib.db");
+    harness::apply_decl(&db, &app_decl("app", &["app.test"], &[("m1", b.addr, "started")], ""));
+    let config = dir.path().join("tern.toml");
+    let shutdown = "[shutdown]\ndrain_window = \"1s\"\ndrain_delay = \"2s\"\n";
+    std::fs::write(&config, harness::node_config(&db, shutdown) + "format = \"json\"\n").unwrap();
+    let mut tern = ServeProcess::start(&config).await;
+    let drain = tokio::spawn({
+        let admin = tern.admin.to_string();
+        async move {
+            tokio::process::Command::new(tern_bin())
+                .args(["drain", "--admin", &admin])
+                .output()
+                .await
+                .unwrap()
+        }
+    });
+    let started = tokio::time::Instant::now();
+    eventually(Duration::from_secs(5), || async {
+        let r = reqwest::get(format!("http://{}/healthz", tern.admin)).await.ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await
+    .expect("/healthz turns 503 first");
+    // Within drain_delay the listeners still take and serve connections, so the anycast
+    // route can be withdrawn before anything is refused.
+    assert_eq!(fresh_get(tern.http, "/id").await, Ok(200));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let status =
+        tokio::time::timeout(Duration::from_secs(15), tern.child.wait()).await.expect("exits").unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() >= Duration::from_secs(2), "not before drain_delay");
+    let out = drain.await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("has exited"));
+    assert!(tokio::net::TcpStream::connect(tern.http).await.is_err(), "listeners closed");
+}
