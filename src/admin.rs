@@ -80,8 +80,11 @@ impl Admin {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.handle(req).await) }
                 });
-                let conn =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                // One request per connection: a health check after an upgrade then always
+                // reaches the process that serves, never a kept-alive line to the old one.
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(stream), svc);
                 if let Err(e) = conn.await {
                     tracing::debug!(target: "tern::admin", error = %e, "admin connection ended");
                 }

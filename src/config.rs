@@ -652,14 +652,20 @@ mod tests {
 
     #[test]
     fn watchdog_and_debug_sections_parse_and_faults_stay_on_loopback() {
-        let c = Config::parse("[watchdog]\nstall_after = \"500ms\"\naction = \"exit\"\n[debug]\nfaults = true\n").unwrap();
+        let c =
+            Config::parse("[watchdog]\nstall_after = \"500ms\"\naction = \"exit\"\n[debug]\nfaults = true\n")
+                .unwrap();
         assert_eq!(c.watchdog.stall_after, Duration::from_millis(500));
         assert_eq!(c.watchdog.action, WedgeAction::Exit);
         assert!(c.debug.faults);
         let d = Config::default();
-        assert_eq!((d.watchdog.stall_after, d.watchdog.action), (Duration::from_secs(2), WedgeAction::Bounce));
+        assert_eq!(
+            (d.watchdog.stall_after, d.watchdog.action),
+            (Duration::from_secs(2), WedgeAction::Bounce)
+        );
         assert!(!d.debug.faults, "never on by default");
-        let (line, msg) = Config::parse("[admin]\naddr = \"0.0.0.0:9090\"\n[debug]\nfaults = true\n").unwrap_err();
+        let (line, msg) =
+            Config::parse("[admin]\naddr = \"0.0.0.0:9090\"\n[debug]\nfaults = true\n").unwrap_err();
         assert_eq!(line, 4);
         assert!(msg.contains("non-loopback"), "{msg}");
         let (_, msg) = Config::parse("[watchdog]\naction = \"reboot\"\n").unwrap_err();

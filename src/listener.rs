@@ -106,9 +106,15 @@ pub async fn accept_loop<F>(
                 metrics.accept_errors.with_label_values(&[reason]).inc();
                 if back_off {
                     tracing::warn!(target: "tern::listener", listener = %label, error = %e, retry_in = ?backoff, "accept failed");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = crate::shutdown::requested(&mut shutdown) => return,
+                    let pause = tokio::time::sleep(backoff);
+                    tokio::pin!(pause);
+                    loop {
+                        tokio::select! {
+                            () = &mut pause => break,
+                            () = crate::shutdown::requested(&mut shutdown) => return,
+                            // Backing off is not being stuck: keep ticking.
+                            _ = every.tick() => if let Some(b) = &beat { b.tick() },
+                        }
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }

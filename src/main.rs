@@ -236,8 +236,10 @@ fn admin_addr(
 /// A POST to the admin address over plain HTTP/1.1: (status, body).
 fn admin_post(addr: std::net::SocketAddr, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr)
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
         .with_context(|| format!("cannot reach the running tern's admin address {addr}; is it running?"))?;
+    // An upgrade answers once the new process serves (it may load a large catalog first).
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
     write!(
         conn,
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -721,6 +721,13 @@ impl Lifecycle {
         }
     }
 
+    /// Another process runs this node's machines from now on (an upgrade or a bounce
+    /// handed them over, still running): this one starts and wakes nothing more. Requests
+    /// still draining here that would need a wake are answered `shutting_down`.
+    pub fn hand_over(&self) {
+        self.closing.cancel();
+    }
+
     /// Asks every open stream through this node to end cleanly: SSE responses at an event
     /// boundary, WebSockets with a close frame. Used at shutdown, when they would otherwise
     /// hold the drain to its deadline and then be cut.

@@ -19,7 +19,10 @@
 //! checks that the machine's process still runs and that the tern that started it does not
 //! (start times guard against reused pids), and stops it before starting anything: otherwise
 //! it would keep the machine's port and answer in place of the machine tern starts. A
-//! machine of a tern that still runs (the old process during an upgrade) is left alone.
+//! machine of another tern that still runs is left alone, except the one that started this
+//! process (an upgrade or a bounce): its machines are adopted, still running, and watched
+//! by their start time since only their first parent can wait for them. The record's second
+//! line (the machine's app, region, address and command) is what makes that possible.
 //! The machine learns who it is from `FLY_MACHINE_ID`, `FLY_APP_NAME`, `FLY_REGION` and
 //! `PORT`, as on Fly.io.
 
@@ -79,6 +82,12 @@ impl ProcessDriver {
             .env("FLY_APP_NAME", &*m.app)
             .env("FLY_REGION", &m.region)
             .env("PORT", m.addr.port().to_string())
+            // What tern's own supervisor and successor use is not the machine's business.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("TERN_READY")
+            .env_remove("TERN_LISTEN_ROLES")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
@@ -97,33 +106,29 @@ impl ProcessDriver {
         let pid_path = self.log_dir.join(format!("{}.pid", m.id));
         let me = Pid::this();
         if let (Some(started), Some(my_start)) = (start_time(pgid), start_time(me)) {
-            let record = format!("{} {started} {} {my_start}\n", pgid.as_raw(), me.as_raw());
+            let record =
+                format!("{} {started} {} {my_start}\n{}\n", pgid.as_raw(), me.as_raw(), target_json(m));
             if let Err(e) = std::fs::write(&pid_path, record) {
                 tracing::warn!(target: "tern::driver", machine = %m.id, error = %e, "cannot record the machine's pid");
             }
         }
         tracing::info!(target: "tern::driver", machine = %m.id, pid, log = %log_path.display(), "machine process started");
 
-        let (procs, events, id) = (self.procs.clone(), self.events.clone(), m.id.clone());
+        let exit = Exit {
+            procs: self.procs.clone(),
+            events: self.events.clone(),
+            id: m.id.clone(),
+            pgid,
+            pid_path,
+            tx,
+            stopping,
+        };
         tokio::spawn(async move {
             let status = match child.wait().await {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("wait failed: {e}"),
             };
-            // Only forget the entry if it is still this process (not a later start).
-            if procs.remove_if(&id, |_, p| p.pgid == pgid).is_some()
-                && read_record(&pid_path).is_some_and(|r| r.machine.0 == pgid)
-            {
-                // Still this process's record, not a later start's.
-                let _ = std::fs::remove_file(&pid_path);
-            }
-            let _ = tx.send(true);
-            if stopping.load(std::sync::atomic::Ordering::Acquire) {
-                tracing::info!(target: "tern::driver", machine = %id, %status, "machine process stopped");
-            } else {
-                tracing::warn!(target: "tern::driver", machine = %id, %status, "machine process exited on its own");
-                let _ = events.send(DriverEvent::Exited { id, status });
-            }
+            exit.exited(&status);
         });
         Ok(())
     }
@@ -207,7 +212,15 @@ impl Driver for ProcessDriver {
                 };
                 let (owner, owner_started) = record.owner;
                 if owner != Pid::this() && start_time(owner) == Some(owner_started) {
-                    continue; // its tern still runs (the old one, during an upgrade): its own
+                    // The tern that started this one hands its machines over; any other
+                    // tern that still runs keeps its own.
+                    if owner == nix::unistd::getppid() {
+                        let id =
+                            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                        let text = std::fs::read_to_string(&path).unwrap_or_default();
+                        self.adopt(&id, &path, &record, &text);
+                    }
+                    continue;
                 }
                 let _ = std::fs::remove_file(&path);
                 let (pgid, started) = record.machine;
@@ -222,6 +235,107 @@ impl Driver for ProcessDriver {
             while stops.join_next().await.is_some() {}
         })
     }
+}
+
+/// What to do when a machine process ends, however tern learns of it (waiting for its own
+/// child, or watching one it adopted).
+struct Exit {
+    procs: Arc<DashMap<Arc<str>, Proc>>,
+    events: mpsc::UnboundedSender<DriverEvent>,
+    id: Arc<str>,
+    pgid: Pid,
+    pid_path: PathBuf,
+    tx: watch::Sender<bool>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Exit {
+    fn exited(self, status: &str) {
+        let Exit { procs, events, id, pgid, pid_path, tx, stopping } = self;
+        // Only forget the entry if it is still this process (not a later start).
+        if procs.remove_if(&id, |_, p| p.pgid == pgid).is_some()
+            && read_record(&pid_path).is_some_and(|r| r.machine.0 == pgid)
+        {
+            // Still this process's record, not a later start's.
+            let _ = std::fs::remove_file(&pid_path);
+        }
+        let _ = tx.send(true);
+        if stopping.load(std::sync::atomic::Ordering::Acquire) {
+            tracing::info!(target: "tern::driver", machine = %id, %status, "machine process stopped");
+        } else {
+            tracing::warn!(target: "tern::driver", machine = %id, %status, "machine process exited on its own");
+            let _ = events.send(DriverEvent::Exited { id, status: status.to_string() });
+        }
+    }
+}
+
+/// A target as the second line of a `.pid` file, so a successor can adopt the machine.
+fn target_json(t: &Target) -> String {
+    serde_json::json!({ "app": &*t.app, "region": t.region, "addr": t.addr.to_string(), "cmd": t.cmd })
+        .to_string()
+}
+
+fn target_from(id: &str, text: &str) -> Option<Target> {
+    let v: serde_json::Value = serde_json::from_str(text.lines().nth(1)?).ok()?;
+    Some(Target {
+        id: Arc::from(id),
+        app: Arc::from(v.get("app")?.as_str()?),
+        region: v.get("region")?.as_str()?.to_string(),
+        addr: v.get("addr")?.as_str()?.parse().ok()?,
+        cmd: serde_json::from_value(v.get("cmd")?.clone()).ok()?,
+    })
+}
+
+/// How often an adopted machine (not tern's child, so not waited for) is looked at.
+const ADOPTED_POLL: Duration = Duration::from_millis(100);
+
+impl ProcessDriver {
+    /// Takes over a machine the tern that started this one runs (an upgrade or a bounce
+    /// hands them over, still serving): its record names this process now, and its end is
+    /// noticed by watching its start time, since only its first parent can wait for it.
+    fn adopt(&self, id: &str, path: &std::path::Path, record: &Record, text: &str) -> bool {
+        let Some(target) = target_from(id, text) else { return false };
+        let (pgid, started) = record.machine;
+        if start_time(pgid) != Some(started) {
+            return false;
+        }
+        let me = Pid::this();
+        let Some(my_start) = start_time(me) else { return false };
+        let (tx, exited) = watch::channel(false);
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let frozen = proc_state(pgid) == Some('T');
+        self.procs.insert(
+            target.id.clone(),
+            Proc { pgid, target: target.clone(), exited, stopping: stopping.clone(), frozen },
+        );
+        let line =
+            format!("{} {started} {} {my_start}\n{}\n", pgid.as_raw(), me.as_raw(), target_json(&target));
+        let _ = std::fs::write(path, line);
+        tracing::info!(target: "tern::driver", machine = %id, pid = pgid.as_raw(), frozen,
+            "adopted a machine process from the tern that started this one");
+        let exit = Exit {
+            procs: self.procs.clone(),
+            events: self.events.clone(),
+            id: target.id.clone(),
+            pgid,
+            pid_path: path.to_path_buf(),
+            tx,
+            stopping,
+        };
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(ADOPTED_POLL);
+            while start_time(pgid) == Some(started) {
+                every.tick().await;
+            }
+            exit.exited("ended (adopted: no status)");
+        });
+        true
+    }
+}
+
+fn proc_state(pid: Pid) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw())).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 /// What a `.pid` file records: the machine's process group with its leader's start time,

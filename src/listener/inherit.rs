@@ -230,6 +230,9 @@ impl Handoff {
 /// one exits; the unit needs `NotifyAccess=all`).
 pub fn notify_ready() {
     let pid = std::process::id();
+    // systemd first: once the previous tern hears, it may exit, and systemd must already
+    // follow this process by then.
+    sd_notify(&format!("READY=1\nMAINPID={pid}"));
     if let Ok(name) = std::env::var(READY_VAR) {
         let sent = UnixAddr::from_abstract_name(name.as_bytes())
             .and_then(|a| UnixStream::connect_addr(&a))
@@ -238,7 +241,6 @@ pub fn notify_ready() {
             tracing::warn!(target: "tern::proxy", error = %e, "cannot tell the previous tern this one is ready");
         }
     }
-    sd_notify(&format!("READY=1\nMAINPID={pid}"));
 }
 
 /// Sends a state line to systemd, if it is listening (`NOTIFY_SOCKET`).

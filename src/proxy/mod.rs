@@ -259,11 +259,14 @@ impl Background {
     }
 
     /// Once the workers are done: machines this node runs go down with it, recorded as
-    /// stopped (the next start wakes them on demand), and the runtimes end.
-    async fn stop(self) {
+    /// stopped (the next start wakes them on demand), unless a successor took them over;
+    /// then the runtimes end.
+    async fn stop(self, handed_over: bool) {
         let _ = self.supervisor.await;
-        let l = self.lifecycle.clone();
-        let _ = self.lifecycle_rt.handle.spawn(async move { l.stop_all().await }).await;
+        if !handed_over {
+            let l = self.lifecycle.clone();
+            let _ = self.lifecycle_rt.handle.spawn(async move { l.stop_all().await }).await;
+        }
         let _ = self.updater.await;
         self.lifecycle_rt.stop().await;
         self.catalog_rt.stop().await;
@@ -298,12 +301,7 @@ pub async fn run(
     let watchdog = wedge::watchdog(&config, &metrics);
     let control_beat =
         tokio::spawn(crate::watchdog::beat_forever(watchdog.heartbeat("control"), watchdog.tick_period()));
-    let tasks = crate::tasks::Tasks::new(
-        metrics.clone(),
-        Arc::new(|task: &str| {
-            tracing::error!(target: "tern::proxy", task, "a background task that cannot be restarted died");
-        }),
-    );
+    let tasks = crate::tasks::Tasks::new(metrics.clone(), escalate_to(&watchdog));
     let bg =
         Background::start(&config, rib.clone(), &metrics, &catalog, &tasks, &shutdown, &watchdog).await?;
     let lifecycle = bg.lifecycle.clone();
@@ -360,6 +358,9 @@ pub async fn run(
     wedge::start(&watchdog, catalog.clone(), bounce).map_err(StartError::Workers)?;
     tracing::info!(target: "tern::proxy", admin = %admin_addr, region = %config.region,
         workers = config.worker_count(), "tern is serving");
+    // Installed before anyone is told this process is ready: a SIGUSR2 sent at once must
+    // find the handler, not the default action (which ends the process).
+    let usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()).ok();
     crate::listener::inherit::notify_ready();
 
     let node = Node {
@@ -370,7 +371,12 @@ pub async fn run(
         rib: &rib,
         catalog: &catalog,
     };
-    let ending = node.serve_until_the_end(external, control, bounced).await;
+    let ending = node.serve_until_the_end(external, control, bounced, usr2).await;
+    if matches!(ending, Ending::Upgraded(_) | Ending::Bounced(_)) {
+        // Health checks on new connections reach the new process; this one stops
+        // answering them before it says it drains.
+        let _ = admin_stop_tx.send(true);
+    }
     health.set_draining();
     // Streams never finish on their own, and keep-alive connections need not: each ends at
     // its own time in the window, so clients reconnect (to the new process, after an
@@ -384,8 +390,12 @@ pub async fn run(
     match ending {
         Ending::Upgraded(pid) | Ending::Bounced(pid) => {
             // The new process serves the admin address too from now on, and systemd
-            // follows it (its READY=1 carried MAINPID).
+            // follows it (its READY=1 carried MAINPID). It adopted the machines this one
+            // runs: from now on this one only finishes its exchanges, on the catalog as it
+            // stands, and starts, wakes and stops nothing.
             let _ = admin_stop_tx.send(true);
+            lifecycle.hand_over();
+            let _ = halt_tx.send(true);
             tracing::info!(target: "tern::proxy", successor = pid, open_connections = workers.open_connections(),
                 drain_window = ?window, "handed the listening sockets over; draining this process");
         }
@@ -402,7 +412,7 @@ pub async fn run(
     let _ = halt_tx.send(true);
     let _ = admin_stop_tx.send(true);
     let _ = admin_task.await;
-    bg.stop().await;
+    bg.stop(matches!(ending, Ending::Upgraded(_) | Ending::Bounced(_))).await;
     control_beat.abort();
     finished.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(target: "tern::proxy", "stopped");
@@ -439,8 +449,8 @@ impl Node<'_> {
         mut external: watch::Receiver<bool>,
         mut control: tokio::sync::mpsc::UnboundedReceiver<Control>,
         mut bounced: watch::Receiver<Option<u32>>,
+        mut usr2: Option<tokio::signal::unix::Signal>,
     ) -> Ending {
-        let mut usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()).ok();
         loop {
             let op = tokio::select! {
                 () = crate::shutdown::requested(&mut external) => return Ending::Stop,
@@ -577,6 +587,17 @@ fn own_binary() -> std::path::PathBuf {
         }
         Err(_) => std::path::PathBuf::from("/proc/self/exe"),
     }
+}
+
+/// A background task that died and cannot be restarted leaves the node without something
+/// it needs (the catalog no longer followed, machine exits no longer heard): a wedge. It
+/// is handed to the watchdog as a heartbeat that never ticks again, so it is reported,
+/// with its name, `stall_after` later, and the configured action follows.
+fn escalate_to(watchdog: &Arc<crate::watchdog::Watchdog>) -> crate::tasks::Escalate {
+    let (watchdog, dead) = (watchdog.clone(), Arc::new(parking_lot::Mutex::new(Vec::new())));
+    Arc::new(move |task: &str| {
+        dead.lock().push(watchdog.heartbeat(&format!("task {task} (panicked)")));
+    })
 }
 
 /// A task's handle as a future that panics if the task did: for [`crate::tasks::Tasks::watch`]

@@ -179,3 +179,55 @@ async fn drain_says_503_for_drain_delay_while_still_serving_then_exits_zero() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("has exited"));
     assert!(tokio::net::TcpStream::connect(tern.http).await.is_err(), "listeners closed");
 }
+
+/// The machines a tern runs (process driver) pass to the new process still running: the
+/// same process keeps serving, and the new tern is the one that stops it in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_hands_running_machines_over_instead_of_starting_them_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rib.db");
+    let port = crate::wake::free_port();
+    let cmd: Vec<String> = crate::wake::backend_cmd(port).iter().map(|c| format!("{c:?}")).collect();
+    let decl = format!(
+        "[[apps]]\nname = \"app\"\nhostnames = [\"app.test\"]\n\n[[machines]]\nid = \"m1\"\napp = \"app\"\n\
+         addr = \"127.0.0.1:{port}\"\nstate = \"started\"\ncmd = [{}]\n",
+        cmd.join(", ")
+    );
+    harness::apply_decl(&db, &decl);
+    let config = dir.path().join("tern.toml");
+    std::fs::write(&config, harness::node_config(&db, "") + "format = \"json\"\n").unwrap();
+    let mut old = ServeProcess::start(&config).await;
+    eventually(Duration::from_secs(10), || async {
+        (fresh_get(old.http, "/id").await == Ok(200)).then_some(())
+    })
+    .await
+    .expect("the declared machine starts");
+    let pid_file = dir.path().join("machine-logs").join("m1.pid");
+    let machine_pid = |text: &str| text.split_whitespace().next().unwrap().to_string();
+    let before = machine_pid(&std::fs::read_to_string(&pid_file).unwrap());
+
+    let out = cli(&["upgrade"], &old).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let new_pid: u32 = stdout.split_whitespace().nth(2).and_then(|p| p.parse().ok()).unwrap();
+    let reap = Reap(new_pid);
+    let status = tokio::time::timeout(Duration::from_secs(30), old.child.wait()).await.unwrap().unwrap();
+    assert!(status.success());
+    // The same machine process, now recorded as the new tern's, still serving.
+    let record = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(machine_pid(&record), before, "not started a second time: {record}");
+    assert_eq!(record.split_whitespace().nth(2), Some(new_pid.to_string().as_str()), "{record}");
+    for _ in 0..10 {
+        assert_eq!(fresh_get(old.http, "/id").await, Ok(200));
+    }
+    // The new tern stops it when it stops.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(new_pid).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let machine = nix::unistd::Pid::from_raw(before.parse().unwrap());
+    let stopped = eventually(Duration::from_secs(20), || async {
+        nix::sys::signal::kill(machine, None).is_err().then_some(())
+    })
+    .await;
+    drop(reap);
+    assert!(stopped.is_some(), "the adopted machine is stopped by the tern that adopted it");
+}
