@@ -617,3 +617,31 @@ fn server_limits(limits: &crate::config::Limits) -> ServerLimits {
         keepalive_timeout: limits.keepalive_timeout,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_that_cannot_restart_becomes_a_stale_heartbeat_the_watchdog_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::watchdog::Settings {
+            stall_after: std::time::Duration::from_secs(2),
+            action: crate::watchdog::Action::Log,
+            diagnostics_dir: dir.path().to_path_buf(),
+        };
+        let watchdog = crate::watchdog::Watchdog::new(settings, Arc::new(Metrics::new()));
+        // Kept, as the node's Tasks keep it: the dead task's heartbeat lives in it.
+        let escalate = escalate_to(&watchdog);
+        escalate("catalog-follow");
+        let now = crate::watchdog::now_ms();
+        let hooks = crate::watchdog::Hooks { on_wedge: Box::new(|_| {}), generation: Box::new(|| 0) };
+        watchdog.judge(&watchdog.observe(now, None), &hooks);
+        assert!(!watchdog.is_wedged(), "not before stall_after");
+        watchdog.judge(&watchdog.observe(now + 2_000, Some(now + 1_950)), &hooks);
+        assert!(watchdog.is_wedged());
+        let status = watchdog.status_json();
+        let summary = status["stalls"]["last"]["summary"].as_str().unwrap();
+        assert!(summary.contains("task catalog-follow (panicked)"), "{status}");
+    }
+}
