@@ -37,6 +37,26 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
+/// What an accept loop does besides accepting, for a worker: tick its heartbeat every
+/// period, and ask `defer` whether to let another worker take the next connection.
+#[derive(Default)]
+pub struct Pacing {
+    pub beat: Option<(crate::watchdog::Beat, Duration)>,
+    pub defer: Option<Box<dyn Fn() -> bool + Send>>,
+}
+
+/// How long a worker ahead in open connections waits before it asks for the next one.
+const DEFER: Duration = Duration::from_millis(1);
+
+/// Whether worker `me` should let the others take the next connection: it holds more than
+/// the least loaded worker by over a sixteenth (and at least 1).
+pub fn ahead(loads: &[std::sync::Arc<std::sync::atomic::AtomicUsize>], me: usize) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(mine) = loads.get(me).map(|l| l.load(Relaxed)) else { return false };
+    let least = loads.iter().enumerate().filter(|(i, _)| *i != me).map(|(_, l)| l.load(Relaxed)).min();
+    least.is_some_and(|least| mine > least + (least / 16).max(1))
+}
+
 /// The `reason` label of `tern_accept_errors_total`, and whether to back off.
 fn classify(e: &io::Error) -> (&'static str, bool) {
     match e.raw_os_error() {
@@ -57,12 +77,13 @@ pub async fn accept_loop<F>(
     limit: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
-    beat: Option<(crate::watchdog::Beat, Duration)>,
+    pacing: Pacing,
     mut on_accept: F,
 ) where
     F: FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
 {
     let mut backoff = Duration::from_millis(5);
+    let Pacing { beat, defer } = pacing;
     let (beat, period) = match beat {
         Some((b, p)) => (Some(b), p),
         None => (None, Duration::from_secs(3600)),
@@ -88,6 +109,12 @@ pub async fn accept_loop<F>(
                 }
             }
         };
+        // A worker well ahead of another in open connections lets it take the next one:
+        // every worker sharing the socket is woken for it, and the kernel hands it to the
+        // first to ask. Only a head start, never a refusal: after the pause it asks too.
+        if defer.as_ref().is_some_and(|d| d()) {
+            tokio::time::sleep(DEFER).await;
+        }
         let accepted = loop {
             tokio::select! {
                 r = listener.accept() => break r,
@@ -126,6 +153,20 @@ pub async fn accept_loop<F>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_well_ahead_defers_to_the_least_loaded() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let loads = |v: &[usize]| v.iter().map(|&n| Arc::new(AtomicUsize::new(n))).collect::<Vec<_>>();
+        assert!(!ahead(&loads(&[0, 0]), 0));
+        assert!(!ahead(&loads(&[1, 0]), 0), "a slack of 1");
+        assert!(ahead(&loads(&[2, 0]), 0));
+        assert!(!ahead(&loads(&[0, 3]), 0), "behind is never ahead");
+        assert!(!ahead(&loads(&[106, 100]), 0), "within a sixteenth");
+        assert!(ahead(&loads(&[107, 100]), 0));
+        assert!(!ahead(&loads(&[5]), 0), "alone: no one to defer to");
+    }
 
     #[test]
     fn classifies_descriptor_exhaustion() {

@@ -88,6 +88,9 @@ impl Workers {
         watchdog: &Watchdog,
     ) -> std::io::Result<Workers> {
         let mut workers = Vec::with_capacity(count);
+        // Every worker's open connections, for the accept loops to keep them level.
+        let loads: Arc<Vec<Arc<AtomicUsize>>> =
+            Arc::new((0..count).map(|_| Arc::new(AtomicUsize::new(0))).collect());
         for i in 0..count {
             let mine = listeners
                 .iter()
@@ -95,7 +98,8 @@ impl Workers {
                 .collect::<std::io::Result<Vec<_>>>()?;
             let (commands, rx) = mpsc::unbounded_channel();
             let (done_tx, done) = oneshot::channel();
-            let open = Arc::new(AtomicUsize::new(0));
+            let open = loads[i].clone();
+            let level = Level { loads: loads.clone(), me: i };
             let (deps, open2) = (deps.clone(), open.clone());
             let pool = Pool::new(
                 PoolConfig {
@@ -121,7 +125,7 @@ impl Workers {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let pool2 = pool.clone();
             std::thread::Builder::new().name(format!("tern-worker-{i}")).spawn(move || {
-                runtime.block_on(run(deps, mine, rx, open2, pool2, beats));
+                runtime.block_on(run(deps, mine, rx, open2, pool2, beats, level));
                 let _ = done_tx.send(());
             })?;
             workers.push(Worker { commands, open, done, pool });
@@ -152,6 +156,13 @@ impl Workers {
     }
 }
 
+/// Which worker this is among all of them, to defer to a less loaded one.
+#[derive(Clone)]
+struct Level {
+    loads: Arc<Vec<Arc<AtomicUsize>>>,
+    me: usize,
+}
+
 /// A worker's heartbeats: its runtime's, and one per accept loop.
 struct Beats {
     runtime: Beat,
@@ -166,6 +177,7 @@ async fn run(
     open: Arc<AtomicUsize>,
     pool: Arc<Pool>,
     beats: Beats,
+    level: Level,
 ) {
     let tasks = TaskTracker::new();
     // Ends with the runtime, which retires the heartbeat with it.
@@ -213,7 +225,13 @@ async fn run(
             deps.connection_limit.clone(),
             deps.metrics.clone(),
             deps.stop_accepting.clone(),
-            Some((beat, beats.period)),
+            crate::listener::Pacing {
+                beat: Some((beat, beats.period)),
+                defer: Some({
+                    let level = level.clone();
+                    Box::new(move || crate::listener::ahead(&level.loads, level.me))
+                }),
+            },
             on_accept,
         )));
     }
