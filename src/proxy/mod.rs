@@ -321,6 +321,7 @@ pub async fn run(
         stop_accepting,
         connection_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
         lifecycle: lifecycle.clone(),
+        tasks: tasks.clone(),
         replay_cache: bg.replay_cache.clone(),
         drain: drain.clone(),
     };

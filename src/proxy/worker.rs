@@ -56,6 +56,8 @@ pub(super) struct Deps {
     /// The node-wide cap on open connections, shared by every worker's accept loops.
     pub connection_limit: Arc<Semaphore>,
     pub lifecycle: Arc<crate::autostart::Lifecycle>,
+    /// Starts the worker's own background tasks (its pool's reaper) under watch.
+    pub tasks: crate::tasks::Tasks,
     pub replay_cache: Arc<crate::routing::replay_cache::ReplayCache>,
     /// The node's drain: `begin` it to end connections and streams spread over a window.
     pub drain: Drain,
@@ -182,7 +184,7 @@ async fn run(
     let tasks = TaskTracker::new();
     // Ends with the runtime, which retires the heartbeat with it.
     let ticking = tokio::spawn(beat_forever(beats.runtime, beats.period));
-    tokio::spawn(pool.clone().reap_until(deps.shutdown.clone()));
+    keep_reaping(&deps, &pool);
     let handler = Arc::new(Handler {
         router: Router::new(deps.catalog.clone()),
         pool,
@@ -261,6 +263,14 @@ async fn run(
     }
     ticking.abort();
     // Whatever is left is cancelled when the runtime drops.
+}
+
+/// The pool's reaper, restarted if it panics, until the node's background work stops.
+fn keep_reaping(deps: &Deps, pool: &Arc<Pool>) {
+    let (pool, shutdown) = (pool.clone(), deps.shutdown.clone());
+    deps.tasks.keep(&tokio::runtime::Handle::current(), "pool-reaper", move || {
+        pool.clone().reap_until(shutdown.clone())
+    });
 }
 
 /// Fault injection (`[debug] faults`): this worker's thread stops, as if a task had made a

@@ -162,8 +162,10 @@ async fn a_deadlock_on_terns_own_locks_is_named_and_bounced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spinning_connection_is_closed_and_counted_without_a_bounce() {
     let b = Backend::start("m1").await;
-    let proxy =
-        Proxy::start_with(&app_decl("app", &["app.test"], &[("m1", b.addr, "started")], ""), FAULTS).await;
+    // In a process of its own: the faults are process-wide, and other tests' proxies in
+    // this one would take them.
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ServeProcess::start(&serve_config(dir.path(), b.addr)).await;
     assert_eq!(inject(proxy.admin, "spin").await, 200);
     let started = tokio::time::Instant::now();
     let mut spun = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
@@ -184,8 +186,10 @@ async fn a_spinning_connection_is_closed_and_counted_without_a_bounce() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_background_task_is_restarted_and_counted() {
     let b = Backend::start("m1").await;
-    let proxy =
-        Proxy::start_with(&app_decl("app", &["app.test"], &[("m1", b.addr, "started")], ""), FAULTS).await;
+    // In a process of its own: the faults are process-wide, and other tests' proxies in
+    // this one would take them.
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ServeProcess::start(&serve_config(dir.path(), b.addr)).await;
     let metric = |name: &'static str| {
         let admin = proxy.admin;
         async move {
