@@ -447,18 +447,6 @@ fn relative(at_ms: i64, now_ms: i64) -> String {
     if at_ms >= now_ms { format!("in {d}") } else { format!("{d} ago") }
 }
 
-/// Unix milliseconds as `2026-11-29T12:00:00Z` (days to civil date: Howard Hinnant's
-/// algorithm, exact for the proleptic Gregorian calendar).
 fn utc(ms: i64) -> String {
-    let (days, secs) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000) / 1000);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    tern::clock::utc_seconds(ms)
 }

@@ -143,21 +143,8 @@ pub fn write(dir: &Path, at_unix_ms: i64, pid: u32, text: &str) -> std::io::Resu
     Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "99 reports this second already"))
 }
 
-/// `2026-11-29T08:15:02.345Z`, from Unix milliseconds (UTC, proleptic Gregorian).
 fn utc(unix_ms: i64) -> String {
-    let (days, ms) = (unix_ms.div_euclid(86_400_000), unix_ms.rem_euclid(86_400_000));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (h, m, sec, milli) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
-    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{sec:02}.{milli:03}Z")
+    crate::clock::utc_millis(unix_ms)
 }
 
 #[cfg(test)]

@@ -357,3 +357,33 @@ pub fn reserve_port() -> u16 {
 pub fn dead_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], reserve_port()))
 }
+
+/// One request for `path` on `app.test` over a new connection (`Connection: close`), within
+/// 15 s: its status, or what went wrong (`connect: …` when the connection was refused).
+pub async fn fresh_get(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&out);
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("no status in {text:?}"))
+    };
+    tokio::time::timeout(Duration::from_secs(15), attempt).await.unwrap_or_else(|_| Err("timeout".into()))
+}
+
+/// Kills a process the test did not spawn itself (the new tern of an upgrade or a bounce)
+/// when the test ends, however it ends.
+pub struct Reap(pub u32);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0).unwrap_or(i32::MAX));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+}

@@ -7,20 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use crate::backend::Backend;
-use crate::harness::{self, ServeProcess, app_decl, eventually, tern_bin};
-
-/// Kills a process this test did not spawn itself (a successor) when the test ends.
-struct Reap(u32);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0).unwrap());
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-    }
-}
+use crate::harness::{self, Reap, ServeProcess, app_decl, eventually, fresh_get, tern_bin};
 
 fn setup(dir: &std::path::Path, backend: SocketAddr) -> std::path::PathBuf {
     let db = dir.join("rib.db");
@@ -28,20 +16,6 @@ fn setup(dir: &std::path::Path, backend: SocketAddr) -> std::path::PathBuf {
     let config = dir.join("tern.toml");
     std::fs::write(&config, harness::node_config(&db, "") + "format = \"json\"\n").unwrap();
     config
-}
-
-/// One request on a new connection: its status, or what went wrong.
-async fn fresh_get(addr: SocketAddr, path: &str) -> Result<u16, String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.map_err(|e| format!("read: {e}"))?;
-    let text = String::from_utf8_lossy(&out);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status in {text:?}"))
 }
 
 async fn cli(args: &[&str], tern: &ServeProcess) -> std::process::Output {

@@ -8,20 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::backend::Backend;
-use crate::harness::{self, Proxy, ServeProcess, app_decl, eventually};
-
-/// Kills a process this test did not spawn (the fresh tern of a bounce) when it ends.
-struct Reap(u32);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0).unwrap());
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-    }
-}
+use crate::harness::{self, Proxy, Reap, ServeProcess, app_decl, eventually, fresh_get};
 
 const FAULTS: &str = "[watchdog]\nstall_after = \"1s\"\n[debug]\nfaults = true\n";
 
@@ -31,24 +21,6 @@ fn serve_config(dir: &std::path::Path, backend: SocketAddr) -> std::path::PathBu
     let config = dir.join("tern.toml");
     std::fs::write(&config, harness::node_config(&db, FAULTS) + "format = \"json\"\n").unwrap();
     config
-}
-
-/// One request on a new connection, bounded: its status, or what went wrong.
-async fn fresh_get(addr: SocketAddr) -> Result<u16, String> {
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-        s.write_all(b"GET /id HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.map_err(|e| format!("read: {e}"))?;
-        let text = String::from_utf8_lossy(&out);
-        text.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("no status in {text:?}"))
-    };
-    tokio::time::timeout(Duration::from_secs(15), attempt).await.unwrap_or_else(|_| Err("timeout".into()))
 }
 
 async fn watchdog_status(admin: SocketAddr) -> Option<serde_json::Value> {
@@ -81,7 +53,7 @@ impl Load {
                 (stop.clone(), ok.clone(), Arc::clone(&failures));
             async move {
                 while !stop.load(Ordering::SeqCst) {
-                    match fresh_get(addr).await {
+                    match fresh_get(addr, "/id").await {
                         Ok(200) => {
                             ok.fetch_add(1, Ordering::SeqCst);
                         }
@@ -115,7 +87,7 @@ async fn bounced_by(fault: &str) -> String {
 
     assert_eq!(inject(old.admin, fault).await, 200);
     // A request so the deadlock's worker reaches for its lock (the load may be on the other).
-    let _ = fresh_get(old.http).await;
+    let _ = fresh_get(old.http, "/id").await;
     let status = eventually(Duration::from_secs(10), || async {
         let s = watchdog_status(old.admin).await?;
         (s["pid"].as_u64()? != u64::from(old_pid)).then_some(s)
@@ -128,7 +100,7 @@ async fn bounced_by(fault: &str) -> String {
     // New connections go to the fresh tern (the load's own may be stuck on the wedged
     // thread until the old process ends).
     for _ in 0..20 {
-        assert_eq!(fresh_get(old.http).await, Ok(200), "answered by the fresh tern");
+        assert_eq!(fresh_get(old.http, "/id").await, Ok(200), "answered by the fresh tern");
     }
     // The wedged one ends within its grace, even with a thread that never returns.
     let exited =
@@ -173,7 +145,7 @@ async fn a_spinning_connection_is_closed_and_counted_without_a_bounce() {
     let closed = tokio::time::timeout(Duration::from_secs(2), spun.read(&mut buf)).await;
     assert!(matches!(closed, Ok(Ok(0) | Err(_))), "closed within 2 s: {closed:?}");
     let took = started.elapsed();
-    assert_eq!(fresh_get(proxy.http).await, Ok(200), "other connections are served");
+    assert_eq!(fresh_get(proxy.http, "/id").await, Ok(200), "other connections are served");
     let metrics =
         reqwest::get(format!("http://{}/metrics", proxy.admin)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("tern_spurious_wakeups_total{protocol=\"http\"} 1"), "{metrics}");
@@ -210,7 +182,7 @@ async fn a_panicking_background_task_is_restarted_and_counted() {
     })
     .await
     .expect("the supervisor runs again");
-    assert_eq!(fresh_get(proxy.http).await, Ok(200));
+    assert_eq!(fresh_get(proxy.http, "/id").await, Ok(200));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
