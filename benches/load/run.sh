@@ -208,8 +208,9 @@ measure() {
     errs=$(awk '/Non-2xx/ {print $5} /Socket errors/ {print "sock"}' <<<"$out" | head -1)
     echo "${rps:-0} ${p99:-0} ${errs:-0}"
   else
-    h2load -c"$CONNS" -m8 -t1 -D 2 "$url" >/dev/null 2>&1 || true
-    out=$(h2load -c"$CONNS" -m8 -t1 -D "$DUR" "$url" 2>&1)
+    # h2load once hung past its -D against nginx: bounded, a hung round reports 0 req/s.
+    timeout 30 h2load -c"$CONNS" -m8 -t1 -D 2 "$url" >/dev/null 2>&1 || true
+    out=$(timeout $((DUR + 30)) h2load -c"$CONNS" -m8 -t1 -D "$DUR" "$url" 2>&1 || true)
     local rps mean fail
     rps=$(awk '/finished in/ {gsub(",","",$4); print $4}' <<<"$out")
     mean=$(awk '/time for request:/ {v=$6; if (v ~ /us$/) {sub("us","",v); v/=1000} else if (v ~ /ms$/) {sub("ms","",v)}; print v}' <<<"$out")
