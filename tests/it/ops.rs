@@ -222,13 +222,7 @@ fn decimals(v: &serde_json::Value) -> usize {
 async fn access_log_durations_are_rounded_to_hundredths_of_a_millisecond() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("rib.db");
-    let port = crate::wake::free_port();
-    let cmd: Vec<String> = crate::wake::backend_cmd(port).iter().map(|c| format!("{c:?}")).collect();
-    let decl = format!(
-        "[[apps]]\nname = \"app\"\nhostnames = [\"app.test\"]\n\n[[machines]]\nid = \"m1\"\napp = \"app\"\n\
-         addr = \"127.0.0.1:{port}\"\nstate = \"stopped\"\ncmd = [{}]\n",
-        cmd.join(", ")
-    );
+    let (decl, port) = crate::wake::one_process_machine("stopped");
     harness::apply_decl(&db, &decl);
     let config = dir.path().join("tern.toml");
     let text =

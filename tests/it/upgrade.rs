@@ -160,13 +160,7 @@ async fn drain_says_503_for_drain_delay_while_still_serving_then_exits_zero() {
 async fn upgrade_hands_running_machines_over_instead_of_starting_them_twice() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("rib.db");
-    let port = crate::wake::free_port();
-    let cmd: Vec<String> = crate::wake::backend_cmd(port).iter().map(|c| format!("{c:?}")).collect();
-    let decl = format!(
-        "[[apps]]\nname = \"app\"\nhostnames = [\"app.test\"]\n\n[[machines]]\nid = \"m1\"\napp = \"app\"\n\
-         addr = \"127.0.0.1:{port}\"\nstate = \"started\"\ncmd = [{}]\n",
-        cmd.join(", ")
-    );
+    let (decl, _) = crate::wake::one_process_machine("started");
     harness::apply_decl(&db, &decl);
     let config = dir.path().join("tern.toml");
     std::fs::write(&config, harness::node_config(&db, "") + "format = \"json\"\n").unwrap();

@@ -28,6 +28,19 @@ fn sleepy_app(extra: &str, machines: &[(&str, u16, &str, Vec<String>)]) -> Strin
     d
 }
 
+/// App `app` (`app.test`) with one machine `m1` the process driver runs from the test
+/// backend on a free port, declared in `state`: the declaration and the port.
+pub(crate) fn one_process_machine(state: &str) -> (String, u16) {
+    let port = free_port();
+    let cmd: Vec<String> = backend_cmd(port).iter().map(|c| format!("{c:?}")).collect();
+    let decl = format!(
+        "[[apps]]\nname = \"app\"\nhostnames = [\"app.test\"]\n\n[[machines]]\nid = \"m1\"\napp = \"app\"\n\
+         addr = \"127.0.0.1:{port}\"\nstate = \"{state}\"\ncmd = [{}]\n",
+        cmd.join(", ")
+    );
+    (decl, port)
+}
+
 pub(crate) fn backend_cmd(port: u16) -> Vec<String> {
     vec![backend_bin().display().to_string(), format!("127.0.0.1:{port}")]
 }

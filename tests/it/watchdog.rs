@@ -200,3 +200,35 @@ async fn fault_endpoints_are_absent_without_the_debug_switch() {
     }
     assert!(beats.iter().any(|b| b.starts_with("accept ")), "{beats:?}");
 }
+
+/// Operations refuse what they cannot act on, with a reason, and the node serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_refuse_bad_input_and_change_nothing() {
+    let b = Backend::start("m1").await;
+    let proxy = Proxy::start_with(
+        &app_decl("app", &["app.test"], &[("m1", b.addr, "started")], ""),
+        "[debug]\nfaults = true\n",
+    )
+    .await;
+    let post = |path: &'static str, body: &'static str| {
+        let admin = proxy.admin;
+        async move {
+            let r =
+                reqwest::Client::new().post(format!("http://{admin}{path}")).body(body).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (status, text) = post("/v1/upgrade", "{\"binary\": \"tern\"}").await;
+    assert_eq!((status, text.contains("absolute")), (400, true), "{text}");
+    let (status, text) = post("/v1/upgrade", "not json").await;
+    assert_eq!((status, text.contains("binary")), (400, true), "{text}");
+    let (status, text) = post("/v1/upgrade", "{\"bin\": \"/usr/bin/tern\"}").await;
+    assert_eq!(status, 400, "an unknown field is refused: {text}");
+    let (status, text) = post("/v1/debug/faults/reboot", "").await;
+    assert_eq!((status, text.contains("deadlock, block-worker, spin, panic")), (404, true), "{text}");
+    let (status, _) = post("/v1/nothing", "").await;
+    assert_eq!(status, 404);
+    let healthz = reqwest::get(format!("http://{}/healthz", proxy.admin)).await.unwrap();
+    assert_eq!(healthz.status(), 200, "still serving, not draining");
+    assert_eq!(fresh_get(proxy.http, "/id").await, Ok(200));
+}
