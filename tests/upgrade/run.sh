@@ -28,39 +28,8 @@ STREAM_LOAD="${STREAM_LOAD:-$root/target/release/examples/stream_load}"
 for b in "$TEST_MACHINE" "$STREAM_LOAD"; do
   [ -x "$b" ] || { echo "no $b: cargo build --release --example test_machine --example stream_load" >&2; exit 2; }
 done
-if ! command -v wrk >/dev/null; then
-  echo "installing wrk" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-fi
-command -v python3 >/dev/null || { echo "python3 is needed" >&2; exit 2; }
+. "$root/tests/wedge/lab.sh"
+lab_tools
 # 600 streams, each a connection through tern and one from tern to the backend.
 [ "$(ulimit -n)" -ge 8192 ] || ulimit -n 8192 2>/dev/null || true
-
-mkdir -p "$root/target/upgrade"
-WORK="$(mktemp -d "$root/target/upgrade/run-XXXXXX")"
-driver=
-cleanup() {
-  # The driver kills what it started (it is a subreaper, so a tern started by tern too); this
-  # is the backstop if it could not: every pid it recorded that still runs one of ours.
-  [ -n "$driver" ] && kill "$driver" 2>/dev/null && wait "$driver" 2>/dev/null
-  if [ -f "$WORK/pids" ]; then
-    while read -r p; do
-      [ -r "/proc/$p/cmdline" ] || continue
-      if tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qE "^($TERN|$TEST_MACHINE|$STREAM_LOAD|wrk) "; then
-        kill -9 "$p" 2>/dev/null || true
-      fi
-    done <"$WORK/pids"
-  fi
-  if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-TERN="$TERN" TEST_MACHINE="$TEST_MACHINE" STREAM_LOAD="$STREAM_LOAD" WORK="$WORK" python3 -u "$here/driver.py" &
-driver=$!
-set +e
-wait "$driver"
-rc=$?
-set -e
-driver=
-exit "$rc"
+lab_run upgrade "$here/driver.py" TERN="$TERN" TEST_MACHINE="$TEST_MACHINE" STREAM_LOAD="$STREAM_LOAD"
