@@ -35,8 +35,13 @@ pub async fn start(
     feed: Feed,
 ) -> Result<JoinHandle<()>, RibError> {
     let mut sub = rib.subscribe(None);
-    let cursor = match sub.next().await {
-        Some(Ok(RibEvent::Snapshot { records, cursor })) => {
+    let mut first = sub.next().await;
+    while let Some(Ok(RibEvent::Live)) = first {
+        first = sub.next().await;
+    }
+    let cursor = match first {
+        Some(Ok(RibEvent::Snapshot { records, cursor, .. })) => {
+            metrics.rib_connected.set(1);
             let current = catalog.load_full();
             let mut next = resync(&current, records, &cursor, &rib, &metrics).await;
             // Start from compact maps: nothing is serving yet, so the O(n) fold is free.
@@ -47,7 +52,7 @@ pub async fn start(
                 machines = snap.machine_count(), certificates = snap.cert_count(), "catalog loaded");
             cursor
         }
-        Some(Ok(RibEvent::Changes { .. })) => {
+        Some(Ok(RibEvent::Changes { .. } | RibEvent::Live)) => {
             return Err(RibError::Other("the RIB sent changes before a snapshot".into()));
         }
         Some(Err(e)) => return Err(e),
@@ -69,6 +74,9 @@ async fn follow(
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut compaction: Option<JoinHandle<Compacted>> = None;
+    let mut link = Link::new(&metrics);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if compaction.is_none() && catalog.load().needs_compaction() {
             let snap = catalog.load_full();
@@ -85,10 +93,20 @@ async fn follow(
                 }
                 continue;
             }
+            _ = tick.tick() => {
+                link.age(&metrics);
+                continue;
+            }
             e = sub.next() => e,
         };
+        match &event {
+            Some(Ok(_)) => link.up(&metrics),
+            Some(Err(_)) | None => link.down(&metrics),
+        }
         match event {
-            Some(Ok(RibEvent::Snapshot { records, cursor: c })) => {
+            Some(Ok(RibEvent::Live)) => {}
+            Some(Ok(RibEvent::Snapshot { records, cursor: c, reason })) => {
+                metrics.rib_resyncs.with_label_values(&[reason.as_str()]).inc();
                 let prev = catalog.load_full();
                 let touched = Touched::of_resync(&prev, &records);
                 let next = resync(&prev, records, &c, &rib, &metrics).await;
@@ -127,6 +145,44 @@ async fn follow(
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 sub = rib.subscribe(Some(cursor.clone()));
             }
+        }
+    }
+}
+
+/// Whether the catalog follows the RIB, for `tern_rib_connected` and
+/// `tern_rib_staleness_seconds`: any event from the store proves it current as of now; an
+/// error or an ended subscription means it may be falling behind from then on.
+struct Link {
+    last_current: tokio::time::Instant,
+    connected: bool,
+}
+
+impl Link {
+    fn new(metrics: &Metrics) -> Link {
+        metrics.rib_connected.set(1);
+        metrics.rib_staleness.set(0.0);
+        Link { last_current: tokio::time::Instant::now(), connected: true }
+    }
+
+    fn up(&mut self, metrics: &Metrics) {
+        self.last_current = tokio::time::Instant::now();
+        if !self.connected {
+            tracing::info!(target: "tern::catalog", "following the RIB again");
+        }
+        self.connected = true;
+        metrics.rib_connected.set(1);
+        metrics.rib_staleness.set(0.0);
+    }
+
+    fn down(&mut self, metrics: &Metrics) {
+        self.connected = false;
+        metrics.rib_connected.set(0);
+        self.age(metrics);
+    }
+
+    fn age(&self, metrics: &Metrics) {
+        if !self.connected {
+            metrics.rib_staleness.set(self.last_current.elapsed().as_secs_f64());
         }
     }
 }

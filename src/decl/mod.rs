@@ -14,7 +14,7 @@ use crate::model::{self, AppSpec, CertSpec, MachineSpec, names};
 mod locate;
 pub mod plan;
 
-pub use plan::{Current, Plan, PlanError, apply, dry_run};
+pub use plan::{Current, Plan, PlanError, Write, apply, dry_run};
 
 /// A field inside a declaration: `apps[0].hostnames[1]`.
 #[derive(Clone, Debug, PartialEq, Eq)]

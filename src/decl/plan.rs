@@ -3,7 +3,7 @@
 //! only the rows that change. Either all of it lands or none of it. `tern check` runs the
 //! same plan over a read-only view ([`dry_run`]), so it refuses exactly what `apply` would.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::Serialize;
@@ -68,31 +68,64 @@ impl fmt::Display for Plan {
     }
 }
 
-/// The rows a plan is made against: a write transaction (`apply`) or a read-only view
-/// (`check`).
+/// What a plan reads: point lookups (and, for `--prune`, the keys of a table), so that an
+/// apply costs what it declares, not what the RIB holds. Implemented by a write transaction
+/// (`apply`), a read-only view (`check`) and each distributed store's reader.
 pub trait Current {
-    fn all(&self, table: Table) -> Result<Vec<Record>, RibError>;
+    /// The body of one row, if the RIB holds it.
+    fn get(&self, table: Table, key: &str) -> Result<Option<String>, RibError>;
+    /// The apps whose rows claim `hostname` (the store's hostname index), in any order.
+    fn claimants(&self, hostname: &str) -> Result<Vec<String>, RibError>;
+    /// Every key of `table`: only `--prune` asks, and it has to look at everything.
+    fn keys(&self, table: Table) -> Result<Vec<String>, RibError>;
 }
 
 impl Current for Tx<'_> {
-    fn all(&self, table: Table) -> Result<Vec<Record>, RibError> {
-        Tx::all(self, table)
+    fn get(&self, table: Table, key: &str) -> Result<Option<String>, RibError> {
+        Tx::get(self, table, key)
+    }
+    fn claimants(&self, hostname: &str) -> Result<Vec<String>, RibError> {
+        Tx::claimants(self, hostname)
+    }
+    fn keys(&self, table: Table) -> Result<Vec<String>, RibError> {
+        Tx::keys(self, table)
     }
 }
 
 impl Current for ReadOnly {
-    fn all(&self, table: Table) -> Result<Vec<Record>, RibError> {
-        ReadOnly::all(self, table)
+    fn get(&self, table: Table, key: &str) -> Result<Option<String>, RibError> {
+        Ok(ReadOnly::get(self, table, key))
     }
+    fn claimants(&self, hostname: &str) -> Result<Vec<String>, RibError> {
+        Ok(ReadOnly::claimants(self, hostname))
+    }
+    fn keys(&self, table: Table) -> Result<Vec<String>, RibError> {
+        Ok(ReadOnly::keys(self, table))
+    }
+}
+
+/// One row to write: `body` `None` deletes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    pub table: Table,
+    pub key: String,
+    pub body: Option<String>,
 }
 
 /// Writes `decl` into the RIB: upsert by key; with `prune`, also delete every row `decl`
 /// does not name. With `dry_run`, checks and plans without writing.
 pub fn apply(store: &mut Store, decl: &Declaration, prune: bool, dry_run: bool) -> Result<Plan, PlanError> {
     store.transact(|tx| {
-        let plan = plan(tx, decl, prune)?;
+        let (plan, writes) = plan(tx, decl, prune)?;
         if !dry_run {
-            write(tx, decl, &plan)?;
+            for w in writes {
+                match w.body {
+                    Some(body) => tx.put(&Record { table: w.table, key: w.key, body })?,
+                    None => {
+                        tx.delete(w.table, &w.key)?;
+                    }
+                }
+            }
         }
         Ok(plan)
     })
@@ -100,41 +133,35 @@ pub fn apply(store: &mut Store, decl: &Declaration, prune: bool, dry_run: bool) 
 
 /// What `apply` would do to `current`, refused exactly as `apply` would refuse it.
 pub fn dry_run(current: &impl Current, decl: &Declaration, prune: bool) -> Result<Plan, PlanError> {
-    plan(current, decl, prune)
+    plan(current, decl, prune).map(|(plan, _)| plan)
 }
 
-fn plan(tx: &impl Current, decl: &Declaration, prune: bool) -> Result<Plan, PlanError> {
-    let current_apps = rows(tx, Table::Apps)?;
-    let current_machines = rows(tx, Table::Machines)?;
-    let current_certs = rows(tx, Table::Certificates)?;
+/// The plan for `decl` against `current`, and the rows it writes. Stores that cannot hold a
+/// transaction open across the reads (etcd) commit the writes guarded on what was read.
+pub fn plan(
+    current: &impl Current,
+    decl: &Declaration,
+    prune: bool,
+) -> Result<(Plan, Vec<Write>), PlanError> {
     let mut plan = Plan::default();
-    diff(&mut plan, Table::Apps, &current_apps, decl.apps.iter().map(|a| (a.name.as_str(), a)), prune)?;
+    diff(&mut plan, current, Table::Apps, decl.apps.iter().map(|a| (a.name.as_str(), a)), prune)?;
+    diff(&mut plan, current, Table::Machines, decl.machines.iter().map(|m| (m.id.as_str(), m)), prune)?;
     diff(
         &mut plan,
-        Table::Machines,
-        &current_machines,
-        decl.machines.iter().map(|m| (m.id.as_str(), m)),
-        prune,
-    )?;
-    diff(
-        &mut plan,
+        current,
         Table::Certificates,
-        &current_certs,
         decl.certificates.iter().map(|c| (c.hostname.as_str(), c)),
         prune,
     )?;
-    check_result(decl, &current_apps, prune)?;
-    Ok(plan)
-}
-
-fn rows(tx: &impl Current, table: Table) -> Result<BTreeMap<String, String>, PlanError> {
-    Ok(tx.all(table)?.into_iter().map(|r| (r.key, r.body)).collect())
+    check_result(current, decl, prune)?;
+    let writes = writes(decl, &plan)?;
+    Ok((plan, writes))
 }
 
 fn diff<'a, T: Serialize + 'a>(
     plan: &mut Plan,
+    current: &impl Current,
     table: Table,
-    current: &BTreeMap<String, String>,
     declared: impl Iterator<Item = (&'a str, &'a T)>,
     prune: bool,
 ) -> Result<(), PlanError> {
@@ -142,9 +169,9 @@ fn diff<'a, T: Serialize + 'a>(
     for (key, spec) in declared {
         named.insert(key.to_string());
         let new = serde_json::to_value(spec).map_err(|e| PlanError::Encode(key.into(), e))?;
-        let op = match current.get(key) {
+        let op = match current.get(table, key)? {
             None => Some(Op::Add),
-            Some(body) => match serde_json::from_str::<serde_json::Value>(body) {
+            Some(body) => match serde_json::from_str::<serde_json::Value>(&body) {
                 Ok(old) if normalised(table, &old) == Some(new.clone()) => None,
                 Ok(old) => Some(Op::Change(changed_fields(&old, &new))),
                 Err(_) => Some(Op::Change(vec!["(undecodable row replaced)".into()])),
@@ -156,8 +183,10 @@ fn diff<'a, T: Serialize + 'a>(
         }
     }
     if prune {
-        for key in current.keys().filter(|k| !named.contains(*k)) {
-            plan.changes.push(Planned { op: Op::Remove, table, key: key.clone() });
+        let mut gone: Vec<String> = current.keys(table)?.into_iter().filter(|k| !named.contains(k)).collect();
+        gone.sort();
+        for key in gone {
+            plan.changes.push(Planned { op: Op::Remove, table, key });
         }
     }
     Ok(())
@@ -188,61 +217,51 @@ fn changed_fields(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Strin
     keys.into_iter().filter(|k| old.get(*k) != new.get(*k)).cloned().collect()
 }
 
-/// Checks the RIB as it will be after the apply: hostnames unique across all apps, and
-/// every declared machine's app present. A conflict points at the declaration's field.
-fn check_result(
-    decl: &Declaration,
-    current_apps: &BTreeMap<String, String>,
-    prune: bool,
-) -> Result<(), PlanError> {
-    // Apps the RIB keeps that this declaration does not replace (none with --prune).
-    let mut kept: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+/// Checks the RIB as it will be after the apply, looking only at what the declaration
+/// names: each declared hostname is claimed by no app the RIB keeps, and each declared
+/// machine's app is declared or kept. A conflict points at the declaration's field. (Two
+/// kept apps claiming one hostname between them is not this apply's business: the catalog
+/// refuses the later one, as it always has.)
+fn check_result(current: &impl Current, decl: &Declaration, prune: bool) -> Result<(), PlanError> {
+    let declared = |name: &str| decl.apps.iter().any(|a| a.name == name);
+    // An app the RIB keeps (not replaced by this declaration, nor pruned) whose row decodes.
+    let kept = |name: &str| -> Result<Option<AppSpec>, PlanError> {
+        if prune || declared(name) {
+            return Ok(None);
+        }
+        let Some(body) = current.get(Table::Apps, name)? else { return Ok(None) };
+        match serde_json::from_str::<AppSpec>(&body) {
+            Ok(a) => Ok(Some(a)),
+            Err(e) => {
+                tracing::warn!(target: "tern::rib", app = %name, error = %e,
+                    "existing app row does not decode; ignored for the hostname check");
+                Ok(None)
+            }
+        }
+    };
     if !prune {
-        for (name, body) in current_apps {
-            if decl.apps.iter().any(|a| &a.name == name) {
-                continue;
-            }
-            match serde_json::from_str::<AppSpec>(body) {
-                Ok(a) => {
-                    kept.insert(name, a.hostnames);
+        for (i, a) in decl.apps.iter().enumerate() {
+            for (j, h) in a.hostnames.iter().enumerate() {
+                let mut claimants = current.claimants(h)?;
+                claimants.sort();
+                for other in claimants {
+                    // The index may lag a row that no longer claims it; the row decides.
+                    if kept(&other)?.is_some_and(|spec| spec.hostnames.contains(h)) {
+                        let path = [Seg::Key("apps"), Seg::Index(i), Seg::Key("hostnames"), Seg::Index(j)];
+                        return Err(PlanError::Conflict(decl.problem_at(
+                            &path,
+                            format!(
+                                "hostname {h:?} is already claimed by app {other:?} in the RIB; remove it \
+                                 from one of them (or apply with --prune if {other:?} should go)"
+                            ),
+                        )));
+                    }
                 }
-                Err(e) => tracing::warn!(target: "tern::rib", app = %name, error = %e,
-                    "existing app row does not decode; ignored for the hostname check"),
-            }
-        }
-    }
-    let mut owner: HashMap<&str, &str> = HashMap::new();
-    for (name, hosts) in &kept {
-        for h in hosts {
-            if let Some(other) = owner.insert(h, name) {
-                return Err(PlanError::Conflict(Problem {
-                    file: decl.file.clone(),
-                    line: 0,
-                    field: String::new(),
-                    message: format!(
-                        "the RIB already has hostname {h:?} claimed by both app {other:?} and app \
-                         {name:?}; fix the RIB (or apply with --prune) before applying"
-                    ),
-                }));
-            }
-        }
-    }
-    for (i, a) in decl.apps.iter().enumerate() {
-        for (j, h) in a.hostnames.iter().enumerate() {
-            if let Some(other) = owner.get(h.as_str()) {
-                let path = [Seg::Key("apps"), Seg::Index(i), Seg::Key("hostnames"), Seg::Index(j)];
-                return Err(PlanError::Conflict(decl.problem_at(
-                    &path,
-                    format!(
-                        "hostname {h:?} is already claimed by app {other:?} in the RIB; remove it \
-                         from one of them (or apply with --prune if {other:?} should go)"
-                    ),
-                )));
             }
         }
     }
     for (i, m) in decl.machines.iter().enumerate() {
-        if !kept.contains_key(m.app.as_str()) && !decl.apps.iter().any(|a| a.name == m.app) {
+        if !declared(&m.app) && kept(&m.app)?.is_none() {
             let path = [Seg::Key("machines"), Seg::Index(i), Seg::Key("app")];
             return Err(PlanError::Conflict(decl.problem_at(
                 &path,
@@ -256,7 +275,8 @@ fn check_result(
     Ok(())
 }
 
-fn write(tx: &Tx<'_>, decl: &Declaration, plan: &Plan) -> Result<(), PlanError> {
+/// The rows a plan writes, in its order.
+fn writes(decl: &Declaration, plan: &Plan) -> Result<Vec<Write>, PlanError> {
     fn encode<T: Serialize>(key: &str, v: &T) -> Result<String, PlanError> {
         serde_json::to_string(v).map_err(|e| PlanError::Encode(key.into(), e))
     }
@@ -264,6 +284,7 @@ fn write(tx: &Tx<'_>, decl: &Declaration, plan: &Plan) -> Result<(), PlanError> 
     let machines: HashMap<&str, &MachineSpec> = decl.machines.iter().map(|m| (m.id.as_str(), m)).collect();
     let certs: HashMap<&str, &CertSpec> =
         decl.certificates.iter().map(|c| (c.hostname.as_str(), c)).collect();
+    let mut out = Vec::with_capacity(plan.changes.len());
     for c in &plan.changes {
         // A machine removed, or declared in a new state, drops its recorded lifecycle
         // state: what the operator declares wins over what the machine was doing.
@@ -273,10 +294,10 @@ fn write(tx: &Tx<'_>, decl: &Declaration, plan: &Plan) -> Result<(), PlanError> 
             Op::Add => false,
         };
         if c.table == Table::Machines && restated {
-            tx.delete(Table::MachineStates, &c.key)?;
+            out.push(Write { table: Table::MachineStates, key: c.key.clone(), body: None });
         }
         if c.op == Op::Remove {
-            tx.delete(c.table, &c.key)?;
+            out.push(Write { table: c.table, key: c.key.clone(), body: None });
             continue;
         }
         let body = match c.table {
@@ -287,8 +308,8 @@ fn write(tx: &Tx<'_>, decl: &Declaration, plan: &Plan) -> Result<(), PlanError> 
             Table::MachineStates | Table::SessionKeys => None,
         };
         if let Some(body) = body {
-            tx.put(&Record { table: c.table, key: c.key.clone(), body: body? })?;
+            out.push(Write { table: c.table, key: c.key.clone(), body: Some(body?) });
         }
     }
-    Ok(())
+    Ok(out)
 }

@@ -76,13 +76,48 @@ pub struct Cursor {
     pub seq: i64,
 }
 
+/// Why a store sent a snapshot: at the start, or because it could no longer prove that the
+/// changes it sent were all the changes (then the catalog is diffed against it: a resync).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resync {
+    /// The first snapshot of a subscription.
+    Start,
+    /// The store dropped the history the cursor needed (etcd compaction, SQLite's log trim).
+    Compacted,
+    /// Change ids skipped one (a Corrosion subscription).
+    Gap,
+    /// The store said in the stream that it cannot go on (Corrosion's `{"error":…}`).
+    StreamError,
+    /// The subscription is gone from the store (unknown id after a reconnect).
+    Lost,
+    /// The store is another store now (another etcd cluster, the SQLite file replaced).
+    Replaced,
+}
+
+impl Resync {
+    /// The `reason` label of `tern_rib_resyncs_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resync::Start => "start",
+            Resync::Compacted => "compacted",
+            Resync::Gap => "gap",
+            Resync::StreamError => "stream_error",
+            Resync::Lost => "lost",
+            Resync::Replaced => "replaced",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum RibEvent {
     /// Everything the store holds as of `cursor`; anything the subscriber holds that is not
     /// here was deleted.
-    Snapshot { records: Vec<Record>, cursor: Cursor },
+    Snapshot { records: Vec<Record>, cursor: Cursor, reason: Resync },
     /// Changes after the previous event, in commit order.
     Changes { changes: Vec<Change>, cursor: Cursor },
+    /// The store just proved the subscription current (a liveness probe answered, a
+    /// stream re-established): nothing changed that the subscriber has not been sent.
+    Live,
 }
 
 #[derive(Debug, thiserror::Error)]

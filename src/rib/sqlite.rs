@@ -215,6 +215,24 @@ impl Tx<'_> {
         self.tx.query_row(&sql, [key], |r| r.get(0)).optional().map_err(sql_err(self.path))
     }
 
+    /// The apps whose rows claim `hostname`, from the index the schema's triggers keep.
+    pub fn claimants(&self, hostname: &str) -> Result<Vec<String>, RibError> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT app FROM app_hosts WHERE hostname = ?1")
+            .map_err(sql_err(self.path))?;
+        let rows = st.query_map([hostname], |r| r.get(0)).map_err(sql_err(self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sql_err(self.path))
+    }
+
+    /// Every key of `table`, without the bodies.
+    pub fn keys(&self, table: Table) -> Result<Vec<String>, RibError> {
+        let sql = format!("SELECT key FROM {}", table.as_str());
+        let mut st = self.tx.prepare(&sql).map_err(sql_err(self.path))?;
+        let rows = st.query_map([], |r| r.get(0)).map_err(sql_err(self.path))?;
+        rows.collect::<Result<_, _>>().map_err(sql_err(self.path))
+    }
+
     /// Inserts or replaces a row. An unchanged body writes nothing to the change log.
     pub fn put(&self, record: &Record) -> Result<(), RibError> {
         let sql = format!(
@@ -450,6 +468,16 @@ impl Rib for SqliteRib {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The next event other than [`RibEvent::Live`] (sent each time the watcher opens the RIB).
+    async fn skip_live(sub: &mut Subscription) -> Option<Result<RibEvent, RibError>> {
+        loop {
+            match sub.next().await {
+                Some(Ok(RibEvent::Live)) => continue,
+                other => return other,
+            }
+        }
+    }
     use crate::rib::RibEvent;
 
     fn rec(table: Table, key: &str, body: &str) -> Record {
@@ -464,7 +492,7 @@ mod tests {
         store.transact(|tx| tx.put(&rec(Table::Apps, "a", "{\"v\":1}"))).unwrap();
         let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
         let mut sub = rib.subscribe(None);
-        let Some(Ok(RibEvent::Snapshot { records, cursor })) = sub.next().await else {
+        let Some(Ok(RibEvent::Snapshot { records, cursor, .. })) = skip_live(&mut sub).await else {
             panic!("expected a snapshot first")
         };
         assert_eq!(records, vec![rec(Table::Apps, "a", "{\"v\":1}")]);
@@ -476,7 +504,7 @@ mod tests {
                 tx.delete(Table::Apps, "a")
             })
             .unwrap();
-        let Some(Ok(RibEvent::Changes { changes, cursor: after })) = sub.next().await else {
+        let Some(Ok(RibEvent::Changes { changes, cursor: after })) = skip_live(&mut sub).await else {
             panic!("expected changes")
         };
         let summary: Vec<_> = changes.iter().map(|c| (c.table, c.key.as_str(), c.body.is_some())).collect();
@@ -485,7 +513,7 @@ mod tests {
 
         // Resuming from the first cursor replays the same changes, no snapshot.
         let mut sub = rib.subscribe(Some(cursor));
-        let Some(Ok(RibEvent::Changes { changes, .. })) = sub.next().await else {
+        let Some(Ok(RibEvent::Changes { changes, .. })) = skip_live(&mut sub).await else {
             panic!("expected a resume")
         };
         assert_eq!(changes.len(), 2);
@@ -494,7 +522,7 @@ mod tests {
         // A cursor from another store's history gets a snapshot.
         let foreign = Cursor { epoch: "elsewhere".into(), seq: after.seq };
         let mut sub = rib.subscribe(Some(foreign));
-        assert!(matches!(sub.next().await, Some(Ok(RibEvent::Snapshot { .. }))));
+        assert!(matches!(skip_live(&mut sub).await, Some(Ok(RibEvent::Snapshot { .. }))));
     }
 
     #[test]
@@ -511,7 +539,7 @@ mod tests {
 
     /// The next event, failing the test rather than hanging if none comes.
     async fn next(sub: &mut Subscription) -> Result<RibEvent, RibError> {
-        tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("no event").expect("ended")
+        tokio::time::timeout(Duration::from_secs(10), skip_live(sub)).await.expect("no event").expect("ended")
     }
 
     fn remove_db(path: &Path) {
@@ -702,10 +730,46 @@ mod tests {
 
         let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
         assert!(rib.ensure_session_key(&key_row(1)).unwrap());
-        assert_eq!(read("SELECT value FROM meta WHERE key = 'schema'"), "3");
+        assert_eq!(read("SELECT value FROM meta WHERE key = 'schema'"), schema::VERSION.to_string());
         assert_eq!(read("SELECT value FROM meta WHERE key = 'epoch'"), epoch, "cursors stay valid");
         assert_eq!(read("SELECT body FROM apps WHERE key = 'a'"), "{}");
         let after: i64 = read("SELECT COUNT(*) || '' FROM changes").parse().unwrap();
         assert_eq!(after, changes.parse::<i64>().unwrap() + 1, "the key's insert is logged, nothing else");
+    }
+
+    #[test]
+    fn the_hostname_index_is_filled_at_migration_and_follows_every_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rib.db");
+        let app = |hosts: &str| format!(r#"{{"name":"x","hostnames":[{hosts}]}}"#);
+        Store::open(&path)
+            .unwrap()
+            .transact(|tx| {
+                tx.put(&rec(Table::Apps, "a", &app(r#""a.test","www.a.test""#)))?;
+                tx.put(&rec(Table::Apps, "junk", "{not json"))
+            })
+            .unwrap();
+        // Back to what a version 3 tern left: no index.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP TRIGGER apps_hosts_ins; DROP TRIGGER apps_hosts_upd; DROP TRIGGER apps_hosts_del;
+             DROP TABLE app_hosts; UPDATE meta SET value = '3' WHERE key = 'schema';",
+        )
+        .unwrap();
+        let mut store = Store::open(&path).unwrap();
+        let claim = |store: &mut Store, h: &str| store.transact(|tx| tx.claimants(h)).unwrap();
+        assert_eq!(claim(&mut store, "www.a.test"), ["a"], "filled from the rows");
+        // An operator's own SQL goes through the triggers too.
+        conn.execute("UPDATE apps SET body = ?1 WHERE key = 'a'", [app(r#""b.test""#)]).unwrap();
+        conn.execute("INSERT INTO apps (key, body) VALUES ('c', ?1)", [app(r#""b.test""#)]).unwrap();
+        assert!(claim(&mut store, "a.test").is_empty());
+        let mut both = claim(&mut store, "b.test");
+        both.sort();
+        assert_eq!(both, ["a", "c"]);
+        conn.execute("DELETE FROM apps WHERE key = 'a'", []).unwrap();
+        assert_eq!(claim(&mut store, "b.test"), ["c"]);
+        // A body that is not JSON claims nothing and is still stored.
+        conn.execute("UPDATE apps SET body = 'nope' WHERE key = 'c'", []).unwrap();
+        assert!(claim(&mut store, "b.test").is_empty());
     }
 }

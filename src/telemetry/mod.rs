@@ -41,6 +41,9 @@ pub struct Metrics {
     pub rib_rows_skipped: IntCounterVec,
     pub rib_rows_kept: IntCounterVec,
     pub rib_errors: IntCounter,
+    pub rib_connected: IntGauge,
+    pub rib_staleness: prometheus::Gauge,
+    pub rib_resyncs: IntCounterVec,
     pub streams_cut_idle: IntCounter,
     pub streams_ended: IntCounterVec,
     pub drain_ended: IntCounterVec,
@@ -161,6 +164,21 @@ impl Metrics {
             rib_errors: IntCounter::new(
                 "tern_rib_errors_total",
                 "Failed reads of the RIB (retried with back-off).",
+            )?,
+            rib_connected: IntGauge::new(
+                "tern_rib_connected",
+                "1 while the catalog follows the RIB; 0 while the store is unreachable (the last catalog serves on).",
+            )?,
+            rib_staleness: prometheus::Gauge::new(
+                "tern_rib_staleness_seconds",
+                "Seconds since the catalog was last known to be current with the RIB (0 while connected).",
+            )?,
+            rib_resyncs: IntCounterVec::new(
+                Opts::new(
+                    "tern_rib_resyncs_total",
+                    "Fresh RIB snapshots diffed into the catalog because the change stream could not be trusted, by reason.",
+                ),
+                &["reason"],
             )?,
             streams_cut_idle: IntCounter::new(
                 "tern_idle_timeouts_total",
@@ -317,6 +335,9 @@ impl Metrics {
         r.register(Box::new(self.rib_rows_skipped.clone()))?;
         r.register(Box::new(self.rib_rows_kept.clone()))?;
         r.register(Box::new(self.rib_errors.clone()))?;
+        r.register(Box::new(self.rib_connected.clone()))?;
+        r.register(Box::new(self.rib_staleness.clone()))?;
+        r.register(Box::new(self.rib_resyncs.clone()))?;
         r.register(Box::new(self.streams_cut_idle.clone()))?;
         r.register(Box::new(self.streams_ended.clone()))?;
         r.register(Box::new(self.drain_ended.clone()))?;

@@ -37,6 +37,33 @@ impl ReadOnly {
     pub fn all(&self, table: Table) -> Result<Vec<Record>, RibError> {
         Ok(self.rows.iter().filter(|r| r.table == table).cloned().collect())
     }
+
+    pub fn get(&self, table: Table, key: &str) -> Option<String> {
+        self.rows.iter().find(|r| r.table == table && r.key == key).map(|r| r.body.clone())
+    }
+
+    pub fn keys(&self, table: Table) -> Vec<String> {
+        self.rows.iter().filter(|r| r.table == table).map(|r| r.key.clone()).collect()
+    }
+
+    /// The apps whose rows list `hostname`. A scan: `check` reads every row anyway, and a
+    /// database from before the hostname index has none.
+    pub fn claimants(&self, hostname: &str) -> Vec<String> {
+        #[derive(serde::Deserialize)]
+        struct Hosts {
+            #[serde(default)]
+            hostnames: Vec<String>,
+        }
+        self.rows
+            .iter()
+            .filter(|r| r.table == Table::Apps)
+            .filter(|r| {
+                serde_json::from_str::<Hosts>(&r.body)
+                    .is_ok_and(|h| h.hostnames.iter().any(|x| x == hostname))
+            })
+            .map(|r| r.key.clone())
+            .collect()
+    }
 }
 
 fn unusable(path: &Path, reason: impl Into<String>) -> RibError {

@@ -13,6 +13,10 @@
 //! Version 3 adds the `session_keys` table (with its triggers); a version 2 database only
 //! gains it, nothing is rebuilt.
 //!
+//! Version 4 adds `app_hosts`, an index of the hostnames each app row claims, kept by
+//! triggers on `apps` (so hand edits keep it too) and filled from the rows at migration:
+//! `tern apply` checks a declared hostname with one lookup instead of reading every app.
+//!
 //! The version is `meta.schema`; a database without it predates versioning (version 1 when
 //! it has a `meta` table, new otherwise).
 
@@ -23,7 +27,7 @@ use rusqlite::{OptionalExtension, Transaction};
 use crate::rib::{RibError, Table};
 
 /// The schema this build writes.
-pub const VERSION: i64 = 3;
+pub const VERSION: i64 = 4;
 /// Tables made before this version have the old `updated_at` default and are rebuilt.
 const REBUILT_BEFORE: i64 = 2;
 
@@ -69,6 +73,44 @@ CREATE TRIGGER IF NOT EXISTS {t}_del AFTER DELETE ON {t} BEGIN
     INSERT INTO changes (tbl, key, body, at) VALUES ('{t}', OLD.key, NULL, {now});
 END;
 "#
+    )
+}
+
+/// The hostnames an app row's body claims, as rows of `json_each` (for `app` = `key`); a
+/// body that is not JSON claims nothing, and is not refused: a bad row is the catalog's to
+/// skip, not the index's to block.
+fn hosts_of(body: &str) -> String {
+    format!("json_each(CASE WHEN json_valid({body}) THEN {body} ELSE '{{}}' END, '$.hostnames')")
+}
+
+/// The hostname index (version 4) and the triggers that keep it.
+fn create_host_index() -> String {
+    let new = hosts_of("NEW.body");
+    format!(
+        r#"
+CREATE TABLE IF NOT EXISTS app_hosts (hostname TEXT NOT NULL, app TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS app_hosts_by_hostname ON app_hosts (hostname);
+CREATE INDEX IF NOT EXISTS app_hosts_by_app ON app_hosts (app);
+CREATE TRIGGER IF NOT EXISTS apps_hosts_ins AFTER INSERT ON apps BEGIN
+    INSERT INTO app_hosts (hostname, app) SELECT value, NEW.key FROM {new} WHERE type = 'text';
+END;
+CREATE TRIGGER IF NOT EXISTS apps_hosts_upd AFTER UPDATE ON apps WHEN OLD.body IS NOT NEW.body OR OLD.key IS NOT NEW.key BEGIN
+    DELETE FROM app_hosts WHERE app = OLD.key;
+    INSERT INTO app_hosts (hostname, app) SELECT value, NEW.key FROM {new} WHERE type = 'text';
+END;
+CREATE TRIGGER IF NOT EXISTS apps_hosts_del AFTER DELETE ON apps BEGIN
+    DELETE FROM app_hosts WHERE app = OLD.key;
+END;
+"#
+    )
+}
+
+/// Fills the hostname index from the app rows (a database from before version 4).
+fn fill_host_index() -> String {
+    let each = hosts_of("apps.body");
+    format!(
+        "DELETE FROM app_hosts;
+INSERT INTO app_hosts (hostname, app) SELECT j.value, apps.key FROM apps, {each} AS j WHERE j.type = 'text';"
     )
 }
 
@@ -129,6 +171,10 @@ pub fn ensure(tx: &Transaction<'_>, path: &Path) -> Result<(), RibError> {
         }
         sql += &create_table(t);
         sql += &create_triggers(t);
+    }
+    sql += &create_host_index();
+    if version < 4 {
+        sql += &fill_host_index();
     }
     tx.execute_batch(&sql).map_err(&other)?;
     if recorded.as_deref() != Some(VERSION.to_string().as_str()) {

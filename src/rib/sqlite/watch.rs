@@ -16,7 +16,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
 use super::{BATCH, FileId, Opened, abandon, file_id, open_conn, read_table, sql_err};
-use crate::rib::{Change, Cursor, Record, RibError, RibEvent, Table};
+use crate::rib::{Change, Cursor, Record, Resync, RibError, RibEvent, Table};
 
 type Tx = mpsc::Sender<Result<RibEvent, RibError>>;
 
@@ -123,27 +123,36 @@ impl Watcher {
         }
         self.file = Some(file);
         self.backoff = FIRST_BACKOFF;
-        let mut need_snapshot = replaced
-            || match &self.cursor {
-                Some(c) if c.epoch == epoch => oldest_seq(&conn, &path)?.is_some_and(|min| min > c.seq + 1),
-                _ => true,
-            };
+        // Open again after a failure: the subscriber hears the RIB is followed again.
+        if self.tx.blocking_send(Ok(RibEvent::Live)).is_err() {
+            return Ok(Stop::Unsubscribed);
+        }
+        let mut reason = match &self.cursor {
+            _ if replaced => Some(Resync::Replaced),
+            Some(c) if c.epoch == epoch => {
+                oldest_seq(&conn, &path)?.is_some_and(|min| min > c.seq + 1).then_some(Resync::Compacted)
+            }
+            Some(_) => Some(Resync::Replaced),
+            None => Some(Resync::Start),
+        };
         let mut seen_version = data_version(&conn, &path)?;
         loop {
-            if need_snapshot {
+            if let Some(reason) = reason.take() {
                 let (records, seq) = read_snapshot(&mut conn, &path)?;
                 let c = Cursor { epoch: epoch.clone(), seq };
                 self.cursor = Some(c.clone());
-                if self.tx.blocking_send(Ok(RibEvent::Snapshot { records, cursor: c })).is_err() {
+                if self.tx.blocking_send(Ok(RibEvent::Snapshot { records, cursor: c, reason })).is_err() {
                     return Ok(Stop::Unsubscribed);
                 }
             }
             let Some(at) = self.cursor.as_mut() else { return Ok(Stop::Unsubscribed) };
-            need_snapshot = drain_changes(&conn, &path, at, &self.tx)?;
+            if drain_changes(&conn, &path, at, &self.tx)? {
+                reason = Some(Resync::Compacted);
+            }
             if self.tx.is_closed() {
                 return Ok(Stop::Unsubscribed);
             }
-            if need_snapshot {
+            if reason.is_some() {
                 continue;
             }
             match self.wait_for_commit(&conn, &opened, &mut seen_version) {
@@ -167,7 +176,7 @@ impl Watcher {
                 tracing::warn!(target: "tern::rib", path = %path.display(),
                     "the RIB's change log was replaced; resynchronising");
                 epoch = now_epoch;
-                need_snapshot = true;
+                reason = Some(Resync::Replaced);
             }
         }
     }
