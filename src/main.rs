@@ -7,10 +7,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use tern::config::{Config, LogFormat, Source};
+use tern::config::{Config, LogFormat, RibKind, Source};
 use tern::listener::inherit::Inherited;
 use tern::model::session_key::{SessionKeyRow, parse_id};
 use tern::proxy::{self, Bound};
+use tern::rib::etcd::{EtcdRib, Liveness};
 use tern::rib::sqlite::{Existing, SqliteRib, Store, open_existing};
 use tern::rib::{Rib, Table};
 
@@ -131,14 +132,13 @@ fn serve(config_path: Option<&Path>, mut inherited: Inherited) -> anyhow::Result
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async move {
         let bound = Bound::bind_inheriting(&config, &mut inherited)?;
-        let rib = SqliteRib::open(&config.rib.path, config.rib.poll_interval)
-            .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?;
+        let rib = open_rib(&config)?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;
             let _ = stop_tx.send(true);
         });
-        proxy::run(config, bound, Arc::new(rib), stop_rx).await?;
+        proxy::run(config, bound, rib, stop_rx).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -253,6 +253,40 @@ fn admin_post(addr: std::net::SocketAddr, path: &str, body: &str) -> anyhow::Res
     Ok((status, rest.to_string()))
 }
 
+/// The RIB the config names, for following and for the writes nodes make.
+fn open_rib(config: &Config) -> anyhow::Result<Arc<dyn Rib>> {
+    Ok(match config.rib.kind {
+        RibKind::Sqlite => Arc::new(
+            SqliteRib::open(&config.rib.path, config.rib.poll_interval)
+                .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?,
+        ),
+        RibKind::Etcd => Arc::new(etcd_rib(config)?),
+    })
+}
+
+fn etcd_rib(config: &Config) -> anyhow::Result<EtcdRib> {
+    let liveness = Liveness { probe_after: config.rib.probe_after, probe_timeout: config.rib.probe_timeout };
+    Ok(EtcdRib::new(&config.rib.endpoints, &config.rib.prefix, liveness)?)
+}
+
+/// How the RIB is named in what tern prints.
+fn rib_name(config: &Config) -> String {
+    match config.rib.kind {
+        RibKind::Sqlite => config.rib.path.display().to_string(),
+        RibKind::Etcd => format!("etcd {} {}", config.rib.endpoints.join(","), config.rib.prefix),
+    }
+}
+
+/// Every row of `table`, from whichever RIB the config names.
+fn read_table(config: &Config, table: Table) -> anyhow::Result<Vec<tern::rib::Record>> {
+    Ok(match config.rib.kind {
+        RibKind::Sqlite => Store::open(&config.rib.path)
+            .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?
+            .read_all(table)?,
+        RibKind::Etcd => etcd_rib(config)?.read_all(table)?,
+    })
+}
+
 fn apply(
     config_path: Option<&Path>,
     decl_path: &Path,
@@ -268,9 +302,15 @@ fn apply(
             return Ok(ExitCode::FAILURE);
         }
     };
-    let mut store = Store::open(&config.rib.path)
-        .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?;
-    match tern::decl::apply(&mut store, &decl, prune, dry_run) {
+    let applied = match config.rib.kind {
+        RibKind::Sqlite => {
+            let mut store = Store::open(&config.rib.path)
+                .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?;
+            tern::decl::apply(&mut store, &decl, prune, dry_run)
+        }
+        RibKind::Etcd => tern::rib::etcd::apply::apply(&etcd_rib(&config)?, &decl, prune, dry_run),
+    };
+    match applied {
         Ok(plan) => {
             println!("{plan}");
             if dry_run {
@@ -315,6 +355,9 @@ fn check(config_path: Option<&Path>, decl_path: Option<&Path>) -> anyhow::Result
         let (apps, machines, certs) = (d.apps.len(), d.machines.len(), d.certificates.len());
         println!("{}: ok ({apps} apps, {machines} machines, {certs} certificates)", path.display());
     }
+    if config.rib.kind == RibKind::Etcd {
+        return check_etcd(&config, decl.as_ref());
+    }
     // What `apply` would refuse only because of what the RIB holds: the same plan, read-only.
     let rib_path = config.rib.path.display();
     let rib = match open_existing(&config.rib.path) {
@@ -348,13 +391,40 @@ fn check(config_path: Option<&Path>, decl_path: Option<&Path>) -> anyhow::Result
     }
 }
 
+/// `tern check` against etcd: the cluster answers, and the declaration plans against it as
+/// `apply` would (nothing is written).
+fn check_etcd(config: &Config, decl: Option<&tern::decl::Declaration>) -> anyhow::Result<ExitCode> {
+    let name = rib_name(config);
+    let rib = etcd_rib(config)?;
+    let apps = match rib.read_all(Table::Apps) {
+        Ok(rows) => rows.len(),
+        Err(e) => {
+            eprintln!("tern: RIB {name}: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let Some(d) = decl else {
+        println!("RIB {name}: ok ({apps} apps)");
+        return Ok(ExitCode::SUCCESS);
+    };
+    match tern::rib::etcd::apply::apply(&rib, d, false, true) {
+        Ok(plan) => {
+            println!("against the RIB {name}, tern apply (without --prune) would make:\n{plan}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("tern: tern apply would refuse this declaration against the RIB {name}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 fn status(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let (config, _) = load_config(config_path)?;
-    let mut store = Store::open(&config.rib.path)
-        .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?;
-    println!("RIB {}", config.rib.path.display());
+    println!("RIB {}", rib_name(&config));
     for t in Table::ALL {
-        let rows = store.read_all(t)?;
+        let rows = read_table(&config, t)?;
         println!("{} ({}):", t.as_str(), rows.len());
         for r in rows {
             let summary = summarize(t, &r.body);
@@ -389,8 +459,7 @@ fn summarize(table: Table, body: &str) -> String {
 /// in one transaction. Running proxies pick the new key up from the RIB.
 fn rotate_keys(config_path: Option<&Path>, grace: std::time::Duration) -> anyhow::Result<ExitCode> {
     let (config, _) = load_config(config_path)?;
-    let rib = SqliteRib::open(&config.rib.path, config.rib.poll_interval)
-        .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?;
+    let rib = open_rib(&config)?;
     let now = tern::clock::unix_ms();
     let fresh = SessionKeyRow::fresh(now)?;
     let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
@@ -411,11 +480,9 @@ fn rotate_keys(config_path: Option<&Path>, grace: std::time::Duration) -> anyhow
 /// `tern keys list`: ids and times only; the secrets never leave the RIB this way.
 fn list_keys(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let (config, _) = load_config(config_path)?;
-    let mut store = Store::open(&config.rib.path)
-        .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?;
-    let mut rows = store.read_all(Table::SessionKeys)?;
+    let mut rows = read_table(&config, Table::SessionKeys)?;
     rows.sort_by_key(|r| parse_id(&r.key));
-    println!("RIB {}", config.rib.path.display());
+    println!("RIB {}", rib_name(&config));
     println!("{:<6} {:<22} RETIRES", "ID", "CREATED");
     let now = tern::clock::unix_ms();
     for r in rows {

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::model::session_key::SessionKeyRow;
 
+pub mod etcd;
 pub mod sqlite;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

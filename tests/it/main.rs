@@ -13,6 +13,7 @@ mod declared;
 mod drain;
 mod eject;
 mod errors;
+mod etcd;
 mod hostile;
 mod http;
 mod lifecycle;
