@@ -62,6 +62,34 @@ pub struct Config {
     pub watchdog: Watchdog,
     #[serde(default)]
     pub debug: Debug,
+    /// Fleet: where other nodes reach this one. With it the node publishes a heartbeat in
+    /// the RIB (`nodes`), and the machines it owns are routed to only while it beats.
+    #[serde(default)]
+    pub backhaul: Option<Backhaul>,
+    /// Fleet: this node's distance to each region, for choosing the nearest machine.
+    #[serde(default)]
+    pub regions: RegionTable,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backhaul {
+    pub addr: SocketAddr,
+    /// How often this node rewrites its row in the RIB's `nodes`.
+    #[serde(default = "default_heartbeat", deserialize_with = "de_duration")]
+    pub heartbeat: Duration,
+    /// A node not heard from for this long is dead: its machines leave routing.
+    #[serde(default = "default_dead_after", deserialize_with = "de_duration")]
+    pub dead_after: Duration,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionTable {
+    /// Round-trip milliseconds from this node to each region; a region not listed is
+    /// farther than every listed one.
+    #[serde(default)]
+    pub rtt_ms: std::collections::BTreeMap<String, u32>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -470,6 +498,12 @@ fn default_rib_path() -> PathBuf {
 fn default_rib_poll() -> Duration {
     Duration::from_millis(10)
 }
+fn default_heartbeat() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_dead_after() -> Duration {
+    Duration::from_millis(1500)
+}
 fn default_etcd_endpoints() -> Vec<String> {
     vec!["http://127.0.0.1:2379".into()]
 }
@@ -521,6 +555,8 @@ impl Default for Config {
             log: Log::default(),
             watchdog: Watchdog::default(),
             debug: Debug::default(),
+            backhaul: None,
+            regions: RegionTable::default(),
         }
     }
 }
@@ -563,6 +599,23 @@ impl Config {
         Ok(config)
     }
 
+    fn validate_fleet(&self) -> Result<(), (&'static str, String)> {
+        let Some(b) = &self.backhaul else { return Ok(()) };
+        if self.node.as_deref().is_none_or(str::is_empty) {
+            return Err((
+                "node",
+                "a node with a [backhaul] needs a name of its own (node = \"worker-1\")".into(),
+            ));
+        }
+        if b.heartbeat < Duration::from_millis(50) || b.dead_after < b.heartbeat * 2 {
+            return Err((
+                "dead_after",
+                "heartbeat must be at least 50ms and dead_after at least two heartbeats".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), (&'static str, String)> {
         if self.listen.is_empty() {
             return Err(("listen", "at least one [[listen]] address is needed".into()));
@@ -593,6 +646,7 @@ impl Config {
         if self.rib.kind == RibKind::Etcd {
             self.rib.validate_etcd()?;
         }
+        self.validate_fleet()?;
         match self.driver.kind {
             DriverKind::MachinesApi => {
                 self.driver.machines_api()?;

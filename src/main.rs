@@ -452,6 +452,11 @@ fn summarize(table: Table, body: &str) -> String {
             let version = v.get("version").and_then(serde_json::Value::as_u64).unwrap_or(0);
             format!("{} v{version} {} {}", s("state"), s("reason"), s("node"))
         }
+        Table::Nodes => {
+            let beat = v.get("beat_ms").and_then(serde_json::Value::as_i64).unwrap_or(0);
+            let ago = (tern::clock::unix_ms() - beat).max(0) as f64 / 1000.0;
+            format!("{} {} beat {ago:.1}s ago", s("region"), s("backhaul"))
+        }
     }
 }
 

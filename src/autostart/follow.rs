@@ -82,7 +82,7 @@ impl Lifecycle {
     /// if it returns true, waits for the start rather than failing.
     pub fn start_declared(self: &Arc<Self>, app: &AppEntry, m: &Arc<Machine>) -> bool {
         // A request routed before a removal must not start the machine again.
-        if !self.driver.manages(&m.spec) || m.addr.port() == 0 || !self.holds(m) {
+        if !self.manages(&m.spec) || m.addr.port() == 0 || !self.holds(m) {
             return false;
         }
         if self.wakes.get(&m.id).is_some_and(|w| w.is_for(m)) {
@@ -295,6 +295,7 @@ mod tests {
             addr: "127.0.0.1:1".parse().expect("addr"),
             state: stopped,
             cmd: Some(vec!["app".into()]),
+            node: None,
         }));
         lifecycle.catalog.publish(snap);
         let app = lifecycle.catalog.load_full().app("a").expect("a").clone();

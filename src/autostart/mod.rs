@@ -109,6 +109,8 @@ pub struct Lifecycle {
     rib: Arc<dyn Rib>,
     catalog: Arc<Catalog>,
     node: Arc<str>,
+    /// The node part of the lifecycle versions this node mints.
+    node_tag: u64,
     region: Arc<str>,
     metrics: Arc<Metrics>,
     /// The node's remembered replays, forgotten with their app.
@@ -216,6 +218,7 @@ impl Lifecycle {
             driver,
             rib,
             catalog,
+            node_tag: crate::catalog::node_tag(&node),
             node,
             region,
             metrics,
@@ -230,13 +233,24 @@ impl Lifecycle {
         })
     }
 
+    /// Whether this node runs the machine: its driver can, and no other node owns it.
+    pub(crate) fn manages(&self, spec: &crate::model::MachineSpec) -> bool {
+        self.owns(spec) && self.driver.manages(spec)
+    }
+
+    /// Whether no other node owns the machine (it names this node, or none): only its
+    /// owner starts, stops and probes a machine.
+    pub(crate) fn owns(&self, spec: &crate::model::MachineSpec) -> bool {
+        spec.node.as_deref().is_none_or(|n| n == &*self.node)
+    }
+
     fn op_lock(&self, id: &Arc<str>) -> Arc<tokio::sync::Mutex<()>> {
         self.ops.entry(id.clone()).or_default().clone()
     }
 
     /// Whether a request to `app` that finds no room should wait for a wake.
     pub fn can_wake(&self, app: &AppEntry) -> bool {
-        app.spec.auto_start && app.machines.iter().any(|m| self.driver.manages(&m.spec))
+        app.spec.auto_start && app.machines.iter().any(|m| self.manages(&m.spec))
     }
 
     /// Holds the caller until a machine of the app has room, then counts the caller in
@@ -392,7 +406,7 @@ impl Lifecycle {
                 continue;
             }
             let waking = self.wakes.get(&m.id).is_some_and(|w| w.is_for(&m));
-            let startable = may_wake && self.driver.manages(&m.spec) && m.addr.port() != 0;
+            let startable = may_wake && self.manages(&m.spec) && m.addr.port() != 0;
             match m.state() {
                 MachineState::Stopped
                 | MachineState::Suspended
@@ -466,11 +480,7 @@ impl Lifecycle {
     /// once), else a stopped one; this node's region before others.
     fn candidate(&self, app: &AppEntry, tried: &[Arc<str>], eligible: &Eligible<'_>) -> Option<Arc<Machine>> {
         let rank = |m: &Machine| -> Option<(u8, bool)> {
-            if tried.contains(&m.id)
-                || !eligible.admits(m)
-                || !self.driver.manages(&m.spec)
-                || m.addr.port() == 0
-            {
+            if tried.contains(&m.id) || !eligible.admits(m) || !self.manages(&m.spec) || m.addr.port() == 0 {
                 return None;
             }
             let order = match m.state() {
@@ -659,7 +669,7 @@ impl Lifecycle {
     /// unless it left the catalog: its record went with it, and one written now would
     /// outlive it (in the RIB, and in every catalog that reads it).
     fn set_state(&self, m: &Machine, state: MachineState, reason: &str) {
-        let version = m.live.transition(state);
+        let version = m.live.transition(state, self.node_tag);
         if !self.holds(m) {
             return;
         }
@@ -705,9 +715,7 @@ impl Lifecycle {
     pub fn reconcile_at_start(self: &Arc<Self>) {
         let snap = self.catalog.load_full();
         for app in snap.apps() {
-            for m in
-                app.machines.iter().filter(|m| self.driver.manages(&m.spec) && !self.driver.running(&m.id))
-            {
+            for m in app.machines.iter().filter(|m| self.manages(&m.spec) && !self.driver.running(&m.id)) {
                 match m.state() {
                     MachineState::Started | MachineState::Starting => {
                         self.start_declared(app, m);

@@ -316,7 +316,7 @@ impl Lifecycle {
 
     /// Starts the check loop of every started machine of the app that has none yet.
     fn ensure_checks(self: &Arc<Self>, app: &AppEntry) {
-        for m in app.machines.iter().filter(|m| m.state() == MachineState::Started) {
+        for m in app.machines.iter().filter(|m| m.state() == MachineState::Started && self.owns(&m.spec)) {
             // A loop that ended (its machine stopped) may not have removed its entry yet, or
             // may have ended before the entry was written: a finished one is replaced.
             let entry = self.checkers.entry(m.id.clone());
@@ -569,6 +569,7 @@ pub(super) mod tests {
                 addr: addr.parse().expect("addr"),
                 state: *state,
                 cmd: Some(vec!["app".into()]),
+                node: None,
             }));
         }
         catalog.publish(snap);

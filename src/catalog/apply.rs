@@ -12,7 +12,9 @@ use crate::model::seal::{Keyring, SessionKey};
 use crate::model::{AppSpec, MachineSpec};
 use crate::rib::Table;
 
-use super::snapshot::{AppEntry, CertEntry, Machine, MachineLive, Snapshot, StateRecord};
+use super::snapshot::{
+    AppEntry, CertEntry, Machine, MachineLive, NodeEntry, NodeLive, Snapshot, StateRecord,
+};
 
 /// One decoded change.
 // An app spec is the largest variant by far; events live only between decoding a row and
@@ -35,6 +37,9 @@ pub enum Event {
     /// A session key, new or changed (a rotation retires it).
     SessionKey(SessionKey),
     RemoveSessionKey(u32),
+    /// A node's heartbeat row, new or rewritten.
+    Node(crate::model::NodeRow),
+    RemoveNode(String),
 }
 
 impl Snapshot {
@@ -58,7 +63,22 @@ impl Snapshot {
             Event::RemoveSessionKey(id) => self.set_session_keys(|keys| {
                 keys.remove(&id);
             }),
+            Event::Node(row) => self.upsert_node(row),
+            Event::RemoveNode(name) => {
+                if let Some(n) = Arc::make_mut(&mut self.nodes).get_mut(name.as_str()) {
+                    n.live.gone();
+                    *n = Arc::new(NodeEntry { row: None, live: n.live.clone() });
+                }
+            }
         }
+    }
+
+    /// A heartbeat: heard now. Its liveness object stays the one the node's machines hold.
+    fn upsert_node(&mut self, row: crate::model::NodeRow) {
+        let live = self.node_live(&row.node);
+        live.heard();
+        let name: Arc<str> = Arc::from(row.node.as_str());
+        Arc::make_mut(&mut self.nodes).insert(name, Arc::new(NodeEntry { row: Some(row), live }));
     }
 
     /// Removes everything whose key is not in `present`: the "diff" half of a resync (the
@@ -85,6 +105,15 @@ impl Snapshot {
         if self.session_keys.keys().any(|id| gone(Table::SessionKeys, &id.to_string())) {
             self.set_session_keys(|keys| keys.retain(|id, _| !gone(Table::SessionKeys, &id.to_string())));
         }
+        let left: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(name, n)| n.row.is_some() && gone(Table::Nodes, name))
+            .map(|(name, _)| name.to_string())
+            .collect();
+        for name in left {
+            self.apply(Event::RemoveNode(name));
+        }
     }
 
     /// Changes the session keys and prepares the keyring anew. A node holds a handful of
@@ -109,7 +138,7 @@ impl Snapshot {
         let ids = self.app_machines.get(&name).cloned().unwrap_or_else(|| Arc::from(Vec::new()));
         for id in ids.iter() {
             if let Some(m) = self.machines.get(id).cloned() {
-                let resolved = resolve(&m.spec, Some(&spec), m.live.clone());
+                let resolved = resolve(&m.spec, Some(&spec), m.live.clone(), m.owner.clone());
                 self.machines.insert(id.clone(), Arc::new(resolved), self.generation);
             }
         }
@@ -136,7 +165,7 @@ impl Snapshot {
                 // A changed declared state is the operator's word: it wins over whatever
                 // the machine was doing.
                 if prev.spec.state != spec.state {
-                    prev.live.transition(spec.state);
+                    prev.live.transition(spec.state, 0);
                 }
                 live = Some(prev.live.clone());
             }
@@ -150,7 +179,8 @@ impl Snapshot {
             Arc::new(MachineLive::new(r.state, r.version))
         });
         let app: Arc<str> = Arc::from(spec.app.as_str());
-        let machine = resolve(&spec, app_spec.as_ref(), live);
+        let owner = spec.node.as_deref().map(|n| self.node_live(n));
+        let machine = resolve(&spec, app_spec.as_ref(), live, owner);
         self.machines.insert(id.clone(), Arc::new(machine), self.generation);
         let ids = self.app_machines.get(&app).cloned().unwrap_or_else(|| Arc::from(Vec::new()));
         if let Err(at) = ids.binary_search(&id) {
@@ -246,10 +276,21 @@ impl Snapshot {
     }
 }
 
-fn resolve(spec: &MachineSpec, app: Option<&Arc<AppSpec>>, live: Arc<MachineLive>) -> Machine {
+fn resolve(
+    spec: &MachineSpec,
+    app: Option<&Arc<AppSpec>>,
+    live: Arc<MachineLive>,
+    owner: Option<Arc<NodeLive>>,
+) -> Machine {
     // Without its app the port is unknown; the machine is unroutable until the app arrives.
     let port = app.map_or(0, |a| a.internal_port);
-    Machine { id: Arc::from(spec.id.as_str()), addr: spec.addr.resolve(port), spec: spec.clone(), live }
+    Machine {
+        id: Arc::from(spec.id.as_str()),
+        addr: spec.addr.resolve(port),
+        spec: spec.clone(),
+        live,
+        owner,
+    }
 }
 
 #[cfg(test)]
@@ -271,6 +312,7 @@ mod tests {
             addr: addr.parse::<MachineAddr>().unwrap(),
             state,
             cmd: None,
+            node: None,
         }
     }
 

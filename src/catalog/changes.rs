@@ -85,7 +85,7 @@ impl Touched {
             Table::Machines => {
                 self.machines.insert(Arc::from(key));
             }
-            Table::Certificates | Table::MachineStates | Table::SessionKeys => {}
+            Table::Certificates | Table::MachineStates | Table::SessionKeys | Table::Nodes => {}
         }
     }
 
@@ -153,6 +153,7 @@ mod tests {
             addr: "127.0.0.1:1".parse().unwrap(),
             state,
             cmd: None,
+            node: None,
         }
     }
 

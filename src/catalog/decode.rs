@@ -38,6 +38,7 @@ pub fn decode(
                 Some(id) => Event::RemoveSessionKey(id),
                 None => return Ok(None),
             },
+            Table::Nodes => Event::RemoveNode(key.into()),
         }));
     };
     match table {
@@ -82,6 +83,16 @@ pub fn decode(
             let unchanged = current.session_keys.get(&id) == Some(&key);
             Ok((!unchanged).then(|| Event::SessionKey(key)))
         }
+        Table::Nodes => {
+            let row: model::NodeRow =
+                serde_json::from_str(body).map_err(|e| fail(format!("bad JSON: {e}")))?;
+            if row.node != key {
+                return Err(fail(format!("body names node {:?}", row.node)));
+            }
+            // The same beat again (a resync) is not a new sign of life.
+            let unchanged = current.node(key).is_some_and(|n| n.row.as_ref() == Some(&row));
+            Ok((!unchanged).then(|| Event::Node(row)))
+        }
     }
 }
 
@@ -124,6 +135,7 @@ impl Snapshot {
             Table::Certificates => self.cert_for_key(key).is_some(),
             Table::MachineStates => self.states.contains_key(key),
             Table::SessionKeys => parse_id(key).is_some_and(|id| self.session_keys.contains_key(&id)),
+            Table::Nodes => self.nodes.get(key).is_some_and(|n| n.row.is_some()),
         }
     }
 

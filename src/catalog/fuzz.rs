@@ -228,8 +228,15 @@ fn event(op: u8, input: &mut Input<'_>, template: &AppSpec, snap: &mut Snapshot,
             let port = (how & 1 == 1).then_some(9000 + u16::from(how >> 6));
             let addr = MachineAddr { ip: [127, 0, 0, 1].into(), port };
             let state = if how & 2 == 0 { MachineState::Started } else { MachineState::Stopped };
-            let spec =
-                MachineSpec { id: id.into(), app: app.into(), region: "ams".into(), addr, state, cmd: None };
+            let spec = MachineSpec {
+                id: id.into(),
+                app: app.into(),
+                region: "ams".into(),
+                addr,
+                state,
+                cmd: None,
+                node: None,
+            };
             snap.apply(Event::Machine(spec));
             model.upsert_machine(id, app, addr);
         }

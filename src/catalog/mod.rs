@@ -36,6 +36,7 @@ pub use decode::{DecodeError, decode};
 pub use fuzz::fuzz_apply;
 pub use snapshot::{
     AppEntry, CertEntry, Compacted, InFlight, Machine, MachineLive, Queued, Snapshot, StateRecord,
+    next_version, node_tag,
 };
 
 /// The published catalog.

@@ -185,9 +185,10 @@ impl MachineLive {
     }
 
     /// Moves to `state` with the next version, whatever the current one; returns that
-    /// version. For the one writer that owns the machine's lifecycle on this node.
-    pub fn transition(&self, state: MachineState) -> u64 {
-        let next = |current| Some(pack(state, unpack(current).1 + 1));
+    /// version, minted by `node` (a [`node_tag`], or 0 for what every node does alike:
+    /// applying a declaration). For the one writer that owns the machine's lifecycle.
+    pub fn transition(&self, state: MachineState, node: u64) -> u64 {
+        let next = |current| Some(pack(state, next_version(unpack(current).1, node)));
         // The closure always answers Some, so the update always succeeds.
         let previous =
             self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, next).unwrap_or_else(|v| v);
@@ -241,6 +242,30 @@ fn unpack(v: u64) -> (MachineState, u64) {
     (MachineState::from_code((v & 0xff) as u8), v >> 8)
 }
 
+/// Bits of a lifecycle version that name the node that minted it: a version is
+/// `counter << NODE_BITS | node`. The counter orders the changes to one machine; the node
+/// part keeps two nodes that both change a machine at once (on one RIB) from minting the
+/// same version, so every reader settles on the same one of the two. 24 bits leave 32 for
+/// the counter (the state takes the lowest 8 of the packed word).
+pub const NODE_BITS: u32 = 24;
+
+/// The node part of the versions a node mints: a hash of its name, never 0 (0 is the part
+/// of versions every node mints alike, from a declaration).
+pub fn node_tag(name: &str) -> u64 {
+    // FNV-1a: stable across builds and platforms, unlike the std hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h & ((1 << NODE_BITS) - 1)).max(1)
+}
+
+/// The version after `current`, minted by `node`. Versions from before node parts (small
+/// counters) have a counter of 0 here, so the next one is still newer.
+pub fn next_version(current: u64, node: u64) -> u64 {
+    (((current >> NODE_BITS) + 1) << NODE_BITS) | (node & ((1 << NODE_BITS) - 1))
+}
+
 /// One exchange in flight on a machine; dropping it ends the exchange.
 #[derive(Debug)]
 pub struct InFlight(Arc<MachineLive>);
@@ -286,6 +311,94 @@ pub struct Machine {
     /// `spec.addr` with the app's internal_port filled in.
     pub addr: SocketAddr,
     pub live: Arc<MachineLive>,
+    /// The liveness of the node that owns the machine (`node = …`), if one does.
+    pub owner: Option<Arc<NodeLive>>,
+}
+
+/// How fresh the catalog is, shared by every snapshot of one catalog: node liveness is
+/// judged against it, so while the RIB is unreachable (no heartbeat can arrive) judgments
+/// freeze instead of declaring every other node dead.
+#[derive(Debug)]
+pub struct Pulse {
+    /// [`crate::clock::now_ms`] when the catalog was last known to be current with the RIB.
+    current_ms: AtomicU64,
+    /// A node whose heartbeat was last heard longer ago than this is dead.
+    dead_after_ms: AtomicU64,
+    /// This node's name: its own machines never wait on its heartbeat echoing back.
+    local: std::sync::OnceLock<Arc<str>>,
+}
+
+impl Default for Pulse {
+    fn default() -> Self {
+        Pulse {
+            current_ms: AtomicU64::new(crate::clock::now_ms()),
+            dead_after_ms: AtomicU64::new(1_500),
+            local: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl Pulse {
+    /// The catalog is current as of now (the updater heard from the RIB).
+    pub fn beat(&self) {
+        self.current_ms.fetch_max(crate::clock::now_ms(), Ordering::Relaxed);
+    }
+
+    /// Names this node (before the catalog loads: liveness objects made earlier would not
+    /// know they are local).
+    pub fn set_local(&self, node: &str) {
+        let _ = self.local.set(Arc::from(node));
+    }
+
+    pub fn set_dead_after(&self, d: std::time::Duration) {
+        self.dead_after_ms.store(u64::try_from(d.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
+/// Whether a fleet node is alive, as this node hears its heartbeats. One per node name,
+/// kept across snapshots, so the machines a node owns see it change without a new
+/// snapshot.
+#[derive(Debug)]
+pub struct NodeLive {
+    /// When the node's last heartbeat was heard ([`crate::clock::now_ms`]); 0: never.
+    heard_ms: AtomicU64,
+    /// This node itself: alive whatever the RIB says.
+    local: AtomicBool,
+    pulse: Arc<Pulse>,
+}
+
+impl NodeLive {
+    fn new(pulse: Arc<Pulse>, name: &str) -> NodeLive {
+        let local = pulse.local.get().is_some_and(|l| **l == *name);
+        NodeLive { heard_ms: AtomicU64::new(0), local: AtomicBool::new(local), pulse }
+    }
+
+    pub fn alive(&self) -> bool {
+        if self.local.load(Ordering::Relaxed) {
+            return true;
+        }
+        let heard = self.heard_ms.load(Ordering::Relaxed);
+        let current = self.pulse.current_ms.load(Ordering::Relaxed);
+        heard != 0 && current.saturating_sub(heard) <= self.pulse.dead_after_ms.load(Ordering::Relaxed)
+    }
+
+    /// A heartbeat was heard now.
+    pub fn heard(&self) {
+        self.heard_ms.store(crate::clock::now_ms().max(1), Ordering::Relaxed);
+    }
+
+    /// The node left (its row was deleted): dead from now on, until it beats again.
+    pub fn gone(&self) {
+        self.heard_ms.store(0, Ordering::Relaxed);
+    }
+}
+
+/// A fleet node as the catalog knows it: its last row (none while only machines name it)
+/// and its liveness.
+#[derive(Debug)]
+pub struct NodeEntry {
+    pub row: Option<crate::model::NodeRow>,
+    pub live: Arc<NodeLive>,
 }
 
 impl Machine {
@@ -302,6 +415,7 @@ impl Machine {
             && self.live.healthy()
             && self.live.in_rotation()
             && self.addr.port() != 0
+            && self.owner.as_ref().is_none_or(|o| o.alive())
     }
 
     pub fn region(&self) -> &str {
@@ -352,6 +466,9 @@ pub struct Snapshot {
     pub(super) session_keys: Arc<std::collections::BTreeMap<u32, SessionKey>>,
     /// `session_keys` prepared for sealing and opening, rebuilt whenever they change.
     pub(super) keyring: Arc<Keyring>,
+    /// The fleet's nodes by name (a handful: replaced whole on change).
+    pub(super) nodes: Arc<std::collections::BTreeMap<Arc<str>, Arc<NodeEntry>>>,
+    pub(super) pulse: Arc<Pulse>,
 }
 
 /// A machine's recorded lifecycle state and the version of the record.
@@ -417,6 +534,31 @@ impl Snapshot {
     /// The session keys as the RIB holds them, by id (for the admin API: show no secrets).
     pub fn session_keys(&self) -> impl Iterator<Item = &SessionKey> {
         self.session_keys.values()
+    }
+
+    /// The fleet's nodes as heard from the RIB (and those only named by machines).
+    pub fn nodes(&self) -> impl Iterator<Item = &Arc<NodeEntry>> {
+        self.nodes.values()
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Arc<NodeEntry>> {
+        self.nodes.get(name)
+    }
+
+    /// How fresh this catalog is (shared by all its snapshots).
+    pub fn pulse(&self) -> &Arc<Pulse> {
+        &self.pulse
+    }
+
+    /// The liveness of node `name`, made (never heard) if no row or machine named it yet.
+    pub(super) fn node_live(&mut self, name: &str) -> Arc<NodeLive> {
+        if let Some(n) = self.nodes.get(name) {
+            return n.live.clone();
+        }
+        let live = Arc::new(NodeLive::new(self.pulse.clone(), name));
+        let entry = Arc::new(NodeEntry { row: None, live: live.clone() });
+        Arc::make_mut(&mut self.nodes).insert(Arc::from(name), entry);
+        live
     }
 
     /// The recorded lifecycle state of a machine, if any was recorded.
@@ -487,6 +629,8 @@ impl Snapshot {
             states: self.states.rebase(c.states.clone(), c.at),
             session_keys: self.session_keys.clone(),
             keyring: self.keyring.clone(),
+            nodes: self.nodes.clone(),
+            pulse: self.pulse.clone(),
         }
     }
 }
@@ -504,4 +648,33 @@ pub struct Compacted {
     certs: Base<Arc<CertEntry>>,
     wild_certs: Base<Arc<CertEntry>>,
     states: Base<StateRecord>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_nodes_never_mint_the_same_version_and_every_reader_settles_on_one() {
+        let (a, b) = (node_tag("edge-1"), node_tag("worker-1"));
+        assert_ne!(a, b);
+        assert_ne!((a, b), (0, 0), "a node's part is never the declaration's 0");
+        // Both nodes saw version v and changed the machine at once.
+        let v = next_version(7, 0);
+        let (va, vb) = (next_version(v, a), next_version(v, b));
+        assert_ne!(va, vb);
+        assert!(va > v && vb > v, "both are newer than what they saw");
+        // Whichever record a node reads last, it keeps the higher one: both end alike.
+        let live = [MachineLive::new(MachineState::Stopped, v), MachineLive::new(MachineState::Stopped, v)];
+        live[0].observe(MachineState::Started, va);
+        live[0].observe(MachineState::Stopped, vb);
+        live[1].observe(MachineState::Stopped, vb);
+        live[1].observe(MachineState::Started, va);
+        assert_eq!(live[0].state_version(), live[1].state_version());
+        assert_eq!(live[0].state(), live[1].state());
+        // The next change by either is newer than both.
+        assert!(next_version(va.max(vb), a) > va.max(vb));
+        // Versions written before node parts (plain counters) are older than any minted now.
+        assert!(next_version(5_000, a) > 5_000);
+    }
 }

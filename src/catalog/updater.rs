@@ -100,7 +100,10 @@ async fn follow(
             e = sub.next() => e,
         };
         match &event {
-            Some(Ok(_)) => link.up(&metrics),
+            Some(Ok(_)) => {
+                link.up(&metrics);
+                catalog.load().pulse().beat();
+            }
             Some(Err(_)) | None => link.down(&metrics),
         }
         match event {

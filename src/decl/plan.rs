@@ -57,6 +57,7 @@ impl fmt::Display for Plan {
                 Table::Certificates => "certificate",
                 Table::MachineStates => "machine state",
                 Table::SessionKeys => "session key",
+                Table::Nodes => "node",
             };
             match &c.op {
                 Op::Add => writeln!(f, "+ {what} {}", c.key)?,
@@ -206,6 +207,7 @@ fn normalised(table: Table, v: &serde_json::Value) -> Option<serde_json::Value> 
         Table::Certificates => through::<CertSpec>(v),
         Table::MachineStates => through::<StateRow>(v),
         Table::SessionKeys => through::<crate::model::session_key::SessionKeyRow>(v),
+        Table::Nodes => through::<crate::model::NodeRow>(v),
     }
 }
 
@@ -305,7 +307,7 @@ fn writes(decl: &Declaration, plan: &Plan) -> Result<Vec<Write>, PlanError> {
             Table::Machines => machines.get(c.key.as_str()).map(|m| encode(&c.key, m)),
             Table::Certificates => certs.get(c.key.as_str()).map(|x| encode(&c.key, x)),
             // Never declared: a plan holds no changes to them.
-            Table::MachineStates | Table::SessionKeys => None,
+            Table::MachineStates | Table::SessionKeys | Table::Nodes => None,
         };
         if let Some(body) = body {
             out.push(Write { table: c.table, key: c.key.clone(), body: Some(body?) });

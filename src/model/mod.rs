@@ -278,6 +278,29 @@ pub struct MachineSpec {
     /// and tern only routes to it while it is started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmd: Option<Vec<String>>,
+    /// The node whose driver runs the machine (its owner): only that node starts, stops and
+    /// probes it; others route to it while it is started and its owner is alive. Without
+    /// it, every node that can run the machine manages it (one node, or a shared host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// A row of the RIB's `nodes` table: a node says it is alive (and where other nodes reach
+/// it) by rewriting its row every heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRow {
+    pub node: String,
+    #[serde(default)]
+    pub region: String,
+    /// Where other nodes reach this one (`[backhaul] addr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backhaul: Option<String>,
+    #[serde(default)]
+    pub pid: u32,
+    /// The node's wall clock at this beat, in milliseconds since the Unix epoch (for
+    /// people; liveness is judged by when a reader heard the beat, immune to clock skew).
+    #[serde(default)]
+    pub beat_ms: i64,
 }
 
 /// A row of the RIB's `machine_states` table: a machine's lifecycle state as recorded by

@@ -21,6 +21,7 @@ use crate::rib::{Rib, RibError};
 use crate::telemetry::Metrics;
 use crate::{listener, tls};
 
+pub mod fleet;
 mod wedge;
 mod worker;
 
@@ -179,6 +180,8 @@ struct Background {
     supervisor: tokio::task::JoinHandle<()>,
     lifecycle: Arc<Lifecycle>,
     replay_cache: Arc<crate::routing::replay_cache::ReplayCache>,
+    /// The RIB and this node's name, if it beats in a fleet: it leaves when it stops.
+    fleet: Option<(Arc<dyn Rib>, Arc<str>)>,
 }
 
 impl Background {
@@ -202,6 +205,13 @@ impl Background {
         // after boot's reconcile, and nothing sent meanwhile is lost.
         let (feed, changes) = tokio::sync::mpsc::unbounded_channel();
         ensure_session_key(&rib).await?;
+        let node: Arc<str> = Arc::from(config.node.clone().unwrap_or_else(|| config.region.clone()));
+        // Before the catalog loads: the liveness it makes for this node must know it is ours.
+        let pulse = catalog.load().pulse().clone();
+        pulse.set_local(&node);
+        if let Some(b) = &config.backhaul {
+            pulse.set_dead_after(b.dead_after);
+        }
         let updater = {
             let (catalog, rib, metrics, shutdown) =
                 (catalog.clone(), rib.clone(), metrics.clone(), shutdown.clone());
@@ -213,7 +223,6 @@ impl Background {
         };
         let updater = tasks.watch(&catalog_rt.handle, "catalog", rethrow(updater));
         let (driver_tx, driver_rx) = tokio::sync::mpsc::unbounded_channel();
-        let node: Arc<str> = Arc::from(config.node.clone().unwrap_or_else(|| config.region.clone()));
         // One per node, shared by the workers: a replay one worker saw routes the next
         // request whichever worker takes it.
         let replay_cache = Arc::new(crate::routing::replay_cache::ReplayCache::default());
@@ -233,9 +242,9 @@ impl Background {
             let _on = lifecycle_rt.handle.enter();
             Lifecycle::new(
                 driver,
-                rib,
+                rib.clone(),
                 catalog.clone(),
-                node,
+                node.clone(),
                 Arc::from(config.region.as_str()),
                 metrics.clone(),
                 replay_cache.clone(),
@@ -255,7 +264,20 @@ impl Background {
             let (l, s) = (lifecycle.clone(), shutdown.clone());
             tasks.keep(&lifecycle_rt.handle, "supervisor", move || l.clone().supervise(s.clone()))
         };
-        Ok(Background { catalog_rt, lifecycle_rt, updater, supervisor, lifecycle, replay_cache })
+        let fleet = config.backhaul.as_ref().map(|b| {
+            let me = fleet::Identity {
+                node: node.clone(),
+                region: Arc::from(config.region.as_str()),
+                backhaul: b.addr,
+                every: b.heartbeat,
+            };
+            let (r, s) = (rib.clone(), shutdown.clone());
+            tasks.keep(&lifecycle_rt.handle, "heartbeat", move || {
+                fleet::heartbeat(r.clone(), me.clone(), s.clone())
+            });
+            (rib.clone(), node.clone())
+        });
+        Ok(Background { catalog_rt, lifecycle_rt, updater, supervisor, lifecycle, replay_cache, fleet })
     }
 
     /// Once the workers are done: machines this node runs go down with it, recorded as
@@ -264,6 +286,9 @@ impl Background {
     async fn stop(self, handed_over: bool) {
         let _ = self.supervisor.await;
         if !handed_over {
+            if let Some((rib, node)) = self.fleet.clone() {
+                let _ = self.lifecycle_rt.handle.spawn(fleet::leave(rib, node)).await;
+            }
             let l = self.lifecycle.clone();
             let _ = self.lifecycle_rt.handle.spawn(async move { l.stop_all().await }).await;
         }

@@ -29,12 +29,22 @@ pub enum Table {
     /// The keys sealed session tokens are made with, by id; written only through
     /// [`Rib::ensure_session_key`] and [`Rib::rotate_session_key`], never by `tern apply`.
     SessionKeys,
+    /// The fleet's nodes, each rewriting its own row every heartbeat ([`crate::model::NodeRow`]);
+    /// written only by the nodes themselves, never by `tern apply`.
+    Nodes,
 }
 
 impl Table {
-    /// In the order a snapshot lists them (machines before their states).
-    pub const ALL: [Table; 5] =
-        [Table::Apps, Table::Machines, Table::Certificates, Table::MachineStates, Table::SessionKeys];
+    /// In the order a snapshot lists them (nodes before the machines they own, machines
+    /// before their states).
+    pub const ALL: [Table; 6] = [
+        Table::Nodes,
+        Table::Apps,
+        Table::Machines,
+        Table::Certificates,
+        Table::MachineStates,
+        Table::SessionKeys,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -43,6 +53,7 @@ impl Table {
             Table::Certificates => "certificates",
             Table::MachineStates => "machine_states",
             Table::SessionKeys => "session_keys",
+            Table::Nodes => "nodes",
         }
     }
 
@@ -209,6 +220,20 @@ pub trait Rib: Send + Sync + 'static {
     ///
     /// [`plan_rotation`]: crate::model::session_key::plan_rotation
     fn rotate_session_key(&self, fresh: &SessionKeyRow, grace_ms: i64) -> Result<Rotated, RibError>;
+
+    /// Writes this node's heartbeat row (`nodes`), replacing the last. Blocking: call it
+    /// from a blocking thread. Stores that cannot hold a fleet refuse.
+    fn publish_node(&self, row: &crate::model::NodeRow) -> Result<(), RibError> {
+        let _ = row;
+        Err(RibError::Other("this RIB kind does not hold fleet nodes".into()))
+    }
+
+    /// Deletes a node's heartbeat row (the node is leaving): the others route around it at
+    /// once instead of after its heartbeats stop. Blocking.
+    fn remove_node(&self, node: &str) -> Result<(), RibError> {
+        let _ = node;
+        Err(RibError::Other("this RIB kind does not hold fleet nodes".into()))
+    }
 
     /// Visits the earlier changes of `keys` committed at or before `upto`, newest first,
     /// until `visit` returns false. With it the catalog serves the last good version of a

@@ -418,6 +418,17 @@ impl Rib for SqliteRib {
         self.with_writer(|store| store.rotate_session_key(fresh, grace_ms))
     }
 
+    fn publish_node(&self, row: &crate::model::NodeRow) -> Result<(), RibError> {
+        let body = serde_json::to_string(row).map_err(|e| RibError::Other(e.to_string()))?;
+        self.with_writer(|store| {
+            store.transact(|tx| tx.put(&Record { table: Table::Nodes, key: row.node.clone(), body }))
+        })
+    }
+
+    fn remove_node(&self, node: &str) -> Result<(), RibError> {
+        self.with_writer(|store| store.transact(|tx| tx.delete(Table::Nodes, node).map(|_| ())))
+    }
+
     fn look_back(
         &self,
         upto: &Cursor,

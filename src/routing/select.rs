@@ -170,6 +170,7 @@ mod tests {
                 addr: format!("127.0.0.1:{}", 1000 + i).parse::<MachineAddr>().unwrap(),
                 state: *st,
                 cmd: None,
+                node: None,
             }));
         }
         s
@@ -319,9 +320,9 @@ mod tests {
         let s = snapshot(&[MachineState::Started]);
         let m = &s.app("a").unwrap().machines[0];
         m.live.outlier().failed(crate::clock::now_ms(), false);
-        m.live.transition(MachineState::Stopped);
+        m.live.transition(MachineState::Stopped, 1);
         assert!(m.live.outlier().ejected(crate::clock::now_ms), "stopping changes nothing");
-        m.live.transition(MachineState::Started);
+        m.live.transition(MachineState::Started, 1);
         assert_eq!(m.live.outlier().status(crate::clock::now_ms()).failures, 0, "started afresh");
     }
 }

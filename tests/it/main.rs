@@ -14,6 +14,7 @@ mod drain;
 mod eject;
 mod errors;
 mod etcd;
+mod fleet;
 mod hostile;
 mod http;
 mod lifecycle;

@@ -300,6 +300,29 @@ impl Rib for EtcdRib {
         })
     }
 
+    fn publish_node(&self, row: &crate::model::NodeRow) -> Result<(), RibError> {
+        let body = serde_json::to_vec(row).map_err(|e| RibError::Other(e.to_string()))?;
+        self.run(async |inner| {
+            let req = proto::PutRequest {
+                key: inner.key(Table::Nodes, &row.node),
+                value: body,
+                ..Default::default()
+            };
+            let _: proto::PutResponse =
+                inner.grpc.unary("/etcdserverpb.KV/Put", &req, CALL_DEADLINE).await.map_err(err)?;
+            Ok(())
+        })
+    }
+
+    fn remove_node(&self, node: &str) -> Result<(), RibError> {
+        self.run(async |inner| {
+            let req = proto::DeleteRangeRequest { key: inner.key(Table::Nodes, node), ..Default::default() };
+            let _: proto::DeleteRangeResponse =
+                inner.grpc.unary("/etcdserverpb.KV/DeleteRange", &req, CALL_DEADLINE).await.map_err(err)?;
+            Ok(())
+        })
+    }
+
     fn ensure_session_key(&self, fresh: &SessionKeyRow) -> Result<bool, RibError> {
         self.run(async |inner| {
             let p = inner.table_prefix(Table::SessionKeys.as_str());

@@ -17,6 +17,9 @@
 //! triggers on `apps` (so hand edits keep it too) and filled from the rows at migration:
 //! `tern apply` checks a declared hostname with one lookup instead of reading every app.
 //!
+//! Version 5 adds the `nodes` table (with its triggers), where fleet nodes publish their
+//! heartbeats; nothing is rebuilt.
+//!
 //! The version is `meta.schema`; a database without it predates versioning (version 1 when
 //! it has a `meta` table, new otherwise).
 
@@ -27,7 +30,7 @@ use rusqlite::{OptionalExtension, Transaction};
 use crate::rib::{RibError, Table};
 
 /// The schema this build writes.
-pub const VERSION: i64 = 4;
+pub const VERSION: i64 = 5;
 /// Tables made before this version have the old `updated_at` default and are rebuilt.
 const REBUILT_BEFORE: i64 = 2;
 
