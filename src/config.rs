@@ -817,6 +817,25 @@ mod tests {
     }
 
     #[test]
+    fn fleet_sections_parse_and_are_checked() {
+        let c = Config::parse(
+            "region = \"ams\"\nnode = \"edge-1\"\n[backhaul]\naddr = \"127.0.0.1:4280\"\n\
+             [regions]\nrtt_ms = { ams = 0, fra = 9, iad = 80 }\n",
+        )
+        .unwrap();
+        let b = c.backhaul.unwrap();
+        assert_eq!((b.heartbeat, b.dead_after), (Duration::from_millis(500), Duration::from_millis(1500)));
+        assert_eq!(c.regions.rtt_ms.get("iad"), Some(&80));
+        let (_, msg) = Config::parse("[backhaul]\naddr = \"127.0.0.1:4280\"\n").unwrap_err();
+        assert!(msg.contains("needs a name of its own"), "{msg}");
+        let (_, msg) = Config::parse(
+            "node = \"w\"\n[backhaul]\naddr = \"127.0.0.1:1\"\nheartbeat = \"1s\"\ndead_after = \"1s\"\n",
+        )
+        .unwrap_err();
+        assert!(msg.contains("two heartbeats"), "{msg}");
+    }
+
+    #[test]
     fn embedded_default_matches_contract() {
         let c = Config::default();
         let addrs: Vec<_> = c.listen.iter().map(|l| (l.addr.to_string(), l.tls)).collect();

@@ -111,6 +111,8 @@ pub struct Lifecycle {
     node: Arc<str>,
     /// The node part of the lifecycle versions this node mints.
     node_tag: u64,
+    /// Distances to regions (`[regions] rtt_ms`): wakes pick the nearest machine.
+    nearest: Option<Arc<crate::routing::nearest::Nearest>>,
     region: Arc<str>,
     metrics: Arc<Metrics>,
     /// The node's remembered replays, forgotten with their app.
@@ -204,17 +206,25 @@ impl Drop for Held {
     }
 }
 
+/// Where this node stands in the fleet: its name, its region and its distances to others.
+pub struct Site {
+    pub node: Arc<str>,
+    pub region: Arc<str>,
+    pub nearest: Option<Arc<crate::routing::nearest::Nearest>>,
+}
+
 impl Lifecycle {
     pub fn new(
         driver: Arc<dyn Driver>,
         rib: Arc<dyn Rib>,
         catalog: Arc<Catalog>,
-        node: Arc<str>,
-        region: Arc<str>,
+        site: Site,
         metrics: Arc<Metrics>,
         replay_cache: Arc<ReplayCache>,
     ) -> Arc<Lifecycle> {
+        let Site { node, region, nearest } = site;
         Arc::new(Lifecycle {
+            nearest,
             driver,
             rib,
             catalog,
@@ -231,6 +241,11 @@ impl Lifecycle {
             closing: CancellationToken::new(),
             lines: DashMap::new(),
         })
+    }
+
+    /// The regions by distance, if the node has a table of them.
+    pub fn nearest(&self) -> Option<&Arc<crate::routing::nearest::Nearest>> {
+        self.nearest.as_ref()
     }
 
     /// Whether this node runs the machine: its driver can, and no other node owns it.
@@ -476,10 +491,17 @@ impl Lifecycle {
         Ok(held)
     }
 
-    /// The machine to wait for: one already waking, else a suspended one (it resumes at
-    /// once), else a stopped one; this node's region before others.
+    /// The machine to wait for: one already waking, else the nearest (this node's region
+    /// first, then by `[regions] rtt_ms`), and within a region a suspended one (it resumes
+    /// at once) before a stopped one.
     fn candidate(&self, app: &AppEntry, tried: &[Arc<str>], eligible: &Eligible<'_>) -> Option<Arc<Machine>> {
-        let rank = |m: &Machine| -> Option<(u8, bool)> {
+        let distance = |m: &Machine| match &self.nearest {
+            Some(n) => n.rtt(m.region()),
+            None => u32::from(m.region() != &*self.region),
+        };
+        // (not already waking, distance, suspended before stopped before stopping)
+        type Rank = (bool, u32, u8);
+        let rank = |m: &Machine| -> Option<Rank> {
             if tried.contains(&m.id) || !eligible.admits(m) || !self.manages(&m.spec) || m.addr.port() == 0 {
                 return None;
             }
@@ -491,9 +513,9 @@ impl Lifecycle {
                 MachineState::Stopping | MachineState::Suspending => 3,
                 _ => return None,
             };
-            Some((order, m.region() != &*self.region))
+            Some((order != 0, distance(m), order))
         };
-        let mut best: Option<(&Arc<Machine>, (u8, bool))> = None;
+        let mut best: Option<(&Arc<Machine>, Rank)> = None;
         for m in app.machines.iter() {
             if let Some(r) = rank(m)
                 && best.as_ref().is_none_or(|(_, b)| r < *b)

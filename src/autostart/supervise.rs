@@ -578,8 +578,7 @@ pub(super) mod tests {
             driver.clone(),
             Arc::new(rib),
             catalog,
-            Arc::from("node"),
-            Arc::from(""),
+            crate::autostart::Site { node: Arc::from("node"), region: Arc::from(""), nearest: None },
             Arc::new(crate::telemetry::Metrics::new()),
             Arc::default(),
         );
@@ -755,5 +754,57 @@ pub(super) mod tests {
         status = m.live.outlier().status(crate::clock::now_ms());
         assert!(cleared.is_ok(), "the check passed but the ejection stayed: {status:?}");
         assert!(!status.ejected);
+    }
+
+    /// Wakes go to the nearest machine this node may start: by `[regions] rtt_ms`, never
+    /// one another node owns.
+    #[tokio::test]
+    async fn wakes_pick_the_nearest_machine_this_node_may_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rib = crate::rib::sqlite::SqliteRib::open(&dir.path().join("rib.db"), Duration::from_millis(10))
+            .expect("rib");
+        let catalog = Arc::new(crate::catalog::Catalog::new());
+        let mut snap = crate::catalog::Snapshot::default();
+        let app: crate::model::AppSpec =
+            toml::from_str("name = \"a\"\nhostnames = [\"a.test\"]").expect("app");
+        snap.apply(crate::catalog::Event::App(app));
+        // (id, region, owner)
+        let machines = [("iad-1", "iad", None), ("ams-w", "ams", Some("worker-2")), ("fra-1", "fra", None)];
+        for (id, region, owner) in machines {
+            snap.apply(crate::catalog::Event::Machine(crate::model::MachineSpec {
+                id: id.into(),
+                app: "a".into(),
+                region: region.into(),
+                addr: "127.0.0.1:1".parse().expect("addr"),
+                state: MachineState::Stopped,
+                cmd: Some(vec!["app".into()]),
+                node: owner.map(String::from),
+            }));
+        }
+        catalog.publish(snap);
+        let table = [("fra".to_string(), 9), ("iad".to_string(), 80)].into_iter().collect();
+        let lifecycle = Lifecycle::new(
+            Arc::new(MockDriver::default()),
+            Arc::new(rib),
+            catalog.clone(),
+            crate::autostart::Site {
+                node: Arc::from("edge-1"),
+                region: Arc::from("ams"),
+                nearest: crate::routing::nearest::Nearest::new("ams", &table).map(Arc::new),
+            },
+            Arc::new(crate::telemetry::Metrics::new()),
+            Arc::default(),
+        );
+        let snap = catalog.load();
+        let app = snap.app("a").expect("app");
+        let pick = |tried: &[Arc<str>]| {
+            lifecycle
+                .candidate(app, tried, &crate::routing::decide::Eligible::default())
+                .map(|m| m.id.clone())
+        };
+        // ams-w is nearest but worker-2's to start; fra is next.
+        assert_eq!(pick(&[]).as_deref(), Some("fra-1"));
+        assert_eq!(pick(&[Arc::from("fra-1")]).as_deref(), Some("iad-1"));
+        assert_eq!(pick(&[Arc::from("fra-1"), Arc::from("iad-1")]), None, "nothing this node may start");
     }
 }

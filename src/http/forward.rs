@@ -835,6 +835,7 @@ impl Handler {
         } else if let Some(v) = text(headers::PREFER_REGION) {
             steer.regions = Regions::Prefer(regions(v));
         }
+        steer.nearest = self.router.nearest().cloned();
         Ok(steer)
     }
 }

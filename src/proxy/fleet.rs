@@ -32,6 +32,27 @@ impl Identity {
     }
 }
 
+/// Starts this node's heartbeat if it has a `[backhaul]`; returns what leaving needs.
+pub fn beat(
+    config: &crate::config::Config,
+    rib: &Arc<dyn Rib>,
+    node: &Arc<str>,
+    tasks: &crate::tasks::Tasks,
+    runtime: &tokio::runtime::Handle,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<(Arc<dyn Rib>, Arc<str>)> {
+    let b = config.backhaul.as_ref()?;
+    let me = Identity {
+        node: node.clone(),
+        region: Arc::from(config.region.as_str()),
+        backhaul: b.addr,
+        every: b.heartbeat,
+    };
+    let (r, s) = (rib.clone(), shutdown.clone());
+    tasks.keep(runtime, "heartbeat", move || heartbeat(r.clone(), me.clone(), s.clone()));
+    Some((rib.clone(), node.clone()))
+}
+
 /// Beats until `shutdown`. A failed write is logged once per run of failures (the RIB's own
 /// errors are reported by the catalog too) and tried again at the next beat.
 pub async fn heartbeat(rib: Arc<dyn Rib>, me: Identity, mut shutdown: watch::Receiver<bool>) {

@@ -244,8 +244,12 @@ impl Background {
                 driver,
                 rib.clone(),
                 catalog.clone(),
-                node.clone(),
-                Arc::from(config.region.as_str()),
+                crate::autostart::Site {
+                    node: node.clone(),
+                    region: Arc::from(config.region.as_str()),
+                    nearest: crate::routing::nearest::Nearest::new(&config.region, &config.regions.rtt_ms)
+                        .map(Arc::new),
+                },
                 metrics.clone(),
                 replay_cache.clone(),
             )
@@ -264,19 +268,7 @@ impl Background {
             let (l, s) = (lifecycle.clone(), shutdown.clone());
             tasks.keep(&lifecycle_rt.handle, "supervisor", move || l.clone().supervise(s.clone()))
         };
-        let fleet = config.backhaul.as_ref().map(|b| {
-            let me = fleet::Identity {
-                node: node.clone(),
-                region: Arc::from(config.region.as_str()),
-                backhaul: b.addr,
-                every: b.heartbeat,
-            };
-            let (r, s) = (rib.clone(), shutdown.clone());
-            tasks.keep(&lifecycle_rt.handle, "heartbeat", move || {
-                fleet::heartbeat(r.clone(), me.clone(), s.clone())
-            });
-            (rib.clone(), node.clone())
-        });
+        let fleet = fleet::beat(config, &rib, &node, tasks, &lifecycle_rt.handle, shutdown);
         Ok(Background { catalog_rt, lifecycle_rt, updater, supervisor, lifecycle, replay_cache, fleet })
     }
 

@@ -186,7 +186,7 @@ async fn run(
     let ticking = tokio::spawn(beat_forever(beats.runtime, beats.period));
     keep_reaping(&deps, &pool);
     let handler = Arc::new(Handler {
-        router: Router::new(deps.catalog.clone()),
+        router: Router::new(deps.catalog.clone()).with_nearest(deps.lifecycle.nearest().cloned()),
         pool,
         metrics: deps.metrics.clone(),
         region: deps.region.clone(),

@@ -46,10 +46,12 @@ pub enum Why {
     Replay,
     /// A cached `fly-replay` decision.
     ReplayCache,
+    /// The nearest region with room (`[regions] rtt_ms`).
+    Nearest,
 }
 
 impl Why {
-    pub const ALL: [Why; 8] = [
+    pub const ALL: [Why; 9] = [
         Why::LeastLoaded,
         Why::Session,
         Why::Cookie,
@@ -58,6 +60,7 @@ impl Why {
         Why::Region,
         Why::Replay,
         Why::ReplayCache,
+        Why::Nearest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +73,7 @@ impl Why {
             Why::Region => "region",
             Why::Replay => "replay",
             Why::ReplayCache => "replay_cache",
+            Why::Nearest => "nearest",
         }
     }
 }
@@ -101,6 +105,8 @@ pub struct Steering {
     pub exclude: Vec<Arc<str>>,
     /// The reason when the choice was otherwise free (a replay to a region is `Replay`).
     pub why: Why,
+    /// With no region asked for: the regions by distance, tried nearest first.
+    pub nearest: Option<Arc<super::nearest::Nearest>>,
 }
 
 impl Steering {
@@ -183,6 +189,16 @@ pub fn decide(app: &AppEntry, steer: &Steering) -> Decision {
         let near = Eligible { regions: Some(regions), ..eligible };
         if let Some(pick) = select::acquire_among(&app.machines, &near, limits) {
             return go(pick, Why::Region);
+        }
+    }
+    // A region is left only when none of its machines is started, healthy and below its
+    // hard limit; then the next tier, and last the regions the table does not list.
+    if let (Regions::Any, Some(nearest)) = (&steer.regions, &steer.nearest) {
+        for tier in nearest.tiers() {
+            let near = Eligible { regions: Some(tier), ..eligible };
+            if let Some(pick) = select::acquire_among(&app.machines, &near, limits) {
+                return go(pick, if steer.why == Why::LeastLoaded { Why::Nearest } else { steer.why });
+            }
         }
     }
     if let Some(pick) = select::acquire_among(&app.machines, &eligible, limits) {
@@ -273,5 +289,96 @@ pub fn state_name(m: &Machine) -> &'static str {
         MachineState::Started if !m.live.healthy() => "failing its checks",
         MachineState::Started if !m.live.in_rotation() => "being stopped",
         s => s.as_str(),
+    }
+}
+
+#[cfg(test)]
+mod nearest_tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::catalog::{Event, Snapshot};
+    use crate::model::{AppSpec, MachineAddr, MachineSpec};
+    use crate::routing::nearest::Nearest;
+
+    /// App `a` (hard limit 2) with machines `(id, region, state)`.
+    fn app(machines: &[(&str, &str, MachineState)]) -> Arc<AppEntry> {
+        let mut s = Snapshot::default();
+        let spec: AppSpec = toml::from_str(
+            "name = \"a\"\nhostnames = [\"a.test\"]\nconcurrency = { type = \"requests\", soft_limit = 1, hard_limit = 2 }",
+        )
+        .unwrap();
+        s.apply(Event::App(spec));
+        for (i, (id, region, state)) in machines.iter().enumerate() {
+            s.apply(Event::Machine(MachineSpec {
+                id: (*id).into(),
+                app: "a".into(),
+                region: (*region).into(),
+                addr: format!("127.0.0.1:{}", 1000 + i).parse::<MachineAddr>().unwrap(),
+                state: *state,
+                cmd: None,
+                node: None,
+            }));
+        }
+        s.app("a").unwrap().clone()
+    }
+
+    fn steer() -> Steering {
+        let table: BTreeMap<String, u32> =
+            [("fra".to_string(), 9), ("iad".to_string(), 80)].into_iter().collect();
+        Steering { nearest: Nearest::new("ams", &table).map(Arc::new), ..Steering::default() }
+    }
+
+    fn go(app: &AppEntry, steer: &Steering) -> (Pick, Why) {
+        match decide(app, steer) {
+            Decision::Go(r) => (r.pick, r.why),
+            _ => panic!("a machine has room"),
+        }
+    }
+
+    use MachineState::{Started, Stopped};
+
+    #[test]
+    fn new_work_goes_to_the_nearest_region_with_room_and_spills_at_the_hard_limit() {
+        let a = app(&[("iad-1", "iad", Started), ("fra-1", "fra", Started), ("ams-1", "ams", Started)]);
+        let s = steer();
+        let (first, why) = go(&a, &s);
+        assert_eq!((&*first.machine.id, why), ("ams-1", Why::Nearest), "own region, though all are idle");
+        let (second, _) = go(&a, &s);
+        assert_eq!(&*second.machine.id, "ams-1", "still room below the hard limit (2)");
+        let (third, _) = go(&a, &s);
+        assert_eq!(&*third.machine.id, "fra-1", "ams at its hard limit: the next nearest");
+        let held = [go(&a, &s).0];
+        let (fifth, _) = go(&a, &s);
+        assert_eq!(&*fifth.machine.id, "iad-1", "fra full too: the farthest");
+        drop((first, held));
+        assert_eq!(&*go(&a, &s).0.machine.id, "ams-1", "room in the nearest again: back there");
+        drop((second, third, fifth));
+    }
+
+    #[test]
+    fn a_region_is_left_when_its_machines_fail_checks_or_are_not_started() {
+        let a = app(&[("ams-1", "ams", Started), ("ams-2", "ams", Stopped), ("fra-1", "fra", Started)]);
+        let s = steer();
+        a.machines.iter().find(|m| &*m.id == "ams-1").unwrap().live.set_healthy(false);
+        let (p, _) = go(&a, &s);
+        assert_eq!(&*p.machine.id, "fra-1", "a started machine next door beats waking one here");
+        a.machines.iter().find(|m| &*m.id == "ams-1").unwrap().live.set_healthy(true);
+        assert_eq!(&*go(&a, &s).0.machine.id, "ams-1", "healthy again: home");
+    }
+
+    #[test]
+    fn unlisted_regions_come_last_and_asking_for_a_region_wins_over_distance() {
+        let a = app(&[("syd-1", "syd", Started), ("fra-1", "fra", Started)]);
+        let mut s = steer();
+        assert_eq!(&*go(&a, &s).0.machine.id, "fra-1");
+        s.regions = Regions::Prefer(vec!["syd".into()]);
+        let (p, why) = go(&a, &s);
+        assert_eq!((&*p.machine.id, why), ("syd-1", Why::Region), "fly-prefer-region is the client's word");
+        // Without a table, least loaded across regions, as before.
+        let plain = Steering::default();
+        let _busy = go(&a, &s).0;
+        let (p, why) = go(&a, &plain);
+        assert_eq!((&*p.machine.id, why), ("fra-1", Why::LeastLoaded));
     }
 }

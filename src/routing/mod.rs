@@ -12,6 +12,7 @@ use decide::{Decision, Routed, Steering, WaitError, Wakes, Why};
 
 pub mod decide;
 pub mod host;
+pub mod nearest;
 pub mod replay;
 pub mod replay_cache;
 pub mod seal;
@@ -22,11 +23,22 @@ pub use host::{HostError, normalize};
 /// Routes requests over the published catalog.
 pub struct Router {
     catalog: Arc<Catalog>,
+    nearest: Option<Arc<nearest::Nearest>>,
 }
 
 impl Router {
     pub fn new(catalog: Arc<Catalog>) -> Self {
-        Router { catalog }
+        Router { catalog, nearest: None }
+    }
+
+    /// Routes new work to the nearest region with room first (`[regions] rtt_ms`).
+    pub fn with_nearest(mut self, nearest: Option<Arc<nearest::Nearest>>) -> Self {
+        self.nearest = nearest;
+        self
+    }
+
+    pub fn nearest(&self) -> Option<&Arc<nearest::Nearest>> {
+        self.nearest.as_ref()
     }
 
     /// The app serving `host` (already normalised), exact name first, then wildcard.
