@@ -320,7 +320,7 @@ async fn a_silent_stream_is_probed_and_resumed_without_a_resync() {
         agent.standin.requests().iter().any(|(r, _)| r == "GET /v1/health").then_some(())
     });
     assert!(probed.await.is_some(), "a quiet stream is probed");
-    assert_eq!(metric(&serve, "tern_rib_connected").await, Some(1.0), "an idle agent that answers is live");
+    wait_metric(&serve, "tern_rib_connected", 1.0).await;
 
     for health in [Health::Hang, Health::Fail] {
         let resumed = agent.resumes();
@@ -455,4 +455,35 @@ fn the_stand_in_refuses_a_schema_corrosion_would_refuse() {
     assert!(e.unwrap().contains("unique index"));
     let e = start("CREATE TABLE v (a TEXT PRIMARY KEY);");
     assert!(e.unwrap().contains("NOT NULL"));
+}
+
+#[tokio::test]
+async fn the_stand_in_example_runs_as_the_docs_say() {
+    use tokio::io::AsyncBufReadExt;
+    harness::install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Path::new(harness::tern_bin()).parent().unwrap().join("examples").join("corrosion_standin");
+    let mut child = tokio::process::Command::new(bin)
+        .args(["--listen", "127.0.0.1:0", "--db"])
+        .arg(dir.path().join("corro.db"))
+        .arg("--schema")
+        .arg(schema_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url =
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap().unwrap();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let health = reqwest::get(format!("{url}/v1/health")).await.unwrap().text().await.unwrap();
+    assert_eq!(health, r#"{"response":{"gaps":0,"members":1,"p99_lag":0.0,"queue_size":0}}"#);
+    let client = reqwest::Client::new();
+    let fault = client.post(format!("{url}/standin/faults/trim?keep=1")).send().await.unwrap();
+    assert_eq!(fault.status(), 200);
+    let missing = reqwest::get(format!("{url}/v1/subscriptions/0000")).await.unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.text().await.unwrap(), r#"{"error":"could not find subscription with id 0000"}"#);
+    child.kill().await.unwrap();
 }
