@@ -102,7 +102,7 @@ pub(super) async fn run(inner: Arc<Inner>, from: Option<Cursor>, tx: Tx) {
                 if tx.send(Err(e)).await.is_err() {
                     return;
                 }
-                sleep(&mut backoff).await;
+                sleep(&mut backoff, &tx).await;
                 continue;
             }
         };
@@ -114,7 +114,7 @@ pub(super) async fn run(inner: Arc<Inner>, from: Option<Cursor>, tx: Tx) {
                     "the Corrosion subscription lost continuity; subscribing afresh for a snapshot");
                 (reason, at) = (why, None);
                 // A stream that fails again straight after its snapshot must not spin.
-                sleep(&mut backoff).await;
+                sleep(&mut backoff, &tx).await;
             }
             Ended::Broken(why) => {
                 let e = RibError::Other(format!(
@@ -125,14 +125,19 @@ pub(super) async fn run(inner: Arc<Inner>, from: Option<Cursor>, tx: Tx) {
                 if tx.send(Err(e)).await.is_err() {
                     return;
                 }
-                sleep(&mut backoff).await;
+                sleep(&mut backoff, &tx).await;
             }
         }
     }
 }
 
-async fn sleep(backoff: &mut Duration) {
-    tokio::time::sleep(*backoff).await;
+/// Waits out the back-off and doubles it; cut short when the subscriber goes (the loop
+/// then sees the closed channel and ends).
+async fn sleep(backoff: &mut Duration, tx: &Tx) {
+    tokio::select! {
+        () = tokio::time::sleep(*backoff) => {}
+        () = tx.closed() => {}
+    }
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
 }
 
