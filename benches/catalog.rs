@@ -40,6 +40,7 @@ fn machine(i: usize, state: MachineState) -> MachineSpec {
             .expect("addr"),
         state,
         cmd: None,
+        node: None,
     }
 }
 

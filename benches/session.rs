@@ -41,6 +41,7 @@ fn snapshot() -> Snapshot {
             addr: format!("10.0.0.{i}").parse::<MachineAddr>().expect("addr"),
             state: MachineState::Started,
             cmd: None,
+            node: None,
         }));
     }
     s.apply(Event::SessionKey(SessionKey { id: 1, secret: [7; 32], created_ms: 0, retire_at_ms: None }));

@@ -11,6 +11,9 @@ use serde::Deserialize;
 
 use crate::duration::de_duration;
 
+mod rib;
+pub use rib::{Rib, RibKind};
+
 pub const DEFAULT_CONFIG_FILE: &str = "tern.toml";
 
 #[derive(Debug, thiserror::Error)]
@@ -116,81 +119,6 @@ pub struct Admin {
 impl Default for Admin {
     fn default() -> Self {
         Admin { addr: SocketAddr::from(([127, 0, 0, 1], 9090)) }
-    }
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum RibKind {
-    Sqlite,
-    Etcd,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rib {
-    #[serde(default = "default_rib_kind")]
-    pub kind: RibKind,
-    #[serde(default = "default_rib_path")]
-    pub path: PathBuf,
-    /// How often the SQLite RIB is checked for committed changes.
-    #[serde(default = "default_rib_poll", deserialize_with = "de_duration")]
-    pub poll_interval: Duration,
-    /// etcd: the cluster's client URLs (`http://host:port`); any member will do.
-    #[serde(default = "default_etcd_endpoints")]
-    pub endpoints: Vec<String>,
-    /// etcd: the key prefix the RIB lives under.
-    #[serde(default = "default_etcd_prefix")]
-    pub prefix: String,
-    /// etcd: a watch quiet this long is sent a progress request (its liveness probe).
-    #[serde(default = "default_probe_after", deserialize_with = "de_duration")]
-    pub probe_after: Duration,
-    /// etcd: a probe unanswered this long means the watch is dead; it is re-established.
-    #[serde(default = "default_probe_timeout", deserialize_with = "de_duration")]
-    pub probe_timeout: Duration,
-}
-
-impl Rib {
-    fn validate_etcd(&self) -> Result<(), (&'static str, String)> {
-        if self.endpoints.is_empty() {
-            return Err(("endpoints", "name at least one etcd member (\"http://127.0.0.1:2379\")".into()));
-        }
-        if let Some(bad) = self.endpoints.iter().find(|e| {
-            let Some(rest) = e.strip_prefix("http://") else { return true };
-            rest.trim_end_matches('/').parse::<SocketAddr>().is_err()
-                && !rest
-                    .trim_end_matches('/')
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-        }) {
-            return Err((
-                "endpoints",
-                format!(
-                    "{bad:?} is not an etcd client URL (\"http://host:port\"; TLS to etcd is not supported yet)"
-                ),
-            ));
-        }
-        if self.prefix.is_empty() {
-            return Err(("prefix", "must not be empty (\"/tern/\")".into()));
-        }
-        if self.probe_after < Duration::from_millis(100) || self.probe_timeout < Duration::from_millis(100) {
-            return Err(("probe_after", "probe_after and probe_timeout must be at least 100ms".into()));
-        }
-        Ok(())
-    }
-}
-
-impl Default for Rib {
-    fn default() -> Self {
-        Rib {
-            kind: RibKind::Sqlite,
-            path: default_rib_path(),
-            poll_interval: default_rib_poll(),
-            endpoints: default_etcd_endpoints(),
-            prefix: default_etcd_prefix(),
-            probe_after: default_probe_after(),
-            probe_timeout: default_probe_timeout(),
-        }
     }
 }
 
@@ -489,32 +417,11 @@ fn default_region() -> String {
 fn default_backlog() -> u32 {
     4096
 }
-fn default_rib_kind() -> RibKind {
-    RibKind::Sqlite
-}
-fn default_rib_path() -> PathBuf {
-    PathBuf::from("tern.db")
-}
-fn default_rib_poll() -> Duration {
-    Duration::from_millis(10)
-}
 fn default_heartbeat() -> Duration {
     Duration::from_millis(500)
 }
 fn default_dead_after() -> Duration {
     Duration::from_millis(1500)
-}
-fn default_etcd_endpoints() -> Vec<String> {
-    vec!["http://127.0.0.1:2379".into()]
-}
-fn default_etcd_prefix() -> String {
-    "/tern/".into()
-}
-fn default_probe_after() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_probe_timeout() -> Duration {
-    Duration::from_secs(3)
 }
 fn default_driver_kind() -> DriverKind {
     DriverKind::Process
@@ -643,9 +550,7 @@ impl Config {
                 ));
             }
         }
-        if self.rib.kind == RibKind::Etcd {
-            self.rib.validate_etcd()?;
-        }
+        self.rib.validate()?;
         self.validate_fleet()?;
         match self.driver.kind {
             DriverKind::MachinesApi => {
@@ -792,28 +697,6 @@ mod tests {
         assert!(msg.contains("bounce"), "{msg}");
         let (_, msg) = Config::parse("[watchdog]\nstall_after = \"10ms\"\n").unwrap_err();
         assert!(msg.contains("at least 100ms"), "{msg}");
-    }
-
-    #[test]
-    fn an_etcd_rib_needs_client_urls_it_can_reach() {
-        let c = Config::parse("[rib]\nkind = \"etcd\"\n").unwrap();
-        assert_eq!(
-            (c.rib.endpoints.as_slice(), c.rib.prefix.as_str()),
-            (["http://127.0.0.1:2379".to_string()].as_slice(), "/tern/")
-        );
-        let c = Config::parse(
-            "[rib]\nkind = \"etcd\"\nendpoints = [\"http://etcd-1.internal:2379\", \"http://[::1]:2379\"]\n",
-        )
-        .unwrap();
-        assert_eq!(c.rib.endpoints.len(), 2);
-        let (line, msg) =
-            Config::parse("[rib]\nkind = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\n").unwrap_err();
-        assert_eq!(line, 3);
-        assert!(msg.contains("not an etcd client URL") && msg.contains("TLS"), "{msg}");
-        let (_, msg) = Config::parse("[rib]\nkind = \"etcd\"\nendpoints = []\n").unwrap_err();
-        assert!(msg.contains("at least one etcd member"), "{msg}");
-        let (_, msg) = Config::parse("[rib]\nkind = \"zookeeper\"\n").unwrap_err();
-        assert!(msg.contains("sqlite") && msg.contains("etcd"), "{msg}");
     }
 
     #[test]

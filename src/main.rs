@@ -11,9 +11,10 @@ use tern::config::{Config, LogFormat, RibKind, Source};
 use tern::listener::inherit::Inherited;
 use tern::model::session_key::{SessionKeyRow, parse_id};
 use tern::proxy::{self, Bound};
-use tern::rib::etcd::{EtcdRib, Liveness};
+use tern::rib::corrosion::CorrosionRib;
+use tern::rib::etcd::EtcdRib;
 use tern::rib::sqlite::{Existing, SqliteRib, Store, open_existing};
-use tern::rib::{Rib, Table};
+use tern::rib::{Liveness, Rib, Table};
 
 // A proxy allocates and frees small buffers and headers for every request, on every worker
 // thread at once; mimalloc's thread-local free lists serve that pattern better than glibc's.
@@ -261,12 +262,20 @@ fn open_rib(config: &Config) -> anyhow::Result<Arc<dyn Rib>> {
                 .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?,
         ),
         RibKind::Etcd => Arc::new(etcd_rib(config)?),
+        RibKind::Corrosion => Arc::new(corrosion_rib(config)?),
     })
 }
 
+fn liveness(config: &Config) -> Liveness {
+    Liveness { probe_after: config.rib.probe_after, probe_timeout: config.rib.probe_timeout }
+}
+
 fn etcd_rib(config: &Config) -> anyhow::Result<EtcdRib> {
-    let liveness = Liveness { probe_after: config.rib.probe_after, probe_timeout: config.rib.probe_timeout };
-    Ok(EtcdRib::new(&config.rib.endpoints, &config.rib.prefix, liveness)?)
+    Ok(EtcdRib::new(&config.rib.endpoints, &config.rib.prefix, liveness(config))?)
+}
+
+fn corrosion_rib(config: &Config) -> anyhow::Result<CorrosionRib> {
+    Ok(CorrosionRib::new(&config.rib.url, liveness(config))?)
 }
 
 /// How the RIB is named in what tern prints.
@@ -274,6 +283,7 @@ fn rib_name(config: &Config) -> String {
     match config.rib.kind {
         RibKind::Sqlite => config.rib.path.display().to_string(),
         RibKind::Etcd => format!("etcd {} {}", config.rib.endpoints.join(","), config.rib.prefix),
+        RibKind::Corrosion => format!("corrosion {}", config.rib.url),
     }
 }
 
@@ -284,6 +294,7 @@ fn read_table(config: &Config, table: Table) -> anyhow::Result<Vec<tern::rib::Re
             .with_context(|| format!("opening the RIB at {}", config.rib.path.display()))?
             .read_all(table)?,
         RibKind::Etcd => etcd_rib(config)?.read_all(table)?,
+        RibKind::Corrosion => corrosion_rib(config)?.read_all(table)?,
     })
 }
 
@@ -309,6 +320,9 @@ fn apply(
             tern::decl::apply(&mut store, &decl, prune, dry_run)
         }
         RibKind::Etcd => tern::rib::etcd::apply::apply(&etcd_rib(&config)?, &decl, prune, dry_run),
+        RibKind::Corrosion => {
+            tern::rib::corrosion::apply::apply(&corrosion_rib(&config)?, &decl, prune, dry_run)
+        }
     };
     match applied {
         Ok(plan) => {
@@ -355,8 +369,20 @@ fn check(config_path: Option<&Path>, decl_path: Option<&Path>) -> anyhow::Result
         let (apps, machines, certs) = (d.apps.len(), d.machines.len(), d.certificates.len());
         println!("{}: ok ({apps} apps, {machines} machines, {certs} certificates)", path.display());
     }
-    if config.rib.kind == RibKind::Etcd {
-        return check_etcd(&config, decl.as_ref());
+    match config.rib.kind {
+        RibKind::Sqlite => {}
+        RibKind::Etcd => {
+            let rib = etcd_rib(&config)?;
+            let count = || rib.read_all(Table::Apps).map(|rows| rows.len());
+            let plan = |d: &tern::decl::Declaration| tern::rib::etcd::apply::apply(&rib, d, false, true);
+            return Ok(check_remote(&rib_name(&config), decl.as_ref(), count, plan));
+        }
+        RibKind::Corrosion => {
+            let rib = corrosion_rib(&config)?;
+            let count = || rib.read_all(Table::Apps).map(|rows| rows.len());
+            let plan = |d: &tern::decl::Declaration| tern::rib::corrosion::apply::apply(&rib, d, false, true);
+            return Ok(check_remote(&rib_name(&config), decl.as_ref(), count, plan));
+        }
     }
     // What `apply` would refuse only because of what the RIB holds: the same plan, read-only.
     let rib_path = config.rib.path.display();
@@ -391,31 +417,34 @@ fn check(config_path: Option<&Path>, decl_path: Option<&Path>) -> anyhow::Result
     }
 }
 
-/// `tern check` against etcd: the cluster answers, and the declaration plans against it as
-/// `apply` would (nothing is written).
-fn check_etcd(config: &Config, decl: Option<&tern::decl::Declaration>) -> anyhow::Result<ExitCode> {
-    let name = rib_name(config);
-    let rib = etcd_rib(config)?;
-    let apps = match rib.read_all(Table::Apps) {
-        Ok(rows) => rows.len(),
+/// `tern check` against a networked store (etcd, Corrosion): it answers, and the declaration
+/// plans against it as `apply` would (nothing is written).
+fn check_remote(
+    name: &str,
+    decl: Option<&tern::decl::Declaration>,
+    count_apps: impl FnOnce() -> Result<usize, tern::rib::RibError>,
+    dry_run: impl FnOnce(&tern::decl::Declaration) -> Result<tern::decl::Plan, tern::decl::PlanError>,
+) -> ExitCode {
+    let apps = match count_apps() {
+        Ok(n) => n,
         Err(e) => {
             eprintln!("tern: RIB {name}: {e}");
-            return Ok(ExitCode::FAILURE);
+            return ExitCode::FAILURE;
         }
     };
     let Some(d) = decl else {
         println!("RIB {name}: ok ({apps} apps)");
-        return Ok(ExitCode::SUCCESS);
+        return ExitCode::SUCCESS;
     };
-    match tern::rib::etcd::apply::apply(&rib, d, false, true) {
+    match dry_run(d) {
         Ok(plan) => {
             println!("against the RIB {name}, tern apply (without --prune) would make:\n{plan}");
-            Ok(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("{e}");
             eprintln!("tern: tern apply would refuse this declaration against the RIB {name}");
-            Ok(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
     }
 }

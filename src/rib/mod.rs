@@ -8,13 +8,16 @@
 //! is the catalog's job, so a bad row is skipped there without stopping the stream, and
 //! the last good version of it (in the catalog, or found by [`Rib::look_back`]) serves on.
 //!
-//! SQLite is the embedded default; fleets will implement the same trait over a distributed
-//! store (a Corrosion subscription or an etcd watch).
+//! SQLite is the embedded default; fleets follow a distributed store through the same trait:
+//! an etcd watch ([`etcd`]) or a Corrosion subscription ([`corrosion`]).
+
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use crate::model::session_key::SessionKeyRow;
 
+pub mod corrosion;
 pub mod etcd;
 pub mod sqlite;
 
@@ -59,6 +62,53 @@ impl Table {
 
     pub fn parse(s: &str) -> Option<Table> {
         Table::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+/// How a distributed store's subscription keeps itself honest: a stream can stay open and
+/// say nothing while its peer is gone, so a quiet one is probed.
+#[derive(Clone, Copy, Debug)]
+pub struct Liveness {
+    /// A stream quiet this long is probed (etcd: a progress request; Corrosion: its health).
+    pub probe_after: Duration,
+    /// A probe unanswered this long means the stream is dead.
+    pub probe_timeout: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness { probe_after: Duration::from_secs(5), probe_timeout: Duration::from_secs(3) }
+    }
+}
+
+/// The runtime a distributed store's client runs on, owned by its RIB: the catalog's
+/// subscription and the blocking callers (`tern apply`, lifecycle writes from blocking
+/// threads) share it, whatever runtime (if any) they are on themselves. Shut down without
+/// waiting when the RIB goes, since dropping a runtime inside another one would panic.
+pub(crate) struct ClientRuntime(Option<tokio::runtime::Runtime>);
+
+impl ClientRuntime {
+    /// One worker thread named `name`: a store client does little work, mostly waiting.
+    pub(crate) fn new(name: &str) -> Result<ClientRuntime, RibError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .map_err(|e| RibError::Other(format!("starting the runtime {name}: {e}")))?;
+        Ok(ClientRuntime(Some(rt)))
+    }
+
+    pub(crate) fn get(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("the runtime lives as long as the RIB")
+    }
+}
+
+impl Drop for ClientRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
     }
 }
 

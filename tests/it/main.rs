@@ -9,6 +9,8 @@ mod backend;
 mod harness;
 
 mod catalog;
+mod corrosion;
+mod corrosion_standin;
 mod declared;
 mod drain;
 mod eject;

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{Cursor, Record, Rib, RibError, Rotated, Subscription, Table};
+use super::{ClientRuntime, Cursor, Record, Rib, RibError, Rotated, Subscription, Table};
 use crate::model::StateRow;
 use crate::model::session_key::{SessionKeyRow, plan_rotation};
 
@@ -40,20 +40,8 @@ const PAGE: i64 = 2_000;
 /// Guarded writes retried when what they read changed under them.
 const ATTEMPTS: usize = 10;
 
-/// How a subscription keeps itself honest.
-#[derive(Clone, Copy, Debug)]
-pub struct Liveness {
-    /// A stream quiet this long is sent a progress request.
-    pub probe_after: Duration,
-    /// A progress request unanswered this long means the stream is dead.
-    pub probe_timeout: Duration,
-}
-
-impl Default for Liveness {
-    fn default() -> Self {
-        Liveness { probe_after: Duration::from_secs(5), probe_timeout: Duration::from_secs(3) }
-    }
-}
+/// Here the probe is a progress request on the watch stream.
+pub use super::Liveness;
 
 pub(crate) struct Inner {
     pub(crate) grpc: Grpc,
@@ -61,21 +49,9 @@ pub(crate) struct Inner {
     pub(crate) liveness: Liveness,
 }
 
-/// Owns the runtime the client runs on, and shuts it down without waiting (dropping a
-/// runtime inside another one would panic).
-struct Runtime(Option<tokio::runtime::Runtime>);
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
 pub struct EtcdRib {
     inner: Arc<Inner>,
-    rt: Runtime,
+    rt: ClientRuntime,
 }
 
 fn err(e: GrpcError) -> RibError {
@@ -203,18 +179,13 @@ impl EtcdRib {
         if endpoints.is_empty() {
             return Err(RibError::Other("[rib] endpoints is empty: name at least one etcd member".into()));
         }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("tern-rib-etcd")
-            .enable_all()
-            .build()
-            .map_err(|e| RibError::Other(format!("starting the etcd client's runtime: {e}")))?;
+        let rt = ClientRuntime::new("tern-rib-etcd")?;
         let inner = Inner { grpc: Grpc::new(endpoints), prefix: prefix.to_string(), liveness };
-        Ok(EtcdRib { inner: Arc::new(inner), rt: Runtime(Some(rt)) })
+        Ok(EtcdRib { inner: Arc::new(inner), rt })
     }
 
     fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
-        self.rt.0.as_ref().expect("the runtime lives as long as the RIB").block_on(f)
+        self.rt.get().block_on(f)
     }
 
     /// Runs `f` on the client's runtime from synchronous code (the CLI, blocking threads).
@@ -260,7 +231,7 @@ impl Rib for EtcdRib {
     fn subscribe(&self, from: Option<Cursor>) -> Subscription {
         let (tx, rx) = mpsc::channel(64);
         let inner = self.inner.clone();
-        self.rt.0.as_ref().expect("the runtime lives as long as the RIB").spawn(watch::run(inner, from, tx));
+        self.rt.get().spawn(watch::run(inner, from, tx));
         Subscription::new(rx)
     }
 
