@@ -232,7 +232,7 @@ pub fn app_json(app: &AppEntry) -> serde_json::Value {
         .iter()
         .map(|m| {
             let outlier = m.live.outlier().status(now);
-            serde_json::json!({
+            let mut json = serde_json::json!({
                 "id": &*m.id,
                 "state": m.state().as_str(),
                 "region": m.region(),
@@ -244,7 +244,13 @@ pub fn app_json(app: &AppEntry) -> serde_json::Value {
                 "ejected": outlier.ejected,
                 "ejected_ms_left": outlier.left_ms,
                 "connect_failures": outlier.failures,
-            })
+            });
+            // Fleets: the node that runs it, and whether this node hears it beat.
+            if let (Some(node), Some(live)) = (&m.spec.node, &m.owner) {
+                json["node"] = serde_json::json!(node);
+                json["node_alive"] = serde_json::json!(live.alive());
+            }
+            json
         })
         .collect();
     serde_json::json!({

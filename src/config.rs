@@ -108,6 +108,10 @@ pub struct Listen {
     /// The kernel accept queue length (listen(2) backlog).
     #[serde(default = "default_backlog")]
     pub backlog: u32,
+    /// The `[backhaul]` listener (never set in `[[listen]]`): it takes only requests other
+    /// nodes hand over for the machines this node owns.
+    #[serde(skip)]
+    pub backhaul: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -434,6 +438,7 @@ fn default_listeners() -> Vec<Listen> {
             private: false,
             proxy_protocol: false,
             backlog: default_backlog(),
+            backhaul: false,
         },
         Listen {
             addr: SocketAddr::from(([127, 0, 0, 1], 8443)),
@@ -441,6 +446,7 @@ fn default_listeners() -> Vec<Listen> {
             private: false,
             proxy_protocol: false,
             backlog: default_backlog(),
+            backhaul: false,
         },
     ]
 }

@@ -85,6 +85,14 @@ pub enum ProxyError {
     ReplayUnauthorized { app: Arc<str>, target: String },
     #[error("machine {machine}: fly-replay it cannot act on: {detail}")]
     ReplayInvalid { machine: Arc<str>, detail: String },
+    /// The node that owns the machine cannot take this request for it now (the machine is
+    /// stopping, gone, at its hard limit, or no longer owned here): the edge that handed it
+    /// over routes it elsewhere.
+    #[error("machine {machine} cannot take a handed-over request here: {reason}")]
+    RetryElsewhere { machine: String, reason: String },
+    /// A request on the backhaul listener without a token this fleet's keys sealed.
+    #[error("backhaul request refused: {0}")]
+    BackhaulForbidden(String),
     #[error("tern is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -120,6 +128,8 @@ impl ProxyError {
             ProxyError::ReplayTooLarge { .. } => "replay_too_large",
             ProxyError::ReplayUnauthorized { .. } => "replay_unauthorized",
             ProxyError::ReplayInvalid { .. } => "replay_invalid",
+            ProxyError::RetryElsewhere { .. } => "retry_elsewhere",
+            ProxyError::BackhaulForbidden(_) => "backhaul_forbidden",
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::Internal(_) => "internal",
         }
@@ -150,7 +160,9 @@ impl ProxyError {
             | ProxyError::QueueFull { .. }
             | ProxyError::NoRoom { .. }
             | ProxyError::WakeFailed { .. }
+            | ProxyError::RetryElsewhere { .. }
             | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BackhaulForbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamError { .. }
             | ProxyError::ResponseHeadersTooLarge { .. } => StatusCode::BAD_GATEWAY,
@@ -171,7 +183,8 @@ impl ProxyError {
             | ProxyError::NoApp { .. }
             | ProxyError::SessionInvalid { .. }
             | ProxyError::SessionGone { .. }
-            | ProxyError::ReplayTooLarge { .. } => Origin::Client,
+            | ProxyError::ReplayTooLarge { .. }
+            | ProxyError::BackhaulForbidden(_) => Origin::Client,
             ProxyError::InstanceUnavailable { .. }
             | ProxyError::RegionUnavailable { .. }
             | ProxyError::ReplayLoop { .. }
@@ -185,7 +198,8 @@ impl ProxyError {
             | ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamError { .. }
-            | ProxyError::ResponseHeadersTooLarge { .. } => Origin::Upstream,
+            | ProxyError::ResponseHeadersTooLarge { .. }
+            | ProxyError::RetryElsewhere { .. } => Origin::Upstream,
             ProxyError::ShuttingDown | ProxyError::Internal(_) => Origin::Internal,
         }
     }
@@ -201,6 +215,7 @@ impl ProxyError {
                 | ProxyError::NoRoom { .. }
                 | ProxyError::WakeFailed { .. }
                 | ProxyError::UpstreamConnect { .. }
+                | ProxyError::RetryElsewhere { .. }
                 | ProxyError::ShuttingDown
         )
     }
@@ -234,6 +249,8 @@ impl ProxyError {
             ProxyError::ReplayUnauthorized { .. } | ProxyError::ReplayInvalid { .. } => {
                 "The app redirected the request somewhere it cannot go."
             }
+            ProxyError::RetryElsewhere { .. } => "The app's machine cannot take the request here; try again.",
+            ProxyError::BackhaulForbidden(_) => "This address serves other tern nodes only.",
             ProxyError::ShuttingDown => "This server is restarting; try again.",
             ProxyError::Internal(_) => "Something went wrong inside the proxy.",
         }
@@ -275,6 +292,8 @@ mod tests {
             ProxyError::ReplayTooLarge { app: "a".into(), limit: 1 },
             ProxyError::ReplayUnauthorized { app: "a".into(), target: "b".into() },
             ProxyError::ReplayInvalid { machine: "m".into(), detail: "x".into() },
+            ProxyError::RetryElsewhere { machine: "m".into(), reason: "x".into() },
+            ProxyError::BackhaulForbidden("x".into()),
             ProxyError::ShuttingDown,
             ProxyError::Internal("x".into()),
         ];

@@ -206,6 +206,13 @@ impl Drop for Held {
     }
 }
 
+/// A machine handed to the node that owns it: counted in flight here (so this node's choices
+/// see the load it sends), delivered by its owner, who wakes it and enforces its limits.
+fn hand_over(m: Arc<Machine>) -> Pick {
+    let guard = m.live.begin();
+    Pick { machine: m, guard, over_soft: false, probe: false }
+}
+
 /// Where this node stands in the fleet: its name, its region and its distances to others.
 pub struct Site {
     pub node: Arc<str>,
@@ -259,6 +266,42 @@ impl Lifecycle {
         spec.node.as_deref().is_none_or(|n| n == &*self.node)
     }
 
+    /// Whether another node owns the machine and beats.
+    fn owned_elsewhere_alive(&self, m: &Machine) -> bool {
+        !self.owns(&m.spec) && m.owner.as_ref().is_some_and(|o| o.alive())
+    }
+
+    /// A machine another live node owns, for that node to wake (or, up by now, to serve):
+    /// the nearest, one on its way up before a suspended one before a stopped one.
+    fn remote_candidate(
+        &self,
+        app: &AppEntry,
+        tried: &[Arc<str>],
+        eligible: &Eligible<'_>,
+    ) -> Option<Arc<Machine>> {
+        let distance = |m: &Machine| match &self.nearest {
+            Some(n) => n.rtt(m.region()),
+            None => u32::from(m.region() != &*self.region),
+        };
+        app.machines
+            .iter()
+            .filter(|m| !tried.contains(&m.id) && eligible.admits(m) && m.addr.port() != 0)
+            .filter(|m| self.owned_elsewhere_alive(m))
+            .filter_map(|m| {
+                let order = match m.state() {
+                    // Up since this request looked (its owner's record came in between).
+                    MachineState::Started | MachineState::Starting => 0,
+                    MachineState::Suspended => 1,
+                    MachineState::Stopped => 2,
+                    MachineState::Stopping | MachineState::Suspending => 3,
+                    MachineState::Destroyed => return None,
+                };
+                Some(((distance(m), order), m))
+            })
+            .min_by_key(|(rank, _)| *rank)
+            .map(|(_, m)| m.clone())
+    }
+
     fn op_lock(&self, id: &Arc<str>) -> Arc<tokio::sync::Mutex<()>> {
         self.ops.entry(id.clone()).or_default().clone()
     }
@@ -280,6 +323,7 @@ impl Lifecycle {
         deadline: Instant,
         may_wake: bool,
     ) -> Result<Pick, WakeError> {
+        let asked = may_wake && app.spec.auto_start;
         let may_wake = may_wake && self.can_wake(app);
         let _held = self.hold(app)?;
         let mut tried: Vec<Arc<str>> = Vec::new();
@@ -344,10 +388,13 @@ impl Lifecycle {
             // Nothing is routable: this request waits for a wake now, not for room, and must
             // not hold up those behind it.
             place = None;
-            if !may_wake {
-                return Err(WakeError::NothingToWake);
-            }
-            let Some(machine) = self.candidate(app, &tried, &eligible) else {
+            let local = if may_wake { self.candidate(app, &tried, &eligible) } else { None };
+            let Some(machine) = local else {
+                // None this node may start: one another node owns, handed to that node to
+                // wake (the request goes to it over the backhaul, and it holds it).
+                if asked && let Some(m) = self.remote_candidate(app, &tried, &eligible) {
+                    return Ok(hand_over(m));
+                }
                 return Err(match last_failure {
                     Some(f) => WakeError::Failed(f),
                     None => WakeError::NothingToWake,
@@ -419,6 +466,10 @@ impl Lifecycle {
                     return Err(WakeError::NoRoom(hard));
                 }
                 continue;
+            }
+            if may_wake && self.owned_elsewhere_alive(&m) {
+                // Its owner wakes it and holds the request until it has room.
+                return Ok(hand_over(m));
             }
             let waking = self.wakes.get(&m.id).is_some_and(|w| w.is_for(&m));
             let startable = may_wake && self.manages(&m.spec) && m.addr.port() != 0;

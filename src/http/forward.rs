@@ -48,14 +48,14 @@ pub struct Handler {
 
 /// What the access log and metrics learn about an exchange.
 #[derive(Default)]
-struct Outcome {
-    app: Option<Arc<str>>,
-    machine: Option<Arc<str>>,
-    host: Option<String>,
+pub(super) struct Outcome {
+    pub(super) app: Option<Arc<str>>,
+    pub(super) machine: Option<Arc<str>>,
+    pub(super) host: Option<String>,
     /// How long the request waited for a machine to wake, if it did.
-    waited: Option<Duration>,
+    pub(super) waited: Option<Duration>,
     /// Why its machine was chosen.
-    why: Why,
+    pub(super) why: Why,
 }
 
 impl Handler {
@@ -66,7 +66,11 @@ impl Handler {
         state: Arc<ConnState>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let id = request_id::new(&self.region);
+        // A handed-over request keeps the edge's id (its token proves it).
+        let id = match conn.backhaul.then(|| super::backhaul::request_id(&req)).flatten() {
+            Some(id) => id,
+            None => request_id::new(&self.region),
+        };
         let exchange = state.begin();
         let version = req.version();
         let accept = req.headers().get(header::ACCEPT).cloned();
@@ -74,7 +78,11 @@ impl Handler {
         // Only the access log needs it; most nodes at scale run without.
         let path = if self.access_log { req.uri().path().to_owned() } else { String::new() };
         let mut outcome = Outcome::default();
-        let result = self.forward(req, &conn, &id, exchange, started, &mut outcome).await;
+        let result = if conn.backhaul {
+            self.deliver(req, &conn, &id, exchange, started, &mut outcome).await
+        } else {
+            self.forward(req, &conn, &id, exchange, started, &mut outcome).await
+        };
         let mut resp = match result {
             Ok(resp) => resp,
             Err(err) => {
@@ -236,7 +244,8 @@ impl Handler {
                 Some(r) => r,
                 None => self.again(&head, &raw_host, proto, &activity, &body_state, &first_app)?,
             };
-            let routed = self.connect(&app, &steer, proto, deadline, !route.ignored_agent, outcome).await;
+            let routed =
+                self.connect(&app, &steer, proto, upgrade, deadline, !route.ignored_agent, outcome).await;
             let (routed, upstream) = match (routed, replaying.take()) {
                 (Ok(r), _) => r,
                 // The cached target could not take it: forget the entry, route as if none.
@@ -274,8 +283,27 @@ impl Handler {
             {
                 up_req.headers_mut().insert(headers::PREFERRED_UNAVAILABLE, v);
             }
+            let remote = super::backhaul::dial(self, &machine).1;
+            let proto = if remote {
+                super::backhaul::hand_over(self, &mut up_req, &app, &machine, id, &raw_host, upgrade)?
+            } else {
+                proto
+            };
             let sent = self.send(upstream, up_req, &machine, proto, upgrade, &activity, idle).await;
             let (resp, lease) = self.received(sent, &body_state, &machine)?;
+            if remote
+                && super::backhaul::turned_away(&resp)
+                && steer.pinned.is_none()
+                && hops < replay::MAX_HOPS
+            {
+                // Its owner cannot take it now: another machine, the request as first sent.
+                tracing::info!(target: "tern::http", request_id = %id, app = %app.name, machine = %machine.id,
+                    "the machine's owner turned the request away; routing it elsewhere");
+                drop((resp, lease, in_flight));
+                hops += 1;
+                steer.exclude.push(machine.id.clone());
+                continue;
+            }
             let d = match replay::answer(resp, &machine, &path, idle).await? {
                 replay::Answer::Serve(resp) => break (resp, machine, in_flight, lease),
                 replay::Answer::Replay(d, how) => {
@@ -322,7 +350,7 @@ impl Handler {
         let resp = Response::from_parts(parts, body);
         let guards = ExchangeGuards { in_flight, exchange, lease, gate: gate.map(GateGuard) };
         let timer = IdleTimer::new(activity, idle);
-        self.relay(resp, guards, Relay { machine: &machine, route, client_version, id, timer })
+        self.relay(resp, guards, Relay { machine: &machine, route, client_version, id, timer, via: true })
     }
 
     /// What the replay caches hold for a request of `app`, before its first hop: a session
@@ -475,7 +503,7 @@ impl Handler {
 
     /// The machine's answer, or why there is none. Whatever the machine connection reports,
     /// a body the client framed wrongly, or stopped sending, is the client's fault.
-    fn received(
+    pub(super) fn received(
         &self,
         sent: Result<(Response<Incoming>, Option<Lease>), ProxyError>,
         body: &RequestBodyState,
@@ -501,13 +529,13 @@ impl Handler {
 
     /// Passes the machine's response on: a body streamed to the client, or, after a 101 to
     /// the protocol asked for, a tunnel.
-    fn relay(
+    pub(super) fn relay(
         &self,
         mut resp: Response<Incoming>,
         mut guards: ExchangeGuards,
         r: Relay<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let Relay { machine, route, client_version, id, timer } = r;
+        let Relay { machine, route, client_version, id, timer, via } = r;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let switched_to = headers::upgrade_protocols(resp.headers()).next().unwrap_or("");
             let (Some(client_upgrade), Some(asked)) = (route.client_upgrade, route.upgrade.as_deref()) else {
@@ -544,11 +572,21 @@ impl Handler {
                 guards,
             ));
             let (mut parts, _) = resp.into_parts();
-            headers::prepare_response(&mut parts.headers, client_version, id, true);
+            headers::prepare_response_via(
+                &mut parts.headers,
+                via.then(|| headers::via_value(client_version)),
+                id,
+                true,
+            );
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }
         let (mut parts, body) = resp.into_parts();
-        if headers::prepare_response(&mut parts.headers, client_version, id, false) {
+        if headers::prepare_response_via(
+            &mut parts.headers,
+            via.then(|| headers::via_value(client_version)),
+            id,
+            false,
+        ) {
             // Framed two ways: read by its chunks, and never trusted with another request.
             guards.lease = None;
         }
@@ -570,11 +608,13 @@ impl Handler {
     /// its own `connect_timeout`: after a timeout on a blackholed machine it goes to a
     /// machine in rotation, which answers in a round trip. A pinned machine (a session's,
     /// a forced one) is never swapped for another.
-    async fn connect(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn connect(
         &self,
         app: &AppEntry,
         steer: &Steering,
         proto: Proto,
+        upgrade: bool,
         deadline: Instant,
         may_wake: bool,
         outcome: &mut Outcome,
@@ -589,7 +629,7 @@ impl Handler {
         let (routed, unpinned) = self.route_softly(app, steer, deadline, may_wake).await;
         let steer = unpinned.as_ref().unwrap_or(steer);
         let first = self.routed(app, steer, routed, outcome)?;
-        let err = match self.pool.checkout(first.pick.machine.addr, proto).await {
+        let err = match self.checkout(&first.pick.machine, proto, upgrade).await {
             Ok(c) => {
                 worked(&first.pick.machine);
                 return Ok((first, c));
@@ -613,7 +653,7 @@ impl Handler {
             }
             let routed = self.router.route(app, steer, wakes, deadline, may_wake).await;
             let again = self.routed(app, steer, routed, outcome)?;
-            return match self.pool.checkout(again.pick.machine.addr, proto).await {
+            return match self.checkout(&again.pick.machine, proto, upgrade).await {
                 Ok(c) => Ok((again, c)),
                 Err(e) => {
                     self.connect_failed(&again.pick.machine, again.pick.probe, &e);
@@ -638,7 +678,7 @@ impl Handler {
             ..second
         };
         self.metrics.upstream_retries.inc();
-        match self.pool.checkout(second.pick.machine.addr, proto).await {
+        match self.checkout(&second.pick.machine, proto, upgrade).await {
             Ok(c) => {
                 worked(&second.pick.machine);
                 Ok((second, c))
@@ -654,9 +694,22 @@ impl Handler {
         }
     }
 
+    /// A connection for an exchange with `m`: to the machine, or to the node that owns it
+    /// (over HTTP/2, unless the exchange upgrades).
+    async fn checkout(
+        &self,
+        m: &Machine,
+        proto: Proto,
+        upgrade: bool,
+    ) -> Result<Conn, crate::upstream::ConnectError> {
+        let (addr, remote) = super::backhaul::dial(self, m);
+        let proto = if remote && !upgrade { Proto::H2c } else { proto };
+        self.pool.checkout(addr, proto).await
+    }
+
     /// Routes; a browser cannot act on an error, so an affinity cookie whose machine cannot
     /// be had pins nothing (the response brings a new cookie): then the steering used instead.
-    async fn route_softly(
+    pub(super) async fn route_softly(
         &self,
         app: &AppEntry,
         steer: &Steering,
@@ -676,7 +729,7 @@ impl Handler {
 
     /// A routing decision as the exchange takes it: waits are timed and counted, and a
     /// refusal becomes the error the client gets.
-    fn routed(
+    pub(super) fn routed(
         &self,
         app: &AppEntry,
         steer: &Steering,
@@ -758,7 +811,7 @@ impl Handler {
     /// idle_timeout of silence (an upload in progress is not silence). A pooled connection
     /// that died while idle hands the request back, and it goes out once more on a new one.
     #[allow(clippy::too_many_arguments)]
-    async fn send(
+    pub(super) async fn send(
         &self,
         conn: Conn,
         req: Request<UpBody>,
@@ -893,21 +946,21 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 }
 
 /// How one request goes to its app's machines, as its head says.
-struct Route {
+pub(super) struct Route {
     /// The one protocol the client may switch to. Any other it asked for (h2c above all: it
     /// would hand the connection to the machine, past tern) is dropped, and the request goes
     /// on as a plain one.
-    upgrade: Option<String>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    proto: Proto,
+    pub(super) upgrade: Option<String>,
+    pub(super) client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    pub(super) proto: Proto,
     /// `Expect: 100-continue`, relayed from the machine.
-    gate: Option<Arc<ContinueGate>>,
+    pub(super) gate: Option<Arc<ContinueGate>>,
     /// A user agent the app never wakes a machine for.
-    ignored_agent: bool,
+    pub(super) ignored_agent: bool,
 }
 
 impl Route {
-    fn of(app: &AppEntry, req: &mut Request<Incoming>) -> Route {
+    pub(super) fn of(app: &AppEntry, req: &mut Request<Incoming>) -> Route {
         let ignored_agent =
             !app.spec.wake_ignore_user_agents.is_empty()
                 && req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).is_some_and(|ua| {
@@ -981,24 +1034,26 @@ enum CacheKey {
 }
 
 /// What passing a response on needs to know.
-struct Relay<'a> {
-    machine: &'a Machine,
-    route: Route,
-    client_version: Version,
-    id: &'a str,
-    timer: IdleTimer,
+pub(super) struct Relay<'a> {
+    pub(super) machine: &'a Machine,
+    pub(super) route: Route,
+    pub(super) client_version: Version,
+    pub(super) id: &'a str,
+    pub(super) timer: IdleTimer,
+    /// Whether to add this node's `Via` (not on a response going back over the backhaul).
+    pub(super) via: bool,
 }
 
 /// How the request goes to the machine.
-struct Upstream<'a> {
-    id: &'a str,
-    raw_host: &'a str,
-    upgrade: Option<&'a str>,
-    proto: Proto,
-    region: &'a str,
+pub(super) struct Upstream<'a> {
+    pub(super) id: &'a str,
+    pub(super) raw_host: &'a str,
+    pub(super) upgrade: Option<&'a str>,
+    pub(super) proto: Proto,
+    pub(super) region: &'a str,
 }
 
-fn upstream_request(
+pub(super) fn upstream_request(
     req: Request<Incoming>,
     conn: &ConnInfo,
     up: Upstream<'_>,
@@ -1015,6 +1070,7 @@ fn upstream_request(
         region,
         request_id: id,
         version: parts.version,
+        relayed: conn.backhaul,
     };
     let gated = gate.is_some();
     headers::prepare_request(&mut parts.headers, &side, raw_host, upgrade, gated, proto == Proto::H2c);

@@ -49,6 +49,9 @@ pub struct ClientSide<'a> {
     pub region: &'a str,
     pub request_id: &'a str,
     pub version: Version,
+    /// Handed over by another node (the backhaul), which already said who the client is:
+    /// its forwarding headers are kept as they came, none are added.
+    pub relayed: bool,
 }
 
 /// `Via` names the protocol the client spoke to tern ("1.1 tern", "2 tern").
@@ -134,9 +137,12 @@ pub fn prepare_request(
         .iter()
         .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
     strip_hop_by_hop(headers);
-    // Only tern says where a replay came from, or that a preferred machine was missed.
-    for name in ["fly-replay-src", "fly-replay-failed", "fly-preferred-instance-unavailable"] {
-        headers.remove(name);
+    // Only tern says where a replay came from, or that a preferred machine was missed (an
+    // edge that handed the request over already did).
+    if !side.relayed {
+        for name in ["fly-replay-src", "fly-replay-failed", "fly-preferred-instance-unavailable"] {
+            headers.remove(name);
+        }
     }
     if !expect {
         headers.remove(header::EXPECT);
@@ -154,6 +160,9 @@ pub fn prepare_request(
         if let Ok(v) = HeaderValue::from_str(host) {
             headers.insert(header::HOST, v);
         }
+    }
+    if side.relayed {
+        return;
     }
 
     let ip = side.peer_ip.to_string();
@@ -183,6 +192,17 @@ pub fn prepare_response(
     request_id: &str,
     upgraded: bool,
 ) -> bool {
+    prepare_response_via(headers, Some(via_value(client_version)), request_id, upgraded)
+}
+
+/// [`prepare_response`], with `via` `None` for a response going back over the backhaul
+/// (the edge adds its own `Via`, once).
+pub fn prepare_response_via(
+    headers: &mut HeaderMap,
+    via: Option<&str>,
+    request_id: &str,
+    upgraded: bool,
+) -> bool {
     let upgrade_value = if upgraded { headers.get(header::UPGRADE).cloned() } else { None };
     let both_framings =
         headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH);
@@ -194,7 +214,9 @@ pub fn prepare_response(
         headers.insert(header::UPGRADE, u);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    append_via(headers, via_value(client_version));
+    if let Some(via) = via {
+        append_via(headers, via);
+    }
     set(headers, FLY_REQUEST_ID, request_id);
     both_framings
 }
@@ -247,6 +269,7 @@ mod tests {
             region: "ams",
             request_id: "01ABC-ams",
             version: Version::HTTP_11,
+            relayed: false,
         }
     }
 

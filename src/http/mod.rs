@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod activity;
 mod affinity;
+pub mod backhaul;
 pub mod body;
 pub mod drain;
 pub mod ending;
@@ -43,6 +44,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub tls: bool,
+    /// Accepted on the `[backhaul]` listener: another node hands a request over.
+    pub backhaul: bool,
 }
 
 #[derive(Clone, Debug)]

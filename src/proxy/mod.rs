@@ -86,7 +86,15 @@ impl Bound {
             })
         };
         let mut listeners = Vec::with_capacity(config.listen.len());
-        for l in &config.listen {
+        let backhaul = config.backhaul.as_ref().map(|b| crate::config::Listen {
+            addr: b.addr,
+            tls: false,
+            private: false,
+            proxy_protocol: false,
+            backlog: 1024,
+            backhaul: true,
+        });
+        for l in config.listen.iter().chain(backhaul.as_ref()) {
             let socket = match inherited.take(l.addr, false) {
                 Some(s) => s,
                 None => bind(l.addr, l.backlog)?,
@@ -100,7 +108,11 @@ impl Bound {
         inherited.close_unclaimed();
         for (l, c) in &listeners {
             let addr = l.local_addr().unwrap_or(c.addr);
-            tracing::info!(target: "tern::listener", %addr, tls = c.tls, "listening");
+            if c.backhaul {
+                tracing::info!(target: "tern::listener", %addr, backhaul = true, "listening");
+            } else {
+                tracing::info!(target: "tern::listener", %addr, tls = c.tls, "listening");
+            }
         }
         let kept: Vec<(SocketAddr, &std::net::TcpListener)> =
             listeners.iter().map(|(s, l)| (l.addr, s)).collect();
@@ -111,7 +123,16 @@ impl Bound {
 
     /// The bound addresses of the proxy listeners, with whether each terminates TLS.
     pub fn addrs(&self) -> Vec<(SocketAddr, bool)> {
-        self.listeners.iter().filter_map(|(l, c)| Some((l.local_addr().ok()?, c.tls))).collect()
+        self.listeners
+            .iter()
+            .filter(|(_, c)| !c.backhaul)
+            .filter_map(|(l, c)| Some((l.local_addr().ok()?, c.tls)))
+            .collect()
+    }
+
+    /// Where the `[backhaul]` listener is bound, if there is one.
+    pub fn backhaul_addr(&self) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(_, c)| c.backhaul).and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -304,11 +325,15 @@ impl Background {
 // The composition root, read top to bottom: each step is a call, in the order the node needs.
 #[allow(clippy::too_many_lines)]
 pub async fn run(
-    config: Config,
+    mut config: Config,
     bound: Bound,
     rib: Arc<dyn Rib>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
+    // Other nodes are told the address the backhaul listener got (port 0 picks one).
+    if let (Some(b), Some(at)) = (config.backhaul.as_mut(), bound.backhaul_addr()) {
+        b.addr = at;
+    }
     // `shutdown` (a signal) is one way for the node to end; an upgrade or a drain are the
     // others. Everything inside follows `halt`, which turns once the way is decided.
     let (external, (halt_tx, shutdown)) = (shutdown, watch::channel(false));

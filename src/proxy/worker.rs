@@ -33,6 +33,7 @@ pub(super) struct Job {
     pub stream: TcpStream,
     pub peer: SocketAddr,
     pub tls: bool,
+    pub backhaul: bool,
     pub label: Arc<str>,
     pub permit: OwnedSemaphorePermit,
 }
@@ -211,10 +212,10 @@ async fn run(
         let label: Arc<str> = Arc::from(addr.to_string());
         let (deps2, handler, open, tasks, conn_label) =
             (deps.clone(), handler.clone(), open.clone(), tasks.clone(), label.clone());
-        let tls = listen.tls;
+        let (tls, backhaul) = (listen.tls, listen.backhaul);
         let on_accept = move |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
             open.fetch_add(1, Ordering::Relaxed);
-            let job = Job { stream, peer, tls, label: conn_label.clone(), permit };
+            let job = Job { stream, peer, tls, backhaul, label: conn_label.clone(), permit };
             let (deps, handler, open) = (deps2.clone(), handler.clone(), open.clone());
             tasks.spawn(async move {
                 connection(&deps, handler, job).await;
@@ -284,13 +285,13 @@ fn block_this_thread() {
 }
 
 async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
-    let Job { stream, peer, tls, label, permit } = job;
+    let Job { stream, peer, tls, backhaul, label, permit } = job;
     let _permit = permit;
     let gauge = deps.metrics.open_connections.with_label_values(&[&label]);
     gauge.inc();
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
-    let info = ConnInfo { peer, local, tls };
+    let info = ConnInfo { peer, local, tls, backhaul };
     // The busy-loop guard: every byte read or written counts as progress; a connection
     // task woken thousands of times a second without any is closed (spin::Guarded).
     let progress = Progress::new();

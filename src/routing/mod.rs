@@ -41,6 +41,15 @@ impl Router {
         self.nearest.as_ref()
     }
 
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// An app by name, as the catalog holds it now.
+    pub fn app(&self, name: &str) -> Option<Arc<AppEntry>> {
+        self.catalog.load().app(name).cloned()
+    }
+
     /// The app serving `host` (already normalised), exact name first, then wildcard.
     pub fn app_for(&self, host: &str) -> Option<Arc<AppEntry>> {
         self.catalog.load().route(host).cloned()

@@ -14,9 +14,8 @@ use crate::harness::{self, ServeProcess, eventually};
 
 /// A node config on the shared RIB at `db`, named `node`, beating every 200ms.
 fn fleet_config(dir: &Path, db: &Path, node: &str) -> PathBuf {
-    let backhaul = harness::dead_addr();
     let extra = format!(
-        "node = \"{node}\"\n[backhaul]\naddr = \"{backhaul}\"\nheartbeat = \"200ms\"\ndead_after = \"1s\"\n"
+        "node = \"{node}\"\n[backhaul]\naddr = \"127.0.0.1:0\"\nheartbeat = \"200ms\"\ndead_after = \"1s\"\n"
     );
     let path = dir.join(format!("{node}.toml"));
     // Appended to node_config's closing [log] table: ServeProcess reads JSON logs.
@@ -124,4 +123,171 @@ async fn a_dead_owners_machines_leave_routing_on_every_edge_within_two_seconds()
     let refused = eventually(Duration::from_secs(5), || async { answer(&edges[0]).await.err() });
     let refused = refused.await.expect("no machine can take the request");
     assert!(refused.starts_with("503 Service Unavailable no_machine"), "{refused}");
+}
+
+/// The test machine binary (`examples/test_machine.rs`), which `cargo test` builds.
+fn test_machine_bin() -> PathBuf {
+    PathBuf::from(harness::tern_bin()).parent().unwrap().join("examples").join("test_machine")
+}
+
+async fn admin_json(node: &ServeProcess, path: &str) -> Option<serde_json::Value> {
+    reqwest::get(format!("http://{}{path}", node.admin)).await.ok()?.json().await.ok()
+}
+
+async fn metric_of(node: &ServeProcess, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", node.admin)).await.unwrap().text().await.unwrap();
+    text.lines().filter_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).sum()
+}
+
+#[tokio::test]
+async fn a_thousand_requests_for_a_sleeping_machine_over_two_edges_start_it_once_on_its_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rib.db");
+    let port = harness::reserve_port();
+    let decl = format!(
+        "{APP}[[machines]]\nid = \"m1\"\napp = \"app\"\nregion = \"ams\"\naddr = \"127.0.0.1:{port}\"\n\
+         state = \"stopped\"\nnode = \"worker-1\"\ncmd = [{:?}, \"127.0.0.1:{port}\"]\n",
+        test_machine_bin().display().to_string()
+    );
+    harness::apply_decl(&db, &decl);
+    let worker = ServeProcess::start(&fleet_config(dir.path(), &db, "worker-1")).await;
+    let edges = [
+        ServeProcess::start(&fleet_config(dir.path(), &db, "edge-1")).await,
+        ServeProcess::start(&fleet_config(dir.path(), &db, "edge-2")).await,
+    ];
+    for edge in &edges {
+        let heard = eventually(Duration::from_secs(5), || async {
+            let app = admin_json(edge, "/v1/apps/app").await?;
+            (app["machines"][0]["node_alive"] == true).then_some(())
+        });
+        assert!(heard.await.is_some(), "the edge hears the owner beat");
+    }
+
+    // 500 at once on each edge, from a client address that is neither edge's.
+    let client_ip: std::net::IpAddr = "127.0.0.9".parse().unwrap();
+    let asks = edges.iter().flat_map(|edge| {
+        let client = reqwest::Client::builder()
+            .resolve("app.test", edge.http)
+            .local_address(client_ip)
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let url = format!("http://app.test:{}/echo", edge.http.port());
+        (0..500).map(move |_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = client.get(url).send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            })
+        })
+    });
+    let answers: Vec<(u16, String)> = futures_util::future::join_all(asks.collect::<Vec<_>>())
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    let failed: Vec<_> = answers.iter().filter(|(s, _)| *s != 200).take(3).collect();
+    assert_eq!(ok, 1000, "every request answered by the machine; some that were not: {failed:?}");
+    for (_, body) in &answers {
+        let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+        let headers = &seen["headers"];
+        assert_eq!(
+            headers["fly-client-ip"][0], "127.0.0.9",
+            "the app sees the client, not the edge: {headers}"
+        );
+        assert_eq!(headers["x-forwarded-for"][0], "127.0.0.9", "{headers}");
+        assert_eq!(headers["via"].as_array().map(Vec::len), Some(1), "one Via, the edge's: {headers}");
+        assert!(headers.get("tern-backhaul").is_none(), "the token stays between the nodes: {headers}");
+    }
+    let starts = metric_of(&worker, "tern_wakes_total{result=\"ok\"}").await;
+    assert_eq!(starts, 1.0, "exactly one start, on the owner");
+    for edge in &edges {
+        assert_eq!(
+            metric_of(edge, "tern_wakes_total").await,
+            0.0,
+            "an edge never starts another node's machine"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_owner_at_its_hard_limit_turns_requests_away_and_the_edge_routes_them_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rib.db");
+    let (owned, free) = (Backend::start("owned").await, Backend::start("free").await);
+    let app = "[[apps]]\nname = \"app\"\nhostnames = [\"app.test\"]\n\
+               concurrency = { type = \"requests\", soft_limit = 1, hard_limit = 1 }\n\n";
+    let decl = format!(
+        "{app}{}{}",
+        machine("m-owned", owned.addr, Some("worker-1")),
+        machine("m-free", free.addr, None)
+    );
+    harness::apply_decl(&db, &decl);
+    let worker = ServeProcess::start(&fleet_config(dir.path(), &db, "worker-1")).await;
+    let edges = [
+        ServeProcess::start(&fleet_config(dir.path(), &db, "edge-1")).await,
+        ServeProcess::start(&fleet_config(dir.path(), &db, "edge-2")).await,
+    ];
+    for edge in &edges {
+        let heard = eventually(Duration::from_secs(5), || async {
+            let app = admin_json(edge, "/v1/apps/app").await?;
+            let owned = app["machines"].as_array()?.iter().find(|m| m["id"] == "m-owned")?.clone();
+            (owned["node_alive"] == true).then_some(())
+        });
+        assert!(heard.await.is_some(), "the edge hears the owner beat");
+    }
+    // Edge 1 fills the owned machine to its hard limit with one request that hangs.
+    let client = reqwest::Client::builder().resolve("app.test", edges[0].http).build().unwrap();
+    let url = format!("http://app.test:{}/hang", edges[0].http.port());
+    let hold = tokio::spawn(async move {
+        let r = client.get(url).header("fly-force-instance-id", "m-owned").send().await.unwrap();
+        r.text().await.unwrap()
+    });
+    let busy = eventually(Duration::from_secs(5), || async {
+        (owned.requests.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+    });
+    assert!(busy.await.is_some(), "the hanging request reached the owned machine");
+    // Edge 2 does not know: half its choices go to the owned machine, whose owner turns
+    // them away; every one is answered by the free machine.
+    for _ in 0..30 {
+        assert_eq!(answer(&edges[1]).await.as_deref(), Ok("free"));
+    }
+    let turned = metric_of(&worker, "tern_errors_total{code=\"retry_elsewhere\"}").await;
+    assert!(turned > 0.0, "the owner turned some away (else the test proved nothing)");
+    owned.gate.notify_waiters();
+    assert_eq!(hold.await.unwrap(), "released");
+}
+
+#[tokio::test]
+async fn the_backhaul_listener_serves_only_requests_sealed_with_the_fleets_keys() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rib.db");
+    let owned = Backend::start("owned").await;
+    harness::apply_decl(&db, &format!("{APP}{}", machine("m-owned", owned.addr, Some("worker-1"))));
+    let _worker = ServeProcess::start(&fleet_config(dir.path(), &db, "worker-1")).await;
+    // Where it listens, as it tells the fleet (its row in the RIB's nodes).
+    let published = eventually(Duration::from_secs(5), || async {
+        let conn = rusqlite::Connection::open(&db).ok()?;
+        let body: String =
+            conn.query_row("SELECT body FROM nodes WHERE key = 'worker-1'", [], |r| r.get(0)).ok()?;
+        let row: serde_json::Value = serde_json::from_str(&body).ok()?;
+        row["backhaul"].as_str()?.parse::<SocketAddr>().ok()
+    });
+    let at = published.await.expect("the owner publishes its backhaul address");
+    for head in [
+        "GET /id HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n".to_string(),
+        "GET /id HTTP/1.1\r\nHost: app.test\r\ntern-backhaul: tern1.AAAA\r\ntern-backhaul-app: app\r\n\
+         fly-request-id: x\r\nConnection: close\r\n\r\n"
+            .to_string(),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(at).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+        assert!(out.to_ascii_lowercase().contains("tern-error: backhaul_forbidden"), "{out}");
+    }
+    assert_eq!(owned.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing reached the machine");
 }

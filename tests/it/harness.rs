@@ -281,7 +281,8 @@ impl ServeProcess {
                 .await
                 .expect("tern serve did not report its addresses")
                 .expect("tern serve exited early");
-            if v["message"] == "listening" {
+            // The [backhaul] listener takes only other nodes' hand-overs.
+            if v["message"] == "listening" && v["backhaul"] != true {
                 let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
                 match (v["admin"].as_bool(), v["tls"].as_bool()) {
                     (Some(true), _) => admin = Some(addr),
