@@ -291,3 +291,32 @@ async fn the_backhaul_listener_serves_only_requests_sealed_with_the_fleets_keys(
     }
     assert_eq!(owned.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing reached the machine");
 }
+
+#[tokio::test]
+async fn websockets_and_sse_reach_a_machine_owned_elsewhere_through_its_owner() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rib.db");
+    let owned = Backend::start("owned").await;
+    harness::apply_decl(&db, &format!("{APP}{}", machine("m-owned", owned.addr, Some("worker-1"))));
+    let _worker = ServeProcess::start(&fleet_config(dir.path(), &db, "worker-1")).await;
+    let edge = ServeProcess::start(&fleet_config(dir.path(), &db, "edge-1")).await;
+    let heard = eventually(Duration::from_secs(5), || async {
+        let app = admin_json(&edge, "/v1/apps/app").await?;
+        (app["machines"][0]["node_alive"] == true).then_some(())
+    });
+    assert!(heard.await.is_some(), "the edge hears the owner beat");
+
+    let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://app.test/ws", tcp).await.unwrap();
+    assert_eq!(resp.headers().get_all("via").iter().count(), 1, "{:?}", resp.headers());
+    for text in ["one", "two"] {
+        ws.send(Message::text(text)).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
+    }
+    let client = reqwest::Client::builder().resolve("app.test", edge.http).build().unwrap();
+    let mut sse = client.get(format!("http://app.test:{}/sse", edge.http.port())).send().await.unwrap();
+    assert_eq!(sse.chunk().await.unwrap().unwrap(), "data: one\n\n", "events stream through both nodes");
+    assert_eq!(owned.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
