@@ -19,7 +19,9 @@
 //! neither counted nor stopped), of which `over_soft` are at or over the soft limit, the
 //! excess is N − (over_soft + 1) for N > 1, and for a lone machine 1 if it has nothing in
 //! flight, else 0 (fly-proxy's rule). While the excess is at least 1 and more
-//! than `min_machines_running` machines run in the region, one machine per pass is stopped:
+//! than `min_machines_running` machines run in the region (the app's `primary_region` only,
+//! when it names one, as fly-proxy counts it; every region when it names none), one machine
+//! per pass is stopped:
 //! one that has been idle (nothing in flight) for `auto_stop_after`, or, once the excess
 //! has lasted `auto_stop_after` with every machine busy now and then, one with nothing in
 //! flight at that moment. An open stream or WebSocket is an exchange in flight, so a machine
@@ -53,6 +55,15 @@ const CORDON: Duration = Duration::from_millis(50);
 /// How long a machine being retired (shed under load, declared stopped, removed) may take
 /// to finish its exchanges.
 pub(super) const DRAIN: Duration = Duration::from_secs(10);
+
+/// The machines autostop keeps running in `region`: `min_machines_running` in the app's
+/// primary region (in every region when the app names none), none elsewhere.
+fn min_running_in(spec: &crate::model::AppSpec, region: &str) -> u32 {
+    match spec.primary_region.as_deref() {
+        Some(primary) if !primary.eq_ignore_ascii_case(region) => 0,
+        _ => spec.min_machines_running,
+    }
+}
 
 /// What the autostop decision needs to know about one machine.
 #[derive(Clone, Copy, Debug)]
@@ -174,12 +185,12 @@ impl Lifecycle {
         for m in app.machines.iter() {
             by_region.entry(m.region()).or_default().push(m);
         }
-        let rule = Rule {
-            soft_limit: app.spec.concurrency.soft_limit,
-            min_running: app.spec.min_machines_running,
-            window_ms: u64::try_from(app.spec.auto_stop_after.as_millis()).unwrap_or(u64::MAX),
-        };
         for (region, machines) in by_region {
+            let rule = Rule {
+                soft_limit: app.spec.concurrency.soft_limit,
+                min_running: min_running_in(&app.spec, region),
+                window_ms: u64::try_from(app.spec.auto_stop_after.as_millis()).unwrap_or(u64::MAX),
+            };
             let views: Vec<View> = machines
                 .iter()
                 .map(|m| View {
@@ -433,6 +444,17 @@ pub(super) mod tests {
             let v = if t % 30_000 == 0 { busy(1) } else { idle(t - t % 30_000) };
             assert_eq!(choose_stop(&[v], RULE, t, &mut since), None, "at {t} ms");
         }
+    }
+
+    #[test]
+    fn min_machines_running_counts_in_the_primary_region_only() {
+        let spec = |extra: &str| -> crate::model::AppSpec {
+            toml::from_str(&format!("name = \"a\"\nmin_machines_running = 2\n{extra}")).expect("app")
+        };
+        let with = spec("primary_region = \"ams\"");
+        assert_eq!((min_running_in(&with, "ams"), min_running_in(&with, "fra")), (2, 0));
+        let without = spec("");
+        assert_eq!((min_running_in(&without, "ams"), min_running_in(&without, "fra")), (2, 2));
     }
 
     #[test]

@@ -173,7 +173,6 @@ impl Handler {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let Ticket { app, machine } = self.ticket(&req)?;
         outcome.app = Some(app.name.clone());
-        outcome.host = Some(String::new());
         let elsewhere = |reason: &str| ProxyError::RetryElsewhere {
             machine: machine.id.to_string(),
             reason: reason.to_string(),
@@ -183,8 +182,14 @@ impl Handler {
         if machine.routable() && hard.is_some_and(|h| machine.live.in_flight() >= h) {
             return Err(elsewhere("at its hard limit"));
         }
-        if machine.state() == crate::model::MachineState::Started && !machine.live.in_rotation() {
-            return Err(elsewhere("being stopped"));
+        if machine.state() == crate::model::MachineState::Started {
+            // Checks run here only: the edge cannot know, so it hears it now.
+            if !machine.live.healthy() {
+                return Err(elsewhere("failing its health checks"));
+            }
+            if !machine.live.in_rotation() {
+                return Err(elsewhere("being stopped"));
+            }
         }
         req.headers_mut().remove(TOKEN);
         req.headers_mut().remove(APP);
@@ -194,6 +199,7 @@ impl Handler {
             .map(|a| a.as_str().to_owned())
             .or_else(|| req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned))
             .ok_or(ProxyError::BadHost)?;
+        outcome.host = Some(raw_host.clone());
         let route = Route::of(&app, &mut req);
         let steer = Steering { pinned: Some((machine.clone(), Why::Forced)), ..Steering::default() };
         let deadline = arrived + app.spec.wake_timeout;
