@@ -320,3 +320,35 @@ async fn websockets_and_sse_reach_a_machine_owned_elsewhere_through_its_owner() 
     assert_eq!(sse.chunk().await.unwrap().unwrap(), "data: one\n\n", "events stream through both nodes");
     assert_eq!(owned.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn new_work_goes_to_the_nearest_region_with_room_and_spills_to_the_next() {
+    use crate::harness::{Ca, HttpVersion, Proxy};
+    let (near, far) = (Backend::start("ams").await, Backend::start("fra").await);
+    let decl = format!(
+        "[[apps]]\nname = \"app\"\nhostnames = [\"app.test\"]\n\
+         concurrency = {{ type = \"requests\", soft_limit = 1, hard_limit = 1 }}\n\n\
+         [[machines]]\nid = \"m-fra\"\napp = \"app\"\nregion = \"fra\"\naddr = \"{}\"\nstate = \"started\"\n\n\
+         [[machines]]\nid = \"m-ams\"\napp = \"app\"\nregion = \"ams\"\naddr = \"{}\"\nstate = \"started\"\n",
+        far.addr, near.addr
+    );
+    // This node is in ams; fra is 9 ms away.
+    let proxy = Proxy::start_with(&decl, "[regions]\nrtt_ms = { fra = 9 }\n").await;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    for _ in 0..20 {
+        let body = client.get(proxy.url("app.test", "/id")).send().await.unwrap().text().await.unwrap();
+        assert_eq!(body, "ams", "the nearest region, though both are idle");
+    }
+    // ams at its hard limit: the next request goes to fra, and back once ams has room.
+    let hold = tokio::spawn(client.get(proxy.url("app.test", "/hang")).send());
+    let busy = eventually(Duration::from_secs(5), || async {
+        (near.requests.load(std::sync::atomic::Ordering::SeqCst) > 20).then_some(())
+    });
+    assert!(busy.await.is_some(), "the hanging request is on the ams machine");
+    let body = client.get(proxy.url("app.test", "/id")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(body, "fra", "spilled to the next region");
+    near.gate.notify_waiters();
+    hold.await.unwrap().unwrap();
+    let body = client.get(proxy.url("app.test", "/id")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(body, "ams", "room again at home");
+}
