@@ -322,6 +322,10 @@ pub struct Machine {
 pub struct Pulse {
     /// [`crate::clock::now_ms`] when the catalog was last known to be current with the RIB.
     current_ms: AtomicU64,
+    /// When the catalog last came back after losing the RIB: no heartbeat could arrive
+    /// before, so every node counts as heard then (none is judged dead for beats it could not
+    /// have delivered; the live ones beat again within `dead_after`).
+    resumed_ms: AtomicU64,
     /// A node whose heartbeat was last heard longer ago than this is dead.
     dead_after_ms: AtomicU64,
     /// This node's name: its own machines never wait on its heartbeat echoing back.
@@ -332,6 +336,7 @@ impl Default for Pulse {
     fn default() -> Self {
         Pulse {
             current_ms: AtomicU64::new(crate::clock::now_ms()),
+            resumed_ms: AtomicU64::new(0),
             dead_after_ms: AtomicU64::new(1_500),
             local: std::sync::OnceLock::new(),
         }
@@ -342,6 +347,11 @@ impl Pulse {
     /// The catalog is current as of now (the updater heard from the RIB).
     pub fn beat(&self) {
         self.current_ms.fetch_max(crate::clock::now_ms(), Ordering::Relaxed);
+    }
+
+    /// The catalog follows the RIB again after losing it.
+    pub fn resumed(&self) {
+        self.resumed_ms.fetch_max(crate::clock::now_ms(), Ordering::Relaxed);
     }
 
     /// Names this node (before the catalog loads: liveness objects made earlier would not
@@ -378,8 +388,12 @@ impl NodeLive {
             return true;
         }
         let heard = self.heard_ms.load(Ordering::Relaxed);
+        if heard == 0 {
+            return false;
+        }
+        let heard = heard.max(self.pulse.resumed_ms.load(Ordering::Relaxed));
         let current = self.pulse.current_ms.load(Ordering::Relaxed);
-        heard != 0 && current.saturating_sub(heard) <= self.pulse.dead_after_ms.load(Ordering::Relaxed)
+        current.saturating_sub(heard) <= self.pulse.dead_after_ms.load(Ordering::Relaxed)
     }
 
     /// A heartbeat was heard now.
@@ -676,5 +690,33 @@ mod tests {
         assert!(next_version(va.max(vb), a) > va.max(vb));
         // Versions written before node parts (plain counters) are older than any minted now.
         assert!(next_version(5_000, a) > 5_000);
+    }
+
+    #[test]
+    fn a_node_is_dead_after_dead_after_of_a_current_catalog_without_its_beat() {
+        let pulse = Arc::new(Pulse::default());
+        pulse.dead_after_ms.store(1_000, Ordering::Relaxed);
+        pulse.set_local("edge-1");
+        let at = |current: u64| pulse.current_ms.store(current, Ordering::Relaxed);
+        let w = NodeLive::new(pulse.clone(), "worker-1");
+        assert!(!w.alive(), "never heard: dead");
+        w.heard_ms.store(10_000, Ordering::Relaxed);
+        at(10_500);
+        assert!(w.alive());
+        at(11_001);
+        assert!(!w.alive(), "a current catalog without its beat for longer than dead_after");
+        // The RIB away from 10_500: the catalog's time stands still, and so do judgments.
+        at(10_500);
+        assert!(w.alive(), "no beat could arrive: not held against it");
+        // Back 30 s later: every node counts as heard then, and must beat within dead_after.
+        pulse.resumed_ms.store(40_500, Ordering::Relaxed);
+        at(40_600);
+        assert!(w.alive(), "a grace after the RIB comes back");
+        at(41_501);
+        assert!(!w.alive(), "no beat since the RIB came back");
+        w.gone();
+        at(40_600);
+        assert!(!w.alive(), "a node that left stays dead until it beats again");
+        assert!(NodeLive::new(pulse.clone(), "edge-1").alive(), "this node is alive whatever the RIB says");
     }
 }

@@ -101,8 +101,12 @@ async fn follow(
         };
         match &event {
             Some(Ok(_)) => {
+                let pulse = catalog.load().pulse().clone();
+                if !link.connected {
+                    pulse.resumed();
+                }
                 link.up(&metrics);
-                catalog.load().pulse().beat();
+                pulse.beat();
             }
             Some(Err(_)) | None => link.down(&metrics),
         }
