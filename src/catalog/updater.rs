@@ -99,17 +99,7 @@ async fn follow(
             }
             e = sub.next() => e,
         };
-        match &event {
-            Some(Ok(_)) => {
-                let pulse = catalog.load().pulse().clone();
-                if !link.connected {
-                    pulse.resumed();
-                }
-                link.up(&metrics);
-                pulse.beat();
-            }
-            Some(Err(_)) | None => link.down(&metrics),
-        }
+        link.hear(&event, &catalog, &metrics);
         match event {
             Some(Ok(RibEvent::Live)) => {}
             Some(Ok(RibEvent::Snapshot { records, cursor: c, reason })) => {
@@ -169,6 +159,22 @@ impl Link {
         metrics.rib_connected.set(1);
         metrics.rib_staleness.set(0.0);
         Link { last_current: tokio::time::Instant::now(), connected: true }
+    }
+
+    /// What an event from the store says about the link; any answer proves the catalog
+    /// current (node liveness is judged against that).
+    fn hear(&mut self, event: &Option<Result<RibEvent, RibError>>, catalog: &Catalog, metrics: &Metrics) {
+        match event {
+            Some(Ok(_)) => {
+                let pulse = catalog.load().pulse().clone();
+                if !self.connected {
+                    pulse.resumed();
+                }
+                self.up(metrics);
+                pulse.beat();
+            }
+            Some(Err(_)) | None => self.down(metrics),
+        }
     }
 
     fn up(&mut self, metrics: &Metrics) {
