@@ -443,10 +443,10 @@ class Fleet:
             return r.returncode == 0 and (r.stdout + r.stderr).count(" is healthy") == len(up)
         wait_for("etcd endpoint health", healthy, timeout, every=0.1)
 
-    def status(self):
-        """{member name: (revision, is_leader)} of the members that answer."""
+    def status(self, members=None):
+        """{member name: (revision, is_leader)} of the members (all) that answer."""
         out = {}
-        for m in self.members:
+        for m in members or self.members:
             if not alive(m.proc):
                 continue
             r = self.etcdctl("endpoint", "status", "-w", "json", endpoints=[m.client])
