@@ -51,6 +51,9 @@ MACHINES = [
     ("demo-fra-1", "worker-2", 32, 8001),
 ]
 HOST = "demo.fleet.test"
+# [backhaul] heartbeat and dead_after of every node.
+HEARTBEAT = os.environ.get("FLEET_HEARTBEAT", "500ms")
+DEAD_AFTER = os.environ.get("FLEET_DEAD_AFTER", "1500ms")
 
 
 def ip(n):
@@ -257,8 +260,8 @@ probe_timeout = "1s"
 
 [backhaul]
 addr = "{self.backhaul}"
-heartbeat = "500ms"
-dead_after = "1500ms"
+heartbeat = "{HEARTBEAT}"
+dead_after = "{DEAD_AFTER}"
 
 [regions]
 rtt_ms = {RTT[self.region]}

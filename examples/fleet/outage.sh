@@ -8,7 +8,7 @@
 #   examples/fleet/outage.sh [--debug]          (release build by default)
 #
 # Env: ALL_DOWN_S (30), LOAD_CONNS (16), LOAD_GAP_MS (5: the pause after each answer, per
-# connection), FLEET_NET, TERN, TEST_MACHINE (see run.sh). Stops everything it started, on
+# connection), FLEET_HEARTBEAT (500ms), FLEET_DEAD_AFTER (1500ms), FLEET_NET, TERN, TEST_MACHINE (see run.sh). Stops everything it started, on
 # success, failure or Ctrl-C; takes about a minute and a half.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"

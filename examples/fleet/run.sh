@@ -9,8 +9,9 @@
 #   examples/fleet/run.sh stop            stop the fleet another run.sh started
 #   examples/fleet/run.sh revive          restart what was killed in it (a node, a member)
 #
-# Env: FLEET_NET (127.0.0: the first three octets of every address), TERN and TEST_MACHINE
-# (binaries to use instead of building).
+# Env: FLEET_NET (127.0.0: the first three octets of every address), FLEET_HEARTBEAT (500ms)
+# and FLEET_DEAD_AFTER (1500ms) for every node's [backhaul], TERN and TEST_MACHINE (binaries
+# to use instead of building).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
