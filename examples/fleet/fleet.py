@@ -17,7 +17,6 @@ Cleanup: this process makes itself a child subreaper, so a machine whose worker 
 SIGCONT and SIGTERM to every descendant, then SIGKILL to what is left: only what it started.
 """
 
-import base64
 import ctypes
 import http.client
 import json

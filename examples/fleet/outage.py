@@ -20,7 +20,6 @@ tern_rib_connected in the outage, the highest tern_rib_staleness_seconds, the co
 import http.client
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
