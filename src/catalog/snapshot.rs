@@ -317,11 +317,18 @@ pub struct Machine {
 
 /// How fresh the catalog is, shared by every snapshot of one catalog: node liveness is
 /// judged against it, so while the RIB is unreachable (no heartbeat can arrive) judgments
-/// freeze instead of declaring every other node dead.
+/// freeze instead of declaring every other node dead. When the RIB is heard again after a
+/// pause (an outage, a leader election, a frozen member), the first thing heard arrives
+/// before the other nodes' next heartbeats have been written: judged against it, every node
+/// would look dead for that moment. So a pause is no one's death: a node alive when the RIB
+/// went quiet has `dead_after` from when it was heard again to beat.
 #[derive(Debug)]
 pub struct Pulse {
     /// [`crate::clock::now_ms`] when the catalog was last known to be current with the RIB.
     current_ms: AtomicU64,
+    /// The last pause: when the RIB went quiet and when it was heard again (0: none yet).
+    quiet_from_ms: AtomicU64,
+    resumed_ms: AtomicU64,
     /// A node whose heartbeat was last heard longer ago than this is dead.
     dead_after_ms: AtomicU64,
     /// This node's name: its own machines never wait on its heartbeat echoing back.
@@ -332,6 +339,8 @@ impl Default for Pulse {
     fn default() -> Self {
         Pulse {
             current_ms: AtomicU64::new(crate::clock::now_ms()),
+            quiet_from_ms: AtomicU64::new(0),
+            resumed_ms: AtomicU64::new(0),
             dead_after_ms: AtomicU64::new(1_500),
             local: std::sync::OnceLock::new(),
         }
@@ -339,9 +348,19 @@ impl Default for Pulse {
 }
 
 impl Pulse {
-    /// The catalog is current as of now (the updater heard from the RIB).
+    /// The catalog is current as of now (the updater heard from the RIB). Only the updater
+    /// calls it, so reading then writing `current_ms` races with no other writer.
     pub fn beat(&self) {
-        self.current_ms.fetch_max(crate::clock::now_ms(), Ordering::Relaxed);
+        let now = crate::clock::now_ms();
+        let last = self.current_ms.load(Ordering::Relaxed);
+        // Half of dead_after: longer than any heartbeat interval (at most half of it, by
+        // config), so a fleet that beats is never "quiet" between two beats.
+        if now.saturating_sub(last) > self.dead_after_ms.load(Ordering::Relaxed) / 2 {
+            self.quiet_from_ms.store(last, Ordering::Relaxed);
+            self.resumed_ms.store(now, Ordering::Relaxed);
+        }
+        // Release: a reader that sees the new time sees the pause recorded with it.
+        self.current_ms.fetch_max(now, Ordering::Release);
     }
 
     /// Names this node (before the catalog loads: liveness objects made earlier would not
@@ -378,8 +397,18 @@ impl NodeLive {
             return true;
         }
         let heard = self.heard_ms.load(Ordering::Relaxed);
-        let current = self.pulse.current_ms.load(Ordering::Relaxed);
-        heard != 0 && current.saturating_sub(heard) <= self.pulse.dead_after_ms.load(Ordering::Relaxed)
+        if heard == 0 {
+            return false;
+        }
+        let p = &self.pulse;
+        let current = p.current_ms.load(Ordering::Acquire);
+        let dead_after = p.dead_after_ms.load(Ordering::Relaxed);
+        if current.saturating_sub(heard) <= dead_after {
+            return true;
+        }
+        // Alive when the RIB went quiet, and the RIB is back for less than dead_after.
+        heard.saturating_add(dead_after) >= p.quiet_from_ms.load(Ordering::Relaxed)
+            && current.saturating_sub(p.resumed_ms.load(Ordering::Relaxed)) <= dead_after
     }
 
     /// A heartbeat was heard now.
@@ -653,6 +682,49 @@ pub struct Compacted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_in_hearing_the_rib_kills_no_node_and_hides_no_death_for_long() {
+        let ms = |n| tokio::time::advance(std::time::Duration::from_millis(n));
+        let pulse = Arc::new(Pulse::default());
+        pulse.set_dead_after(std::time::Duration::from_millis(1_500));
+        let (w1, w2, gone) = (
+            NodeLive::new(pulse.clone(), "w1"),
+            NodeLive::new(pulse.clone(), "w2"),
+            NodeLive::new(pulse.clone(), "x"),
+        );
+        assert!(!w1.alive(), "never heard: not alive");
+        // Heartbeats flow every 100ms; w2 stops beating after the first, x long before.
+        gone.heard();
+        for _ in 0..20 {
+            ms(100).await;
+            pulse.beat();
+        }
+        assert!(!gone.alive(), "2s without a beat while the RIB was heard: dead");
+        w1.heard();
+        w2.heard();
+        for _ in 0..16 {
+            ms(100).await;
+            pulse.beat();
+            w1.heard();
+        }
+        assert!(w1.alive() && !w2.alive(), "a steady RIB judges as before: w2 is dead after 1.6s");
+        // The RIB goes quiet for 3s (an election, an outage); the first thing heard after it
+        // comes before w1's next beat.
+        ms(3_000).await;
+        pulse.beat();
+        assert!(w1.alive(), "w1 was alive when the RIB went quiet: a pause is not a death");
+        assert!(!w2.alive() && !gone.alive(), "nodes dead before the pause stay dead");
+        // w1 never beats again: dead once dead_after has passed since the RIB resumed.
+        for _ in 0..14 {
+            ms(100).await;
+            pulse.beat();
+        }
+        assert!(w1.alive(), "1.4s after the RIB resumed");
+        ms(200).await;
+        pulse.beat();
+        assert!(!w1.alive(), "1.6s after the RIB resumed without a beat: dead");
+    }
 
     #[test]
     fn two_nodes_never_mint_the_same_version_and_every_reader_settles_on_one() {
