@@ -344,9 +344,19 @@ impl Default for Pulse {
 }
 
 impl Pulse {
-    /// The catalog is current as of now (the updater heard from the RIB).
+    /// The catalog is current as of now (the updater heard from the RIB). After a silence
+    /// longer than half of `dead_after`, which a fleet whose nodes beat never has unless the
+    /// store stalled (an etcd election takes a second or two without a commit), this counts
+    /// as the RIB coming back: no node is held to beats it could not write meanwhile.
     pub fn beat(&self) {
-        self.current_ms.fetch_max(crate::clock::now_ms(), Ordering::Relaxed);
+        self.beat_at(crate::clock::now_ms());
+    }
+
+    fn beat_at(&self, now: u64) {
+        let before = self.current_ms.fetch_max(now, Ordering::Relaxed);
+        if now.saturating_sub(before) > self.dead_after_ms.load(Ordering::Relaxed) / 2 {
+            self.resumed_ms.fetch_max(now, Ordering::Relaxed);
+        }
     }
 
     /// The catalog follows the RIB again after losing it.
@@ -718,5 +728,29 @@ mod tests {
         at(40_600);
         assert!(!w.alive(), "a node that left stays dead until it beats again");
         assert!(NodeLive::new(pulse.clone(), "edge-1").alive(), "this node is alive whatever the RIB says");
+    }
+
+    #[test]
+    fn a_stalled_store_is_no_nodes_death_either() {
+        // An etcd election: the watch stays up, but nothing commits, heartbeats included.
+        let pulse = Arc::new(Pulse::default());
+        pulse.set_dead_after(std::time::Duration::from_millis(1_000));
+        let w = NodeLive::new(pulse.clone(), "worker-1");
+        w.heard_ms.store(100_000, Ordering::Relaxed);
+        pulse.beat_at(100_000);
+        assert!(w.alive());
+        // Nothing heard for 800 ms (> dead_after / 2): the next event, whoever's it is, is
+        // the store coming back, and worker-1 gets dead_after from then to beat again.
+        pulse.beat_at(100_800);
+        // Other nodes' beats every 100 ms from then on; none from worker-1.
+        for t in (100_900..=101_700).step_by(100) {
+            pulse.beat_at(t);
+        }
+        assert!(w.alive(), "not dead for the beats the stalled store could not take");
+        pulse.beat_at(101_800);
+        pulse.beat_at(101_900);
+        assert!(!w.alive(), "dead_after after the store came back, without a beat of its own");
+        w.heard_ms.store(101_900, Ordering::Relaxed);
+        assert!(w.alive(), "it beats again");
     }
 }
