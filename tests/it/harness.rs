@@ -299,6 +299,26 @@ impl ServeProcess {
     }
 }
 
+/// A test that ends with its tern still running stops it as an operator would (SIGTERM),
+/// so the machines it started are stopped with it instead of outliving the test; SIGKILL
+/// (`kill_on_drop`) only if it has not exited within a few seconds.
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let Some(pid) = self.child.id() else { return };
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// Peak resident memory of a process, in KiB (VmHWM).
 pub fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -228,7 +228,7 @@ async fn a_replay_to_a_stopped_machine_wakes_it() {
         m1.addr,
         cmd.join(", ")
     );
-    let proxy = Proxy::start(&d).await;
+    let mut proxy = Proxy::start(&d).await;
     let client = proxy.client(&Ca::new(), HttpVersion::Http1);
     let r = client
         .get(proxy.url("sleepy.test", &format!("/?only=m1&replay={}", enc("instance=s2"))))
@@ -239,6 +239,8 @@ async fn a_replay_to_a_stopped_machine_wakes_it() {
     assert_eq!(r.status(), 200, "{}", code(&r));
     assert_eq!(r.text().await.unwrap(), "hello, world\n");
     assert_eq!(machine_state(&proxy, "s2").await, "started");
+    // Stopped as tern stops, so the machine it started goes with it.
+    proxy.shutdown().await.unwrap().unwrap();
 }
 
 /// The query parameters that make the replaying machine cache its replay for `/echo`.

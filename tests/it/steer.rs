@@ -175,11 +175,13 @@ async fn force_instance_wakes_that_stopped_machine_not_another() {
             cmd.join(", ")
         );
     }
-    let proxy = Proxy::start(&d).await;
+    let mut proxy = Proxy::start(&d).await;
     let client = proxy.client(&Ca::new(), HttpVersion::Http1);
     let r =
         client.get(proxy.url("sleepy.test", "/")).header("fly-force-instance-id", "s2").send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(machine_state(&proxy, "s2").await, "started");
     assert_eq!(machine_state(&proxy, "s1").await, "stopped", "only the forced machine woke");
+    // Stopped as tern stops, so the machine it started goes with it.
+    proxy.shutdown().await.unwrap().unwrap();
 }
