@@ -343,6 +343,10 @@ pub async fn run(
     let watchdog = wedge::watchdog(&config, &metrics);
     let control_beat =
         tokio::spawn(crate::watchdog::beat_forever(watchdog.heartbeat("control"), watchdog.tick_period()));
+    // A store client's own runtime (etcd, Corrosion); its heartbeat ends with it.
+    let client_beat = rib.client_runtime().map(|rt| {
+        rt.spawn(crate::watchdog::beat_forever(watchdog.heartbeat("rib-client"), watchdog.tick_period()))
+    });
     let tasks = crate::tasks::Tasks::new(metrics.clone(), escalate_to(&watchdog));
     let bg =
         Background::start(&config, rib.clone(), &metrics, &catalog, &tasks, &shutdown, &watchdog).await?;
@@ -457,6 +461,9 @@ pub async fn run(
     let _ = admin_task.await;
     bg.stop(matches!(ending, Ending::Upgraded(_) | Ending::Bounced(_))).await;
     control_beat.abort();
+    if let Some(beat) = client_beat {
+        beat.abort();
+    }
     finished.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(target: "tern::proxy", "stopped");
     Ok(())

@@ -241,6 +241,13 @@ pub struct Rotated {
 }
 
 pub trait Rib: Send + Sync + 'static {
+    /// The runtime this store's client runs on, if it has one of its own (etcd, Corrosion):
+    /// the node's watchdog keeps a heartbeat there, so a wedged client is seen as one rather
+    /// than only as a catalog growing stale.
+    fn client_runtime(&self) -> Option<tokio::runtime::Handle> {
+        None
+    }
+
     /// Fault injection only (`[debug] faults`): runs `f` while holding the lock this store's
     /// writes go through, if it has one, so a deadlock made with it starves real writes.
     fn hold_for_fault(&self, f: &mut dyn FnMut()) {

@@ -227,6 +227,12 @@ async fn apply_and_serve_through_etcd_and_refuse_what_sqlite_refuses() {
     assert!(out.contains("+ app one"), "{out}");
     let serve = ServeProcess::start(&config).await;
     assert_eq!(status_of(&serve, "one.test").await, 200);
+    // The etcd client's own runtime beats for the watchdog like every other.
+    let dog: serde_json::Value =
+        reqwest::get(format!("http://{}/v1/watchdog", serve.admin)).await.unwrap().json().await.unwrap();
+    let beats: Vec<&str> =
+        dog["heartbeats"].as_array().unwrap().iter().filter_map(|b| b["what"].as_str()).collect();
+    assert!(beats.contains(&"rib-client"), "{beats:?}");
 
     // A change while it serves is served within moments; a conflict changes nothing.
     let both = format!("{}\n{}", app("one", "one.test", one.addr), app("two", "two.test", two.addr));

@@ -143,6 +143,10 @@ impl Rib for CorrosionRib {
         Subscription::new(rx)
     }
 
+    fn client_runtime(&self) -> Option<tokio::runtime::Handle> {
+        Some(self.rt.get().handle().clone())
+    }
+
     fn record_state(&self, id: &str, row: &StateRow) -> Result<bool, RibError> {
         let body = serde_json::to_string(row).map_err(|e| RibError::Other(e.to_string()))?;
         // One statement, so the version check and the write are one step on the agent. A

@@ -235,6 +235,10 @@ impl Rib for EtcdRib {
         Subscription::new(rx)
     }
 
+    fn client_runtime(&self) -> Option<tokio::runtime::Handle> {
+        Some(self.rt.get().handle().clone())
+    }
+
     fn record_state(&self, id: &str, row: &StateRow) -> Result<bool, RibError> {
         let body = serde_json::to_vec(row).map_err(|e| RibError::Other(e.to_string()))?;
         self.run(async |inner| {
