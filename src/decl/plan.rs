@@ -105,6 +105,19 @@ impl Current for ReadOnly {
     }
 }
 
+/// The hostnames an app row's body claims (none, if it does not decode that far): what a
+/// store's hostname index holds for it. Shared by the stores that keep the index themselves.
+pub fn claimed_hostnames(body: Option<&str>) -> std::collections::BTreeSet<String> {
+    #[derive(serde::Deserialize)]
+    struct Hosts {
+        #[serde(default)]
+        hostnames: Vec<String>,
+    }
+    body.and_then(|b| serde_json::from_str::<Hosts>(b).ok())
+        .map(|h| h.hostnames.into_iter().collect())
+        .unwrap_or_default()
+}
+
 /// One row to write: `body` `None` deletes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {

@@ -8,7 +8,7 @@
 //! last-writer-wins. docs/rib-corrosion.md says what that means for operators.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use serde_json::Value;
 
@@ -17,17 +17,7 @@ use crate::decl::{Current, Declaration, Plan, PlanError};
 use crate::rib::corrosion::wire::statement;
 use crate::rib::{RibError, Table};
 
-/// The hostnames an app body claims (nothing, if it does not decode that far).
-fn hostnames(body: Option<&str>) -> BTreeSet<String> {
-    #[derive(serde::Deserialize)]
-    struct Hosts {
-        #[serde(default)]
-        hostnames: Vec<String>,
-    }
-    body.and_then(|b| serde_json::from_str::<Hosts>(b).ok())
-        .map(|h| h.hostnames.into_iter().collect())
-        .unwrap_or_default()
-}
+use crate::decl::plan::claimed_hostnames as hostnames;
 
 /// Reads for a plan, each row read once.
 struct Reader<'a> {

@@ -3,7 +3,7 @@
 //! changed meanwhile, the guard fails, nothing is written, and the plan is made again.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use super::{ATTEMPTS, EtcdRib, delete, prefix_end, proto, put, unchanged_since};
 use crate::decl::{Current, Declaration, Plan, PlanError};
@@ -18,17 +18,7 @@ fn index_prefix(rib: &EtcdRib, hostname: &str) -> Vec<u8> {
     format!("{}app_hosts/{hostname}/", rib.inner().prefix).into_bytes()
 }
 
-/// The hostnames an app body claims (nothing, if it does not decode that far).
-fn hostnames(body: Option<&str>) -> BTreeSet<String> {
-    #[derive(serde::Deserialize)]
-    struct Hosts {
-        #[serde(default)]
-        hostnames: Vec<String>,
-    }
-    body.and_then(|b| serde_json::from_str::<Hosts>(b).ok())
-        .map(|h| h.hostnames.into_iter().collect())
-        .unwrap_or_default()
-}
+use crate::decl::plan::claimed_hostnames as hostnames;
 
 /// Reads for a plan, all at one revision, remembering what was read.
 struct Reader<'a> {

@@ -49,18 +49,10 @@ impl ReadOnly {
     /// The apps whose rows list `hostname`. A scan: `check` reads every row anyway, and a
     /// database from before the hostname index has none.
     pub fn claimants(&self, hostname: &str) -> Vec<String> {
-        #[derive(serde::Deserialize)]
-        struct Hosts {
-            #[serde(default)]
-            hostnames: Vec<String>,
-        }
         self.rows
             .iter()
             .filter(|r| r.table == Table::Apps)
-            .filter(|r| {
-                serde_json::from_str::<Hosts>(&r.body)
-                    .is_ok_and(|h| h.hostnames.iter().any(|x| x == hostname))
-            })
+            .filter(|r| crate::decl::plan::claimed_hostnames(Some(&r.body)).contains(hostname))
             .map(|r| r.key.clone())
             .collect()
     }
