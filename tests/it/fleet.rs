@@ -134,6 +134,16 @@ async fn admin_json(node: &ServeProcess, path: &str) -> Option<serde_json::Value
     reqwest::get(format!("http://{}{path}", node.admin)).await.ok()?.json().await.ok()
 }
 
+/// Waits until `edge` hears the owner of app `app`'s machine `id` beat.
+async fn until_owner_heard(edge: &ServeProcess, id: &str) {
+    let heard = eventually(Duration::from_secs(5), || async {
+        let app = admin_json(edge, "/v1/apps/app").await?;
+        let m = app["machines"].as_array()?.iter().find(|m| m["id"] == id)?.clone();
+        (m["node_alive"] == true).then_some(())
+    });
+    assert!(heard.await.is_some(), "the edge hears the owner of {id} beat");
+}
+
 async fn metric_of(node: &ServeProcess, name: &str) -> f64 {
     let text = reqwest::get(format!("http://{}/metrics", node.admin)).await.unwrap().text().await.unwrap();
     text.lines().filter_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).sum()
@@ -156,11 +166,7 @@ async fn a_thousand_requests_for_a_sleeping_machine_over_two_edges_start_it_once
         ServeProcess::start(&fleet_config(dir.path(), &db, "edge-2")).await,
     ];
     for edge in &edges {
-        let heard = eventually(Duration::from_secs(5), || async {
-            let app = admin_json(edge, "/v1/apps/app").await?;
-            (app["machines"][0]["node_alive"] == true).then_some(())
-        });
-        assert!(heard.await.is_some(), "the edge hears the owner beat");
+        until_owner_heard(edge, "m1").await;
     }
 
     // 500 at once on each edge, from a client address that is neither edge's.
@@ -230,12 +236,7 @@ async fn an_owner_at_its_hard_limit_turns_requests_away_and_the_edge_routes_them
         ServeProcess::start(&fleet_config(dir.path(), &db, "edge-2")).await,
     ];
     for edge in &edges {
-        let heard = eventually(Duration::from_secs(5), || async {
-            let app = admin_json(edge, "/v1/apps/app").await?;
-            let owned = app["machines"].as_array()?.iter().find(|m| m["id"] == "m-owned")?.clone();
-            (owned["node_alive"] == true).then_some(())
-        });
-        assert!(heard.await.is_some(), "the edge hears the owner beat");
+        until_owner_heard(edge, "m-owned").await;
     }
     // Edge 1 fills the owned machine to its hard limit with one request that hangs.
     let client = reqwest::Client::builder().resolve("app.test", edges[0].http).build().unwrap();
@@ -302,11 +303,7 @@ async fn websockets_and_sse_reach_a_machine_owned_elsewhere_through_its_owner() 
     harness::apply_decl(&db, &format!("{APP}{}", machine("m-owned", owned.addr, Some("worker-1"))));
     let _worker = ServeProcess::start(&fleet_config(dir.path(), &db, "worker-1")).await;
     let edge = ServeProcess::start(&fleet_config(dir.path(), &db, "edge-1")).await;
-    let heard = eventually(Duration::from_secs(5), || async {
-        let app = admin_json(&edge, "/v1/apps/app").await?;
-        (app["machines"][0]["node_alive"] == true).then_some(())
-    });
-    assert!(heard.await.is_some(), "the edge hears the owner beat");
+    until_owner_heard(&edge, "m-owned").await;
 
     let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
     let (mut ws, resp) = tokio_tungstenite::client_async("ws://app.test/ws", tcp).await.unwrap();
