@@ -111,6 +111,21 @@ impl Lifecycle {
         ) else {
             return;
         };
+        // Handed to another node (`node` changed): this one runs it no more, as it would not
+        // start it at boot; the new owner starts it.
+        if !self.manages(&new.spec) {
+            if self.driver.running(&old.id) {
+                let this = self.clone();
+                let op = self.op_lock(&old.id);
+                self.runtime.spawn(async move {
+                    let _held = op.lock_owned().await;
+                    if this.driver.running(&old.id) {
+                        this.retire_process(&old, kill_timeout, "owner changed", || false).await;
+                    }
+                });
+            }
+            return;
+        }
         // Declared stopped now: the supervisor's declared-stop pass retires it.
         if !self.driver.running(&old.id)
             || !matches!(new.state(), MachineState::Started | MachineState::Starting)
@@ -277,6 +292,32 @@ mod tests {
         tokio::spawn(lifecycle.clone().supervise(shutdown));
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(*driver.calls.lock(), ["stop m1"]);
+    }
+
+    /// A machine re-declared with another owner (`node`) while this node runs it is stopped
+    /// here, as this node would not start it at boot.
+    #[tokio::test]
+    async fn a_machine_handed_to_another_node_is_stopped_here() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listener");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (_dir, driver, lifecycle) = setup_at("", &[("m1", MachineState::Started)], &addr);
+        driver.running.insert(Arc::from("m1"));
+        let old = lifecycle.catalog.load_full();
+        let m1 = old.machine("m1").expect("m1").clone();
+        let mut next = (*old).clone();
+        let mut spec = m1.spec.clone();
+        spec.node = Some("worker-9".into());
+        next.apply(Event::Machine(spec));
+        lifecycle.catalog.publish(next);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(lifecycle.clone().follow_catalog(rx));
+        let now = lifecycle.catalog.load_full();
+        let moved = now.machine("m1").expect("m1").clone();
+        let app = now.app("a").map(|a| a.spec.clone());
+        tx.send(Changes { machines: vec![moved], redeclared: vec![(m1, app)], ..Default::default() })
+            .expect("feed");
+        until(|| !driver.running.contains("m1")).await;
+        assert_eq!(*driver.calls.lock(), ["stop m1"], "stopped, and not started again here");
     }
 
     /// A request waiting for a wake when its whole app is pruned wakes nothing else.

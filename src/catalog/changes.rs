@@ -101,7 +101,7 @@ impl Touched {
             }
             out.machines.push(m.clone());
             if let Some(before) = prev.machine(&m.id)
-                && (before.addr != m.addr || before.spec.cmd != m.spec.cmd)
+                && (before.addr != m.addr || before.spec.cmd != m.spec.cmd || before.spec.node != m.spec.node)
             {
                 let app = prev.app(&before.spec.app).map(|e| e.spec.clone());
                 out.redeclared.push((before.clone(), app));
