@@ -184,6 +184,9 @@ fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
         if !m.region.is_empty() {
             names::check_region(&m.region).map_err(|e| at(&p("region"), e))?;
         }
+        if let Some(node) = &m.node {
+            names::check_node_name(node).map_err(|e| at(&p("node"), e))?;
+        }
         if m.state == model::MachineState::Destroyed {
             return Err(at(&p("state"), "to remove a machine, leave it out and apply with --prune"));
         }

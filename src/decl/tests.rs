@@ -384,3 +384,17 @@ fn the_documented_examples_parse() {
         parse_str(b).unwrap_or_else(|p| panic!("{p}\n{b}"));
     }
 }
+
+#[test]
+fn a_machines_owner_must_be_a_node_name() {
+    let decl = |node: &str| {
+        format!(
+            "[[apps]]\nname = \"a\"\n\n[[machines]]\nid = \"m1\"\napp = \"a\"\naddr = \"127.0.0.1:1\"\nstate = \"started\"\nnode = {node:?}\n"
+        )
+    };
+    assert!(parse_str(&decl("worker-1")).is_ok());
+    let p = parse_str(&decl("")).unwrap_err();
+    assert_eq!((p.line, p.field.as_str()), (9, "machines[0].node"), "{p}");
+    assert!(p.message.contains("not a node name"), "{p}");
+    assert!(parse_str(&decl("worker 1")).is_err());
+}

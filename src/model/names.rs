@@ -28,6 +28,14 @@ pub fn check_machine_id(s: &str) -> Result<(), String> {
     }
 }
 
+/// Node names (a machine's owner, `node = ...`): 1 to 64 letters, digits, '-', '_' and '.'.
+/// A name that can never beat in the RIB would leave the machine out of routing for good.
+pub fn check_node_name(s: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok { Ok(()) } else { Err(format!("{s:?} is not a node name (1-64 of A-Z, a-z, 0-9, '-', '_', '.')")) }
+}
+
 /// Region codes: 1 to 32 lower-case letters, digits and dashes ("ams", "us-east-1").
 pub fn check_region(s: &str) -> Result<(), String> {
     let ok = (1..=32).contains(&s.len())
