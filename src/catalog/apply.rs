@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::model::seal::{Keyring, SessionKey};
 use crate::model::{AppSpec, MachineSpec};
 use crate::rib::Table;
+use crate::telemetry::AppSeries;
 
 use super::snapshot::{
     AppEntry, CertEntry, Machine, MachineLive, NodeEntry, NodeLive, Snapshot, StateRecord,
@@ -247,7 +248,12 @@ impl Snapshot {
             .get(name)
             .map(|ids| ids.iter().filter_map(|id| self.machines.get(id).cloned()).collect())
             .unwrap_or_else(|| Arc::from(Vec::new()));
-        let entry = Arc::new(AppEntry { name: name.clone(), spec: spec.clone(), machines });
+        let entry = Arc::new(AppEntry {
+            name: name.clone(),
+            spec: spec.clone(),
+            machines,
+            series: AppSeries::default(),
+        });
         let generation = self.generation;
         self.apps.insert(name.clone(), entry.clone(), generation);
         for h in &spec.hostnames {

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::seal::{Keyring, SessionKey};
 use crate::model::{AppSpec, CertSpec, MachineSpec, MachineState};
+use crate::telemetry::AppSeries;
 
 use super::layered::Layered;
 use super::outlier::Outlier;
@@ -453,6 +454,8 @@ pub struct AppEntry {
     pub name: Arc<str>,
     pub spec: Arc<AppSpec>,
     pub machines: Arc<[Arc<Machine>]>,
+    /// Its request-path metric handles, resolved on first use.
+    pub series: AppSeries,
 }
 
 #[derive(Debug, Clone)]

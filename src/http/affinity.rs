@@ -90,6 +90,10 @@ pub fn open(
     let count = |result: &str| metrics.sessions.with_label_values(&[&app.name, result]).inc();
     let now = crate::clock::unix_ms();
     for name in &affinity.headers {
+        // Looked up by text first (no allocation): most requests carry no session.
+        if !headers.contains_key(name.as_str()) {
+            continue;
+        }
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else { continue };
         let Some(token) = headers.get(&name) else { continue };
         let invalid = |detail: String| {
@@ -180,6 +184,10 @@ impl Session {
             std::borrow::Cow::Owned(format!("{}/{}", app.name, machine.id))
         };
         for name in &affinity.headers {
+            // Looked up by text first (no allocation): most responses open no session.
+            if !headers.contains_key(name.as_str()) {
+                continue;
+            }
             let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else { continue };
             let header::Entry::Occupied(mut entry) = headers.entry(name) else { continue };
             let mut values: Vec<HeaderValue> = Vec::new();

@@ -39,6 +39,7 @@ use crate::upstream::{Proto, UpBody};
 use super::activity::{Activity, ExchangeGuard, IdleTimer};
 use super::body::{ExchangeGuards, GateGuard, ProxyBody};
 use super::forward::{Handler, Outcome, Relay, Route, Upstream, upstream_request};
+use super::request_id::RequestId;
 use super::{ConnInfo, headers};
 
 /// The sealed token: app, machine, request id and sealing time.
@@ -166,13 +167,13 @@ impl Handler {
         &self,
         mut req: Request<Incoming>,
         conn: &ConnInfo,
-        id: &str,
+        id: &RequestId,
         exchange: ExchangeGuard,
         arrived: Instant,
         outcome: &mut Outcome,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let Ticket { app, machine } = self.ticket(&req)?;
-        outcome.app = Some(app.name.clone());
+        outcome.app = Some(app.clone());
         let elsewhere = |reason: &str| ProxyError::RetryElsewhere {
             machine: machine.id.to_string(),
             reason: reason.to_string(),
@@ -210,7 +211,15 @@ impl Handler {
         outcome.machine = Some(pick.machine.id.clone());
         outcome.why = Why::Forced;
         let activity = Arc::new(Activity::new());
-        let up = Upstream { id, raw_host: &raw_host, upgrade: route.upgrade.as_deref(), proto, region: "" };
+        // A relayed request keeps the edge's forwarding headers; no region is added.
+        let no_region = http::HeaderValue::from_static("");
+        let up = Upstream {
+            id,
+            raw_host: &raw_host,
+            upgrade: route.upgrade.as_deref(),
+            proto,
+            region: &no_region,
+        };
         let client_version = req.version();
         let (up_req, body_state) =
             upstream_request(req, conn, up, &activity, route.gate.as_ref(), app.spec.replay_buffer)?;

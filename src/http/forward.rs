@@ -26,6 +26,7 @@ use super::body::{
 };
 use super::drain::{self, StreamEnd};
 use super::headers::{self, ClientSide};
+use super::request_id::RequestId;
 use super::{ConnInfo, affinity, replay, request_id, respond, tunnel};
 
 /// Everything an exchange needs, shared by all connections.
@@ -34,6 +35,8 @@ pub struct Handler {
     pub pool: Arc<Pool>,
     pub metrics: Arc<Metrics>,
     pub region: Arc<str>,
+    /// `region` as the `Fly-Region` header value, made once.
+    pub region_header: HeaderValue,
     pub max_header_bytes: usize,
     /// Largest response head a machine may send (status line plus headers).
     pub max_response_header_bytes: usize,
@@ -49,7 +52,7 @@ pub struct Handler {
 /// What the access log and metrics learn about an exchange.
 #[derive(Default)]
 pub(super) struct Outcome {
-    pub(super) app: Option<Arc<str>>,
+    pub(super) app: Option<Arc<AppEntry>>,
     pub(super) machine: Option<Arc<str>>,
     pub(super) host: Option<String>,
     /// How long the request waited for a machine to wake, if it did.
@@ -68,7 +71,7 @@ impl Handler {
         let started = Instant::now();
         // A handed-over request keeps the edge's id (its token proves it).
         let id = match conn.backhaul.then(|| super::backhaul::request_id(&req)).flatten() {
-            Some(id) => id,
+            Some(id) => request_id::RequestId::from(id),
             None => request_id::new(&self.region),
         };
         let exchange = state.begin();
@@ -97,11 +100,13 @@ impl Handler {
         if state.drain.draining() {
             state.drain.on_response(version, &mut resp);
         }
-        let app_label = outcome.app.as_deref().unwrap_or("-");
+        let app_label = outcome.app.as_ref().map_or("-", |a| &*a.name);
         let status = resp.status().as_u16();
         let elapsed = started.elapsed();
-        self.metrics.requests.with_label_values(&[app_label, status_class(status)]).inc();
-        self.metrics.request_duration.with_label_values(&[app_label]).observe(elapsed.as_secs_f64());
+        match &outcome.app {
+            Some(app) => app.series.request(&self.metrics, &app.name, status, elapsed),
+            None => self.metrics.unrouted.request(&self.metrics, "-", status, elapsed),
+        }
         if self.access_log {
             tracing::info!(target: "tern::access",
                 request_id = %id, peer = %conn.peer, method = %method,
@@ -149,7 +154,7 @@ impl Handler {
         &self,
         mut req: Request<Incoming>,
         conn: &ConnInfo,
-        id: &str,
+        id: &RequestId,
         exchange: ExchangeGuard,
         arrived: Instant,
         outcome: &mut Outcome,
@@ -159,17 +164,21 @@ impl Handler {
             return Err(ProxyError::HeadersTooLarge { size, limit: self.max_header_bytes });
         }
         check_request(&req)?;
-        let raw_host = request_host(&req).ok_or(ProxyError::BadHost)?.to_owned();
-        let host = routing::normalize(&raw_host).map_err(|_| ProxyError::BadHost)?.into_owned();
-        outcome.host = Some(host.clone());
-        let app = self.router.app_for(&host).ok_or_else(|| ProxyError::NoApp { host: host.clone() })?;
-        outcome.app = Some(app.name.clone());
+        // Shared with the request, not copied: its bytes stay in hyper's read buffer.
+        let raw_host = RawHost::of(&req).ok_or(ProxyError::BadHost)?;
+        let raw_host = raw_host.as_str().ok_or(ProxyError::BadHost)?;
+        let host = routing::normalize(raw_host).map_err(|_| ProxyError::BadHost)?;
+        if self.access_log {
+            outcome.host = Some(host.to_string());
+        }
+        let app = self.router.app_for(&host).ok_or_else(|| ProxyError::NoApp { host: host.to_string() })?;
+        outcome.app = Some(app.clone());
 
         let route = Route::of(&app, &mut req);
         // tern's to set: a client's would tell the machine of a cache decision never made.
         req.headers_mut().remove(replay::FLY_REPLAY_CACHE_STATUS);
-        let path = req.uri().path().to_owned();
-        let cache = self.cache_lookup(&app, &host, &path, req.headers());
+        let uri = req.uri().clone();
+        let cache = self.cache_lookup(&app, &host, uri.path(), req.headers());
         let mut steer = self.steering(&app, req.headers())?;
         let keyring = self.router.keyring();
         let session = affinity::open(&app, &keyring, &self.router, req.headers_mut(), &self.metrics)?;
@@ -191,10 +200,10 @@ impl Handler {
         let activity = Arc::new(Activity::new());
         let up = Upstream {
             id,
-            raw_host: &raw_host,
+            raw_host,
             upgrade: route.upgrade.as_deref(),
             proto: route.proto,
-            region: &self.region,
+            region: &self.region_header,
         };
         let (up_req, body_state) =
             upstream_request(req, conn, up, &activity, route.gate.as_ref(), app.spec.replay_buffer)?;
@@ -242,7 +251,7 @@ impl Handler {
             let proto = if upgrade || !app.spec.http_options.h2_backend { Proto::Http1 } else { Proto::H2c };
             let mut up_req = match next_req.take() {
                 Some(r) => r,
-                None => self.again(&head, &raw_host, proto, &activity, &body_state, &first_app)?,
+                None => self.again(&head, raw_host, proto, &activity, &body_state, &first_app)?,
             };
             let routed =
                 self.connect(&app, &steer, proto, upgrade, deadline, !route.ignored_agent, outcome).await;
@@ -277,7 +286,7 @@ impl Handler {
             let Routed { pick: Pick { machine, guard: in_flight, .. }, why, preferred_missed, .. } = routed;
             outcome.machine = Some(machine.id.clone());
             outcome.why = why;
-            self.metrics.routing_decisions.with_label_values(&[&app.name, why.as_str()]).inc();
+            app.series.routed(&self.metrics, &app.name, why.as_str());
             if let Some(id) = preferred_missed
                 && let Ok(v) = HeaderValue::from_str(&id)
             {
@@ -285,7 +294,7 @@ impl Handler {
             }
             let remote = super::backhaul::dial(self, &machine).1;
             let proto = if remote {
-                super::backhaul::hand_over(self, &mut up_req, &app, &machine, id, &raw_host, upgrade)?
+                super::backhaul::hand_over(self, &mut up_req, &app, &machine, id, raw_host, upgrade)?
             } else {
                 proto
             };
@@ -304,7 +313,7 @@ impl Handler {
                 steer.exclude.push(machine.id.clone());
                 continue;
             }
-            let d = match replay::answer(resp, &machine, &path, idle).await? {
+            let d = match replay::answer(resp, &machine, uri.path(), idle).await? {
                 replay::Answer::Serve(resp) => break (resp, machine, in_flight, lease),
                 replay::Answer::Replay(d, how) => {
                     self.metrics.replays.with_label_values(&[&app.name, how]).inc();
@@ -325,7 +334,7 @@ impl Handler {
                     limit: first_app.spec.replay_buffer,
                 });
             }
-            let remembered = self.remember(&first_app, &app, &host, &path, &cache, &d, via_cache);
+            let remembered = self.remember(&first_app, &app, &host, uri.path(), &cache, &d, via_cache);
             head.for_replay(&d, &machine, replay::now_us());
             if remembered {
                 set_cache_status(&mut head, None, Some("miss"));
@@ -575,7 +584,7 @@ impl Handler {
             headers::prepare_response_via(
                 &mut parts.headers,
                 via.then(|| headers::via_value(client_version)),
-                id,
+                id.header(),
                 true,
             );
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
@@ -584,7 +593,7 @@ impl Handler {
         if headers::prepare_response_via(
             &mut parts.headers,
             via.then(|| headers::via_value(client_version)),
-            id,
+            id.header(),
             false,
         ) {
             // Framed two ways: read by its chunks, and never trusted with another request.
@@ -937,12 +946,28 @@ fn check_request<B>(req: &Request<B>) -> Result<(), ProxyError> {
     }
 }
 
-/// The host the client asked for: the URI authority (HTTP/2, absolute-form), else `Host`.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    if let Some(auth) = req.uri().authority() {
-        return Some(auth.as_str());
+/// The host the client asked for: the URI authority (HTTP/2, absolute-form), else `Host`;
+/// held apart from the request by a shared reference to its bytes, so that the request can
+/// change while the host is read.
+enum RawHost {
+    Authority(http::uri::Authority),
+    Header(HeaderValue),
+}
+
+impl RawHost {
+    fn of<B>(req: &Request<B>) -> Option<RawHost> {
+        if let Some(auth) = req.uri().authority() {
+            return Some(RawHost::Authority(auth.clone()));
+        }
+        req.headers().get(header::HOST).cloned().map(RawHost::Header)
     }
-    req.headers().get(header::HOST).and_then(|v| v.to_str().ok())
+
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            RawHost::Authority(a) => Some(a.as_str()),
+            RawHost::Header(v) => v.to_str().ok(),
+        }
+    }
 }
 
 /// How one request goes to its app's machines, as its head says.
@@ -1038,7 +1063,7 @@ pub(super) struct Relay<'a> {
     pub(super) machine: &'a Machine,
     pub(super) route: Route,
     pub(super) client_version: Version,
-    pub(super) id: &'a str,
+    pub(super) id: &'a RequestId,
     pub(super) timer: IdleTimer,
     /// Whether to add this node's `Via` (not on a response going back over the backhaul).
     pub(super) via: bool,
@@ -1046,11 +1071,11 @@ pub(super) struct Relay<'a> {
 
 /// How the request goes to the machine.
 pub(super) struct Upstream<'a> {
-    pub(super) id: &'a str,
+    pub(super) id: &'a RequestId,
     pub(super) raw_host: &'a str,
     pub(super) upgrade: Option<&'a str>,
     pub(super) proto: Proto,
-    pub(super) region: &'a str,
+    pub(super) region: &'a HeaderValue,
 }
 
 pub(super) fn upstream_request(
@@ -1064,22 +1089,26 @@ pub(super) fn upstream_request(
     let Upstream { id, raw_host, upgrade, proto, region } = up;
     let (mut parts, body) = req.into_parts();
     let side = ClientSide {
-        peer_ip: conn.peer.ip(),
+        client_ip: &conn.client_ip,
         tls: conn.tls,
-        local_port: conn.local.port(),
+        local_port: &conn.local_port,
         region,
-        request_id: id,
+        request_id: id.header(),
         version: parts.version,
         relayed: conn.backhaul,
     };
     let gated = gate.is_some();
     headers::prepare_request(&mut parts.headers, &side, raw_host, upgrade, gated, proto == Proto::H2c);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
     parts.uri = match proto {
-        Proto::Http1 => path.parse(),
-        Proto::H2c => format!("http://{raw_host}{path}").parse(),
-    }
-    .map_err(|_| ProxyError::BadRequest("request target"))?;
+        // Already what an HTTP/1.1 machine is sent: kept, not parsed again.
+        Proto::Http1 if origin_form && parts.uri.path_and_query().is_some() => parts.uri,
+        Proto::Http1 => path.parse().map_err(|_| ProxyError::BadRequest("request target"))?,
+        Proto::H2c => format!("http://{raw_host}{path}")
+            .parse()
+            .map_err(|_| ProxyError::BadRequest("request target"))?,
+    };
     parts.version = match proto {
         Proto::Http1 => Version::HTTP_11,
         Proto::H2c => Version::HTTP_2,

@@ -2,8 +2,6 @@
 //! fly-proxy forwarding headers are set, and a client cannot spoof `Fly-Client-IP` or the
 //! last hop of `X-Forwarded-For`, because tern overwrites or appends them itself.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 
@@ -43,11 +41,13 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// What tern knows about the client side of an exchange.
 pub struct ClientSide<'a> {
-    pub peer_ip: IpAddr,
+    /// The client's address, as `Fly-Client-IP` sends it.
+    pub client_ip: &'a HeaderValue,
     pub tls: bool,
-    pub local_port: u16,
-    pub region: &'a str,
-    pub request_id: &'a str,
+    /// The port the client reached tern on, as `X-Forwarded-Port` sends it.
+    pub local_port: &'a HeaderValue,
+    pub region: &'a HeaderValue,
+    pub request_id: &'a HeaderValue,
     pub version: Version,
     /// Handed over by another node (the backhaul), which already said who the client is:
     /// its forwarding headers are kept as they came, none are added.
@@ -165,20 +165,22 @@ pub fn prepare_request(
         return;
     }
 
-    let ip = side.peer_ip.to_string();
-    let xff = match joined(headers, &X_FORWARDED_FOR) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip.clone(),
-    };
-    set(headers, X_FORWARDED_FOR, &xff);
-    set(headers, FLY_CLIENT_IP, &ip);
-    let port = side.local_port.to_string();
+    // The values are made once (per connection, per node, per request) and shared here: a
+    // clone is a reference count, not a copy.
+    let ip = side.client_ip.to_str().unwrap_or_default();
+    match joined(headers, &X_FORWARDED_FOR) {
+        Some(prior) => set(headers, X_FORWARDED_FOR, &format!("{prior}, {ip}")),
+        None => {
+            headers.insert(X_FORWARDED_FOR, side.client_ip.clone());
+        }
+    }
+    headers.insert(FLY_CLIENT_IP, side.client_ip.clone());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if side.tls { "https" } else { "http" }));
     headers.insert(X_FORWARDED_SSL, HeaderValue::from_static(if side.tls { "on" } else { "off" }));
-    set(headers, X_FORWARDED_PORT, &port);
-    set(headers, FLY_FORWARDED_PORT, &port);
-    set(headers, FLY_REGION, side.region);
-    set(headers, FLY_REQUEST_ID, side.request_id);
+    headers.insert(X_FORWARDED_PORT, side.local_port.clone());
+    headers.insert(FLY_FORWARDED_PORT, side.local_port.clone());
+    headers.insert(FLY_REGION, side.region.clone());
+    headers.insert(FLY_REQUEST_ID, side.request_id.clone());
     append_via(headers, via_value(side.version));
 }
 
@@ -189,7 +191,7 @@ pub fn prepare_request(
 pub fn prepare_response(
     headers: &mut HeaderMap,
     client_version: Version,
-    request_id: &str,
+    request_id: &HeaderValue,
     upgraded: bool,
 ) -> bool {
     prepare_response_via(headers, Some(via_value(client_version)), request_id, upgraded)
@@ -199,8 +201,8 @@ pub fn prepare_response(
 /// (the edge adds its own `Via`, once).
 pub fn prepare_response_via(
     headers: &mut HeaderMap,
-    via: Option<&str>,
-    request_id: &str,
+    via: Option<&'static str>,
+    request_id: &HeaderValue,
     upgraded: bool,
 ) -> bool {
     let upgrade_value = if upgraded { headers.get(header::UPGRADE).cloned() } else { None };
@@ -217,16 +219,17 @@ pub fn prepare_response_via(
     if let Some(via) = via {
         append_via(headers, via);
     }
-    set(headers, FLY_REQUEST_ID, request_id);
+    headers.insert(FLY_REQUEST_ID, request_id.clone());
     both_framings
 }
 
-fn append_via(headers: &mut HeaderMap, ours: &str) {
-    let v = match joined(headers, &header::VIA) {
-        Some(prior) => format!("{prior}, {ours}"),
-        None => ours.to_string(),
-    };
-    set(headers, header::VIA, &v);
+fn append_via(headers: &mut HeaderMap, ours: &'static str) {
+    match joined(headers, &header::VIA) {
+        Some(prior) => set(headers, header::VIA, &format!("{prior}, {ours}")),
+        None => {
+            headers.insert(header::VIA, HeaderValue::from_static(ours));
+        }
+    }
 }
 
 /// All values of a header joined by ", " (RFC 9110 list syntax), if any.
@@ -261,13 +264,17 @@ pub fn head_size<B>(req: &Request<B>) -> usize {
 mod tests {
     use super::*;
 
+    fn leak(v: &'static str) -> &'static HeaderValue {
+        Box::leak(Box::new(HeaderValue::from_static(v)))
+    }
+
     fn side(tls: bool) -> ClientSide<'static> {
         ClientSide {
-            peer_ip: "203.0.113.7".parse().unwrap(),
+            client_ip: leak("203.0.113.7"),
             tls,
-            local_port: 443,
-            region: "ams",
-            request_id: "01ABC-ams",
+            local_port: leak("443"),
+            region: leak("ams"),
+            request_id: leak("01ABC-ams"),
             version: Version::HTTP_11,
             relayed: false,
         }
@@ -347,7 +354,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("via", "1.1 cdn".parse().unwrap());
         h.insert("connection", "close".parse().unwrap());
-        assert!(!prepare_response(&mut h, Version::HTTP_2, "id-ams", false));
+        assert!(!prepare_response(&mut h, Version::HTTP_2, leak("id-ams"), false));
         assert_eq!(h["via"], "1.1 cdn, 2 tern");
         assert_eq!(h["fly-request-id"], "id-ams");
         assert!(!h.contains_key("connection"));
@@ -355,7 +362,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("content-length", "5".parse().unwrap());
         h.insert("transfer-encoding", "chunked".parse().unwrap());
-        assert!(prepare_response(&mut h, Version::HTTP_11, "id-ams", false), "framed two ways");
+        assert!(prepare_response(&mut h, Version::HTTP_11, leak("id-ams"), false), "framed two ways");
         assert!(!h.contains_key("content-length") && !h.contains_key("transfer-encoding"));
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use std::future::Future;
 use std::pin::Pin;
 
+use http::HeaderValue;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -46,6 +47,24 @@ pub struct ConnInfo {
     pub tls: bool,
     /// Accepted on the `[backhaul]` listener: another node hands a request over.
     pub backhaul: bool,
+    /// The peer's address and the local port as header values, made once per connection
+    /// for the forwarding headers of each of its requests.
+    pub client_ip: HeaderValue,
+    pub local_port: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool, backhaul: bool) -> ConnInfo {
+        let text = |s: String| HeaderValue::from_maybe_shared(bytes::Bytes::from(s));
+        ConnInfo {
+            peer,
+            local,
+            tls,
+            backhaul,
+            client_ip: text(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("-")),
+            local_port: HeaderValue::from(local.port()),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

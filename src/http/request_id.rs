@@ -4,11 +4,50 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http::HeaderValue;
+
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
-pub fn new(region: &str) -> String {
+/// A request's id, kept as the header value it is sent as: made once, it goes to the
+/// machine (`fly-request-id`) and back to the client without another copy.
+#[derive(Clone, Debug)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    pub fn header(&self) -> &HeaderValue {
+        &self.0
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Made from text (ids are ASCII): it reads back.
+        self.0.to_str().unwrap_or("-")
+    }
+}
+
+impl From<String> for RequestId {
+    /// An id from elsewhere (a handed-over request's); text no header may carry becomes "-".
+    fn from(id: String) -> RequestId {
+        RequestId(HeaderValue::from_maybe_shared(Bytes::from(id)).unwrap_or(HeaderValue::from_static("-")))
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+pub fn new(region: &str) -> RequestId {
     let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    ulid_with(ms, fastrand::u128(..), region)
+    RequestId::from(ulid_with(ms, fastrand::u128(..), region))
 }
 
 fn ulid_with(ms: u64, random: u128, region: &str) -> String {
@@ -34,6 +73,7 @@ mod tests {
         assert_eq!(a.len(), 30);
         assert!(a.ends_with("-ams"));
         assert!(a < b, "ids sort by time");
-        assert_ne!(new("ams"), new("ams"));
+        assert_ne!(new("ams").as_str(), new("ams").as_str());
+        assert_eq!(new("ams").header().len(), 30, "the header value is the id");
     }
 }

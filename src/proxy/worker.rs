@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use http::HeaderValue;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
@@ -191,6 +192,7 @@ async fn run(
         pool,
         metrics: deps.metrics.clone(),
         region: deps.region.clone(),
+        region_header: HeaderValue::from_str(&deps.region).unwrap_or(HeaderValue::from_static("-")),
         max_header_bytes: deps.limits.max_header_bytes,
         max_response_header_bytes: deps.limits.max_response_header_bytes,
         access_log: deps.access_log,
@@ -291,7 +293,7 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
     gauge.inc();
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
-    let info = ConnInfo { peer, local, tls, backhaul };
+    let info = ConnInfo::new(peer, local, tls, backhaul);
     // The busy-loop guard: every byte read or written counts as progress; a connection
     // task woken thousands of times a second without any is closed (spin::Guarded).
     let progress = Progress::new();

@@ -4,6 +4,8 @@
 //!
 //! A leaf: it imports nothing of ours.
 
+use std::sync::OnceLock;
+
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -62,6 +64,8 @@ pub struct Metrics {
     pub heartbeat_age: GaugeVec,
     pub spurious_wakeups: IntCounterVec,
     pub task_panics: IntCounterVec,
+    /// The request-path series of requests that reached no app (`app="-"`).
+    pub unrouted: AppSeries,
 }
 
 /// Waking spans milliseconds (a suspended machine) to tens of seconds (a cold start).
@@ -306,6 +310,7 @@ impl Metrics {
                 ),
                 &["task"],
             )?,
+            unrouted: AppSeries::default(),
             registry,
         };
         m.register_all()?;
@@ -429,6 +434,49 @@ impl Metrics {
     }
 }
 
+/// An app's series on the request path, looked up once (per catalog entry of the app)
+/// rather than per request: a lookup by label values takes the metric family's lock, which
+/// a writer (a new series, a removed app) can hold; a handle is an atomic.
+///
+/// Each handle is resolved on first use, so an app shows only the series it has used, as
+/// with labels looked up each time. A handle kept past its app's removal counts into a
+/// series no longer exported (it is not recreated, unlike a lookup by labels).
+#[derive(Default)]
+pub struct AppSeries {
+    requests: [OnceLock<IntCounter>; STATUS_CLASSES.len()],
+    duration: OnceLock<Histogram>,
+    routed: [OnceLock<IntCounter>; ROUTING_WHY.len()],
+}
+
+impl std::fmt::Debug for AppSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppSeries").finish_non_exhaustive()
+    }
+}
+
+impl AppSeries {
+    /// Counts one answered request of `app` (`tern_requests_total`, and its duration).
+    pub fn request(&self, metrics: &Metrics, app: &str, status: u16, elapsed: std::time::Duration) {
+        let class = status_class(status);
+        let i = STATUS_CLASSES.iter().position(|c| *c == class).unwrap_or(STATUS_CLASSES.len() - 1);
+        self.requests[i].get_or_init(|| metrics.requests.with_label_values(&[app, class])).inc();
+        self.duration
+            .get_or_init(|| metrics.request_duration.with_label_values(&[app]))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one routing decision of `app` (`tern_routing_decisions_total`); `why` is one
+    /// of [`ROUTING_WHY`].
+    pub fn routed(&self, metrics: &Metrics, app: &str, why: &'static str) {
+        match ROUTING_WHY.iter().position(|w| *w == why) {
+            Some(i) => {
+                self.routed[i].get_or_init(|| metrics.routing_decisions.with_label_values(&[app, why])).inc()
+            }
+            None => metrics.routing_decisions.with_label_values(&[app, why]).inc(),
+        }
+    }
+}
+
 /// Every value [`status_class`] gives.
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -436,8 +484,17 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const WAKE_RESULTS: [&str; 5] = ["ok", "timeout", "queue_full", "nothing_to_wake", "failed"];
 
 /// The `why` labels of `tern_routing_decisions_total` (routing's `Why`).
-pub const ROUTING_WHY: [&str; 8] =
-    ["least_loaded", "session", "cookie", "forced", "preferred", "region", "replay", "replay_cache"];
+pub const ROUTING_WHY: [&str; 9] = [
+    "least_loaded",
+    "session",
+    "cookie",
+    "forced",
+    "preferred",
+    "region",
+    "replay",
+    "replay_cache",
+    "nearest",
+];
 
 /// The `result` labels of `tern_sessions_total`.
 pub const SESSION_RESULTS: [&str; 5] = ["hit", "miss", "invalid", "gone", "opened"];
