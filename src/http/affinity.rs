@@ -87,7 +87,7 @@ pub fn open(
     if affinity.headers.is_empty() && affinity.cookie.is_none() {
         return Ok(session);
     }
-    let count = |result: &str| metrics.sessions.with_label_values(&[&app.name, result]).inc();
+    let count = |result: &'static str| app.series.session(metrics, &app.name, result);
     let now = crate::clock::unix_ms();
     for name in &affinity.headers {
         // Looked up by text first (no allocation): most requests carry no session.
@@ -199,7 +199,7 @@ impl Session {
                     _ => keyring
                         .seal_as(&host.name, entry.key().as_str(), &named, value.as_bytes())
                         .and_then(|t| HeaderValue::from_str(&t).ok())
-                        .inspect(|_| metrics.sessions.with_label_values(&[&host.name, "opened"]).inc()),
+                        .inspect(|_| host.series.session(metrics, &host.name, "opened")),
                 };
                 match sealed {
                     Some(v) => values.push(v),

@@ -446,6 +446,7 @@ pub struct AppSeries {
     requests: [OnceLock<IntCounter>; STATUS_CLASSES.len()],
     duration: OnceLock<Histogram>,
     routed: [OnceLock<IntCounter>; ROUTING_WHY.len()],
+    sessions: [OnceLock<IntCounter>; SESSION_RESULTS.len()],
 }
 
 impl std::fmt::Debug for AppSeries {
@@ -468,12 +469,28 @@ impl AppSeries {
     /// Counts one routing decision of `app` (`tern_routing_decisions_total`); `why` is one
     /// of [`ROUTING_WHY`].
     pub fn routed(&self, metrics: &Metrics, app: &str, why: &'static str) {
-        match ROUTING_WHY.iter().position(|w| *w == why) {
-            Some(i) => {
-                self.routed[i].get_or_init(|| metrics.routing_decisions.with_label_values(&[app, why])).inc()
-            }
-            None => metrics.routing_decisions.with_label_values(&[app, why]).inc(),
-        }
+        inc_labelled(&self.routed, &ROUTING_WHY, &metrics.routing_decisions, app, why);
+    }
+
+    /// Counts one session outcome of `app` (`tern_sessions_total`); `result` is one of
+    /// [`SESSION_RESULTS`].
+    pub fn session(&self, metrics: &Metrics, app: &str, result: &'static str) {
+        inc_labelled(&self.sessions, &SESSION_RESULTS, &metrics.sessions, app, result);
+    }
+}
+
+/// Adds one to series (`app`, `label`) of `vec` through its handle cached in `slots` (one
+/// per label of `labels`); a label outside `labels` is looked up each time.
+fn inc_labelled(
+    slots: &[OnceLock<IntCounter>],
+    labels: &[&'static str],
+    vec: &IntCounterVec,
+    app: &str,
+    label: &'static str,
+) {
+    match labels.iter().position(|l| *l == label) {
+        Some(i) => slots[i].get_or_init(|| vec.with_label_values(&[app, label])).inc(),
+        None => vec.with_label_values(&[app, label]).inc(),
     }
 }
 
