@@ -149,23 +149,27 @@ impl Server {
         let svc_state = state.clone();
         let peer = info.peer;
         let svc_handler = handler.clone();
+        // Each exchange's future is boxed for its own lifetime: hyper keeps room for the
+        // service's future in every connection, idle or not, and an exchange's is several KB.
         let svc = service_fn(move |req| {
             let (handler, info, state) = (svc_handler.clone(), info.clone(), svc_state.clone());
-            async move { Ok::<_, Infallible>(handler.handle(req, info, state).await) }
+            Box::pin(async move { Ok::<_, Infallible>(handler.handle(req, info, state).await) })
         });
         if wire == Wire::Http2 {
             state.drain.set_http2();
             let io = TokioIo::new(TouchIo::new(io, state.activity.clone()));
             let conn = self.http2.serve_connection(io, svc);
-            return self.drive(conn, &state).await;
+            return Box::pin(self.drive(conn, &state)).await;
         }
         // HTTP/1.1's parser answers some heads itself; make those answers tern's.
         let io = ParserReplies::new(io, state.clone(), handler, peer);
         let io = TokioIo::new(TouchIo::new(io, state.activity.clone()));
+        // Each protocol's connection in a box of its own size: inline, every connection's
+        // task would be as large as the largest of them (the sniffing one, about 11 KB).
         if wire == Wire::Sniff {
-            self.drive(self.sniff.serve_connection_with_upgrades(io, svc), &state).await;
+            Box::pin(self.drive(self.sniff.serve_connection_with_upgrades(io, svc), &state)).await;
         } else {
-            self.drive(self.http1.serve_connection(io, svc).with_upgrades(), &state).await;
+            Box::pin(self.drive(self.http1.serve_connection(io, svc).with_upgrades(), &state)).await;
         }
     }
 

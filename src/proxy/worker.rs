@@ -300,13 +300,14 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
     let stream = Counted::new(stream, progress.clone());
     let serve = async {
         if tls {
-            let accepted = tls::accept(
+            // Boxed: the handshake's state is freed once it is done, not kept in the task.
+            let accepted = Box::pin(tls::accept(
                 stream,
                 deps.tls.clone(),
                 &deps.catalog,
                 deps.limits.tls_handshake_timeout,
                 &deps.metrics,
-            )
+            ))
             .await;
             if let Ok(stream) = accepted {
                 let wire = match stream.get_ref().1.alpn_protocol() {
