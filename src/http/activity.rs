@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,11 +17,25 @@ use super::drain::ConnDrain;
 pub struct Activity {
     base: Instant,
     last_ms: AtomicU64,
+    /// The last write was refused for now (the peer is not reading): bytes wait unwritten.
+    write_blocked: AtomicBool,
 }
 
 impl Activity {
     pub fn new() -> Self {
-        Activity { base: Instant::now(), last_ms: AtomicU64::new(0) }
+        Activity { base: Instant::now(), last_ms: AtomicU64::new(0), write_blocked: AtomicBool::new(false) }
+    }
+
+    pub fn write_blocked(&self) -> bool {
+        self.write_blocked.load(Ordering::Relaxed)
+    }
+
+    /// Notes whether a write (or flush) was refused for now, from its poll result.
+    fn wrote<T>(&self, r: &Poll<T>) {
+        let blocked = r.is_pending();
+        if self.write_blocked.load(Ordering::Relaxed) != blocked {
+            self.write_blocked.store(blocked, Ordering::Relaxed);
+        }
     }
 
     pub fn touch(&self) {
@@ -123,6 +137,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for TouchIo<IO> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.wrote(&r);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
         }
@@ -135,6 +150,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for TouchIo<IO> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.wrote(&r);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
         }
@@ -146,7 +162,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for TouchIo<IO> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.activity.wrote(&r);
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -16,7 +16,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod activity;
@@ -27,6 +26,7 @@ pub mod drain;
 pub mod ending;
 mod forward;
 pub mod headers;
+mod park;
 mod parser_replies;
 mod replay;
 pub mod request_id;
@@ -37,7 +37,10 @@ pub use drain::Drain;
 pub use forward::Handler;
 
 use activity::{ConnState, TouchIo};
+use park::Prefixed;
 use parser_replies::ParserReplies;
+
+use crate::telemetry::Metrics;
 
 /// The client side of one connection.
 #[derive(Clone, Debug)]
@@ -88,13 +91,12 @@ pub enum Wire {
 
 /// Connection settings shared by every client connection.
 pub struct Server {
-    /// Plain TCP: sniffs the HTTP/2 preface.
-    sniff: auto::Builder<TokioExecutor>,
-    /// TLS, after ALPN: exactly one protocol each. (hyper-util's `auto` builder ignores its
-    /// `http1_only`/`http2_only` when serving with upgrades, so these are hyper's own.)
+    /// HTTP/1.1: over TLS after ALPN, and plain TCP once [`park::is_h2c`] says it is not
+    /// HTTP/2 with prior knowledge.
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     keepalive_timeout: Duration,
+    header_read_timeout: Duration,
     /// Every connection served registers with it, and closes at its time in a drain.
     drain: Drain,
 }
@@ -123,14 +125,17 @@ impl Server {
                     .keep_alive_timeout(Duration::from_secs(20))
             };
         }
-        let mut sniff = auto::Builder::new(TokioExecutor::new());
-        h1_settings!(sniff.http1());
-        h2_settings!(sniff.http2());
         let mut http1 = http1::Builder::new();
         h1_settings!(http1);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         h2_settings!(http2);
-        Server { sniff, http1, http2, keepalive_timeout: limits.keepalive_timeout, drain }
+        Server {
+            http1,
+            http2,
+            keepalive_timeout: limits.keepalive_timeout,
+            header_read_timeout: limits.header_read_timeout,
+            drain,
+        }
     }
 
     /// Serves one client connection until it closes, in the protocol `wire` says. When its
@@ -161,15 +166,106 @@ impl Server {
             let conn = self.http2.serve_connection(io, svc);
             return Box::pin(self.drive(conn, &state)).await;
         }
+        let metrics = handler.metrics.clone();
         // HTTP/1.1's parser answers some heads itself; make those answers tern's.
         let io = ParserReplies::new(io, state.clone(), handler, peer);
-        let io = TokioIo::new(TouchIo::new(io, state.activity.clone()));
-        // Each protocol's connection in a box of its own size: inline, every connection's
-        // task would be as large as the largest of them (the sniffing one, about 11 KB).
+        let mut io = Prefixed::new(TouchIo::new(io, state.activity.clone()));
         if wire == Wire::Sniff {
-            Box::pin(self.drive(self.sniff.serve_connection_with_upgrades(io, svc), &state)).await;
-        } else {
-            Box::pin(self.drive(self.http1.serve_connection(io, svc).with_upgrades(), &state)).await;
+            // Told apart once the client has said something; a client that never does is
+            // closed at the keep-alive timeout, one that stops inside the preface at the
+            // header read timeout.
+            if matches!(park::next_bytes(&mut io, &state, self.keepalive_timeout).await, park::Next::Close) {
+                return;
+            }
+            match tokio::time::timeout(self.header_read_timeout, park::is_h2c(&mut io)).await {
+                Ok(Some(true)) => {
+                    state.drain.set_http2();
+                    let conn = self.http2.serve_connection(TokioIo::new(io), svc);
+                    return Box::pin(self.drive(conn, &state)).await;
+                }
+                Ok(Some(false)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+        self.serve_http1(io, svc, &state, &metrics).await;
+    }
+
+    /// Serves HTTP/1.1 on `io` until it closes, handing hyper the connection again each
+    /// time it wakes from being parked (see [`park`]).
+    async fn serve_http1<IO, S>(&self, mut io: Prefixed<IO>, svc: S, state: &ConnState, metrics: &Metrics)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::HttpService<Incoming> + Clone + Unpin + Send + 'static,
+        S::Future: Unpin + Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S::ResBody: Send + 'static,
+        <S::ResBody as http_body::Body>::Data: Send,
+        <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        // A client that parks mid-head (a byte now and then) must not reset hyper's header
+        // read timeout each time: the first such park starts a clock of tern's own.
+        let mut partial_since: Option<tokio::time::Instant> = None;
+        loop {
+            // Boxed, so that a parked connection's task holds none of hyper's state.
+            let conn = Box::pin(self.http1.serve_connection(TokioIo::new(io), svc.clone()).with_upgrades());
+            let Some(parts) = Box::pin(self.drive_http1(conn, state)).await else { return };
+            metrics.connections_parked.inc();
+            io = parts.io.into_inner();
+            if parts.read_buf.is_empty() {
+                partial_since = None;
+            } else {
+                let since = *partial_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= self.header_read_timeout {
+                    return;
+                }
+            }
+            io.unread(parts.read_buf);
+            if matches!(park::next_bytes(&mut io, state, self.keepalive_timeout).await, park::Next::Close) {
+                return;
+            }
+            // A fresh connection gets its own quiet time before it may be parked, even one
+            // resumed with a half-read head and no new byte yet.
+            state.activity.touch();
+        }
+    }
+
+    /// [`Self::drive`] for HTTP/1.1, which also parks the connection once it is quiet:
+    /// returns hyper's parts then, `None` when the connection ended.
+    async fn drive_http1<IO, S>(
+        &self,
+        mut conn: Pin<Box<http1::UpgradeableConnection<TokioIo<Prefixed<IO>>, S>>>,
+        state: &ConnState,
+    ) -> Option<http1::Parts<TokioIo<Prefixed<IO>>, S>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::HttpService<Incoming> + Unpin,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S::ResBody: 'static,
+        <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut closing = false;
+        // Parking is for connections kept longer than it takes to park them.
+        let parks = park::PARK_AFTER < self.keepalive_timeout;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(target: "tern::http", error = %e, "client connection ended with an error");
+                    }
+                    return None;
+                }
+                () = drain::time_to_close(state), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = state.idle_for(self.keepalive_timeout), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = park::parkable(state), if !closing && parks => {
+                    return Pin::into_inner(conn).into_parts();
+                }
+            }
         }
     }
 
@@ -205,20 +301,6 @@ impl Server {
 /// A connection that can be asked to finish what it has in progress and close.
 trait Graceful {
     fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, S, E> Graceful for auto::UpgradeableConnection<'_, I, S, E>
-where
-    S: hyper::service::HttpService<Incoming>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::ResBody: 'static,
-    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        auto::UpgradeableConnection::graceful_shutdown(self);
-    }
 }
 
 impl<I, S> Graceful for http1::UpgradeableConnection<I, S>

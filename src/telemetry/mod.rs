@@ -32,6 +32,7 @@ pub struct Metrics {
     pub open_connections: IntGaugeVec,
     pub connections: IntCounterVec,
     pub connections_rejected: IntCounter,
+    pub connections_parked: IntCounter,
     pub accept_errors: IntCounterVec,
     pub tls_handshakes: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
@@ -127,6 +128,11 @@ impl Metrics {
             connections_rejected: IntCounter::new(
                 "tern_connections_at_limit_total",
                 "Times the accept loop paused because max_connections were open.",
+            )?,
+            connections_parked: IntCounter::new(
+                "tern_connections_parked_total",
+                "Times a quiet HTTP/1.1 keep-alive connection was parked: hyper's buffers for it \
+                 freed until the client sends again.",
             )?,
             accept_errors: IntCounterVec::new(
                 Opts::new("tern_accept_errors_total", "Failed accept(2) calls, by reason."),
@@ -329,6 +335,7 @@ impl Metrics {
         r.register(Box::new(self.open_connections.clone()))?;
         r.register(Box::new(self.connections.clone()))?;
         r.register(Box::new(self.connections_rejected.clone()))?;
+        r.register(Box::new(self.connections_parked.clone()))?;
         r.register(Box::new(self.accept_errors.clone()))?;
         r.register(Box::new(self.tls_handshakes.clone()))?;
         r.register(Box::new(self.tls_handshake_failures.clone()))?;

@@ -846,3 +846,72 @@ async fn failed_handshakes_end_with_an_alert_and_big_hellos_are_read() {
     let (kind, payload) = first_record(&mut tcp).await.expect("an alert for an oversized hello");
     assert_eq!((kind, payload[0]), (0x15, 2), "a fatal alert: {payload:?}");
 }
+
+/// `tern_connections_parked_total`, once it is at least `at_least`.
+async fn parked_at_least(proxy: &Proxy, at_least: f64) -> f64 {
+    eventually(LIMIT, || async {
+        let n = metric(&proxy.metrics().await, "tern_connections_parked_total");
+        (n >= at_least).then_some(n)
+    })
+    .await
+    .expect("the connection was never parked")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_serves_its_next_requests_pipelined_or_not() {
+    let m = RawMachine::start(ok_plain).await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", m.addr, "started")], "")).await;
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    let mut buf = Vec::new();
+    let get = "GET /one HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    tcp.write_all(get.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut tcp, &mut buf).await.status(), 200);
+    // Quiet for a second: hyper's state for it is freed, the socket kept.
+    parked_at_least(&proxy, 1.0).await;
+    let pair = "GET /two HTTP/1.1\r\nHost: app.test\r\n\r\nGET /three HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    tcp.write_all(pair.as_bytes()).await.unwrap();
+    for _ in 0..2 {
+        let r = read_response(&mut tcp, &mut buf).await;
+        assert_eq!((r.status(), r.body.as_slice()), (200, b"plain".as_slice()));
+    }
+    parked_at_least(&proxy, 2.0).await;
+    tcp.write_all(get.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut tcp, &mut buf).await.status(), 200);
+    let paths: Vec<String> =
+        m.heads().iter().map(|h| h.split(' ').nth(1).unwrap_or_default().to_string()).collect();
+    assert_eq!(paths, ["/one", "/two", "/three", "/one"], "each request reached the machine once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_cut_off_by_a_park_is_read_whole_when_the_rest_arrives() {
+    let m = RawMachine::start(ok_plain).await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", m.addr, "started")], "")).await;
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    let mut buf = Vec::new();
+    tcp.write_all(b"GET /first HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    assert_eq!(read_response(&mut tcp, &mut buf).await.status(), 200);
+    parked_at_least(&proxy, 1.0).await;
+    // Half a head, then quiet until the connection is parked again with it half read.
+    tcp.write_all(b"GET /split HTTP/1.1\r\nHo").await.unwrap();
+    parked_at_least(&proxy, 2.0).await;
+    tcp.write_all(b"st: app.test\r\nX-Rest: here\r\n\r\n").await.unwrap();
+    let r = read_response(&mut tcp, &mut buf).await;
+    assert_eq!(r.status(), 200, "{}", r.head);
+    let last = m.heads().last().cloned().unwrap();
+    assert!(last.starts_with("get /split http/1.1") && last.contains("x-rest: here"), "{last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_still_closes_at_the_keep_alive_timeout() {
+    let m = RawMachine::start(ok_plain).await;
+    let decl = app_decl("app", &["app.test"], &[("m1", m.addr, "started")], "");
+    let proxy = Proxy::start_with(&decl, "[limits]\nkeepalive_timeout = \"2s\"\n").await;
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(read_response(&mut tcp, &mut buf).await.status(), 200);
+    parked_at_least(&proxy, 1.0).await;
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(LIMIT, tcp.read_to_end(&mut rest)).await.expect("never closed").unwrap();
+    assert_eq!(n, 0, "closed without another byte: {:?}", String::from_utf8_lossy(&rest));
+}

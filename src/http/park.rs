@@ -1,0 +1,210 @@
+//! Idle HTTP/1.1 connections give their buffers back.
+//!
+//! hyper keeps a connection's read and write buffers (24 KB or more) and its last header
+//! map for as long as the connection lives. A keep-alive connection quiet for
+//! [`PARK_AFTER`] is taken back from hyper (nothing in flight, nothing unwritten), and only
+//! the socket is kept while it waits: the next bytes the client sends start a fresh hyper
+//! connection, with those bytes (and any hyper had read ahead) given to it first.
+//!
+//! Plain connections are told apart from HTTP/2 with prior knowledge here, by the preface,
+//! rather than by hyper-util's `auto` builder, which cannot hand its connection back.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::activity::ConnState;
+use super::drain;
+
+/// How long a keep-alive connection is quiet before hyper's state for it is freed. Long
+/// enough that a busy connection never pays for a fresh one between its requests.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An IO whose first reads return `prefix`: bytes read before hyper took the connection.
+pub struct Prefixed<IO> {
+    prefix: Bytes,
+    inner: IO,
+}
+
+impl<IO> Prefixed<IO> {
+    pub fn new(inner: IO) -> Self {
+        Prefixed { prefix: Bytes::new(), inner }
+    }
+
+    /// Puts `bytes` before whatever is still unread.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.prefix = if self.prefix.is_empty() {
+            bytes
+        } else {
+            let mut joined = Vec::with_capacity(bytes.len() + self.prefix.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.prefix);
+            Bytes::from(joined)
+        };
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What the next bytes of a quiet connection say.
+pub enum Next {
+    /// Bytes arrived (kept in the IO, to be read again).
+    Bytes,
+    /// The client closed, the read failed, the keep-alive timeout passed or the drain wants
+    /// the connection closed.
+    Close,
+}
+
+/// Waits for a quiet connection's next bytes, holding no buffer but a small one on the
+/// stack while it reads. Nothing is written: a connection closed here had nothing in flight.
+pub async fn next_bytes<IO>(io: &mut Prefixed<IO>, state: &ConnState, keepalive: Duration) -> Next
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    if !io.prefix.is_empty() {
+        return Next::Bytes;
+    }
+    let mut buf = [0u8; 256];
+    let next = tokio::select! {
+        r = io.inner.read(&mut buf) => match r {
+            Ok(0) | Err(_) => return Next::Close,
+            Ok(n) => {
+                io.unread(Bytes::copy_from_slice(&buf[..n]));
+                Next::Bytes
+            }
+        },
+        () = drain::time_to_close(state) => Next::Close,
+        () = state.idle_for(keepalive) => Next::Close,
+    };
+    if matches!(next, Next::Close) {
+        // TLS says close_notify; bounded, as the client may not be reading.
+        let _ = tokio::time::timeout(Duration::from_secs(1), io.inner.shutdown()).await;
+    }
+    next
+}
+
+/// Whether a plain connection opens with the HTTP/2 preface: reads until the preface is
+/// complete or a byte differs (a request line differs at its first byte), and keeps what
+/// it read for the protocol chosen. `None` when the client closed first.
+pub async fn is_h2c<IO>(io: &mut Prefixed<IO>) -> Option<bool>
+where
+    IO: AsyncRead + Unpin,
+{
+    let mut buf = [0u8; 24];
+    let mut n = 0;
+    let mut same = true;
+    while same && n < PREFACE.len() {
+        let got = match io.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => return None,
+            Ok(got) => got,
+        };
+        n += got;
+        same = buf[..n] == PREFACE[..n];
+    }
+    io.unread(Bytes::copy_from_slice(&buf[..n]));
+    Some(same)
+}
+
+/// Resolves once the connection can be parked: no exchange open, no byte moved for
+/// [`PARK_AFTER`], and nothing left unwritten (a client not reading keeps hyper's buffer).
+pub async fn parkable(state: &ConnState) {
+    loop {
+        state.idle_for(PARK_AFTER).await;
+        if !state.activity.write_blocked() {
+            return;
+        }
+        tokio::time::sleep(PARK_AFTER).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn prefixed_bytes_come_first_then_the_stream() {
+        let (client, mut server) = tokio::io::duplex(64);
+        let mut io = Prefixed::new(client);
+        server.write_all(b" world").await.unwrap();
+        drop(server);
+        io.unread(Bytes::from_static(b"llo,"));
+        io.unread(Bytes::from_static(b"he"));
+        let mut out = String::new();
+        io.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello, world");
+    }
+
+    #[tokio::test]
+    async fn the_preface_is_told_from_a_request_line_at_its_first_differing_byte() {
+        let cases = [
+            (&PREFACE[..], true),
+            (b"GET / HTTP/1.1\r\n".as_slice(), false),
+            (b"GET /a/longer/path HTTP/1.1\r\nhost: a.test\r\n\r\n".as_slice(), false),
+            (b"PRX".as_slice(), false),
+        ];
+        for (sent, h2) in cases {
+            let (client, mut server) = tokio::io::duplex(64);
+            let mut io = Prefixed::new(client);
+            server.write_all(sent).await.unwrap();
+            assert_eq!(is_h2c(&mut io).await, Some(h2), "{sent:?}");
+            // Nothing read is lost.
+            drop(server);
+            let mut out = Vec::new();
+            io.read_to_end(&mut out).await.unwrap();
+            assert_eq!(out, sent);
+        }
+    }
+}
