@@ -915,3 +915,22 @@ async fn a_parked_connection_still_closes_at_the_keep_alive_timeout() {
     let n = tokio::time::timeout(LIMIT, tcp.read_to_end(&mut rest)).await.expect("never closed").unwrap();
     assert_eq!(n, 0, "closed without another byte: {:?}", String::from_utf8_lossy(&rest));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_tls_connection_serves_its_next_request() {
+    let ca = Ca::new();
+    let m = RawMachine::start(ok_plain).await;
+    let decl = app_decl("app", &["app.test"], &[("m1", m.addr, "started")], "")
+        + &ca.decl("app.test", &["app.test"]);
+    let proxy = Proxy::start(&decl).await;
+    let mut tls = tls_with_alpn(&ca, &proxy, &[b"http/1.1"]).await;
+    let mut buf = Vec::new();
+    let get = b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    tls.write_all(get).await.unwrap();
+    assert_eq!(read_response(&mut tls, &mut buf).await.status(), 200);
+    parked_at_least(&proxy, 1.0).await;
+    tls.write_all(get).await.unwrap();
+    let r = read_response(&mut tls, &mut buf).await;
+    assert_eq!((r.status(), r.body.as_slice()), (200, b"plain".as_slice()));
+    assert_eq!(m.heads().len(), 2);
+}
