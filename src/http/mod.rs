@@ -174,7 +174,7 @@ impl Server {
             // Told apart once the client has said something; a client that never does is
             // closed at the keep-alive timeout, one that stops inside the preface at the
             // header read timeout.
-            if matches!(park::next_bytes(&mut io, &state, self.keepalive_timeout).await, park::Next::Close) {
+            if matches!(park::next_bytes(&mut io, &state, self.quiet_limit()).await, park::Next::Close) {
                 return;
             }
             match tokio::time::timeout(self.header_read_timeout, park::is_h2c(&mut io)).await {
@@ -188,6 +188,13 @@ impl Server {
             }
         }
         self.serve_http1(io, svc, &state, &metrics).await;
+    }
+
+    /// How long a connection waiting for its next request may stay quiet: the keep-alive
+    /// timeout, or hyper's header read timeout if shorter (hyper runs it while an HTTP/1.1
+    /// connection waits; a parked connection keeps the same limit).
+    fn quiet_limit(&self) -> Duration {
+        self.keepalive_timeout.min(self.header_read_timeout)
     }
 
     /// Serves HTTP/1.1 on `io` until it closes, handing hyper the connection again each
@@ -220,7 +227,7 @@ impl Server {
                 }
             }
             io.unread(parts.read_buf);
-            if matches!(park::next_bytes(&mut io, state, self.keepalive_timeout).await, park::Next::Close) {
+            if matches!(park::next_bytes(&mut io, state, self.quiet_limit()).await, park::Next::Close) {
                 return;
             }
             // A fresh connection gets its own quiet time before it may be parked, even one
@@ -245,7 +252,7 @@ impl Server {
     {
         let mut closing = false;
         // Parking is for connections kept longer than it takes to park them.
-        let parks = park::PARK_AFTER < self.keepalive_timeout;
+        let parks = park::PARK_AFTER < self.quiet_limit();
         loop {
             tokio::select! {
                 r = conn.as_mut() => {
