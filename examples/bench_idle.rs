@@ -1,8 +1,8 @@
 //! Idle keep-alive connections for the load harness's memory run (`benches/load/run.sh`):
 //! opens `--conns` connections to a proxy, at most `--concurrency` being opened at once,
-//! makes one HTTP/1.1 request on each and reads the whole response, then holds them all
-//! open without sending another byte, so the harness can read how much the proxy's memory
-//! grew per connection.
+//! makes one HTTP/1.1 request on each (`--requests`) and reads the whole response, then
+//! holds them all open without sending another byte, so the harness can read how much the
+//! proxy's memory grew per connection.
 //!
 //! Prints `ready ok=N errors=E` on stdout once every connection has had its response, then
 //! waits for stdin to close (or a signal). On stdin's end it prints `held=H closed=C`: of
@@ -44,6 +44,10 @@ struct Args {
     /// Connections being opened (connect, handshake, request) at once.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Requests made on each connection before it is left idle; 0 shows what a connection
+    /// costs before any request.
+    #[arg(long, default_value_t = 1)]
+    requests: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,12 +60,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let target = Target::new(args.addr, &args.host, args.tls)?;
     let req: Arc<[u8]> = bench_client::request(&args.host, &args.path).into();
     let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let requests = args.requests;
     let mut opening = JoinSet::new();
     for _ in 0..args.conns {
         let (target, req, gate) = (target.clone(), req.clone(), gate.clone());
         opening.spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            open(&target, &req).await
+            open(&target, &req, requests).await
         });
     }
     let mut held = Vec::with_capacity(args.conns);
@@ -83,11 +88,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn open(target: &Target, req: &[u8]) -> anyhow::Result<Stream> {
+async fn open(target: &Target, req: &[u8], requests: u32) -> anyhow::Result<Stream> {
     let mut s = target.connect().await?;
     let mut buf = Vec::new();
-    let status = bench_client::exchange(&mut s, req, &mut buf, Duration::from_secs(30)).await?;
-    anyhow::ensure!(status == 200, "status {status}");
+    for _ in 0..requests {
+        let status = bench_client::exchange(&mut s, req, &mut buf, Duration::from_secs(30)).await?;
+        anyhow::ensure!(status == 200, "status {status}");
+    }
     Ok(s)
 }
 

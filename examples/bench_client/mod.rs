@@ -58,6 +58,8 @@ fn connector() -> anyhow::Result<TlsConnector> {
         .with_no_client_auth();
     // HTTP/1.1 only: the harness's idle and fixed-rate runs are about HTTP/1.1 connections.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Every connection a full handshake, as from as many different clients.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
