@@ -9,9 +9,10 @@
 //! (tokio's has a 1 ms grain) does not count: a request due while its connection was free
 //! is timed from the moment it is sent.
 //!
-//! Prints one line: `sent=… ok=… errors=… rate=… p50_us=… p99_us=… p999_us=… max_us=…`
-//! (`rate`: requests sent per second, to check the client kept up with its schedule), and
-//! the first few error messages on stderr.
+//! Prints one line: `sent=… ok=… errors=… rate=… p50_us=… p99_us=… p999_us=… max_us=…
+//! lag_p99_us=…` (`rate`: requests sent per second, to check the client kept up with its
+//! schedule; `lag_p99_us`: how late it sent requests due on a free connection, its own lag,
+//! to check it had the CPU it needed), and the first error message on stderr.
 //!
 //! Usage: `bench_rate --addr 127.0.0.1:PORT --rate 20000 [--conns 64] [--duration 10] [--tls]`
 
@@ -53,6 +54,10 @@ struct Tally {
     sent: u64,
     errors: u64,
     latencies_us: Vec<u32>,
+    /// How late this client sent the requests due while their connection was free: its own
+    /// lag, which the latencies leave out. Large, it says this client was short of CPU, and
+    /// then it was also late reading responses, which the latencies do count.
+    lags_us: Vec<u32>,
     first_error: Option<String>,
 }
 
@@ -98,6 +103,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         all.sent += t.sent;
         all.errors += t.errors;
         all.latencies_us.extend(t.latencies_us);
+        all.lags_us.extend(t.lags_us);
         if all.first_error.is_none() {
             all.first_error = t.first_error;
         }
@@ -120,12 +126,16 @@ async fn drive(target: Target, req: Arc<[u8]>, stream: Stream, plan: Schedule) -
         let sent_at = Instant::now();
         // Due while the previous response was still awaited: the proxy's delay, counted from
         // when it was due. Due while the connection was free: our timer's delay, not counted.
-        let from = if last_done > due { due } else { sent_at };
+        let from = if last_done > due {
+            due
+        } else {
+            tally.lags_us.push(micros(sent_at - due));
+            sent_at
+        };
         tally.sent += 1;
         match send(&target, &mut stream, &req, &mut buf).await {
             Ok(()) => {
-                let us = from.elapsed().as_micros();
-                tally.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                tally.latencies_us.push(micros(from.elapsed()));
             }
             Err(e) => {
                 tally.errors += 1;
@@ -156,27 +166,34 @@ async fn send(
     }
 }
 
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// Nearest rank: the smallest sample with at least `q` of all samples at or below it.
+fn percentile(sorted: &[u32], q: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
 fn report(all: &mut Tally, elapsed: f64) {
-    let lat = &mut all.latencies_us;
-    lat.sort_unstable();
-    // Nearest rank: the smallest sample with at least q of all samples at or below it.
-    let pct = |q: f64| -> u32 {
-        if lat.is_empty() {
-            return 0;
-        }
-        let rank = ((q * lat.len() as f64).ceil() as usize).clamp(1, lat.len());
-        lat[rank - 1]
-    };
+    all.latencies_us.sort_unstable();
+    all.lags_us.sort_unstable();
+    let lat = &all.latencies_us;
     println!(
-        "sent={} ok={} errors={} rate={:.0} p50_us={} p99_us={} p999_us={} max_us={}",
+        "sent={} ok={} errors={} rate={:.0} p50_us={} p99_us={} p999_us={} max_us={} lag_p99_us={}",
         all.sent,
         lat.len(),
         all.errors,
         all.sent as f64 / elapsed,
-        pct(0.5),
-        pct(0.99),
-        pct(0.999),
-        lat.last().copied().unwrap_or(0)
+        percentile(lat, 0.5),
+        percentile(lat, 0.99),
+        percentile(lat, 0.999),
+        lat.last().copied().unwrap_or(0),
+        percentile(&all.lags_us, 0.99)
     );
     if let Some(e) = &all.first_error {
         eprintln!("bench_rate: first error: {e}");
