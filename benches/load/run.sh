@@ -7,6 +7,7 @@
 #   ROUNDS=3 CONNS=64 IDLE_CONNS=10000 benches/load/run.sh
 #   TERN=/path/to/tern TERN_BEFORE=/path/to/old/tern benches/load/run.sh
 #   SKIP_IDLE=1 SKIP_RATE=1 KEEP=1 …                     (skip parts; keep the work dir)
+#   SCENARIOS="h1 tls" RATE=10000 …                      (some scenarios; a fixed rate of your own)
 #
 # CPU 0 (PIN_LOAD) runs the backend (an nginx with one worker answering 1 KiB) and every load
 # generator; CPU 1 (PIN_PROXY) runs the proxy under test, each proxy with one worker, all of
@@ -72,8 +73,8 @@ if [ -z "${TERN:-}" ]; then
 else
   cargo build --release --quiet --example bench_idle --example bench_rate
 fi
-IDLE=target/release/examples/bench_idle
-RATE=target/release/examples/bench_rate
+IDLE_BIN=target/release/examples/bench_idle
+RATE_BIN=target/release/examples/bench_rate
 declare -A BIN=([tern]=$TERN)
 PROXIES=(tern nginx haproxy)
 if [ -n "${TERN_BEFORE:-}" ]; then BIN[tern-before]=$TERN_BEFORE; PROXIES=(tern tern-before nginx haproxy); fi
@@ -391,16 +392,22 @@ median() { printf '%s' "${R[$1,$2]}" | sort -n -k1,1 | awk '{a[NR] = $0} END {pr
 errors() { printf '%s' "${R[$1,$2]}" | awk -v c="${3:-4}" '{s += $c} END {print s + 0}'; }
 
 # Fixed rate: bench_rate at RATE req/s against P's plain listener; R[rate,P] gets
-# "p99_ms p50_ms p999_ms cpu_s errors sent_rps".
+# "p99_ms p50_ms p999_ms cpu_s errors sent_rps lag_p99_ms client_bound behind". A round is
+# client-bound when bench_rate's own lag (p99), less the 2 ms its timer's grain accounts for,
+# was over half the p99 it measured: CPU 0 was too busy, and the latency is bench_rate's as
+# much as the proxy's. It is behind when under
+# 95% of the schedule went out: responses came too late for the rest to be sent in time.
 rate_round() {
   local p=$1 rate=$2 t0 t1 out
   t0=$(cpu_ticks "${PID[$p]}")
-  out=$(load "$RATE" --addr "127.0.0.1:${HTTP[$p]}" --rate "$rate" --conns "$CONNS" --duration "$DUR" 2>&1) || true
+  out=$(load "$RATE_BIN" --addr "127.0.0.1:${HTTP[$p]}" --rate "$rate" --conns "$CONNS" --duration "$DUR" 2>&1) || true
   t1=$(cpu_ticks "${PID[$p]}")
   echo "$out" >>"$work/runs/$p.txt"
   grep -q '^sent=' <<<"$out" || { echo "bench_rate failed against $p: $out" >&2; exit 1; }
-  sed -n 's/^sent=.*errors=\([0-9]*\) rate=\([0-9]*\) p50_us=\([0-9]*\) p99_us=\([0-9]*\) p999_us=\([0-9]*\).*/\4 \3 \5 \1 \2/p' <<<"$out" \
-    | awk -v dt=$((t1 - t0)) -v hz="$CLK_TCK" '{printf "%.3f %.3f %.3f %.2f %d %d\n", $1 / 1000, $2 / 1000, $3 / 1000, dt / hz, $4, $5}'
+  sed -n 's/^sent=.*errors=\([0-9]*\) rate=\([0-9]*\) p50_us=\([0-9]*\) p99_us=\([0-9]*\) p999_us=\([0-9]*\) .*lag_p99_us=\([0-9]*\).*/\4 \3 \5 \1 \2 \6/p' <<<"$out" \
+    | awk -v dt=$((t1 - t0)) -v hz="$CLK_TCK" -v want="$rate" '{
+        printf "%.3f %.3f %.3f %.2f %d %d %.3f %d %d\n", $1 / 1000, $2 / 1000, $3 / 1000, dt / hz, $4, $5, $6 / 1000,
+          ($6 - 2000 > $1 / 2) ? 1 : 0, ($5 < 0.95 * want) ? 1 : 0}'
 }
 fixed_rate() {
   local rate=$1 n=${#PROXIES[@]} r i p line
@@ -411,7 +418,7 @@ fixed_rate() {
       echo "== rate round $r" >>"$work/runs/$p.txt"
       line=$(rate_round "$p" "$rate")
       R[rate,$p]+="$line"$'\n'
-      log "rate=$rate round=$r proxy=$p p99_ms,p50_ms,p999_ms,cpu_s,errors,sent_rps: $line"
+      log "rate=$rate round=$r proxy=$p p99_ms,p50_ms,p999_ms,cpu_s,errors,sent_rps,lag_p99_ms,client_bound,behind: $line"
     done
   done
 }
@@ -438,7 +445,7 @@ idle_run() {
   rss0=$(settled_rss "${PID[$p]}"); pss0=$(pss_kib "${PID[$p]}"); fd0=$(fds "${PID[$p]}")
   rm -f "$work/idle.in"; mkfifo "$work/idle.in"
   t0=$SECONDS
-  taskset -c "$PIN_LOAD" "$IDLE" --addr "127.0.0.1:$port" $flag --conns "$IDLE_CONNS" <"$work/idle.in" >"$work/idle.out" 2>&1 & ipid=$!
+  taskset -c "$PIN_LOAD" "$IDLE_BIN" --addr "127.0.0.1:$port" $flag --conns "$IDLE_CONNS" <"$work/idle.in" >"$work/idle.out" 2>&1 & ipid=$!
   exec 7>"$work/idle.in"
   until grep -q '^ready' "$work/idle.out"; do
     kill -0 "$ipid" 2>/dev/null || { echo "bench_idle died: $(cat "$work/idle.out")" >&2; exit 1; }
@@ -480,6 +487,12 @@ row() {
     e=$(errors "$kind" "$p" "$ec")
     line+=" $(num "${v[$p]}" "$fmt")"
     [ "$e" -eq 0 ] || line+=" (**$e errors**)"
+    if [ "$kind" = rate ]; then
+      e=$(errors rate "$p" 8)
+      [ "$e" -eq 0 ] || line+=" (**client-bound in $e of $ROUNDS**)"
+      e=$(errors rate "$p" 9)
+      [ "$e" -eq 0 ] || line+=" (**behind schedule in $e of $ROUNDS**)"
+    fi
     line+=" |"
   done
   line+=" $(ratio "${v[tern]:-}" "${v[nginx]:-}") | $(ratio "${v[tern]:-}" "${v[haproxy]:-}") |"
@@ -515,10 +528,10 @@ details() {
     echo "$line"
   done
   if [ -n "${RATE_RPS:-}" ]; then
-    echo "Fixed rate $(num "$RATE_RPS" int) req/s (half of nginx's HTTP/1.1 wall-clock req/s), median round by p99:"
+    echo "Fixed rate $(num "$RATE_RPS" int) req/s (${RATE:+set by RATE, not }half of nginx's HTTP/1.1 wall-clock req/s), median round by p99:"
     for p in "${PROXIES[@]}"; do
       m=$(median rate "$p")
-      awk -v p="$p" '{printf "  %s: p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms, sent %d req/s, proxy CPU %.2f s, errors %d\n", p, $2, $1, $3, $6, $4, $5}' <<<"$m"
+      awk -v p="$p" '{printf "  %s: p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms, sent %d req/s, proxy CPU %.2f s, errors %d, bench_rate lag p99 %.2f ms\n", p, $2, $1, $3, $6, $4, $5, $7}' <<<"$m"
     done
   fi
   for p in "${!WEDGED[@]}"; do
@@ -540,8 +553,12 @@ for p in backend "${PROXIES[@]}"; do
 done
 for kind in ${SCENARIOS-h1 tls tls-new h2}; do scenario "$kind"; done
 if [ -z "${SKIP_RATE:-}" ]; then
-  [ -n "${R[h1,nginx]:-}" ] || { echo "the fixed-rate run needs the h1 scenario (nginx's max rate)" >&2; exit 1; }
-  RATE_RPS=$(median h1 nginx | awk '{printf "%d", $3 / 2}')
+  if [ -n "${RATE:-}" ]; then
+    RATE_RPS=$RATE
+  else
+    [ -n "${R[h1,nginx]:-}" ] || { echo "the fixed-rate run needs the h1 scenario (nginx's max rate) or RATE" >&2; exit 1; }
+    RATE_RPS=$(median h1 nginx | awk '{printf "%d", $3 / 2}')
+  fi
   fixed_rate "$RATE_RPS"
 fi
 if [ -z "${SKIP_IDLE:-}" ]; then
