@@ -1,53 +1,104 @@
 #!/usr/bin/env bash
 # Load harness: tern, nginx and HAProxy side by side in front of the same backend, on
-# loopback, under the same load; prints req/s, p99 and the ratios.
+# loopback, measured by the CPU time each proxy spends (issue 13's method); prints a ratio
+# table in Markdown.
 #
-#   benches/load/run.sh [seconds-per-run]          (default 10)
-#   ROUNDS=3 CONNS=64 benches/load/run.sh          (rounds per scenario, connections)
+#   benches/load/run.sh [seconds-per-run]                (or DUR=…; default 10)
+#   ROUNDS=3 CONNS=64 IDLE_CONNS=10000 benches/load/run.sh
+#   TERN=/path/to/tern TERN_BEFORE=/path/to/old/tern benches/load/run.sh
+#   SKIP_IDLE=1 SKIP_RATE=1 KEEP=1 …                     (skip parts; keep the work dir)
+#   SCENARIOS="h1 tls" RATE=10000 …                      (some scenarios; a fixed rate of your own)
 #
-# Each scenario runs ROUNDS times with the proxy order rotated, and the median of each
-# proxy's runs is reported, so the noise of a shared machine and the order of runs even out.
-# Needs wrk, h2load (nghttp2-client), nginx and haproxy; installs them from Debian if missing.
-# All three proxies: access logs off, keep-alive to the backend, 2 worker threads/processes,
-# TLS 1.3 with the same ECDSA P-256 certificate. A 2-core machine runs the load generator,
-# the proxy and the backend at once: read the ratios, not the absolute numbers.
+# CPU 0 (PIN_LOAD) runs the backend (an nginx with one worker answering 1 KiB) and every load
+# generator; CPU 1 (PIN_PROXY) runs the proxy under test, each proxy with one worker, all of
+# them started at once but only one loaded at a time. A proxy's cost is its CPU time (utime +
+# stime from /proc/PID/stat, over all its processes and threads) across each timed run:
+# requests completed per proxy-CPU-second, which does not depend on who else shares the
+# machine the way req/s does.
+#
+# 1. Four throughput scenarios, each ROUNDS rounds of DUR seconds per proxy, the proxy order
+#    rotated each round, the median round per proxy reported: HTTP/1.1 keep-alive (wrk),
+#    TLS 1.3 keep-alive (wrk), TLS 1.3 with a new connection per request (wrk,
+#    "Connection: close": handshakes per CPU-second), HTTP/2 over TLS (h2load, 8 streams).
+# 2. Fixed-rate latency: each proxy driven at half the req/s nginx reached in the HTTP/1.1
+#    scenario, open loop (examples/bench_rate.rs, latency from each request's due time),
+#    ROUNDS rotated rounds, the median p99 reported.
+# 3. Idle memory: each proxy restarted fresh, then IDLE_CONNS keep-alive connections opened,
+#    one request on each, all held idle (examples/bench_idle.rs); RSS per connection is the
+#    growth of the proxy's summed VmRSS ÷ connections, once both readings have settled. Once
+#    over TLS, once over plain HTTP/1.1.
+#
+# All proxies: access logs off, keep-alive to the backend, TLS 1.3 only with the same ECDSA
+# P-256 certificate, idle keep-alive timeouts of 300 s (so the idle run's connections stay).
+# No fixed ports: the backend, nginx and HAProxy inherit sockets listening on port 0
+# (with_sockets.py below), tern listens on port 0 and reports its addresses in its log.
+# Needs wrk, h2load (nghttp2-client), nginx, haproxy and taskset; installs them from Debian if
+# missing. Raises its open-file limit to 65536 where it may (else to the hard limit).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-DUR=${1:-10}
-CONNS=${CONNS:-64}
+DUR=${1:-${DUR:-10}}
 ROUNDS=${ROUNDS:-3}
+CONNS=${CONNS:-64}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+PIN_LOAD=${PIN_LOAD:-0}
+PIN_PROXY=${PIN_PROXY:-1}
+started=$SECONDS
+load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v taskset >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+[ "$(nproc --all)" -ge 2 ] || { echo "needs 2 CPUs: the proxy on one, backend and load on the other" >&2; exit 1; }
 
-cargo build --release --quiet --bin tern --example bench_backend
-TERN=${TERN:-target/release/tern}
-BACKEND=target/release/examples/bench_backend
+# The proxies inherit the limit (tern does not raise its own; nginx's worker and HAProxy are
+# told it), so each can hold IDLE_CONNS connections plus its listeners and backend pool.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+FDS=$(ulimit -n)
+if [ "$FDS" -lt $((IDLE_CONNS + 1000)) ]; then
+  echo "open-file limit $FDS is too low for IDLE_CONNS=$IDLE_CONNS" >&2; exit 1
+fi
+
+if [ -z "${TERN:-}" ]; then
+  cargo build --release --quiet --bin tern --example bench_idle --example bench_rate
+  TERN=target/release/tern
+else
+  cargo build --release --quiet --example bench_idle --example bench_rate
+fi
+IDLE_BIN=target/release/examples/bench_idle
+RATE_BIN=target/release/examples/bench_rate
+declare -A BIN=([tern]=$TERN)
+PROXIES=(tern nginx haproxy)
+if [ -n "${TERN_BEFORE:-}" ]; then BIN[tern-before]=$TERN_BEFORE; PROXIES=(tern tern-before nginx haproxy); fi
+CLK_TCK=$(getconf CLK_TCK)
 
 work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+raw=$work/raw.log
+declare -A PID HTTP TLS
+cleanup() {
+  for p in "${PID[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ -n "${KEEP:-}" ]; then echo "kept $work (raw figures: $raw)" >&2; else rm -rf "$work"; fi
+}
 trap cleanup EXIT
-[ -n "${KEEP:-}" ] && trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; echo "kept $work"' EXIT
+load() { taskset -c "$PIN_LOAD" "$@"; }
+log() { echo "$*" >>"$raw"; }
+log "# $(date -u +%FT%TZ) commit=$(git rev-parse --short HEAD 2>/dev/null || echo ?) DUR=$DUR ROUNDS=$ROUNDS CONNS=$CONNS IDLE_CONNS=$IDLE_CONNS tern=$TERN ${TERN_BEFORE:+tern-before=$TERN_BEFORE}"
 
-# No port is picked by binding and releasing (another process could take it in between): the
-# backend and tern listen on port 0 and report their addresses; nginx and HAProxy are handed
-# sockets already listening on port 0 (with_sockets.py below), which they inherit. It execs the
-# server, so the pid recorded for cleanup is the server's.
-#
 # with_sockets.py NAME BACKLOG N TEMPLATE OUT -- CMD...: listens on N loopback sockets (port 0),
-# writes their ports to $work/NAME.ports, renders TEMPLATE into OUT (@PORTi@ and @FDi@ replaced),
-# then execs CMD with the sockets open, their descriptors also in $NGINX (nginx's way to inherit
-# listening sockets; HAProxy takes them as "bind fd@N").
+# writes their ports to dirname(OUT)/NAME.ports, renders TEMPLATE into OUT (@PORTi@ and @FDi@
+# replaced), then execs CMD with the sockets open, their descriptors also in $NGINX (nginx's
+# way to inherit listening sockets; HAProxy takes them as "bind fd@N"). No port is picked by
+# binding and releasing it, which another process could take in between. It execs the server
+# (as taskset does), so the pid the script records is the server's.
 cat > "$work/with_sockets.py" <<'PY'
 import os, socket, sys
 name, backlog, n, template, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
@@ -68,30 +119,57 @@ open(os.path.join(os.path.dirname(out), name + ".ports"), "w").write("".join(f"{
 env = dict(os.environ, NGINX="".join(f"{s.fileno()};" for s in socks))
 os.execvpe(cmd[0], cmd, env)
 PY
-# The Nth port (from 1) with_sockets wrote for NAME, once it is there.
+# port_of FILE N: the Nth port (from 1) with_sockets wrote to FILE, once it is there.
 port_of() {
-  for _ in $(seq 1 200); do [ -s "$work/$1.ports" ] && { sed -n "${2}p" "$work/$1.ports"; return 0; }; sleep 0.05; done
-  echo "$1 never reported its ports" >&2; return 1
+  for _ in $(seq 1 200); do [ -s "$1" ] && { sed -n "${2}p" "$1"; return 0; }; sleep 0.05; done
+  echo "$1 never appeared" >&2; return 1
 }
 # Waits until URL answers (curl -k: any certificate; the sockets listen before the server runs).
 wait_http() { for _ in $(seq 1 200); do curl -sfk -o /dev/null "$1" && return 0; sleep 0.05; done; echo "$1 never answered" >&2; return 1; }
 
-# One certificate for all three, for "localhost" (so clients send SNI and resolve it).
+# One certificate for every proxy, for "localhost" (so clients send SNI and resolve it).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
   -addext subjectAltName=DNS:localhost -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 cat "$work/cert.pem" "$work/key.pem" > "$work/combined.pem"
 
-"$BACKEND" 127.0.0.1:0 2>"$work/backend.log" & pids+=($!)
-BPORT=
-for _ in $(seq 1 200); do
-  BPORT=$(sed -n 's/^bench_backend listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$work/backend.log")
-  [ -n "$BPORT" ] && break; sleep 0.05
-done
-[ -n "$BPORT" ] || { echo "the backend never reported its port" >&2; exit 1; }
+# The backend: nginx, one worker on the load CPU, 1 KiB from memory on every request.
+start_backend() {
+  local d=$work/backend
+  mkdir -p "$d"
+  cat > "$d/nginx.conf.in" <<CONF
+worker_processes 1;
+worker_rlimit_nofile $FDS;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  default_type text/plain;
+  keepalive_requests 1000000;
+  keepalive_timeout 300s;
+  server {
+    listen 127.0.0.1:@PORT0@;
+    location / { return 200 "$(head -c 1024 /dev/zero | tr '\0' x)"; }
+  }
+}
+CONF
+  taskset -c "$PIN_LOAD" python3 "$work/with_sockets.py" backend 4096 1 "$d/nginx.conf.in" "$d/nginx.conf" -- \
+    "$NGINX" -p "$d" -c "$d/nginx.conf" -g 'daemon off;' & PID[backend]=$!
+  BPORT=$(port_of "$d/backend.ports" 1)
+  wait_http "http://127.0.0.1:$BPORT/"
+  [ "$(curl -s "http://127.0.0.1:$BPORT/" | wc -c)" -eq 1024 ] || { echo "backend body is not 1 KiB" >&2; exit 1; }
+}
 
-# tern: port 0, addresses read from its "listening" log lines.
-cat > "$work/tern.toml" <<TOML
+# tern (or tern-before): one worker, port 0, its addresses read from its "listening" lines.
+# Its watchdog only logs a wedge: on a machine this busy its heartbeat can lag past 2 s, and a
+# bounce would swap the process being measured for a fresh one. Wedges are counted (stop) and
+# reported under the table.
+start_tern() {
+  local name=$1 d=$work/$1 bin=${BIN[$1]}
+  rm -rf "$d"; mkdir -p "$d"
+  cat > "$d/tern.toml" <<TOML
 region = "bench"
+workers = 1
 [[listen]]
 addr = "127.0.0.1:0"
 [[listen]]
@@ -100,13 +178,18 @@ tls = true
 [admin]
 addr = "127.0.0.1:0"
 [rib]
-path = "$work/tern.db"
+path = "$d/tern.db"
 [log]
 format = "json"
 level = "warn,tern::listener=info"
 access = false
+[limits]
+keepalive_timeout = "300s"
+header_read_timeout = "300s"
+[watchdog]
+action = "log"
 TOML
-cat > "$work/decl.toml" <<TOML
+  cat > "$d/decl.toml" <<TOML
 [[apps]]
 name = "bench"
 hostnames = ["localhost"]
@@ -120,31 +203,35 @@ hostname = "localhost"
 cert_file = "$work/cert.pem"
 key_file = "$work/key.pem"
 TOML
-"$TERN" apply -c "$work/tern.toml" "$work/decl.toml" >/dev/null
-TOKIO_WORKER_THREADS=2 "$TERN" serve -c "$work/tern.toml" 2>"$work/tern.log" & pids+=($!)
-# tern_port true|false: the port of tern's TLS or plain listener, from its log.
+  "$bin" apply -c "$d/tern.toml" "$d/decl.toml" >/dev/null
+  taskset -c "$PIN_PROXY" "$bin" serve -c "$d/tern.toml" 2>"$d/tern.log" & PID[$name]=$!
+  HTTP[$name]=$(tern_port "$d/tern.log" false); TLS[$name]=$(tern_port "$d/tern.log" true)
+}
+# tern_port LOG true|false: the port of tern's TLS or plain listener, from its log.
 tern_port() {
   for _ in $(seq 1 200); do
     local p
-    p=$(grep '"message":"listening"' "$work/tern.log" | grep -v '"admin":true' | grep "\"tls\":$1" \
-      | sed -n 's/.*"addr":"127\.0\.0\.1:\([0-9]*\)".*/\1/p' | head -1)
+    p=$(grep '"message":"listening"' "$1" | grep -v '"admin":true' | grep "\"tls\":$2" \
+      | sed -n 's/.*"addr":"127\.0\.0\.1:\([0-9]*\)".*/\1/p' | head -1 || true)
     [ -n "$p" ] && { echo "$p"; return 0; }; sleep 0.05
   done
-  echo "tern never reported its listeners" >&2; return 1
+  echo "tern never reported its listeners ($1)" >&2; return 1
 }
-T_HTTP=$(tern_port false); T_TLS=$(tern_port true)
-wait_http "http://localhost:$T_HTTP/"; wait_http "https://localhost:$T_TLS/"
 
-# nginx: 511 is its default backlog.
-mkdir -p "$work/nginx"
-cat > "$work/nginx.conf.in" <<CONF
-worker_processes 2;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 8192; }
+# nginx: one worker; 511 is its default backlog.
+start_nginx() {
+  local d=$work/nginx
+  rm -rf "$d"; mkdir -p "$d"
+  cat > "$d/nginx.conf.in" <<CONF
+worker_processes 1;
+worker_rlimit_nofile $FDS;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections $((FDS - 100)); }
 http {
   access_log off;
   keepalive_requests 1000000;
+  keepalive_timeout 300s;
   upstream backend { server 127.0.0.1:$BPORT; keepalive 256; }
   server {
     listen 127.0.0.1:@PORT0@;
@@ -152,7 +239,7 @@ http {
     server_name localhost;
     ssl_certificate $work/cert.pem;
     ssl_certificate_key $work/key.pem;
-    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_protocols TLSv1.3;
     location / {
       proxy_pass http://backend;
       proxy_http_version 1.1;
@@ -163,22 +250,30 @@ http {
   }
 }
 CONF
-python3 "$work/with_sockets.py" nginx 511 2 "$work/nginx.conf.in" "$work/nginx.conf" -- \
-  "$NGINX" -p "$work/nginx" -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
-N_HTTP=$(port_of nginx 1); N_TLS=$(port_of nginx 2)
-wait_http "http://localhost:$N_HTTP/"; wait_http "https://localhost:$N_TLS/"
+  taskset -c "$PIN_PROXY" python3 "$work/with_sockets.py" nginx 511 2 "$d/nginx.conf.in" "$d/nginx.conf" -- \
+    "$NGINX" -p "$d" -c "$d/nginx.conf" -g 'daemon off;' & PID[nginx]=$!
+  HTTP[nginx]=$(port_of "$d/nginx.ports" 1); TLS[nginx]=$(port_of "$d/nginx.ports" 2)
+}
 
-# HAProxy: its backlog defaults to maxconn.
-cat > "$work/haproxy.cfg.in" <<CONF
+# HAProxy: one thread; its backlog is the sockets' (4096). It counts two descriptors per
+# connection (client and server) and would refuse to start with a maxconn over half the
+# open-file limit; "no strict-limits" lets it start, and idle client connections need one each.
+start_haproxy() {
+  local d=$work/haproxy
+  rm -rf "$d"; mkdir -p "$d"
+  cat > "$d/haproxy.cfg.in" <<CONF
 global
-  nbthread 2
-  maxconn 4096
-  ssl-default-bind-options ssl-min-ver TLSv1.2
+  nbthread 1
+  no strict-limits
+  maxconn $((FDS - 1000))
+  ssl-default-bind-options ssl-min-ver TLSv1.3
 defaults
   mode http
+  maxconn $((FDS - 1000))
   timeout connect 5s
-  timeout client 60s
+  timeout client 300s
   timeout server 60s
+  timeout http-keep-alive 300s
   option http-keep-alive
   option forwardfor
   http-reuse always
@@ -191,66 +286,291 @@ frontend tls
 backend app
   server b1 127.0.0.1:$BPORT maxconn 2000
 CONF
-python3 "$work/with_sockets.py" haproxy 4096 2 "$work/haproxy.cfg.in" "$work/haproxy.cfg" -- \
-  "$HAPROXY" -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
-H_HTTP=$(port_of haproxy 1); H_TLS=$(port_of haproxy 2)
-wait_http "http://localhost:$H_HTTP/"; wait_http "https://localhost:$H_TLS/"
+  taskset -c "$PIN_PROXY" python3 "$work/with_sockets.py" haproxy 4096 2 "$d/haproxy.cfg.in" "$d/haproxy.cfg" -- \
+    "$HAPROXY" -f "$d/haproxy.cfg" -db >"$d/haproxy.log" 2>&1 & PID[haproxy]=$!
+  HTTP[haproxy]=$(port_of "$d/haproxy.ports" 1); TLS[haproxy]=$(port_of "$d/haproxy.ports" 2)
+}
 
-# name url tool -> "rps p99_ms errors"
-measure() {
-  local tool=$1 url=$2 out
-  if [ "$tool" = wrk ]; then
-    wrk -t1 -c"$CONNS" -d2s "$url" >/dev/null 2>&1 || true   # warm-up
-    out=$(wrk -t1 -c"$CONNS" -d"${DUR}s" --latency "$url" 2>&1)
-    local rps p99 errs
-    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub("us","",v); v/=1000} else if (v ~ /ms$/) {sub("ms","",v)} else if (v ~ /s$/) {sub("s","",v); v*=1000}; print v}' <<<"$out")
-    errs=$(awk '/Non-2xx/ {print $5} /Socket errors/ {print "sock"}' <<<"$out" | head -1)
-    echo "${rps:-0} ${p99:-0} ${errs:-0}"
-  else
-    # h2load once hung past its -D against nginx: bounded, a hung round reports 0 req/s.
-    timeout 30 h2load -c"$CONNS" -m8 -t1 -D 2 "$url" >/dev/null 2>&1 || true
-    out=$(timeout $((DUR + 30)) h2load -c"$CONNS" -m8 -t1 -D "$DUR" "$url" 2>&1 || true)
-    local rps mean fail
-    rps=$(awk '/finished in/ {gsub(",","",$4); print $4}' <<<"$out")
-    mean=$(awk '/time for request:/ {v=$6; if (v ~ /us$/) {sub("us","",v); v/=1000} else if (v ~ /ms$/) {sub("ms","",v)}; print v}' <<<"$out")
-    fail=$(awk '/^requests:/ {print $10}' <<<"$out")
-    echo "${rps:-0} ${mean:-0} ${fail:-0}"
+start() {
+  case $1 in
+    tern | tern-before) start_tern "$1" ;;
+    nginx) start_nginx ;;
+    haproxy) start_haproxy ;;
+  esac
+  wait_http "http://localhost:${HTTP[$1]}/"; wait_http "https://localhost:${TLS[$1]}/"
+  local proto
+  proto=$(openssl s_client -brief -connect "127.0.0.1:${TLS[$1]}" -servername localhost </dev/null 2>&1 \
+    | sed -n 's/^Protocol version: //p')
+  [ "$proto" = TLSv1.3 ] || { echo "$1 negotiated ${proto:-nothing}, not TLSv1.3" >&2; exit 1; }
+}
+declare -A WEDGED
+stop() {
+  kill "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; unset "PID[$1]"
+  if [ -f "$work/$1/tern.log" ]; then
+    WEDGED[$1]=$((${WEDGED[$1]:-0} + $(grep -c '"message":"wedged' "$work/$1/tern.log" || true)))
   fi
 }
 
-# The median run (by req/s) of a list of "rps lat err" lines.
-median() { sort -n -k1,1 | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'; }
+# The proxy's processes: its main process and all descendants (nginx's workers).
+tree_pids() { echo "$1"; local c; for c in $(pgrep -P "$1" || true); do tree_pids "$c"; done; }
+# CPU ticks (utime + stime, fields 14 and 15 of /proc/PID/stat; a process's threads included)
+# of the proxy's processes. The comm field is cut off first, as it may hold spaces.
+cpu_ticks() {
+  local t=0 p f
+  for p in $(tree_pids "$1"); do
+    f=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null) || continue
+    t=$((t + $(awk '{print $12 + $13}' <<<"$f")))
+  done
+  echo "$t"
+}
+# KiB summed over the proxy's processes: VmRSS from status, or Pss from smaps_rollup.
+rss_kib() { local p; for p in $(tree_pids "$1"); do cat "/proc/$p/status" 2>/dev/null; done | awk '/^VmRSS:/ {s += $2} END {print s + 0}'; }
+pss_kib() { local p; for p in $(tree_pids "$1"); do cat "/proc/$p/smaps_rollup" 2>/dev/null; done | awk '/^Pss:/ {s += $2} END {print s + 0}'; }
+fds() { local p n=0; for p in $(tree_pids "$1"); do n=$((n + $(ls "/proc/$p/fd" 2>/dev/null | wc -l))); done; echo "$n"; }
 
+# One timed run against proxy P; prints "per_cpu_s cpu_s wall_rps errors requests", the
+# first figure being requests answered 2xx ÷ the proxy's CPU seconds over the run. The
+# tool's full output goes to runs/.
+# run_wrk P SECONDS URL [wrk args…]
+run_wrk() {
+  local p=$1 secs=$2 url=$3 t0 t1 out; shift 3
+  t0=$(cpu_ticks "${PID[$p]}")
+  out=$(load wrk -t1 -c"$CONNS" -d"${secs}s" "$@" "$url" 2>&1) || true
+  t1=$(cpu_ticks "${PID[$p]}")
+  echo "$out" >>"$work/runs/$p.txt"
+  awk -v dt=$((t1 - t0)) -v hz="$CLK_TCK" '
+    /requests in/ {reqs = $1}
+    /Requests\/sec/ {rps = $2}
+    /Non-2xx or 3xx responses:/ {bad = $5}
+    /Socket errors:/ {gsub(",", ""); sock = $4 + $6 + $8 + $10}
+    END {cpu = dt / hz; good = reqs - bad; printf "%.0f %.2f %.0f %d %d\n", (cpu > 0) ? good / cpu : 0, cpu, rps, bad + sock, good}' <<<"$out"
+}
+# run_h2load P SECONDS URL: the same from h2load (HTTP/2, 8 streams per connection).
+run_h2load() {
+  local p=$1 secs=$2 url=$3 t0 t1 out
+  t0=$(cpu_ticks "${PID[$p]}")
+  # h2load once hung past its -D against nginx: bounded, a hung run reports its errors.
+  out=$(load timeout $((secs + 30)) h2load -c"$CONNS" -m8 -t1 -D "$secs" "$url" 2>&1) || true
+  t1=$(cpu_ticks "${PID[$p]}")
+  echo "$out" >>"$work/runs/$p.txt"
+  grep -q '^Application protocol: h2$' <<<"$out" || { echo "h2load did not speak h2 to $p: $out" >&2; exit 1; }
+  awk -v dt=$((t1 - t0)) -v hz="$CLK_TCK" '
+    /^finished in/ {gsub(",", ""); rps = $4}
+    /^requests:/ {good = $8; err = $10 + $12 + $14}
+    /^status codes:/ {bad = $5 + $7 + $9}
+    END {cpu = dt / hz; good -= bad; printf "%.0f %.2f %.0f %d %d\n", (cpu > 0) ? good / cpu : 0, cpu, rps, err + bad, good}' <<<"$out"
+}
+# measure KIND P SECONDS: one run of a throughput scenario.
+measure() {
+  case $1 in
+    h1) run_wrk "$2" "$3" "http://localhost:${HTTP[$2]}/" ;;
+    tls) run_wrk "$2" "$3" "https://localhost:${TLS[$2]}/" ;;
+    tls-new) run_wrk "$2" "$3" "https://localhost:${TLS[$2]}/" -H 'Connection: close' ;;
+    h2) run_h2load "$2" "$3" "https://localhost:${TLS[$2]}/" ;;
+  esac
+}
+
+# R[KIND,P]: one line per round. Round r starts with proxy r (mod the count), so each proxy
+# runs first, second and last in turn; the first round's runs get a 2 s warm-up each.
 declare -A R
-run() {  # scenario tool tern-url nginx-url haproxy-url
-  local s=$1 tool=$2
-  local -A urls=([tern]=$3 [nginx]=$4 [haproxy]=$5) runs=()
-  local order=(tern nginx haproxy)
+scenario() {
+  local kind=$1 n=${#PROXIES[@]} r i p line
+  echo "$kind: $ROUNDS × ${DUR}s per proxy" >&2
   for ((r = 0; r < ROUNDS; r++)); do
-    for ((i = 0; i < 3; i++)); do
-      local p=${order[$(((i + r) % 3))]}
-      runs[$p]+="$(measure "$tool" "${urls[$p]}")"$'\n'
+    for ((i = 0; i < n; i++)); do
+      p=${PROXIES[$(((i + r) % n))]}
+      [ "$r" -gt 0 ] || measure "$kind" "$p" 2 >/dev/null
+      echo "== $kind round $r" >>"$work/runs/$p.txt"
+      line=$(measure "$kind" "$p" "$DUR")
+      R[$kind,$p]+="$line"$'\n'
+      log "$kind round=$r proxy=$p per_cpu_s,cpu_s,wall_rps,errors,requests: $line"
     done
   done
-  for p in tern nginx haproxy; do R[$s,$p]=$(printf '%s' "${runs[$p]}" | median); done
 }
-run "HTTP/1.1 keep-alive" wrk "http://localhost:$T_HTTP/" "http://localhost:$N_HTTP/" "http://localhost:$H_HTTP/"
-run "HTTP/1.1 over TLS" wrk "https://localhost:$T_TLS/" "https://localhost:$N_TLS/" "https://localhost:$H_TLS/"
-run "HTTP/2 over TLS" h2load "https://localhost:$T_TLS/" "https://localhost:$N_TLS/" "https://localhost:$H_TLS/"
-direct=$(measure wrk "http://127.0.0.1:$BPORT/")
+# The median round (by the first field) of R[KIND,P], and its errors summed over all rounds.
+median() { printf '%s' "${R[$1,$2]}" | sort -n -k1,1 | awk '{a[NR] = $0} END {print a[int((NR + 1) / 2)]}'; }
+errors() { printf '%s' "${R[$1,$2]}" | awk -v c="${3:-4}" '{s += $c} END {print s + 0}'; }
+
+# Fixed rate: bench_rate at RATE req/s against P's plain listener; R[rate,P] gets
+# "p99_ms p50_ms p999_ms cpu_s errors sent_rps lag_p99_ms client_bound behind". A round is
+# client-bound when bench_rate's own lag (p99), less the 2 ms its timer's grain accounts for,
+# was over half the p99 it measured: CPU 0 was too busy, and the latency is bench_rate's as
+# much as the proxy's. It is behind when under
+# 95% of the schedule went out: responses came too late for the rest to be sent in time.
+rate_round() {
+  local p=$1 rate=$2 t0 t1 out
+  t0=$(cpu_ticks "${PID[$p]}")
+  out=$(load "$RATE_BIN" --addr "127.0.0.1:${HTTP[$p]}" --rate "$rate" --conns "$CONNS" --duration "$DUR" 2>&1) || true
+  t1=$(cpu_ticks "${PID[$p]}")
+  echo "$out" >>"$work/runs/$p.txt"
+  grep -q '^sent=' <<<"$out" || { echo "bench_rate failed against $p: $out" >&2; exit 1; }
+  sed -n 's/^sent=.*errors=\([0-9]*\) rate=\([0-9]*\) p50_us=\([0-9]*\) p99_us=\([0-9]*\) p999_us=\([0-9]*\) .*lag_p99_us=\([0-9]*\).*/\4 \3 \5 \1 \2 \6/p' <<<"$out" \
+    | awk -v dt=$((t1 - t0)) -v hz="$CLK_TCK" -v want="$rate" '{
+        printf "%.3f %.3f %.3f %.2f %d %d %.3f %d %d\n", $1 / 1000, $2 / 1000, $3 / 1000, dt / hz, $4, $5, $6 / 1000,
+          ($6 - 2000 > $1 / 2) ? 1 : 0, ($5 < 0.95 * want) ? 1 : 0}'
+}
+fixed_rate() {
+  local rate=$1 n=${#PROXIES[@]} r i p line
+  echo "fixed rate: $rate req/s, $ROUNDS × ${DUR}s per proxy" >&2
+  for ((r = 0; r < ROUNDS; r++)); do
+    for ((i = 0; i < n; i++)); do
+      p=${PROXIES[$(((i + r) % n))]}
+      echo "== rate round $r" >>"$work/runs/$p.txt"
+      line=$(rate_round "$p" "$rate")
+      R[rate,$p]+="$line"$'\n'
+      log "rate=$rate round=$r proxy=$p p99_ms,p50_ms,p999_ms,cpu_s,errors,sent_rps,lag_p99_ms,client_bound,behind: $line"
+    done
+  done
+}
+
+# The proxy's RSS once it stops moving: read every half second until two readings differ by
+# under 0.1% (+64 KiB), at most 20 s.
+settled_rss() {
+  local prev=-1 cur d
+  for _ in $(seq 1 40); do
+    cur=$(rss_kib "$1")
+    d=$((cur - prev)); d=${d#-}
+    [ "$prev" -ge 0 ] && [ "$d" -le $((prev / 1000 + 64)) ] && break
+    prev=$cur; sleep 0.5
+  done
+  echo "$cur"
+}
+# Idle memory: P restarted fresh (so earlier runs' memory does not count), its settled RSS
+# read, IDLE_CONNS connections opened (one request each) and held, its RSS read again.
+# R[idle-MODE,P] gets "rss_kib_per_conn pss_kib_per_conn held errors".
+idle_run() {
+  local p=$1 mode=$2 port flag="" rss0 pss0 fd0 rss1 pss1 fd1 ipid out t0
+  stop "$p"; start "$p"
+  port=${HTTP[$p]}; [ "$mode" = tls ] && { port=${TLS[$p]}; flag=--tls; }
+  rss0=$(settled_rss "${PID[$p]}"); pss0=$(pss_kib "${PID[$p]}"); fd0=$(fds "${PID[$p]}")
+  rm -f "$work/idle.in"; mkfifo "$work/idle.in"
+  t0=$SECONDS
+  taskset -c "$PIN_LOAD" "$IDLE_BIN" --addr "127.0.0.1:$port" $flag --conns "$IDLE_CONNS" <"$work/idle.in" >"$work/idle.out" 2>&1 & ipid=$!
+  exec 7>"$work/idle.in"
+  until grep -q '^ready' "$work/idle.out"; do
+    kill -0 "$ipid" 2>/dev/null || { echo "bench_idle died: $(cat "$work/idle.out")" >&2; exit 1; }
+    [ $((SECONDS - t0)) -lt 300 ] || { echo "bench_idle not ready after 300 s" >&2; exit 1; }
+    sleep 0.2
+  done
+  local opened=$((SECONDS - t0))
+  rss1=$(settled_rss "${PID[$p]}"); pss1=$(pss_kib "${PID[$p]}"); fd1=$(fds "${PID[$p]}")
+  exec 7>&-
+  wait "$ipid" || true
+  out=$(cat "$work/idle.out")
+  echo "== idle $mode" >>"$work/runs/$p.txt"; echo "$out" >>"$work/runs/$p.txt"
+  local ok errs closed
+  ok=$(sed -n 's/^ready ok=\([0-9]*\).*/\1/p' <<<"$out"); errs=$(sed -n 's/^ready ok=[0-9]* errors=\([0-9]*\).*/\1/p' <<<"$out")
+  closed=$(sed -n 's/^held=[0-9]* closed=\([0-9]*\)/\1/p' <<<"$out")
+  [ "${closed:-1}" -eq 0 ] || { echo "$p closed ${closed:-?} of its idle $mode connections during the run" >&2; exit 1; }
+  [ "${ok:-0}" -gt 0 ] || { echo "bench_idle opened nothing to $p: $out" >&2; exit 1; }
+  log "idle-$mode proxy=$p conns=$ok errors=$errs opened_in=${opened}s rss_kib=$rss0->$rss1 pss_kib=$pss0->$pss1 fds=$fd0->$fd1"
+  R[idle-$mode,$p]=$(awk -v a="$rss0" -v b="$rss1" -v c="$pss0" -v d="$pss1" -v n="$ok" -v e="$errs" \
+    'BEGIN {printf "%.2f %.2f %d %d\n", (b - a) / n, (d - c) / n, n, e}')
+}
+
+# Table cells: a number with thousands separators (FORMAT int) or printf's FORMAT; a ratio.
+num() {
+  awk -v v="$1" -v f="$2" 'BEGIN {
+    if (f != "int") { printf f "\n", v; exit }
+    s = sprintf("%.0f", v); o = ""
+    while (length(s) > 3) { o = "," substr(s, length(s) - 2) o; s = substr(s, 1, length(s) - 3) }
+    print s o }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a != "" && b > 0) printf "%.2f\n", a / b; else print "–"}'; }
+# row LABEL KIND FORMAT ERROR-FIELD: each proxy's median, errors (over all rounds) beside it.
+row() {
+  local label=$1 kind=$2 fmt=$3 ec=$4 p e line="| $1 |"
+  local -A v=()
+  for p in "${PROXIES[@]}"; do
+    if [ -z "${R[$kind,$p]:-}" ]; then line+=" – |"; continue; fi
+    v[$p]=$(median "$kind" "$p" | awk '{print $1}')
+    e=$(errors "$kind" "$p" "$ec")
+    line+=" $(num "${v[$p]}" "$fmt")"
+    [ "$e" -eq 0 ] || line+=" (**$e errors**)"
+    if [ "$kind" = rate ]; then
+      e=$(errors rate "$p" 8)
+      [ "$e" -eq 0 ] || line+=" (**client-bound in $e of $ROUNDS**)"
+      e=$(errors rate "$p" 9)
+      [ "$e" -eq 0 ] || line+=" (**behind schedule in $e of $ROUNDS**)"
+    fi
+    line+=" |"
+  done
+  line+=" $(ratio "${v[tern]:-}" "${v[nginx]:-}") | $(ratio "${v[tern]:-}" "${v[haproxy]:-}") |"
+  [ -z "${TERN_BEFORE:-}" ] || line+=" $(ratio "${v[tern]:-}" "${v[tern-before]:-}") |"
+  echo "$line"
+}
+table() {
+  local head="| scenario |" rule="|---|" p
+  declare -A title=([tern]=tern [tern-before]=tern-before [nginx]=nginx [haproxy]=HAProxy)
+  for p in "${PROXIES[@]}"; do head+=" ${title[$p]} |"; rule+="---:|"; done
+  head+=" tern ÷ nginx | tern ÷ HAProxy |"; rule+="---:|---:|"
+  [ -z "${TERN_BEFORE:-}" ] || { head+=" tern ÷ tern-before |"; rule+="---:|"; }
+  echo "$head"; echo "$rule"
+  row "HTTP/1.1 keep-alive 1 KiB (req per CPU-s)" h1 int 4
+  row "TLS 1.3 keep-alive (req per CPU-s)" tls int 4
+  row "TLS 1.3 new connection per request (handshakes per CPU-s)" tls-new int 4
+  row "HTTP/2 over TLS (req per CPU-s)" h2 int 4
+  row "RSS per idle TLS keep-alive connection (KiB)" idle-tls %.1f 4
+  row "RSS per idle plain keep-alive connection (KiB)" idle-plain %.1f 4
+  row "p99 at half of nginx's max rate (ms)" rate %.2f 5
+}
+# What the table leaves out: wall-clock req/s, the fixed-rate run's other percentiles, Pss.
+details() {
+  local p k m
+  echo
+  echo "Median rounds, wall-clock req/s (proxy CPU-s in the run):"
+  for k in h1 tls tls-new h2; do
+    line="  $k:"
+    for p in "${PROXIES[@]}"; do
+      [ -n "${R[$k,$p]:-}" ] || continue
+      m=$(median "$k" "$p"); line+=" $p $(num "$(awk '{print $3}' <<<"$m")" int) ($(awk '{print $2}' <<<"$m") s);"
+    done
+    echo "$line"
+  done
+  if [ -n "${RATE_RPS:-}" ]; then
+    echo "Fixed rate $(num "$RATE_RPS" int) req/s (${RATE:+set by RATE, not }half of nginx's HTTP/1.1 wall-clock req/s), median round by p99:"
+    for p in "${PROXIES[@]}"; do
+      m=$(median rate "$p")
+      awk -v p="$p" '{printf "  %s: p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms, sent %d req/s, proxy CPU %.2f s, errors %d, bench_rate lag p99 %.2f ms\n", p, $2, $1, $3, $6, $4, $5, $7}' <<<"$m"
+    done
+  fi
+  for p in "${!WEDGED[@]}"; do
+    [ "${WEDGED[$p]}" -eq 0 ] || echo "WARNING: $p's watchdog reported ${WEDGED[$p]} wedge(s) (its log: \"wedged\"); figures taken meanwhile are suspect"
+  done
+  if [ -n "${R[idle-tls,tern]:-}" ]; then
+    echo "Idle connections ($IDLE_CONNS each), KiB per connection as RSS / Pss:"
+    for p in "${PROXIES[@]}"; do
+      echo "  $p: TLS $(awk '{print $1 " / " $2}' <<<"${R[idle-tls,$p]}"), plain $(awk '{print $1 " / " $2}' <<<"${R[idle-plain,$p]}")"
+    done
+  fi
+}
+
+mkdir -p "$work/runs"
+start_backend
+for p in "${PROXIES[@]}"; do start "$p"; done
+for p in backend "${PROXIES[@]}"; do
+  log "$p pid=${PID[$p]} http=${HTTP[$p]:-$BPORT} tls=${TLS[$p]:-} cpus=$(sed -n 's/^Cpus_allowed_list:\s*//p' "/proc/${PID[$p]}/status")"
+done
+for kind in ${SCENARIOS-h1 tls tls-new h2}; do scenario "$kind"; done
+if [ -z "${SKIP_RATE:-}" ]; then
+  if [ -n "${RATE:-}" ]; then
+    RATE_RPS=$RATE
+  else
+    [ -n "${R[h1,nginx]:-}" ] || { echo "the fixed-rate run needs the h1 scenario (nginx's max rate) or RATE" >&2; exit 1; }
+    RATE_RPS=$(median h1 nginx | awk '{printf "%d", $3 / 2}')
+  fi
+  fixed_rate "$RATE_RPS"
+fi
+if [ -z "${SKIP_IDLE:-}" ]; then
+  for p in "${PROXIES[@]}"; do
+    echo "idle: $p, $IDLE_CONNS TLS then $IDLE_CONNS plain connections" >&2
+    idle_run "$p" tls; idle_run "$p" plain
+  done
+fi
+for p in "${PROXIES[@]}"; do stop "$p"; done
 
 echo
-echo "load: median of $ROUNDS runs of ${DUR}s each, $CONNS connections, $(nproc) cores, backend alone: $(awk '{printf "%.0f req/s", $1}' <<<"$direct")"
-printf "%-22s %-8s %12s %12s %8s %14s %14s\n" scenario proxy "req/s" "p99 ms" errors "tern/nginx" "tern/haproxy"
-for s in "HTTP/1.1 keep-alive" "HTTP/1.1 over TLS" "HTTP/2 over TLS"; do
-  read -r trps tlat terr <<<"${R[$s,tern]}"
-  read -r nrps nlat nerr <<<"${R[$s,nginx]}"
-  read -r hrps hlat herr <<<"${R[$s,haproxy]}"
-  lat=p99; [[ $s == HTTP/2* ]] && lat=mean
-  printf "%-22s %-8s %12.0f %12.2f %8s %14.2f %14.2f\n" "$s" tern "$trps" "$tlat" "$terr" \
-    "$(awk -v a="$trps" -v b="$nrps" 'BEGIN{print (b>0)?a/b:0}')" "$(awk -v a="$trps" -v b="$hrps" 'BEGIN{print (b>0)?a/b:0}')"
-  printf "%-22s %-8s %12.0f %12.2f %8s\n" "" nginx "$nrps" "$nlat" "$nerr"
-  printf "%-22s %-8s %12.0f %12.2f %8s\n" "" haproxy "$hrps" "$hlat" "$herr"
-done
-echo "(latency column: wrk p99 for HTTP/1.1; h2load mean per request for HTTP/2, which reports no percentiles)"
+echo "Load, tern at $(git rev-parse --short HEAD 2>/dev/null || echo ?) ($TERN${TERN_BEFORE:+, tern-before $TERN_BEFORE}): median of $ROUNDS rounds of ${DUR}s, $CONNS connections; backend and load on CPU $PIN_LOAD, each proxy alone on CPU $PIN_PROXY with one worker; $((SECONDS - started)) s in all; load average $load_at_start at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end."
+echo
+table
+details
