@@ -197,8 +197,8 @@ impl Server {
         self.keepalive_timeout.min(self.header_read_timeout)
     }
 
-    /// Serves HTTP/1.1 on `io` until it closes, handing hyper the connection again each
-    /// time it wakes from being parked (see [`park`]).
+    /// Serves HTTP/1.1 on `io` until it closes, handing hyper the connection each time the
+    /// client sends after a quiet spell (see [`park`]).
     async fn serve_http1<IO, S>(&self, mut io: Prefixed<IO>, svc: S, state: &ConnState, metrics: &Metrics)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -213,6 +213,14 @@ impl Server {
         // read timeout each time: the first such park starts a clock of tern's own.
         let mut partial_since: Option<tokio::time::Instant> = None;
         loop {
+            // hyper's state is made when the client has something to say: a connection that
+            // has not sent its first request yet costs no more than a parked one.
+            if matches!(park::next_bytes(&mut io, state, self.quiet_limit()).await, park::Next::Close) {
+                return;
+            }
+            // A fresh connection gets its own quiet time before it may be parked, even one
+            // resumed with a half-read head and no new byte yet.
+            state.activity.touch();
             // Boxed, so that a parked connection's task holds none of hyper's state.
             let conn = Box::pin(self.http1.serve_connection(TokioIo::new(io), svc.clone()).with_upgrades());
             let Some(parts) = Box::pin(self.drive_http1(conn, state)).await else { return };
@@ -227,12 +235,6 @@ impl Server {
                 }
             }
             io.unread(parts.read_buf);
-            if matches!(park::next_bytes(&mut io, state, self.quiet_limit()).await, park::Next::Close) {
-                return;
-            }
-            // A fresh connection gets its own quiet time before it may be parked, even one
-            // resumed with a half-read head and no new byte yet.
-            state.activity.touch();
         }
     }
 
