@@ -216,11 +216,21 @@ impl RibError {
 /// ends only when the store gives up or the subscription is dropped.
 pub struct Subscription {
     rx: mpsc::Receiver<Result<RibEvent, RibError>>,
+    /// Kept for as long as the subscription, and dropped with it: how a store's follower
+    /// that sleeps on something other than the channel hears that nobody listens any more.
+    _held: Option<Box<dyn Send + Sync>>,
 }
 
 impl Subscription {
     pub fn new(rx: mpsc::Receiver<Result<RibEvent, RibError>>) -> Self {
-        Subscription { rx }
+        Subscription { rx, _held: None }
+    }
+
+    /// The subscription, also keeping `held` until it is dropped.
+    #[must_use]
+    pub fn holding(mut self, held: Box<dyn Send + Sync>) -> Self {
+        self._held = Some(held);
+        self
     }
 
     pub async fn next(&mut self) -> Option<Result<RibEvent, RibError>> {

@@ -105,7 +105,7 @@ pub fn node_config(db: &Path, extra: &str) -> String {
     let watchdog = if extra.contains("[watchdog]") { "" } else { "[watchdog]\naction = \"log\"\n" };
     format!(
         "region = \"ams\"\n{extra}\n{shutdown}\n{watchdog}\n[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[listen]]\naddr = \"127.0.0.1:0\"\ntls = true\n\n\
-         [admin]\naddr = \"127.0.0.1:0\"\n\n[rib]\npath = \"{}\"\npoll_interval = \"5ms\"\n\n[log]\naccess = false\n",
+         [admin]\naddr = \"127.0.0.1:0\"\n\n[rib]\npath = \"{}\"\n\n[log]\naccess = false\n",
         db.display()
     )
 }
