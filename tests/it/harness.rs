@@ -148,7 +148,8 @@ impl Proxy {
         let admin = bound.admin_addr().unwrap();
         let rib = SqliteRib::open(&db, config.rib.poll_interval).unwrap();
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(proxy::run(config, bound, Arc::new(rib), rx));
+        let task =
+            tokio::spawn(proxy::run(config, bound, Arc::new(rib), rx, tern::watchdog::Parking::default()));
         Proxy { dir, db, http, https, admin, stop, task: Some(task) }
     }
 
