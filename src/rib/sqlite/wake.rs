@@ -18,7 +18,10 @@
 //! A write to the log comes a moment before the commit is visible: the writer publishes it
 //! in the log's index (`tern.db-shm`, shared memory, which raises no event) after its last
 //! write. A reader woken by the write may look in between and see nothing new; it looks
-//! again a few times shortly after ([`RECHECK`]) before it trusts the silence.
+//! again a few times shortly after ([`RECHECK`]) before it trusts the silence. A writer that
+//! then closes the file (`tern apply` exiting) raises one more event, after the commit is
+//! visible: so a writer descheduled between its write and its publication (a busy machine)
+//! is caught when it closes, not at the end of the rechecks.
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
@@ -153,12 +156,14 @@ impl Watches {
         Ok(w)
     }
 
-    /// Watches the database and its log for writes, as they are now (either may be absent:
-    /// the log exists only while a connection is open).
+    /// Watches the database and its log for writes, and for a writer closing them (`tern
+    /// apply` exiting, after its commit is published), as they are now (either may be
+    /// absent: the log exists only while a connection is open).
     fn watch_files(&self) {
+        let mask = AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CLOSE_WRITE;
         for name in [&self.db, &self.wal] {
             // Absent now: the directory's watch says when it appears.
-            let _ = self.inotify.add_watch(&self.dir.join(name), AddWatchFlags::IN_MODIFY);
+            let _ = self.inotify.add_watch(&self.dir.join(name), mask);
         }
     }
 
