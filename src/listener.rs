@@ -37,12 +37,26 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
-/// What an accept loop does besides accepting, for a worker: tick its heartbeat every
-/// period, and ask `defer` whether to let another worker take the next connection.
+/// What an accept loop does besides accepting, for a worker: keep its heartbeat (idle while
+/// it waits, busy in between), and ask `defer` whether to let another worker take the next
+/// connection.
 #[derive(Default)]
 pub struct Pacing {
-    pub beat: Option<(crate::watchdog::Beat, Duration)>,
+    pub beat: Option<crate::watchdog::Beat>,
     pub defer: Option<Box<dyn Fn() -> bool + Send>>,
+}
+
+/// `f`, with the loop's heartbeat idle while it waits: waiting for a connection, a permit
+/// or the end of a pause is not being stuck, and wakes nobody.
+async fn waiting<T>(beat: Option<&crate::watchdog::Beat>, f: impl std::future::Future<Output = T>) -> T {
+    if let Some(b) = beat {
+        b.idle();
+    }
+    let out = f.await;
+    if let Some(b) = beat {
+        b.busy();
+    }
+    out
 }
 
 /// How long a worker ahead in open connections waits before it asks for the next one.
@@ -69,8 +83,8 @@ fn classify(e: &io::Error) -> (&'static str, bool) {
 }
 
 /// Accepts connections until `shutdown` turns true, handing each to `on_accept` with a
-/// permit from `limit` that it must hold for the connection's life. `beat`, ticked every
-/// period while the loop waits, tells the watchdog the loop itself still turns.
+/// permit from `limit` that it must hold for the connection's life. `beat`, idle while the
+/// loop waits and ticked as it turns, tells the watchdog the loop itself is not stuck.
 pub async fn accept_loop<F>(
     listener: TcpListener,
     label: Arc<str>,
@@ -84,12 +98,7 @@ pub async fn accept_loop<F>(
 {
     let mut backoff = Duration::from_millis(5);
     let Pacing { beat, defer } = pacing;
-    let (beat, period) = match beat {
-        Some((b, p)) => (Some(b), p),
-        None => (None, Duration::from_secs(3600)),
-    };
-    let mut every = tokio::time::interval(period);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let beat = beat.as_ref();
     loop {
         let permit = match limit.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -97,15 +106,15 @@ pub async fn accept_loop<F>(
                 metrics.connections_rejected.inc();
                 tracing::warn!(target: "tern::listener", listener = %label,
                     "max_connections reached; new connections wait in the backlog");
-                // Waiting for a connection to close is not being stuck: keep ticking.
-                let waiting = limit.clone().acquire_owned();
-                tokio::pin!(waiting);
-                loop {
+                let waited = waiting(beat, async {
                     tokio::select! {
-                        p = &mut waiting => match p { Ok(p) => break p, Err(_) => return },
-                        () = crate::shutdown::requested(&mut shutdown) => return,
-                        _ = every.tick() => if let Some(b) = &beat { b.tick() },
+                        p = limit.clone().acquire_owned() => p.ok(),
+                        () = crate::shutdown::requested(&mut shutdown) => None,
                     }
+                });
+                match waited.await {
+                    Some(p) => p,
+                    None => return,
                 }
             }
         };
@@ -113,15 +122,15 @@ pub async fn accept_loop<F>(
         // every worker sharing the socket is woken for it, and the kernel hands it to the
         // first to ask. Only a head start, never a refusal: after the pause it asks too.
         if defer.as_ref().is_some_and(|d| d()) {
-            tokio::time::sleep(DEFER).await;
+            waiting(beat, tokio::time::sleep(DEFER)).await;
         }
-        let accepted = loop {
+        let accepted = waiting(beat, async {
             tokio::select! {
-                r = listener.accept() => break r,
-                () = crate::shutdown::requested(&mut shutdown) => return,
-                _ = every.tick() => if let Some(b) = &beat { b.tick() },
+                r = listener.accept() => Some(r),
+                () = crate::shutdown::requested(&mut shutdown) => None,
             }
-        };
+        });
+        let Some(accepted) = accepted.await else { return };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
@@ -133,15 +142,14 @@ pub async fn accept_loop<F>(
                 metrics.accept_errors.with_label_values(&[reason]).inc();
                 if back_off {
                     tracing::warn!(target: "tern::listener", listener = %label, error = %e, retry_in = ?backoff, "accept failed");
-                    let pause = tokio::time::sleep(backoff);
-                    tokio::pin!(pause);
-                    loop {
+                    let paused = waiting(beat, async {
                         tokio::select! {
-                            () = &mut pause => break,
-                            () = crate::shutdown::requested(&mut shutdown) => return,
-                            // Backing off is not being stuck: keep ticking.
-                            _ = every.tick() => if let Some(b) = &beat { b.tick() },
+                            () = tokio::time::sleep(backoff) => true,
+                            () = crate::shutdown::requested(&mut shutdown) => false,
                         }
+                    });
+                    if !paused.await {
+                        return;
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }

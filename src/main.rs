@@ -128,9 +128,13 @@ fn serve(config_path: Option<&Path>, mut inherited: Inherited) -> anyhow::Result
         Source::File(p) => tracing::info!(target: "tern::proxy", config = %p.display(), "config loaded"),
         Source::Embedded => tracing::info!(target: "tern::proxy", "no tern.toml: using the embedded default"),
     }
-    // The control thread: catalog updates, admin, accepting. Workers have runtimes of their own.
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    // The control thread: admin, and orchestrating start, upgrade, drain and stop. Workers,
+    // the catalog and the lifecycle manager have runtimes of their own.
+    let parking = tern::watchdog::Parking::default();
+    let runtime = parking
+        .install(tokio::runtime::Builder::new_current_thread().enable_all())
+        .build()
+        .context("starting the runtime")?;
     runtime.block_on(async move {
         let bound = Bound::bind_inheriting(&config, &mut inherited)?;
         let rib = open_rib(&config)?;
@@ -139,7 +143,7 @@ fn serve(config_path: Option<&Path>, mut inherited: Inherited) -> anyhow::Result
             wait_for_signal().await;
             let _ = stop_tx.send(true);
         });
-        proxy::run(config, bound, rib, stop_rx).await?;
+        proxy::run(config, bound, rib, stop_rx, parking).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -93,7 +93,9 @@ async fn follow(
                 }
                 continue;
             }
-            _ = tick.tick() => {
+            // Only while the RIB is lost is there an age to keep up to date; a node following
+            // it is not woken for nothing.
+            _ = tick.tick(), if !link.connected => {
                 link.age(&metrics);
                 continue;
             }

@@ -25,7 +25,10 @@ pub struct Rib {
     pub kind: RibKind,
     #[serde(default = "default_rib_path")]
     pub path: PathBuf,
-    /// How often the SQLite RIB is checked for committed changes.
+    /// SQLite: how often the RIB is checked for commits when no file event announced one.
+    /// Commits are noticed from the events (inotify) as they happen; this only bounds how
+    /// late one is seen where events do not arrive (a network filesystem, inotify limits
+    /// used up).
     #[serde(default = "default_rib_poll", deserialize_with = "de_duration")]
     pub poll_interval: Duration,
     /// etcd: the cluster's client URLs (`http://host:port`); any member will do.
@@ -123,7 +126,7 @@ fn default_rib_path() -> PathBuf {
     PathBuf::from("tern.db")
 }
 fn default_rib_poll() -> Duration {
-    Duration::from_millis(10)
+    Duration::from_secs(1)
 }
 fn default_etcd_endpoints() -> Vec<String> {
     vec!["http://127.0.0.1:2379".into()]

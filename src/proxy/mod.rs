@@ -166,9 +166,12 @@ struct RuntimeThread {
 }
 
 impl RuntimeThread {
-    fn start(name: &str) -> std::io::Result<RuntimeThread> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    /// Its heartbeat, `what`, ends with the runtime, which retires it.
+    fn start(name: &str, watchdog: &crate::watchdog::Watchdog, what: &str) -> std::io::Result<RuntimeThread> {
+        let parking = crate::watchdog::Parking::default();
+        let runtime = parking.install(tokio::runtime::Builder::new_current_thread().enable_all()).build()?;
         let handle = runtime.handle().clone();
+        handle.spawn(crate::watchdog::keep_beating(watchdog.heartbeat_parked(what, parking)));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
             runtime.block_on(async {
@@ -216,12 +219,10 @@ impl Background {
         shutdown: &watch::Receiver<bool>,
         watchdog: &crate::watchdog::Watchdog,
     ) -> Result<Background, StartError> {
-        let catalog_rt = RuntimeThread::start("tern-catalog").map_err(StartError::Workers)?;
-        let lifecycle_rt = RuntimeThread::start("tern-lifecycle").map_err(StartError::Workers)?;
-        // Each runtime's heartbeat ends with the runtime, which retires it.
-        for (rt, what) in [(&catalog_rt, "catalog"), (&lifecycle_rt, "lifecycle")] {
-            rt.handle.spawn(crate::watchdog::beat_forever(watchdog.heartbeat(what), watchdog.tick_period()));
-        }
+        let catalog_rt =
+            RuntimeThread::start("tern-catalog", watchdog, "catalog").map_err(StartError::Workers)?;
+        let lifecycle_rt =
+            RuntimeThread::start("tern-lifecycle", watchdog, "lifecycle").map_err(StartError::Workers)?;
         // What each published batch changed, for the lifecycle manager; it starts listening
         // after boot's reconcile, and nothing sent meanwhile is lost.
         let (feed, changes) = tokio::sync::mpsc::unbounded_channel();
@@ -321,7 +322,9 @@ impl Background {
 /// orchestrates start and stop; the catalog follows the RIB on `tern-catalog`; lifecycle
 /// work (the supervisor, wakes, probes, health checks) runs on `tern-lifecycle`; each
 /// [`worker`] accepts and serves its own connections. A wedge in one of them leaves the
-/// others running, and the watchdog sees which.
+/// others running, and the watchdog sees which. `parking` says when the runtime this runs on
+/// is parked, if it was installed there (`Parking::default()` otherwise: the control
+/// heartbeat is then asked for a tick every `stall_after / 20`).
 // The composition root, read top to bottom: each step is a call, in the order the node needs.
 #[allow(clippy::too_many_lines)]
 pub async fn run(
@@ -329,6 +332,7 @@ pub async fn run(
     bound: Bound,
     rib: Arc<dyn Rib>,
     shutdown: watch::Receiver<bool>,
+    parking: crate::watchdog::Parking,
 ) -> Result<(), StartError> {
     // Other nodes are told the address the backhaul listener got (port 0 picks one).
     if let (Some(b), Some(at)) = (config.backhaul.as_mut(), bound.backhaul_addr()) {
@@ -342,10 +346,10 @@ pub async fn run(
     let catalog = Arc::new(Catalog::new());
     let watchdog = wedge::watchdog(&config, &metrics);
     let control_beat =
-        tokio::spawn(crate::watchdog::beat_forever(watchdog.heartbeat("control"), watchdog.tick_period()));
+        tokio::spawn(crate::watchdog::keep_beating(watchdog.heartbeat_parked("control", parking)));
     // A store client's own runtime (etcd, Corrosion); its heartbeat ends with it.
-    let client_beat = rib.client_runtime().map(|rt| {
-        rt.spawn(crate::watchdog::beat_forever(watchdog.heartbeat("rib-client"), watchdog.tick_period()))
+    let client_beat = rib.client_runtime().map(|(rt, parking)| {
+        rt.spawn(crate::watchdog::keep_beating(watchdog.heartbeat_parked("rib-client", parking)))
     });
     let tasks = crate::tasks::Tasks::new(metrics.clone(), escalate_to(&watchdog));
     let bg =

@@ -27,7 +27,7 @@ use crate::telemetry::Metrics;
 use crate::tls;
 use crate::upstream::{Pool, PoolConfig};
 use crate::watchdog::spin::{Counted, Guarded, Progress};
-use crate::watchdog::{Beat, Watchdog, beat_forever};
+use crate::watchdog::{Beat, Parking, Watchdog, keep_beating};
 
 /// One accepted connection.
 pub(super) struct Job {
@@ -115,8 +115,9 @@ impl Workers {
                 },
                 deps.metrics.clone(),
             );
+            let parking = Parking::default();
             let beats = Beats {
-                runtime: watchdog.heartbeat(&format!("worker-{i}")),
+                runtime: watchdog.heartbeat_parked(&format!("worker-{i}"), parking.clone()),
                 accept: mine
                     .iter()
                     .map(|(l, c)| {
@@ -124,9 +125,9 @@ impl Workers {
                         watchdog.heartbeat(&format!("accept {addr} (worker-{i})"))
                     })
                     .collect(),
-                period: watchdog.tick_period(),
             };
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime =
+                parking.install(tokio::runtime::Builder::new_current_thread().enable_all()).build()?;
             let pool2 = pool.clone();
             std::thread::Builder::new().name(format!("tern-worker-{i}")).spawn(move || {
                 runtime.block_on(run(deps, mine, rx, open2, pool2, beats, level));
@@ -171,7 +172,6 @@ struct Level {
 struct Beats {
     runtime: Beat,
     accept: Vec<Beat>,
-    period: std::time::Duration,
 }
 
 async fn run(
@@ -185,7 +185,7 @@ async fn run(
 ) {
     let tasks = TaskTracker::new();
     // Ends with the runtime, which retires the heartbeat with it.
-    let ticking = tokio::spawn(beat_forever(beats.runtime, beats.period));
+    let ticking = tokio::spawn(keep_beating(beats.runtime));
     keep_reaping(&deps, &pool);
     let handler = Arc::new(Handler {
         router: Router::new(deps.catalog.clone()).with_nearest(deps.lifecycle.nearest().cloned()),
@@ -231,7 +231,7 @@ async fn run(
             deps.metrics.clone(),
             deps.stop_accepting.clone(),
             crate::listener::Pacing {
-                beat: Some((beat, beats.period)),
+                beat: Some(beat),
                 defer: Some({
                     let level = level.clone();
                     Box::new(move || crate::listener::ahead(&level.loads, level.me))

@@ -85,22 +85,28 @@ impl Default for Liveness {
 /// subscription and the blocking callers (`tern apply`, lifecycle writes from blocking
 /// threads) share it, whatever runtime (if any) they are on themselves. Shut down without
 /// waiting when the RIB goes, since dropping a runtime inside another one would panic.
-pub(crate) struct ClientRuntime(Option<tokio::runtime::Runtime>);
+pub(crate) struct ClientRuntime(Option<tokio::runtime::Runtime>, crate::watchdog::Parking);
 
 impl ClientRuntime {
     /// One worker thread named `name`: a store client does little work, mostly waiting.
     pub(crate) fn new(name: &str) -> Result<ClientRuntime, RibError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name(name)
-            .enable_all()
+        let parking = crate::watchdog::Parking::default();
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(1).thread_name(name).enable_all();
+        let rt = parking
+            .install(&mut builder)
             .build()
             .map_err(|e| RibError::Other(format!("starting the runtime {name}: {e}")))?;
-        Ok(ClientRuntime(Some(rt)))
+        Ok(ClientRuntime(Some(rt), parking))
     }
 
     pub(crate) fn get(&self) -> &tokio::runtime::Runtime {
         self.0.as_ref().expect("the runtime lives as long as the RIB")
+    }
+
+    /// For [`Rib::client_runtime`]: its handle, and whether its one worker is parked.
+    pub(crate) fn watched(&self) -> (tokio::runtime::Handle, crate::watchdog::Parking) {
+        (self.get().handle().clone(), self.1.clone())
     }
 }
 
@@ -216,11 +222,21 @@ impl RibError {
 /// ends only when the store gives up or the subscription is dropped.
 pub struct Subscription {
     rx: mpsc::Receiver<Result<RibEvent, RibError>>,
+    /// Kept for as long as the subscription, and dropped with it: how a store's follower
+    /// that sleeps on something other than the channel hears that nobody listens any more.
+    _held: Option<Box<dyn Send + Sync>>,
 }
 
 impl Subscription {
     pub fn new(rx: mpsc::Receiver<Result<RibEvent, RibError>>) -> Self {
-        Subscription { rx }
+        Subscription { rx, _held: None }
+    }
+
+    /// The subscription, also keeping `held` until it is dropped.
+    #[must_use]
+    pub fn holding(mut self, held: Box<dyn Send + Sync>) -> Self {
+        self._held = Some(held);
+        self
     }
 
     pub async fn next(&mut self) -> Option<Result<RibEvent, RibError>> {
@@ -241,10 +257,10 @@ pub struct Rotated {
 }
 
 pub trait Rib: Send + Sync + 'static {
-    /// The runtime this store's client runs on, if it has one of its own (etcd, Corrosion):
-    /// the node's watchdog keeps a heartbeat there, so a wedged client is seen as one rather
-    /// than only as a catalog growing stale.
-    fn client_runtime(&self) -> Option<tokio::runtime::Handle> {
+    /// The runtime this store's client runs on, if it has one of its own (etcd, Corrosion),
+    /// and whether its thread is parked: the node's watchdog keeps a heartbeat there, so a
+    /// wedged client is seen as one rather than only as a catalog growing stale.
+    fn client_runtime(&self) -> Option<(tokio::runtime::Handle, crate::watchdog::Parking)> {
         None
     }
 

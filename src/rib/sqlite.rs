@@ -3,8 +3,9 @@
 //! Tables `apps`, `machines` and `certificates` hold one JSON body per key. Triggers append
 //! every insert, update and delete to `changes`, whatever wrote it (`tern apply`, the
 //! driver, or an operator with `sqlite3`), so subscribers see all of them. A subscriber
-//! polls `PRAGMA data_version`, which costs microseconds and changes only when another
-//! connection commits, and then reads `changes` after its cursor. The log keeps the last
+//! is woken by the database's file events (`wake`; a slow poll where there are none), checks
+//! `PRAGMA data_version`, which costs microseconds and changes only when another connection
+//! commits, and then reads `changes` after its cursor. The log keeps the last
 //! [`RETAIN_CHANGES`] entries; a subscriber that falls further behind gets a snapshot. The
 //! log also lets [`Rib::look_back`] find a row's last body that decoded.
 //!
@@ -26,6 +27,7 @@ use crate::watchdog::lock::Mutex;
 
 mod existing;
 mod schema;
+mod wake;
 mod watch;
 
 pub use existing::{Existing, ReadOnly, open_existing};
@@ -401,8 +403,17 @@ impl Rib for SqliteRib {
 
     fn subscribe(&self, from: Option<Cursor>) -> Subscription {
         let (tx, rx) = mpsc::channel(4);
-        watch::spawn(self.path.clone(), self.poll_interval, from, tx);
-        Subscription::new(rx)
+        // The watcher hears the subscription dropped as this pipe hanging up.
+        match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+            Ok((gone, held)) => {
+                watch::spawn(self.path.clone(), self.poll_interval, from, tx, gone);
+                Subscription::new(rx).holding(Box::new(held))
+            }
+            Err(e) => {
+                let _ = tx.try_send(Err(RibError::Other(format!("cannot follow the RIB: pipe: {e}"))));
+                Subscription::new(rx)
+            }
+        }
     }
 
     fn record_state(&self, id: &str, row: &StateRow) -> Result<bool, RibError> {
@@ -491,6 +502,9 @@ mod tests {
     }
     use crate::rib::RibEvent;
 
+    /// A poll that never comes within a test: changes must be noticed from file events.
+    const NO_POLL: Duration = Duration::from_secs(3600);
+
     fn rec(table: Table, key: &str, body: &str) -> Record {
         Record { table, key: key.into(), body: body.into() }
     }
@@ -501,7 +515,7 @@ mod tests {
         let path = dir.path().join("rib.db");
         let mut store = Store::open(&path).unwrap();
         store.transact(|tx| tx.put(&rec(Table::Apps, "a", "{\"v\":1}"))).unwrap();
-        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        let rib = SqliteRib::open(&path, NO_POLL).unwrap();
         let mut sub = rib.subscribe(None);
         let Some(Ok(RibEvent::Snapshot { records, cursor, .. })) = skip_live(&mut sub).await else {
             panic!("expected a snapshot first")
@@ -563,7 +577,7 @@ mod tests {
     async fn a_replaced_file_is_noticed_and_sent_as_a_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rib.db");
-        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        let rib = SqliteRib::open(&path, NO_POLL).unwrap();
         let mut sub = rib.subscribe(None);
         assert!(matches!(next(&mut sub).await, Ok(RibEvent::Snapshot { .. })));
         // Written while the proxy has the file open: it sits in the write-ahead log.
@@ -605,7 +619,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rib.db");
         Store::open(&path).unwrap().transact(|tx| tx.put(&rec(Table::Apps, "old", "{}"))).unwrap();
-        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        let rib = SqliteRib::open(&path, NO_POLL).unwrap();
         let mut sub = rib.subscribe(None);
         assert!(matches!(next(&mut sub).await, Ok(RibEvent::Snapshot { .. })));
 
@@ -640,7 +654,7 @@ mod tests {
         store.transact(|tx| tx.put(&rec(Table::Apps, "b", "x"))).unwrap();
         store.transact(|tx| tx.delete(Table::Apps, "a")).unwrap();
         store.transact(|tx| tx.put(&rec(Table::Apps, "a", "2"))).unwrap();
-        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        let rib = SqliteRib::open(&path, NO_POLL).unwrap();
         let epoch: String =
             store.conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0)).unwrap();
         store.transact(|tx| tx.put(&rec(Table::Apps, "a", "3"))).unwrap(); // after the cursor
@@ -678,7 +692,7 @@ mod tests {
                 .map(|i| {
                     let path = &path;
                     s.spawn(move || {
-                        let rib = SqliteRib::open(path, Duration::from_millis(5)).unwrap();
+                        let rib = SqliteRib::open(path, NO_POLL).unwrap();
                         rib.ensure_session_key(&key_row(i)).unwrap()
                     })
                 })
@@ -695,7 +709,7 @@ mod tests {
     fn a_rotation_adds_a_key_and_retires_the_others_after_the_grace() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rib.db");
-        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        let rib = SqliteRib::open(&path, NO_POLL).unwrap();
         assert!(rib.ensure_session_key(&key_row(1)).unwrap());
         let done = rib.rotate_session_key(&key_row(100), 50).unwrap();
         assert_eq!(done, Rotated { id: 2, retired: vec![1], retire_at_ms: 150, deleted: vec![] });
@@ -714,7 +728,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rib.db");
-        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        let rib = SqliteRib::open(&path, NO_POLL).unwrap();
         rib.ensure_session_key(&key_row(1)).unwrap();
         for suffix in ["", "-wal", "-shm"] {
             let file = sidecar(&path, suffix);
@@ -739,7 +753,7 @@ mod tests {
         let (epoch, changes) =
             (read("SELECT value FROM meta WHERE key = 'epoch'"), read("SELECT COUNT(*) || '' FROM changes"));
 
-        let rib = SqliteRib::open(&path, Duration::from_millis(5)).unwrap();
+        let rib = SqliteRib::open(&path, NO_POLL).unwrap();
         assert!(rib.ensure_session_key(&key_row(1)).unwrap());
         assert_eq!(read("SELECT value FROM meta WHERE key = 'schema'"), schema::VERSION.to_string());
         assert_eq!(read("SELECT value FROM meta WHERE key = 'epoch'"), epoch, "cursors stay valid");

@@ -24,11 +24,22 @@ pub struct BeatSeen {
     pub id: u64,
     pub what: Arc<str>,
     pub last_ms: u64,
+    /// What ticks it is parked (waiting, with nothing to do): idle, not stuck.
+    pub parked: bool,
 }
 
 impl BeatSeen {
+    /// How stale it is: 0 while parked (it would answer at once), else since its last tick.
     pub fn age_ms(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.last_ms)
+        if self.parked { 0 } else { now_ms.saturating_sub(self.last_ms) }
+    }
+}
+
+impl Observation {
+    /// Nothing busy: every heartbeat parked, no tracked lock held or waited for. The
+    /// watchdog may look less often then.
+    pub fn is_idle(&self) -> bool {
+        self.beats.iter().all(|b| b.parked) && self.locks.held.is_empty() && self.locks.waiting.is_empty()
     }
 }
 
@@ -386,13 +397,13 @@ mod tests {
 
     #[test]
     fn a_heartbeat_older_than_stall_after_is_stale_and_a_new_stall_has_a_new_key() {
-        let beat = |last_ms| BeatSeen { id: 3, what: Arc::from("worker-0"), last_ms };
+        let beat = |last_ms| BeatSeen { id: 3, what: Arc::from("worker-0"), last_ms, parked: false };
         let at = |now_ms, last_ms| Observation {
             now_ms,
             previous_ms: Some(now_ms - 250),
             beats: vec![
                 beat(last_ms),
-                BeatSeen { id: 4, what: Arc::from("lifecycle"), last_ms: now_ms - 10 },
+                BeatSeen { id: 4, what: Arc::from("lifecycle"), last_ms: now_ms - 10, parked: false },
             ],
             ..Observation::default()
         };
@@ -409,11 +420,31 @@ mod tests {
     }
 
     #[test]
+    fn a_parked_runtime_is_idle_however_long_ago_it_last_ticked() {
+        let mut obs = Observation {
+            now_ms: 100_000,
+            previous_ms: Some(99_500),
+            beats: vec![BeatSeen { id: 1, what: Arc::from("catalog"), last_ms: 1_000, parked: true }],
+            ..Observation::default()
+        };
+        assert!(check(&obs, LIMITS).is_empty(), "waiting for work is not being stuck");
+        assert_eq!(obs.beats[0].age_ms(obs.now_ms), 0);
+        assert!(obs.is_idle());
+        // It unparked (a tick) and has not parked again since: judged as any other.
+        obs.beats[0] = BeatSeen { parked: false, last_ms: 97_000, ..obs.beats[0].clone() };
+        assert!(!obs.is_idle());
+        assert_eq!(check(&obs, LIMITS).len(), 1);
+        obs.beats[0].parked = true;
+        obs.locks.held = vec![held(1, "rib.writer", 1, 99_900)];
+        assert!(!obs.is_idle(), "a lock held is something to watch closely");
+    }
+
+    #[test]
     fn after_the_watchdog_itself_was_paused_it_looks_again_before_calling_a_stall() {
         let obs = Observation {
             now_ms: 10_000,
             previous_ms: Some(5_000),
-            beats: vec![BeatSeen { id: 1, what: Arc::from("worker-0"), last_ms: 5_000 }],
+            beats: vec![BeatSeen { id: 1, what: Arc::from("worker-0"), last_ms: 5_000, parked: false }],
             ..Observation::default()
         };
         assert!(check(&obs, LIMITS).is_empty());

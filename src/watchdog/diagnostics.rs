@@ -86,7 +86,13 @@ pub fn render(r: &Report<'_>, tasks: &[Task]) -> String {
         .collect();
     for b in &r.obs.beats {
         let age = b.age_ms(now);
-        let mark = if stale.contains(&b.id) { "  STALE" } else { "" };
+        let mark = if stale.contains(&b.id) {
+            "  STALE"
+        } else if b.parked {
+            "  (idle: parked, waiting for work)"
+        } else {
+            ""
+        };
         let _ = writeln!(s, "{:>10}  {}{mark}", age, b.what);
     }
     render_locks(&mut s, r.obs);
@@ -190,8 +196,8 @@ mod tests {
             now_ms: 4_000,
             previous_ms: Some(3_750),
             beats: vec![
-                BeatSeen { id: 1, what: Arc::from("worker-0"), last_ms: 1_500 },
-                BeatSeen { id: 2, what: Arc::from("lifecycle"), last_ms: 3_990 },
+                BeatSeen { id: 1, what: Arc::from("worker-0"), last_ms: 1_500, parked: false },
+                BeatSeen { id: 2, what: Arc::from("lifecycle"), last_ms: 3_990, parked: false },
             ],
             locks: LockSnapshot {
                 held: vec![held(1, "rib.writer", 1), held(2, "upstream.idle", 2)],

@@ -1,13 +1,22 @@
 //! The watchdog: turns a wedged tern (deadlocked locks, a blocked runtime thread, a task
 //! spinning at 100% CPU) into a short blip that explains itself.
 //!
-//! It runs on one OS thread of its own, `tern-watchdog`, never on a runtime it watches,
-//! and looks every `stall_after / 40`; heartbeats tick every `stall_after / 20`. A wedge is:
+//! It runs on one OS thread of its own, `tern-watchdog`, never on a runtime it watches. A
+//! wedge is:
 //! - a heartbeat older than `stall_after`: each runtime and loop worth watching registers
-//!   one ([`Watchdog::heartbeat`]) and ticks it ([`beat_forever`] on the runtime);
+//!   one ([`Watchdog::heartbeat`]). A runtime's heartbeat ticks whenever its thread parks or
+//!   unparks ([`Parking`]), and when the watchdog asks a busy one that has not for a tick
+//!   (`stall_after / 20`) ([`keep_beating`]); a parked runtime is idle, not wedged, and is
+//!   neither judged nor woken;
 //! - a cycle among tracked locks ([`lock`]): a deadlock, reported as soon as every thread
 //!   in it has waited one period, not after `stall_after`;
 //! - a tracked lock held longer than `stall_after`.
+//!
+//! The watchdog looks every `stall_after / 40` while anything is busy (a runtime unparked, a
+//! tracked lock held or waited for), and every `stall_after / 4` while all is idle, so an
+//! idle node is woken a few times a second in all rather than hundreds: a runtime that
+//! unparks and wedges is seen busy at the next look, well before it can be stale, and
+//! judged as closely from then on.
 //!
 //! On a wedge, in this order: a diagnostics file ([`diagnostics`]), a count
 //! (`tern_watchdog_stalls_total{what}`), [`Watchdog::is_wedged`] turns true (so `/healthz`
@@ -134,11 +143,61 @@ pub fn now_ms() -> u64 {
     u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Whether a runtime's thread is parked: waiting in its driver for I/O or a timer, with no
+/// task to run. A parked runtime is idle, not wedged (anything for it to do wakes it), so the
+/// watchdog neither judges its heartbeat nor wakes it. Kept by the runtime's own park hooks
+/// ([`Parking::install`]): a clock read and two relaxed stores per park and per unpark.
+#[derive(Clone, Default)]
+pub struct Parking(Arc<ParkCell>);
+
+#[derive(Default)]
+struct ParkCell {
+    parked: AtomicBool,
+    /// When it last parked or unparked ([`now_ms`]): either is a sign of life.
+    changed_ms: AtomicU64,
+}
+
+impl Parking {
+    /// Keeps this up to date from `builder`'s runtime, which must have one thread (a
+    /// current-thread runtime, or a multi-thread one with one worker).
+    pub fn install<'b>(&self, builder: &'b mut tokio::runtime::Builder) -> &'b mut tokio::runtime::Builder {
+        let (park, unpark) = (self.clone(), self.clone());
+        builder.on_thread_park(move || park.set(true)).on_thread_unpark(move || unpark.set(false))
+    }
+
+    /// The time first, then the flag (released): whoever sees the flag change sees the time.
+    fn set(&self, parked: bool) {
+        self.0.changed_ms.store(now_ms(), Ordering::Relaxed);
+        self.0.parked.store(parked, Ordering::Release);
+    }
+
+    fn parked(&self) -> bool {
+        self.0.parked.load(Ordering::Acquire)
+    }
+
+    fn changed_ms(&self) -> u64 {
+        self.0.changed_ms.load(Ordering::Relaxed)
+    }
+}
+
 /// One registered heartbeat.
 struct BeatCell {
     id: u64,
     what: Arc<str>,
     last_ms: AtomicU64,
+    /// Whether what ticks it is waiting, not working: a parked runtime, an accept loop
+    /// awaiting a connection.
+    parking: Parking,
+    /// The watchdog's request for a tick ([`keep_beating`] answers it).
+    poke: tokio::sync::Notify,
+}
+
+impl BeatCell {
+    /// As the watchdog sees it now: parked, and the latest sign of life.
+    fn seen(&self) -> (bool, u64) {
+        let parked = self.parking.parked();
+        (parked, self.last_ms.load(Ordering::Relaxed).max(self.parking.changed_ms()))
+    }
 }
 
 /// A named heartbeat. Clones tick the same heartbeat; when the last clone drops, the
@@ -156,6 +215,19 @@ impl Beat {
     pub fn what(&self) -> &str {
         &self.0.what
     }
+
+    /// What ticks it is waiting for something outside (a connection to accept), not
+    /// working: not judged until [`busy`](Self::busy).
+    #[inline]
+    pub fn idle(&self) {
+        self.0.parking.set(true);
+    }
+
+    /// Working again (a tick).
+    #[inline]
+    pub fn busy(&self) {
+        self.0.parking.set(false);
+    }
 }
 
 impl std::fmt::Debug for Beat {
@@ -164,16 +236,15 @@ impl std::fmt::Debug for Beat {
     }
 }
 
-/// Ticks `beat` every `period`, forever: spawn it on each runtime being watched. If the
-/// runtime's threads are all blocked, or one task never yields on a single-threaded
-/// runtime, this task is not polled and the heartbeat goes stale.
-pub async fn beat_forever(beat: Beat, period: Duration) {
-    let mut every = tokio::time::interval(period);
-    // After a stall, tick once and go on; a burst of make-up ticks says nothing more.
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Ticks `beat` now and whenever the watchdog asks, forever: spawn it on each runtime being
+/// watched. The watchdog asks a runtime that is not parked and went a tick without a sign
+/// of life; if the runtime's threads are all blocked, or one task never yields on a
+/// single-threaded runtime, this task is not polled and the heartbeat goes stale. Nothing
+/// here wakes an idle runtime.
+pub async fn keep_beating(beat: Beat) {
     loop {
-        every.tick().await;
         beat.tick();
+        beat.0.poke.notified().await;
     }
 }
 
@@ -223,10 +294,18 @@ impl Watchdog {
     /// Registers a heartbeat named `what` ("worker-0", "lifecycle", "catalog",
     /// "accept 127.0.0.1:8080"), ticked now. Names need not be unique.
     pub fn heartbeat(&self, what: &str) -> Beat {
+        self.heartbeat_parked(what, Parking::default())
+    }
+
+    /// A runtime's heartbeat: [`heartbeat`](Self::heartbeat), not judged while `parking`
+    /// (installed on the runtime) says its thread is parked.
+    pub fn heartbeat_parked(&self, what: &str, parking: Parking) -> Beat {
         let cell = Arc::new(BeatCell {
             id: self.next_beat.fetch_add(1, Ordering::Relaxed),
             what: Arc::from(what),
             last_ms: AtomicU64::new(now_ms()),
+            parking,
+            poke: tokio::sync::Notify::new(),
         });
         let mut beats = self.beats.lock();
         beats.retain(|b| b.strong_count() > 0);
@@ -240,13 +319,22 @@ impl Watchdog {
         self.wedged.load(Ordering::Relaxed)
     }
 
-    /// How often the watchdog looks.
+    /// How often the watchdog looks while anything is busy.
     pub fn period(&self) -> Duration {
         (self.settings.stall_after / 40).max(Duration::from_millis(1))
     }
 
-    /// How often heartbeats should tick ([`beat_forever`]'s period): 20 times per
-    /// `stall_after`, so a stall is seen within a twentieth of it.
+    /// How often it looks while every heartbeat is parked and no tracked lock is held: a
+    /// runtime that unparks and wedges meanwhile is seen busy at the next look, three
+    /// quarters of `stall_after` before it could be called stale, and watched closely from
+    /// then on.
+    pub fn idle_period(&self) -> Duration {
+        (self.settings.stall_after / 4).max(Duration::from_millis(1))
+    }
+
+    /// How long a busy heartbeat may go without a tick before the watchdog asks for one
+    /// ([`keep_beating`]): 20 times per `stall_after`, so a stall is seen within a twentieth
+    /// of it.
     pub fn tick_period(&self) -> Duration {
         (self.settings.stall_after / 20).max(Duration::from_millis(1))
     }
@@ -270,14 +358,17 @@ impl Watchdog {
             ));
         }
         let me = Arc::downgrade(self);
-        let period = self.period();
+        let (busy, idle) = (self.period(), self.idle_period());
         let spawned = std::thread::Builder::new().name("tern-watchdog".into()).spawn(move || {
             let mut previous = None;
+            let mut period = busy;
             loop {
                 std::thread::sleep(period);
                 let Some(dog) = me.upgrade() else { return };
                 let obs = dog.observe(now_ms(), previous);
                 previous = Some(obs.now_ms);
+                period = if obs.is_idle() { idle } else { busy };
+                dog.poke(&obs);
                 let looked =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dog.judge(&obs, &hooks)));
                 if looked.is_err() {
@@ -309,8 +400,30 @@ impl Watchdog {
         beats
             .iter()
             .filter_map(Weak::upgrade)
-            .map(|b| BeatSeen { id: b.id, what: b.what.clone(), last_ms: b.last_ms.load(Ordering::Relaxed) })
+            .map(|b| {
+                let (parked, last_ms) = b.seen();
+                BeatSeen { id: b.id, what: b.what.clone(), last_ms, parked }
+            })
             .collect()
+    }
+
+    /// Asks every busy heartbeat that went a tick without a sign of life in `obs` for one.
+    fn poke(&self, obs: &Observation) {
+        let tick_ms = self.limits().tick_ms;
+        let due: BTreeSet<u64> = obs
+            .beats
+            .iter()
+            .filter(|b| !b.parked && obs.now_ms.saturating_sub(b.last_ms) >= tick_ms)
+            .map(|b| b.id)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        for b in self.beats.lock().iter().filter_map(Weak::upgrade) {
+            if due.contains(&b.id) {
+                b.poke.notify_one();
+            }
+        }
     }
 
     /// One look: updates the age gauges, and reports what is newly wedged in `obs`.
@@ -403,7 +516,7 @@ impl Watchdog {
         let beats: Vec<serde_json::Value> = self
             .beats_seen()
             .iter()
-            .map(|b| serde_json::json!({ "what": &*b.what, "age_ms": b.age_ms(now) }))
+            .map(|b| serde_json::json!({ "what": &*b.what, "age_ms": b.age_ms(now), "idle": b.parked }))
             .collect();
         let record = self.record.lock();
         let last = record.last.as_ref().map(

@@ -197,16 +197,18 @@ fn the_watchdog_thread_reports_a_runtime_whose_thread_is_blocked() {
     let stall_after = Duration::from_millis(100);
     let settings = Settings { stall_after, action: Action::Log, diagnostics_dir: tmp.path().to_path_buf() };
     let dog = Watchdog::new(settings, metrics.clone());
-    let beat = dog.heartbeat("test-worker-beat");
-    let tick = dog.tick_period();
+    // A runtime as tern makes them: its heartbeat idle while it is parked.
+    let parking = Parking::default();
+    let beat = dog.heartbeat_parked("test-worker-beat", parking.clone());
     let (block_tx, block_rx) = tokio::sync::oneshot::channel::<()>();
     let (release_tx, release_rx) = mpsc::channel::<()>();
     let worker = std::thread::Builder::new()
         .name("test-worker".into())
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt =
+                parking.install(tokio::runtime::Builder::new_current_thread().enable_all()).build().unwrap();
             rt.block_on(async move {
-                tokio::spawn(beat_forever(beat, tick));
+                tokio::spawn(keep_beating(beat));
                 let _ = block_rx.await;
                 // What /v1/debug/faults/block-worker does: the runtime's only thread stops.
                 let _ = release_rx.recv();
@@ -318,4 +320,39 @@ fn a_deadlock_on_terns_own_rib_and_upstream_locks_starves_state_writes_and_is_na
     let mut locks: Vec<_> = cycle.iter().map(|l| l.holds).collect();
     locks.sort_unstable();
     assert_eq!(locks, ["rib.writer", "upstream.idle"]);
+}
+
+#[test]
+fn a_parked_runtime_is_neither_judged_nor_woken_and_a_busy_one_is_asked_for_a_tick() {
+    use futures_util::FutureExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dog, _) = dog(Action::Log, tmp.path());
+    let seen = hooks(1);
+    let parking = Parking::default();
+    let idle = dog.heartbeat_parked("catalog", parking.clone());
+    parking.set(true);
+    let busy = dog.heartbeat("worker-0");
+    let obs = look(&dog, &busy, 5_000);
+    assert!(!obs.is_idle(), "worker-0 is busy");
+    dog.judge(&obs, &seen.hooks);
+    let wedge = seen.wedges.try_recv().unwrap();
+    assert_eq!(wedge.summary(), "heartbeat worker-0 is stale: last tick 5000 ms ago", "catalog is only idle");
+    dog.poke(&obs);
+    assert!(busy.0.poke.notified().now_or_never().is_some(), "the busy one is asked for a tick");
+    assert!(idle.0.poke.notified().now_or_never().is_none(), "the parked one is left asleep");
+    // A busy one that ticked within the tick is left alone too.
+    busy.tick();
+    dog.poke(&look(&dog, &busy, 10));
+    assert!(busy.0.poke.notified().now_or_never().is_none());
+    drop(busy);
+    let obs = look(&dog, &idle, 60_000);
+    assert!(obs.is_idle(), "all parked: the watchdog may look less often");
+    assert_eq!(dog.status_json()["heartbeats"][0]["idle"], true);
+
+    // An accept loop waiting for a connection is idle the same way.
+    let accept = dog.heartbeat("accept 127.0.0.1:8080 (worker-0)");
+    accept.idle();
+    assert!(dog.beats_seen().iter().all(|b| b.parked));
+    accept.busy();
+    assert!(dog.beats_seen().iter().any(|b| !b.parked && &*b.what == "accept 127.0.0.1:8080 (worker-0)"));
 }

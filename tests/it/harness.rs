@@ -105,7 +105,7 @@ pub fn node_config(db: &Path, extra: &str) -> String {
     let watchdog = if extra.contains("[watchdog]") { "" } else { "[watchdog]\naction = \"log\"\n" };
     format!(
         "region = \"ams\"\n{extra}\n{shutdown}\n{watchdog}\n[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[listen]]\naddr = \"127.0.0.1:0\"\ntls = true\n\n\
-         [admin]\naddr = \"127.0.0.1:0\"\n\n[rib]\npath = \"{}\"\npoll_interval = \"5ms\"\n\n[log]\naccess = false\n",
+         [admin]\naddr = \"127.0.0.1:0\"\n\n[rib]\npath = \"{}\"\n\n[log]\naccess = false\n",
         db.display()
     )
 }
@@ -148,7 +148,8 @@ impl Proxy {
         let admin = bound.admin_addr().unwrap();
         let rib = SqliteRib::open(&db, config.rib.poll_interval).unwrap();
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(proxy::run(config, bound, Arc::new(rib), rx));
+        let task =
+            tokio::spawn(proxy::run(config, bound, Arc::new(rib), rx, tern::watchdog::Parking::default()));
         Proxy { dir, db, http, https, admin, stop, task: Some(task) }
     }
 

@@ -143,8 +143,8 @@ impl Rib for CorrosionRib {
         Subscription::new(rx)
     }
 
-    fn client_runtime(&self) -> Option<tokio::runtime::Handle> {
-        Some(self.rt.get().handle().clone())
+    fn client_runtime(&self) -> Option<(tokio::runtime::Handle, crate::watchdog::Parking)> {
+        Some(self.rt.watched())
     }
 
     fn record_state(&self, id: &str, row: &StateRow) -> Result<bool, RibError> {

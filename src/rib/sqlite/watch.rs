@@ -1,20 +1,24 @@
 //! The thread that follows the SQLite RIB for one subscription: a snapshot, then every
-//! change after the cursor, found by polling `PRAGMA data_version`.
+//! change after the cursor. It sleeps until the RIB's files change ([`wake`]: inotify, with a
+//! slow poll behind it), then asks `PRAGMA data_version` whether another connection
+//! committed, and reads the changes if one did.
 //!
 //! It also watches the path itself. A connection stays on the file it opened, so a RIB
 //! deleted and re-created (or renamed over) under a running proxy would go unseen: each
-//! poll compares the file the path names (device and inode, one `stat`) with the one open,
+//! look compares the file the path names (device and inode, one `stat`) with the one open,
 //! and on a difference reopens and sends a fresh snapshot, which the catalog diffs against
 //! what it holds. While the path names nothing, or a file with no RIB in it yet, nothing is
 //! created there (an empty RIB would empty the catalog): the subscriber is told once, keeps
 //! serving what it has, and the thread waits for the RIB to come back.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
+use super::wake::{RECHECK, Wake, Woke};
 use super::{BATCH, FileId, Opened, abandon, file_id, open_conn, read_table, sql_err};
 use crate::rib::{Change, Cursor, Record, Resync, RibError, RibEvent, Table};
 
@@ -22,9 +26,11 @@ type Tx = mpsc::Sender<Result<RibEvent, RibError>>;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Starts the watcher thread; it runs until the subscription is dropped.
-pub(super) fn spawn(path: PathBuf, poll: Duration, from: Option<Cursor>, tx: Tx) {
-    let watcher = Watcher { path, poll, tx, cursor: from, file: None, absent: false, backoff: FIRST_BACKOFF };
+/// Starts the watcher thread; it runs until the subscription is dropped (`gone` hangs up).
+/// Its files are watched from now on, so no commit made after the snapshot goes unnoticed.
+pub(super) fn spawn(path: PathBuf, poll: Duration, from: Option<Cursor>, tx: Tx, gone: OwnedFd) {
+    let wake = Wake::new(&path, poll, gone);
+    let watcher = Watcher { path, wake, tx, cursor: from, file: None, absent: false, backoff: FIRST_BACKOFF };
     let spawned = std::thread::Builder::new().name("tern-rib-watch".into()).spawn(move || watcher.run());
     if let Err(e) = spawned {
         tracing::error!(target: "tern::rib", error = %e, "could not start the RIB watcher thread");
@@ -33,7 +39,7 @@ pub(super) fn spawn(path: PathBuf, poll: Duration, from: Option<Cursor>, tx: Tx)
 
 struct Watcher {
     path: PathBuf,
-    poll: Duration,
+    wake: Wake,
     tx: Tx,
     cursor: Option<Cursor>,
     /// The file the cursor belongs to, once one was opened.
@@ -68,32 +74,38 @@ impl Watcher {
                             return;
                         }
                     }
-                    if no_schema {
-                        // A writer may be creating it; retry opening with back-off.
-                        self.pause();
-                    }
-                    if !self.wait_for_path() {
+                    // A writer may be creating it; retry opening with back-off.
+                    if (no_schema && !self.pause()) || !self.wait_for_path() {
                         return;
                     }
                 }
                 Err(e) => {
-                    if self.tx.blocking_send(Err(e)).is_err() {
+                    if self.tx.blocking_send(Err(e)).is_err() || !self.pause() {
                         return;
                     }
-                    self.pause();
                 }
             }
         }
     }
 
-    fn pause(&mut self) {
-        std::thread::sleep(self.backoff);
+    /// Backs off before trying again. False if the subscriber went away meanwhile.
+    fn pause(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+        // File events only cut the pause short; it is a pause all the same.
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.wake.wait(left) {
+                Woke::Unsubscribed => return false,
+                _ if left.is_zero() => return true,
+                _ => {}
+            }
+        }
     }
 
-    /// Waits, one `stat` per poll, until the path names a file. False if the subscriber
-    /// went away meanwhile.
-    fn wait_for_path(&self) -> bool {
+    /// Waits, one `stat` per file event or poll, until the path names a file. False if the
+    /// subscriber went away meanwhile.
+    fn wait_for_path(&mut self) -> bool {
         loop {
             if self.tx.is_closed() {
                 return false;
@@ -101,7 +113,9 @@ impl Watcher {
             if matches!(file_id(&self.path), Ok(Some(_))) {
                 return true;
             }
-            std::thread::sleep(self.poll);
+            if self.wake.wait(self.wake.poll) == Woke::Unsubscribed {
+                return false;
+            }
         }
     }
 
@@ -193,16 +207,23 @@ fn log_head(conn: &Connection, path: &Path) -> Result<(String, i64), RibError> {
 }
 
 impl Watcher {
-    /// Sleeps a poll at a time until another connection commits (`None`), the subscriber
-    /// goes away, or the path names another file or none.
+    /// Waits for file events (or the poll) until another connection commits (`None`), the
+    /// subscriber goes away, or the path names another file or none.
     fn wait_for_commit(
-        &self,
+        &mut self,
         conn: &Connection,
         opened: &Opened,
         seen: &mut i64,
     ) -> Result<Option<Stop>, RibError> {
+        // After an event that showed no commit, the next looks come soon (see RECHECK).
+        let mut recheck = RECHECK.len();
         loop {
-            std::thread::sleep(self.poll);
+            let timeout = RECHECK.get(recheck).copied().unwrap_or(self.wake.poll);
+            match self.wake.wait(timeout) {
+                Woke::Unsubscribed => return Ok(Some(Stop::Unsubscribed)),
+                Woke::Changed => recheck = 0,
+                Woke::Timeout => recheck = (recheck + 1).min(RECHECK.len()),
+            }
             if self.tx.is_closed() {
                 return Ok(Some(Stop::Unsubscribed));
             }
