@@ -130,15 +130,20 @@ fn allocations_for(addr: SocketAddr, host: &'static str, warm: usize, n: usize) 
 /// that needs more must say why here.
 const H1_LIMIT: f64 = 18.5;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn a_plain_keep_alive_request_allocates_no_more_than_it_did() {
-    let _alone = ONE_AT_A_TIME.lock().await;
+/// One proxy with one worker, in front of one [`machine`] for the app at `alloc.test`.
+async fn proxy_for_one_machine() -> Proxy {
     let machine = machine();
     let decl = format!(
         "[[apps]]\nname = \"alloc\"\nhostnames = [\"alloc.test\"]\n\
          [[machines]]\nid = \"m1\"\napp = \"alloc\"\naddr = \"{machine}\"\nstate = \"started\"\n"
     );
-    let proxy = Proxy::start_with(&decl, "workers = 1\n").await;
+    Proxy::start_with(&decl, "workers = 1\n").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_plain_keep_alive_request_allocates_no_more_than_it_did() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let proxy = proxy_for_one_machine().await;
     let addr = proxy.http;
     const N: usize = 2_000;
     let counted =
@@ -195,12 +200,7 @@ fn heap_per_idle_connection(addr: SocketAddr, host: &'static str, n: usize, limi
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn an_idle_keep_alive_connection_holds_no_more_heap_than_it_did() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let machine = machine();
-    let decl = format!(
-        "[[apps]]\nname = \"alloc\"\nhostnames = [\"alloc.test\"]\n\
-         [[machines]]\nid = \"m1\"\napp = \"alloc\"\naddr = \"{machine}\"\nstate = \"started\"\n"
-    );
-    let proxy = Proxy::start_with(&decl, "workers = 1\n").await;
+    let proxy = proxy_for_one_machine().await;
     let addr = proxy.http;
     let (busy, idle) =
         tokio::task::spawn_blocking(move || heap_per_idle_connection(addr, "alloc.test", 500, IDLE_LIMIT))
