@@ -587,7 +587,7 @@ pub(super) mod tests {
             snap.apply(crate::catalog::Event::Machine(crate::model::MachineSpec {
                 id: (*id).into(),
                 app: "a".into(),
-                region: String::new(),
+                region: "".into(),
                 addr: addr.parse().expect("addr"),
                 state: *state,
                 cmd: Some(vec!["app".into()]),
@@ -800,7 +800,7 @@ pub(super) mod tests {
                 addr: "127.0.0.1:1".parse().expect("addr"),
                 state: MachineState::Stopped,
                 cmd: Some(vec!["app".into()]),
-                node: owner.map(String::from),
+                node: owner.map(Arc::from),
             }));
         }
         catalog.publish(snap);
