@@ -22,6 +22,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 mod apply;
+mod build;
 pub mod changes;
 mod decode;
 mod fuzz;
