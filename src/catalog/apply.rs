@@ -12,6 +12,7 @@ use crate::model::seal::{Keyring, SessionKey};
 use crate::model::{AppSpec, MachineSpec};
 use crate::rib::Table;
 
+use super::host_key::HostKey;
 use super::snapshot::{
     AppEntry, CertEntry, Machine, MachineLive, NodeEntry, NodeLive, Snapshot, StateRecord,
 };
@@ -255,12 +256,12 @@ impl Snapshot {
                 Some(suffix) => (&mut self.wild_hosts, suffix),
                 None => (&mut self.hosts, h.as_str()),
             };
-            if let Some(holder) = map.get(key).filter(|e| e.name != *name) {
+            if let Some(holder) = map.get(key.as_bytes()).filter(|e| e.name != *name) {
                 // `tern apply` refuses this; another writer of the RIB may not have.
                 tracing::warn!(target: "tern::catalog", hostname = %h, from = %holder.name, to = %name,
                     "hostname claimed by two apps; the later change wins");
             }
-            map.insert(Arc::from(key), entry.clone(), generation);
+            map.insert(HostKey::from(key), entry.clone(), generation);
         }
     }
 
@@ -270,8 +271,8 @@ impl Snapshot {
             Some(suffix) => (&mut self.wild_hosts, suffix),
             None => (&mut self.hosts, host),
         };
-        if map.get(key).is_some_and(|e| &*e.name == app) {
-            map.remove(key, generation);
+        if map.get(key.as_bytes()).is_some_and(|e| &*e.name == app) {
+            map.remove(key.as_bytes(), generation);
         }
     }
 }

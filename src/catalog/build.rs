@@ -29,6 +29,7 @@ use crate::telemetry::Metrics;
 
 use super::apply::Event;
 use super::decode::{DecodeError, decode};
+use super::host_key::HostKey;
 use super::layered::Layered;
 use super::snapshot::{AppEntry, CertEntry, Machine, MachineLive, NodeLive, Snapshot, StateRecord};
 
@@ -284,7 +285,8 @@ fn made(
     })
 }
 
-type Entries = (Map<Arc<AppEntry>>, Map<Arc<AppEntry>>, Map<Arc<AppEntry>>, Map<Arc<[Arc<str>]>>);
+type Hosts = HashMap<HostKey, Arc<AppEntry>, foldhash::fast::RandomState>;
+type Entries = (Map<Arc<AppEntry>>, Hosts, Hosts, Map<Arc<[Arc<str>]>>);
 
 /// Each app's entry, made once with its machines (sorted by id), its machine ids, and the
 /// hostname maps (exact, and wildcards by their suffix). A hostname two apps claim goes to
@@ -320,9 +322,9 @@ fn entries(mut slots: Map<AppSlot>) -> Entries {
 }
 
 /// The hostname maps: exact names, and wildcards by the suffix after `*.`.
-fn hostnames(list: &[Arc<AppEntry>], slots: &Map<AppSlot>) -> (Map<Arc<AppEntry>>, Map<Arc<AppEntry>>) {
-    let mut hosts: Map<Arc<AppEntry>> = Map::with_capacity_and_hasher(list.len(), Default::default());
-    let mut wild: Map<Arc<AppEntry>> = Map::default();
+fn hostnames(list: &[Arc<AppEntry>], slots: &Map<AppSlot>) -> (Hosts, Hosts) {
+    let mut hosts: Hosts = Hosts::with_capacity_and_hasher(list.len(), Default::default());
+    let mut wild: Hosts = Hosts::default();
     let mut contested = Vec::new();
     for entry in list {
         for h in &entry.spec.hostnames {
@@ -330,9 +332,9 @@ fn hostnames(list: &[Arc<AppEntry>], slots: &Map<AppSlot>) -> (Map<Arc<AppEntry>
                 Some(suffix) => (&mut wild, suffix),
                 None => (&mut hosts, h.as_str()),
             };
-            match map.get(key) {
+            match map.get(key.as_bytes()) {
                 None => {
-                    map.insert(Arc::from(key), entry.clone());
+                    map.insert(HostKey::from(key), entry.clone());
                 }
                 // The same app listing a name twice.
                 Some(held) if Arc::ptr_eq(held, entry) => {}
@@ -348,19 +350,13 @@ fn hostnames(list: &[Arc<AppEntry>], slots: &Map<AppSlot>) -> (Map<Arc<AppEntry>
 
 /// A hostname two apps claim (`tern apply` refuses this; another writer of the RIB may not
 /// have): it goes to the app that published later.
-fn claim(
-    hosts: &mut Map<Arc<AppEntry>>,
-    wild: &mut Map<Arc<AppEntry>>,
-    host: &str,
-    entry: Arc<AppEntry>,
-    slots: &Map<AppSlot>,
-) {
+fn claim(hosts: &mut Hosts, wild: &mut Hosts, host: &str, entry: Arc<AppEntry>, slots: &Map<AppSlot>) {
     let (map, key) = match host.strip_prefix("*.") {
         Some(suffix) => (wild, suffix),
         None => (hosts, host),
     };
     let stamp = |app: &AppEntry| slots.get(&app.name).map_or(0, |s| s.stamp);
-    let Some(held) = map.get_mut(key) else { return };
+    let Some(held) = map.get_mut(key.as_bytes()) else { return };
     let later = stamp(&entry) > stamp(held);
     let (from, to) = if later { (&held.name, &entry.name) } else { (&entry.name, &held.name) };
     tracing::warn!(target: "tern::catalog", hostname = %host, %from, %to,

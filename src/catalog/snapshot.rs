@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::model::seal::{Keyring, SessionKey};
 use crate::model::{AppSpec, CertSpec, MachineSpec, MachineState};
 
+use super::host_key::HostKey;
 use super::layered::Layered;
 use super::outlier::Outlier;
 
@@ -506,9 +507,9 @@ pub struct Snapshot {
     pub(super) base_at: u64,
     pub(super) apps: Layered<Arc<str>, Arc<AppEntry>>,
     /// Exact hostname → app.
-    pub(super) hosts: Layered<Arc<str>, Arc<AppEntry>>,
+    pub(super) hosts: Layered<HostKey, Arc<AppEntry>>,
     /// Wildcard hostnames by the part after "*." → app.
-    pub(super) wild_hosts: Layered<Arc<str>, Arc<AppEntry>>,
+    pub(super) wild_hosts: Layered<HostKey, Arc<AppEntry>>,
     /// Every machine by id, including those whose app is not (yet) in the catalog.
     pub(super) machines: Layered<Arc<str>, Arc<Machine>>,
     /// Machine ids per app name, sorted. A small slice rather than a nested map: apps have
@@ -540,9 +541,9 @@ impl Snapshot {
     /// The app serving a normalised hostname (lower-case, no port, no trailing dot): the
     /// exact name first, then the wildcard one label up.
     pub fn route(&self, host: &str) -> Option<&Arc<AppEntry>> {
-        self.hosts.get(host).or_else(|| {
+        self.hosts.get(host.as_bytes()).or_else(|| {
             let (_, parent) = host.split_once('.')?;
-            self.wild_hosts.get(parent)
+            self.wild_hosts.get(parent.as_bytes())
         })
     }
 
@@ -693,14 +694,14 @@ impl Snapshot {
     }
 }
 
-type Base<V> = Arc<std::collections::HashMap<Arc<str>, V, foldhash::fast::RandomState>>;
+type Base<V, K = Arc<str>> = Arc<std::collections::HashMap<K, V, foldhash::fast::RandomState>>;
 
 /// A snapshot's maps with their deltas folded in, taken at generation `at`.
 pub struct Compacted {
     at: u64,
     apps: Base<Arc<AppEntry>>,
-    hosts: Base<Arc<AppEntry>>,
-    wild_hosts: Base<Arc<AppEntry>>,
+    hosts: Base<Arc<AppEntry>, HostKey>,
+    wild_hosts: Base<Arc<AppEntry>, HostKey>,
     machines: Base<Arc<Machine>>,
     app_machines: Base<Arc<[Arc<str>]>>,
     certs: Base<Arc<CertEntry>>,
