@@ -32,8 +32,8 @@ fn app(i: usize) -> AppSpec {
 
 fn machine(i: usize, state: MachineState) -> MachineSpec {
     MachineSpec {
-        id: format!("m-{i}"),
-        app: format!("app-{i}"),
+        id: format!("m-{i}").into(),
+        app: format!("app-{i}").into(),
         region: "ams".into(),
         addr: format!("10.{}.{}.{}:8080", (i >> 16) & 255, (i >> 8) & 255, i & 255)
             .parse::<MachineAddr>()
@@ -182,7 +182,7 @@ fn routing(c: &mut Criterion) {
     s.apply(Event::App(app(0)));
     for k in 0..16 {
         let mut m = machine(0, MachineState::Started);
-        m.id = format!("m-0-{k}");
+        m.id = format!("m-0-{k}").into();
         s.apply(Event::Machine(m));
     }
     let machines = s.app("app-0").expect("app").machines.clone();

@@ -35,7 +35,7 @@ fn snapshot() -> Snapshot {
     s.apply(Event::App(app));
     for i in 1..=3 {
         s.apply(Event::Machine(MachineSpec {
-            id: format!("mcp-{i}"),
+            id: format!("mcp-{i}").into(),
             app: "mcp".into(),
             region: "ams".into(),
             addr: format!("10.0.0.{i}").parse::<MachineAddr>().expect("addr"),

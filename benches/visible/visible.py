@@ -49,6 +49,7 @@ class Poller(threading.Thread):
         super().__init__(daemon=True)
         self.port, self.cond = port, cond
         self.want, self.got, self.polls = None, None, 0
+        self.took = []  # each request's round trip: the measurement's own resolution under load
 
     def run(self):
         c = None
@@ -59,6 +60,7 @@ class Poller(threading.Thread):
                 want = self.want
             if c is None:
                 c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            sent = time.monotonic()
             try:
                 c.request("GET", "/", headers={"Host": want})
                 r = c.getresponse()
@@ -68,6 +70,7 @@ class Poller(threading.Thread):
                 c.close()
                 c, status = None, 0
             t = time.monotonic()
+            self.took.append(t - sent)
             self.polls += 1
             if status == 200:
                 with self.cond:
@@ -114,6 +117,7 @@ def main():
         tern_log = os.path.join(work, "tern.log")
         procs.append(subprocess.Popen([TERN, "serve", "-c", config], stderr=open(tern_log, "w")))
         port = int(wait_for(tern_log, r'"message":"listening".*?"addr":"127\.0\.0\.1:(\d+)"(?!.*"admin":true)'))
+        admin = int(wait_for(tern_log, r'"message":"listening","addr":"127\.0\.0\.1:(\d+)","admin":true'))
         wrk_out = os.path.join(work, "wrk.txt")
         wrk = subprocess.Popen(["wrk", "-t1", f"-c{CONNS}", "-d3600s", "-H", "Host: load.test",
                                 f"http://127.0.0.1:{port}/"], stdout=open(wrk_out, "w"))
@@ -151,7 +155,14 @@ def main():
         print(row("apply returned -> served through tern", after_return))
         print(row("apply started -> served through tern", from_start))
         print(row("  tern apply (process, start to exit)", apply_took))
+        print(row("  one poll through tern (round trip)", poller.took))
         print(f"{early} of {CHANGES} served before `tern apply` had exited (counted as 0 ms); {poller.polls} polls")
+        metrics = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+        metrics.request("GET", "/metrics")
+        lag = re.findall(r'tern_catalog_apply_lag_seconds_bucket\{le="([^"]+)"\} (\d+)', metrics.getresponse().read().decode())
+        shown = [f"<= {float(le) * 1000:g} ms: {n}" for le, n in lag if float(le) <= 0.1]
+        print("tern's own commit -> published lag (tern_catalog_apply_lag_seconds, cumulative; the commit's "
+              "time is taken in ms inside the writer's transaction):", ", ".join(shown))
         rps = re.search(r"Requests/sec:\s*([\d.]+)", open(wrk_out).read() or "")
         print(f"wrk meanwhile: {rps.group(1) if rps else '?'} req/s")
         p99 = pct(after_return, .99) * 1000

@@ -332,7 +332,7 @@ mod tests {
         snap.apply(Event::Machine(crate::model::MachineSpec {
             id: "m1".into(),
             app: "a".into(),
-            region: String::new(),
+            region: "".into(),
             addr: "127.0.0.1:1".parse().expect("addr"),
             state: stopped,
             cmd: Some(vec!["app".into()]),

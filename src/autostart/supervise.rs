@@ -1,5 +1,5 @@
 //! The supervisor: once a second it runs each app's health checks on its started machines
-//! and decides whether to stop (or suspend) one of them.
+//! and decides whether to stop (or suspend) one of the machines this node runs.
 //!
 //! A machine's life as autostop sees it:
 //!
@@ -48,6 +48,13 @@ use super::{Lifecycle, checks};
 
 /// How often the supervisor looks at every app.
 const TICK: Duration = Duration::from_secs(1);
+
+/// Apps a pass looks at between two yields to the runtime.
+const YIELD_EVERY: usize = 4096;
+
+/// Machines whose states the `tern_machines` gauges count on every pass; a catalog N times
+/// bigger has them counted every N + 1 passes (a minute apart at 3M machines).
+const COUNTED: usize = 50_000;
 
 /// How long a cordoned machine waits for requests that chose it just before.
 const CORDON: Duration = Duration::from_millis(50);
@@ -147,31 +154,58 @@ impl Lifecycle {
             let snap = self.catalog.load_full();
             let now = crate::clock::now_ms();
             let mut regions_seen = HashSet::new();
+            // Autostop and declared stops act only on machines this node's driver runs: their
+            // apps are all this looks at, however many the catalog holds.
+            for app in self.apps_running_here(&snap) {
+                if app.spec.auto_stop != AutoStop::Off {
+                    self.autostop_pass(&app, now, &mut excess_since, &mut regions_seen);
+                }
+                self.retire_declared_stopped(&app);
+            }
+            excess_since.retain(|k, _| regions_seen.contains(k));
+            // Health checks look at every app (one read each, for most), with a yield every so
+            // many: a catalog of a million apps must not hold this runtime long enough to look
+            // wedged. The machines gauges read every machine's state, a cache miss each at
+            // millions: every pass up to COUNTED machines, every so many passes above.
+            let count = pass % (snap.machine_count() / COUNTED + 1) as u64 == 0;
             let mut states = [0i64; 7];
-            for app in snap.apps() {
-                for m in app.machines.iter() {
-                    states[usize::from(m.state().code())] += 1;
+            for (i, app) in snap.apps().enumerate() {
+                if count {
+                    for m in app.machines.iter() {
+                        states[usize::from(m.state().code())] += 1;
+                    }
                 }
                 if !app.spec.checks.is_empty() {
                     self.ensure_checks(app);
                 }
-                if app.spec.auto_stop != AutoStop::Off {
-                    self.autostop_pass(app, now, &mut excess_since, &mut regions_seen);
+                if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                    tokio::task::yield_now().await;
                 }
-                self.retire_declared_stopped(app);
             }
-            excess_since.retain(|k, _| regions_seen.contains(k));
             pass += 1;
             self.sweep(&snap, pass);
-            for (code, count) in states.iter().enumerate() {
+            for (code, n) in states.iter().enumerate().filter(|_| count) {
                 let state = MachineState::from_code(u8::try_from(code).unwrap_or(u8::MAX));
-                self.metrics.machines.with_label_values(&[state.as_str()]).set(*count);
+                self.metrics.machines.with_label_values(&[state.as_str()]).set(*n);
             }
             self.metrics.supervisor_passes.inc();
         }
         for c in self.checkers.iter() {
             c.value().abort();
         }
+    }
+
+    /// The apps of the machines this node's driver runs, as the catalog holds them now (a
+    /// machine's app may have changed since it started).
+    fn apps_running_here(&self, snap: &crate::catalog::Snapshot) -> Vec<Arc<AppEntry>> {
+        let mut seen = HashSet::new();
+        self.driver
+            .running_targets()
+            .iter()
+            .filter_map(|t| snap.machine(&t.id))
+            .filter(|m| seen.insert(m.spec.app.clone()))
+            .filter_map(|m| snap.app(&m.spec.app).cloned())
+            .collect()
     }
 
     fn autostop_pass(
@@ -587,7 +621,7 @@ pub(super) mod tests {
             snap.apply(crate::catalog::Event::Machine(crate::model::MachineSpec {
                 id: (*id).into(),
                 app: "a".into(),
-                region: String::new(),
+                region: "".into(),
                 addr: addr.parse().expect("addr"),
                 state: *state,
                 cmd: Some(vec!["app".into()]),
@@ -800,7 +834,7 @@ pub(super) mod tests {
                 addr: "127.0.0.1:1".parse().expect("addr"),
                 state: MachineState::Stopped,
                 cmd: Some(vec!["app".into()]),
-                node: owner.map(String::from),
+                node: owner.map(Arc::from),
             }));
         }
         catalog.publish(snap);

@@ -13,6 +13,7 @@ use crate::model::{AppSpec, MachineSpec};
 use crate::rib::Table;
 use crate::telemetry::AppSeries;
 
+use super::host_key::HostKey;
 use super::snapshot::{
     AppEntry, CertEntry, Machine, MachineLive, NodeEntry, NodeLive, Snapshot, StateRecord,
 };
@@ -155,11 +156,11 @@ impl Snapshot {
     }
 
     fn upsert_machine(&mut self, spec: MachineSpec) {
-        let id: Arc<str> = Arc::from(spec.id.as_str());
+        let id: Arc<str> = spec.id.clone();
         let previous = self.machines.get(&id).cloned();
         // Live counters survive a record change at the same address: in-flight requests
         // still count against the machine. A new address is a new machine.
-        let app_spec = self.apps.get(spec.app.as_str()).map(|a| a.spec.clone());
+        let app_spec = self.apps.get(&*spec.app).map(|a| a.spec.clone());
         let mut live = None;
         if let Some(prev) = &previous {
             if prev.spec.addr == spec.addr && prev.spec.app == spec.app {
@@ -179,7 +180,7 @@ impl Snapshot {
             let r = self.states.get(&id).copied().unwrap_or(StateRecord { state: spec.state, version: 0 });
             Arc::new(MachineLive::new(r.state, r.version))
         });
-        let app: Arc<str> = Arc::from(spec.app.as_str());
+        let app: Arc<str> = spec.app.clone();
         let owner = spec.node.as_deref().map(|n| self.node_live(n));
         let machine = resolve(&spec, app_spec.as_ref(), live, owner);
         self.machines.insert(id.clone(), Arc::new(machine), self.generation);
@@ -261,12 +262,12 @@ impl Snapshot {
                 Some(suffix) => (&mut self.wild_hosts, suffix),
                 None => (&mut self.hosts, h.as_str()),
             };
-            if let Some(holder) = map.get(key).filter(|e| e.name != *name) {
+            if let Some(holder) = map.get(key.as_bytes()).filter(|e| e.name != *name) {
                 // `tern apply` refuses this; another writer of the RIB may not have.
                 tracing::warn!(target: "tern::catalog", hostname = %h, from = %holder.name, to = %name,
                     "hostname claimed by two apps; the later change wins");
             }
-            map.insert(Arc::from(key), entry.clone(), generation);
+            map.insert(HostKey::from(key), entry.clone(), generation);
         }
     }
 
@@ -276,8 +277,8 @@ impl Snapshot {
             Some(suffix) => (&mut self.wild_hosts, suffix),
             None => (&mut self.hosts, host),
         };
-        if map.get(key).is_some_and(|e| &*e.name == app) {
-            map.remove(key, generation);
+        if map.get(key.as_bytes()).is_some_and(|e| &*e.name == app) {
+            map.remove(key.as_bytes(), generation);
         }
     }
 }
@@ -290,13 +291,7 @@ fn resolve(
 ) -> Machine {
     // Without its app the port is unknown; the machine is unroutable until the app arrives.
     let port = app.map_or(0, |a| a.internal_port);
-    Machine {
-        id: Arc::from(spec.id.as_str()),
-        addr: spec.addr.resolve(port),
-        spec: spec.clone(),
-        live,
-        owner,
-    }
+    Machine { id: spec.id.clone(), addr: spec.addr.resolve(port), spec: spec.clone(), live, owner }
 }
 
 #[cfg(test)]

@@ -149,7 +149,7 @@ mod tests {
         MachineSpec {
             id: id.into(),
             app: app.into(),
-            region: String::new(),
+            region: "".into(),
             addr: "127.0.0.1:1".parse().unwrap(),
             state,
             cmd: None,

@@ -117,7 +117,7 @@ fn decode_app(key: &str, body: &str) -> Result<AppSpec, String> {
 
 fn decode_machine(key: &str, body: &str) -> Result<MachineSpec, String> {
     let spec: MachineSpec = serde_json::from_str(body).map_err(|e| format!("bad JSON: {e}"))?;
-    if spec.id != key {
+    if *spec.id != *key {
         return Err(format!("body names machine {:?}", spec.id));
     }
     names::check_machine_id(&spec.id)?;

@@ -342,7 +342,7 @@ fn agree(snap: &Snapshot, model: &Model) {
         }
     }
     for id in MACHINES {
-        let got = snap.machine(id).map(|m| (m.spec.app.clone(), m.spec.addr, m.addr));
+        let got = snap.machine(id).map(|m| (m.spec.app.to_string(), m.spec.addr, m.addr));
         let want = model.machines.get(id).map(|m| (m.app.clone(), m.addr, m.resolved));
         assert_eq!(got, want, "machine {id}");
         assert_eq!(snap.recorded_state(id), model.states.get(id).copied(), "recorded state of {id}");

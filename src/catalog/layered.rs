@@ -57,6 +57,12 @@ where
     K: Hash + Eq + Clone,
     V: Clone,
 {
+    /// A map holding exactly `base`, with nothing in its delta: a catalog built whole.
+    pub fn from_base(base: Arc<HashMap<K, V, RandomState>>) -> Layered<K, V> {
+        let len = base.len();
+        Layered { base, delta: Delta::default(), len }
+    }
+
     pub fn get<Q>(&self, key: &Q) -> Option<&V>
     where
         K: Borrow<Q>,

@@ -22,9 +22,12 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 mod apply;
+mod build;
 pub mod changes;
+
 mod decode;
 mod fuzz;
+pub mod host_key;
 pub mod layered;
 pub mod outlier;
 mod snapshot;

@@ -1,8 +1,8 @@
 //! One version of the catalog and its lookups.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::{Arc, OnceLock};
 
 use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
@@ -11,55 +11,72 @@ use crate::model::seal::{Keyring, SessionKey};
 use crate::model::{AppSpec, CertSpec, MachineSpec, MachineState};
 use crate::telemetry::AppSeries;
 
+use super::host_key::HostKey;
 use super::layered::Layered;
 use super::outlier::Outlier;
 
 /// Live, per-machine state shared by every snapshot that holds the machine: requests in
 /// flight, the machine's current lifecycle state, whether its checks pass, when it was last
-/// busy, whether failed connects ejected it. Changed by the request path and the lifecycle manager without a new snapshot.
+/// busy, whether failed connects ejected it. Changed by the request path and the lifecycle
+/// manager without a new snapshot. Small (72 bytes with its `Arc`): a catalog holds millions.
 #[derive(Debug)]
 pub struct MachineLive {
     in_flight: AtomicU32,
-    /// `version << 8 | state`: the state and the version of the record that set it, so a
-    /// late echo of an older record (our own write coming back from the RIB) is ignored.
-    state: AtomicU64,
-    /// False while the machine's health checks fail.
-    healthy: AtomicBool,
-    /// False while the machine is being stopped or suspended: it takes no new work.
-    in_rotation: AtomicBool,
-    /// When the machine last finished its last exchange, as [`crate::clock::now_ms`].
-    idle_since_ms: AtomicU64,
     /// Requests queued for room on this machine's app (every machine at its hard limit);
     /// while any wait, ending an exchange or the machine becoming routable wakes them.
     queued: AtomicU32,
     /// Of those, the lifecycle manager's own watches (an autostop draining the machine).
     watching: AtomicU32,
-    room: tokio::sync::Notify,
-    /// What the machine's open streams (SSE responses, WebSockets) wait on to end cleanly
-    /// before it stops. Made when the first stream asks, so an idle catalog of a million
-    /// machines carries no token each.
-    streams_end: crate::watchdog::lock::Mutex<Option<CancellationToken>>,
+    /// False while the machine's health checks fail.
+    healthy: AtomicBool,
+    /// False while the machine is being stopped or suspended: it takes no new work.
+    in_rotation: AtomicBool,
     /// Set once its streams were asked to end, until it starts again.
     streams_ended: AtomicBool,
+    /// `version << 8 | state`: the state and the version of the record that set it, so a
+    /// late echo of an older record (our own write coming back from the RIB) is ignored.
+    state: AtomicU64,
+    /// When the machine last finished its last exchange, as [`crate::clock::now_ms`].
+    idle_since_ms: AtomicU64,
     /// Passive ejection after failed connects.
     outlier: Outlier,
+    /// What queued requests and open streams wait on, made when the first one asks: most
+    /// machines of a big catalog never have either.
+    waits: OnceLock<Box<Waits>>,
+}
+
+/// What a machine's waiters wait on: [`MachineLive::waits`].
+#[derive(Debug)]
+struct Waits {
+    room: tokio::sync::Notify,
+    /// What the machine's open streams (SSE responses, WebSockets) wait on to end cleanly
+    /// before it stops. Made when the first stream asks.
+    streams_end: crate::watchdog::lock::Mutex<Option<CancellationToken>>,
 }
 
 impl MachineLive {
     pub fn new(state: MachineState, version: u64) -> Self {
         MachineLive {
             in_flight: AtomicU32::new(0),
-            state: AtomicU64::new(pack(state, version)),
-            healthy: AtomicBool::new(true),
-            in_rotation: AtomicBool::new(true),
-            idle_since_ms: AtomicU64::new(crate::clock::now_ms()),
             queued: AtomicU32::new(0),
             watching: AtomicU32::new(0),
-            room: tokio::sync::Notify::new(),
-            streams_end: crate::watchdog::lock::Mutex::new("machine.streams_end", None),
+            healthy: AtomicBool::new(true),
+            in_rotation: AtomicBool::new(true),
             streams_ended: AtomicBool::new(false),
+            state: AtomicU64::new(pack(state, version)),
+            idle_since_ms: AtomicU64::new(crate::clock::now_ms()),
             outlier: Outlier::default(),
+            waits: OnceLock::new(),
         }
+    }
+
+    fn waits(&self) -> &Waits {
+        self.waits.get_or_init(|| {
+            Box::new(Waits {
+                room: tokio::sync::Notify::new(),
+                streams_end: crate::watchdog::lock::Mutex::new("machine.streams_end", None),
+            })
+        })
     }
 
     /// The token a stream on this machine waits on: cancelled when the machine is about
@@ -67,7 +84,11 @@ impl MachineLive {
     /// is started again, so a stream whose response arrives after the request to end (its
     /// request was already in flight) ends as soon as it begins.
     pub fn streams_end(&self) -> CancellationToken {
-        let mut slot = self.streams_end.lock();
+        let waits = self.waits();
+        // Pairs with the fence in `end_streams`: either this sees `streams_ended` set, or
+        // that sees `waits` made (and then takes the lock, after or before this holds it).
+        fence(Ordering::SeqCst);
+        let mut slot = waits.streams_end.lock();
         let token = slot.get_or_insert_with(CancellationToken::new).clone();
         if self.streams_ended.load(Ordering::SeqCst) {
             token.cancel();
@@ -78,19 +99,28 @@ impl MachineLive {
     /// Asks every open stream on the machine to end cleanly. Allocates nothing for a
     /// machine without streams (shutdown asks every machine in the catalog).
     pub fn end_streams(&self) {
-        let slot = self.streams_end.lock();
         self.streams_ended.store(true, Ordering::SeqCst);
-        if let Some(token) = slot.as_ref() {
-            token.cancel();
+        fence(Ordering::SeqCst);
+        if let Some(waits) = self.waits.get() {
+            let slot = waits.streams_end.lock();
+            if let Some(token) = slot.as_ref() {
+                token.cancel();
+            }
         }
     }
 
     /// Streams that begin from now on run until the machine is asked again: it was
     /// started again, or kept after all.
     pub fn resume_streams(&self) {
-        let mut slot = self.streams_end.lock();
-        if self.streams_ended.swap(false, Ordering::SeqCst) {
-            *slot = None;
+        match self.waits.get() {
+            Some(waits) => {
+                let mut slot = waits.streams_end.lock();
+                if self.streams_ended.swap(false, Ordering::SeqCst) {
+                    *slot = None;
+                }
+            }
+            // No stream ever asked: there is no token to drop.
+            None => self.streams_ended.store(false, Ordering::SeqCst),
         }
     }
 
@@ -142,6 +172,8 @@ impl MachineLive {
     /// exchange on the machine ends or the machine becomes routable. Check for room after
     /// registering and before awaiting, so no wake-up is lost.
     pub fn queue(self: &Arc<Self>) -> Queued {
+        // Made before the count says anyone waits, so a waker that sees the count finds it.
+        self.waits();
         self.queued.fetch_add(1, Ordering::SeqCst);
         Queued(self.clone(), false)
     }
@@ -149,6 +181,7 @@ impl MachineLive {
     /// Like [`queue`](Self::queue), for the lifecycle manager waiting for the machine's
     /// exchanges to end (not a request waiting for room: see [`has_queued`](Self::has_queued)).
     pub fn watch(self: &Arc<Self>) -> Queued {
+        self.waits();
         self.watching.fetch_add(1, Ordering::SeqCst);
         self.queued.fetch_add(1, Ordering::SeqCst);
         Queued(self.clone(), true)
@@ -162,7 +195,9 @@ impl MachineLive {
     /// Wakes requests queued for room, if there are any.
     fn wake_queued(&self) {
         if self.queued.load(Ordering::SeqCst) > 0 {
-            self.room.notify_waiters();
+            if let Some(waits) = self.waits.get() {
+                waits.room.notify_waiters();
+            }
         }
     }
 
@@ -291,7 +326,7 @@ pub struct Queued(Arc<MachineLive>, bool);
 
 impl Queued {
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.0.room.notified()
+        self.0.waits().room.notified()
     }
 }
 
@@ -475,9 +510,9 @@ pub struct Snapshot {
     pub(super) base_at: u64,
     pub(super) apps: Layered<Arc<str>, Arc<AppEntry>>,
     /// Exact hostname → app.
-    pub(super) hosts: Layered<Arc<str>, Arc<AppEntry>>,
+    pub(super) hosts: Layered<HostKey, Arc<AppEntry>>,
     /// Wildcard hostnames by the part after "*." → app.
-    pub(super) wild_hosts: Layered<Arc<str>, Arc<AppEntry>>,
+    pub(super) wild_hosts: Layered<HostKey, Arc<AppEntry>>,
     /// Every machine by id, including those whose app is not (yet) in the catalog.
     pub(super) machines: Layered<Arc<str>, Arc<Machine>>,
     /// Machine ids per app name, sorted. A small slice rather than a nested map: apps have
@@ -509,9 +544,9 @@ impl Snapshot {
     /// The app serving a normalised hostname (lower-case, no port, no trailing dot): the
     /// exact name first, then the wildcard one label up.
     pub fn route(&self, host: &str) -> Option<&Arc<AppEntry>> {
-        self.hosts.get(host).or_else(|| {
+        self.hosts.get(host.as_bytes()).or_else(|| {
             let (_, parent) = host.split_once('.')?;
-            self.wild_hosts.get(parent)
+            self.wild_hosts.get(parent.as_bytes())
         })
     }
 
@@ -662,14 +697,14 @@ impl Snapshot {
     }
 }
 
-type Base<V> = Arc<std::collections::HashMap<Arc<str>, V, foldhash::fast::RandomState>>;
+type Base<V, K = Arc<str>> = Arc<std::collections::HashMap<K, V, foldhash::fast::RandomState>>;
 
 /// A snapshot's maps with their deltas folded in, taken at generation `at`.
 pub struct Compacted {
     at: u64,
     apps: Base<Arc<AppEntry>>,
-    hosts: Base<Arc<AppEntry>>,
-    wild_hosts: Base<Arc<AppEntry>>,
+    hosts: Base<Arc<AppEntry>, HostKey>,
+    wild_hosts: Base<Arc<AppEntry>, HostKey>,
     machines: Base<Arc<Machine>>,
     app_machines: Base<Arc<[Arc<str>]>>,
     certs: Base<Arc<CertEntry>>,
@@ -680,6 +715,30 @@ pub struct Compacted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_machine_holds_nothing_to_wait_on_until_something_waits_and_no_ask_is_lost() {
+        use futures_util::FutureExt;
+        let m = Arc::new(MachineLive::default());
+        m.end_streams();
+        assert!(m.waits.get().is_none(), "asking a machine without streams allocates nothing");
+        assert!(m.streams_end().is_cancelled(), "a stream that begins after the ask ends at once");
+        m.resume_streams();
+        let token = m.streams_end();
+        assert!(!token.is_cancelled(), "started again: streams run");
+        m.end_streams();
+        assert!(token.is_cancelled());
+        m.resume_streams();
+
+        let fresh = Arc::new(MachineLive::default());
+        fresh.resume_streams();
+        assert!(fresh.waits.get().is_none());
+        let queued = fresh.queue();
+        let mut notified = std::pin::pin!(queued.notified());
+        notified.as_mut().enable();
+        drop(fresh.begin());
+        assert!(notified.now_or_never().is_some(), "an exchange ending wakes a request queued for room");
+    }
 
     #[test]
     fn two_nodes_never_mint_the_same_version_and_every_reader_settles_on_one() {

@@ -159,7 +159,7 @@ pub fn plan(
 ) -> Result<(Plan, Vec<Write>), PlanError> {
     let mut plan = Plan::default();
     diff(&mut plan, current, Table::Apps, decl.apps.iter().map(|a| (a.name.as_str(), a)), prune)?;
-    diff(&mut plan, current, Table::Machines, decl.machines.iter().map(|m| (m.id.as_str(), m)), prune)?;
+    diff(&mut plan, current, Table::Machines, decl.machines.iter().map(|m| (&*m.id, m)), prune)?;
     diff(
         &mut plan,
         current,
@@ -296,7 +296,7 @@ fn writes(decl: &Declaration, plan: &Plan) -> Result<Vec<Write>, PlanError> {
         serde_json::to_string(v).map_err(|e| PlanError::Encode(key.into(), e))
     }
     let apps: HashMap<&str, &AppSpec> = decl.apps.iter().map(|a| (a.name.as_str(), a)).collect();
-    let machines: HashMap<&str, &MachineSpec> = decl.machines.iter().map(|m| (m.id.as_str(), m)).collect();
+    let machines: HashMap<&str, &MachineSpec> = decl.machines.iter().map(|m| (&*m.id, m)).collect();
     let certs: HashMap<&str, &CertSpec> =
         decl.certificates.iter().map(|c| (c.hostname.as_str(), c)).collect();
     let mut out = Vec::with_capacity(plan.changes.len());

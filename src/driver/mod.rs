@@ -33,8 +33,8 @@ impl Target {
     pub fn of(m: &crate::catalog::Machine) -> Target {
         Target {
             id: m.id.clone(),
-            app: Arc::from(m.spec.app.as_str()),
-            region: m.spec.region.clone(),
+            app: m.spec.app.clone(),
+            region: m.spec.region.to_string(),
             addr: m.addr,
             cmd: m.spec.cmd.clone(),
         }

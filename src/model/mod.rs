@@ -5,6 +5,7 @@
 //! fly.toml where fly.toml has one. Nothing here does I/O.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -267,10 +268,12 @@ impl MachineState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineSpec {
-    pub id: String,
-    pub app: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub region: String,
+    /// `Arc<str>` here and below: a catalog of millions of machines shares one allocation
+    /// per id (with its maps' keys), per app name and per region instead of one per use.
+    pub id: Arc<str>,
+    pub app: Arc<str>,
+    #[serde(default = "no_region", skip_serializing_if = "str::is_empty")]
+    pub region: Arc<str>,
     /// Where the machine serves: `ip:port`, or a bare IP meaning the app's internal_port.
     pub addr: MachineAddr,
     pub state: MachineState,
@@ -282,7 +285,11 @@ pub struct MachineSpec {
     /// probes it; others route to it while it is started and its owner is alive. Without
     /// it, every node that can run the machine manages it (one node, or a shared host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
+}
+
+fn no_region() -> Arc<str> {
+    Arc::from("")
 }
 
 /// A row of the RIB's `nodes` table: a node says it is alive (and where other nodes reach

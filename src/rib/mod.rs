@@ -11,6 +11,7 @@
 //! SQLite is the embedded default; fleets follow a distributed store through the same trait:
 //! an etcd watch ([`etcd`]) or a Corrosion subscription ([`corrosion`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -126,6 +127,87 @@ pub struct Record {
     pub body: String,
 }
 
+/// Rows packed together: every key and body in one buffer, each row a table and two ranges
+/// of it. A snapshot of millions of rows moves from the store's thread to the catalog's in
+/// parts of this form: two allocations a part, rather than two a row allocated on one thread
+/// and freed on the other.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rows {
+    text: String,
+    /// (table, where the key ends, where the body ends); each starts where the one before
+    /// it ended.
+    rows: Vec<(Table, u32, u32)>,
+    /// On a snapshot's first part: about how many rows each table holds, for the receiver to
+    /// size its maps once instead of growing them (a hint: it may be off either way).
+    sizes: Vec<(Table, usize)>,
+}
+
+impl Rows {
+    pub fn with_capacity(rows: usize, text: usize) -> Rows {
+        Rows { text: String::with_capacity(text), rows: Vec::with_capacity(rows), sizes: Vec::new() }
+    }
+
+    /// Empty, keeping its room (to be filled again: see [`Subscription::give_back`]).
+    pub fn clear(&mut self) {
+        self.text.clear();
+        self.rows.clear();
+        self.sizes.clear();
+    }
+
+    /// Says about how many rows `table` holds in the whole snapshot.
+    pub fn expect(&mut self, table: Table, rows: usize) {
+        self.sizes.push((table, rows));
+    }
+
+    /// The sizes the store announced, if this is a first part that has them.
+    pub fn expected(&self) -> &[(Table, usize)] {
+        &self.sizes
+    }
+
+    pub fn push(&mut self, table: Table, key: &str, body: &str) {
+        self.text.push_str(key);
+        let key_end = self.end();
+        self.text.push_str(body);
+        let body_end = self.end();
+        self.rows.push((table, key_end, body_end));
+    }
+
+    fn end(&self) -> u32 {
+        // A part is far below 4 GiB (the store sends one every few megabytes).
+        u32::try_from(self.text.len()).unwrap_or(u32::MAX)
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Bytes of keys and bodies held.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+
+    /// Each row: its table, key and body.
+    pub fn iter(&self) -> impl Iterator<Item = (Table, &str, &str)> {
+        let mut start = 0usize;
+        self.rows.iter().map(move |&(table, key_end, body_end)| {
+            let (k, b) = (key_end as usize, body_end as usize);
+            let key = self.text.get(start..k).unwrap_or_default();
+            let body = self.text.get(k..b).unwrap_or_default();
+            start = b;
+            (table, key, body)
+        })
+    }
+
+    /// As separate records (a resync diffs those).
+    pub fn to_records(&self) -> Vec<Record> {
+        self.iter().map(|(table, key, body)| Record { table, key: key.into(), body: body.into() }).collect()
+    }
+}
+
 /// A committed change to one row. `body` is `None` when the row was deleted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
@@ -178,8 +260,14 @@ impl Resync {
 
 #[derive(Debug)]
 pub enum RibEvent {
-    /// Everything the store holds as of `cursor`; anything the subscriber holds that is not
-    /// here was deleted.
+    /// The first rows of a snapshot too big to send in one event: the [`RibEvent::Snapshot`]
+    /// that follows (after any number of parts) holds the rest. A subscriber may decode the
+    /// rows as they come, but the snapshot is only complete (and says what was deleted) with
+    /// its last event; anything but another part before it means the snapshot was abandoned
+    /// (the store then starts a new one).
+    SnapshotPart(Rows),
+    /// Everything the store holds as of `cursor` (with the parts sent just before it, if
+    /// any); anything the subscriber holds that is not here was deleted.
     Snapshot { records: Vec<Record>, cursor: Cursor, reason: Resync },
     /// Changes after the previous event, in commit order.
     Changes { changes: Vec<Change>, cursor: Cursor },
@@ -225,11 +313,41 @@ pub struct Subscription {
     /// Kept for as long as the subscription, and dropped with it: how a store's follower
     /// that sleeps on something other than the channel hears that nobody listens any more.
     _held: Option<Box<dyn Send + Sync>>,
+    spare: Option<Arc<SpareRows>>,
+}
+
+/// Snapshot parts read, emptied and handed back for the store to fill again: a snapshot of
+/// millions of rows then moves through the same few buffers instead of a fresh one a part
+/// (each freshly touched page costs; the allocator returns freed ones to the system).
+pub struct SpareRows(crate::watchdog::lock::Mutex<Vec<Rows>>);
+
+impl Default for SpareRows {
+    fn default() -> Self {
+        SpareRows(crate::watchdog::lock::Mutex::new("rib.spare_rows", Vec::new()))
+    }
+}
+
+impl SpareRows {
+    /// As many as the channel holds, and one each side of it.
+    const KEEP: usize = 6;
+
+    /// An emptied part to fill, if one was handed back.
+    pub fn take(&self) -> Option<Rows> {
+        self.0.lock().pop()
+    }
+
+    fn put(&self, mut rows: Rows) {
+        rows.clear();
+        let mut spare = self.0.lock();
+        if spare.len() < Self::KEEP {
+            spare.push(rows);
+        }
+    }
 }
 
 impl Subscription {
     pub fn new(rx: mpsc::Receiver<Result<RibEvent, RibError>>) -> Self {
-        Subscription { rx, _held: None }
+        Subscription { rx, _held: None, spare: None }
     }
 
     /// The subscription, also keeping `held` until it is dropped.
@@ -237,6 +355,20 @@ impl Subscription {
     pub fn holding(mut self, held: Box<dyn Send + Sync>) -> Self {
         self._held = Some(held);
         self
+    }
+
+    /// The subscription, taking back the snapshot parts it was sent into `spare`.
+    #[must_use]
+    pub fn recycling(mut self, spare: Arc<SpareRows>) -> Self {
+        self.spare = Some(spare);
+        self
+    }
+
+    /// A snapshot part the subscriber is done with: the store may fill it again.
+    pub fn give_back(&self, rows: Rows) {
+        if let Some(spare) = &self.spare {
+            spare.put(rows);
+        }
     }
 
     pub async fn next(&mut self) -> Option<Result<RibEvent, RibError>> {

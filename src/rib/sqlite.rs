@@ -15,6 +15,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
@@ -406,8 +407,9 @@ impl Rib for SqliteRib {
         // The watcher hears the subscription dropped as this pipe hanging up.
         match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
             Ok((gone, held)) => {
-                watch::spawn(self.path.clone(), self.poll_interval, from, tx, gone);
-                Subscription::new(rx).holding(Box::new(held))
+                let spare = Arc::new(super::SpareRows::default());
+                watch::spawn(self.path.clone(), self.poll_interval, from, (tx, spare.clone()), gone);
+                Subscription::new(rx).holding(Box::new(held)).recycling(spare)
             }
             Err(e) => {
                 let _ = tx.try_send(Err(RibError::Other(format!("cannot follow the RIB: pipe: {e}"))));
@@ -491,8 +493,25 @@ impl Rib for SqliteRib {
 mod tests {
     use super::*;
 
-    /// The next event other than [`RibEvent::Live`] (sent each time the watcher opens the RIB).
+    /// The next event other than [`RibEvent::Live`] (sent each time the watcher opens the RIB),
+    /// a snapshot's parts gathered into it.
     async fn skip_live(sub: &mut Subscription) -> Option<Result<RibEvent, RibError>> {
+        let mut parts = Vec::new();
+        loop {
+            match sub.next().await {
+                Some(Ok(RibEvent::Live)) => continue,
+                Some(Ok(RibEvent::SnapshotPart(rows))) => parts.extend(rows.to_records()),
+                Some(Ok(RibEvent::Snapshot { records, cursor, reason })) => {
+                    parts.extend(records);
+                    return Some(Ok(RibEvent::Snapshot { records: parts, cursor, reason }));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The events as they come, parts and all, but for [`RibEvent::Live`].
+    async fn raw(sub: &mut Subscription) -> Option<Result<RibEvent, RibError>> {
         loop {
             match sub.next().await {
                 Some(Ok(RibEvent::Live)) => continue,
@@ -548,6 +567,34 @@ mod tests {
         let foreign = Cursor { epoch: "elsewhere".into(), seq: after.seq };
         let mut sub = rib.subscribe(Some(foreign));
         assert!(matches!(skip_live(&mut sub).await, Some(Ok(RibEvent::Snapshot { .. }))));
+    }
+
+    #[tokio::test]
+    async fn a_big_snapshot_comes_in_parts_then_the_rest_with_the_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rib.db");
+        let rows: Vec<Record> = (0..10).map(|i| rec(Table::Apps, &format!("a{i:02}"), "{}")).collect();
+        Store::open(&path).unwrap().transact(|tx| rows.iter().try_for_each(|r| tx.put(r))).unwrap();
+        let rib = SqliteRib::open(&path, NO_POLL).unwrap();
+        let mut sub = rib.subscribe(None);
+        let mut got = Vec::new();
+        let mut parts = 0;
+        loop {
+            match raw(&mut sub).await {
+                Some(Ok(RibEvent::SnapshotPart(part))) => {
+                    parts += 1;
+                    got.extend(part.to_records());
+                }
+                Some(Ok(RibEvent::Snapshot { records, cursor, .. })) => {
+                    got.extend(records);
+                    assert_eq!(cursor.seq, 10);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(parts, 5, "parts of 8 bytes or just over in unit tests: two rows each");
+        assert_eq!(got, rows, "every row once, in order");
     }
 
     #[test]

@@ -164,9 +164,9 @@ mod tests {
         s.apply(Event::App(app));
         for (i, st) in states.iter().enumerate() {
             s.apply(Event::Machine(MachineSpec {
-                id: format!("m{i}"),
+                id: format!("m{i}").into(),
                 app: "a".into(),
-                region: String::new(),
+                region: "".into(),
                 addr: format!("127.0.0.1:{}", 1000 + i).parse::<MachineAddr>().unwrap(),
                 state: *st,
                 cmd: None,

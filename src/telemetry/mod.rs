@@ -448,8 +448,14 @@ impl Metrics {
 /// Each handle is resolved on first use, so an app shows only the series it has used, as
 /// with labels looked up each time. A handle kept past its app's removal counts into a
 /// series no longer exported (it is not recreated, unlike a lookup by labels).
+///
+/// The handles live in one allocation made on the app's first request: an app nobody asks
+/// for (most of a million-app catalog) holds a pointer's worth.
 #[derive(Default)]
-pub struct AppSeries {
+pub struct AppSeries(OnceLock<Box<Handles>>);
+
+#[derive(Default)]
+struct Handles {
     requests: [OnceLock<IntCounter>; STATUS_CLASSES.len()],
     duration: OnceLock<Histogram>,
     routed: [OnceLock<IntCounter>; ROUTING_WHY.len()],
@@ -463,12 +469,17 @@ impl std::fmt::Debug for AppSeries {
 }
 
 impl AppSeries {
+    fn handles(&self) -> &Handles {
+        self.0.get_or_init(Box::default)
+    }
+
     /// Counts one answered request of `app` (`tern_requests_total`, and its duration).
     pub fn request(&self, metrics: &Metrics, app: &str, status: u16, elapsed: std::time::Duration) {
         let class = status_class(status);
         let i = STATUS_CLASSES.iter().position(|c| *c == class).unwrap_or(STATUS_CLASSES.len() - 1);
-        self.requests[i].get_or_init(|| metrics.requests.with_label_values(&[app, class])).inc();
-        self.duration
+        let h = self.handles();
+        h.requests[i].get_or_init(|| metrics.requests.with_label_values(&[app, class])).inc();
+        h.duration
             .get_or_init(|| metrics.request_duration.with_label_values(&[app]))
             .observe(elapsed.as_secs_f64());
     }
@@ -476,13 +487,13 @@ impl AppSeries {
     /// Counts one routing decision of `app` (`tern_routing_decisions_total`); `why` is one
     /// of [`ROUTING_WHY`].
     pub fn routed(&self, metrics: &Metrics, app: &str, why: &'static str) {
-        inc_labelled(&self.routed, &ROUTING_WHY, &metrics.routing_decisions, app, why);
+        inc_labelled(&self.handles().routed, &ROUTING_WHY, &metrics.routing_decisions, app, why);
     }
 
     /// Counts one session outcome of `app` (`tern_sessions_total`); `result` is one of
     /// [`SESSION_RESULTS`].
     pub fn session(&self, metrics: &Metrics, app: &str, result: &'static str) {
-        inc_labelled(&self.sessions, &SESSION_RESULTS, &metrics.sessions, app, result);
+        inc_labelled(&self.handles().sessions, &SESSION_RESULTS, &metrics.sessions, app, result);
     }
 }
 

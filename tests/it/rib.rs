@@ -197,7 +197,9 @@ async fn a_rib_made_by_an_earlier_tern_is_migrated_keeping_its_rows_and_cursors(
         let (changes, cursor) = match event {
             tern::rib::RibEvent::Changes { changes, cursor } => (changes, cursor),
             tern::rib::RibEvent::Live => continue,
-            tern::rib::RibEvent::Snapshot { .. } => panic!("a snapshot, not a resume"),
+            tern::rib::RibEvent::Snapshot { .. } | tern::rib::RibEvent::SnapshotPart(_) => {
+                panic!("a snapshot, not a resume")
+            }
         };
         seen.extend(changes.iter().map(|c| (c.table.as_str(), c.key.clone())));
         last = changes.last().cloned().map(|c| (c, cursor.seq));

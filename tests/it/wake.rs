@@ -82,7 +82,8 @@ async fn a_thousand_requests_to_a_stopped_app_start_it_once_and_all_get_answers(
     let url = proxy.url("sleepy.test", "/");
     let results = concurrent_gets(&client, &url, 1000).await;
     let ok = results.iter().filter(|(status, body)| *status == 200 && body == "hello, world\n").count();
-    let bad: Vec<_> = results.iter().filter(|(status, body)| !(*status == 200 && body == "hello, world\n")).collect();
+    let bad: Vec<_> =
+        results.iter().filter(|(status, body)| !(*status == 200 && body == "hello, world\n")).collect();
     assert_eq!(ok, 1000, "every held request answered by the woken machine: {bad:?}");
 
     let m = proxy.metrics().await;

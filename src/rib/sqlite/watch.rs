@@ -13,14 +13,15 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
 use super::wake::{RECHECK, Wake, Woke};
-use super::{BATCH, FileId, Opened, abandon, file_id, open_conn, read_table, sql_err};
-use crate::rib::{Change, Cursor, Record, Resync, RibError, RibEvent, Table};
+use super::{BATCH, FileId, Opened, abandon, file_id, open_conn, sql_err};
+use crate::rib::{Change, Cursor, Resync, RibError, RibEvent, Rows, SpareRows, Table};
 
 type Tx = mpsc::Sender<Result<RibEvent, RibError>>;
 
@@ -28,9 +29,17 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Starts the watcher thread; it runs until the subscription is dropped (`gone` hangs up).
 /// Its files are watched from now on, so no commit made after the snapshot goes unnoticed.
-pub(super) fn spawn(path: PathBuf, poll: Duration, from: Option<Cursor>, tx: Tx, gone: OwnedFd) {
+pub(super) fn spawn(
+    path: PathBuf,
+    poll: Duration,
+    from: Option<Cursor>,
+    out: (Tx, Arc<SpareRows>),
+    gone: OwnedFd,
+) {
     let wake = Wake::new(&path, poll, gone);
-    let watcher = Watcher { path, wake, tx, cursor: from, file: None, absent: false, backoff: FIRST_BACKOFF };
+    let (tx, spare) = out;
+    let watcher =
+        Watcher { path, wake, tx, spare, cursor: from, file: None, absent: false, backoff: FIRST_BACKOFF };
     let spawned = std::thread::Builder::new().name("tern-rib-watch".into()).spawn(move || watcher.run());
     if let Err(e) = spawned {
         tracing::error!(target: "tern::rib", error = %e, "could not start the RIB watcher thread");
@@ -41,6 +50,8 @@ struct Watcher {
     path: PathBuf,
     wake: Wake,
     tx: Tx,
+    /// Snapshot parts the subscriber handed back, to fill again.
+    spare: Arc<SpareRows>,
     cursor: Option<Cursor>,
     /// The file the cursor belongs to, once one was opened.
     file: Option<FileId>,
@@ -152,9 +163,13 @@ impl Watcher {
         let mut seen_version = data_version(&conn, &path)?;
         loop {
             if let Some(reason) = reason.take() {
-                let (records, seq) = read_snapshot(&mut conn, &path)?;
+                let Some(seq) = send_snapshot(&mut conn, &path, (&self.tx, &self.spare))? else {
+                    return Ok(Stop::Unsubscribed);
+                };
                 let c = Cursor { epoch: epoch.clone(), seq };
                 self.cursor = Some(c.clone());
+                // Every row went in the parts before it.
+                let records = Vec::new();
                 if self.tx.blocking_send(Ok(RibEvent::Snapshot { records, cursor: c, reason })).is_err() {
                     return Ok(Stop::Unsubscribed);
                 }
@@ -274,18 +289,54 @@ fn oldest_seq(conn: &Connection, path: &Path) -> Result<Option<i64>, RibError> {
     conn.query_row("SELECT MIN(seq) FROM changes", [], |r| r.get(0)).map_err(sql_err(path))
 }
 
-fn read_snapshot(conn: &mut Connection, path: &Path) -> Result<(Vec<Record>, i64), RibError> {
+/// Bytes of keys and bodies sent in one [`RibEvent::SnapshotPart`]: the subscriber decodes
+/// one part while the next is read, and no more than a few parts are ever held. Tiny in unit
+/// tests, so that their snapshots come in parts too.
+const PART_BYTES: usize = if cfg!(test) { 8 } else { 4 << 20 };
+
+/// Reads the whole RIB, sending it in parts as it goes; returns the cursor they describe
+/// (for the `Snapshot` event that ends them), or `None` if the subscriber went away. The
+/// first part says about how many rows each table holds (the largest rowid: exact unless
+/// rows were deleted, and then above), so the catalog sizes its maps once.
+fn send_snapshot(
+    conn: &mut Connection,
+    path: &Path,
+    out: (&Tx, &SpareRows),
+) -> Result<Option<i64>, RibError> {
+    let (out, spare) = out;
     let err = sql_err(path);
     // One read transaction, so the rows and the cursor describe the same moment.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(&err)?;
     let seq: i64 =
         tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0)).map_err(&err)?;
-    let mut records = Vec::new();
+    let fresh = || spare.take().unwrap_or_else(|| Rows::with_capacity(PART_BYTES / 128, PART_BYTES + 4096));
+    let mut part = fresh();
     for t in Table::ALL {
-        records.extend(read_table(&tx, t, path)?);
+        let sql = format!("SELECT COALESCE(MAX(rowid), 0) FROM {}", t.as_str());
+        let rows: i64 = tx.query_row(&sql, [], |r| r.get(0)).map_err(&err)?;
+        part.expect(t, usize::try_from(rows).unwrap_or(0));
+    }
+    for t in Table::ALL {
+        let sql = format!("SELECT key, body FROM {} ORDER BY key", t.as_str());
+        let mut stmt = tx.prepare(&sql).map_err(&err)?;
+        let mut rows = stmt.query([]).map_err(&err)?;
+        while let Some(row) = rows.next().map_err(&err)? {
+            let text = |i| row.get_ref(i).and_then(|v| v.as_str().map_err(Into::into)).map_err(&err);
+            part.push(t, text(0)?, text(1)?);
+            if part.text_len() >= PART_BYTES && !send(out, std::mem::replace(&mut part, fresh())) {
+                return Ok(None);
+            }
+        }
     }
     tx.commit().map_err(&err)?;
-    Ok((records, seq))
+    if !part.is_empty() && !send(out, part) {
+        return Ok(None);
+    }
+    Ok(Some(seq))
+}
+
+fn send(out: &Tx, part: Rows) -> bool {
+    out.blocking_send(Ok(RibEvent::SnapshotPart(part))).is_ok()
 }
 
 fn read_changes(conn: &Connection, path: &Path, after: i64) -> Result<Vec<(i64, Change)>, RibError> {
