@@ -63,6 +63,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // An emptied view still holds its buffer (hyper's, after a pipelined read).
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -117,12 +121,21 @@ where
     if !io.prefix.is_empty() {
         return Next::Bytes;
     }
-    let mut buf = [0u8; 256];
+    // The buffer is on the stack of each poll, not in the future: a parked connection's
+    // task keeps no room for it.
+    let read = std::future::poll_fn(|cx| {
+        let mut buf = [0u8; 256];
+        let mut filled = ReadBuf::new(&mut buf);
+        Pin::new(&mut io.inner).poll_read(cx, &mut filled).map(|r| match r {
+            Ok(()) if !filled.filled().is_empty() => Some(Bytes::copy_from_slice(filled.filled())),
+            Ok(()) | Err(_) => None,
+        })
+    });
     let next = tokio::select! {
-        r = io.inner.read(&mut buf) => match r {
-            Ok(0) | Err(_) => return Next::Close,
-            Ok(n) => {
-                io.unread(Bytes::copy_from_slice(&buf[..n]));
+        r = read => match r {
+            None => return Next::Close,
+            Some(bytes) => {
+                io.unread(bytes);
                 Next::Bytes
             }
         },

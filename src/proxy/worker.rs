@@ -10,7 +10,9 @@
 //! all. The kernel wakes every worker waiting on a socket when a connection arrives; the
 //! first to call accept gets it, which favours the least busy.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -286,6 +288,30 @@ fn block_this_thread() {
     }
 }
 
+/// A TLS connection: its handshake, then HTTP in the protocol ALPN chose.
+async fn serve_tls(deps: &Deps, stream: Counted<TcpStream>, info: ConnInfo, handler: Arc<Handler>) {
+    // The handshake's state is boxed and freed once it is done; the stream moves into its
+    // serving future before that is awaited. The task keeps room for neither.
+    let accept = tls::accept(
+        stream,
+        deps.tls.clone(),
+        &deps.catalog,
+        deps.limits.tls_handshake_timeout,
+        &deps.metrics,
+    );
+    let serving = match Box::pin(accept).await {
+        Ok(stream) => {
+            let wire = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Wire::Http2,
+                _ => Wire::Http1,
+            };
+            Box::pin(deps.server.serve(stream, info, handler, wire))
+        }
+        Err(_) => return,
+    };
+    serving.await;
+}
+
 async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
     let Job { stream, peer, tls, backhaul, label, permit } = job;
     let _permit = permit;
@@ -298,27 +324,12 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
     // task woken thousands of times a second without any is closed (spin::Guarded).
     let progress = Progress::new();
     let stream = Counted::new(stream, progress.clone());
-    let serve = async {
-        if tls {
-            // Boxed: the handshake's state is freed once it is done, not kept in the task.
-            let accepted = Box::pin(tls::accept(
-                stream,
-                deps.tls.clone(),
-                &deps.catalog,
-                deps.limits.tls_handshake_timeout,
-                &deps.metrics,
-            ))
-            .await;
-            if let Ok(stream) = accepted {
-                let wire = match stream.get_ref().1.alpn_protocol() {
-                    Some(b"h2") => Wire::Http2,
-                    _ => Wire::Http1,
-                };
-                deps.server.serve(stream, info, handler, wire).await;
-            }
-        } else {
-            deps.server.serve(stream, info, handler, Wire::Sniff).await;
-        }
+    // Each protocol's future boxed on its own and only that one made: a connection's task
+    // holds its own protocol's state, not room for the largest (a TLS stream's is KBs).
+    let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = if tls {
+        Box::pin(serve_tls(deps, stream, info, handler))
+    } else {
+        Box::pin(deps.server.serve(stream, info, handler, Wire::Sniff))
     };
     let protocol = if tls { "tls" } else { "http" };
     // A spinning connection is logged and counted by the guard; dropping it closes it.
