@@ -25,7 +25,8 @@
 #    ROUNDS rotated rounds, the median p99 reported.
 # 3. Idle memory: each proxy restarted fresh, then IDLE_CONNS keep-alive connections opened,
 #    one request on each, all held idle (examples/bench_idle.rs); RSS per connection is the
-#    growth of the proxy's summed VmRSS ÷ connections, once both readings have settled. Once
+#    growth of the proxy's summed VmRSS ÷ connections, read IDLE_SETTLE (15) s after the last
+#    connection's request, once both readings have settled. Once
 #    over TLS, once over plain HTTP/1.1.
 #
 # All proxies: access logs off, keep-alive to the backend, TLS 1.3 only with the same ECDSA
@@ -40,6 +41,7 @@ DUR=${1:-${DUR:-10}}
 ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 IDLE_CONNS=${IDLE_CONNS:-10000}
+IDLE_SETTLE=${IDLE_SETTLE:-15}
 PIN_LOAD=${PIN_LOAD:-0}
 PIN_PROXY=${PIN_PROXY:-1}
 started=$SECONDS
@@ -323,42 +325,51 @@ cpu_ticks() {
   done
   echo "$t"
 }
+# The kernel's share of those ticks (stime, field 15).
+sys_ticks() {
+  local t=0 p f
+  for p in $(tree_pids "$1"); do
+    f=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null) || continue
+    t=$((t + $(awk '{print $13}' <<<"$f")))
+  done
+  echo "$t"
+}
 # KiB summed over the proxy's processes: VmRSS from status, or Pss from smaps_rollup.
 rss_kib() { local p; for p in $(tree_pids "$1"); do cat "/proc/$p/status" 2>/dev/null; done | awk '/^VmRSS:/ {s += $2} END {print s + 0}'; }
 pss_kib() { local p; for p in $(tree_pids "$1"); do cat "/proc/$p/smaps_rollup" 2>/dev/null; done | awk '/^Pss:/ {s += $2} END {print s + 0}'; }
 fds() { local p n=0; for p in $(tree_pids "$1"); do n=$((n + $(ls "/proc/$p/fd" 2>/dev/null | wc -l))); done; echo "$n"; }
 
-# One timed run against proxy P; prints "per_cpu_s cpu_s wall_rps errors requests", the
+# One timed run against proxy P; prints "per_cpu_s cpu_s wall_rps errors requests sys_s", the
 # first figure being requests answered 2xx ÷ the proxy's CPU seconds over the run. The
 # tool's full output goes to runs/.
 # run_wrk P SECONDS URL [wrk args…]
 run_wrk() {
-  local p=$1 secs=$2 url=$3 t0 t1 out; shift 3
-  t0=$(cpu_ticks "${PID[$p]}")
+  local p=$1 secs=$2 url=$3 t0 t1 s0 s1 out; shift 3
+  t0=$(cpu_ticks "${PID[$p]}"); s0=$(sys_ticks "${PID[$p]}")
   out=$(load wrk -t1 -c"$CONNS" -d"${secs}s" "$@" "$url" 2>&1) || true
-  t1=$(cpu_ticks "${PID[$p]}")
+  t1=$(cpu_ticks "${PID[$p]}"); s1=$(sys_ticks "${PID[$p]}")
   echo "$out" >>"$work/runs/$p.txt"
-  awk -v dt=$((t1 - t0)) -v hz="$CLK_TCK" '
+  awk -v dt=$((t1 - t0)) -v ds=$((s1 - s0)) -v hz="$CLK_TCK" '
     /requests in/ {reqs = $1}
     /Requests\/sec/ {rps = $2}
     /Non-2xx or 3xx responses:/ {bad = $5}
     /Socket errors:/ {gsub(",", ""); sock = $4 + $6 + $8 + $10}
-    END {cpu = dt / hz; good = reqs - bad; printf "%.0f %.2f %.0f %d %d\n", (cpu > 0) ? good / cpu : 0, cpu, rps, bad + sock, good}' <<<"$out"
+    END {cpu = dt / hz; good = reqs - bad; printf "%.0f %.2f %.0f %d %d %.2f\n", (cpu > 0) ? good / cpu : 0, cpu, rps, bad + sock, good, ds / hz}' <<<"$out"
 }
 # run_h2load P SECONDS URL: the same from h2load (HTTP/2, 8 streams per connection).
 run_h2load() {
-  local p=$1 secs=$2 url=$3 t0 t1 out
-  t0=$(cpu_ticks "${PID[$p]}")
+  local p=$1 secs=$2 url=$3 t0 t1 s0 s1 out
+  t0=$(cpu_ticks "${PID[$p]}"); s0=$(sys_ticks "${PID[$p]}")
   # h2load once hung past its -D against nginx: bounded, a hung run reports its errors.
   out=$(load timeout $((secs + 30)) h2load -c"$CONNS" -m8 -t1 -D "$secs" "$url" 2>&1) || true
-  t1=$(cpu_ticks "${PID[$p]}")
+  t1=$(cpu_ticks "${PID[$p]}"); s1=$(sys_ticks "${PID[$p]}")
   echo "$out" >>"$work/runs/$p.txt"
   grep -q '^Application protocol: h2$' <<<"$out" || { echo "h2load did not speak h2 to $p: $out" >&2; exit 1; }
-  awk -v dt=$((t1 - t0)) -v hz="$CLK_TCK" '
+  awk -v dt=$((t1 - t0)) -v ds=$((s1 - s0)) -v hz="$CLK_TCK" '
     /^finished in/ {gsub(",", ""); rps = $4}
     /^requests:/ {good = $8; err = $10 + $12 + $14}
     /^status codes:/ {bad = $5 + $7 + $9}
-    END {cpu = dt / hz; good -= bad; printf "%.0f %.2f %.0f %d %d\n", (cpu > 0) ? good / cpu : 0, cpu, rps, err + bad, good}' <<<"$out"
+    END {cpu = dt / hz; good -= bad; printf "%.0f %.2f %.0f %d %d %.2f\n", (cpu > 0) ? good / cpu : 0, cpu, rps, err + bad, good, ds / hz}' <<<"$out"
 }
 # measure KIND P SECONDS: one run of a throughput scenario.
 measure() {
@@ -383,7 +394,7 @@ scenario() {
       echo "== $kind round $r" >>"$work/runs/$p.txt"
       line=$(measure "$kind" "$p" "$DUR")
       R[$kind,$p]+="$line"$'\n'
-      log "$kind round=$r proxy=$p per_cpu_s,cpu_s,wall_rps,errors,requests: $line"
+      log "$kind round=$r proxy=$p per_cpu_s,cpu_s,wall_rps,errors,requests,sys_s: $line"
     done
   done
 }
@@ -453,6 +464,9 @@ idle_run() {
     sleep 0.2
   done
   local opened=$((SECONDS - t0))
+  # Idle means idle for a while: a proxy may give memory back some time after a connection
+  # goes quiet (tern parks it after 1 s; its allocator returns the pages on a later wake).
+  sleep "$IDLE_SETTLE"
   rss1=$(settled_rss "${PID[$p]}"); pss1=$(pss_kib "${PID[$p]}"); fd1=$(fds "${PID[$p]}")
   exec 7>&-
   wait "$ipid" || true
@@ -524,6 +538,15 @@ details() {
     for p in "${PROXIES[@]}"; do
       [ -n "${R[$k,$p]:-}" ] || continue
       m=$(median "$k" "$p"); line+=" $p $(num "$(awk '{print $3}' <<<"$m")" int) ($(awk '{print $2}' <<<"$m") s);"
+    done
+    echo "$line"
+  done
+  echo "Median rounds, proxy CPU per request (µs), user + kernel:"
+  for k in h1 tls tls-new h2; do
+    line="  $k:"
+    for p in "${PROXIES[@]}"; do
+      [ -n "${R[$k,$p]:-}" ] || continue
+      line+=$(median "$k" "$p" | awk -v p="$p" '$5 > 0 {printf " %s %.1f + %.1f;", p, ($2 - $6) * 1e6 / $5, $6 * 1e6 / $5}')
     done
     echo "$line"
   done
