@@ -103,8 +103,13 @@ pub struct Listen {
     pub tls: bool,
     #[serde(default)]
     pub private: bool,
+    /// Each connection starts with a PROXY protocol (v1 or v2) header saying who the client
+    /// is; only peers in `proxy_protocol_from` may send one.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// The load balancers a `proxy_protocol` listener accepts connections from.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<crate::net::Prefix>,
     /// The kernel accept queue length (listen(2) backlog).
     #[serde(default = "default_backlog")]
     pub backlog: u32,
@@ -112,6 +117,35 @@ pub struct Listen {
     /// nodes hand over for the machines this node owns.
     #[serde(skip)]
     pub backhaul: bool,
+}
+
+impl Listen {
+    /// What `tern check` refuses in one `[[listen]]`.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.private {
+            return Err((
+                "private",
+                "private (Flycast) listeners are not supported by this version yet".into(),
+            ));
+        }
+        if self.proxy_protocol && self.proxy_protocol_from.is_empty() {
+            return Err((
+                "proxy_protocol_from",
+                format!(
+                    "{} takes PROXY protocol headers: list the load balancers allowed to send them \
+                     (proxy_protocol_from = [\"10.0.0.0/8\"]; [\"0.0.0.0/0\", \"::/0\"] trusts anyone)",
+                    self.addr
+                ),
+            ));
+        }
+        if !self.proxy_protocol && !self.proxy_protocol_from.is_empty() {
+            return Err((
+                "proxy_protocol_from",
+                format!("{} lists proxy_protocol_from without proxy_protocol = true", self.addr),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -437,6 +471,7 @@ fn default_listeners() -> Vec<Listen> {
             tls: false,
             private: false,
             proxy_protocol: false,
+            proxy_protocol_from: Vec::new(),
             backlog: default_backlog(),
             backhaul: false,
         },
@@ -445,6 +480,7 @@ fn default_listeners() -> Vec<Listen> {
             tls: true,
             private: false,
             proxy_protocol: false,
+            proxy_protocol_from: Vec::new(),
             backlog: default_backlog(),
             backhaul: false,
         },
@@ -543,18 +579,7 @@ impl Config {
             if l.addr.port() != 0 && !seen.insert(l.addr) {
                 return Err(("addr", format!("{} is listed twice", l.addr)));
             }
-            if l.private {
-                return Err((
-                    "private",
-                    "private (Flycast) listeners are not supported by this version yet".into(),
-                ));
-            }
-            if l.proxy_protocol {
-                return Err((
-                    "proxy_protocol",
-                    "PROXY protocol listeners are not supported by this version yet".into(),
-                ));
-            }
+            l.validate()?;
         }
         self.rib.validate()?;
         self.validate_fleet()?;
@@ -860,5 +885,25 @@ kind = "process"
         let (line, msg) = Config::parse("regoin = \"ams\"\n").unwrap_err();
         assert_eq!(line, 1);
         assert!(msg.contains("regoin"), "{msg}");
+    }
+
+    #[test]
+    fn a_proxy_protocol_listener_names_the_balancers_it_trusts() {
+        let base = "region = \"ams\"\n[[listen]]\naddr = \"127.0.0.1:80\"\n";
+        let ok = Config::parse(&format!(
+            "{base}proxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/8\", \"::/0\"]\n"
+        ))
+        .unwrap();
+        assert!(ok.listen[0].proxy_protocol);
+        assert!(ok.listen[0].proxy_protocol_from[0].contains("10.9.8.7".parse().unwrap()));
+        let (_, msg) = Config::parse(&format!("{base}proxy_protocol = true\n")).unwrap_err();
+        assert!(msg.contains("proxy_protocol_from"), "{msg}");
+        let (_, msg) = Config::parse(&format!("{base}proxy_protocol_from = [\"10.0.0.0/8\"]\n")).unwrap_err();
+        assert!(msg.contains("without proxy_protocol"), "{msg}");
+        let (line, msg) =
+            Config::parse(&format!("{base}proxy_protocol = true\nproxy_protocol_from = [\"10.1.2.3/8\"]\n"))
+                .unwrap_err();
+        assert_eq!(line, 5, "{msg}");
+        assert!(msg.contains("10.0.0.0/8"), "{msg}");
     }
 }

@@ -16,6 +16,7 @@ pub mod error;
 pub mod http;
 pub mod listener;
 pub mod model;
+pub mod net;
 pub mod proxy;
 pub mod rib;
 pub mod routing;

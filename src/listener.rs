@@ -21,6 +21,7 @@ use crate::telemetry::Metrics;
 
 pub mod holder;
 pub mod inherit;
+pub mod proxy_protocol;
 
 /// Binds a listening socket.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {

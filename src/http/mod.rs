@@ -27,6 +27,7 @@ pub mod ending;
 mod forward;
 pub mod headers;
 mod park;
+pub use park::Prefixed;
 mod parser_replies;
 mod replay;
 pub mod request_id;
@@ -37,7 +38,6 @@ pub use drain::Drain;
 pub use forward::Handler;
 
 use activity::{ConnState, TouchIo};
-use park::Prefixed;
 use parser_replies::ParserReplies;
 
 use crate::telemetry::Metrics;

@@ -91,6 +91,7 @@ impl Bound {
             tls: false,
             private: false,
             proxy_protocol: false,
+            proxy_protocol_from: Vec::new(),
             backlog: 1024,
             backhaul: true,
         });

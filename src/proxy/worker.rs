@@ -23,7 +23,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
 use crate::config::{Limits, Listen};
-use crate::http::{ConnInfo, Drain, Handler, Server, Wire};
+use crate::http::{ConnInfo, Drain, Handler, Prefixed, Server, Wire};
+use crate::listener::proxy_protocol::{self, Header, Refused};
+use crate::net::Prefix;
 use crate::routing::Router;
 use crate::telemetry::Metrics;
 use crate::tls;
@@ -37,6 +39,8 @@ pub(super) struct Job {
     pub peer: SocketAddr,
     pub tls: bool,
     pub backhaul: bool,
+    /// A `proxy_protocol` listener's trusted sources: a PROXY header comes first.
+    pub proxy_from: Option<Arc<[Prefix]>>,
     pub label: Arc<str>,
     pub permit: OwnedSemaphorePermit,
 }
@@ -189,19 +193,7 @@ async fn run(
     // Ends with the runtime, which retires the heartbeat with it.
     let ticking = tokio::spawn(keep_beating(beats.runtime));
     keep_reaping(&deps, &pool);
-    let handler = Arc::new(Handler {
-        router: Router::new(deps.catalog.clone()).with_nearest(deps.lifecycle.nearest().cloned()),
-        pool,
-        metrics: deps.metrics.clone(),
-        region: deps.region.clone(),
-        region_header: HeaderValue::from_str(&deps.region).unwrap_or(HeaderValue::from_static("-")),
-        max_header_bytes: deps.limits.max_header_bytes,
-        max_response_header_bytes: deps.limits.max_response_header_bytes,
-        access_log: deps.access_log,
-        tasks: tasks.clone(),
-        lifecycle: deps.lifecycle.clone(),
-        replay_cache: deps.replay_cache.clone(),
-    });
+    let handler = handler(&deps, pool, &tasks);
     let deps = Arc::new(deps);
     let mut accepting = Vec::with_capacity(listeners.len());
     for ((std_listener, listen), beat) in listeners.into_iter().zip(beats.accept) {
@@ -217,9 +209,19 @@ async fn run(
         let (deps2, handler, open, tasks, conn_label) =
             (deps.clone(), handler.clone(), open.clone(), tasks.clone(), label.clone());
         let (tls, backhaul) = (listen.tls, listen.backhaul);
+        let proxy_from: Option<Arc<[Prefix]>> =
+            listen.proxy_protocol.then(|| listen.proxy_protocol_from.clone().into());
         let on_accept = move |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
             open.fetch_add(1, Ordering::Relaxed);
-            let job = Job { stream, peer, tls, backhaul, label: conn_label.clone(), permit };
+            let job = Job {
+                stream,
+                peer,
+                tls,
+                backhaul,
+                proxy_from: proxy_from.clone(),
+                label: conn_label.clone(),
+                permit,
+            };
             let (deps, handler, open) = (deps2.clone(), handler.clone(), open.clone());
             tasks.spawn(async move {
                 connection(&deps, handler, job).await;
@@ -270,6 +272,23 @@ async fn run(
     // Whatever is left is cancelled when the runtime drops.
 }
 
+/// What serves this worker's requests.
+fn handler(deps: &Deps, pool: Arc<Pool>, tasks: &TaskTracker) -> Arc<Handler> {
+    Arc::new(Handler {
+        router: Router::new(deps.catalog.clone()).with_nearest(deps.lifecycle.nearest().cloned()),
+        pool,
+        metrics: deps.metrics.clone(),
+        region: deps.region.clone(),
+        region_header: HeaderValue::from_str(&deps.region).unwrap_or(HeaderValue::from_static("-")),
+        max_header_bytes: deps.limits.max_header_bytes,
+        max_response_header_bytes: deps.limits.max_response_header_bytes,
+        access_log: deps.access_log,
+        tasks: tasks.clone(),
+        lifecycle: deps.lifecycle.clone(),
+        replay_cache: deps.replay_cache.clone(),
+    })
+}
+
 /// The pool's reaper, restarted if it panics, until the node's background work stops.
 fn keep_reaping(deps: &Deps, pool: &Arc<Pool>) {
     let (pool, shutdown) = (pool.clone(), deps.shutdown.clone());
@@ -288,8 +307,41 @@ fn block_this_thread() {
     }
 }
 
+/// A connection to a `proxy_protocol` listener: its peer checked against the listener's
+/// `from`, then its PROXY header read. The client's address and the one it reached, as the
+/// header gives them (or the connection's own, for a header that gives none); `None` when
+/// the connection is refused (counted and logged).
+async fn proxy_header(
+    deps: &Deps,
+    from: &[Prefix],
+    peer: SocketAddr,
+    local: SocketAddr,
+    stream: &mut Prefixed<Counted<TcpStream>>,
+) -> Option<(SocketAddr, SocketAddr)> {
+    let read = async {
+        if !from.iter().any(|p| p.contains(peer.ip())) {
+            return Err(Refused::UntrustedSource);
+        }
+        proxy_protocol::read(stream, deps.limits.header_read_timeout).await
+    };
+    match read.await {
+        Ok((header, rest)) => {
+            stream.unread(rest);
+            Some(match header {
+                Header::Proxied { source, destination } => (source, destination),
+                Header::Local => (peer, local),
+            })
+        }
+        Err(why) => {
+            deps.metrics.proxy_protocol_refused.with_label_values(&[why.as_str()]).inc();
+            tracing::debug!(target: "tern::listener", %peer, %local, reason = why.as_str(), "{why}: connection closed");
+            None
+        }
+    }
+}
+
 /// A TLS connection: its handshake, then HTTP in the protocol ALPN chose.
-async fn serve_tls(deps: &Deps, stream: Counted<TcpStream>, info: ConnInfo, handler: Arc<Handler>) {
+async fn serve_tls(deps: &Deps, stream: Prefixed<Counted<TcpStream>>, info: ConnInfo, handler: Arc<Handler>) {
     // The handshake's state is boxed and freed once it is done; the stream moves into its
     // serving future before that is awaited. The task keeps room for neither.
     let accept = tls::accept(
@@ -313,17 +365,28 @@ async fn serve_tls(deps: &Deps, stream: Counted<TcpStream>, info: ConnInfo, hand
 }
 
 async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
-    let Job { stream, peer, tls, backhaul, label, permit } = job;
+    let Job { stream, peer, tls, backhaul, proxy_from, label, permit } = job;
     let _permit = permit;
     let gauge = deps.metrics.open_connections.with_label_values(&[&label]);
     gauge.inc();
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
-    let info = ConnInfo::new(peer, local, tls, backhaul);
     // The busy-loop guard: every byte read or written counts as progress; a connection
     // task woken thousands of times a second without any is closed (spin::Guarded).
     let progress = Progress::new();
-    let stream = Counted::new(stream, progress.clone());
+    let mut stream = Prefixed::new(Counted::new(stream, progress.clone()));
+    let (peer, local) = match proxy_from {
+        None => (peer, local),
+        // Boxed: only these connections keep room for reading the header.
+        Some(from) => match Box::pin(proxy_header(deps, &from, peer, local, &mut stream)).await {
+            Some(addrs) => addrs,
+            None => {
+                gauge.dec();
+                return;
+            }
+        },
+    };
+    let info = ConnInfo::new(peer, local, tls, backhaul);
     // Each protocol's future boxed on its own and only that one made: a connection's task
     // holds its own protocol's state, not room for the largest (a TLS stream's is KBs).
     let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = if tls {

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub connections: IntCounterVec,
     pub connections_rejected: IntCounter,
     pub connections_parked: IntCounter,
+    pub proxy_protocol_refused: IntCounterVec,
     pub accept_errors: IntCounterVec,
     pub tls_handshakes: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
@@ -133,6 +134,14 @@ impl Metrics {
                 "tern_connections_parked_total",
                 "Times a quiet HTTP/1.1 keep-alive connection was parked: hyper's buffers for it \
                  freed until the client sends again.",
+            )?,
+            proxy_protocol_refused: IntCounterVec::new(
+                Opts::new(
+                    "tern_proxy_protocol_refused_total",
+                    "Connections to a proxy_protocol listener closed before any request, by reason: \
+                     untrusted_source, missing, malformed, timeout, closed.",
+                ),
+                &["reason"],
             )?,
             accept_errors: IntCounterVec::new(
                 Opts::new("tern_accept_errors_total", "Failed accept(2) calls, by reason."),
@@ -336,6 +345,7 @@ impl Metrics {
         r.register(Box::new(self.connections.clone()))?;
         r.register(Box::new(self.connections_rejected.clone()))?;
         r.register(Box::new(self.connections_parked.clone()))?;
+        r.register(Box::new(self.proxy_protocol_refused.clone()))?;
         r.register(Box::new(self.accept_errors.clone()))?;
         r.register(Box::new(self.tls_handshakes.clone()))?;
         r.register(Box::new(self.tls_handshake_failures.clone()))?;

@@ -117,6 +117,8 @@ pub struct Proxy {
     pub http: SocketAddr,
     pub https: SocketAddr,
     pub admin: SocketAddr,
+    /// Every listener's address, in the node config's order (`extra`'s first).
+    pub listeners: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<Result<(), proxy::StartError>>>,
 }
@@ -142,15 +144,19 @@ impl Proxy {
         // bounce would start the test binary.
         let config = Config::parse(&node_config(&db, extra)).unwrap();
         let bound = Bound::bind(&config).unwrap();
+        // In the config's order; `http` and `https` are the first that take no PROXY header.
         let addrs = bound.addrs();
-        let http = addrs.iter().find(|(_, tls)| !tls).unwrap().0;
-        let https = addrs.iter().find(|(_, tls)| *tls).unwrap().0;
+        let listeners: Vec<SocketAddr> = addrs.iter().map(|(a, _)| *a).collect();
+        let first = |tls: bool| {
+            config.listen.iter().zip(&addrs).find(|(c, _)| c.tls == tls && !c.proxy_protocol).unwrap().1.0
+        };
+        let (http, https) = (first(false), first(true));
         let admin = bound.admin_addr().unwrap();
         let rib = SqliteRib::open(&db, config.rib.poll_interval).unwrap();
         let (stop, rx) = watch::channel(false);
         let task =
             tokio::spawn(proxy::run(config, bound, Arc::new(rib), rx, tern::watchdog::Parking::default()));
-        Proxy { dir, db, http, https, admin, stop, task: Some(task) }
+        Proxy { dir, db, http, https, admin, listeners, stop, task: Some(task) }
     }
 
     /// A second node on this proxy's RIB (as two `tern serve` sharing one database).

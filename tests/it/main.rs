@@ -22,6 +22,7 @@ mod http;
 mod lifecycle;
 mod machines_api;
 mod ops;
+mod proxy_protocol;
 mod replay;
 mod rib;
 mod session_keys;
