@@ -110,6 +110,10 @@ pub struct Listen {
     /// The load balancers a `proxy_protocol` listener accepts connections from.
     #[serde(default)]
     pub proxy_protocol_from: Vec<crate::net::Prefix>,
+    /// Bind the address even if no interface has it yet (IP_FREEBIND): an anycast address
+    /// brought up after tern starts.
+    #[serde(default)]
+    pub freebind: bool,
     /// The kernel accept queue length (listen(2) backlog).
     #[serde(default = "default_backlog")]
     pub backlog: u32,
@@ -472,6 +476,7 @@ fn default_listeners() -> Vec<Listen> {
             private: false,
             proxy_protocol: false,
             proxy_protocol_from: Vec::new(),
+            freebind: false,
             backlog: default_backlog(),
             backhaul: false,
         },
@@ -481,6 +486,7 @@ fn default_listeners() -> Vec<Listen> {
             private: false,
             proxy_protocol: false,
             proxy_protocol_from: Vec::new(),
+            freebind: false,
             backlog: default_backlog(),
             backhaul: false,
         },

@@ -24,8 +24,13 @@ pub mod inherit;
 pub mod proxy_protocol;
 
 /// Binds a listening socket.
-pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+pub fn bind(addr: SocketAddr, backlog: u32, freebind: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // IP_FREEBIND: the address need not be on an interface yet (an anycast address added
+    // after tern starts, or one a BGP speaker brings up).
+    if freebind {
+        if addr.is_ipv6() { socket.set_freebind_v6(true)? } else { socket.set_freebind_v4(true)? }
+    }
     // SO_REUSEADDR only lets a restarted tern bind past connections still in TIME_WAIT;
     // Linux never lets it share a port another socket listens on.
     socket.set_reuse_address(true)?;
@@ -186,13 +191,31 @@ mod tests {
 
     #[tokio::test]
     async fn binds_v4_and_v6_and_refuses_an_address_in_use() {
-        let a = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let a = bind("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
         let addr = a.local_addr().unwrap();
         // No SO_REUSEPORT: a second socket on the same address would split its traffic.
-        let e = bind(addr, 16).unwrap_err();
+        let e = bind(addr, 16, false).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
-        if let Ok(v6) = bind("[::1]:0".parse().unwrap(), 16) {
+        if let Ok(v6) = bind("[::1]:0".parse().unwrap(), 16, false) {
             assert!(v6.local_addr().unwrap().is_ipv6());
+        }
+    }
+
+    #[test]
+    fn freebind_binds_an_address_no_interface_has_yet() {
+        // Documentation addresses (RFC 5737, RFC 3849): on no interface of this host. Bound
+        // only; nothing is sent to or from them.
+        let ipv6 = bind("[::1]:0".parse().unwrap(), 16, false).is_ok();
+        for addr in ["192.0.2.1:0", "[2001:db8::1]:0"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            if addr.is_ipv6() && !ipv6 {
+                eprintln!("skipped {addr}: this host has no IPv6");
+                continue;
+            }
+            let e = bind(addr, 16, false).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL), "{addr} without freebind: {e}");
+            let l = bind(addr, 16, true).unwrap();
+            assert_eq!(l.local_addr().unwrap().ip(), addr.ip());
         }
     }
 }

@@ -77,8 +77,8 @@ impl Bound {
     /// Takes each listener's socket from `inherited` (a predecessor's, or systemd's) when
     /// it holds one, and binds the rest.
     pub fn bind_inheriting(config: &Config, inherited: &mut Inherited) -> Result<Bound, StartError> {
-        let bind = |addr: SocketAddr, backlog: u32| {
-            listener::bind(addr, backlog).map_err(|source| match source.kind() {
+        let bind = |addr: SocketAddr, backlog: u32, freebind: bool| {
+            listener::bind(addr, backlog, freebind).map_err(|source| match source.kind() {
                 std::io::ErrorKind::AddrInUse => {
                     StartError::InUse { addr, holder: listener::holder::find(addr) }
                 }
@@ -92,19 +92,20 @@ impl Bound {
             private: false,
             proxy_protocol: false,
             proxy_protocol_from: Vec::new(),
+            freebind: false,
             backlog: 1024,
             backhaul: true,
         });
         for l in config.listen.iter().chain(backhaul.as_ref()) {
             let socket = match inherited.take(l.addr, false) {
                 Some(s) => s,
-                None => bind(l.addr, l.backlog)?,
+                None => bind(l.addr, l.backlog, l.freebind)?,
             };
             listeners.push((socket, l.clone()));
         }
         let admin = match inherited.take(config.admin.addr, true) {
             Some(s) => s,
-            None => bind(config.admin.addr, 128)?,
+            None => bind(config.admin.addr, 128, false)?,
         };
         inherited.close_unclaimed();
         for (l, c) in &listeners {
