@@ -84,9 +84,20 @@ async fn a_thousand_requests_to_a_stopped_app_start_it_once_and_all_get_answers(
     let ok = results.iter().filter(|(status, body)| *status == 200 && body == "hello, world\n").count();
     let bad: Vec<_> =
         results.iter().filter(|(status, body)| !(*status == 200 && body == "hello, world\n")).collect();
-    assert_eq!(ok, 1000, "every held request answered by the woken machine: {bad:?}");
-
     let m = proxy.metrics().await;
+    let counted: Vec<&str> = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("tern_errors_total")
+                || l.starts_with("tern_upstream")
+                || l.starts_with("tern_wakes")
+        })
+        .collect();
+    assert_eq!(
+        ok, 1000,
+        "every held request answered by the woken machine: {bad:?}; tern counted {counted:#?}"
+    );
+
     assert_eq!(
         metric(&m, "tern_machine_actions_total{action=\"start\",reason=\"wake\"}"),
         1.0,
