@@ -8,6 +8,7 @@
 mod backend;
 mod harness;
 
+mod anycast;
 mod catalog;
 mod corrosion;
 mod corrosion_standin;
