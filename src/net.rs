@@ -57,6 +57,12 @@ impl FromStr for Prefix {
                 .ok_or_else(|| format!("{s:?}: length over {max}"))?,
             Some(_) => return Err(format!("{s:?} is not an IP prefix (like 10.0.0.0/8)")),
         };
+        // An IPv4-mapped prefix would never match: peers are compared in their IPv4 form.
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            return Err(format!("{s:?}: write IPv4 prefixes as such ({v4}/{})", len.saturating_sub(96)));
+        }
         let prefix = Prefix { addr, len };
         // Host bits set (10.1.2.3/8) most likely mean a typo: refused rather than guessed.
         if masked_addr(addr, len) != addr {
@@ -141,6 +147,7 @@ mod tests {
             "",
             "/8",
             "10.0.0.0/+8",
+            "::ffff:10.0.0.0/104",
         ] {
             assert!(bad.parse::<Prefix>().is_err(), "{bad:?} accepted");
         }

@@ -43,7 +43,12 @@ down() {
       ip netns del "$ns" 2>/dev/null || true
     fi
   done
-  [ -f "$WORK/pids" ] && xargs -r kill -9 <"$WORK/pids" 2>/dev/null || true
+  # The checkers and wrappers run in this namespace: only pids that are still this lab's.
+  if [ -f "$WORK/pids" ]; then
+    while read -r pid; do
+      grep -qs -e lab.sh -e "$WORK" "/proc/$pid/cmdline" && kill -9 "$pid" 2>/dev/null || true
+    done <"$WORK/pids"
+  fi
   rm -rf "$WORK"
   log "down in $(($(ms) - t0)) ms"
 }
@@ -120,10 +125,12 @@ EOF
 # Announces the anycast route while /healthz answers 200, withdraws it otherwise.
 checker() {
   local i=$1 sock=$WORK/bird-e$1.ctl state=disable want
+  # A failed look or birdc call is tried again on the next round, never the end of the loop.
+  set +e
   while :; do
     if nsx "$LAB-e$i" curl -fsS -m 0.3 -o /dev/null http://127.0.0.1:9090/healthz 2>/dev/null; then want=enable; else want=disable; fi
     if [ "$want" != "$state" ]; then
-      nsx "$LAB-e$i" birdc -s "$sock" "$want" anycast >/dev/null
+      nsx "$LAB-e$i" birdc -s "$sock" "$want" anycast >/dev/null || continue
       state=$want
       log "edge $i: /healthz ${want/enable/200}; route ${want}d" >>"$WORK/checker-e$i.log" 2>&1
       printf '%s %s\n' "$(ms)" "$want" >>"$WORK/checker-e$i.events"
@@ -163,6 +170,7 @@ up() {
       rc=0; wait $! || rc=$?
       echo "$rc" >"$WORK/tern-e$i.rc"
     ) &
+    echo $! >>"$WORK/pids"
     nsx "$e" ip addr add "$ANYCAST/32" dev lo
     edge_bird "$i" >"$WORK/bird-e$i.conf"
     nsx "$e" bird -c "$WORK/bird-e$i.conf" -s "$WORK/bird-e$i.ctl" -P "$WORK/bird-e$i.pid"
@@ -181,7 +189,19 @@ up() {
   local seen
   seen=$(for _ in $(seq 40); do nsx "$C" curl -s -o /dev/null -D - -H 'Host: hello.test' "http://$ANYCAST/"; done | tr -d '\r' | sed -n 's/^fly-request-id: .*-\([a-z]*\)$/\1/p' | sort | uniq -c | tr -s ' \n' ' ')
   log "40 new connections answered by region: $seen"
+  # Both edges must take some, or a drain of edge 1 would prove nothing.
+  grep -q ams <<<"$seen" && grep -q fra <<<"$seen" || { echo "one edge got none of 40 connections: $seen" >&2; exit 1; }
 }
+
+# Waits (polling every 10 ms) until the command succeeds, for at most $1 seconds.
+until_within() {
+  local deadline=$(($(ms) + $1 * 1000)); shift
+  until "$@"; do
+    [ "$(ms)" -lt "$deadline" ] || return 1
+    sleep 0.01
+  done
+}
+one_next_hop() { [ "$(nsx "$R" ip route show "$ANYCAST" | grep -c nexthop)" != 2 ]; }
 
 # New connections (one request each) through the anycast address for 8 s; at 2 s edge 1 is
 # drained. Reports wrk's errors, when the route went, and how edge 1's tern exited.
@@ -194,23 +214,27 @@ drain() {
   log "tern drain on edge 1"
   nsx "$LAB-e1" "$TERN" drain -c "$WORK/e1.toml" >"$WORK/drain.txt" 2>&1 &
   local drainer=$!
-  until [ "$(nsx "$R" ip route show "$ANYCAST" | grep -c nexthop)" != 2 ]; do sleep 0.01; done
+  until_within 10 one_next_hop || { echo "the route to edge 1 was not withdrawn within 10 s" >&2; exit 1; }
   t_withdrawn=$(ms)
   log "router: $(nsx "$R" ip route show "$ANYCAST" | tr -s ' \n' ' ')"
   # Started by `up`, tern is not this shell's child: its wrapper writes its exit status.
-  until [ -s "$WORK/tern-e1.rc" ]; do sleep 0.02; done
+  until_within 30 test -s "$WORK/tern-e1.rc" || { echo "edge 1's tern did not exit within 30 s" >&2; exit 1; }
   t_exit=$(ms)
   rc=$(cat "$WORK/tern-e1.rc")
   wait "$drainer" || true
   wait "$wrk" || true
   out=$(cat "$WORK/wrk.txt")
-  local reqs errors non2xx
+  # wrk's "Socket errors: connect C, read R, write W, timeout T": a failed new connection is
+  # C (or T: no answer); R and W are connections reset after they were made (an ECMP router
+  # re-hashes flows in flight on the withdrawn edge to the other one, which resets them).
+  local reqs errors resets non2xx
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
-  errors=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' <<<"$out")
+  errors=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $10}' <<<"$out")
+  resets=$(awk '/Socket errors:/ {gsub(",", ""); print $6 + $8}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out")
   log "withdrawn $((t_withdrawn - t_drain)) ms after tern drain; edge 1's tern exited with status $rc $((t_exit - t_drain)) ms after it"
-  log "wrk: ${reqs:-0} new connections, socket errors ${errors:-0}, non-2xx ${non2xx:-0}"
-  echo "requests=${reqs:-0} errors=${errors:-0} non2xx=${non2xx:-0} withdrawn_ms=$((t_withdrawn - t_drain)) exit_status=$rc exited_ms=$((t_exit - t_drain))"
+  log "wrk: ${reqs:-0} new connections; failed (connect or timeout) ${errors:-0}, reset once made ${resets:-0}, non-2xx ${non2xx:-0}"
+  echo "requests=${reqs:-0} errors=${errors:-0} non2xx=${non2xx:-0} resets=${resets:-0} withdrawn_ms=$((t_withdrawn - t_drain)) exit_status=$rc exited_ms=$((t_exit - t_drain))"
 }
 
 case ${1:-} in

@@ -94,7 +94,11 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(Header, usize)>, Refused> {
     let Some(cr) = window.iter().position(|b| *b == b'\r') else {
         return if buf.len() >= V1_MAX { Err(Refused::Malformed) } else { Ok(None) };
     };
-    match window.get(cr + 1) {
+    // The LF must fit too: a CR as the 107th byte makes a header one byte too long.
+    if cr + 2 > V1_MAX {
+        return Err(Refused::Malformed);
+    }
+    match buf.get(cr + 1) {
         None => return Ok(None),
         Some(b'\n') => {}
         Some(_) => return Err(Refused::Malformed),
@@ -148,6 +152,11 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, Refused> {
         return Err(Refused::Malformed);
     }
     let Some(body) = buf.get(16..len) else { return Ok(None) };
+    // LOCAL: the balancer speaking for itself. Its address block, family included, is to be
+    // discarded unread (the specification's words).
+    if command == 0 {
+        return Ok(Some((Header::Local, len)));
+    }
     let (family, transport) = (fixed[13] >> 4, fixed[13] & 0x0f);
     if family > 3 || transport > 2 {
         return Err(Refused::Malformed);
@@ -162,9 +171,8 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, Refused> {
         return Err(Refused::Malformed);
     }
     tlvs_well_formed(&body[need..])?;
-    // LOCAL: the balancer speaking for itself; addresses other than TCP over IP: nothing
-    // tern can use.
-    if command == 0 || transport != 1 {
+    // Addresses other than TCP over IP: nothing tern can use.
+    if transport != 1 {
         return Ok(Some((Header::Local, len)));
     }
     let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
@@ -215,6 +223,10 @@ pub async fn read<IO: AsyncRead + Unpin>(io: &mut IO, timeout: Duration) -> Resu
                     return Ok((header, rest));
                 }
                 None => {
+                    // parse decides within V2_MAX bytes; this only bounds what a bug could hold.
+                    if buf.len() > V2_MAX {
+                        return Err(Refused::Malformed);
+                    }
                     if buf.capacity() == buf.len() {
                         buf.reserve(buf.len().max(256));
                     }

@@ -367,8 +367,8 @@ async fn serve_tls(deps: &Deps, stream: Prefixed<Counted<TcpStream>>, info: Conn
 async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
     let Job { stream, peer, tls, backhaul, proxy_from, label, permit } = job;
     let _permit = permit;
-    let gauge = deps.metrics.open_connections.with_label_values(&[&label]);
-    gauge.inc();
+    // Counted open for as long as this runs, however it ends (cancelled at shutdown too).
+    let _open = OpenGauge::inc(deps.metrics.open_connections.with_label_values(&[&label]));
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
     // The busy-loop guard: every byte read or written counts as progress; a connection
@@ -380,10 +380,7 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
         // Boxed: only these connections keep room for reading the header.
         Some(from) => match Box::pin(proxy_header(deps, &from, peer, local, &mut stream)).await {
             Some(addrs) => addrs,
-            None => {
-                gauge.dec();
-                return;
-            }
+            None => return,
         },
     };
     let info = ConnInfo::new(peer, local, tls, backhaul);
@@ -397,5 +394,20 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
     let protocol = if tls { "tls" } else { "http" };
     // A spinning connection is logged and counted by the guard; dropping it closes it.
     let _ = Guarded::new(serve, progress, protocol, peer, deps.metrics.clone()).await;
-    gauge.dec();
+}
+
+/// One open connection in `tern_open_connections`, until dropped.
+struct OpenGauge(prometheus::IntGauge);
+
+impl OpenGauge {
+    fn inc(gauge: prometheus::IntGauge) -> OpenGauge {
+        gauge.inc();
+        OpenGauge(gauge)
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

@@ -38,8 +38,9 @@ fn draining_one_anycast_edge_under_load_loses_no_new_connection() {
     let tern = PathBuf::from(crate::harness::tern_bin());
     let backend = crate::wake::backend_bin();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new(root.join("examples/anycast/lab.sh"))
-        .arg("check")
+    // Bounded: the lab's own waits are, and this too, so a wedged lab fails rather than hangs.
+    let out = std::process::Command::new("timeout")
+        .args(["300", root.join("examples/anycast/lab.sh").to_str().unwrap(), "check"])
         .env("LAB", format!("tl{}", std::process::id()))
         .env("TERN", &tern)
         .env("BACKEND", &backend)
@@ -47,7 +48,7 @@ fn draining_one_anycast_edge_under_load_loses_no_new_connection() {
         .unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the lab's drain check failed:\n{stdout}\n{stderr}");
-    // requests=N errors=0 non2xx=0 withdrawn_ms=M exit_status=0 exited_ms=K
+    // requests=N errors=0 non2xx=0 resets=R withdrawn_ms=M exit_status=0 exited_ms=K
     let field = |name: &str| -> u64 {
         stdout
             .split_whitespace()
@@ -56,7 +57,10 @@ fn draining_one_anycast_edge_under_load_loses_no_new_connection() {
             .unwrap_or_else(|| panic!("no {name} in {stdout}"))
     };
     assert!(field("requests") > 1000, "too few connections to tell anything: {stdout}");
+    // No new connection failed or got an error; resets of connections made before the route
+    // moved are ECMP's doing (docs/anycast.md) and are reported, not judged.
     assert_eq!(field("errors") + field("non2xx"), 0, "{stdout}\n{stderr}");
+    eprintln!("{stdout}");
     assert_eq!(field("exit_status"), 0, "the drained edge exits 0: {stderr}");
     assert!(field("withdrawn_ms") < 1000, "the route is withdrawn within a second of tern drain: {stderr}");
 }

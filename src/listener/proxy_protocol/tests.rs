@@ -71,6 +71,16 @@ fn version_1_refuses_what_breaks_the_format() {
     ] {
         assert_eq!(parse(bad), Err(Refused::Malformed), "{}", String::from_utf8_lossy(bad));
     }
+    // A CR as the 107th byte: the LF would make the header 108 bytes.
+    let mut at_106 = b"PROXY UNKNOWN ".to_vec();
+    at_106.resize(106, b'x');
+    at_106.extend_from_slice(b"\r\n");
+    assert_eq!(parse(&at_106), Err(Refused::Malformed));
+    assert_eq!(parse(&at_106[..107]), Err(Refused::Malformed), "known without waiting for the LF");
+    let mut at_105 = b"PROXY UNKNOWN ".to_vec();
+    at_105.resize(105, b'x');
+    at_105.extend_from_slice(b"\r\n");
+    assert_eq!(parse(&at_105), Ok(Some((Header::Local, V1_MAX))), "the longest header parses");
     // No CRLF within the longest header the format allows.
     let long = [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 120]].concat();
     assert_eq!(parse(&long), Err(Refused::Malformed));
@@ -97,7 +107,10 @@ fn version_2_ipv4_ipv6_local_and_tlvs() {
         &v2(1, 0x11, &inet([10, 0, 0, 1], [10, 0, 0, 2], 1, 2), &tlvs),
         Header::Proxied { source: addr("10.0.0.1:1"), destination: addr("10.0.0.2:2") },
     );
-    // LOCAL: the balancer's own connection, whatever addresses follow.
+    // LOCAL: the balancer's own connection, whatever follows (its block is discarded unread,
+    // even a family tern does not know or a block too short for its family).
+    parses_whole_and_waits_on_parts(&v2(0, 0x41, &[1, 2, 3], &[]), Header::Local);
+    parses_whole_and_waits_on_parts(&v2(0, 0x21, &[0u8; 4], &[]), Header::Local);
     parses_whole_and_waits_on_parts(
         &v2(0, 0x11, &inet([1, 1, 1, 1], [2, 2, 2, 2], 1, 2), &[]),
         Header::Local,
