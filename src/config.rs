@@ -134,7 +134,7 @@ impl Listen {
         }
         if self.proxy_protocol && self.proxy_protocol_from.is_empty() {
             return Err((
-                "proxy_protocol_from",
+                "proxy_protocol",
                 format!(
                     "{} takes PROXY protocol headers: list the load balancers allowed to send them \
                      (proxy_protocol_from = [\"10.0.0.0/8\"]; [\"0.0.0.0/0\", \"::/0\"] trusts anyone)",
@@ -902,8 +902,9 @@ kind = "process"
         .unwrap();
         assert!(ok.listen[0].proxy_protocol);
         assert!(ok.listen[0].proxy_protocol_from[0].contains("10.9.8.7".parse().unwrap()));
-        let (_, msg) = Config::parse(&format!("{base}proxy_protocol = true\n")).unwrap_err();
+        let (line, msg) = Config::parse(&format!("{base}proxy_protocol = true\n")).unwrap_err();
         assert!(msg.contains("proxy_protocol_from"), "{msg}");
+        assert_eq!(line, 4, "points at the listener's proxy_protocol: {msg}");
         let (_, msg) = Config::parse(&format!("{base}proxy_protocol_from = [\"10.0.0.0/8\"]\n")).unwrap_err();
         assert!(msg.contains("without proxy_protocol"), "{msg}");
         let (line, msg) =
