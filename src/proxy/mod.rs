@@ -31,11 +31,11 @@ use worker::{Deps, Workers};
 pub enum StartError {
     #[error("{addr} is already in use{}", in_use_by(holder.as_ref()))]
     InUse { addr: SocketAddr, holder: Option<listener::holder::Holder> },
-    #[error("cannot listen on {addr}: {source}")]
+    // The cause is in the message, not also a `source`: `{:#}` would print it twice.
+    #[error("cannot listen on {addr}: {cause}")]
     Bind {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("cannot load the catalog: {0}")]
     Catalog(#[from] RibError),
@@ -82,7 +82,7 @@ impl Bound {
                 std::io::ErrorKind::AddrInUse => {
                     StartError::InUse { addr, holder: listener::holder::find(addr) }
                 }
-                _ => StartError::Bind { addr, source },
+                _ => StartError::Bind { addr, cause: source },
             })
         };
         let mut listeners = Vec::with_capacity(config.listen.len());
@@ -119,7 +119,7 @@ impl Bound {
         let kept: Vec<(SocketAddr, &std::net::TcpListener)> =
             listeners.iter().map(|(s, l)| (l.addr, s)).collect();
         let handoff = Handoff::keep(&kept, (config.admin.addr, &admin))
-            .map_err(|source| StartError::Bind { addr: config.admin.addr, source })?;
+            .map_err(|cause| StartError::Bind { addr: config.admin.addr, cause })?;
         Ok(Bound { listeners, admin, handoff: Arc::new(handoff) })
     }
 
@@ -391,7 +391,7 @@ pub async fn run(
         watchdog: Some(watchdog.clone()),
     });
     let admin_listener = tokio::net::TcpListener::from_std(bound.admin)
-        .map_err(|source| StartError::Bind { addr: config.admin.addr, source })?;
+        .map_err(|cause| StartError::Bind { addr: config.admin.addr, cause })?;
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.addr);
     tracing::info!(target: "tern::listener", addr = %admin_addr, admin = true, "listening");
     let admin_task = tokio::spawn(admin.serve(admin_listener, admin_stop));
