@@ -33,10 +33,7 @@ pub enum StartError {
     InUse { addr: SocketAddr, holder: Option<listener::holder::Holder> },
     // The cause is in the message, not also a `source`: `{:#}` would print it twice.
     #[error("cannot listen on {addr}: {cause}")]
-    Bind {
-        addr: SocketAddr,
-        cause: std::io::Error,
-    },
+    Bind { addr: SocketAddr, cause: std::io::Error },
     #[error("cannot load the catalog: {0}")]
     Catalog(#[from] RibError),
     #[error("cannot make sure the RIB holds a session key: {0}")]

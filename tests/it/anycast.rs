@@ -13,12 +13,8 @@ fn missing() -> Option<String> {
         return Some("root (network namespaces)".into());
     }
     let tools = ["ip", "bird", "birdc", "wrk", "curl"];
-    let path = std::env::var("PATH").unwrap_or_default() + ":/usr/sbin:/sbin";
-    let absent: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| !path.split(':').any(|d| std::path::Path::new(d).join(t).is_file()))
-        .collect();
+    let absent: Vec<&str> =
+        tools.iter().copied().filter(|t| crate::proxy_protocol::which(t).is_none()).collect();
     if !absent.is_empty() {
         return Some(format!("{} (Debian: iproute2 bird2 wrk curl)", absent.join(", ")));
     }

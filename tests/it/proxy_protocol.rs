@@ -232,7 +232,8 @@ async fn behind_haproxy_with_send_proxy_v2_the_app_sees_the_real_client() {
     child.kill().await.unwrap();
 }
 
-fn which(name: &str) -> Option<std::path::PathBuf> {
+/// Where `name` is on the PATH (or in /usr/sbin, /sbin, where Debian puts daemons).
+pub(crate) fn which(name: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
