@@ -315,25 +315,19 @@ stop() {
 
 # The proxy's processes: its main process and all descendants (nginx's workers).
 tree_pids() { echo "$1"; local c; for c in $(pgrep -P "$1" || true); do tree_pids "$c"; done; }
-# CPU ticks (utime + stime, fields 14 and 15 of /proc/PID/stat; a process's threads included)
-# of the proxy's processes. The comm field is cut off first, as it may hold spaces.
-cpu_ticks() {
+# CPU ticks of the proxy's processes (a process's threads included): utime + stime (fields 14
+# and 15 of /proc/PID/stat) with `cpu_ticks`, stime alone (the kernel's share) with `sys_ticks`.
+# The comm field is cut off first, as it may hold spaces; FIELDS counts from the state field.
+stat_ticks() {
   local t=0 p f
   for p in $(tree_pids "$1"); do
     f=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null) || continue
-    t=$((t + $(awk '{print $12 + $13}' <<<"$f")))
+    t=$((t + $(awk "{print $2}" <<<"$f")))
   done
   echo "$t"
 }
-# The kernel's share of those ticks (stime, field 15).
-sys_ticks() {
-  local t=0 p f
-  for p in $(tree_pids "$1"); do
-    f=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null) || continue
-    t=$((t + $(awk '{print $13}' <<<"$f")))
-  done
-  echo "$t"
-}
+cpu_ticks() { stat_ticks "$1" '$12 + $13'; }
+sys_ticks() { stat_ticks "$1" '$13'; }
 # KiB summed over the proxy's processes: VmRSS from status, or Pss from smaps_rollup.
 rss_kib() { local p; for p in $(tree_pids "$1"); do cat "/proc/$p/status" 2>/dev/null; done | awk '/^VmRSS:/ {s += $2} END {print s + 0}'; }
 pss_kib() { local p; for p in $(tree_pids "$1"); do cat "/proc/$p/smaps_rollup" 2>/dev/null; done | awk '/^Pss:/ {s += $2} END {print s + 0}'; }
