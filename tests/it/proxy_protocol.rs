@@ -85,6 +85,16 @@ async fn the_client_a_proxy_header_names_is_the_client_the_app_sees() {
     let h = app_headers(&exchange(&mut s, &[v2(client, reached), ECHO.to_vec()].concat()).await);
     assert_eq!(h["fly-client-ip"][0], "203.0.113.9");
 
+    // HTTP/2 with prior knowledge after the header: the preface is told apart from
+    // HTTP/1.1 past the header, and tern answers with its SETTINGS frame.
+    let mut s = TcpStream::connect(plain).await.unwrap();
+    let settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    let preface = [&v2(client, reached)[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", &settings].concat();
+    s.write_all(&preface).await.unwrap();
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut frame)).await.unwrap().unwrap();
+    assert_eq!(frame[3], 4, "tern's first HTTP/2 frame is SETTINGS: {frame:?}");
+
     // LOCAL (the balancer's own health check): the connection's own address.
     let mut s = TcpStream::connect(plain).await.unwrap();
     let h = app_headers(&exchange(&mut s, &[V2_LOCAL, ECHO].concat()).await);
