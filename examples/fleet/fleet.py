@@ -34,13 +34,15 @@ PREFIX = "/tern/"
 STATE = os.path.join(ROOT, "target", "fleet")
 
 ETCD = [("m1", 11), ("m2", 12), ("m3", 13)]
-# name, host number, region, the etcd member it asks first (tern follows its first endpoint and
-# moves on to the next when it fails): each member serves at least one node.
+# name, host number, region, the order it lists the etcd members in (tern follows its first
+# endpoint and moves on to the next in its list when that one fails): each member serves at
+# least one node at the start, and the two workers list them in opposite cyclic orders, so a
+# member they both follow sends them to two different members when it dies.
 NODES = [
-    ("edge-1", 21, "ams", 0),
-    ("edge-2", 22, "ams", 1),
-    ("worker-1", 23, "ams", 2),
-    ("worker-2", 24, "fra", 0),
+    ("edge-1", 21, "ams", (0, 1, 2)),
+    ("edge-2", 22, "ams", (1, 2, 0)),
+    ("worker-1", 23, "ams", (2, 0, 1)),
+    ("worker-2", 24, "fra", (0, 2, 1)),
 ]
 RTT = {"ams": "{ ams = 0, fra = 9 }", "fra": "{ fra = 0, ams = 9 }"}
 # The demo app's machines: id, owner, host number, port.
@@ -222,14 +224,14 @@ class Member:
 
 
 class Node:
-    def __init__(self, fleet, name, host, region, first):
+    def __init__(self, fleet, name, host, region, order):
         self.name, self.ip, self.region = name, ip(host), region
         self.http = f"{self.ip}:8080"
         self.admin = f"{self.ip}:9090"
         self.backhaul = f"{self.ip}:4280"
         self.dir = os.path.join(fleet.run, "nodes", name)
         eps = [m.url for m in fleet.members]
-        self.endpoints = eps[first:] + eps[:first]
+        self.endpoints = [eps[i] for i in order]
         self.config = os.path.join(self.dir, "tern.toml")
         self.fleet = fleet
         self.proc = None

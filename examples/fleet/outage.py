@@ -220,9 +220,31 @@ class Run:
                 best = (score, m, nodes)
         return (best[1], best[2]) if best else (None, [])
 
+    def spread_workers(self):
+        """After the outages the workers may follow one member (each node's reconnects walk its
+        own list from wherever they got to). Kills that member and starts it again: the workers
+        list the members in opposite cyclic orders, so they move to two different ones."""
+        workers = [n for n in self.fleet.nodes if n.name.startswith("worker")]
+        shared = self.fleet.member_of(workers[0])
+        if shared is None or any(self.fleet.member_of(w) is not shared for w in workers):
+            return
+        fl.log(f"both workers follow etcd {shared.name}; SIGKILL it so they move apart, then start it again")
+        shared.kill()
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            now = [self.fleet.member_of(w) for w in workers]
+            if None not in now and len(set(id(m) for m in now)) == len(workers):
+                break
+            time.sleep(0.05)
+        shared.start()
+        self.fleet.wait_etcd(60)
+
     def compaction(self):
         self.phase("compaction")
         frozen, behind = self.pick_frozen()
+        if frozen is None:
+            self.spread_workers()
+            frozen, behind = self.pick_frozen()
         if frozen is None:
             self.check(False, "no member could be frozen safely (both workers follow the same one); not measured")
             return
