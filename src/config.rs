@@ -126,12 +126,6 @@ pub struct Listen {
 impl Listen {
     /// What `tern check` refuses in one `[[listen]]`.
     fn validate(&self) -> Result<(), (&'static str, String)> {
-        if self.private {
-            return Err((
-                "private",
-                "private (Flycast) listeners are not supported by this version yet".into(),
-            ));
-        }
         if self.proxy_protocol && self.proxy_protocol_from.is_empty() {
             return Err((
                 "proxy_protocol",

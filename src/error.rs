@@ -93,6 +93,9 @@ pub enum ProxyError {
     /// A request on the backhaul listener without a token this fleet's keys sealed.
     #[error("backhaul request refused: {0}")]
     BackhaulForbidden(String),
+    /// A private (Flycast) address reached from a source outside its app's org networks.
+    #[error("app {app}: source {source_ip} is outside org {org}'s networks")]
+    PrivateForbidden { app: Arc<str>, org: String, source_ip: std::net::IpAddr },
     #[error("tern is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -130,6 +133,7 @@ impl ProxyError {
             ProxyError::ReplayInvalid { .. } => "replay_invalid",
             ProxyError::RetryElsewhere { .. } => "retry_elsewhere",
             ProxyError::BackhaulForbidden(_) => "backhaul_forbidden",
+            ProxyError::PrivateForbidden { .. } => "private_forbidden",
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::Internal(_) => "internal",
         }
@@ -162,7 +166,7 @@ impl ProxyError {
             | ProxyError::WakeFailed { .. }
             | ProxyError::RetryElsewhere { .. }
             | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::BackhaulForbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::BackhaulForbidden(_) | ProxyError::PrivateForbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamError { .. }
             | ProxyError::ResponseHeadersTooLarge { .. } => StatusCode::BAD_GATEWAY,
@@ -184,7 +188,8 @@ impl ProxyError {
             | ProxyError::SessionInvalid { .. }
             | ProxyError::SessionGone { .. }
             | ProxyError::ReplayTooLarge { .. }
-            | ProxyError::BackhaulForbidden(_) => Origin::Client,
+            | ProxyError::BackhaulForbidden(_)
+            | ProxyError::PrivateForbidden { .. } => Origin::Client,
             ProxyError::InstanceUnavailable { .. }
             | ProxyError::RegionUnavailable { .. }
             | ProxyError::ReplayLoop { .. }
@@ -251,6 +256,7 @@ impl ProxyError {
             }
             ProxyError::RetryElsewhere { .. } => "The app's machine cannot take the request here; try again.",
             ProxyError::BackhaulForbidden(_) => "This address serves other tern nodes only.",
+            ProxyError::PrivateForbidden { .. } => "This private address is not reachable from your network.",
             ProxyError::ShuttingDown => "This server is restarting; try again.",
             ProxyError::Internal(_) => "Something went wrong inside the proxy.",
         }
@@ -294,6 +300,11 @@ mod tests {
             ProxyError::ReplayInvalid { machine: "m".into(), detail: "x".into() },
             ProxyError::RetryElsewhere { machine: "m".into(), reason: "x".into() },
             ProxyError::BackhaulForbidden("x".into()),
+            ProxyError::PrivateForbidden {
+                app: "a".into(),
+                org: "o".into(),
+                source_ip: [127, 0, 0, 1].into(),
+            },
             ProxyError::ShuttingDown,
             ProxyError::Internal("x".into()),
         ];

@@ -371,7 +371,9 @@ fn check(config_path: Option<&Path>, decl_path: Option<&Path>) -> anyhow::Result
     };
     if let (Some(path), Some(d)) = (decl_path, &decl) {
         let (apps, machines, certs) = (d.apps.len(), d.machines.len(), d.certificates.len());
-        println!("{}: ok ({apps} apps, {machines} machines, {certs} certificates)", path.display());
+        // Orgs only where there are some: a declaration without them reads as before.
+        let orgs = if d.orgs.is_empty() { String::new() } else { format!("{} orgs, ", d.orgs.len()) };
+        println!("{}: ok ({orgs}{apps} apps, {machines} machines, {certs} certificates)", path.display());
     }
     match config.rib.kind {
         RibKind::Sqlite => {}
@@ -489,6 +491,13 @@ fn summarize(table: Table, body: &str) -> String {
             let beat = v.get("beat_ms").and_then(serde_json::Value::as_i64).unwrap_or(0);
             let ago = (tern::clock::unix_ms() - beat).max(0) as f64 / 1000.0;
             format!("{} {} beat {ago:.1}s ago", s("region"), s("backhaul"))
+        }
+        Table::Orgs => {
+            let nets: Vec<&str> = v
+                .get("networks")
+                .and_then(|h| h.as_array())
+                .map_or(Vec::new(), |a| a.iter().filter_map(|x| x.as_str()).collect());
+            nets.join(" ")
         }
     }
 }

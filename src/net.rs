@@ -97,6 +97,12 @@ impl fmt::Display for Prefix {
     }
 }
 
+impl serde::Serialize for Prefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for Prefix {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Prefix, D::Error> {
         let s = String::deserialize(d)?;

@@ -42,6 +42,9 @@ pub enum Event {
     /// A node's heartbeat row, new or rewritten.
     Node(crate::model::NodeRow),
     RemoveNode(String),
+    /// An organisation, new or changed.
+    Org(crate::model::OrgSpec),
+    RemoveOrg(String),
 }
 
 impl Snapshot {
@@ -71,6 +74,12 @@ impl Snapshot {
                     n.live.gone();
                     *n = Arc::new(NodeEntry { row: None, live: n.live.clone() });
                 }
+            }
+            Event::Org(org) => {
+                Arc::make_mut(&mut self.orgs).insert(Arc::from(org.name.as_str()), Arc::new(org));
+            }
+            Event::RemoveOrg(name) => {
+                Arc::make_mut(&mut self.orgs).remove(name.as_str());
             }
         }
     }
@@ -116,6 +125,9 @@ impl Snapshot {
         for name in left {
             self.apply(Event::RemoveNode(name));
         }
+        if self.orgs.keys().any(|name| gone(Table::Orgs, name)) {
+            Arc::make_mut(&mut self.orgs).retain(|name, _| !gone(Table::Orgs, name));
+        }
     }
 
     /// Changes the session keys and prepares the keyring anew. A node holds a handful of
@@ -134,6 +146,9 @@ impl Snapshot {
             for h in old.spec.hostnames.iter().filter(|h| !spec.hostnames.contains(h)) {
                 self.unclaim_host(h, &name);
             }
+            let dropped: Vec<_> =
+                old.spec.private_addrs.iter().filter(|a| !spec.private_addrs.contains(a)).copied().collect();
+            self.unclaim_private(&dropped, &name);
         }
         let spec = Arc::new(spec);
         // Machines declared by bare IP take the app's internal_port, which may have changed.
@@ -152,6 +167,7 @@ impl Snapshot {
         for h in &old.spec.hostnames {
             self.unclaim_host(h, name);
         }
+        self.unclaim_private(&old.spec.private_addrs, name);
         // Its machines stay (unroutable) so that re-adding the app brings them back.
     }
 
@@ -268,6 +284,24 @@ impl Snapshot {
                     "hostname claimed by two apps; the later change wins");
             }
             map.insert(HostKey::from(key), entry.clone(), generation);
+        }
+        // The private index names the app, not its entry, so a machine's change (which
+        // publishes the app again) leaves it alone.
+        if spec.private_addrs.iter().any(|a| self.private.get(a) != Some(name)) {
+            let private = Arc::make_mut(&mut self.private);
+            for a in &spec.private_addrs {
+                if let Some(holder) = private.get(a).filter(|h| *h != name) {
+                    tracing::warn!(target: "tern::catalog", private_addr = %a, from = %holder, to = %name,
+                        "private address claimed by two apps; the later change wins");
+                }
+                private.insert(*a, name.clone());
+            }
+        }
+    }
+
+    fn unclaim_private(&mut self, addrs: &[std::net::IpAddr], app: &str) {
+        if addrs.iter().any(|a| self.private.get(a).is_some_and(|h| &**h == app)) {
+            Arc::make_mut(&mut self.private).retain(|a, h| &**h != app || !addrs.contains(a));
         }
     }
 

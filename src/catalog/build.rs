@@ -215,6 +215,10 @@ impl Build {
             machines.insert(id, machine);
         }
         let (apps, hosts, wild_hosts, mut app_machines) = entries(apps);
+        let private = apps
+            .iter()
+            .flat_map(|(name, a)| a.spec.private_addrs.iter().map(move |ip| (*ip, name.clone())))
+            .collect();
         app_machines.extend(orphans.into_iter().map(|(app, mut ids)| {
             ids.sort_unstable();
             (app, Arc::from(ids))
@@ -235,6 +239,8 @@ impl Build {
             keyring: snap.keyring,
             nodes: snap.nodes,
             pulse: snap.pulse,
+            orgs: snap.orgs,
+            private: Arc::new(private),
         };
         (next, unserved)
     }

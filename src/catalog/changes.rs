@@ -85,7 +85,7 @@ impl Touched {
             Table::Machines => {
                 self.machines.insert(Arc::from(key));
             }
-            Table::Certificates | Table::MachineStates | Table::SessionKeys | Table::Nodes => {}
+            Table::Certificates | Table::MachineStates | Table::SessionKeys | Table::Nodes | Table::Orgs => {}
         }
     }
 

@@ -39,6 +39,7 @@ pub fn decode(
                 None => return Ok(None),
             },
             Table::Nodes => Event::RemoveNode(key.into()),
+            Table::Orgs => Event::RemoveOrg(key.into()),
         }));
     };
     match table {
@@ -93,6 +94,16 @@ pub fn decode(
             let unchanged = current.node(key).is_some_and(|n| n.row.as_ref() == Some(&row));
             Ok((!unchanged).then(|| Event::Node(row)))
         }
+        Table::Orgs => {
+            let org: model::OrgSpec =
+                serde_json::from_str(body).map_err(|e| fail(format!("bad JSON: {e}")))?;
+            if org.name != key {
+                return Err(fail(format!("body names org {:?}", org.name)));
+            }
+            names::check_org_name(&org.name).map_err(fail)?;
+            let unchanged = current.orgs.get(key).is_some_and(|o| **o == org);
+            Ok((!unchanged).then(|| Event::Org(org)))
+        }
     }
 }
 
@@ -109,6 +120,7 @@ fn decode_app(key: &str, body: &str) -> Result<AppSpec, String> {
         c.check().map_err(|e| format!("checks: {e}"))?;
     }
     spec.check_sessions().map_err(|(field, e)| format!("{field}: {e}"))?;
+    spec.check_private_addrs().map_err(|(i, e)| format!("private_addrs[{i}]: {e}"))?;
     for h in &mut spec.hostnames {
         *h = names::normalize_hostname(h)?;
     }
@@ -136,6 +148,7 @@ impl Snapshot {
             Table::MachineStates => self.states.contains_key(key),
             Table::SessionKeys => parse_id(key).is_some_and(|id| self.session_keys.contains_key(&id)),
             Table::Nodes => self.nodes.get(key).is_some_and(|n| n.row.is_some()),
+            Table::Orgs => self.orgs.contains_key(key),
         }
     }
 

@@ -531,6 +531,11 @@ pub struct Snapshot {
     /// The fleet's nodes by name (a handful: replaced whole on change).
     pub(super) nodes: Arc<std::collections::BTreeMap<Arc<str>, Arc<NodeEntry>>>,
     pub(super) pulse: Arc<Pulse>,
+    /// Organisations by name (few: replaced whole on change).
+    pub(super) orgs: Arc<std::collections::BTreeMap<Arc<str>, Arc<crate::model::OrgSpec>>>,
+    /// Private (Flycast) address → the app that declares it. Replaced whole when an app's
+    /// private addresses change, which is rare (an app's addresses are set when it is made).
+    pub(super) private: Arc<std::collections::HashMap<std::net::IpAddr, Arc<str>>>,
 }
 
 /// A machine's recorded lifecycle state and the version of the record.
@@ -551,6 +556,21 @@ impl Snapshot {
     }
 
     /// The certificate for a normalised SNI name: exact first, then wildcard.
+    /// The app a private listener serves on `addr` (a connection's destination), in its
+    /// IPv4 form if it is an IPv4-mapped IPv6 address (a dual-stack listener's view).
+    pub fn private_app(&self, addr: std::net::IpAddr) -> Option<&Arc<AppEntry>> {
+        let addr = match addr {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.private.get(&addr).and_then(|name| self.apps.get(name))
+    }
+
+    /// An organisation by name.
+    pub fn org(&self, name: &str) -> Option<&Arc<crate::model::OrgSpec>> {
+        self.orgs.get(name)
+    }
+
     pub fn cert_for(&self, name: &str) -> Option<&Arc<CertEntry>> {
         self.certs.get(name).or_else(|| {
             let (_, parent) = name.split_once('.')?;
@@ -693,6 +713,8 @@ impl Snapshot {
             keyring: self.keyring.clone(),
             nodes: self.nodes.clone(),
             pulse: self.pulse.clone(),
+            orgs: self.orgs.clone(),
+            private: self.private.clone(),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::model::{self, AppSpec, CertSpec, MachineSpec, names};
+use crate::model::{self, AppSpec, CertSpec, MachineSpec, OrgSpec, names};
 
 mod locate;
 pub mod plan;
@@ -57,6 +57,8 @@ pub struct Problem {
 #[serde(deny_unknown_fields)]
 struct RawDecl {
     #[serde(default)]
+    orgs: Vec<OrgSpec>,
+    #[serde(default)]
     apps: Vec<AppSpec>,
     #[serde(default)]
     machines: Vec<MachineSpec>,
@@ -78,6 +80,7 @@ struct RawCert {
 /// loaded from their files and verified).
 #[derive(Debug, Clone, Default)]
 pub struct Declaration {
+    pub orgs: Vec<OrgSpec>,
     pub apps: Vec<AppSpec>,
     pub machines: Vec<MachineSpec>,
     pub certificates: Vec<CertSpec>,
@@ -141,8 +144,9 @@ fn at(path: &[Seg], message: impl Into<String>) -> Invalid {
 }
 
 fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
-    let mut decl = Declaration::default();
+    let mut decl = Declaration { orgs: validate_orgs(raw.orgs)?, ..Declaration::default() };
     let mut hosts: HashMap<String, String> = HashMap::new();
+    let mut private: HashMap<std::net::IpAddr, String> = HashMap::new();
     let mut app_names = HashSet::new();
     for (i, mut app) in raw.apps.into_iter().enumerate() {
         let p = |k: &'static str| vec![Seg::Key("apps"), Seg::Index(i), Seg::Key(k)];
@@ -160,6 +164,7 @@ fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
                 return Err(at(&hp, format!("hostname {h:?} is already claimed by app {other:?}")));
             }
         }
+        validate_private(&app, i, &mut private)?;
         if app.internal_port == 0 {
             return Err(at(&p("internal_port"), "must be a port number from 1 to 65535"));
         }
@@ -206,6 +211,37 @@ fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
         }
     }
     Ok(decl)
+}
+
+fn validate_orgs(raw: Vec<OrgSpec>) -> Result<Vec<OrgSpec>, Invalid> {
+    let mut orgs: Vec<OrgSpec> = Vec::with_capacity(raw.len());
+    for (i, o) in raw.into_iter().enumerate() {
+        let p = |k: &'static str| vec![Seg::Key("orgs"), Seg::Index(i), Seg::Key(k)];
+        names::check_org_name(&o.name).map_err(|m| at(&p("name"), m))?;
+        if orgs.iter().any(|d| d.name == o.name) {
+            return Err(at(&p("name"), format!("org {:?} is declared twice", o.name)));
+        }
+        orgs.push(o);
+    }
+    Ok(orgs)
+}
+
+/// App `i`'s org name and private addresses; `taken` holds the addresses of the apps before it.
+fn validate_private(
+    app: &AppSpec,
+    i: usize,
+    taken: &mut HashMap<std::net::IpAddr, String>,
+) -> Result<(), Invalid> {
+    names::check_org_name(&app.org)
+        .map_err(|m| at(&[Seg::Key("apps"), Seg::Index(i), Seg::Key("org")], m))?;
+    let path = |j| [Seg::Key("apps"), Seg::Index(i), Seg::Key("private_addrs"), Seg::Index(j)];
+    app.check_private_addrs().map_err(|(j, m)| at(&path(j), m))?;
+    for (j, a) in app.private_addrs.iter().enumerate() {
+        if let Some(other) = taken.insert(*a, app.name.clone()) {
+            return Err(at(&path(j), format!("private address {a} is already app {other:?}'s")));
+        }
+    }
+    Ok(())
 }
 
 /// `path` as the author wrote it: a `replay_buffer` written inside `[apps.affinity]` (as

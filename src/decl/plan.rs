@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::model::{AppSpec, CertSpec, MachineSpec, StateRow};
+use crate::model::{AppSpec, CertSpec, MachineSpec, OrgSpec, StateRow};
 use crate::rib::sqlite::{ReadOnly, Store, Tx};
 use crate::rib::{Record, RibError, Table};
 
@@ -58,6 +58,7 @@ impl fmt::Display for Plan {
                 Table::MachineStates => "machine state",
                 Table::SessionKeys => "session key",
                 Table::Nodes => "node",
+                Table::Orgs => "org",
             };
             match &c.op {
                 Op::Add => writeln!(f, "+ {what} {}", c.key)?,
@@ -158,6 +159,7 @@ pub fn plan(
     prune: bool,
 ) -> Result<(Plan, Vec<Write>), PlanError> {
     let mut plan = Plan::default();
+    diff(&mut plan, current, Table::Orgs, decl.orgs.iter().map(|o| (o.name.as_str(), o)), prune)?;
     diff(&mut plan, current, Table::Apps, decl.apps.iter().map(|a| (a.name.as_str(), a)), prune)?;
     diff(&mut plan, current, Table::Machines, decl.machines.iter().map(|m| (&*m.id, m)), prune)?;
     diff(
@@ -221,6 +223,7 @@ fn normalised(table: Table, v: &serde_json::Value) -> Option<serde_json::Value> 
         Table::MachineStates => through::<StateRow>(v),
         Table::SessionKeys => through::<crate::model::session_key::SessionKeyRow>(v),
         Table::Nodes => through::<crate::model::NodeRow>(v),
+        Table::Orgs => through::<OrgSpec>(v),
     }
 }
 
@@ -275,6 +278,7 @@ fn check_result(current: &impl Current, decl: &Declaration, prune: bool) -> Resu
             }
         }
     }
+    check_orgs(current, decl, prune)?;
     for (i, m) in decl.machines.iter().enumerate() {
         if !declared(&m.app) && kept(&m.app)?.is_none() {
             let path = [Seg::Key("machines"), Seg::Index(i), Seg::Key("app")];
@@ -283,6 +287,43 @@ fn check_result(current: &impl Current, decl: &Declaration, prune: bool) -> Resu
                 format!(
                     "machine {:?} belongs to app {:?}, which is neither declared nor in the RIB",
                     m.id, m.app
+                ),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The org rules, against the RIB as it will be: an app never moves to another org (a
+/// name taken in one org is not another org's to reuse: remove the app first), and an app
+/// with private addresses names an org that is declared or kept, whose networks say who
+/// may reach them.
+fn check_orgs(current: &impl Current, decl: &Declaration, prune: bool) -> Result<(), PlanError> {
+    for (i, a) in decl.apps.iter().enumerate() {
+        let path = [Seg::Key("apps"), Seg::Index(i), Seg::Key("org")];
+        if let Some(body) = current.get(Table::Apps, &a.name)?
+            && let Ok(old) = serde_json::from_str::<AppSpec>(&body)
+            && old.org != a.org
+        {
+            return Err(PlanError::Conflict(decl.problem_at(
+                &path,
+                format!(
+                    "app {:?} belongs to org {:?} in the RIB; an app does not move between orgs \
+                     (apply without it and with --prune to remove it, then declare it anew)",
+                    a.name, old.org
+                ),
+            )));
+        }
+        if a.private_addrs.is_empty() || decl.orgs.iter().any(|o| o.name == a.org) {
+            continue;
+        }
+        if prune || current.get(Table::Orgs, &a.org)?.is_none() {
+            return Err(PlanError::Conflict(decl.problem_at(
+                &path,
+                format!(
+                    "app {:?} has private_addrs but its org {:?} is not declared ([[orgs]] name = {:?}, \
+                     networks = [...]): nobody could reach them",
+                    a.name, a.org, a.org
                 ),
             )));
         }
@@ -299,6 +340,7 @@ fn writes(decl: &Declaration, plan: &Plan) -> Result<Vec<Write>, PlanError> {
     let machines: HashMap<&str, &MachineSpec> = decl.machines.iter().map(|m| (&*m.id, m)).collect();
     let certs: HashMap<&str, &CertSpec> =
         decl.certificates.iter().map(|c| (c.hostname.as_str(), c)).collect();
+    let orgs: HashMap<&str, &OrgSpec> = decl.orgs.iter().map(|o| (o.name.as_str(), o)).collect();
     let mut out = Vec::with_capacity(plan.changes.len());
     for c in &plan.changes {
         // A machine removed, or declared in a new state, drops its recorded lifecycle
@@ -319,6 +361,7 @@ fn writes(decl: &Declaration, plan: &Plan) -> Result<Vec<Write>, PlanError> {
             Table::Apps => apps.get(c.key.as_str()).map(|a| encode(&c.key, a)),
             Table::Machines => machines.get(c.key.as_str()).map(|m| encode(&c.key, m)),
             Table::Certificates => certs.get(c.key.as_str()).map(|x| encode(&c.key, x)),
+            Table::Orgs => orgs.get(c.key.as_str()).map(|o| encode(&c.key, o)),
             // Never declared: a plan holds no changes to them.
             Table::MachineStates | Table::SessionKeys | Table::Nodes => None,
         };

@@ -147,6 +147,32 @@ impl Handler {
         respond::http1_bytes(&err, &id, date)
     }
 
+    /// The app a request is for. Public listeners go by the Host, and serve only apps with
+    /// `public = true`; a private one goes by the connection's destination address, and
+    /// serves only sources inside the app's org networks.
+    fn app_for(&self, conn: &ConnInfo, host: &str) -> Result<Arc<AppEntry>, ProxyError> {
+        if !conn.private {
+            return self
+                .router
+                .app_for(host)
+                .filter(|a| a.spec.public)
+                .ok_or_else(|| ProxyError::NoApp { host: host.to_string() });
+        }
+        let dest = conn.local.ip();
+        let app = self
+            .router
+            .private_app(dest)
+            .ok_or_else(|| ProxyError::NoApp { host: format!("{host} (private address {dest})") })?;
+        if !self.router.org(&app.spec.org).is_some_and(|o| o.admits(conn.peer.ip())) {
+            return Err(ProxyError::PrivateForbidden {
+                app: app.name.clone(),
+                org: app.spec.org.clone(),
+                source_ip: conn.peer.ip(),
+            });
+        }
+        Ok(app)
+    }
+
     // One exchange, replays included, reads best as one loop: the app, steering and deadline
     // of each hop change in one place.
     #[allow(clippy::too_many_lines)]
@@ -171,7 +197,7 @@ impl Handler {
         if self.access_log {
             outcome.host = Some(host.to_string());
         }
-        let app = self.router.app_for(&host).ok_or_else(|| ProxyError::NoApp { host: host.to_string() })?;
+        let app = self.app_for(conn, &host)?;
         outcome.app = Some(app.clone());
 
         let route = Route::of(&app, &mut req);

@@ -50,6 +50,8 @@ pub struct ConnInfo {
     pub tls: bool,
     /// Accepted on the `[backhaul]` listener: another node hands a request over.
     pub backhaul: bool,
+    /// Accepted on a private (Flycast) listener: the destination address picks the app.
+    pub private: bool,
     /// The peer's address and the local port as header values, made once per connection
     /// for the forwarding headers of each of its requests.
     pub client_ip: HeaderValue,
@@ -57,15 +59,39 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool, backhaul: bool) -> ConnInfo {
+    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool, door: Door) -> ConnInfo {
         let text = |s: String| HeaderValue::from_maybe_shared(bytes::Bytes::from(s));
         ConnInfo {
             peer,
             local,
             tls,
-            backhaul,
+            backhaul: door == Door::Backhaul,
+            private: door == Door::Private,
             client_ip: text(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("-")),
             local_port: HeaderValue::from(local.port()),
+        }
+    }
+}
+
+/// Which kind of listener a connection came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Door {
+    /// Public ingress: the Host picks the app, and only apps with `public = true` answer.
+    Public,
+    /// A private (Flycast) listener: the connection's destination address picks the app.
+    Private,
+    /// The `[backhaul]` listener: another node hands a request over.
+    Backhaul,
+}
+
+impl Door {
+    pub fn of(listen: &crate::config::Listen) -> Door {
+        if listen.backhaul {
+            Door::Backhaul
+        } else if listen.private {
+            Door::Private
+        } else {
+            Door::Public
         }
     }
 }

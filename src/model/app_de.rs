@@ -59,6 +59,10 @@ pub struct RawApp {
     replay_buffer: Option<u64>,
     #[serde(default)]
     replay_cache: Vec<ReplayCacheRule>,
+    #[serde(default)]
+    private_addrs: Vec<std::net::IpAddr>,
+    #[serde(default = "yes")]
+    public: bool,
 }
 
 /// `[apps.affinity]` as written, with the `replay_buffer` the contract's example puts there.
@@ -121,6 +125,8 @@ impl TryFrom<RawApp> for AppSpec {
             affinity: Affinity { headers: r.affinity.headers, cookie: r.affinity.cookie },
             replay_buffer,
             replay_cache: r.replay_cache,
+            private_addrs: r.private_addrs,
+            public: r.public,
         })
     }
 }

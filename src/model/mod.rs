@@ -61,6 +61,56 @@ pub struct AppSpec {
     /// fly-proxy's session replay cache rules.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub replay_cache: Vec<ReplayCacheRule>,
+    /// The app's private (Flycast) addresses: a connection to one of them on a private
+    /// listener goes to this app, if its source is in the org's `networks`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub private_addrs: Vec<IpAddr>,
+    /// Served on public listeners (by hostname). `false`: only ever on private ones.
+    #[serde(skip_serializing_if = "is_true")]
+    pub public: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+impl AppSpec {
+    /// The rule `tern apply` holds private addresses to: each a plain address of the
+    /// family it is written in (an IPv4-mapped IPv6 one would never match: connections are
+    /// compared in their IPv4 form), declared once.
+    pub fn check_private_addrs(&self) -> Result<(), (usize, String)> {
+        for (i, a) in self.private_addrs.iter().enumerate() {
+            if let IpAddr::V6(v6) = a
+                && let Some(v4) = v6.to_ipv4_mapped()
+            {
+                return Err((i, format!("{a} is IPv4-mapped: write it as {v4}")));
+            }
+            if a.is_unspecified() || a.is_multicast() {
+                return Err((i, format!("{a} cannot be a private address")));
+            }
+            if self.private_addrs[..i].contains(a) {
+                return Err((i, format!("{a} is listed twice")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An organisation: the apps that name it in `org` share its private network. Only
+/// sources inside `networks` are served on its apps' private addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgSpec {
+    pub name: String,
+    #[serde(default)]
+    pub networks: Vec<crate::net::Prefix>,
+}
+
+impl OrgSpec {
+    /// Whether `source` is inside the org's private network.
+    pub fn admits(&self, source: IpAddr) -> bool {
+        self.networks.iter().any(|n| n.contains(source))
+    }
 }
 
 impl AppSpec {

@@ -17,6 +17,13 @@ pub fn check_app_name(s: &str) -> Result<(), String> {
     }
 }
 
+/// Org names: the same characters as app names (they appear in logs and errors too).
+pub fn check_org_name(s: &str) -> Result<(), String> {
+    check_app_name(s).map_err(|_| {
+        format!("{s:?} is not an org name (1-63 of a-z, 0-9 and '-', not starting or ending with '-')")
+    })
+}
+
 /// Machine ids: 1 to 128 letters, digits, '-', '_' and '.'.
 pub fn check_machine_id(s: &str) -> Result<(), String> {
     let ok = (1..=128).contains(&s.len())

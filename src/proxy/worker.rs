@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
 use crate::config::{Limits, Listen};
-use crate::http::{ConnInfo, Drain, Handler, Prefixed, Server, Wire};
+use crate::http::{ConnInfo, Door, Drain, Handler, Prefixed, Server, Wire};
 use crate::listener::proxy_protocol::{self, Header, Refused};
 use crate::net::Prefix;
 use crate::routing::Router;
@@ -38,7 +38,7 @@ pub(super) struct Job {
     pub stream: TcpStream,
     pub peer: SocketAddr,
     pub tls: bool,
-    pub backhaul: bool,
+    pub door: Door,
     /// A `proxy_protocol` listener's trusted sources: a PROXY header comes first.
     pub proxy_from: Option<Arc<[Prefix]>>,
     pub label: Arc<str>,
@@ -208,7 +208,7 @@ async fn run(
         let label: Arc<str> = Arc::from(addr.to_string());
         let (deps2, handler, open, tasks, conn_label) =
             (deps.clone(), handler.clone(), open.clone(), tasks.clone(), label.clone());
-        let (tls, backhaul) = (listen.tls, listen.backhaul);
+        let (tls, door) = (listen.tls, Door::of(&listen));
         let proxy_from: Option<Arc<[Prefix]>> =
             listen.proxy_protocol.then(|| listen.proxy_protocol_from.clone().into());
         let on_accept = move |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
@@ -217,7 +217,7 @@ async fn run(
                 stream,
                 peer,
                 tls,
-                backhaul,
+                door,
                 proxy_from: proxy_from.clone(),
                 label: conn_label.clone(),
                 permit,
@@ -365,7 +365,7 @@ async fn serve_tls(deps: &Deps, stream: Prefixed<Counted<TcpStream>>, info: Conn
 }
 
 async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
-    let Job { stream, peer, tls, backhaul, proxy_from, label, permit } = job;
+    let Job { stream, peer, tls, door, proxy_from, label, permit } = job;
     let _permit = permit;
     // Counted open for as long as this runs, however it ends (cancelled at shutdown too).
     let _open = OpenGauge::inc(deps.metrics.open_connections.with_label_values(&[&label]));
@@ -383,7 +383,7 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
             None => return,
         },
     };
-    let info = ConnInfo::new(peer, local, tls, backhaul);
+    let info = ConnInfo::new(peer, local, tls, door);
     // Each protocol's future boxed on its own and only that one made: a connection's task
     // holds its own protocol's state, not room for the largest (a TLS stream's is KBs).
     let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = if tls {

@@ -36,13 +36,16 @@ pub enum Table {
     /// The fleet's nodes, each rewriting its own row every heartbeat ([`crate::model::NodeRow`]);
     /// written only by the nodes themselves, never by `tern apply`.
     Nodes,
+    /// Organisations and their private networks ([`crate::model::OrgSpec`]), by name.
+    Orgs,
 }
 
 impl Table {
     /// In the order a snapshot lists them (nodes before the machines they own, machines
     /// before their states).
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Nodes,
+        Table::Orgs,
         Table::Apps,
         Table::Machines,
         Table::Certificates,
@@ -58,6 +61,7 @@ impl Table {
             Table::MachineStates => "machine_states",
             Table::SessionKeys => "session_keys",
             Table::Nodes => "nodes",
+            Table::Orgs => "orgs",
         }
     }
 

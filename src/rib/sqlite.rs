@@ -32,6 +32,7 @@ mod wake;
 mod watch;
 
 pub use existing::{Existing, ReadOnly, open_existing};
+pub use schema::VERSION as SCHEMA_VERSION;
 
 /// Change-log entries kept for subscribers to resume from.
 pub const RETAIN_CHANGES: i64 = 100_000;

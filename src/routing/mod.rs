@@ -55,6 +55,16 @@ impl Router {
         self.catalog.load().route(host).cloned()
     }
 
+    /// The app a private listener serves on destination address `addr`.
+    pub fn private_app(&self, addr: std::net::IpAddr) -> Option<Arc<AppEntry>> {
+        self.catalog.load().private_app(addr).cloned()
+    }
+
+    /// An organisation by name, as the catalog holds it now.
+    pub fn org(&self, name: &str) -> Option<Arc<crate::model::OrgSpec>> {
+        self.catalog.load().org(name).cloned()
+    }
+
     /// The machine for the next exchange, skipping machines already tried, counted in
     /// flight on it; `None` when no routable machine has room under its hard limit.
     pub fn pick(&self, app: &AppEntry, exclude: &[&str]) -> Option<select::Pick> {

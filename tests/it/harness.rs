@@ -144,11 +144,18 @@ impl Proxy {
         // bounce would start the test binary.
         let config = Config::parse(&node_config(&db, extra)).unwrap();
         let bound = Bound::bind(&config).unwrap();
-        // In the config's order; `http` and `https` are the first that take no PROXY header.
+        // In the config's order; `http` and `https` are the first public ones taking no PROXY header.
         let addrs = bound.addrs();
         let listeners: Vec<SocketAddr> = addrs.iter().map(|(a, _)| *a).collect();
         let first = |tls: bool| {
-            config.listen.iter().zip(&addrs).find(|(c, _)| c.tls == tls && !c.proxy_protocol).unwrap().1.0
+            config
+                .listen
+                .iter()
+                .zip(&addrs)
+                .find(|(c, _)| c.tls == tls && !c.proxy_protocol && !c.private)
+                .unwrap()
+                .1
+                .0
         };
         let (http, https) = (first(false), first(true));
         let admin = bound.admin_addr().unwrap();

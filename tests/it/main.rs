@@ -23,6 +23,7 @@ mod http;
 mod lifecycle;
 mod machines_api;
 mod ops;
+mod private;
 mod proxy_protocol;
 mod replay;
 mod rib;

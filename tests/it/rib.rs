@@ -174,7 +174,7 @@ async fn a_rib_made_by_an_earlier_tern_is_migrated_keeping_its_rows_and_cursors(
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: String =
         conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, "5");
+    assert_eq!(version, tern::rib::sqlite::SCHEMA_VERSION.to_string());
 
     // A cursor from before the migration resumes: it gets the next change, not a snapshot.
     let rib = tern::rib::sqlite::SqliteRib::open(&db, Duration::from_millis(5)).unwrap();

@@ -119,6 +119,17 @@ pub fn open_existing(path: &Path) -> Result<Existing, RibError> {
     for t in PLANNED {
         rows.extend(read_table(&tx, t, path)?);
     }
+    // Made by schema version 6: a RIB from before it has no orgs yet.
+    let orgs: bool = tx
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'orgs')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(&err)?;
+    if orgs {
+        rows.extend(read_table(&tx, Table::Orgs, path)?);
+    }
     Ok(Existing::Present(ReadOnly { rows }))
 }
 

@@ -20,6 +20,8 @@
 //! Version 5 adds the `nodes` table (with its triggers), where fleet nodes publish their
 //! heartbeats; nothing is rebuilt.
 //!
+//! Version 6 adds the `orgs` table (with its triggers); nothing is rebuilt.
+//!
 //! The version is `meta.schema`; a database without it predates versioning (version 1 when
 //! it has a `meta` table, new otherwise).
 
@@ -30,7 +32,7 @@ use rusqlite::{OptionalExtension, Transaction};
 use crate::rib::{RibError, Table};
 
 /// The schema this build writes.
-pub const VERSION: i64 = 5;
+pub const VERSION: i64 = 6;
 /// Tables made before this version have the old `updated_at` default and are rebuilt.
 const REBUILT_BEFORE: i64 = 2;
 
