@@ -99,6 +99,10 @@ pub struct RegionTable {
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     pub addr: SocketAddr,
+    /// What the listener serves: HTTP (routed by Host, or by destination when `private`),
+    /// or apps' TCP services (routed by destination address and port, or by SNI).
+    #[serde(default)]
+    pub kind: ListenKind,
     #[serde(default)]
     pub tls: bool,
     #[serde(default)]
@@ -123,9 +127,37 @@ pub struct Listen {
     pub backhaul: bool,
 }
 
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenKind {
+    #[default]
+    Http,
+    Tcp,
+}
+
 impl Listen {
     /// What `tern check` refuses in one `[[listen]]`.
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.kind == ListenKind::Tcp && self.tls {
+            return Err((
+                "tls",
+                format!(
+                    "{} is a tcp listener: TLS there is each service's (handlers = [\"tls\"]), or passed \
+                     through to the machine (handlers = [])",
+                    self.addr
+                ),
+            ));
+        }
+        if self.kind == ListenKind::Tcp && self.private {
+            return Err((
+                "private",
+                format!(
+                    "{}: private TCP services are not supported yet; private listeners serve HTTP",
+                    self.addr
+                ),
+            ));
+        }
         if self.proxy_protocol && self.proxy_protocol_from.is_empty() {
             return Err((
                 "proxy_protocol",
@@ -466,6 +498,7 @@ fn default_listeners() -> Vec<Listen> {
     vec![
         Listen {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            kind: ListenKind::Http,
             tls: false,
             private: false,
             proxy_protocol: false,
@@ -476,6 +509,7 @@ fn default_listeners() -> Vec<Listen> {
         },
         Listen {
             addr: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            kind: ListenKind::Http,
             tls: true,
             private: false,
             proxy_protocol: false,

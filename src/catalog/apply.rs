@@ -146,9 +146,7 @@ impl Snapshot {
             for h in old.spec.hostnames.iter().filter(|h| !spec.hostnames.contains(h)) {
                 self.unclaim_host(h, &name);
             }
-            let dropped: Vec<_> =
-                old.spec.private_addrs.iter().filter(|a| !spec.private_addrs.contains(a)).copied().collect();
-            self.unclaim_private(&dropped, &name);
+            self.unclaim_addrs(&old.spec, Some(&spec), &name);
         }
         let spec = Arc::new(spec);
         // Machines declared by bare IP take the app's internal_port, which may have changed.
@@ -167,7 +165,7 @@ impl Snapshot {
         for h in &old.spec.hostnames {
             self.unclaim_host(h, name);
         }
-        self.unclaim_private(&old.spec.private_addrs, name);
+        self.unclaim_addrs(&old.spec, None, name);
         // Its machines stay (unroutable) so that re-adding the app brings them back.
     }
 
@@ -285,24 +283,24 @@ impl Snapshot {
             }
             map.insert(HostKey::from(key), entry.clone(), generation);
         }
-        // The private index names the app, not its entry, so a machine's change (which
-        // publishes the app again) leaves it alone.
-        if spec.private_addrs.iter().any(|a| self.private.get(a) != Some(name)) {
-            let private = Arc::make_mut(&mut self.private);
-            for a in &spec.private_addrs {
-                if let Some(holder) = private.get(a).filter(|h| *h != name) {
-                    tracing::warn!(target: "tern::catalog", private_addr = %a, from = %holder, to = %name,
-                        "private address claimed by two apps; the later change wins");
-                }
-                private.insert(*a, name.clone());
-            }
-        }
+        // The address indexes name the app, not its entry, so a machine's change (which
+        // publishes the app again) leaves them alone.
+        claim(&mut self.private, &spec.private_addrs, name, "private address");
+        claim(&mut self.tcp, &tcp_keys(&spec), name, "dedicated address and port");
     }
 
-    fn unclaim_private(&mut self, addrs: &[std::net::IpAddr], app: &str) {
-        if addrs.iter().any(|a| self.private.get(a).is_some_and(|h| &**h == app)) {
-            Arc::make_mut(&mut self.private).retain(|a, h| &**h != app || !addrs.contains(a));
-        }
+    /// Drops the address-index entries `old` had and `new` (if any) does not.
+    fn unclaim_addrs(&mut self, old: &AppSpec, new: Option<&AppSpec>, app: &str) {
+        let private: Vec<_> = old
+            .private_addrs
+            .iter()
+            .filter(|a| new.is_none_or(|n| !n.private_addrs.contains(a)))
+            .copied()
+            .collect();
+        unclaim(&mut self.private, &private, app);
+        let kept = new.map(tcp_keys).unwrap_or_default();
+        let tcp: Vec<_> = tcp_keys(old).into_iter().filter(|k| !kept.contains(k)).collect();
+        unclaim(&mut self.tcp, &tcp, app);
     }
 
     fn unclaim_host(&mut self, host: &str, app: &str) {
@@ -314,6 +312,41 @@ impl Snapshot {
         if map.get(key.as_bytes()).is_some_and(|e| &*e.name == app) {
             map.remove(key.as_bytes(), generation);
         }
+    }
+}
+
+/// The (dedicated address, public port) pairs an app's TCP services are reached on.
+pub(super) fn tcp_keys(spec: &AppSpec) -> Vec<(std::net::IpAddr, u16)> {
+    let ports = spec.services.iter().flat_map(|s| s.ports.iter().map(|p| p.port));
+    spec.addrs.iter().flat_map(|a| ports.clone().map(move |p| (*a, p))).collect()
+}
+
+/// Points `keys` at app `name` in an address index, replacing the index only if it changes.
+fn claim<K>(index: &mut Arc<std::collections::HashMap<K, Arc<str>>>, keys: &[K], name: &Arc<str>, what: &str)
+where
+    K: Copy + Eq + std::hash::Hash + std::fmt::Debug,
+{
+    if keys.iter().all(|k| index.get(k) == Some(name)) {
+        return;
+    }
+    let index = Arc::make_mut(index);
+    for k in keys {
+        if let Some(holder) = index.get(k).filter(|h| *h != name) {
+            // `tern apply` refuses this; another writer of the RIB may not have.
+            tracing::warn!(target: "tern::catalog", key = ?k, from = %holder, to = %name,
+                "{what} claimed by two apps; the later change wins");
+        }
+        index.insert(*k, name.clone());
+    }
+}
+
+/// Removes `keys` from an address index where they still point at `app`.
+fn unclaim<K>(index: &mut Arc<std::collections::HashMap<K, Arc<str>>>, keys: &[K], app: &str)
+where
+    K: Clone + Eq + std::hash::Hash,
+{
+    if keys.iter().any(|k| index.get(k).is_some_and(|h| &**h == app)) {
+        Arc::make_mut(index).retain(|k, h| &**h != app || !keys.contains(k));
     }
 }
 

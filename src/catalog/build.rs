@@ -219,6 +219,10 @@ impl Build {
             .iter()
             .flat_map(|(name, a)| a.spec.private_addrs.iter().map(move |ip| (*ip, name.clone())))
             .collect();
+        let tcp = apps
+            .iter()
+            .flat_map(|(name, a)| super::apply::tcp_keys(&a.spec).into_iter().map(move |k| (k, name.clone())))
+            .collect();
         app_machines.extend(orphans.into_iter().map(|(app, mut ids)| {
             ids.sort_unstable();
             (app, Arc::from(ids))
@@ -241,6 +245,7 @@ impl Build {
             pulse: snap.pulse,
             orgs: snap.orgs,
             private: Arc::new(private),
+            tcp: Arc::new(tcp),
         };
         (next, unserved)
     }

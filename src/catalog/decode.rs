@@ -121,6 +121,7 @@ fn decode_app(key: &str, body: &str) -> Result<AppSpec, String> {
     }
     spec.check_sessions().map_err(|(field, e)| format!("{field}: {e}"))?;
     spec.check_private_addrs().map_err(|(i, e)| format!("private_addrs[{i}]: {e}"))?;
+    spec.check_services().map_err(|e| if e.starts_with("addrs") { e } else { format!("services{e}") })?;
     for h in &mut spec.hostnames {
         *h = names::normalize_hostname(h)?;
     }

@@ -536,6 +536,9 @@ pub struct Snapshot {
     /// Private (Flycast) address → the app that declares it. Replaced whole when an app's
     /// private addresses change, which is rare (an app's addresses are set when it is made).
     pub(super) private: Arc<std::collections::HashMap<std::net::IpAddr, Arc<str>>>,
+    /// (Dedicated address, public port) → the app whose TCP service is reached there; kept
+    /// like `private`.
+    pub(super) tcp: Arc<std::collections::HashMap<(std::net::IpAddr, u16), Arc<str>>>,
 }
 
 /// A machine's recorded lifecycle state and the version of the record.
@@ -564,6 +567,16 @@ impl Snapshot {
             v4 => v4,
         };
         self.private.get(&addr).and_then(|name| self.apps.get(name))
+    }
+
+    /// The app whose TCP service a connection to `addr` (its destination) is for, on a
+    /// dedicated address.
+    pub fn tcp_app(&self, addr: std::net::SocketAddr) -> Option<&Arc<AppEntry>> {
+        let ip = match addr.ip() {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr.ip(), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.tcp.get(&(ip, addr.port())).and_then(|name| self.apps.get(name))
     }
 
     /// An organisation by name.
@@ -715,6 +728,7 @@ impl Snapshot {
             pulse: self.pulse.clone(),
             orgs: self.orgs.clone(),
             private: self.private.clone(),
+            tcp: self.tcp.clone(),
         }
     }
 }

@@ -146,7 +146,7 @@ fn at(path: &[Seg], message: impl Into<String>) -> Invalid {
 fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
     let mut decl = Declaration { orgs: validate_orgs(raw.orgs)?, ..Declaration::default() };
     let mut hosts: HashMap<String, String> = HashMap::new();
-    let mut private: HashMap<std::net::IpAddr, String> = HashMap::new();
+    let mut taken = Taken::default();
     let mut app_names = HashSet::new();
     for (i, mut app) in raw.apps.into_iter().enumerate() {
         let p = |k: &'static str| vec![Seg::Key("apps"), Seg::Index(i), Seg::Key(k)];
@@ -164,7 +164,7 @@ fn validate(raw: RawDecl, base: &Path) -> Result<Declaration, Invalid> {
                 return Err(at(&hp, format!("hostname {h:?} is already claimed by app {other:?}")));
             }
         }
-        validate_private(&app, i, &mut private)?;
+        validate_addresses(&app, i, &mut taken)?;
         if app.internal_port == 0 {
             return Err(at(&p("internal_port"), "must be a port number from 1 to 65535"));
         }
@@ -226,19 +226,33 @@ fn validate_orgs(raw: Vec<OrgSpec>) -> Result<Vec<OrgSpec>, Invalid> {
     Ok(orgs)
 }
 
-/// App `i`'s org name and private addresses; `taken` holds the addresses of the apps before it.
-fn validate_private(
-    app: &AppSpec,
-    i: usize,
-    taken: &mut HashMap<std::net::IpAddr, String>,
-) -> Result<(), Invalid> {
-    names::check_org_name(&app.org)
-        .map_err(|m| at(&[Seg::Key("apps"), Seg::Index(i), Seg::Key("org")], m))?;
+/// The addresses the apps before the current one claimed.
+#[derive(Default)]
+struct Taken {
+    private: HashMap<std::net::IpAddr, String>,
+    tcp: HashMap<(std::net::IpAddr, u16), String>,
+}
+
+/// App `i`'s org name, private addresses, dedicated addresses and services.
+fn validate_addresses(app: &AppSpec, i: usize, taken: &mut Taken) -> Result<(), Invalid> {
+    let p = |k: &'static str| vec![Seg::Key("apps"), Seg::Index(i), Seg::Key(k)];
+    names::check_org_name(&app.org).map_err(|m| at(&p("org"), m))?;
     let path = |j| [Seg::Key("apps"), Seg::Index(i), Seg::Key("private_addrs"), Seg::Index(j)];
     app.check_private_addrs().map_err(|(j, m)| at(&path(j), m))?;
     for (j, a) in app.private_addrs.iter().enumerate() {
-        if let Some(other) = taken.insert(*a, app.name.clone()) {
+        if let Some(other) = taken.private.insert(*a, app.name.clone()) {
             return Err(at(&path(j), format!("private address {a} is already app {other:?}'s")));
+        }
+    }
+    app.check_services().map_err(|m| {
+        let field = if m.starts_with("addrs") { "addrs" } else { "services" };
+        at(&p(field), m)
+    })?;
+    for a in &app.addrs {
+        for port in app.services.iter().flat_map(|s| &s.ports) {
+            if let Some(other) = taken.tcp.insert((*a, port.port), app.name.clone()) {
+                return Err(at(&p("addrs"), format!("{a} port {} is already app {other:?}'s", port.port)));
+            }
         }
     }
     Ok(())

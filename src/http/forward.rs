@@ -151,6 +151,9 @@ impl Handler {
     /// `public = true`; a private one goes by the connection's destination address, and
     /// serves only sources inside the app's org networks.
     fn app_for(&self, conn: &ConnInfo, host: &str) -> Result<Arc<AppEntry>, ProxyError> {
+        if let Some(name) = &conn.app {
+            return self.router.app(name).ok_or_else(|| ProxyError::NoApp { host: host.to_string() });
+        }
         if !conn.private {
             return self
                 .router

@@ -32,6 +32,7 @@ mod parser_replies;
 mod replay;
 pub mod request_id;
 pub mod respond;
+pub mod tcp;
 mod tunnel;
 
 pub use drain::Drain;
@@ -52,6 +53,9 @@ pub struct ConnInfo {
     pub backhaul: bool,
     /// Accepted on a private (Flycast) listener: the destination address picks the app.
     pub private: bool,
+    /// The app a TCP service with the `http` handler serves: its requests go there,
+    /// whatever their Host.
+    pub app: Option<Arc<str>>,
     /// The peer's address and the local port as header values, made once per connection
     /// for the forwarding headers of each of its requests.
     pub client_ip: HeaderValue,
@@ -67,6 +71,7 @@ impl ConnInfo {
             tls,
             backhaul: door == Door::Backhaul,
             private: door == Door::Private,
+            app: None,
             client_ip: text(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("-")),
             local_port: HeaderValue::from(local.port()),
         }
@@ -82,12 +87,16 @@ pub enum Door {
     Private,
     /// The `[backhaul]` listener: another node hands a request over.
     Backhaul,
+    /// A `kind = "tcp"` listener: apps' TCP services.
+    Tcp,
 }
 
 impl Door {
     pub fn of(listen: &crate::config::Listen) -> Door {
         if listen.backhaul {
             Door::Backhaul
+        } else if listen.kind == crate::config::ListenKind::Tcp {
+            Door::Tcp
         } else if listen.private {
             Door::Private
         } else {

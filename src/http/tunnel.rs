@@ -75,10 +75,9 @@ pub async fn run(
     metrics: Arc<Metrics>,
     guards: ExchangeGuards,
 ) {
-    let Settings { idle_timeout, kind, end: asked_by, registered: _registered } = settings;
     // Both sides' connections must hand over first; a side that never does (a request body
     // never finished, say) must not hold the exchange for ever.
-    let upgraded = tokio::time::timeout(idle_timeout, async { tokio::try_join!(client, machine) });
+    let upgraded = tokio::time::timeout(settings.idle_timeout, async { tokio::try_join!(client, machine) });
     let (client, machine) = match upgraded.await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => {
@@ -90,9 +89,21 @@ pub async fn run(
             return;
         }
     };
+    relay(TokioIo::new(client), TokioIo::new(machine), settings, &metrics).await;
+    drop(guards);
+}
+
+/// Copies bytes both ways between a client and a machine until both sides closed, either
+/// failed, the exchange was silent for the idle timeout, or the end was asked for.
+pub async fn relay<C, M>(client: C, machine: M, settings: Settings, metrics: &Metrics)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    M: AsyncRead + AsyncWrite + Unpin,
+{
+    let Settings { idle_timeout, kind, end: asked_by, registered: _registered } = settings;
     let activity = Arc::new(Activity::new());
-    let client = TouchIo::new(TokioIo::new(client), activity.clone());
-    let machine = TouchIo::new(TokioIo::new(machine), activity.clone());
+    let client = TouchIo::new(client, activity.clone());
+    let machine = TouchIo::new(machine, activity.clone());
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut machine_rx, mut machine_tx) = tokio::io::split(machine);
     let ws = kind == Kind::WebSocket;
@@ -137,7 +148,6 @@ pub async fn run(
     // Best effort: the peer may be gone already.
     let _ = client_tx.shutdown().await;
     let _ = machine_tx.shutdown().await;
-    drop(guards);
 }
 
 /// Which way one half of the tunnel carries bytes.

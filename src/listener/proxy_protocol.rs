@@ -241,5 +241,40 @@ pub async fn read<IO: AsyncRead + Unpin>(io: &mut IO, timeout: Duration) -> Resu
     tokio::time::timeout(timeout, reading).await.unwrap_or(Err(Refused::Timeout))
 }
 
+/// A v2 `PROXY` header for a TCP connection from `source` to `destination`, as tern sends it
+/// to a machine (a service with `handlers = ["proxy_proto"]`). Addresses of two families
+/// are both written as IPv6 (an IPv4 one in its mapped form); IPv4-mapped IPv6 addresses
+/// are written as the IPv4 addresses they are when both are.
+pub fn v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let plain = |a: SocketAddr| match a.ip() {
+        std::net::IpAddr::V6(v6) => {
+            v6.to_ipv4_mapped().map_or(a, |v4| SocketAddr::new(std::net::IpAddr::V4(v4), a.port()))
+        }
+        _ => a,
+    };
+    let (source, destination) = (plain(source), plain(destination));
+    let mut h = V2_SIGNATURE.to_vec();
+    h.push(0x21); // version 2, PROXY
+    match (source.ip(), destination.ip()) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+            h.extend_from_slice(&[0x11, 0, 12]); // TCP over IPv4, 12 bytes
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+        }
+        (s, d) => {
+            let v6 = |ip: std::net::IpAddr| match ip {
+                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                std::net::IpAddr::V6(v6) => v6,
+            };
+            h.extend_from_slice(&[0x21, 0, 36]); // TCP over IPv6, 36 bytes
+            h.extend_from_slice(&v6(s).octets());
+            h.extend_from_slice(&v6(d).octets());
+        }
+    }
+    h.extend_from_slice(&source.port().to_be_bytes());
+    h.extend_from_slice(&destination.port().to_be_bytes());
+    h
+}
+
 #[cfg(test)]
 mod tests;

@@ -63,6 +63,10 @@ pub struct RawApp {
     private_addrs: Vec<std::net::IpAddr>,
     #[serde(default = "yes")]
     public: bool,
+    #[serde(default)]
+    addrs: Vec<std::net::IpAddr>,
+    #[serde(default)]
+    services: Vec<Service>,
 }
 
 /// `[apps.affinity]` as written, with the `replay_buffer` the contract's example puts there.
@@ -127,6 +131,8 @@ impl TryFrom<RawApp> for AppSpec {
             replay_cache: r.replay_cache,
             private_addrs: r.private_addrs,
             public: r.public,
+            addrs: r.addrs,
+            services: r.services,
         })
     }
 }

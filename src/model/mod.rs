@@ -68,6 +68,77 @@ pub struct AppSpec {
     /// Served on public listeners (by hostname). `false`: only ever on private ones.
     #[serde(skip_serializing_if = "is_true")]
     pub public: bool,
+    /// Dedicated public addresses: a connection to one of them on a `kind = "tcp"`
+    /// listener goes to the app's service on that port.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addrs: Vec<IpAddr>,
+    /// TCP services (`[[apps.services]]`), reached on `kind = "tcp"` listeners.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Service>,
+}
+
+/// One TCP service of an app: the machines' port and the public ports that lead to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub internal_port: u16,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+}
+
+/// A public port of a service and what tern does with its connections.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+    #[serde(default)]
+    pub handlers: Vec<ServiceHandler>,
+}
+
+/// What tern does to a service's connections before (or instead of) relaying bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceHandler {
+    /// Terminate TLS (the certificate chosen by SNI), then relay the plaintext.
+    Tls,
+    /// Serve HTTP, as on an HTTP listener but for this app only.
+    Http,
+    /// Send a PROXY protocol v2 header to the machine first, naming the client.
+    ProxyProto,
+}
+
+/// How a service port's connections are handled, once its handlers are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handling {
+    pub tls: bool,
+    pub http: bool,
+    pub proxy_proto: bool,
+}
+
+impl ServicePort {
+    /// The handlers as one of the combinations tern serves: `[]`, `["tls"]`,
+    /// `["proxy_proto"]`, `["tls", "proxy_proto"]`, `["http"]` or `["tls", "http"]`.
+    pub fn handling(&self) -> Result<Handling, String> {
+        use ServiceHandler as H;
+        let h = &self.handlers;
+        let has = |x: H| h.contains(&x);
+        let mut seen = Vec::new();
+        for x in h {
+            if seen.contains(x) {
+                return Err(format!("handler {x:?} is listed twice"));
+            }
+            seen.push(*x);
+        }
+        if h.contains(&H::Tls) && h.first() != Some(&H::Tls) {
+            return Err("\"tls\" comes first: TLS is the outermost layer".into());
+        }
+        if has(H::Http) && has(H::ProxyProto) {
+            return Err(
+                "\"http\" and \"proxy_proto\" do not combine: tern speaks HTTP to the machine itself".into(),
+            );
+        }
+        Ok(Handling { tls: has(H::Tls), http: has(H::Http), proxy_proto: has(H::ProxyProto) })
+    }
 }
 
 fn is_true(b: &bool) -> bool {
@@ -90,6 +161,50 @@ impl AppSpec {
             }
             if self.private_addrs[..i].contains(a) {
                 return Err((i, format!("{a} is listed twice")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AppSpec {
+    /// The service and port a connection to public port `port` is for.
+    pub fn service_for(&self, port: u16) -> Option<(&Service, &ServicePort)> {
+        self.services.iter().find_map(|s| s.ports.iter().find(|p| p.port == port).map(|p| (s, p)))
+    }
+
+    /// The rules `tern apply` and the catalog's RIB reader hold services to; the error names
+    /// the field under `services` (`[0].ports[1].handlers`).
+    pub fn check_services(&self) -> Result<(), String> {
+        let mut ports = Vec::new();
+        for (i, s) in self.services.iter().enumerate() {
+            if s.internal_port == 0 {
+                return Err(format!("[{i}].internal_port: must be a port number from 1 to 65535"));
+            }
+            if s.ports.is_empty() {
+                return Err(format!("[{i}].ports: a service needs at least one port"));
+            }
+            for (j, p) in s.ports.iter().enumerate() {
+                if p.port == 0 {
+                    return Err(format!("[{i}].ports[{j}].port: must be a port number from 1 to 65535"));
+                }
+                if ports.contains(&p.port) {
+                    return Err(format!("[{i}].ports[{j}].port: port {} is used twice in the app", p.port));
+                }
+                ports.push(p.port);
+                let h = p.handling().map_err(|e| format!("[{i}].ports[{j}].handlers: {e}"))?;
+                if h.http && s.internal_port != self.internal_port {
+                    return Err(format!(
+                        "[{i}].internal_port: an \"http\" service forwards to the app's internal_port ({}), \
+                         not {}: make them equal",
+                        self.internal_port, s.internal_port
+                    ));
+                }
+            }
+        }
+        for (i, a) in self.addrs.iter().enumerate() {
+            if a.is_unspecified() || a.is_multicast() || self.addrs[..i].contains(a) {
+                return Err(format!("addrs[{i}]: {a} cannot be a dedicated address (or is listed twice)"));
             }
         }
         Ok(())

@@ -85,6 +85,7 @@ impl Bound {
         let mut listeners = Vec::with_capacity(config.listen.len());
         let backhaul = config.backhaul.as_ref().map(|b| crate::config::Listen {
             addr: b.addr,
+            kind: crate::config::ListenKind::Http,
             tls: false,
             private: false,
             proxy_protocol: false,
@@ -360,6 +361,7 @@ pub async fn run(
     let drain = Drain::new(&metrics);
     let deps = Deps {
         tls: tls::server_config(catalog.clone())?,
+        tls_raw: tls::raw_server_config(catalog.clone())?,
         catalog: catalog.clone(),
         metrics: metrics.clone(),
         server: Arc::new(Server::new(&server_limits(&config.limits), drain.clone())),

@@ -51,6 +51,8 @@ pub(super) struct Deps {
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
     pub tls: Arc<rustls::ServerConfig>,
+    /// For TCP services that terminate TLS: the same certificates, no ALPN.
+    pub tls_raw: Arc<rustls::ServerConfig>,
     pub server: Arc<Server>,
     pub limits: Limits,
     pub region: Arc<str>,
@@ -340,6 +342,38 @@ async fn proxy_header(
     }
 }
 
+/// A connection to a TCP service: routed by its destination (or SNI), then HTTP for an
+/// `http` service (the app's alone), or relayed to a machine, after TLS if the service
+/// terminates it.
+async fn serve_tcp(
+    deps: &Deps,
+    mut stream: Prefixed<Counted<TcpStream>>,
+    info: ConnInfo,
+    handler: Arc<Handler>,
+) {
+    let (peer, local) = (info.peer, info.local);
+    let Some(route) = deps.server.route_tcp(&mut stream, peer, local, &handler).await else { return };
+    let info = ConnInfo { tls: route.handling.tls, app: Some(route.app.name.clone()), ..info };
+    match route.handling {
+        h if h.http && h.tls => Box::pin(serve_tls(deps, stream, info, handler)).await,
+        h if h.http => Box::pin(deps.server.serve(stream, info, handler, Wire::Sniff)).await,
+        h if h.tls => {
+            let accept = tls::accept(
+                stream,
+                deps.tls_raw.clone(),
+                &deps.catalog,
+                deps.limits.tls_handshake_timeout,
+                &deps.metrics,
+            );
+            match Box::pin(accept).await {
+                Ok(tls) => Box::pin(deps.server.relay_tcp(tls, &route, peer, local, &handler)).await,
+                Err(_) => deps.metrics.tcp_refused.with_label_values(&["tls"]).inc(),
+            }
+        }
+        _ => Box::pin(deps.server.relay_tcp(stream, &route, peer, local, &handler)).await,
+    }
+}
+
 /// A TLS connection: its handshake, then HTTP in the protocol ALPN chose.
 async fn serve_tls(deps: &Deps, stream: Prefixed<Counted<TcpStream>>, info: ConnInfo, handler: Arc<Handler>) {
     // The handshake's state is boxed and freed once it is done; the stream moves into its
@@ -386,12 +420,18 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
     let info = ConnInfo::new(peer, local, tls, door);
     // Each protocol's future boxed on its own and only that one made: a connection's task
     // holds its own protocol's state, not room for the largest (a TLS stream's is KBs).
-    let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = if tls {
+    let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = if door == Door::Tcp {
+        Box::pin(serve_tcp(deps, stream, info, handler))
+    } else if tls {
         Box::pin(serve_tls(deps, stream, info, handler))
     } else {
         Box::pin(deps.server.serve(stream, info, handler, Wire::Sniff))
     };
-    let protocol = if tls { "tls" } else { "http" };
+    let protocol = match (door, tls) {
+        (Door::Tcp, _) => "tcp",
+        (_, true) => "tls",
+        (_, false) => "http",
+    };
     // A spinning connection is logged and counted by the guard; dropping it closes it.
     let _ = Guarded::new(serve, progress, protocol, peer, deps.metrics.clone()).await;
 }

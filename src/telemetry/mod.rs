@@ -34,6 +34,8 @@ pub struct Metrics {
     pub connections_rejected: IntCounter,
     pub connections_parked: IntCounter,
     pub proxy_protocol_refused: IntCounterVec,
+    pub tcp_refused: IntCounterVec,
+    pub tcp_relayed: IntCounter,
     pub accept_errors: IntCounterVec,
     pub tls_handshakes: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
@@ -142,6 +144,19 @@ impl Metrics {
                      untrusted_source, missing, malformed, timeout, closed.",
                 ),
                 &["reason"],
+            )?,
+            tcp_refused: IntCounterVec::new(
+                Opts::new(
+                    "tern_tcp_refused_total",
+                    "Connections to a tcp listener closed without reaching a machine, by reason: \
+                     no_service, tls, no_machine, wake_timeout, queue_full, wake_failed, \
+                     upstream_connect.",
+                ),
+                &["reason"],
+            )?,
+            tcp_relayed: IntCounter::new(
+                "tern_tcp_relayed_total",
+                "Connections to TCP services relayed to a machine (TLS passthrough, raw, or after TLS).",
             )?,
             accept_errors: IntCounterVec::new(
                 Opts::new("tern_accept_errors_total", "Failed accept(2) calls, by reason."),
@@ -346,6 +361,8 @@ impl Metrics {
         r.register(Box::new(self.connections_rejected.clone()))?;
         r.register(Box::new(self.connections_parked.clone()))?;
         r.register(Box::new(self.proxy_protocol_refused.clone()))?;
+        r.register(Box::new(self.tcp_refused.clone()))?;
+        r.register(Box::new(self.tcp_relayed.clone()))?;
         r.register(Box::new(self.accept_errors.clone()))?;
         r.register(Box::new(self.tls_handshakes.clone()))?;
         r.register(Box::new(self.tls_handshake_failures.clone()))?;

@@ -66,6 +66,41 @@ pub fn server_config(catalog: Arc<Catalog>) -> Result<Arc<ServerConfig>, rustls:
     Ok(Arc::new(config))
 }
 
+/// The server config for TCP services that terminate TLS and relay what is inside
+/// (`handlers = ["tls"]`): the same certificates, no ALPN (the bytes inside are the
+/// machine's protocol, not HTTP).
+pub fn raw_server_config(catalog: Arc<Catalog>) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut config = (*server_config(catalog)?).clone();
+    config.alpn_protocols.clear();
+    Ok(Arc::new(config))
+}
+
+/// Reads a TLS client's first flight up to the end of its ClientHello, without answering:
+/// the bytes (to pass on, or to hand to a handshake), and the server name the hello asks
+/// for (lower-case, no trailing dot), if it is a ClientHello that names one. `None` when the
+/// connection failed or closed first, or the hello is too large to be one.
+pub async fn peek_sni<IO: AsyncRead + Unpin>(io: &mut IO) -> Option<(Vec<u8>, Option<String>)> {
+    let first = hello::read(io).await.ok()?;
+    let name = sni_of(&first);
+    Some((first, name))
+}
+
+/// The server name in the ClientHello at the start of `first` (as [`hello`] gathers it:
+/// one record, or the records re-framed), read by rustls's own parser.
+pub fn sni_of(first: &[u8]) -> Option<String> {
+    let mut acceptor = Acceptor::default();
+    let mut rest = first;
+    while !rest.is_empty() {
+        match acceptor.read_tls(&mut rest) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let accepted = acceptor.accept().ok()??;
+    let name = accepted.client_hello().server_name()?.trim_end_matches('.').to_ascii_lowercase();
+    (!name.is_empty()).then_some(name)
+}
+
 /// Why a handshake failed; also the `reason` label of `tern_tls_handshake_failures_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeFailure {

@@ -49,6 +49,21 @@ impl Ca {
         )
     }
 
+    /// A rustls server config with a leaf for `names`: a machine that speaks TLS itself.
+    pub fn server_config(&self, names: &[&str]) -> rustls::ServerConfig {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key.into())
+            .unwrap()
+    }
+
     /// A rustls client config trusting only this CA, offering h2 and http/1.1.
     pub fn client_config(&self, alpn: &[&[u8]]) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();

@@ -32,6 +32,7 @@ mod sessions;
 mod shutdown;
 mod steer;
 mod streams;
+mod tcp;
 mod tls;
 mod upgrade;
 mod wake;

@@ -197,3 +197,25 @@ async fn a_header_that_stops_arriving_times_out_and_a_closed_one_says_so() {
     drop(client);
     assert_eq!(read(&mut server, Duration::from_secs(3)).await, Err(Refused::Closed));
 }
+
+#[test]
+fn the_header_tern_sends_machines_parses_back_to_the_same_addresses() {
+    let cases = [
+        ("203.0.113.9:51234", "198.51.100.7:5432", "203.0.113.9:51234", "198.51.100.7:5432"),
+        ("[2001:db8::1]:40000", "[2001:db8::2]:443", "[2001:db8::1]:40000", "[2001:db8::2]:443"),
+        // A dual-stack listener's view of an IPv4 client: sent as the IPv4 it is.
+        ("[::ffff:10.1.2.3]:1000", "[::ffff:10.0.0.1]:80", "10.1.2.3:1000", "10.0.0.1:80"),
+        // Families that differ: both as IPv6.
+        ("10.1.2.3:1000", "[2001:db8::2]:80", "[::ffff:10.1.2.3]:1000", "[2001:db8::2]:80"),
+    ];
+    for (src, dst, want_src, want_dst) in cases {
+        let h = v2_header(addr(src), addr(dst));
+        let (got, used) = parse(&h).unwrap().unwrap();
+        assert_eq!(used, h.len());
+        assert_eq!(
+            got,
+            Header::Proxied { source: addr(want_src), destination: addr(want_dst) },
+            "{src} → {dst}"
+        );
+    }
+}
