@@ -922,6 +922,20 @@ kind = "process"
     }
 
     #[test]
+    fn tcp_listeners_leave_tls_to_their_services_and_private_listeners_serve_http() {
+        let base = "region = \"ams\"\n[[listen]]\naddr = \"127.0.0.1:5432\"\n";
+        let ok = Config::parse(&format!("{base}kind = \"tcp\"\n")).unwrap();
+        assert_eq!(ok.listen[0].kind, ListenKind::Tcp);
+        assert!(Config::parse(&format!("{base}private = true\n")).unwrap().listen[0].private);
+        let (line, msg) = Config::parse(&format!("{base}kind = \"tcp\"\ntls = true\n")).unwrap_err();
+        assert!(line == 5 && msg.contains("handlers = [\"tls\"]"), "{line}: {msg}");
+        let (_, msg) = Config::parse(&format!("{base}kind = \"tcp\"\nprivate = true\n")).unwrap_err();
+        assert!(msg.contains("private TCP services are not supported yet"), "{msg}");
+        let (_, msg) = Config::parse(&format!("{base}kind = \"udp\"\n")).unwrap_err();
+        assert!(msg.contains("udp"), "{msg}");
+    }
+
+    #[test]
     fn a_proxy_protocol_listener_names_the_balancers_it_trusts() {
         let base = "region = \"ams\"\n[[listen]]\naddr = \"127.0.0.1:80\"\n";
         let ok = Config::parse(&format!(

@@ -398,3 +398,44 @@ fn a_machines_owner_must_be_a_node_name() {
     assert!(p.message.contains("not a node name"), "{p}");
     assert!(parse_str(&decl("worker 1")).is_err());
 }
+
+#[test]
+fn tcp_services_are_checked_before_anything_is_written() {
+    let app = |services: &str, extra: &str| {
+        format!("[[apps]]\nname = \"db\"\naddrs = [\"10.0.0.7\"]\n{extra}\n{services}")
+    };
+    let service = |port: u16, handlers: &str| {
+        format!(
+            "[[apps.services]]\ninternal_port = 5432\n[[apps.services.ports]]\nport = {port}\nhandlers = [{handlers}]\n"
+        )
+    };
+    let good = app(&(service(5432, "") + &service(6432, "\"tls\", \"proxy_proto\"")), "");
+    let d = parse_str(&good).unwrap();
+    let h = d.apps[0].services[1].ports[0].handling().unwrap();
+    assert!(h.tls && h.proxy_proto && !h.http);
+    for (text, wanted) in [
+        (app(&service(5432, "\"proxy_proto\", \"tls\""), ""), "\"tls\" comes first"),
+        (app(&service(5432, "\"http\", \"proxy_proto\""), ""), "do not combine"),
+        (app(&service(5432, "\"tls\", \"tls\""), ""), "listed twice"),
+        (app(&service(5432, "\"gzip\""), ""), "unknown variant"),
+        (app(&(service(5432, "") + &service(5432, "")), ""), "port 5432 is used twice"),
+        (
+            app(&service(80, "\"http\""), ""),
+            "an \"http\" service forwards to the app's internal_port (8080), not 5432",
+        ),
+        (app(&service(0, ""), ""), "must be a port number"),
+        (app("[[apps.services]]\ninternal_port = 5432\n", ""), "needs at least one port"),
+        (
+            app("", "addrs = [\"0.0.0.0\"]").replacen("addrs = [\"10.0.0.7\"]\n", "", 1),
+            "cannot be a dedicated address",
+        ),
+    ] {
+        let p = parse_str(&text).unwrap_err();
+        assert!(p.to_string().contains(wanted), "{text}\n→ {p}");
+    }
+    // Two apps on one dedicated address and port.
+    let two = good.clone() + &good.replace("name = \"db\"", "name = \"db2\"");
+    let p = parse_str(&two).unwrap_err();
+    assert!(p.to_string().contains("10.0.0.7 port 5432 is already app \"db\"'s"), "{p}");
+    assert_eq!(p.field, "apps[1].addrs");
+}

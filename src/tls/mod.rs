@@ -101,6 +101,29 @@ pub fn sni_of(first: &[u8]) -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
+/// The fuzz target's property for the SNI peek: any client bytes either give a first
+/// flight or not, never a panic; a name found is lower-case without a trailing dot, and the
+/// flight handed on (re-framed, if the hello spanned records) names the same server.
+pub fn fuzz_sni_peek(data: &[u8]) {
+    let mut io = data;
+    let mut peek = std::pin::pin!(peek_sni(&mut io));
+    // Reading from a slice never waits: one poll settles it.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let std::task::Poll::Ready(found) = peek.as_mut().poll(&mut cx) else {
+        panic!("reading from a slice never waits")
+    };
+    if let Some((first, name)) = found {
+        assert!(first.len() <= data.len() + 5 * 5, "the flight grew past its re-framing");
+        if let Some(n) = &name {
+            assert!(!n.is_empty() && !n.ends_with('.') && *n == n.to_ascii_lowercase(), "{n:?}");
+        }
+        // Where rustls, reading the raw bytes itself, finds a name, the peek found the same.
+        if let Some(direct) = sni_of(data) {
+            assert_eq!(Some(direct), name);
+        }
+    }
+}
+
 /// Why a handshake failed; also the `reason` label of `tern_tls_handshake_failures_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeFailure {
@@ -178,4 +201,75 @@ where
         }
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real ClientHello from rustls's client, asking for `name`.
+    fn client_hello(name: &str) -> Vec<u8> {
+        let config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    /// `hello` (one record) re-sent as records of at most `size` payload bytes each.
+    fn split(hello: &[u8], size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for chunk in hello[5..].chunks(size) {
+            out.extend_from_slice(&[0x16, 0x03, 0x01]);
+            out.extend_from_slice(&u16::try_from(chunk.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(chunk);
+        }
+        out
+    }
+
+    fn peek(data: &[u8]) -> Option<(Vec<u8>, Option<String>)> {
+        let mut io = data;
+        let mut fut = std::pin::pin!(peek_sni(&mut io));
+        match fut.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    #[test]
+    fn the_server_name_is_read_from_a_client_hello_in_one_record_or_many() {
+        let hello = client_hello("Db.Example.COM");
+        assert_eq!(sni_of(&hello).as_deref(), Some("db.example.com"));
+        let (first, name) = peek(&[&hello[..], b"after"].concat()).unwrap();
+        assert_eq!(name.as_deref(), Some("db.example.com"));
+        assert_eq!(
+            first,
+            [&hello[..], b"after"].concat(),
+            "one record: handed on as read, with what follows"
+        );
+        // Forty-byte records: gathered, re-framed, and still the same hello.
+        let (first, name) = peek(&split(&hello, 40)).unwrap();
+        assert_eq!(name.as_deref(), Some("db.example.com"));
+        assert_eq!(sni_of(&first).as_deref(), Some("db.example.com"));
+        fuzz_sni_peek(&split(&hello, 40));
+    }
+
+    #[test]
+    fn what_is_not_a_hello_naming_a_server_gives_no_name() {
+        let ip_hello = client_hello("127.0.0.1");
+        for data in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"\x16\x03\x01\x00\x05hello", &ip_hello, b""] {
+            let name = peek(data).and_then(|(_, n)| n);
+            assert_eq!(name, None, "{data:?}");
+            fuzz_sni_peek(data);
+        }
+        // Cut short: no flight at all.
+        let hello = client_hello("a.test");
+        assert!(peek(&hello[..hello.len() - 1]).is_none());
+    }
 }

@@ -312,3 +312,65 @@ async fn silent_connections_are_closed_at_the_idle_timeout_and_connection_limits
     let text = proxy.metrics().await;
     assert!(metric(&text, "tern_idle_timeouts_total") >= 1.0, "{text}");
 }
+
+/// Debian's redis-server as the machine behind a raw service, `redis-cli` as the client
+/// (skipped, saying so, where they are not installed; `.ci/run` installs them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_behind_a_raw_service_wakes_once_for_a_hundred_clients_and_stops_after_the_last() {
+    let (Some(server), Some(cli)) =
+        (crate::proxy_protocol::which("redis-server"), crate::proxy_protocol::which("redis-cli"))
+    else {
+        eprintln!(
+            "SKIPPED: redis-server and redis-cli are not installed (apt-get install redis-server redis-tools)"
+        );
+        return;
+    };
+    // The port is held on 127.0.0.1 (redis-server would not share it): redis listens on .16.
+    let (port, rport) = (reserve_port(), reserve_port());
+    let cmd = format!(
+        "[{:?}, \"--port\", \"{rport}\", \"--bind\", \"127.0.0.16\", \"--save\", \"\", \"--appendonly\", \"no\"]",
+        server.display().to_string()
+    );
+    let decl = service_app(
+        "cache",
+        "addrs = [\"127.0.0.15\"]\nauto_stop = \"stop\"\nauto_stop_after = \"1s\"",
+        rport,
+        port,
+        "",
+    ) + &format!(
+        "[[machines]]\nid = \"cache-1\"\napp = \"cache\"\naddr = \"127.0.0.16:{rport}\"\nstate = \"stopped\"\ncmd = {cmd}\n"
+    );
+    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.0.15", port)).await;
+    let redis = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(&cli);
+        c.args(["-h", "127.0.0.15", "-p", &port.to_string()]).args(args);
+        c.kill_on_drop(true).output()
+    };
+    // A hundred clients at once on a stopped machine: one start, every command lands.
+    let clients = (0..100).map(|_| redis(&["INCR", "hits"]));
+    let outs = futures_util::future::join_all(clients).await;
+    assert!(
+        outs.iter().all(|o| o.as_ref().is_ok_and(|o| o.status.success())),
+        "{:?}",
+        outs.iter().find(|o| o.as_ref().map_or(true, |o| !o.status.success()))
+    );
+    let hits = redis(&["GET", "hits"]).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&hits.stdout).trim(), "100");
+    let text = proxy.metrics().await;
+    assert_eq!(metric(&text, "tern_machine_actions_total{action=\"start\",reason=\"wake\"}"), 1.0, "{text}");
+
+    // A subscriber holds its connection: no autostop under it; once it leaves, the machine stops.
+    let mut sub = tokio::process::Command::new(&cli);
+    sub.args(["-h", "127.0.0.15", "-p", &port.to_string(), "SUBSCRIBE", "ch"])
+        .stdout(std::process::Stdio::null());
+    let mut sub = sub.kill_on_drop(true).spawn().unwrap();
+    until_machine(&proxy, "cache", "cache-1", Duration::from_secs(5), |m| m["in_flight"] == 1).await;
+    let stop = "tern_machine_actions_total{action=\"stop\",reason=\"autostop\"}";
+    let early = eventually(Duration::from_secs(3), || async {
+        (metric(&proxy.metrics().await, stop) > 0.0).then_some(())
+    });
+    assert!(early.await.is_none(), "no autostop while the subscriber is connected");
+    sub.kill().await.unwrap();
+    until_machine(&proxy, "cache", "cache-1", Duration::from_secs(20), |m| m["state"] == "stopped").await;
+    assert!(std::net::TcpStream::connect(("127.0.0.16", rport)).is_err(), "redis-server is gone");
+}
