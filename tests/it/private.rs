@@ -148,3 +148,35 @@ fn apply_keeps_orgs_apart_and_private_apps_need_their_org() {
         assert!(e.contains(field), "{text}: {e}");
     }
 }
+
+/// Behind a balancer sending PROXY headers, the header's client is who the org check sees,
+/// and its destination is the private address that picks the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_header_the_org_check_sees_the_client_it_names() {
+    let (db, api) = (Backend::start("db-1").await, Backend::start("api-1").await);
+    let listener = "[[listen]]\naddr = \"127.0.0.1:0\"\nprivate = true\nproxy_protocol = true\n\
+                    proxy_protocol_from = [\"127.0.0.1/32\"]\n";
+    let proxy = Proxy::start_with(&orgs_decl(db.addr, api.addr, "127.0.0.2"), listener).await;
+    let at = proxy.listeners[0];
+    let ask = |header: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(at).await.unwrap();
+        let req = format!("{header}GET /id HTTP/1.1\r\nHost: db\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await.unwrap().unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    // From acme's network to db's private address: served.
+    let ok = ask("PROXY TCP4 127.0.0.10 127.0.0.2 40000 80\r\n").await;
+    assert!(ok.starts_with("HTTP/1.1 200") && ok.ends_with("db-1"), "{ok}");
+    // The same connection's real peer (127.0.0.1) is in no org; the header's client from
+    // globex's network is refused.
+    let refused = ask("PROXY TCP4 127.0.0.20 127.0.0.2 40000 80\r\n").await;
+    assert!(
+        refused.starts_with("HTTP/1.1 403") && refused.contains("tern-error: private_forbidden"),
+        "{refused}"
+    );
+    // The header's destination picks the app: globex's api, for globex's client.
+    let api_ok = ask("PROXY TCP4 127.0.0.20 127.0.0.3 40000 80\r\n").await;
+    assert!(api_ok.starts_with("HTTP/1.1 200") && api_ok.ends_with("api-1"), "{api_ok}");
+}
