@@ -511,6 +511,56 @@ mod tests {
     }
 
     #[test]
+    fn private_and_dedicated_addresses_follow_their_apps() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let sock = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let with = |name: &str, private: &[&str], addrs: &[&str]| {
+            let mut a = app(name, &[]);
+            a.private_addrs = private.iter().map(|p| ip(p)).collect();
+            a.addrs = addrs.iter().map(|p| ip(p)).collect();
+            a.services =
+                toml::from_str::<toml::Table>("[[s]]\ninternal_port = 5432\nports = [{ port = 5432 }]")
+                    .unwrap()["s"]
+                    .clone()
+                    .try_into()
+                    .unwrap();
+            a
+        };
+        let name_at = |s: &Snapshot, addr: &str| s.private_app(ip(addr)).map(|a| a.name.to_string());
+        let tcp_at = |s: &Snapshot, addr: &str| s.tcp_app(sock(addr)).map(|a| a.name.to_string());
+        let mut s = Snapshot::default();
+        s.apply(Event::App(with("a", &["fdaa::2", "10.0.0.2"], &["203.0.113.7"])));
+        assert_eq!(name_at(&s, "fdaa::2").as_deref(), Some("a"));
+        assert_eq!(name_at(&s, "::ffff:10.0.0.2").as_deref(), Some("a"), "a dual-stack listener's view");
+        assert_eq!(tcp_at(&s, "203.0.113.7:5432").as_deref(), Some("a"));
+        assert_eq!(tcp_at(&s, "203.0.113.7:5433"), None, "no service on that port");
+
+        // A machine's change publishes the app again; the indexes are not rebuilt for it.
+        let (private, tcp) = (s.private.clone(), s.tcp.clone());
+        s.apply(Event::Machine(machine("m1", "a", "127.0.0.1:1", MachineState::Started)));
+        assert!(Arc::ptr_eq(&private, &s.private) && Arc::ptr_eq(&tcp, &s.tcp));
+
+        // Moved: the old addresses are released, and a snapshot taken before keeps its view.
+        let before = s.clone();
+        s.apply(Event::App(with("a", &["fdaa::3"], &["203.0.113.8"])));
+        assert_eq!(name_at(&s, "fdaa::2"), None);
+        assert_eq!(name_at(&s, "fdaa::3").as_deref(), Some("a"));
+        assert_eq!(
+            (tcp_at(&s, "203.0.113.7:5432"), tcp_at(&s, "203.0.113.8:5432").as_deref()),
+            (None, Some("a"))
+        );
+        assert_eq!(name_at(&before, "fdaa::2").as_deref(), Some("a"));
+
+        // Claimed by another app: the later change wins; removing that app leaves a's own.
+        s.apply(Event::App(with("b", &["fdaa::3", "fdaa::4"], &[])));
+        assert_eq!(name_at(&s, "fdaa::3").as_deref(), Some("b"));
+        s.apply(Event::RemoveApp("b".into()));
+        assert_eq!((name_at(&s, "fdaa::3"), name_at(&s, "fdaa::4")), (None, None));
+        s.apply(Event::RemoveApp("a".into()));
+        assert!(s.private.is_empty() && s.tcp.is_empty());
+    }
+
+    #[test]
     fn retain_only_removes_what_is_gone() {
         let mut s = Snapshot::default();
         s.apply(Event::App(app("a", &["a.test"])));

@@ -16,8 +16,17 @@ fn app_row(rng: &mut fastrand::Rng, i: usize) -> Record {
     let body = if rng.u8(..20) == 0 {
         "{not json".to_string()
     } else {
+        // Some with private and dedicated addresses of their own (tern apply refuses two
+        // apps claiming one; the catalog's choice between such is not compared here).
+        let addrs = if rng.bool() {
+            format!(
+                r#","private_addrs":["10.0.0.{i}"],"addrs":["203.0.113.{i}"],"services":[{{"internal_port":5432,"ports":[{{"port":5432}}]}}]"#
+            )
+        } else {
+            String::new()
+        };
         format!(
-            r#"{{"name":"a{i}","hostnames":[{}],"internal_port":{}}}"#,
+            r#"{{"name":"a{i}","hostnames":[{}],"internal_port":{}{addrs}}}"#,
             hosts.join(","),
             8000 + rng.u16(..3)
         )
@@ -64,6 +73,10 @@ fn snapshot(rng: &mut fastrand::Rng) -> Vec<Record> {
     }
     rows.push(Record { table: Table::Certificates, key: "c.test".into(), body: "{\"hostname\":1}".into() });
     if rng.bool() {
+        let body = r#"{"name":"acme","networks":["10.0.0.0/8"]}"#.to_string();
+        rows.push(Record { table: Table::Orgs, key: "acme".into(), body });
+    }
+    if rng.bool() {
         // Any order: SQLite lists tables in Table::ALL's order, other stores may not.
         rng.shuffle(&mut rows);
     }
@@ -105,6 +118,12 @@ fn view(s: &Snapshot) -> Vec<String> {
     out.extend(states);
     let nodes: Vec<String> = s.nodes().map(|n| format!("{:?}", n.row)).collect();
     out.extend(nodes);
+    for i in 0..6 {
+        let private = s.private_app(format!("10.0.0.{i}").parse().unwrap()).map(|a| a.name.clone());
+        let tcp = s.tcp_app(format!("203.0.113.{i}:5432").parse().unwrap()).map(|a| a.name.clone());
+        out.push(format!("10.0.0.{i} -> {private:?}, 203.0.113.{i}:5432 -> {tcp:?}"));
+    }
+    out.push(format!("org acme: {:?}", s.org("acme")));
     out.push(format!("{} apps {} machines {} certs", s.app_count(), s.machine_count(), s.cert_count()));
     out
 }
