@@ -256,6 +256,18 @@ async fn apply_and_serve_through_etcd_and_refuse_what_sqlite_refuses() {
     });
     assert!(gone.await.is_some(), "the pruned app is gone");
     assert!(tern_apply(&config, &thief.replace("thief", "three"), false).0, "the hostname is free");
+
+    // Orgs are rows like any other, and their rules hold here as on SQLite.
+    let four =
+        harness::app_decl("four", &["four.test"], &[], "org = \"acme\"\nprivate_addrs = [\"10.1.0.4\"]");
+    let (ok, _, err) = tern_apply(&config, &four, false);
+    assert!(!ok && err.contains("its org \"acme\" is not declared"), "{err}");
+    let acme = "[[orgs]]\nname = \"acme\"\nnetworks = [\"10.0.0.0/8\"]\n\n";
+    let (ok, out, err) = tern_apply(&config, &format!("{acme}{four}"), false);
+    assert!(ok && out.contains("+ org acme") && out.contains("+ app four"), "{out}{err}");
+    let moved = harness::app_decl("two", &["two.test"], &[], "org = \"acme\"");
+    let (ok, _, err) = tern_apply(&config, &moved, false);
+    assert!(!ok && err.contains("app \"two\" belongs to org \"personal\""), "{err}");
 }
 
 #[tokio::test]
