@@ -253,13 +253,23 @@ pub fn app_json(app: &AppEntry) -> serde_json::Value {
             json
         })
         .collect();
-    serde_json::json!({
+    let mut json = serde_json::json!({
         "name": &*app.name,
         "org": app.spec.org,
         "hostnames": app.spec.hostnames,
         "internal_port": app.spec.internal_port,
+        "public": app.spec.public,
         "machines": machines,
-    })
+    });
+    // Only where declared: most apps have neither.
+    if !app.spec.private_addrs.is_empty() {
+        json["private_addrs"] = serde_json::json!(app.spec.private_addrs);
+    }
+    if !app.spec.services.is_empty() || !app.spec.addrs.is_empty() {
+        json["addrs"] = serde_json::json!(app.spec.addrs);
+        json["services"] = serde_json::json!(app.spec.services);
+    }
+    json
 }
 
 /// The session keys this node holds, as `/v1/session-keys` shows them: ids and times, never

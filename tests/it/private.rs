@@ -78,6 +78,13 @@ async fn a_private_address_serves_its_app_to_its_org_only() {
     assert_eq!(get_from("127.0.0.1", proxy.http, "api.test").await, (200, String::new(), "api-1".into()));
     let m = proxy.metrics().await;
     assert!(m.contains("tern_errors_total{code=\"private_forbidden\"} 3"), "{m}");
+    // What the admin endpoint says of it.
+    let v: serde_json::Value =
+        reqwest::get(format!("http://{}/v1/apps/db", proxy.admin)).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (&v["org"], &v["public"], &v["private_addrs"]),
+        (&"acme".into(), &false.into(), &serde_json::json!(["127.0.0.2"]))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -150,6 +150,10 @@ async fn a_raw_service_relays_both_ways_and_passes_a_half_close_on() {
     let text = proxy.metrics().await;
     assert_eq!(metric(&text, "tern_tcp_refused_total{reason=\"no_service\"}"), 1.0, "{text}");
     assert_eq!(metric(&text, "tern_tcp_relayed_total"), 2.0);
+    let v: serde_json::Value =
+        reqwest::get(format!("http://{}/v1/apps/db", proxy.admin)).await.unwrap().json().await.unwrap();
+    assert_eq!(v["addrs"], serde_json::json!(["127.0.0.5"]));
+    assert_eq!(v["services"][0]["ports"][0]["port"], port);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
