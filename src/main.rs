@@ -472,13 +472,25 @@ fn status(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
 fn summarize(table: Table, body: &str) -> String {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else { return "(does not decode)".into() };
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    // A list of strings, space-separated.
+    let list = |k: &str| {
+        let items: Vec<&str> = v
+            .get(k)
+            .and_then(|h| h.as_array())
+            .map_or(Vec::new(), |a| a.iter().filter_map(|x| x.as_str()).collect());
+        items.join(" ")
+    };
     match table {
         Table::Apps => {
-            let hosts: Vec<&str> = v
-                .get("hostnames")
-                .and_then(|h| h.as_array())
-                .map_or(Vec::new(), |a| a.iter().filter_map(|x| x.as_str()).collect());
-            hosts.join(" ")
+            // Private and dedicated addresses, where the app has them.
+            let mut line = list("hostnames");
+            for (label, key) in [("private", "private_addrs"), ("addrs", "addrs")] {
+                let addrs = list(key);
+                if !addrs.is_empty() {
+                    line += &format!(" {label}: {addrs}");
+                }
+            }
+            line.trim_start().to_string()
         }
         Table::Machines => format!("{} {} {} {}", s("app"), s("state"), s("addr"), s("region")),
         Table::Certificates => String::new(),
@@ -492,13 +504,7 @@ fn summarize(table: Table, body: &str) -> String {
             let ago = (tern::clock::unix_ms() - beat).max(0) as f64 / 1000.0;
             format!("{} {} beat {ago:.1}s ago", s("region"), s("backhaul"))
         }
-        Table::Orgs => {
-            let nets: Vec<&str> = v
-                .get("networks")
-                .and_then(|h| h.as_array())
-                .map_or(Vec::new(), |a| a.iter().filter_map(|x| x.as_str()).collect());
-            nets.join(" ")
-        }
+        Table::Orgs => list("networks"),
     }
 }
 

@@ -342,6 +342,20 @@ async fn proxy_header(
     }
 }
 
+impl Deps {
+    /// A TLS handshake on `stream` with `config`, within the handshake timeout, counted.
+    fn handshake<'a, IO>(
+        &'a self,
+        stream: IO,
+        config: &Arc<rustls::ServerConfig>,
+    ) -> impl Future<Output = Result<tokio_rustls::server::TlsStream<tls::Replay<IO>>, tls::HandshakeFailure>> + 'a
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'a,
+    {
+        tls::accept(stream, config.clone(), &self.catalog, self.limits.tls_handshake_timeout, &self.metrics)
+    }
+}
+
 /// A connection to a TCP service: routed by its destination (or SNI), then HTTP for an
 /// `http` service (the app's alone), or relayed to a machine, after TLS if the service
 /// terminates it.
@@ -357,19 +371,10 @@ async fn serve_tcp(
     match route.handling {
         h if h.http && h.tls => Box::pin(serve_tls(deps, stream, info, handler)).await,
         h if h.http => Box::pin(deps.server.serve(stream, info, handler, Wire::Sniff)).await,
-        h if h.tls => {
-            let accept = tls::accept(
-                stream,
-                deps.tls_raw.clone(),
-                &deps.catalog,
-                deps.limits.tls_handshake_timeout,
-                &deps.metrics,
-            );
-            match Box::pin(accept).await {
-                Ok(tls) => Box::pin(deps.server.relay_tcp(tls, &route, peer, local, &handler)).await,
-                Err(_) => deps.metrics.tcp_refused.with_label_values(&["tls"]).inc(),
-            }
-        }
+        h if h.tls => match Box::pin(deps.handshake(stream, &deps.tls_raw)).await {
+            Ok(tls) => Box::pin(deps.server.relay_tcp(tls, &route, peer, local, &handler)).await,
+            Err(_) => deps.metrics.tcp_refused.with_label_values(&["tls"]).inc(),
+        },
         _ => Box::pin(deps.server.relay_tcp(stream, &route, peer, local, &handler)).await,
     }
 }
@@ -378,14 +383,7 @@ async fn serve_tcp(
 async fn serve_tls(deps: &Deps, stream: Prefixed<Counted<TcpStream>>, info: ConnInfo, handler: Arc<Handler>) {
     // The handshake's state is boxed and freed once it is done; the stream moves into its
     // serving future before that is awaited. The task keeps room for neither.
-    let accept = tls::accept(
-        stream,
-        deps.tls.clone(),
-        &deps.catalog,
-        deps.limits.tls_handshake_timeout,
-        &deps.metrics,
-    );
-    let serving = match Box::pin(accept).await {
+    let serving = match Box::pin(deps.handshake(stream, &deps.tls)).await {
         Ok(stream) => {
             let wire = match stream.get_ref().1.alpn_protocol() {
                 Some(b"h2") => Wire::Http2,

@@ -9,6 +9,7 @@
 //! hello without a word.
 
 mod hello;
+pub use hello::Replay;
 
 use std::sync::Arc;
 use std::time::Duration;

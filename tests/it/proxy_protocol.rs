@@ -198,32 +198,16 @@ async fn a_header_that_never_completes_is_cut_at_the_header_read_timeout() {
 /// client connected to HAProxy from (127.0.0.5), not HAProxy's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_haproxy_with_send_proxy_v2_the_app_sees_the_real_client() {
-    let haproxy =
-        which("haproxy").expect("haproxy is needed (Debian: apt-get install haproxy; .ci/run installs it)");
     let ca = Ca::new();
     let (proxy, _b) = hello_proxy(&ca, LISTENERS).await;
     // HAProxy binds with SO_REUSEPORT, as the reservation does; the reservation never listens.
     let front = SocketAddr::from(([127, 0, 0, 1], reserve_port()));
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  maxconn 256\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+    let (_dir, mut child) = run_haproxy(&format!(
+        "global\n  maxconn 256\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
              frontend fe\n  bind {front}\n  default_backend tern\n\
              backend tern\n  server tern {} send-proxy-v2\n",
-            proxy.listeners[0]
-        ),
-    )
-    .unwrap();
-    let mut child = tokio::process::Command::new(haproxy)
-        .arg("-db")
-        .arg("-f")
-        .arg(&cfg)
-        .kill_on_drop(true)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        proxy.listeners[0]
+    ));
     let up =
         eventually(Duration::from_secs(10), || async { TcpStream::connect(front).await.ok().map(|_| ()) })
             .await;
@@ -240,6 +224,25 @@ async fn behind_haproxy_with_send_proxy_v2_the_app_sees_the_real_client() {
     assert_eq!(app["headers"]["x-forwarded-for"][0], "127.0.0.5");
     assert_eq!(app["headers"]["x-forwarded-port"][0], front.port().to_string().as_str());
     child.kill().await.unwrap();
+}
+
+/// Debian's HAProxy in the foreground on the configuration `text`, killed when dropped (with
+/// the directory holding its file).
+pub(crate) fn run_haproxy(text: &str) -> (tempfile::TempDir, tokio::process::Child) {
+    let haproxy =
+        which("haproxy").expect("haproxy is needed (Debian: apt-get install haproxy; .ci/run installs it)");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(&cfg, text).unwrap();
+    let child = tokio::process::Command::new(haproxy)
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (dir, child)
 }
 
 /// Where `name` is on the PATH (or in /usr/sbin, /sbin, where Debian puts daemons).

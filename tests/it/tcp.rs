@@ -383,29 +383,14 @@ async fn redis_behind_a_raw_service_wakes_once_for_a_hundred_clients_and_stops_a
 /// (`accept-proxy`): it answers with the client address and destination the header named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_as_the_machine_reads_the_client_from_terns_proxy_v2_header() {
-    let haproxy = crate::proxy_protocol::which("haproxy")
-        .expect("haproxy is needed (Debian: apt-get install haproxy; .ci/run installs it)");
     let (port, hport) = (reserve_port(), reserve_port());
     // HAProxy binds with SO_REUSEPORT, as the reservation does; the reservation never listens.
     let machine_addr = SocketAddr::from(([127, 0, 0, 1], hport));
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  maxconn 64\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+    let (_dir, _child) = crate::proxy_protocol::run_haproxy(&format!(
+        "global\n  maxconn 64\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
              frontend fe\n  bind {machine_addr} accept-proxy\n\
              \x20 http-request return status 200 content-type text/plain lf-string \"src=%[src] dst=%[dst]:%[dst_port]\"\n"
-        ),
-    )
-    .unwrap();
-    let _child = tokio::process::Command::new(haproxy)
-        .args(["-db", "-f"])
-        .arg(&cfg)
-        .kill_on_drop(true)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    ));
     let decl = service_app("hap", "addrs = [\"127.0.0.18\"]", hport, port, "\"proxy_proto\"")
         + &started("hap", "hap-1", machine_addr);
     let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.0.18", port)).await;
