@@ -15,9 +15,12 @@
 //! HTTP because it shares all of that.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -135,6 +138,9 @@ impl Server {
         }
         handler.metrics.tcp_relayed.inc();
         tracing::debug!(target: "tern::tcp", app = %app.name, machine = %machine.id, %peer, "relaying");
+        let began = Instant::now();
+        let tally = Arc::new(Tally::default());
+        let client = Tallied { inner: client, tally: tally.clone() };
         // Registered with the drain as a stream of its own: it ends at its time in a drain,
         // as a WebSocket would, and when its machine is about to stop.
         let (conn, _registered) = self.drain.connection();
@@ -147,5 +153,59 @@ impl Server {
             registered,
         };
         tunnel::relay(client, upstream, settings, &handler.metrics).await;
+        if handler.access_log {
+            tracing::info!(target: "tern::access", kind = "tcp", %peer, %local, app = %app.name,
+                machine = %machine.id, duration_ms = (began.elapsed().as_secs_f64() * 100_000.0).round() / 100.0,
+                bytes_in = tally.read.load(Ordering::Relaxed), bytes_out = tally.written.load(Ordering::Relaxed),
+                "connection");
+        }
+    }
+}
+
+/// Bytes a client sent and was sent, for the access log.
+#[derive(Default)]
+struct Tally {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+/// A client connection that counts its bytes into a [`Tally`].
+struct Tallied<IO> {
+    inner: IO,
+    tally: Arc<Tally>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Tallied<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.tally.read.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Tallied<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.tally.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

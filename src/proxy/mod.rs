@@ -111,7 +111,11 @@ impl Bound {
             if c.backhaul {
                 tracing::info!(target: "tern::listener", %addr, backhaul = true, "listening");
             } else {
-                tracing::info!(target: "tern::listener", %addr, tls = c.tls, "listening");
+                let kind = match c.kind {
+                    crate::config::ListenKind::Http => "http",
+                    crate::config::ListenKind::Tcp => "tcp",
+                };
+                tracing::info!(target: "tern::listener", %addr, kind, tls = c.tls, private = c.private, "listening");
             }
         }
         let kept: Vec<(SocketAddr, &std::net::TcpListener)> =

@@ -310,8 +310,10 @@ impl ServeProcess {
                 .await
                 .expect("tern serve did not report its addresses")
                 .expect("tern serve exited early");
-            // The [backhaul] listener takes only other nodes' hand-overs.
-            if v["message"] == "listening" && v["backhaul"] != true {
+            // The [backhaul] listener takes only other nodes' hand-overs; tcp and private
+            // listeners are not where a test sends its HTTP requests.
+            let public_http = v["kind"] != "tcp" && v["private"] != true;
+            if v["message"] == "listening" && v["backhaul"] != true && public_http {
                 let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
                 match (v["admin"].as_bool(), v["tls"].as_bool()) {
                     (Some(true), _) => admin = Some(addr),

@@ -408,3 +408,34 @@ async fn haproxy_as_the_machine_reads_the_client_from_terns_proxy_v2_header() {
     assert!(answer.ends_with(&format!("src=127.0.0.34 dst=127.0.0.18:{port}")), "{answer}");
     drop(proxy);
 }
+
+/// The access log has a line for each relayed connection: app, machine, duration, bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_relayed_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rib.db");
+    let (port, m) = (reserve_port(), echo_machine(None).await);
+    let decl = service_app("db", "addrs = [\"127.0.0.19\"]", m.port(), port, "") + &started("db", "db-1", m);
+    crate::harness::apply_decl(&db, &decl);
+    let config = dir.path().join("tern.toml");
+    let text = crate::harness::node_config(&db, &tcp_listener("127.0.0.19", port))
+        .replace("access = false", "access = true")
+        + "format = \"json\"\n";
+    std::fs::write(&config, text).unwrap();
+    let mut tern = crate::harness::ServeProcess::start(&config).await;
+    let mut s = TcpStream::connect(("127.0.0.19", port)).await.unwrap();
+    assert_eq!(send_and_half_close(&mut s, b"twelve bytes").await, "twelve bytesbye\n");
+    let line = loop {
+        let v = tokio::time::timeout(Duration::from_secs(10), tern.logs.recv()).await.unwrap().unwrap();
+        if v["target"] == "tern::access" {
+            break v;
+        }
+    };
+    assert_eq!(
+        (&line["kind"], &line["app"], &line["machine"]),
+        (&"tcp".into(), &"db".into(), &"db-1".into()),
+        "{line}"
+    );
+    assert_eq!((&line["bytes_in"], &line["bytes_out"]), (&12.into(), &16.into()), "{line}");
+    assert!(line["duration_ms"].is_number(), "{line}");
+}
