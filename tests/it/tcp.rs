@@ -439,3 +439,32 @@ async fn the_access_log_has_a_line_per_relayed_connection() {
     assert_eq!((&line["bytes_in"], &line["bytes_out"]), (&12.into(), &16.into()), "{line}");
     assert!(line["duration_ms"].is_number(), "{line}");
 }
+
+/// On a shared address, a client that starts a ClientHello and stalls is closed at the
+/// header read timeout; on a port that terminates TLS, a name with no certificate is refused
+/// in the handshake. Both are counted, and nothing reaches a machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_hellos_and_unknown_names_are_closed_and_counted() {
+    let ca = Ca::new();
+    let (shared, tls_port, m) = (reserve_port(), reserve_port(), echo_machine(None).await);
+    let decl = service_app("sec", "addrs = [\"127.0.0.21\"]", m.port(), tls_port, "\"tls\"")
+        + &started("sec", "sec-1", m)
+        + &ca.decl("sec.test", &["sec.test"]);
+    let listeners = tcp_listener("127.0.0.20", shared)
+        + &tcp_listener("127.0.0.21", tls_port)
+        + "[limits]\nheader_read_timeout = \"300ms\"\n";
+    let proxy = Proxy::start_with(&decl, &listeners).await;
+
+    let mut s = TcpStream::connect(("127.0.0.20", shared)).await.unwrap();
+    s.write_all(b"\x16\x03\x01\x00\xc8\x01").await.unwrap();
+    let began = tokio::time::Instant::now();
+    assert_eq!(read_all(&mut s).await, "", "closed without a byte");
+    assert!(began.elapsed() >= Duration::from_millis(250), "held to the timeout: {:?}", began.elapsed());
+
+    assert!(connect_tls(&ca, format!("127.0.0.21:{tls_port}").parse().unwrap(), "other.test").await.is_err());
+    let text = proxy.metrics().await;
+    assert_eq!(metric(&text, "tern_tcp_refused_total{reason=\"no_service\"}"), 1.0, "{text}");
+    assert_eq!(metric(&text, "tern_tcp_refused_total{reason=\"tls\"}"), 1.0, "{text}");
+    assert_eq!(metric(&text, "tern_tls_handshake_failures_total{reason=\"unknown_sni\"}"), 1.0, "{text}");
+    assert_eq!(metric(&text, "tern_tcp_relayed_total"), 0.0);
+}
