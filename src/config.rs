@@ -149,15 +149,6 @@ impl Listen {
                 ),
             ));
         }
-        if self.kind == ListenKind::Tcp && self.private {
-            return Err((
-                "private",
-                format!(
-                    "{}: private TCP services are not supported yet; private listeners serve HTTP",
-                    self.addr
-                ),
-            ));
-        }
         if self.proxy_protocol && self.proxy_protocol_from.is_empty() {
             return Err((
                 "proxy_protocol",
@@ -922,15 +913,15 @@ kind = "process"
     }
 
     #[test]
-    fn tcp_listeners_leave_tls_to_their_services_and_private_listeners_serve_http() {
+    fn tcp_listeners_leave_tls_to_their_services() {
         let base = "region = \"ams\"\n[[listen]]\naddr = \"127.0.0.1:5432\"\n";
         let ok = Config::parse(&format!("{base}kind = \"tcp\"\n")).unwrap();
         assert_eq!(ok.listen[0].kind, ListenKind::Tcp);
         assert!(Config::parse(&format!("{base}private = true\n")).unwrap().listen[0].private);
         let (line, msg) = Config::parse(&format!("{base}kind = \"tcp\"\ntls = true\n")).unwrap_err();
         assert!(line == 5 && msg.contains("handlers = [\"tls\"]"), "{line}: {msg}");
-        let (_, msg) = Config::parse(&format!("{base}kind = \"tcp\"\nprivate = true\n")).unwrap_err();
-        assert!(msg.contains("private TCP services are not supported yet"), "{msg}");
+        let private_tcp = Config::parse(&format!("{base}kind = \"tcp\"\nprivate = true\n")).unwrap();
+        assert!(private_tcp.listen[0].private && private_tcp.listen[0].kind == ListenKind::Tcp);
         let (_, msg) = Config::parse(&format!("{base}kind = \"udp\"\n")).unwrap_err();
         assert!(msg.contains("udp"), "{msg}");
     }

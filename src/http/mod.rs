@@ -70,7 +70,7 @@ impl ConnInfo {
             local,
             tls,
             backhaul: door == Door::Backhaul,
-            private: door == Door::Private,
+            private: matches!(door, Door::Private | Door::PrivateTcp),
             app: None,
             client_ip: text(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("-")),
             local_port: HeaderValue::from(local.port()),
@@ -87,21 +87,28 @@ pub enum Door {
     Private,
     /// The `[backhaul]` listener: another node hands a request over.
     Backhaul,
-    /// A `kind = "tcp"` listener: apps' TCP services.
+    /// A `kind = "tcp"` listener: apps' TCP services, on dedicated addresses or by SNI.
     Tcp,
+    /// A private `kind = "tcp"` listener: the TCP services of the app whose private address
+    /// the connection reached, for its org's sources only.
+    PrivateTcp,
 }
 
 impl Door {
     pub fn of(listen: &crate::config::Listen) -> Door {
-        if listen.backhaul {
-            Door::Backhaul
-        } else if listen.kind == crate::config::ListenKind::Tcp {
-            Door::Tcp
-        } else if listen.private {
-            Door::Private
-        } else {
-            Door::Public
+        let tcp = listen.kind == crate::config::ListenKind::Tcp;
+        match (listen.backhaul, tcp, listen.private) {
+            (true, ..) => Door::Backhaul,
+            (false, true, true) => Door::PrivateTcp,
+            (false, true, false) => Door::Tcp,
+            (false, false, true) => Door::Private,
+            (false, false, false) => Door::Public,
         }
+    }
+
+    /// A `kind = "tcp"` listener's, private or not.
+    pub fn is_tcp(self) -> bool {
+        matches!(self, Door::Tcp | Door::PrivateTcp)
     }
 }
 

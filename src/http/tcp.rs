@@ -32,7 +32,7 @@ use crate::routing::decide::{Steering, Wakes};
 
 use super::activity::ConnState;
 use super::drain::{self, StreamEnd};
-use super::{Handler, Prefixed, Server, tunnel};
+use super::{ConnInfo, Handler, Prefixed, Server, tunnel};
 
 /// How long tern waits for a machine's port to accept.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -46,16 +46,17 @@ pub struct TcpRoute {
 }
 
 impl Server {
-    /// The service a connection to `local` is for. A shared address reads the ClientHello
-    /// (within the header read timeout) and puts it back for whoever reads next. Counts and
-    /// logs a connection that matches nothing.
+    /// The service a connection is for. A shared address reads the ClientHello (within the
+    /// header read timeout) and puts it back for whoever reads next; a private listener goes
+    /// by the app's private address and admits its org's sources only. Counts and logs a
+    /// connection that matches nothing.
     pub async fn route_tcp<IO: AsyncRead + Unpin>(
         &self,
         io: &mut Prefixed<IO>,
-        peer: SocketAddr,
-        local: SocketAddr,
+        conn: &ConnInfo,
         handler: &Handler,
     ) -> Option<TcpRoute> {
+        let (peer, local) = (conn.peer, conn.local);
         let route = |app: &Arc<AppEntry>, shared: bool| {
             let (service, port) = app.spec.service_for(local.port())?;
             let handling = port.handling().ok()?;
@@ -65,6 +66,23 @@ impl Server {
             }
             Some(TcpRoute { app: app.clone(), internal_port: service.internal_port, handling })
         };
+        let refuse = |reason: &'static str, sni: Option<&str>| {
+            handler.metrics.tcp_refused.with_label_values(&[reason]).inc();
+            tracing::info!(target: "tern::tcp", %peer, %local, sni = sni.unwrap_or("-"), reason,
+                "no service for this connection: closed");
+        };
+        if conn.private {
+            let snap = handler.router.catalog().load();
+            let Some(found) = snap.private_app(local.ip()).and_then(|app| route(app, false)) else {
+                refuse("no_service", None);
+                return None;
+            };
+            if !snap.org(&found.app.spec.org).is_some_and(|o| o.admits(peer.ip())) {
+                refuse("private_forbidden", None);
+                return None;
+            }
+            return Some(found);
+        }
         let dedicated = handler.router.catalog().load().tcp_app(local).and_then(|app| route(app, false));
         if let Some(found) = dedicated {
             return Some(found);
@@ -74,9 +92,7 @@ impl Server {
         io.unread(bytes::Bytes::from(first));
         let found = name.as_deref().and_then(|n| handler.router.app_for(n)).and_then(|app| route(&app, true));
         if found.is_none() {
-            handler.metrics.tcp_refused.with_label_values(&["no_service"]).inc();
-            tracing::info!(target: "tern::tcp", %peer, %local, sni = name.as_deref().unwrap_or("-"),
-                "no service on this address and port: connection closed");
+            refuse("no_service", name.as_deref());
         }
         found
     }

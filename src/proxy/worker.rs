@@ -366,7 +366,7 @@ async fn serve_tcp(
     handler: Arc<Handler>,
 ) {
     let (peer, local) = (info.peer, info.local);
-    let Some(route) = deps.server.route_tcp(&mut stream, peer, local, &handler).await else { return };
+    let Some(route) = deps.server.route_tcp(&mut stream, &info, &handler).await else { return };
     let info = ConnInfo { tls: route.handling.tls, app: Some(route.app.name.clone()), ..info };
     match route.handling {
         h if h.http && h.tls => Box::pin(serve_tls(deps, stream, info, handler)).await,
@@ -418,7 +418,7 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
     let info = ConnInfo::new(peer, local, tls, door);
     // Each protocol's future boxed on its own and only that one made: a connection's task
     // holds its own protocol's state, not room for the largest (a TLS stream's is KBs).
-    let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = if door == Door::Tcp {
+    let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = if door.is_tcp() {
         Box::pin(serve_tcp(deps, stream, info, handler))
     } else if tls {
         Box::pin(serve_tls(deps, stream, info, handler))
@@ -426,7 +426,7 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
         Box::pin(deps.server.serve(stream, info, handler, Wire::Sniff))
     };
     let protocol = match (door, tls) {
-        (Door::Tcp, _) => "tcp",
+        (Door::Tcp | Door::PrivateTcp, _) => "tcp",
         (_, true) => "tls",
         (_, false) => "http",
     };

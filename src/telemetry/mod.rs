@@ -149,8 +149,8 @@ impl Metrics {
                 Opts::new(
                     "tern_tcp_refused_total",
                     "Connections to a tcp listener closed without reaching a machine, by reason: \
-                     no_service, tls, no_machine, wake_timeout, queue_full, wake_failed, \
-                     upstream_connect.",
+                     no_service, private_forbidden, tls, no_machine, wake_timeout, queue_full, \
+                     wake_failed, upstream_connect.",
                 ),
                 &["reason"],
             )?,

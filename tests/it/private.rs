@@ -187,3 +187,46 @@ async fn behind_a_proxy_header_the_org_check_sees_the_client_it_names() {
     let api_ok = ask("PROXY TCP4 127.0.0.20 127.0.0.3 40000 80\r\n").await;
     assert!(api_ok.starts_with("HTTP/1.1 200") && api_ok.ends_with("api-1"), "{api_ok}");
 }
+
+/// A private `kind = "tcp"` listener: the app's private address and the port pick its TCP
+/// service; sources outside its org are closed before any byte reaches a machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_tcp_service_serves_its_org_only() {
+    use tokio::net::{TcpListener, TcpSocket};
+    // An echo machine.
+    let machine = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let m = machine.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = machine.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let port = crate::harness::reserve_port();
+    let decl = format!(
+        "[[orgs]]\nname = \"acme\"\nnetworks = [\"127.0.0.10/32\"]\n\n\
+         [[apps]]\nname = \"pg\"\norg = \"acme\"\npublic = false\nprivate_addrs = [\"127.0.0.22\"]\n\
+         [[apps.services]]\ninternal_port = {}\n[[apps.services.ports]]\nport = {port}\n\n\
+         [[machines]]\nid = \"pg-1\"\napp = \"pg\"\nregion = \"ams\"\naddr = \"{m}\"\nstate = \"started\"\n",
+        m.port()
+    );
+    let listener = format!("[[listen]]\naddr = \"127.0.0.22:{port}\"\nkind = \"tcp\"\nprivate = true\n");
+    let proxy = Proxy::start_with(&decl, &listener).await;
+    let talk = |source: &'static str| async move {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
+        let mut s = socket.connect(format!("127.0.0.22:{port}").parse().unwrap()).await.unwrap();
+        let _ = s.write_all(b"select 1;\n").await;
+        let _ = s.shutdown().await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    assert_eq!(talk("127.0.0.10").await, "select 1;\n", "the org's source is relayed");
+    assert_eq!(talk("127.0.0.1").await, "", "a source outside the org is closed");
+    let m = proxy.metrics().await;
+    assert!(m.contains("tern_tcp_refused_total{reason=\"private_forbidden\"} 1"), "{m}");
+    assert!(m.contains("tern_tcp_relayed_total 1"), "{m}");
+}
