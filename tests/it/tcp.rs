@@ -468,3 +468,41 @@ async fn stalled_hellos_and_unknown_names_are_closed_and_counted() {
     assert_eq!(metric(&text, "tern_tls_handshake_failures_total{reason=\"unknown_sni\"}"), 1.0, "{text}");
     assert_eq!(metric(&text, "tern_tcp_relayed_total"), 0.0);
 }
+
+/// A service declared by `tern apply` while tern runs is served as one declared at boot, and
+/// one removed stops taking new connections (an established one goes on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_applied_at_runtime_are_served_and_removed_ones_refused() {
+    let (port, m) = (reserve_port(), echo_machine(None).await);
+    let bare =
+        "[[apps]]\nname = \"db\"\nhostnames = [\"db.test\"]\n\n".to_string() + &started("db", "db-1", m);
+    let with_service =
+        service_app("db", "addrs = [\"127.0.0.23\"]", m.port(), port, "") + &started("db", "db-1", m);
+    let proxy = Proxy::start_with(&bare, &tcp_listener("127.0.0.23", port)).await;
+    let mut s = TcpStream::connect(("127.0.0.23", port)).await.unwrap();
+    assert_eq!(send_and_half_close(&mut s, b"x\n").await, "", "nothing declared yet");
+
+    proxy.apply(&with_service);
+    let served = eventually(Duration::from_secs(10), || async {
+        let mut s = TcpStream::connect(("127.0.0.23", port)).await.ok()?;
+        (send_and_half_close(&mut s, b"x\n").await == "x\nbye\n").then_some(())
+    });
+    assert!(served.await.is_some(), "the applied service is served");
+
+    // Open across the removal: it keeps its machine.
+    let mut held = TcpStream::connect(("127.0.0.23", port)).await.unwrap();
+    held.write_all(b"before\n").await.unwrap();
+    let mut buf = [0u8; 7];
+    held.read_exact(&mut buf).await.unwrap();
+    proxy.apply(&bare);
+    let gone = eventually(Duration::from_secs(10), || async {
+        let mut s = TcpStream::connect(("127.0.0.23", port)).await.ok()?;
+        send_and_half_close(&mut s, b"x\n").await.is_empty().then_some(())
+    });
+    assert!(gone.await.is_some(), "the removed service takes no new connection");
+    assert_eq!(
+        send_and_half_close(&mut held, b"after\n").await,
+        "after\nbye\n",
+        "the established one goes on"
+    );
+}
