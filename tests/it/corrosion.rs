@@ -245,6 +245,17 @@ async fn apply_and_serve_through_corrosion_and_refuse_what_sqlite_refuses() {
         "{text}"
     );
     assert!(text.contains("session_keys (1)"), "tern serve made key 1 in the agent: {text}");
+
+    // Orgs are rows of the same table (tbl 'orgs'), and their rules hold here as on SQLite.
+    let four =
+        harness::app_decl("four", &["four.test"], &[], "org = \"acme\"\nprivate_addrs = [\"10.1.0.4\"]");
+    let (ok, _, err) = tern_apply(&config, &four, false);
+    assert!(!ok && err.contains("its org \"acme\" is not declared"), "{err}");
+    let acme = "[[orgs]]\nname = \"acme\"\nnetworks = [\"10.0.0.0/8\"]\n\n";
+    let (ok, out, err) = tern_apply(&config, &format!("{acme}{four}"), false);
+    assert!(ok && out.contains("+ org acme"), "{out}{err}");
+    let orgs = agent.standin.rows("SELECT key, body FROM tern_rib WHERE tbl = 'orgs'");
+    assert_eq!(orgs, [[json!("acme"), json!(r#"{"name":"acme","networks":["10.0.0.0/8"]}"#)]]);
 }
 
 #[tokio::test]
