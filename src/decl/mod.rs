@@ -233,10 +233,11 @@ struct Taken {
     tcp: HashMap<(std::net::IpAddr, u16), String>,
 }
 
-/// App `i`'s org name, private addresses, dedicated addresses and services.
+/// App `i`'s private addresses, dedicated addresses and services. Its `org` is not held to
+/// org-name syntax: it was free text before `[[orgs]]` existed, and only an app with private
+/// addresses needs it to name a declared org (which the plan checks).
 fn validate_addresses(app: &AppSpec, i: usize, taken: &mut Taken) -> Result<(), Invalid> {
     let p = |k: &'static str| vec![Seg::Key("apps"), Seg::Index(i), Seg::Key(k)];
-    names::check_org_name(&app.org).map_err(|m| at(&p("org"), m))?;
     let path = |j| [Seg::Key("apps"), Seg::Index(i), Seg::Key("private_addrs"), Seg::Index(j)];
     app.check_private_addrs().map_err(|(j, m)| at(&path(j), m))?;
     for (j, a) in app.private_addrs.iter().enumerate() {

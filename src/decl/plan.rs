@@ -169,7 +169,7 @@ pub fn plan(
         decl.certificates.iter().map(|c| (c.hostname.as_str(), c)),
         prune,
     )?;
-    check_result(current, decl, prune)?;
+    check_result(current, decl, prune, &plan)?;
     let writes = writes(decl, &plan)?;
     Ok((plan, writes))
 }
@@ -240,7 +240,12 @@ fn changed_fields(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Strin
 /// machine's app is declared or kept. A conflict points at the declaration's field. (Two
 /// kept apps claiming one hostname between them is not this apply's business: the catalog
 /// refuses the later one, as it always has.)
-fn check_result(current: &impl Current, decl: &Declaration, prune: bool) -> Result<(), PlanError> {
+fn check_result(
+    current: &impl Current,
+    decl: &Declaration,
+    prune: bool,
+    plan: &Plan,
+) -> Result<(), PlanError> {
     let declared = |name: &str| decl.apps.iter().any(|a| a.name == name);
     // An app the RIB keeps (not replaced by this declaration, nor pruned) whose row decodes.
     let kept = |name: &str| -> Result<Option<AppSpec>, PlanError> {
@@ -278,7 +283,7 @@ fn check_result(current: &impl Current, decl: &Declaration, prune: bool) -> Resu
             }
         }
     }
-    check_orgs(current, decl, prune)?;
+    check_orgs(current, decl, prune, plan)?;
     for (i, m) in decl.machines.iter().enumerate() {
         if !declared(&m.app) && kept(&m.app)?.is_none() {
             let path = [Seg::Key("machines"), Seg::Index(i), Seg::Key("app")];
@@ -298,10 +303,20 @@ fn check_result(current: &impl Current, decl: &Declaration, prune: bool) -> Resu
 /// name taken in one org is not another org's to reuse: remove the app first), and an app
 /// with private addresses names an org that is declared or kept, whose networks say who
 /// may reach them.
-fn check_orgs(current: &impl Current, decl: &Declaration, prune: bool) -> Result<(), PlanError> {
+fn check_orgs(current: &impl Current, decl: &Declaration, prune: bool, plan: &Plan) -> Result<(), PlanError> {
+    // The diff already read every declared app's row: only one whose org changed is read again
+    // (for the message), so an apply costs no extra read per app.
+    let org_changed = |name: &str| {
+        plan.changes.iter().any(|c| {
+            c.table == Table::Apps
+                && c.key == name
+                && matches!(&c.op, Op::Change(f) if f.iter().any(|f| f == "org"))
+        })
+    };
     for (i, a) in decl.apps.iter().enumerate() {
         let path = [Seg::Key("apps"), Seg::Index(i), Seg::Key("org")];
-        if let Some(body) = current.get(Table::Apps, &a.name)?
+        if org_changed(&a.name)
+            && let Some(body) = current.get(Table::Apps, &a.name)?
             && let Ok(old) = serde_json::from_str::<AppSpec>(&body)
             && old.org != a.org
         {

@@ -439,3 +439,13 @@ fn tcp_services_are_checked_before_anything_is_written() {
     assert!(p.to_string().contains("10.0.0.7 port 5432 is already app \"db\"'s"), "{p}");
     assert_eq!(p.field, "apps[1].addrs");
 }
+
+#[test]
+fn an_apps_org_stays_free_text_unless_it_has_private_addresses() {
+    // Declarations written before [[orgs]] existed keep working.
+    let d = parse_str("[[apps]]\nname = \"a\"\norg = \"Acme Inc.\"\n").unwrap();
+    assert_eq!(d.apps[0].org, "Acme Inc.");
+    // [[orgs]] names are keys in the RIB: held to the name rules.
+    let p = parse_str("[[orgs]]\nname = \"Acme Inc.\"\n").unwrap_err();
+    assert_eq!(p.field, "orgs[0].name");
+}
