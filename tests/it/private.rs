@@ -207,17 +207,17 @@ async fn a_private_tcp_service_serves_its_org_only() {
     let port = crate::harness::reserve_port();
     let decl = format!(
         "[[orgs]]\nname = \"acme\"\nnetworks = [\"127.0.0.10/32\"]\n\n\
-         [[apps]]\nname = \"pg\"\norg = \"acme\"\npublic = false\nprivate_addrs = [\"127.0.0.22\"]\n\
+         [[apps]]\nname = \"pg\"\norg = \"acme\"\npublic = false\nprivate_addrs = [\"127.0.1.22\"]\n\
          [[apps.services]]\ninternal_port = {}\n[[apps.services.ports]]\nport = {port}\n\n\
          [[machines]]\nid = \"pg-1\"\napp = \"pg\"\nregion = \"ams\"\naddr = \"{m}\"\nstate = \"started\"\n",
         m.port()
     );
-    let listener = format!("[[listen]]\naddr = \"127.0.0.22:{port}\"\nkind = \"tcp\"\nprivate = true\n");
+    let listener = format!("[[listen]]\naddr = \"127.0.1.22:{port}\"\nkind = \"tcp\"\nprivate = true\n");
     let proxy = Proxy::start_with(&decl, &listener).await;
     let talk = |source: &'static str| async move {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
-        let mut s = socket.connect(format!("127.0.0.22:{port}").parse().unwrap()).await.unwrap();
+        let mut s = socket.connect(format!("127.0.1.22:{port}").parse().unwrap()).await.unwrap();
         let _ = s.write_all(b"select 1;\n").await;
         let _ = s.shutdown().await;
         let mut out = Vec::new();

@@ -3,7 +3,10 @@
 //! and autostop counting open connections, and connections that match no service.
 //!
 //! Each tcp listener has a loopback address of its own and a reserved port, since services
-//! are declared by the port they are reached on.
+//! are declared by the port they are reached on. The addresses are in 127.0.1.0/24, which no
+//! test uses as a client's source: the port is reserved on 127.0.0.1 only, and a client's
+//! connection from the listener's address in TIME_WAIT on that port would refuse the bind
+//! (the fleet test's clients come from 127.0.0.9, with a thousand ephemeral ports).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -111,12 +114,12 @@ async fn send_and_half_close<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, bytes
 async fn a_raw_service_relays_both_ways_and_passes_a_half_close_on() {
     let (port, other) = (reserve_port(), reserve_port());
     let m = echo_machine(None).await;
-    let decl = service_app("db", "addrs = [\"127.0.0.5\"]", m.port(), port, "") + &started("db", "db-1", m);
-    let listeners = tcp_listener("127.0.0.5", port) + &tcp_listener("127.0.0.6", other);
+    let decl = service_app("db", "addrs = [\"127.0.1.5\"]", m.port(), port, "") + &started("db", "db-1", m);
+    let listeners = tcp_listener("127.0.1.5", port) + &tcp_listener("127.0.1.6", other);
     let proxy = Proxy::start_with(&decl, &listeners).await;
 
     // Many round trips on one connection, then a half-close: the machine still answers.
-    let mut s = TcpStream::connect(("127.0.0.5", port)).await.unwrap();
+    let mut s = TcpStream::connect(("127.0.1.5", port)).await.unwrap();
     let mut buf = [0u8; 5];
     for i in 0..50 {
         let msg = format!("m{i:03}\n");
@@ -127,7 +130,7 @@ async fn a_raw_service_relays_both_ways_and_passes_a_half_close_on() {
     assert_eq!(send_and_half_close(&mut s, b"last\n").await, "last\nbye\n");
 
     // A megabyte each way, written before anything is read back: back-pressure, no loss.
-    let mut s = TcpStream::connect(("127.0.0.5", port)).await.unwrap();
+    let mut s = TcpStream::connect(("127.0.1.5", port)).await.unwrap();
     let big: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
     let (mut rx, mut tx) = s.split();
     let (_, got) = tokio::join!(
@@ -145,14 +148,14 @@ async fn a_raw_service_relays_both_ways_and_passes_a_half_close_on() {
     assert!(got[..big.len()] == big[..] && got.ends_with(b"bye\n"));
 
     // The same port on an address no app has, with no ClientHello to go by: closed.
-    let mut s = TcpStream::connect(("127.0.0.6", other)).await.unwrap();
+    let mut s = TcpStream::connect(("127.0.1.6", other)).await.unwrap();
     assert_eq!(send_and_half_close(&mut s, b"hello?\n").await, "");
     let text = proxy.metrics().await;
     assert_eq!(metric(&text, "tern_tcp_refused_total{reason=\"no_service\"}"), 1.0, "{text}");
     assert_eq!(metric(&text, "tern_tcp_relayed_total"), 2.0);
     let v: serde_json::Value =
         reqwest::get(format!("http://{}/v1/apps/db", proxy.admin)).await.unwrap().json().await.unwrap();
-    assert_eq!(v["addrs"], serde_json::json!(["127.0.0.5"]));
+    assert_eq!(v["addrs"], serde_json::json!(["127.0.1.5"]));
     assert_eq!(v["services"][0]["ports"][0]["port"], port);
 }
 
@@ -166,8 +169,8 @@ async fn tls_passthrough_by_sni_reaches_two_apps_on_one_address() {
         + &started("a", "a-1", a)
         + &service_app("b", "", b.port(), port, "")
         + &started("b", "b-1", b);
-    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.0.7", port)).await;
-    let to: SocketAddr = format!("127.0.0.7:{port}").parse().unwrap();
+    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.1.7", port)).await;
+    let to: SocketAddr = format!("127.0.1.7:{port}").parse().unwrap();
 
     // The machines' own certificates verify: tern passed the handshake through.
     for (sni, want) in [("a.test", "a.test"), ("b.test", "b.test"), ("A.TEST", "a.test")] {
@@ -188,26 +191,26 @@ async fn tls_terminated_then_relayed_and_proxy_v2_toward_the_machine() {
     // What the PROXY machine reads, as read.
     let (tx, mut first) = tokio::sync::mpsc::unbounded_channel();
     let (plain, pp) = (echo_machine(None).await, echo_machine(Some(tx)).await);
-    let decl = service_app("sec", "addrs = [\"127.0.0.8\"]", plain.port(), tls_port, "\"tls\"")
+    let decl = service_app("sec", "addrs = [\"127.0.1.8\"]", plain.port(), tls_port, "\"tls\"")
         + &started("sec", "sec-1", plain)
         + &ca.decl("sec.test", &["sec.test"])
-        + &service_app("pp", "addrs = [\"127.0.0.9\"]", pp.port(), pp_port, "\"proxy_proto\"")
+        + &service_app("pp", "addrs = [\"127.0.1.9\"]", pp.port(), pp_port, "\"proxy_proto\"")
         + &started("pp", "pp-1", pp);
-    let listeners = tcp_listener("127.0.0.8", tls_port) + &tcp_listener("127.0.0.9", pp_port);
+    let listeners = tcp_listener("127.0.1.8", tls_port) + &tcp_listener("127.0.1.9", pp_port);
     let proxy = Proxy::start_with(&decl, &listeners).await;
 
     // TLS with tern's certificate for the name; plaintext reaches the machine.
-    let mut s = connect_tls(&ca, format!("127.0.0.8:{tls_port}").parse().unwrap(), "sec.test").await.unwrap();
+    let mut s = connect_tls(&ca, format!("127.0.1.8:{tls_port}").parse().unwrap(), "sec.test").await.unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), None, "no ALPN: the bytes inside are not tern's to read");
     assert_eq!(send_and_half_close(&mut s, b"secret\n").await, "secret\nbye\n");
 
     // PROXY v2 first, naming the client and the address it reached, byte for byte.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.33:0".parse().unwrap()).unwrap();
-    let mut s = socket.connect(format!("127.0.0.9:{pp_port}").parse().unwrap()).await.unwrap();
+    let mut s = socket.connect(format!("127.0.1.9:{pp_port}").parse().unwrap()).await.unwrap();
     let client = s.local_addr().unwrap();
     let mut want = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
-    want.extend_from_slice(&[127, 0, 0, 33, 127, 0, 0, 9]);
+    want.extend_from_slice(&[127, 0, 0, 33, 127, 0, 1, 9]);
     want.extend_from_slice(&client.port().to_be_bytes());
     want.extend_from_slice(&pp_port.to_be_bytes());
     want.extend_from_slice(b"hi\n");
@@ -229,10 +232,10 @@ async fn tls_terminated_then_relayed_and_proxy_v2_toward_the_machine() {
 async fn an_http_service_serves_its_app_whatever_the_host() {
     let b = crate::backend::Backend::start("web-1").await;
     let port = reserve_port();
-    let extra = format!("addrs = [\"127.0.0.12\"]\ninternal_port = {}", b.addr.port());
+    let extra = format!("addrs = [\"127.0.1.12\"]\ninternal_port = {}", b.addr.port());
     let decl = service_app("web", &extra, b.addr.port(), port, "\"http\"") + &started("web", "web-1", b.addr);
-    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.0.12", port)).await;
-    let mut s = TcpStream::connect(("127.0.0.12", port)).await.unwrap();
+    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.1.12", port)).await;
+    let mut s = TcpStream::connect(("127.0.1.12", port)).await.unwrap();
     s.write_all(b"GET /id HTTP/1.1\r\nHost: anything.example\r\nConnection: close\r\n\r\n").await.unwrap();
     let answer = read_all(&mut s).await;
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("web-1"), "{answer}");
@@ -245,16 +248,16 @@ async fn a_hundred_connections_to_a_stopped_service_start_it_once_and_autostop_w
     // The machine is an HTTP server process tern runs; through a raw service it is just TCP.
     let decl = service_app(
         "raw",
-        "addrs = [\"127.0.0.13\"]\nauto_stop = \"stop\"\nauto_stop_after = \"1s\"",
+        "addrs = [\"127.0.1.13\"]\nauto_stop = \"stop\"\nauto_stop_after = \"1s\"",
         mport,
         port,
         "",
     ) + &machine("raw", "raw-1", mport, "stopped", &["START_DELAY_MS=300"]);
-    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.0.13", port)).await;
+    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.1.13", port)).await;
 
     let get = b"GET /id HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n";
     let clients = (0..100).map(|_| async {
-        let mut s = TcpStream::connect(("127.0.0.13", port)).await.unwrap();
+        let mut s = TcpStream::connect(("127.0.1.13", port)).await.unwrap();
         s.write_all(get).await.unwrap();
         read_all(&mut s).await
     });
@@ -270,7 +273,7 @@ async fn a_hundred_connections_to_a_stopped_service_start_it_once_and_autostop_w
     assert_eq!(metric(&text, "tern_machine_actions_total{action=\"start\",reason=\"wake\"}"), 1.0, "{text}");
 
     // One connection stays open, silent: the machine is not stopped under it.
-    let held = TcpStream::connect(("127.0.0.13", port)).await.unwrap();
+    let held = TcpStream::connect(("127.0.1.13", port)).await.unwrap();
     until_machine(&proxy, "raw", "raw-1", Duration::from_secs(5), |m| m["in_flight"] == 1).await;
     let stop = "tern_machine_actions_total{action=\"stop\",reason=\"autostop\"}";
     let early = eventually(Duration::from_secs(3), || async {
@@ -285,13 +288,13 @@ async fn a_hundred_connections_to_a_stopped_service_start_it_once_and_autostop_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_at_the_idle_timeout_and_connection_limits_hold() {
     let (port, m) = (reserve_port(), echo_machine(None).await);
-    let extra = "addrs = [\"127.0.0.14\"]\nidle_timeout = \"300ms\"\n\
+    let extra = "addrs = [\"127.0.1.14\"]\nidle_timeout = \"300ms\"\n\
                  concurrency = { type = \"connections\", soft_limit = 1, hard_limit = 1 }";
     let decl = service_app("lim", extra, m.port(), port, "") + &started("lim", "lim-1", m);
-    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.0.14", port)).await;
+    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.1.14", port)).await;
 
     // A connection that keeps talking outlives the idle timeout many times over.
-    let mut busy = TcpStream::connect(("127.0.0.14", port)).await.unwrap();
+    let mut busy = TcpStream::connect(("127.0.1.14", port)).await.unwrap();
     let mut buf = [0u8; 3];
     let began = tokio::time::Instant::now();
     while began.elapsed() < Duration::from_millis(1200) {
@@ -301,7 +304,7 @@ async fn silent_connections_are_closed_at_the_idle_timeout_and_connection_limits
     }
 
     // At the hard limit of one connection, a second waits for the first to end.
-    let mut second = TcpStream::connect(("127.0.0.14", port)).await.unwrap();
+    let mut second = TcpStream::connect(("127.0.1.14", port)).await.unwrap();
     second.write_all(b"2nd\n").await.unwrap();
     let mut got = [0u8; 4];
     let waited = tokio::time::timeout(Duration::from_millis(200), second.read_exact(&mut got)).await;
@@ -332,22 +335,22 @@ async fn redis_behind_a_raw_service_wakes_once_for_a_hundred_clients_and_stops_a
     // The port is held on 127.0.0.1 (redis-server would not share it): redis listens on .16.
     let (port, rport) = (reserve_port(), reserve_port());
     let cmd = format!(
-        "[{:?}, \"--port\", \"{rport}\", \"--bind\", \"127.0.0.16\", \"--save\", \"\", \"--appendonly\", \"no\"]",
+        "[{:?}, \"--port\", \"{rport}\", \"--bind\", \"127.0.1.16\", \"--save\", \"\", \"--appendonly\", \"no\"]",
         server.display().to_string()
     );
     let decl = service_app(
         "cache",
-        "addrs = [\"127.0.0.15\"]\nauto_stop = \"stop\"\nauto_stop_after = \"1s\"",
+        "addrs = [\"127.0.1.15\"]\nauto_stop = \"stop\"\nauto_stop_after = \"1s\"",
         rport,
         port,
         "",
     ) + &format!(
-        "[[machines]]\nid = \"cache-1\"\napp = \"cache\"\naddr = \"127.0.0.16:{rport}\"\nstate = \"stopped\"\ncmd = {cmd}\n"
+        "[[machines]]\nid = \"cache-1\"\napp = \"cache\"\naddr = \"127.0.1.16:{rport}\"\nstate = \"stopped\"\ncmd = {cmd}\n"
     );
-    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.0.15", port)).await;
+    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.1.15", port)).await;
     let redis = |args: &[&str]| {
         let mut c = tokio::process::Command::new(&cli);
-        c.args(["-h", "127.0.0.15", "-p", &port.to_string()]).args(args);
+        c.args(["-h", "127.0.1.15", "-p", &port.to_string()]).args(args);
         c.kill_on_drop(true).output()
     };
     // A hundred clients at once on a stopped machine: one start, every command lands.
@@ -365,7 +368,7 @@ async fn redis_behind_a_raw_service_wakes_once_for_a_hundred_clients_and_stops_a
 
     // A subscriber holds its connection: no autostop under it; once it leaves, the machine stops.
     let mut sub = tokio::process::Command::new(&cli);
-    sub.args(["-h", "127.0.0.15", "-p", &port.to_string(), "SUBSCRIBE", "ch"])
+    sub.args(["-h", "127.0.1.15", "-p", &port.to_string(), "SUBSCRIBE", "ch"])
         .stdout(std::process::Stdio::null());
     let mut sub = sub.kill_on_drop(true).spawn().unwrap();
     until_machine(&proxy, "cache", "cache-1", Duration::from_secs(5), |m| m["in_flight"] == 1).await;
@@ -376,7 +379,7 @@ async fn redis_behind_a_raw_service_wakes_once_for_a_hundred_clients_and_stops_a
     assert!(early.await.is_none(), "no autostop while the subscriber is connected");
     sub.kill().await.unwrap();
     until_machine(&proxy, "cache", "cache-1", Duration::from_secs(20), |m| m["state"] == "stopped").await;
-    assert!(std::net::TcpStream::connect(("127.0.0.16", rport)).is_err(), "redis-server is gone");
+    assert!(std::net::TcpStream::connect(("127.0.1.16", rport)).is_err(), "redis-server is gone");
 }
 
 /// HAProxy from Debian as the machine, taking the PROXY v2 header tern sends
@@ -391,9 +394,9 @@ async fn haproxy_as_the_machine_reads_the_client_from_terns_proxy_v2_header() {
              frontend fe\n  bind {machine_addr} accept-proxy\n\
              \x20 http-request return status 200 content-type text/plain lf-string \"src=%[src] dst=%[dst]:%[dst_port]\"\n"
     ));
-    let decl = service_app("hap", "addrs = [\"127.0.0.18\"]", hport, port, "\"proxy_proto\"")
+    let decl = service_app("hap", "addrs = [\"127.0.1.18\"]", hport, port, "\"proxy_proto\"")
         + &started("hap", "hap-1", machine_addr);
-    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.0.18", port)).await;
+    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.1.18", port)).await;
     let up = eventually(Duration::from_secs(10), || async {
         TcpStream::connect(machine_addr).await.ok().map(|_| ())
     });
@@ -401,11 +404,11 @@ async fn haproxy_as_the_machine_reads_the_client_from_terns_proxy_v2_header() {
 
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.34:0".parse().unwrap()).unwrap();
-    let mut s = socket.connect(format!("127.0.0.18:{port}").parse().unwrap()).await.unwrap();
+    let mut s = socket.connect(format!("127.0.1.18:{port}").parse().unwrap()).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: hap\r\nConnection: close\r\n\r\n").await.unwrap();
     let answer = read_all(&mut s).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.ends_with(&format!("src=127.0.0.34 dst=127.0.0.18:{port}")), "{answer}");
+    assert!(answer.ends_with(&format!("src=127.0.0.34 dst=127.0.1.18:{port}")), "{answer}");
     drop(proxy);
 }
 
@@ -415,15 +418,15 @@ async fn the_access_log_has_a_line_per_relayed_connection() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("rib.db");
     let (port, m) = (reserve_port(), echo_machine(None).await);
-    let decl = service_app("db", "addrs = [\"127.0.0.19\"]", m.port(), port, "") + &started("db", "db-1", m);
+    let decl = service_app("db", "addrs = [\"127.0.1.19\"]", m.port(), port, "") + &started("db", "db-1", m);
     crate::harness::apply_decl(&db, &decl);
     let config = dir.path().join("tern.toml");
-    let text = crate::harness::node_config(&db, &tcp_listener("127.0.0.19", port))
+    let text = crate::harness::node_config(&db, &tcp_listener("127.0.1.19", port))
         .replace("access = false", "access = true")
         + "format = \"json\"\n";
     std::fs::write(&config, text).unwrap();
     let mut tern = crate::harness::ServeProcess::start(&config).await;
-    let mut s = TcpStream::connect(("127.0.0.19", port)).await.unwrap();
+    let mut s = TcpStream::connect(("127.0.1.19", port)).await.unwrap();
     assert_eq!(send_and_half_close(&mut s, b"twelve bytes").await, "twelve bytesbye\n");
     let line = loop {
         let v = tokio::time::timeout(Duration::from_secs(10), tern.logs.recv()).await.unwrap().unwrap();
@@ -447,21 +450,21 @@ async fn the_access_log_has_a_line_per_relayed_connection() {
 async fn stalled_hellos_and_unknown_names_are_closed_and_counted() {
     let ca = Ca::new();
     let (shared, tls_port, m) = (reserve_port(), reserve_port(), echo_machine(None).await);
-    let decl = service_app("sec", "addrs = [\"127.0.0.21\"]", m.port(), tls_port, "\"tls\"")
+    let decl = service_app("sec", "addrs = [\"127.0.1.21\"]", m.port(), tls_port, "\"tls\"")
         + &started("sec", "sec-1", m)
         + &ca.decl("sec.test", &["sec.test"]);
-    let listeners = tcp_listener("127.0.0.20", shared)
-        + &tcp_listener("127.0.0.21", tls_port)
+    let listeners = tcp_listener("127.0.1.20", shared)
+        + &tcp_listener("127.0.1.21", tls_port)
         + "[limits]\nheader_read_timeout = \"300ms\"\n";
     let proxy = Proxy::start_with(&decl, &listeners).await;
 
-    let mut s = TcpStream::connect(("127.0.0.20", shared)).await.unwrap();
+    let mut s = TcpStream::connect(("127.0.1.20", shared)).await.unwrap();
     s.write_all(b"\x16\x03\x01\x00\xc8\x01").await.unwrap();
     let began = tokio::time::Instant::now();
     assert_eq!(read_all(&mut s).await, "", "closed without a byte");
     assert!(began.elapsed() >= Duration::from_millis(250), "held to the timeout: {:?}", began.elapsed());
 
-    assert!(connect_tls(&ca, format!("127.0.0.21:{tls_port}").parse().unwrap(), "other.test").await.is_err());
+    assert!(connect_tls(&ca, format!("127.0.1.21:{tls_port}").parse().unwrap(), "other.test").await.is_err());
     let text = proxy.metrics().await;
     assert_eq!(metric(&text, "tern_tcp_refused_total{reason=\"no_service\"}"), 1.0, "{text}");
     assert_eq!(metric(&text, "tern_tcp_refused_total{reason=\"tls\"}"), 1.0, "{text}");
@@ -477,26 +480,26 @@ async fn services_applied_at_runtime_are_served_and_removed_ones_refused() {
     let bare =
         "[[apps]]\nname = \"db\"\nhostnames = [\"db.test\"]\n\n".to_string() + &started("db", "db-1", m);
     let with_service =
-        service_app("db", "addrs = [\"127.0.0.23\"]", m.port(), port, "") + &started("db", "db-1", m);
-    let proxy = Proxy::start_with(&bare, &tcp_listener("127.0.0.23", port)).await;
-    let mut s = TcpStream::connect(("127.0.0.23", port)).await.unwrap();
+        service_app("db", "addrs = [\"127.0.1.23\"]", m.port(), port, "") + &started("db", "db-1", m);
+    let proxy = Proxy::start_with(&bare, &tcp_listener("127.0.1.23", port)).await;
+    let mut s = TcpStream::connect(("127.0.1.23", port)).await.unwrap();
     assert_eq!(send_and_half_close(&mut s, b"x\n").await, "", "nothing declared yet");
 
     proxy.apply(&with_service);
     let served = eventually(Duration::from_secs(10), || async {
-        let mut s = TcpStream::connect(("127.0.0.23", port)).await.ok()?;
+        let mut s = TcpStream::connect(("127.0.1.23", port)).await.ok()?;
         (send_and_half_close(&mut s, b"x\n").await == "x\nbye\n").then_some(())
     });
     assert!(served.await.is_some(), "the applied service is served");
 
     // Open across the removal: it keeps its machine.
-    let mut held = TcpStream::connect(("127.0.0.23", port)).await.unwrap();
+    let mut held = TcpStream::connect(("127.0.1.23", port)).await.unwrap();
     held.write_all(b"before\n").await.unwrap();
     let mut buf = [0u8; 7];
     held.read_exact(&mut buf).await.unwrap();
     proxy.apply(&bare);
     let gone = eventually(Duration::from_secs(10), || async {
-        let mut s = TcpStream::connect(("127.0.0.23", port)).await.ok()?;
+        let mut s = TcpStream::connect(("127.0.1.23", port)).await.ok()?;
         send_and_half_close(&mut s, b"x\n").await.is_empty().then_some(())
     });
     assert!(gone.await.is_some(), "the removed service takes no new connection");
