@@ -113,6 +113,10 @@ impl<IO> TouchIo<IO> {
     pub fn new(inner: IO, activity: Arc<Activity>) -> Self {
         TouchIo { inner, activity }
     }
+
+    pub fn into_inner(self) -> IO {
+        self.inner
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for TouchIo<IO> {

@@ -266,6 +266,55 @@ impl Drain {
     }
 }
 
+impl Drain {
+    /// A parked connection taken up again: its place in the drain as it was.
+    pub fn resume(seat: Seat) -> (ConnDrain, Registration) {
+        let conn = ConnDrain {
+            drain: Drain { inner: seat.registration.inner.clone() },
+            late: seat.late,
+            due: seat.due.map(OnceLock::from).unwrap_or_default(),
+            http2: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+        };
+        (conn, seat.registration)
+    }
+}
+
+/// A connection's place in the drain while it waits with no task of its own (parked by a
+/// worker between requests): still counted open, and given its time like any other.
+pub struct Seat {
+    registration: Registration,
+    late: bool,
+    due: Option<Instant>,
+}
+
+impl Seat {
+    /// The seat of a connection served so far as `conn`, registered by `registration`.
+    pub fn new(conn: &ConnDrain, registration: Registration) -> Seat {
+        Seat { registration, late: conn.late, due: conn.due.get().copied() }
+    }
+
+    /// Whether a drain began.
+    pub fn draining(&self) -> bool {
+        self.registration.inner.started.load(Ordering::Relaxed)
+    }
+
+    /// The connection's time, claimed now if it has none yet; `None` while no drain runs.
+    pub fn due(&mut self) -> Option<Instant> {
+        if self.due.is_none() {
+            let plan = self.registration.inner.plan.get()?;
+            self.due = Some(if self.late { plan.start } else { plan.claim() });
+        }
+        self.due
+    }
+
+    /// The drain closes the connection at its time: counted as an HTTP/1.1 one it ended.
+    pub fn ended(&self) {
+        self.registration.inner.count(Kind::H1);
+    }
+}
+
 impl Inner {
     fn count(&self, kind: Kind) {
         self.ended[kind as usize].fetch_add(1, Ordering::Relaxed);

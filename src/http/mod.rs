@@ -131,6 +131,26 @@ pub enum Wire {
     Http2,
 }
 
+/// A quiet plain HTTP/1.1 connection handed back to its caller, to wait for its next bytes
+/// without a task of its own: nothing in flight, nothing read ahead, nothing unwritten.
+/// [`Server::serve_or_park`] takes it up again.
+pub struct Parked<IO> {
+    pub io: IO,
+    /// [`Wire::Sniff`] if the client has not said a byte yet, [`Wire::Http1`] between
+    /// requests.
+    pub wire: Wire,
+    /// Its place in the drain: it is still counted open.
+    pub seat: drain::Seat,
+    /// When it is closed if the client sends nothing more (the keep-alive limit).
+    pub quiet_until: tokio::time::Instant,
+}
+
+/// How serving a connection ended.
+pub enum Served<IO> {
+    Closed,
+    Parked(Parked<IO>),
+}
+
 /// Connection settings shared by every client connection.
 pub struct Server {
     /// HTTP/1.1: over TLS after ALPN, and plain TCP once [`park::is_h2c`] says it is not
@@ -188,9 +208,30 @@ impl Server {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        // Counted in the drain until hyper is done with it; a tunnel it upgrades to counts
-        // on its own.
-        let (drain, _registered) = self.drain.connection();
+        let _ = self.serve_or_park(io, info, handler, wire, None, false).await;
+    }
+
+    /// [`Self::serve`], except that with `hands_back` a quiet plain HTTP/1.1 connection is
+    /// handed back ([`Served::Parked`]) to wait without a task, rather than waiting here;
+    /// `seat` is a parked connection's, when it is taken up again.
+    pub async fn serve_or_park<IO>(
+        &self,
+        io: IO,
+        info: ConnInfo,
+        handler: Arc<Handler>,
+        wire: Wire,
+        seat: Option<drain::Seat>,
+        hands_back: bool,
+    ) -> Served<IO>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        // Counted in the drain until hyper is done with it (or, parked, until the socket is
+        // closed); a tunnel it upgrades to counts on its own.
+        let (drain, registered) = match seat {
+            Some(seat) => Drain::resume(seat),
+            None => self.drain.connection(),
+        };
         let state = Arc::new(ConnState::new(drain));
         let info = Arc::new(info);
         let svc_state = state.clone();
@@ -206,30 +247,62 @@ impl Server {
             state.drain.set_http2();
             let io = TokioIo::new(TouchIo::new(io, state.activity.clone()));
             let conn = self.http2.serve_connection(io, svc);
-            return Box::pin(self.drive(conn, &state)).await;
+            Box::pin(self.drive(conn, &state)).await;
+            return Served::Closed;
         }
         let metrics = handler.metrics.clone();
         // HTTP/1.1's parser answers some heads itself; make those answers tern's.
         let io = ParserReplies::new(io, state.clone(), handler, peer);
         let mut io = Prefixed::new(TouchIo::new(io, state.activity.clone()));
+        // Handed back once quiet, but not in a drain: there the connection waits here for
+        // its time, as any other.
+        let park_after = (hands_back && !self.drain.is_draining()).then_some(park::PARK_AFTER);
         if wire == Wire::Sniff {
             // Told apart once the client has said something; a client that never does is
             // closed at the keep-alive timeout, one that stops inside the preface at the
             // header read timeout.
-            if matches!(park::next_bytes(&mut io, &state, self.quiet_limit()).await, park::Next::Close) {
-                return;
+            match park::next_bytes(&mut io, &state, self.quiet_limit(), park_after).await {
+                park::Next::Close => return Served::Closed,
+                park::Next::Park => return self.hand_back(io, Wire::Sniff, &state, registered),
+                park::Next::Bytes => {}
             }
             match tokio::time::timeout(self.header_read_timeout, park::is_h2c(&mut io)).await {
                 Ok(Some(true)) => {
                     state.drain.set_http2();
                     let conn = self.http2.serve_connection(TokioIo::new(io), svc);
-                    return Box::pin(self.drive(conn, &state)).await;
+                    Box::pin(self.drive(conn, &state)).await;
+                    return Served::Closed;
                 }
                 Ok(Some(false)) => {}
-                Ok(None) | Err(_) => return,
+                Ok(None) | Err(_) => return Served::Closed,
             }
         }
-        self.serve_http1(io, svc, &state, &metrics).await;
+        match self.serve_http1(io, svc, &state, &metrics, park_after.is_some()).await {
+            Some(io) => self.hand_back(io, Wire::Http1, &state, registered),
+            None => Served::Closed,
+        }
+    }
+
+    /// A quiet connection handed back to wait without a task, peeled of what served it.
+    fn hand_back<IO>(
+        &self,
+        io: Prefixed<TouchIo<ParserReplies<IO>>>,
+        wire: Wire,
+        state: &ConnState,
+        registered: drain::Registration,
+    ) -> Served<IO> {
+        // Handed back only with nothing read ahead, and nothing unwritten (a write the client
+        // does not take keeps a connection from being parked); tern's own answer to a bad head
+        // is the one thing that could be left, and its connection closes after it anyway.
+        let Some(io) = io.into_inner().ok().and_then(|io| io.into_inner().into_inner().ok()) else {
+            return Served::Closed;
+        };
+        Served::Parked(Parked {
+            io,
+            wire,
+            seat: drain::Seat::new(&state.drain, registered),
+            quiet_until: state.activity.last() + self.quiet_limit(),
+        })
     }
 
     /// How long a connection waiting for its next request may stay quiet: the keep-alive
@@ -240,8 +313,16 @@ impl Server {
     }
 
     /// Serves HTTP/1.1 on `io` until it closes, handing hyper the connection each time the
-    /// client sends after a quiet spell (see [`park`]).
-    async fn serve_http1<IO, S>(&self, mut io: Prefixed<IO>, svc: S, state: &ConnState, metrics: &Metrics)
+    /// client sends after a quiet spell (see [`park`]). With `hands_back`, a connection
+    /// quiet between requests is returned instead, to wait without a task.
+    async fn serve_http1<IO, S>(
+        &self,
+        mut io: Prefixed<IO>,
+        svc: S,
+        state: &ConnState,
+        metrics: &Metrics,
+        hands_back: bool,
+    ) -> Option<Prefixed<IO>>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::HttpService<Incoming> + Clone + Unpin + Send + 'static,
@@ -256,24 +337,31 @@ impl Server {
         let mut partial_since: Option<tokio::time::Instant> = None;
         loop {
             // hyper's state is made when the client has something to say: a connection that
-            // has not sent its first request yet costs no more than a parked one.
-            if matches!(park::next_bytes(&mut io, state, self.quiet_limit()).await, park::Next::Close) {
-                return;
+            // has not sent its first request yet costs no more than a parked one. One with
+            // half a head waits here: its head's clock runs.
+            let park_after = (hands_back && partial_since.is_none()).then_some(park::PARK_AFTER);
+            match park::next_bytes(&mut io, state, self.quiet_limit(), park_after).await {
+                park::Next::Close => return None,
+                park::Next::Park => return Some(io),
+                park::Next::Bytes => {}
             }
             // A fresh connection gets its own quiet time before it may be parked, even one
             // resumed with a half-read head and no new byte yet.
             state.activity.touch();
             // Boxed, so that a parked connection's task holds none of hyper's state.
             let conn = Box::pin(self.http1.serve_connection(TokioIo::new(io), svc.clone()).with_upgrades());
-            let Some(parts) = Box::pin(self.drive_http1(conn, state)).await else { return };
+            let parts = Box::pin(self.drive_http1(conn, state)).await?;
             metrics.connections_parked.inc();
             io = parts.io.into_inner();
             if parts.read_buf.is_empty() {
                 partial_since = None;
+                if hands_back && !state.drain.draining() && !io.has_prefix() {
+                    return Some(io);
+                }
             } else {
                 let since = *partial_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= self.header_read_timeout {
-                    return;
+                    return None;
                 }
             }
             io.unread(parts.read_buf);

@@ -37,6 +37,20 @@ impl<IO> Prefixed<IO> {
         Prefixed { prefix: Bytes::new(), inner }
     }
 
+    pub fn get_ref(&self) -> &IO {
+        &self.inner
+    }
+
+    /// Whether bytes read ahead still wait in front of the IO.
+    pub fn has_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
+
+    /// The IO itself, if nothing read ahead is left in front of it.
+    pub fn into_inner(self) -> Result<IO, Self> {
+        if self.prefix.is_empty() { Ok(self.inner) } else { Err(self) }
+    }
+
     /// Puts `bytes` before whatever is still unread.
     pub fn unread(&mut self, bytes: Bytes) {
         if bytes.is_empty() {
@@ -107,6 +121,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
 pub enum Next {
     /// Bytes arrived (kept in the IO, to be read again).
     Bytes,
+    /// None came within the time it was to wait before it is handed over to wait without a
+    /// task (see [`super::Parked`]).
+    Park,
     /// The client closed, the read failed, the keep-alive timeout passed or the drain wants
     /// the connection closed.
     Close,
@@ -114,7 +131,12 @@ pub enum Next {
 
 /// Waits for a quiet connection's next bytes, holding no buffer but a small one on the
 /// stack while it reads. Nothing is written: a connection closed here had nothing in flight.
-pub async fn next_bytes<IO>(io: &mut Prefixed<IO>, state: &ConnState, keepalive: Duration) -> Next
+pub async fn next_bytes<IO>(
+    io: &mut Prefixed<IO>,
+    state: &ConnState,
+    keepalive: Duration,
+    park_after: Option<Duration>,
+) -> Next
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -141,6 +163,7 @@ where
         },
         () = drain::time_to_close(state) => Next::Close,
         () = state.idle_for(keepalive) => Next::Close,
+        () = tokio::time::sleep(park_after.unwrap_or_default()), if park_after.is_some() => Next::Park,
     };
     if matches!(next, Next::Close) {
         // TLS says close_notify; bounded, as the client may not be reading.

@@ -67,6 +67,11 @@ impl<IO> ParserReplies<IO> {
         }
     }
 
+    /// The IO itself, if none of tern's answer is left unwritten.
+    pub fn into_inner(self) -> Result<IO, Self> {
+        if self.written < self.pending.len() { Err(self) } else { Ok(self.inner) }
+    }
+
     /// tern's replacement, if `buf` is one of hyper's own answers.
     fn replacement(&self, buf: &[u8]) -> Option<Vec<u8>> {
         if !self.at_boundary

@@ -22,6 +22,7 @@ use crate::telemetry::Metrics;
 use crate::{listener, tls};
 
 pub mod fleet;
+mod lot;
 mod wedge;
 mod worker;
 

@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
 use crate::config::{Limits, Listen};
-use crate::http::{ConnInfo, Door, Drain, Handler, Prefixed, Server, Wire};
+use crate::http::{ConnInfo, Door, Drain, Handler, Prefixed, Served, Server, Wire};
 use crate::listener::proxy_protocol::{self, Header, Refused};
 use crate::net::Prefix;
 use crate::routing::Router;
@@ -33,6 +34,8 @@ use crate::upstream::{Pool, PoolConfig};
 use crate::watchdog::spin::{Counted, Guarded, Progress};
 use crate::watchdog::{Beat, Parking, Watchdog, keep_beating};
 
+use super::lot::{self, Lot};
+
 /// One accepted connection.
 pub(super) struct Job {
     pub stream: TcpStream,
@@ -41,9 +44,113 @@ pub(super) struct Job {
     pub door: Door,
     /// A `proxy_protocol` listener's trusted sources: a PROXY header comes first.
     pub proxy_from: Option<Arc<[Prefix]>>,
-    pub label: Arc<str>,
-    pub permit: OwnedSemaphorePermit,
+    pub ticket: Ticket,
 }
+
+/// What an open connection holds for as long as it is open, parked or not: its place under
+/// `max_connections`, and its count in `tern_open_connections` and in the worker's load.
+pub(super) struct Ticket {
+    _permit: OwnedSemaphorePermit,
+    _gauge: OpenGauge,
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A TLS client connection once its handshake is done.
+type TlsIo = tokio_rustls::server::TlsStream<tls::Replay<Prefixed<Counted<TcpStream>>>>;
+
+/// What serves an HTTP connection again after it was parked, besides its socket.
+pub(super) struct Conn {
+    peer: SocketAddr,
+    local: SocketAddr,
+    door: Door,
+    tls: bool,
+    wire: Wire,
+    /// The busy-loop guard's count of its bytes (see [`Guarded`]).
+    progress: Progress,
+    _ticket: Ticket,
+}
+
+/// A parked connection's socket, as its protocol left it.
+pub(super) enum Held {
+    /// Taken out of Tokio's reactor.
+    Plain(std::net::TcpStream),
+    /// Its TLS state with it (rustls's, about 7 KB); the socket stays registered with Tokio.
+    Tls(Box<TlsIo>),
+}
+
+/// A connection in the lot.
+pub(super) struct Rest {
+    held: Held,
+    conn: Conn,
+}
+
+impl lot::Car for Rest {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match &self.held {
+            Held::Plain(socket) => socket.as_fd(),
+            Held::Tls(tls) => tls.get_ref().0.get_ref().get_ref().get_ref().as_fd(),
+        }
+    }
+
+    fn close(self) {
+        // A TLS client is told with close_notify, written without waiting: a few bytes into
+        // an idle socket's empty send buffer.
+        if let Held::Tls(mut tls) = self.held {
+            let Ok(fd) = tls.get_ref().0.get_ref().get_ref().get_ref().as_fd().try_clone_to_owned() else {
+                return;
+            };
+            let mut socket = std::net::TcpStream::from(fd);
+            let session = tls.get_mut().1;
+            session.send_close_notify();
+            while session.wants_write() && session.write_tls(&mut socket).is_ok_and(|n| n > 0) {}
+        }
+    }
+}
+
+/// How a connection's I/O goes into the lot and comes back out.
+trait Parkable: Sized + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    /// Its socket for the lot; itself back if it cannot be parked now (bytes read ahead
+    /// wait in front of it), `None` if the socket failed.
+    fn hold(self) -> Result<Option<Held>, Self>;
+    fn unhold(held: Held, progress: &Progress) -> Option<Self>;
+}
+
+impl Parkable for Prefixed<Counted<TcpStream>> {
+    fn hold(self) -> Result<Option<Held>, Self> {
+        Ok(self.into_inner()?.into_inner().into_std().ok().map(Held::Plain))
+    }
+
+    fn unhold(held: Held, progress: &Progress) -> Option<Self> {
+        match held {
+            Held::Plain(socket) => {
+                Some(Prefixed::new(Counted::new(TcpStream::from_std(socket).ok()?, progress.clone())))
+            }
+            Held::Tls(_) => None,
+        }
+    }
+}
+
+impl Parkable for Box<TlsIo> {
+    fn hold(self) -> Result<Option<Held>, Self> {
+        Ok(Some(Held::Tls(self)))
+    }
+
+    fn unhold(held: Held, _: &Progress) -> Option<Self> {
+        match held {
+            Held::Tls(tls) => Some(tls),
+            Held::Plain(_) => None,
+        }
+    }
+}
+
+/// The worker's parking lot, if the kernel gave it one.
+type SharedLot = Option<Arc<Lot<Rest>>>;
 
 /// What every worker shares.
 #[derive(Clone)]
@@ -197,6 +304,7 @@ async fn run(
     keep_reaping(&deps, &pool);
     let handler = handler(&deps, pool, &tasks);
     let deps = Arc::new(deps);
+    let lot = open_lot(&deps, &handler, &tasks);
     let mut accepting = Vec::with_capacity(listeners.len());
     for ((std_listener, listen), beat) in listeners.into_iter().zip(beats.accept) {
         let addr = std_listener.local_addr().unwrap_or(listen.addr);
@@ -208,27 +316,23 @@ async fn run(
             }
         };
         let label: Arc<str> = Arc::from(addr.to_string());
-        let (deps2, handler, open, tasks, conn_label) =
-            (deps.clone(), handler.clone(), open.clone(), tasks.clone(), label.clone());
+        let (deps2, handler, open, tasks, conn_label, lot) =
+            (deps.clone(), handler.clone(), open.clone(), tasks.clone(), label.clone(), lot.clone());
         let (tls, door) = (listen.tls, Door::of(&listen));
         let proxy_from: Option<Arc<[Prefix]>> =
             listen.proxy_protocol.then(|| listen.proxy_protocol_from.clone().into());
         let on_accept = move |stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
             open.fetch_add(1, Ordering::Relaxed);
-            let job = Job {
-                stream,
-                peer,
-                tls,
-                door,
-                proxy_from: proxy_from.clone(),
-                label: conn_label.clone(),
-                permit,
+            let ticket = Ticket {
+                _permit: permit,
+                // Counted open for as long as this runs, however it ends (cancelled at
+                // shutdown too), parked or not.
+                _gauge: OpenGauge::inc(deps2.metrics.open_connections.with_label_values(&[&conn_label])),
+                open: open.clone(),
             };
-            let (deps, handler, open) = (deps2.clone(), handler.clone(), open.clone());
-            tasks.spawn(async move {
-                connection(&deps, handler, job).await;
-                open.fetch_sub(1, Ordering::Relaxed);
-            });
+            let job = Job { stream, peer, tls, door, proxy_from: proxy_from.clone(), ticket };
+            let (deps, handler, lot) = (deps2.clone(), handler.clone(), lot.clone());
+            tasks.spawn(async move { connection(&deps, handler, &lot, job).await });
         };
         accepting.push(tokio::spawn(crate::listener::accept_loop(
             listener,
@@ -369,7 +473,8 @@ async fn serve_tcp(
     let Some(route) = deps.server.route_tcp(&mut stream, &info, &handler).await else { return };
     let info = ConnInfo { tls: route.handling.tls, app: Some(route.app.name.clone()), ..info };
     match route.handling {
-        h if h.http && h.tls => Box::pin(serve_tls(deps, stream, info, handler)).await,
+        // Not parked: the app it is pinned to would be lost.
+        h if h.http && h.tls => Box::pin(serve_tls(deps, stream, info, handler, None)).await,
         h if h.http => Box::pin(deps.server.serve(stream, info, handler, Wire::Sniff)).await,
         h if h.tls => match Box::pin(deps.handshake(stream, &deps.tls_raw)).await {
             Ok(tls) => Box::pin(deps.server.relay_tcp(tls, &route, peer, local, &handler)).await,
@@ -379,8 +484,15 @@ async fn serve_tcp(
     }
 }
 
-/// A TLS connection: its handshake, then HTTP in the protocol ALPN chose.
-async fn serve_tls(deps: &Deps, stream: Prefixed<Counted<TcpStream>>, info: ConnInfo, handler: Arc<Handler>) {
+/// A TLS connection: its handshake, then HTTP in the protocol ALPN chose. With `parking`
+/// (its lot and what serves it again), HTTP/1.1 waits in the lot between requests.
+async fn serve_tls(
+    deps: &Deps,
+    stream: Prefixed<Counted<TcpStream>>,
+    info: ConnInfo,
+    handler: Arc<Handler>,
+    parking: Option<(&SharedLot, Conn)>,
+) {
     // The handshake's state is boxed and freed once it is done; the stream moves into its
     // serving future before that is awaited. The task keeps room for neither.
     let serving = match Box::pin(deps.handshake(stream, &deps.tls)).await {
@@ -389,18 +501,25 @@ async fn serve_tls(deps: &Deps, stream: Prefixed<Counted<TcpStream>>, info: Conn
                 Some(b"h2") => Wire::Http2,
                 _ => Wire::Http1,
             };
-            Box::pin(deps.server.serve(stream, info, handler, wire))
+            // The stream boxed on its own (1.4 KB): the serving future moves it from one
+            // wrapper to the next, and each move would keep a slot of its size for the
+            // connection's life (8.3 KB of future when it was held inline, 1.9 with the box).
+            let stream = Box::new(stream);
+            let serving: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match parking {
+                Some((lot, conn)) => {
+                    Box::pin(serve_parking(deps, handler, lot, stream, Conn { wire, ..conn }, None))
+                }
+                None => Box::pin(deps.server.serve(stream, info, handler, wire)),
+            };
+            serving
         }
         Err(_) => return,
     };
     serving.await;
 }
 
-async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
-    let Job { stream, peer, tls, door, proxy_from, label, permit } = job;
-    let _permit = permit;
-    // Counted open for as long as this runs, however it ends (cancelled at shutdown too).
-    let _open = OpenGauge::inc(deps.metrics.open_connections.with_label_values(&[&label]));
+async fn connection(deps: &Deps, handler: Arc<Handler>, lot: &SharedLot, job: Job) {
+    let Job { stream, peer, tls, door, proxy_from, ticket } = job;
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
     // The busy-loop guard: every byte read or written counts as progress; a connection
@@ -416,22 +535,101 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, job: Job) {
         },
     };
     let info = ConnInfo::new(peer, local, tls, door);
+    if door.is_tcp() {
+        let _ticket = ticket;
+        let serve = Box::pin(serve_tcp(deps, stream, info, handler));
+        let _ = Guarded::new(serve, progress, "tcp", peer, deps.metrics.clone()).await;
+        return;
+    }
+    let conn =
+        Conn { peer, local, door, tls, wire: Wire::Sniff, progress: progress.clone(), _ticket: ticket };
     // Each protocol's future boxed on its own and only that one made: a connection's task
     // holds its own protocol's state, not room for the largest (a TLS stream's is KBs).
-    let serve: Pin<Box<dyn Future<Output = ()> + Send + '_>> = if door.is_tcp() {
-        Box::pin(serve_tcp(deps, stream, info, handler))
-    } else if tls {
-        Box::pin(serve_tls(deps, stream, info, handler))
-    } else {
-        Box::pin(deps.server.serve(stream, info, handler, Wire::Sniff))
-    };
-    let protocol = match (door, tls) {
-        (Door::Tcp | Door::PrivateTcp, _) => "tcp",
-        (_, true) => "tls",
-        (_, false) => "http",
-    };
+    if !tls {
+        return Box::pin(serve_parking(deps, handler, lot, stream, conn, None)).await;
+    }
+    let serve = Box::pin(serve_tls(deps, stream, info, handler, Some((lot, conn))));
     // A spinning connection is logged and counted by the guard; dropping it closes it.
-    let _ = Guarded::new(serve, progress, protocol, peer, deps.metrics.clone()).await;
+    let _ = Guarded::new(serve, progress, "tls", peer, deps.metrics.clone()).await;
+}
+
+/// An HTTP connection (plain, or TLS once its handshake is done), served until it closes or
+/// is parked in the worker's lot; `seat` is its place in the drain if it was parked before.
+async fn serve_parking<IO: Parkable>(
+    deps: &Deps,
+    handler: Arc<Handler>,
+    lot: &SharedLot,
+    mut io: IO,
+    mut conn: Conn,
+    mut seat: Option<crate::http::drain::Seat>,
+) {
+    // Handed back to be parked only if there is a lot to park it in; one the lot refuses
+    // waits in this task from then on.
+    let mut parks = lot.is_some();
+    let protocol = if conn.tls { "tls" } else { "http" };
+    loop {
+        let info = ConnInfo::new(conn.peer, conn.local, conn.tls, conn.door);
+        let serve = Box::pin(deps.server.serve_or_park(io, info, handler.clone(), conn.wire, seat, parks));
+        // A spinning connection is logged and counted by the guard; dropping it closes it.
+        let guarded = Guarded::new(serve, conn.progress.clone(), protocol, conn.peer, deps.metrics.clone());
+        let Ok(Served::Parked(parked)) = guarded.await else { return };
+        let Some(lot) = lot else { return };
+        conn.wire = parked.wire;
+        let held = match parked.io.hold() {
+            Ok(Some(held)) => held,
+            Ok(None) => return,
+            Err(io_back) => {
+                (io, seat, parks) = (io_back, Some(parked.seat), false);
+                continue;
+            }
+        };
+        let rest = Rest { held, conn };
+        let back = match lot.park(lot::Parked { seat: parked.seat, quiet_until: parked.quiet_until, rest }) {
+            Ok(()) => return,
+            Err(back) => back,
+        };
+        parks = false;
+        let Rest { held, conn: again } = back.rest;
+        let Some(unheld) = IO::unhold(held, &again.progress) else { return };
+        (io, conn, seat) = (unheld, again, Some(back.seat));
+    }
+}
+
+/// A parked connection whose client sent something (or closed): served again.
+async fn resume(deps: Arc<Deps>, handler: Arc<Handler>, lot: SharedLot, parked: lot::Parked<Rest>) {
+    let lot::Parked { seat, rest: Rest { held, conn }, .. } = parked;
+    match held {
+        Held::Plain(socket) => {
+            let Ok(socket) = TcpStream::from_std(socket) else { return };
+            let io = Prefixed::new(Counted::new(socket, conn.progress.clone()));
+            Box::pin(serve_parking(&deps, handler, &lot, io, conn, Some(seat))).await;
+        }
+        Held::Tls(tls) => Box::pin(serve_parking(&deps, handler, &lot, tls, conn, Some(seat))).await,
+    }
+}
+
+/// The worker's parking lot, and the task that waits on it until the drain has closed what
+/// it holds.
+fn open_lot(deps: &Arc<Deps>, handler: &Arc<Handler>, tasks: &TaskTracker) -> SharedLot {
+    let lot = match Lot::new(deps.metrics.connections_parked_now.clone()) {
+        Ok(lot) => Arc::new(lot),
+        Err(e) => {
+            tracing::warn!(target: "tern::proxy", error = %e,
+                "no parking lot: quiet connections keep a task each");
+            return None;
+        }
+    };
+    let (deps, handler, waiting, spawner) = (deps.clone(), handler.clone(), lot.clone(), tasks.clone());
+    tasks.spawn(async move {
+        let drain = deps.drain.clone();
+        let shared = Some(waiting.clone());
+        waiting
+            .run(async move { drain.begun().await }, |parked| {
+                spawner.spawn(resume(deps.clone(), handler.clone(), shared.clone(), parked));
+            })
+            .await;
+    });
+    Some(lot)
 }
 
 /// One open connection in `tern_open_connections`, until dropped.

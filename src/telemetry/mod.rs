@@ -33,6 +33,7 @@ pub struct Metrics {
     pub connections: IntCounterVec,
     pub connections_rejected: IntCounter,
     pub connections_parked: IntCounter,
+    pub connections_parked_now: prometheus::IntGauge,
     pub proxy_protocol_refused: IntCounterVec,
     pub tcp_refused: IntCounterVec,
     pub tcp_relayed: IntCounter,
@@ -131,6 +132,11 @@ impl Metrics {
             connections_rejected: IntCounter::new(
                 "tern_connections_at_limit_total",
                 "Times the accept loop paused because max_connections were open.",
+            )?,
+            connections_parked_now: prometheus::IntGauge::new(
+                "tern_connections_parked",
+                "Quiet HTTP/1.1 connections (plain or TLS) waiting in a worker's parking lot, with \
+                 no task of their own, for their client's next bytes.",
             )?,
             connections_parked: IntCounter::new(
                 "tern_connections_parked_total",
@@ -360,6 +366,7 @@ impl Metrics {
         r.register(Box::new(self.connections.clone()))?;
         r.register(Box::new(self.connections_rejected.clone()))?;
         r.register(Box::new(self.connections_parked.clone()))?;
+        r.register(Box::new(self.connections_parked_now.clone()))?;
         r.register(Box::new(self.proxy_protocol_refused.clone()))?;
         r.register(Box::new(self.tcp_refused.clone()))?;
         r.register(Box::new(self.tcp_relayed.clone()))?;

@@ -124,6 +124,10 @@ impl<IO> Replay<IO> {
     pub fn new(ahead: Vec<u8>, inner: IO) -> Self {
         Replay { ahead, at: 0, inner }
     }
+
+    pub fn get_ref(&self) -> &IO {
+        &self.inner
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Replay<IO> {

@@ -246,3 +246,71 @@ async fn read_response(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (S
     buf.drain(..head_end + len);
     (head, body)
 }
+
+/// Keep-alive connections quiet long enough to wait in a worker's parking lot (with no task
+/// of their own) still end at their times in the drain, spread over the window, each closed
+/// cleanly without a byte; the drain counts them, and nothing has to be cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_connections_end_at_their_times_in_the_drain() {
+    const PARKED: usize = 8;
+    let b = Backend::start("m1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rib.db");
+    harness::apply_decl(&db, &app_decl("live", &["live.test"], &[("m1", b.addr, "started")], ""));
+    let config = dir.path().join("tern.toml");
+    let extra = format!("[shutdown]\ndrain_window = \"{}ms\"\n", WINDOW.as_millis());
+    std::fs::write(&config, harness::node_config(&db, &extra) + "format = \"json\"\n").unwrap();
+    let mut tern = ServeProcess::start(&config).await;
+    let mut conns = Vec::new();
+    let mut buf = Vec::new();
+    for _ in 0..PARKED {
+        let mut tcp = tokio::net::TcpStream::connect(tern.http).await.unwrap();
+        tcp.write_all(b"GET /id HTTP/1.1\r\nhost: live.test\r\n\r\n").await.unwrap();
+        let (head, _) = read_response(&mut tcp, &mut buf).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        conns.push(tcp);
+    }
+    let admin = tern.admin;
+    let parked = || async move {
+        let m = reqwest::get(format!("http://{admin}/metrics")).await.ok()?.text().await.ok()?;
+        m.lines().find_map(|l| l.strip_prefix("tern_connections_parked ")?.parse::<usize>().ok())
+    };
+    eventually(Duration::from_secs(10), || async { (parked().await? == PARKED).then_some(()) })
+        .await
+        .expect("the quiet connections never all waited in the lot");
+
+    let start = Instant::now();
+    std::process::Command::new("kill").args(["-TERM", &tern.pid().to_string()]).status().unwrap();
+    // Each read on its own task: a close is timed when it happens, not after the ones before.
+    let closing: Vec<_> = conns
+        .into_iter()
+        .map(|mut tcp| {
+            tokio::spawn(async move {
+                let mut rest = Vec::new();
+                let read = tokio::time::timeout(WINDOW * 3, tcp.read_to_end(&mut rest)).await;
+                assert_eq!(read.expect("never closed").expect("a reset, not a close"), 0, "{rest:?}");
+                start.elapsed()
+            })
+        })
+        .collect();
+    let mut ends = Vec::new();
+    for c in closing {
+        ends.push(c.await.unwrap());
+    }
+    ends.sort_unstable();
+    let ms: Vec<u128> = ends.iter().map(Duration::as_millis).collect();
+    println!("closed at (ms after SIGTERM): {ms:?}");
+    assert!(ends[PARKED - 1] <= WINDOW + Duration::from_secs(1), "ended after the window: {ms:?}");
+    assert!(ends[PARKED - 1] - ends[0] >= WINDOW / 2, "not spread over the window: {ms:?}");
+    let status = tokio::time::timeout(Duration::from_secs(20), tern.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut finished = None;
+    while let Some(v) = tern.logs.recv().await {
+        if v["message"].as_str().unwrap_or("").starts_with("drain finished") {
+            finished = Some(v);
+        }
+    }
+    let finished = finished.expect("no drain finished line");
+    assert!(finished["h1"].as_u64().unwrap() >= PARKED as u64, "{finished}");
+    assert_eq!(finished["cut"], false, "{finished}");
+}

@@ -929,10 +929,46 @@ async fn a_parked_tls_connection_serves_its_next_request() {
     tls.write_all(get).await.unwrap();
     assert_eq!(read_response(&mut tls, &mut buf).await.status(), 200);
     parked_at_least(&proxy, 1.0).await;
+    // With no task of its own: in its worker's lot, its TLS state with it.
+    in_the_lot(&proxy, 1.0).await;
     tls.write_all(get).await.unwrap();
     let r = read_response(&mut tls, &mut buf).await;
     assert_eq!((r.status(), r.body.as_slice()), (200, b"plain".as_slice()));
     assert_eq!(m.heads().len(), 2);
+    // Parked again after its second request, and served again.
+    in_the_lot(&proxy, 1.0).await;
+    tls.write_all(get).await.unwrap();
+    assert_eq!(read_response(&mut tls, &mut buf).await.status(), 200);
+    assert_eq!(m.heads().len(), 3);
+}
+
+/// `tern_connections_parked` (connections in the workers' lots), once it is `n`.
+async fn in_the_lot(proxy: &Proxy, n: f64) {
+    eventually(LIMIT, || async {
+        (metric(&proxy.metrics().await, "tern_connections_parked") == n).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("never {n} connections in the lot"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_closed_in_the_lot_gets_close_notify() {
+    let ca = Ca::new();
+    let m = RawMachine::start(ok_plain).await;
+    let decl = app_decl("app", &["app.test"], &[("m1", m.addr, "started")], "")
+        + &ca.decl("app.test", &["app.test"]);
+    let proxy = Proxy::start_with(&decl, "[limits]\nkeepalive_timeout = \"2s\"\n").await;
+    let mut tls = tls_with_alpn(&ca, &proxy, &[b"http/1.1"]).await;
+    let mut buf = Vec::new();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    assert_eq!(read_response(&mut tls, &mut buf).await.status(), 200);
+    in_the_lot(&proxy, 1.0).await;
+    // Closed at the keep-alive limit by the lot: a clean TLS end (rustls's client calls an
+    // end without close_notify an error), nothing more.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(LIMIT, tls.read_to_end(&mut rest)).await.expect("never closed");
+    assert_eq!(read.expect("an end without close_notify"), 0, "{:?}", String::from_utf8_lossy(&rest));
+    in_the_lot(&proxy, 0.0).await;
 }
 
 /// One HTTP/2 frame: length, type, flags, stream id, payload.
