@@ -131,7 +131,7 @@ pub enum Wire {
     Http2,
 }
 
-/// A quiet plain HTTP/1.1 connection handed back to its caller, to wait for its next bytes
+/// A quiet HTTP/1.1 connection (plain or TLS) handed back to its caller, to wait for its next bytes
 /// without a task of its own: nothing in flight, nothing read ahead, nothing unwritten.
 /// [`Server::serve_or_park`] takes it up again.
 pub struct Parked<IO> {
@@ -211,7 +211,7 @@ impl Server {
         let _ = self.serve_or_park(io, info, handler, wire, None, false).await;
     }
 
-    /// [`Self::serve`], except that with `hands_back` a quiet plain HTTP/1.1 connection is
+    /// [`Self::serve`], except that with `hands_back` a quiet HTTP/1.1 connection is
     /// handed back ([`Served::Parked`]) to wait without a task, rather than waiting here;
     /// `seat` is a parked connection's, when it is taken up again.
     pub async fn serve_or_park<IO>(
