@@ -494,9 +494,12 @@ async fn serve_tls(
     parking: Option<(&SharedLot, Conn)>,
 ) {
     // The handshake's state is boxed and freed once it is done; the stream moves into its
-    // serving future before that is awaited. The task keeps room for neither.
-    let serving = match Box::pin(deps.handshake(stream, &deps.tls)).await {
-        Ok(stream) => {
+    // serving future before that is awaited. The task keeps room for neither. A spinning
+    // handshake is closed by its guard; what serves the connection after it has its own.
+    let progress = stream.get_ref().progress().clone();
+    let handshake = Box::pin(deps.handshake(stream, &deps.tls));
+    let serving = match Guarded::new(handshake, progress, "tls", info.peer, deps.metrics.clone()).await {
+        Ok(Ok(stream)) => {
             let wire = match stream.get_ref().1.alpn_protocol() {
                 Some(b"h2") => Wire::Http2,
                 _ => Wire::Http1,
@@ -513,7 +516,7 @@ async fn serve_tls(
             };
             serving
         }
-        Err(_) => return,
+        Ok(Err(_)) | Err(_) => return,
     };
     serving.await;
 }
@@ -548,9 +551,8 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, lot: &SharedLot, job: Jo
     if !tls {
         return Box::pin(serve_parking(deps, handler, lot, stream, conn, None)).await;
     }
-    let serve = Box::pin(serve_tls(deps, stream, info, handler, Some((lot, conn))));
-    // A spinning connection is logged and counted by the guard; dropping it closes it.
-    let _ = Guarded::new(serve, progress, "tls", peer, deps.metrics.clone()).await;
+    // Guarded inside, each part on its own: a connection in the lot has no task to guard.
+    Box::pin(serve_tls(deps, stream, info, handler, Some((lot, conn)))).await;
 }
 
 /// An HTTP connection (plain, or TLS once its handshake is done), served until it closes or

@@ -72,6 +72,11 @@ impl<IO> Counted<IO> {
         &self.io
     }
 
+    /// The count its bytes go to.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
     pub fn into_inner(self) -> IO {
         self.io
     }
