@@ -537,10 +537,9 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, lot: &SharedLot, job: Jo
             None => return,
         },
     };
-    let info = ConnInfo::new(peer, local, tls, door);
     if door.is_tcp() {
         let _ticket = ticket;
-        let serve = Box::pin(serve_tcp(deps, stream, info, handler));
+        let serve = Box::pin(serve_tcp(deps, stream, ConnInfo::new(peer, local, tls, door), handler));
         let _ = Guarded::new(serve, progress, "tcp", peer, deps.metrics.clone()).await;
         return;
     }
@@ -552,6 +551,7 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, lot: &SharedLot, job: Jo
         return Box::pin(serve_parking(deps, handler, lot, stream, conn, None)).await;
     }
     // Guarded inside, each part on its own: a connection in the lot has no task to guard.
+    let info = ConnInfo::new(peer, local, tls, door);
     Box::pin(serve_tls(deps, stream, info, handler, Some((lot, conn)))).await;
 }
 
