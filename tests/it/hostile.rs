@@ -951,6 +951,25 @@ async fn in_the_lot(proxy: &Proxy, n: f64) {
     .unwrap_or_else(|| panic!("never {n} connections in the lot"));
 }
 
+/// A client that half-closes a connection waiting in the lot gets it closed, with nothing
+/// more written, and the lot lets it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closing_a_connection_in_the_lot_ends_it() {
+    let m = RawMachine::start(ok_plain).await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", m.addr, "started")], "")).await;
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    let mut buf = Vec::new();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    assert_eq!(read_response(&mut tcp, &mut buf).await.status(), 200);
+    in_the_lot(&proxy, 1.0).await;
+    tcp.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(LIMIT, tcp.read_to_end(&mut rest)).await.expect("never closed").unwrap();
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&rest));
+    in_the_lot(&proxy, 0.0).await;
+    assert_eq!(m.heads().len(), 1, "nothing more reached the machine");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_connection_closed_in_the_lot_gets_close_notify() {
     let ca = Ca::new();
