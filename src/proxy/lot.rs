@@ -3,9 +3,10 @@
 //!
 //! A connection parked by [`crate::http::park`] gave hyper's state back but still kept a
 //! task and its serving future (about 3 KB). Handed to the lot it keeps its socket, its
-//! addresses, its place in the drain and its limits: a plain one about 200 bytes, its socket
-//! taken out of Tokio's reactor; a TLS one its TLS state too (rustls's, about 7 KB), its
-//! socket left registered with Tokio. One task waits on all of them through an epoll set of
+//! addresses, its place in the drain and its limits, its socket taken out of Tokio's reactor:
+//! a plain one about 200 bytes; a TLS one its TLS session too (rustls's keys and state,
+//! about 4.5 KB; its buffers are freed, see [`crate::tls::Stream`]). One task waits on all of
+//! them through an epoll set of
 //! the lot's own: when a client sends (or closes), its connection gets a task again and is
 //! served from where it stood; when its keep-alive limit passes, or its time in a drain
 //! comes, the lot closes it (TLS with close_notify).

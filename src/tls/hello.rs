@@ -10,11 +10,7 @@
 //! Anything that is not a handshake record is passed on untouched, for rustls to refuse
 //! with the alert it chooses.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The largest ClientHello (handshake header included) rustls can take once re-framed:
 /// 64 KiB less five record headers, less the byte rustls keeps free.
@@ -111,70 +107,6 @@ fn reframe(message: &[u8], version: [u8; 2]) -> Vec<u8> {
         out.extend_from_slice(chunk);
     }
     out
-}
-
-/// The connection with the bytes read ahead put back in front.
-pub struct Replay<IO> {
-    ahead: Vec<u8>,
-    at: usize,
-    inner: IO,
-}
-
-impl<IO> Replay<IO> {
-    pub fn new(ahead: Vec<u8>, inner: IO) -> Self {
-        Replay { ahead, at: 0, inner }
-    }
-
-    pub fn get_ref(&self) -> &IO {
-        &self.inner
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Replay<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.at < self.ahead.len() {
-            let n = buf.remaining().min(self.ahead.len() - self.at);
-            let at = self.at;
-            buf.put_slice(&self.ahead[at..at + n]);
-            self.at += n;
-            if self.at == self.ahead.len() {
-                self.ahead = Vec::new();
-                self.at = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Replay<IO> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

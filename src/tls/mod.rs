@@ -9,7 +9,8 @@
 //! hello without a word.
 
 mod hello;
-pub use hello::Replay;
+mod stream;
+pub use stream::{Session, Stream};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +19,6 @@ use rustls::ServerConfig;
 use rustls::server::{Acceptor, ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio_rustls::LazyConfigAcceptor;
-use tokio_rustls::server::TlsStream;
 
 use crate::catalog::Catalog;
 use crate::telemetry::Metrics;
@@ -89,6 +88,13 @@ pub async fn peek_sni<IO: AsyncRead + Unpin>(io: &mut IO) -> Option<(Vec<u8>, Op
 /// The server name in the ClientHello at the start of `first` (as [`hello`] gathers it:
 /// one record, or the records re-framed), read by rustls's own parser.
 pub fn sni_of(first: &[u8]) -> Option<String> {
+    let name = hello_server_name(first)??.trim_end_matches('.').to_ascii_lowercase();
+    (!name.is_empty()).then_some(name)
+}
+
+/// What the ClientHello at the start of `first` asks for: `None` if it is not one rustls can
+/// read, `Some(None)` if it names no server.
+fn hello_server_name(first: &[u8]) -> Option<Option<String>> {
     let mut acceptor = Acceptor::default();
     let mut rest = first;
     while !rest.is_empty() {
@@ -98,8 +104,7 @@ pub fn sni_of(first: &[u8]) -> Option<String> {
         }
     }
     let accepted = acceptor.accept().ok()??;
-    let name = accepted.client_hello().server_name()?.trim_end_matches('.').to_ascii_lowercase();
-    (!name.is_empty()).then_some(name)
+    Some(accepted.client_hello().server_name().map(str::to_owned))
 }
 
 /// The fuzz target's property for the SNI peek: any client bytes either give a first
@@ -160,7 +165,7 @@ pub async fn accept<IO>(
     catalog: &Catalog,
     timeout: Duration,
     metrics: &Metrics,
-) -> Result<TlsStream<hello::Replay<IO>>, HandshakeFailure>
+) -> Result<Stream<IO>, HandshakeFailure>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -176,21 +181,22 @@ where
             }
             Err(hello::HelloError::Io) => return Err(HandshakeFailure::Protocol),
         };
-        let io = hello::Replay::new(first, io);
-        let start =
-            LazyConfigAcceptor::new(Acceptor::default(), io).await.map_err(|_| HandshakeFailure::Protocol)?;
-        let known = match start.client_hello().server_name() {
-            None => Err(HandshakeFailure::NoSni),
-            Some(name) => lookup(&catalog.load(), name).map(|_| ()).ok_or(HandshakeFailure::UnknownSni),
+        // A hello rustls cannot read goes on to the handshake, which refuses it with the
+        // alert rustls chooses.
+        let known = match hello_server_name(&first) {
+            None => Ok(()),
+            Some(None) => Err(HandshakeFailure::NoSni),
+            Some(Some(name)) => {
+                lookup(&catalog.load(), &name).map(|_| ()).ok_or(HandshakeFailure::UnknownSni)
+            }
         };
         if let Err(reason) = known {
-            let mut io = start.io;
             // Best effort: the client may already be gone, and we close either way.
             let _ = io.write_all(&UNRECOGNIZED_NAME_ALERT).await;
             let _ = io.shutdown().await;
             return Err(reason);
         }
-        start.into_stream(config).await.map_err(|_| HandshakeFailure::Protocol)
+        Stream::handshake(io, first, config).await.map_err(|_| HandshakeFailure::Protocol)
     })
     .await;
     let outcome = result.unwrap_or(Err(HandshakeFailure::Timeout));
