@@ -8,6 +8,8 @@
 #   TERN=/path/to/tern TERN_BEFORE=/path/to/old/tern benches/load/run.sh
 #   SKIP_IDLE=1 SKIP_RATE=1 KEEP=1 …                     (skip parts; keep the work dir)
 #   SCENARIOS="h1 tls" RATE=10000 …                      (some scenarios; a fixed rate of your own)
+#   IDLE_PROXIES="tern" IDLE_MODES=plain IDLE_ARGS="--requests 0" …   (the idle run for some
+#                                                        proxies and modes; bench_idle's options)
 #
 # CPU 0 (PIN_LOAD) runs the backend (an nginx with one worker answering 1 KiB) and every load
 # generator; CPU 1 (PIN_PROXY) runs the proxy under test, each proxy with one worker, all of
@@ -450,7 +452,7 @@ idle_run() {
   rss0=$(settled_rss "${PID[$p]}"); pss0=$(pss_kib "${PID[$p]}"); fd0=$(fds "${PID[$p]}")
   rm -f "$work/idle.in"; mkfifo "$work/idle.in"
   t0=$SECONDS
-  taskset -c "$PIN_LOAD" "$IDLE_BIN" --addr "127.0.0.1:$port" $flag --conns "$IDLE_CONNS" <"$work/idle.in" >"$work/idle.out" 2>&1 & ipid=$!
+  taskset -c "$PIN_LOAD" "$IDLE_BIN" --addr "127.0.0.1:$port" $flag --conns "$IDLE_CONNS" ${IDLE_ARGS:-} <"$work/idle.in" >"$work/idle.out" 2>&1 & ipid=$!
   exec 7>"$work/idle.in"
   until grep -q '^ready' "$work/idle.out"; do
     kill -0 "$ipid" 2>/dev/null || { echo "bench_idle died: $(cat "$work/idle.out")" >&2; exit 1; }
@@ -554,10 +556,14 @@ details() {
   for p in "${!WEDGED[@]}"; do
     [ "${WEDGED[$p]}" -eq 0 ] || echo "WARNING: $p's watchdog reported ${WEDGED[$p]} wedge(s) (its log: \"wedged\"); figures taken meanwhile are suspect"
   done
-  if [ -n "${R[idle-tls,tern]:-}" ]; then
-    echo "Idle connections ($IDLE_CONNS each), KiB per connection as RSS / Pss:"
+  if [ -z "${SKIP_IDLE:-}" ]; then
+    echo "Idle connections ($IDLE_CONNS each${IDLE_ARGS:+, bench_idle $IDLE_ARGS}), KiB per connection as RSS / Pss:"
     for p in "${PROXIES[@]}"; do
-      echo "  $p: TLS $(awk '{print $1 " / " $2}' <<<"${R[idle-tls,$p]}"), plain $(awk '{print $1 " / " $2}' <<<"${R[idle-plain,$p]}")"
+      line=""
+      for mode in tls plain; do
+        [ -z "${R[idle-$mode,$p]:-}" ] || line+=" $mode $(awk '{print $1 " / " $2}' <<<"${R[idle-$mode,$p]}"),"
+      done
+      [ -z "$line" ] || echo "  $p:${line%,}"
     done
   fi
 }
@@ -579,9 +585,9 @@ if [ -z "${SKIP_RATE:-}" ]; then
   fixed_rate "$RATE_RPS"
 fi
 if [ -z "${SKIP_IDLE:-}" ]; then
-  for p in "${PROXIES[@]}"; do
-    echo "idle: $p, $IDLE_CONNS TLS then $IDLE_CONNS plain connections" >&2
-    idle_run "$p" tls; idle_run "$p" plain
+  for p in ${IDLE_PROXIES:-${PROXIES[@]}}; do
+    echo "idle: $p, $IDLE_CONNS connections each: ${IDLE_MODES:-tls plain}" >&2
+    for mode in ${IDLE_MODES:-tls plain}; do idle_run "$p" "$mode"; done
   done
 fi
 for p in "${PROXIES[@]}"; do stop "$p"; done
