@@ -63,6 +63,10 @@ pub struct Session {
     peer_closed: bool,
     /// close_notify is queued: nothing more is sent.
     closing: bool,
+    /// rustls failed (its alert, if any, is queued): the session is over, and rustls is not
+    /// driven again (the unbuffered API does not remember a failed record, and would fail on
+    /// it, and alert, a second time).
+    failed: bool,
 }
 
 /// Where driving rustls stopped.
@@ -135,6 +139,7 @@ impl Session {
             eof: false,
             peer_closed: false,
             closing: false,
+            failed: false,
         }))
     }
 
@@ -153,9 +158,13 @@ impl Session {
         write: Option<&[u8]>,
         close: bool,
     ) -> io::Result<Advanced> {
+        if self.failed {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the TLS session failed"));
+        }
         loop {
             let Session { conn, incoming, filled, outgoing, plain, peer_closed, closing, .. } = self;
             let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut incoming[..*filled]);
+            let mut extra_discard = 0;
             let step = match state {
                 Err(e) => Err(tls_error(e)),
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
@@ -163,7 +172,12 @@ impl Session {
                     let mut failed = None;
                     while let Some(record) = traffic.next_record() {
                         let mut payload = match record {
-                            Ok(record) => record.payload,
+                            Ok(record) => {
+                                // Always 0 while rustls decrypts into its own buffers; counted
+                                // as its API asks, for when it decrypts in place.
+                                extra_discard += record.discard;
+                                record.payload
+                            }
                             Err(e) => {
                                 failed = Some(e);
                                 break;
@@ -213,6 +227,7 @@ impl Session {
                 },
                 Ok(_) => Err(io::Error::other("unexpected TLS state (early data is not accepted)")),
             };
+            let discard = discard + extra_discard;
             if discard > 0 {
                 incoming.copy_within(discard..*filled, 0);
                 *filled -= discard;
@@ -221,6 +236,7 @@ impl Session {
                 Ok(None) => continue,
                 Ok(Some(advanced)) => return Ok(advanced),
                 Err(e) => {
+                    self.failed = true;
                     self.queue_alert();
                     return Err(e);
                 }
@@ -229,26 +245,25 @@ impl Session {
     }
 
     /// After a failure rustls queues the fatal alert it chose: into `outgoing`, for the
-    /// caller to send if it can.
+    /// caller to send if it can. rustls hands over what it queued before it looks at the
+    /// input again, so one call takes the alert; it is given the real input all the same
+    /// (rustls keeps offsets into it), and is not called a second time.
     fn queue_alert(&mut self) {
-        for _ in 0..4 {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-            match state {
-                Ok(ConnectionState::EncodeTlsData(mut data)) => {
-                    if append(&mut self.outgoing, |buf| data.encode(buf).map_err(encode_error), 64).is_err() {
-                        return;
-                    }
-                }
-                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-                _ => return,
-            }
+        let Session { conn, incoming, filled, outgoing, .. } = self;
+        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut incoming[..*filled]);
+        if let Ok(ConnectionState::EncodeTlsData(mut data)) = state {
+            let _ = append(outgoing, |buf| data.encode(buf).map_err(encode_error), 64);
+        }
+        if discard > 0 {
+            incoming.copy_within(discard..*filled, 0);
+            *filled -= discard;
         }
     }
 
     /// close_notify, encrypted, to write to the socket as the connection is closed without
     /// waiting (it is parked, and its send buffer is empty).
     pub fn close_notify(&mut self) -> Vec<u8> {
-        if self.closing || self.advance(None, None, true).is_err() {
+        if self.closing || self.failed || self.advance(None, None, true).is_err() {
             return Vec::new();
         }
         let mut out = std::mem::take(&mut self.outgoing);
@@ -287,6 +302,13 @@ impl Session {
 }
 
 /// A TLS server connection over `IO`.
+///
+/// Two rules for whoever drives it, both kept by hyper and by `http::tunnel`:
+/// - Writes are held (up to [`SEND_AT`]) until a flush: write, then flush, before waiting for
+///   the peer's answer.
+/// - Reading and writing are polled from one task: a read also sends what rustls queued on its
+///   own (an answer to a key update), registering the reader's waker for the socket's
+///   writability.
 pub struct Stream<IO> {
     io: IO,
     session: Box<Session>,
@@ -410,7 +432,8 @@ impl<IO> Stream<IO> {
     /// The socket and the session apart, if nothing is waiting in the buffers (which are
     /// freed); itself back if something is.
     pub fn into_parts(self) -> Result<(IO, Box<Session>), Self> {
-        if !self.session.is_idle() || self.session.eof || self.session.peer_closed || self.session.closing {
+        let s = &self.session;
+        if !s.is_idle() || s.eof || s.peer_closed || s.closing || s.failed {
             return Err(self);
         }
         let Stream { io, mut session } = self;
@@ -496,8 +519,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.session.closing {
-            // Without a session to close (a failed one) the socket is shut all the same.
+        if !this.session.closing && !this.session.failed {
+            // Without a session to close (a handshake not done) the socket is shut all the same.
             let _ = this.session.advance(None, None, true);
             this.session.closing = true;
         }
@@ -682,9 +705,25 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 
+    /// The records in `wire`, as (content type, length).
+    fn records(mut wire: &[u8]) -> Vec<(u8, usize)> {
+        let mut out = Vec::new();
+        while wire.len() >= 5 {
+            let len = usize::from(u16::from_be_bytes([wire[3], wire[4]]));
+            out.push((wire[0], len));
+            wire = &wire[(5 + len).min(wire.len())..];
+        }
+        out
+    }
+
     #[tokio::test]
-    async fn a_forged_record_fails_the_read_and_the_client_gets_an_alert() {
-        let (mut server, client) = pair(&rustls::version::TLS13).await;
+    async fn a_forged_record_fails_the_session_once_with_one_alert() {
+        let (mut server, mut client) = pair(&rustls::version::TLS13).await;
+        // One exchange first: the client has read the session tickets, and what it reads
+        // next is all from after the forged record.
+        server.write_all(b"x").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut [0; 1]).await.unwrap();
         let (mut client_io, mut session) = client.into_inner();
         // An application-data record whose tag cannot verify.
         let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x20];
@@ -692,15 +731,38 @@ mod tests {
         client_io.write_all(&forged).await.unwrap();
         let e = server.read(&mut [0; 8]).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
-        let mut buf = vec![0; 256];
-        let n = client_io.read(&mut buf).await.unwrap();
-        let mut read = &buf[..n];
-        session.read_tls(&mut read).unwrap();
+        // The session is over: no second read of the record (nor a second alert), nothing
+        // written after the alert, no close_notify after it, and the socket is shut.
+        assert!(server.read(&mut [0; 8]).await.is_err());
+        assert!(server.write_all(b"after the alert").await.is_err());
+        server.shutdown().await.unwrap();
+        let mut wire = Vec::new();
+        client_io.read_to_end(&mut wire).await.unwrap();
+        assert_eq!(records(&wire).len(), 1, "one record, the alert: {:?}", records(&wire));
+        session.read_tls(&mut &wire[..]).unwrap();
         let err = session.process_new_packets().unwrap_err();
         assert!(
             matches!(err, rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac)),
             "{err:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_hello_record_with_bytes_after_the_hello_is_refused_with_an_alert() {
+        let (server, client) = configs(&rustls::version::TLS13);
+        let mut client = rustls::ClientConnection::new(client, "a.test".try_into().unwrap()).unwrap();
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        // The start of another handshake message (Finished, empty) in the hello's record.
+        hello.extend_from_slice(&[0x14, 0, 0, 0]);
+        let len = u16::from_be_bytes([hello[3], hello[4]]) + 4;
+        hello[3..5].copy_from_slice(&len.to_be_bytes());
+        let (near, mut wire) = tokio::io::duplex(1 << 20);
+        wire.write_all(&hello).await.unwrap();
+        assert!(serve(near, server).await.is_err(), "refused (and no panic)");
+        let mut answer = Vec::new();
+        wire.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(records(&answer).first().map(|r| r.0), Some(0x15), "an alert: {answer:?}");
     }
 
     #[tokio::test]

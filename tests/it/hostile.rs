@@ -838,6 +838,22 @@ async fn failed_handshakes_end_with_an_alert_and_big_hellos_are_read() {
         assert_eq!(kind, 0x16, "{size} in {record}: a handshake record, not an alert: {payload:?}");
         assert_eq!(payload[0], 2, "a ServerHello");
     }
+    // A whole ClientHello followed, in its own record, by the start of another handshake
+    // message: a fatal alert (it once panicked the connection's task instead).
+    let mut client = rustls::ClientConnection::new(
+        Arc::new(ca.client_config(&[b"http/1.1"])),
+        "app.test".try_into().unwrap(),
+    )
+    .unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    hello.extend_from_slice(&[0x14, 0, 0, 0]);
+    let len = u16::from_be_bytes([hello[3], hello[4]]) + 4;
+    hello[3..5].copy_from_slice(&len.to_be_bytes());
+    let mut tcp = TcpStream::connect(proxy.https).await.unwrap();
+    tcp.write_all(&hello).await.unwrap();
+    let (kind, payload) = first_record(&mut tcp).await.expect("an alert for bytes after the hello");
+    assert_eq!((kind, payload[0]), (0x15, 2), "a fatal alert: {payload:?}");
     // A hello that says it is larger than can be buffered: an alert, not silence.
     let mut tcp = TcpStream::connect(proxy.https).await.unwrap();
     let mut huge = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x01, 0x11, 0x70];
