@@ -130,6 +130,40 @@ pub fn fuzz_sni_peek(data: &[u8]) {
     }
 }
 
+/// The fuzz target's property for the server side of a handshake: whatever a client sends
+/// (its first flight as [`hello`] reads it, then the rest), the handshake ends, in a refusal
+/// or a session, never in a panic, and without waiting once the input has all been read. No
+/// certificate is offered, so every handshake is refused once the hello is read: what runs is
+/// the reading of the hello and the failure and alert paths.
+pub fn fuzz_handshake(data: &[u8]) {
+    #[derive(Debug)]
+    struct NoCertificate;
+    impl ResolvesServerCert for NoCertificate {
+        fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            None
+        }
+    }
+    static CONFIG: std::sync::OnceLock<Arc<ServerConfig>> = std::sync::OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .expect("the ring provider supports TLS 1.2 and 1.3")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(NoCertificate));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    });
+    let mut io = tokio::io::join(data, tokio::io::sink());
+    let handshake = std::pin::pin!(async move {
+        let Ok(first) = hello::read(&mut io).await else { return };
+        let _ = Stream::handshake(io, first, config.clone()).await;
+    });
+    // Reading from a slice and writing to a sink never wait: one poll settles it.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(handshake.poll(&mut cx).is_ready(), "the handshake waited with all its input read");
+}
+
 /// Why a handshake failed; also the `reason` label of `tern_tls_handshake_failures_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeFailure {
@@ -265,6 +299,22 @@ mod tests {
         assert_eq!(name.as_deref(), Some("db.example.com"));
         assert_eq!(sni_of(&first).as_deref(), Some("db.example.com"));
         fuzz_sni_peek(&split(&hello, 40));
+    }
+
+    #[test]
+    fn a_handshake_on_any_bytes_ends_without_a_panic() {
+        let hello = client_hello("a.test");
+        // The start of another handshake message after the hello, in its record: this
+        // panicked the stream once (its alert was taken from rustls over an empty buffer).
+        let mut trailing = hello.clone();
+        trailing.extend_from_slice(&[0x14, 0, 0, 0]);
+        let len = u16::from_be_bytes([trailing[3], trailing[4]]) + 4;
+        trailing[3..5].copy_from_slice(&len.to_be_bytes());
+        for data in
+            [&hello[..], &trailing, &split(&hello, 40), b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00", b""]
+        {
+            fuzz_handshake(data);
+        }
     }
 
     #[test]
