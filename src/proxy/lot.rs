@@ -5,8 +5,8 @@
 //! task and its serving future (about 3 KB). Handed to the lot it keeps its socket, its
 //! addresses, its place in the drain and its limits, its socket taken out of Tokio's reactor:
 //! a plain one about 200 bytes; a TLS one its TLS session too (rustls's keys and state,
-//! about 4.5 KB; its buffers are freed, see [`crate::tls::Stream`]). One task waits on all of
-//! them through an epoll set of
+//! about 5 KB, 3.6 KB of it heap; its buffers are freed, see [`crate::tls::Stream`]). One
+//! task waits on all of them through an epoll set of
 //! the lot's own: when a client sends (or closes), its connection gets a task again and is
 //! served from where it stood; when its keep-alive limit passes, or its time in a drain
 //! comes, the lot closes it (TLS with close_notify).

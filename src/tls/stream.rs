@@ -748,6 +748,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_record_longer_than_tls_allows_is_refused_at_its_header() {
+        let (mut server, mut client) = pair(&rustls::version::TLS13).await;
+        server.write_all(b"x").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut [0; 1]).await.unwrap();
+        let (mut client_io, mut session) = client.into_inner();
+        // A header claiming 65,535 bytes, and only the header: refused as it stands, not
+        // buffered while the rest is awaited.
+        client_io.write_all(&[0x17, 0x03, 0x03, 0xff, 0xff]).await.unwrap();
+        let e = server.read(&mut [0; 8]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(server.session.incoming.len() <= READ_ROOM, "grew to {}", server.session.incoming.len());
+        server.shutdown().await.unwrap();
+        let mut wire = Vec::new();
+        client_io.read_to_end(&mut wire).await.unwrap();
+        assert_eq!(records(&wire).len(), 1, "one record, the alert: {:?}", records(&wire));
+        session.read_tls(&mut &wire[..]).unwrap();
+        let err = session.process_new_packets().unwrap_err();
+        assert!(matches!(err, rustls::Error::AlertReceived(_)), "{err:?}");
+    }
+
+    #[tokio::test]
     async fn a_hello_record_with_bytes_after_the_hello_is_refused_with_an_alert() {
         let (server, client) = configs(&rustls::version::TLS13);
         let mut client = rustls::ClientConnection::new(client, "a.test".try_into().unwrap()).unwrap();
