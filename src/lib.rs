@@ -5,6 +5,7 @@
 //! `duration`, `telemetry` and `error` are leaves. [`proxy`] is the composition root.
 
 pub mod admin;
+pub mod alloc;
 pub mod autostart;
 pub mod catalog;
 pub mod clock;

@@ -18,6 +18,8 @@ use tern::rib::{Liveness, Rib, Table};
 
 // A proxy allocates and frees small buffers and headers for every request, on every worker
 // thread at once; mimalloc's thread-local free lists serve that pattern better than glibc's.
+// Built without transparent huge pages (Cargo.toml) and asked to give memory back once
+// connections go quiet (`tern::alloc`).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

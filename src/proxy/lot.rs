@@ -11,6 +11,10 @@
 //! served from where it stood; when its keep-alive limit passes, or its time in a drain
 //! comes, the lot closes it (TLS with close_notify).
 //!
+//! A connection parked frees what served it (hyper's buffers, its task) into its worker's
+//! heap. A second after the first of them parked, the lot hands what was freed back to the
+//! system ([`crate::alloc::give_back`]), so an idle worker does not keep a burst's memory.
+//!
 //! Each socket is registered one-shot: it is reported once and then taken out, so a
 //! connection is never served by two tasks. While a drain runs nothing new is parked (a
 //! connection waits for its time in its own task, as before); what was parked gets its time
@@ -29,6 +33,7 @@ use tokio::time::Instant;
 #[cfg(test)]
 use std::sync::Arc;
 
+use crate::alloc::GIVE_BACK_AFTER;
 use crate::http::drain::Seat;
 
 /// What a lot holds for a connection: a socket to wait on, and what takes it up again.
@@ -67,6 +72,8 @@ pub struct Lot<T> {
     /// A deadline earlier than the one the lot sleeps to was set, or the drain began.
     changed: Notify,
     parked_now: prometheus::IntGauge,
+    /// Returns freed memory to the system, on the lot's thread.
+    give_back: fn(),
 }
 
 struct Spaces<T> {
@@ -80,6 +87,8 @@ struct Spaces<T> {
     count: usize,
     /// A drain began: nothing new is parked.
     draining: bool,
+    /// When freed memory is next given back: set when a connection parks and none is due.
+    give_back_at: Option<Instant>,
 }
 
 struct Slot<T> {
@@ -88,8 +97,10 @@ struct Slot<T> {
 }
 
 impl<T: Car> Lot<T> {
-    /// A lot on the current Tokio runtime. `parked_now` is the gauge of connections in it.
-    pub fn new(parked_now: prometheus::IntGauge) -> std::io::Result<Lot<T>> {
+    /// A lot on the current Tokio runtime. `parked_now` is the gauge of connections in it;
+    /// `give_back` returns freed memory to the system, called [`GIVE_BACK_AFTER`] after a
+    /// connection parks (once for all that park meanwhile).
+    pub fn new(parked_now: prometheus::IntGauge, give_back: fn()) -> std::io::Result<Lot<T>> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         // `new` is deprecated for types that need not own their descriptor; this one owns
         // it and closes it only when dropped, after Tokio let go of it (what `register`,
@@ -104,9 +115,11 @@ impl<T: Car> Lot<T> {
                 deadlines: BinaryHeap::new(),
                 count: 0,
                 draining: false,
+                give_back_at: None,
             }),
             changed: Notify::new(),
             parked_now,
+            give_back,
         })
     }
 
@@ -143,8 +156,12 @@ impl<T: Car> Lot<T> {
         spaces.slots[index as usize].parked = Some(parked);
         spaces.count += 1;
         self.parked_now.inc();
+        let give_back = spaces.give_back_at.is_none();
+        if give_back {
+            spaces.give_back_at = Some(Instant::now() + GIVE_BACK_AFTER);
+        }
         drop(spaces);
-        if earliest.is_none_or(|e| at < e) {
+        if give_back || earliest.is_none_or(|e| at < e) {
             self.changed.notify_one();
         }
         Ok(())
@@ -189,7 +206,11 @@ impl<T: Car> Lot<T> {
                 if drain_seen && spaces.count == 0 {
                     return;
                 }
-                spaces.deadlines.peek().map(|Reverse((at, ..))| *at)
+                let deadline = spaces.deadlines.peek().map(|Reverse((at, ..))| *at);
+                match (deadline, spaces.give_back_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
             };
             tokio::select! {
                 guard = self.epoll.readable() => {
@@ -214,7 +235,11 @@ impl<T: Car> Lot<T> {
                         }
                     }
                 }
-                () = sleep_until(next) => self.close_due(Instant::now()),
+                () = sleep_until(next) => {
+                    let now = Instant::now();
+                    self.close_due(now);
+                    self.give_back_due(now);
+                }
                 () = self.changed.notified() => {}
                 () = &mut draining, if !drain_seen => {
                     drain_seen = true;
@@ -244,6 +269,21 @@ impl<T: Car> Lot<T> {
             }
             // Its client had nothing in flight. Once the seat drops, the drain counts it gone.
             parked.rest.close();
+        }
+    }
+
+    /// Gives freed memory back if its time is `now` or past.
+    fn give_back_due(&self, now: Instant) {
+        let due = {
+            let mut spaces = self.spaces.lock();
+            let due = spaces.give_back_at.is_some_and(|at| at <= now);
+            if due {
+                spaces.give_back_at = None;
+            }
+            due
+        };
+        if due {
+            (self.give_back)();
         }
     }
 
@@ -316,7 +356,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_sends_gets_its_connection_back_with_the_bytes_unread() {
-        let lot = Arc::new(Lot::new(gauge()).unwrap());
+        let lot = Arc::new(Lot::new(gauge(), || {}).unwrap());
         let drain = Drain::default();
         let (a, mut client_a) = pair().await;
         let (b, _client_b) = pair().await;
@@ -345,9 +385,53 @@ mod tests {
         run.abort();
     }
 
+    /// How many times this module's `counting_give_back` was called.
+    static GIVEN_BACK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn counting_give_back() {
+        GIVEN_BACK.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_is_given_back_once_a_second_after_connections_park_and_never_while_idle() {
+        let given_back = || GIVEN_BACK.load(std::sync::atomic::Ordering::SeqCst);
+        let lot = Arc::new(Lot::new(gauge(), counting_give_back).unwrap());
+        let drain = Drain::default();
+        let mut pairs = Vec::new();
+        for _ in 0..4 {
+            pairs.push(pair().await);
+        }
+        let waiting = lot.clone();
+        tokio::spawn(
+            async move { waiting.run(std::future::pending(), |_| panic!("nothing was sent")).await },
+        );
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(given_back(), 0, "a lot where nothing parked has nothing to give back");
+        // A burst: three connections park within 600 ms; one call gives back what all freed.
+        let start = Instant::now();
+        let mut clients = Vec::new();
+        for (i, (server, client)) in pairs.drain(..3).enumerate() {
+            assert!(lot.park(parked(&drain, server, Duration::from_secs(3600), i as u32)).is_ok());
+            clients.push(client);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        tokio::time::sleep_until(start + Duration::from_millis(990)).await;
+        assert_eq!(given_back(), 0, "not before a second has passed since the first parked");
+        tokio::time::sleep_until(start + Duration::from_millis(1010)).await;
+        assert_eq!(given_back(), 1);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(given_back(), 1, "once for the burst, then nothing while idle");
+        // The next connection to park starts the clock again.
+        let (server, _client) = pairs.pop().unwrap();
+        assert!(lot.park(parked(&drain, server, Duration::from_secs(3600), 9)).is_ok());
+        tokio::time::sleep(Duration::from_millis(1010)).await;
+        assert_eq!(given_back(), 2);
+        assert_eq!(lot.len(), 4, "giving memory back closes nothing");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_quiet_connection_is_closed_at_its_keep_alive_limit() {
-        let lot = Arc::new(Lot::new(gauge()).unwrap());
+        let lot = Arc::new(Lot::new(gauge(), || {}).unwrap());
         let drain = Drain::default();
         let (server, mut client) = pair().await;
         let start = Instant::now();
@@ -365,7 +449,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn in_a_drain_parked_connections_close_at_their_times_and_none_is_parked() {
-        let lot = Arc::new(Lot::new(gauge()).unwrap());
+        let lot = Arc::new(Lot::new(gauge(), || {}).unwrap());
         let drain = Drain::default();
         let (mut clients, mut start) = (Vec::new(), None);
         for i in 0..2 {

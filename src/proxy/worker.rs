@@ -71,8 +71,6 @@ pub(super) struct Conn {
     door: Door,
     tls: bool,
     wire: Wire,
-    /// The busy-loop guard's count of its bytes (see [`Guarded`]).
-    progress: Progress,
     _ticket: Ticket,
 }
 
@@ -112,7 +110,11 @@ trait Parkable: Sized + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + S
     /// Its socket for the lot; itself back if it cannot be parked now (bytes read ahead
     /// wait in front of it), `None` if the socket failed.
     fn hold(self) -> Result<Option<Held>, Self>;
-    fn unhold(held: Held, progress: &Progress) -> Option<Self>;
+    /// Its socket back from the lot, with a fresh count of progress for the task that serves
+    /// it now (a parked connection keeps no heap of its own).
+    fn unhold(held: Held) -> Option<Self>;
+    /// The busy-loop guard's count of its bytes (see [`Guarded`]).
+    fn progress(&self) -> &Progress;
 }
 
 impl Parkable for Prefixed<Counted<TcpStream>> {
@@ -120,11 +122,15 @@ impl Parkable for Prefixed<Counted<TcpStream>> {
         Ok(self.into_inner()?.into_inner().into_std().ok().map(Held::Plain))
     }
 
-    fn unhold(held: Held, progress: &Progress) -> Option<Self> {
+    fn unhold(held: Held) -> Option<Self> {
         match held {
-            Held::Plain(socket) => Some(socket_io(socket, progress)?),
+            Held::Plain(socket) => Some(socket_io(socket)?),
             Held::Tls(..) => None,
         }
+    }
+
+    fn progress(&self) -> &Progress {
+        self.get_ref().progress()
     }
 }
 
@@ -140,19 +146,21 @@ impl Parkable for TlsIo {
         }
     }
 
-    fn unhold(held: Held, progress: &Progress) -> Option<Self> {
+    fn unhold(held: Held) -> Option<Self> {
         match held {
-            Held::Tls(socket, session) => {
-                Some(tls::Stream::from_parts(socket_io(socket, progress)?, session))
-            }
+            Held::Tls(socket, session) => Some(tls::Stream::from_parts(socket_io(socket)?, session)),
             Held::Plain(_) => None,
         }
     }
+
+    fn progress(&self) -> &Progress {
+        self.get_ref().get_ref().progress()
+    }
 }
 
-/// A socket back from the lot, registered with Tokio again.
-fn socket_io(socket: std::net::TcpStream, progress: &Progress) -> Option<Prefixed<Counted<TcpStream>>> {
-    Some(Prefixed::new(Counted::new(TcpStream::from_std(socket).ok()?, progress.clone())))
+/// A socket back from the lot, registered with Tokio again, its progress counted afresh.
+fn socket_io(socket: std::net::TcpStream) -> Option<Prefixed<Counted<TcpStream>>> {
+    Some(Prefixed::new(Counted::new(TcpStream::from_std(socket).ok()?, Progress::new())))
 }
 
 /// The worker's parking lot, if the kernel gave it one.
@@ -322,8 +330,11 @@ async fn run(
             }
         };
         let label: Arc<str> = Arc::from(addr.to_string());
-        let (deps2, handler, open, tasks, conn_label, lot) =
-            (deps.clone(), handler.clone(), open.clone(), tasks.clone(), label.clone(), lot.clone());
+        // Resolved once per listener: `with_label_values` takes the metric family's lock, which
+        // the accept path should not. Listener series are never removed, so the handle stays live.
+        let gauge = deps.metrics.open_connections.with_label_values(&[&label]);
+        let (deps2, handler, open, tasks, lot) =
+            (deps.clone(), handler.clone(), open.clone(), tasks.clone(), lot.clone());
         let (tls, door) = (listen.tls, Door::of(&listen));
         let proxy_from: Option<Arc<[Prefix]>> =
             listen.proxy_protocol.then(|| listen.proxy_protocol_from.clone().into());
@@ -333,7 +344,7 @@ async fn run(
                 _permit: permit,
                 // Counted open for as long as this runs, however it ends (cancelled at
                 // shutdown too), parked or not.
-                _gauge: OpenGauge::inc(deps2.metrics.open_connections.with_label_values(&[&conn_label])),
+                _gauge: OpenGauge::inc(gauge.clone()),
                 open: open.clone(),
             };
             let job = Job { stream, peer, tls, door, proxy_from: proxy_from.clone(), ticket };
@@ -545,8 +556,7 @@ async fn connection(deps: &Deps, handler: Arc<Handler>, lot: &SharedLot, job: Jo
         let _ = Guarded::new(serve, progress, "tcp", peer, deps.metrics.clone()).await;
         return;
     }
-    let conn =
-        Conn { peer, local, door, tls, wire: Wire::Sniff, progress: progress.clone(), _ticket: ticket };
+    let conn = Conn { peer, local, door, tls, wire: Wire::Sniff, _ticket: ticket };
     // Each protocol's future boxed on its own and only that one made: a connection's task
     // holds its own protocol's state, not room for the largest (a TLS stream's is KBs).
     if !tls {
@@ -573,9 +583,10 @@ async fn serve_parking<IO: Parkable>(
     let protocol = if conn.tls { "tls" } else { "http" };
     loop {
         let info = ConnInfo::new(conn.peer, conn.local, conn.tls, conn.door);
+        let progress = io.progress().clone();
         let serve = Box::pin(deps.server.serve_or_park(io, info, handler.clone(), conn.wire, seat, parks));
         // A spinning connection is logged and counted by the guard; dropping it closes it.
-        let guarded = Guarded::new(serve, conn.progress.clone(), protocol, conn.peer, deps.metrics.clone());
+        let guarded = Guarded::new(serve, progress, protocol, conn.peer, deps.metrics.clone());
         let Ok(Served::Parked(parked)) = guarded.await else { return };
         let Some(lot) = lot else { return };
         conn.wire = parked.wire;
@@ -594,7 +605,7 @@ async fn serve_parking<IO: Parkable>(
         };
         parks = false;
         let Rest { held, conn: again } = back.rest;
-        let Some(unheld) = IO::unhold(held, &again.progress) else { return };
+        let Some(unheld) = IO::unhold(held) else { return };
         (io, conn, seat) = (unheld, again, Some(back.seat));
     }
 }
@@ -604,11 +615,11 @@ async fn resume(deps: Arc<Deps>, handler: Arc<Handler>, lot: SharedLot, parked: 
     let lot::Parked { seat, rest: Rest { held, conn }, .. } = parked;
     match held {
         Held::Plain(socket) => {
-            let Some(io) = socket_io(socket, &conn.progress) else { return };
+            let Some(io) = socket_io(socket) else { return };
             Box::pin(serve_parking(&deps, handler, &lot, io, conn, Some(seat))).await;
         }
         Held::Tls(socket, session) => {
-            let Some(io) = socket_io(socket, &conn.progress) else { return };
+            let Some(io) = socket_io(socket) else { return };
             let tls = tls::Stream::from_parts(io, session);
             Box::pin(serve_parking(&deps, handler, &lot, tls, conn, Some(seat))).await;
         }
@@ -618,7 +629,7 @@ async fn resume(deps: Arc<Deps>, handler: Arc<Handler>, lot: SharedLot, parked: 
 /// The worker's parking lot, and the task that waits on it until the drain has closed what
 /// it holds.
 fn open_lot(deps: &Arc<Deps>, handler: &Arc<Handler>, tasks: &TaskTracker) -> SharedLot {
-    let lot = match Lot::new(deps.metrics.connections_parked_now.clone()) {
+    let lot = match Lot::new(deps.metrics.connections_parked_now.clone(), crate::alloc::give_back) {
         Ok(lot) => Arc::new(lot),
         Err(e) => {
             tracing::warn!(target: "tern::proxy", error = %e,
