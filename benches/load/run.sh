@@ -10,6 +10,8 @@
 #   SCENARIOS="h1 tls" RATE=10000 …                      (some scenarios; a fixed rate of your own)
 #   IDLE_PROXIES="tern" IDLE_MODES=plain IDLE_ARGS="--requests 0" …   (the idle run for some
 #                                                        proxies and modes; bench_idle's options)
+#   IDLE_SMAPS=1 KEEP=1 …                               (each idle run's /proc/PID/smaps before
+#                                                        and after, kept in the work directory)
 #
 # CPU 0 (PIN_LOAD) runs the backend (an nginx with one worker answering 1 KiB) and every load
 # generator; CPU 1 (PIN_PROXY) runs the proxy under test, each proxy with one worker, all of
@@ -450,6 +452,7 @@ idle_run() {
   stop "$p"; start "$p"
   port=${HTTP[$p]}; [ "$mode" = tls ] && { port=${TLS[$p]}; flag=--tls; }
   rss0=$(settled_rss "${PID[$p]}"); pss0=$(pss_kib "${PID[$p]}"); fd0=$(fds "${PID[$p]}")
+  [ -z "${IDLE_SMAPS:-}" ] || cat "/proc/${PID[$p]}/smaps" >"$work/runs/$p-$mode.smaps0"
   rm -f "$work/idle.in"; mkfifo "$work/idle.in"
   t0=$SECONDS
   taskset -c "$PIN_LOAD" "$IDLE_BIN" --addr "127.0.0.1:$port" $flag --conns "$IDLE_CONNS" ${IDLE_ARGS:-} <"$work/idle.in" >"$work/idle.out" 2>&1 & ipid=$!
@@ -464,6 +467,7 @@ idle_run() {
   # goes quiet (tern parks it after 1 s; its allocator returns the pages on a later wake).
   sleep "$IDLE_SETTLE"
   rss1=$(settled_rss "${PID[$p]}"); pss1=$(pss_kib "${PID[$p]}"); fd1=$(fds "${PID[$p]}")
+  [ -z "${IDLE_SMAPS:-}" ] || cat "/proc/${PID[$p]}/smaps" >"$work/runs/$p-$mode.smaps1"
   exec 7>&-
   wait "$ipid" || true
   out=$(cat "$work/idle.out")
