@@ -742,7 +742,7 @@ impl Handler {
     ) -> Result<Conn, crate::upstream::ConnectError> {
         let (addr, remote) = super::backhaul::dial(self, m);
         let proto = if remote && !upgrade { Proto::H2c } else { proto };
-        self.pool.checkout(addr, proto).await
+        self.pool.checkout(addr, proto, upgrade).await
     }
 
     /// Routes; a browser cannot act on an error, so an affinity cookie whose machine cannot
@@ -883,7 +883,7 @@ impl Handler {
         };
         // The pooled connection died while idle, and now a new one fails too: the machine is
         // gone, as surely as if the first connect had failed.
-        let fresh = self.pool.connect_fresh(machine.addr, proto).await.map_err(|e| {
+        let fresh = self.pool.connect_fresh(machine.addr, proto, upgrade).await.map_err(|e| {
             self.connect_failed(machine, false, &e);
             ProxyError::UpstreamConnect { machine: machine.id.clone(), addr: machine.addr, source: e.source }
         })?;

@@ -416,7 +416,7 @@ fn handler(deps: &Deps, pool: Arc<Pool>, tasks: &TaskTracker) -> Arc<Handler> {
 fn keep_reaping(deps: &Deps, pool: &Arc<Pool>) {
     let (pool, shutdown) = (pool.clone(), deps.shutdown.clone());
     deps.tasks.keep(&tokio::runtime::Handle::current(), "pool-reaper", move || {
-        pool.clone().reap_until(shutdown.clone())
+        pool.clone().reap_until(shutdown.clone(), crate::alloc::give_back)
     });
 }
 

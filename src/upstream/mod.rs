@@ -14,11 +14,22 @@
 //! progress, never how many connections are open: a long stream holds its connection, not
 //! a slot.
 //!
+//! A pooled HTTP/1.1 connection quiet for [`COOL_AFTER`] cools: hyper's state for it (its
+//! buffers and its task, about 36 KB) is freed and only the socket is kept, out of Tokio's
+//! reactor, the way a quiet client connection is parked. The next request that takes it
+//! checks the socket is still open and not sending (one `recv` with `MSG_PEEK`) and starts
+//! a new hyper connection on it. One whose last request had a body stays warm: hyper may
+//! still hold part of that body unsent (a machine that answered without reading it all), and
+//! it would be lost with hyper's state while the socket lived on. An exchange that upgrades
+//! (a WebSocket) always gets a connection of its own, which is never pooled: only a
+//! connection driven for upgrades can hand its socket over to one, and only one that is not
+//! can give its socket back to cool.
+//!
 //! It sends what routing decided; it knows nothing of apps or hostnames.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -63,28 +74,57 @@ struct Key {
     proto: Proto,
 }
 
-struct IdleConn {
+/// How long a pooled HTTP/1.1 connection stays warm (hyper's state kept, ready at once)
+/// before it cools to its socket alone.
+pub const COOL_AFTER: Duration = Duration::from_secs(1);
+
+/// A pooled HTTP/1.1 connection and, shared with the task that drives it, whether the pool
+/// asked it to cool: then the task, once hyper is done, gives the socket back instead of
+/// closing it.
+struct H1 {
     sender: http1::SendRequest<UpBody>,
+    cool: Arc<AtomicBool>,
+    /// Whether it may cool: its last request had no body (see [`Pool::cool`]).
+    coolable: bool,
+}
+
+struct IdleConn {
+    conn: H1,
+    since: Instant,
+}
+
+/// A cooled connection: its socket, out of Tokio's reactor.
+struct ColdConn {
+    socket: std::net::TcpStream,
     since: Instant,
 }
 
 struct HostPool {
     idle: Mutex<Vec<IdleConn>>,
+    cold: Mutex<Vec<ColdConn>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
     /// Connects in progress to this machine.
     connecting: AtomicUsize,
+    /// Connections in `cold`, read without its lock where a connection is given back.
+    cold_len: AtomicUsize,
     /// A connection came back to `idle`, or a connect finished (a slot is free; for h2c,
     /// the shared connection may be up).
     available: Notify,
+    /// A connect finished: what an exchange that upgrades waits for (it takes no pooled
+    /// connection, so a connection given back must not wake it in another's place).
+    slot_free: Notify,
 }
 
 impl Default for HostPool {
     fn default() -> Self {
         HostPool {
             idle: Mutex::new("upstream.idle", Vec::new()),
+            cold: Mutex::new("upstream.cold", Vec::new()),
             h2: Mutex::new("upstream.h2", None),
             connecting: AtomicUsize::new(0),
+            cold_len: AtomicUsize::new(0),
             available: Notify::new(),
+            slot_free: Notify::new(),
         }
     }
 }
@@ -94,6 +134,8 @@ pub struct Pool {
     hosts: DashMap<Key, Arc<HostPool>>,
     config: PoolConfig,
     metrics: Arc<Metrics>,
+    /// A connection went back to the pool warm: the reaper's cue to cool it later.
+    warm: Notify,
 }
 
 /// A connection ready for one request.
@@ -105,8 +147,14 @@ pub struct Conn {
 }
 
 enum Sender {
-    H1(http1::SendRequest<UpBody>),
+    H1(H1),
     H2(http2::SendRequest<UpBody>),
+}
+
+/// What the pool has for a request to a machine.
+enum Pooled {
+    Warm(Sender),
+    Cold(std::net::TcpStream),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,28 +174,34 @@ pub enum SendError {
 
 impl Pool {
     pub fn new(config: PoolConfig, metrics: Arc<Metrics>) -> Arc<Pool> {
-        Arc::new(Pool { hosts: DashMap::new(), config, metrics })
+        Arc::new(Pool { hosts: DashMap::new(), config, metrics, warm: Notify::new() })
     }
 
     /// A connection to `addr`: an idle pooled one if there is one, else a new one once fewer
-    /// than `max_connecting` are being opened; within `connect_timeout` in all.
-    pub async fn checkout(self: &Arc<Self>, addr: SocketAddr, proto: Proto) -> Result<Conn, ConnectError> {
+    /// than `max_connecting` are being opened; within `connect_timeout` in all. An exchange
+    /// that `upgrade`s gets a new one, driven so that it can become the tunnel.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        proto: Proto,
+        upgrade: bool,
+    ) -> Result<Conn, ConnectError> {
         let key = Key { addr, proto };
-        if let Some(sender) = self.take_idle(key) {
-            return Ok(Conn { sender, key, reused: true, pool: self.clone() });
+        if !upgrade && let Some(conn) = self.take_pooled(key).await {
+            return Ok(conn);
         }
         let deadline = Instant::now() + self.config.connect_timeout;
         let host = self.host(key);
         loop {
-            let available = host.available.notified();
+            let available = if upgrade { host.slot_free.notified() } else { host.available.notified() };
             tokio::pin!(available);
             // Registered before looking, so a hand-back between the look and the wait is seen.
             available.as_mut().enable();
-            if let Some(sender) = self.take_idle(key) {
-                return Ok(Conn { sender, key, reused: true, pool: self.clone() });
+            if !upgrade && let Some(conn) = self.take_pooled(key).await {
+                return Ok(conn);
             }
             if let Some(slot) = Slot::take(&host, key.proto, self.config.max_connecting) {
-                return self.connect(key, deadline, slot).await;
+                return self.connect(key, deadline, slot, upgrade).await;
             }
             if tokio::time::timeout_at(deadline, available).await.is_err() {
                 self.metrics.upstream_connect_errors.inc();
@@ -162,10 +216,11 @@ impl Pool {
         self: &Arc<Self>,
         addr: SocketAddr,
         proto: Proto,
+        upgrade: bool,
     ) -> Result<Conn, ConnectError> {
         let key = Key { addr, proto };
         let slot = Slot::force(&self.host(key), proto);
-        self.connect(key, Instant::now() + self.config.connect_timeout, slot).await
+        self.connect(key, Instant::now() + self.config.connect_timeout, slot, upgrade).await
     }
 
     /// Fault injection only (`[debug] faults`): runs `f` while holding the HTTP/1.1 idle
@@ -185,34 +240,140 @@ impl Pool {
         self.hosts.entry(key).or_default().clone()
     }
 
-    fn take_idle(&self, key: Key) -> Option<Sender> {
+    /// A pooled connection, warm or cooled (started again), if there is one.
+    async fn take_pooled(self: &Arc<Self>, key: Key) -> Option<Conn> {
+        loop {
+            let sender = match self.take_idle(key)? {
+                Pooled::Warm(sender) => sender,
+                Pooled::Cold(socket) => {
+                    let Ok(stream) = TcpStream::from_std(socket) else { continue };
+                    match self.start_h1(key, stream, false).await {
+                        Ok(conn) => Sender::H1(conn),
+                        Err(_) => continue,
+                    }
+                }
+            };
+            return Some(Conn { sender, key, reused: true, pool: self.clone() });
+        }
+    }
+
+    fn take_idle(&self, key: Key) -> Option<Pooled> {
         let host = self.hosts.get(&key)?.clone();
         match key.proto {
             Proto::Http1 => {
                 let mut idle = host.idle.lock();
                 // Most recently used first: the likeliest to be alive and warm.
                 while let Some(c) = idle.pop() {
-                    if c.sender.is_ready() && c.since.elapsed() < self.config.idle_timeout {
-                        return Some(Sender::H1(c.sender));
+                    if c.conn.sender.is_ready() && c.since.elapsed() < self.config.idle_timeout {
+                        return Some(Pooled::Warm(Sender::H1(c.conn)));
+                    }
+                }
+                drop(idle);
+                let mut cold = host.cold.lock();
+                while let Some(c) = cold.pop() {
+                    host.cold_len.store(cold.len(), Ordering::Relaxed);
+                    if c.since.elapsed() < self.config.idle_timeout && still_open(&c.socket) {
+                        return Some(Pooled::Cold(c.socket));
                     }
                 }
                 None
             }
             Proto::H2c => {
                 let h2 = host.h2.lock();
-                h2.as_ref().filter(|s| !s.is_closed()).map(|s| Sender::H2(s.clone()))
+                h2.as_ref().filter(|s| !s.is_closed()).map(|s| Pooled::Warm(Sender::H2(s.clone())))
             }
         }
     }
 
-    fn put_idle(&self, key: Key, sender: http1::SendRequest<UpBody>) {
+    fn put_idle(&self, key: Key, conn: H1) {
         let host = self.host(key);
         let mut idle = host.idle.lock();
-        if idle.len() < self.config.max_idle_per_host {
-            idle.push(IdleConn { sender, since: Instant::now() });
+        if idle.len() + host.cold_len.load(Ordering::Relaxed) < self.config.max_idle_per_host {
+            idle.push(IdleConn { conn, since: Instant::now() });
             drop(idle);
             host.available.notify_one();
+            // One atomic operation while the reaper's cooling clock runs (it waits for this
+            // only when nothing was warm).
+            self.warm.notify_one();
         }
+    }
+
+    /// A cooled connection's socket, back from its task; its idle time counts from now.
+    fn put_cold(&self, key: Key, socket: std::net::TcpStream) {
+        let host = self.host(key);
+        // Locked in the order take_idle and reap lock them.
+        let idle = host.idle.lock();
+        let mut cold = host.cold.lock();
+        if idle.len() + cold.len() < self.config.max_idle_per_host {
+            drop(idle);
+            cold.push(ColdConn { socket, since: Instant::now() });
+            host.cold_len.store(cold.len(), Ordering::Relaxed);
+            drop(cold);
+            host.available.notify_one();
+        }
+    }
+
+    /// Cools every connection warm in the pool for [`COOL_AFTER`]: its task ends and gives
+    /// the socket back. Says how many cooled, and whether any warm one is left to cool later.
+    fn cool(&self) -> (usize, bool) {
+        let (mut cooled, mut warm_left) = (0, false);
+        for host in &self.hosts {
+            host.idle.lock().retain(|c| {
+                if !c.conn.coolable {
+                    // Its last request had a body: hyper may hold some of it unsent (a machine
+                    // that answered without reading it all), which cooling would lose while
+                    // the socket lived on. It stays warm until it is reused or reaped.
+                    return true;
+                }
+                if c.since.elapsed() < COOL_AFTER {
+                    warm_left = true;
+                    return true;
+                }
+                // Dropped here: with its sender gone, hyper's side of it is done.
+                c.conn.cool.store(true, Ordering::Release);
+                cooled += 1;
+                false
+            });
+        }
+        (cooled, warm_left)
+    }
+
+    /// hyper's HTTP/1.1 client on `stream`, driven by a task of its own. With `upgrade` the
+    /// task can hand the socket to an upgrade, and the connection is never pooled; without,
+    /// a connection the pool cools gives its socket back to the pool.
+    async fn start_h1(self: &Arc<Self>, key: Key, stream: TcpStream, upgrade: bool) -> hyper::Result<H1> {
+        let (sender, mut conn) = http1::Builder::new()
+            // Slack for the difference between bytes on the wire and tern's count.
+            .max_buf_size(self.config.max_response_head.max(8192) + 1024)
+            .handshake(TokioIo::new(stream))
+            .await?;
+        let cool = Arc::new(AtomicBool::new(false));
+        if upgrade {
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(target: "tern::upstream", error = %e, "machine connection ended");
+                }
+            });
+            return Ok(H1 { sender, cool, coolable: false });
+        }
+        let (pool, asked) = (Arc::downgrade(self), cool.clone());
+        tokio::spawn(async move {
+            match std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await {
+                Ok(()) if asked.load(Ordering::Acquire) => {
+                    let parts = conn.into_parts();
+                    let socket = parts.io.into_inner().into_std();
+                    if let (true, Ok(socket), Some(pool)) =
+                        (parts.read_buf.is_empty(), socket, pool.upgrade())
+                    {
+                        pool.put_cold(key, socket);
+                    }
+                }
+                // Closed by the machine, or dropped mid-exchange: dropping it closes the socket.
+                Ok(()) => {}
+                Err(e) => tracing::debug!(target: "tern::upstream", error = %e, "machine connection ended"),
+            }
+        });
+        Ok(H1 { sender, cool, coolable: true })
     }
 
     /// Opens a connection, holding `slot` until it is up (or failed).
@@ -221,6 +382,7 @@ impl Pool {
         key: Key,
         deadline: Instant,
         slot: Slot,
+        upgrade: bool,
     ) -> Result<Conn, ConnectError> {
         let _slot = slot;
         let started = Instant::now();
@@ -233,23 +395,12 @@ impl Pool {
             .map_err(|_| fail(std::io::ErrorKind::TimedOut.into()))?
             .map_err(fail)?;
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
         let sender = match key.proto {
-            Proto::Http1 => {
-                let (sender, conn) = http1::Builder::new()
-                    // Slack for the difference between bytes on the wire and tern's count.
-                    .max_buf_size(self.config.max_response_head.max(8192) + 1024)
-                    .handshake(io)
-                    .await
-                    .map_err(|e| fail(std::io::Error::other(e)))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        tracing::debug!(target: "tern::upstream", error = %e, "machine connection ended");
-                    }
-                });
-                Sender::H1(sender)
-            }
+            Proto::Http1 => Sender::H1(
+                self.start_h1(key, stream, upgrade).await.map_err(|e| fail(std::io::Error::other(e)))?,
+            ),
             Proto::H2c => {
+                let io = TokioIo::new(stream);
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .keep_alive_interval(Duration::from_secs(20))
@@ -276,23 +427,47 @@ impl Pool {
         let ttl = self.config.idle_timeout;
         self.hosts.retain(|_, host| {
             let mut idle = host.idle.lock();
-            idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < ttl);
+            idle.retain(|c| !c.conn.sender.is_closed() && c.since.elapsed() < ttl);
+            let mut cold = host.cold.lock();
+            // A machine that closed an idle connection left it half-closed here: closed now.
+            cold.retain(|c| c.since.elapsed() < ttl && still_open(&c.socket));
+            host.cold_len.store(cold.len(), Ordering::Relaxed);
             let mut h2 = host.h2.lock();
             if h2.as_ref().is_some_and(|s| s.is_closed()) {
                 *h2 = None;
             }
             // Keep the entry while someone else holds it (a checkout in progress).
-            !idle.is_empty() || h2.is_some() || Arc::strong_count(host) > 1
+            !idle.is_empty() || !cold.is_empty() || h2.is_some() || Arc::strong_count(host) > 1
         });
     }
 
-    /// Runs [`Pool::reap`] until `shutdown` turns true.
-    pub async fn reap_until(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    /// Runs [`Pool::reap`] until `shutdown` turns true, and cools connections warm for
+    /// [`COOL_AFTER`]. `give_back` returns freed memory to the system (see
+    /// [`crate::alloc`]): called on this thread once what cooled has let hyper's state go.
+    /// Its clock runs only while some connection is warm or has just cooled: an idle pool
+    /// does not wake for it.
+    pub async fn reap_until(
+        self: Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        give_back: fn(),
+    ) {
         let mut tick = tokio::time::interval(Duration::from_secs(10).min(self.config.idle_timeout));
+        let mut cool_at: Option<Instant> = None;
+        // Some cooled at the last look: their tasks have ended since, freeing hyper's state.
+        let mut cooled_some = false;
         loop {
             tokio::select! {
                 () = crate::shutdown::requested(&mut shutdown) => return,
                 _ = tick.tick() => self.reap(),
+                () = self.warm.notified(), if cool_at.is_none() => cool_at = Some(Instant::now() + COOL_AFTER),
+                () = sleep_until(cool_at) => {
+                    if cooled_some {
+                        give_back();
+                    }
+                    let (cooled, warm_left) = self.cool();
+                    cooled_some = cooled > 0;
+                    cool_at = (warm_left || cooled_some).then(|| Instant::now() + COOL_AFTER);
+                }
             }
         }
     }
@@ -327,7 +502,10 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.host.connecting.fetch_sub(1, Ordering::AcqRel);
         match self.proto {
-            Proto::Http1 => self.host.available.notify_one(),
+            Proto::Http1 => {
+                self.host.available.notify_one();
+                self.host.slot_free.notify_one();
+            }
             Proto::H2c => self.host.available.notify_waiters(),
         }
     }
@@ -337,21 +515,21 @@ impl Drop for Slot {
 /// pool once the response has been read to the end; dropping it instead closes the
 /// connection (the response was abandoned midway, so the connection is not reusable).
 pub struct Lease {
-    sender: http1::SendRequest<UpBody>,
+    conn: H1,
     key: Key,
     pool: Arc<Pool>,
 }
 
 impl Lease {
     pub fn release(self) {
-        let Lease { mut sender, key, pool } = self;
-        if sender.is_ready() {
-            pool.put_idle(key, sender);
-        } else if !sender.is_closed() {
+        let Lease { mut conn, key, pool } = self;
+        if conn.sender.is_ready() {
+            pool.put_idle(key, conn);
+        } else if !conn.sender.is_closed() {
             // The connection task has not caught up with the end of the body yet.
             tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    pool.put_idle(key, sender);
+                if conn.sender.ready().await.is_ok() {
+                    pool.put_idle(key, conn);
                 }
             });
         }
@@ -373,13 +551,14 @@ impl Conn {
         upgrade: bool,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         match self.sender {
-            Sender::H1(mut sender) => {
-                if let Err(e) = sender.ready().await {
+            Sender::H1(mut conn) => {
+                if let Err(e) = conn.sender.ready().await {
                     return Err(SendError::NotSent(Box::new(req), e));
                 }
-                match sender.try_send_request(req).await {
+                conn.coolable = http_body::Body::is_end_stream(req.body());
+                match conn.sender.try_send_request(req).await {
                     Ok(resp) => {
-                        let lease = (!upgrade).then(|| Lease { sender, key: self.key, pool: self.pool });
+                        let lease = (!upgrade).then(|| Lease { conn, key: self.key, pool: self.pool });
                         Ok((resp, lease))
                     }
                     Err(mut e) => match e.take_message() {
@@ -403,3 +582,23 @@ impl Conn {
         }
     }
 }
+
+/// Sleeps until `at`, or forever if there is none.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether an idle connection's socket is still open and quiet: a machine that closed it
+/// sent a FIN (read as 0 bytes), and one that sent anything while nothing was asked broke
+/// the exchange's framing. Asks the kernel itself, not Tokio's record of readiness, which
+/// a socket out of the reactor does not have.
+fn still_open(socket: &std::net::TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(socket.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[cfg(test)]
+mod tests;
