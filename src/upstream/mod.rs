@@ -452,7 +452,9 @@ impl Pool {
         give_back: fn(),
     ) {
         let mut tick = tokio::time::interval(Duration::from_secs(10).min(self.config.idle_timeout));
-        let mut cool_at: Option<Instant> = None;
+        // Armed once at the start: a reaper restarted after a panic finds warm connections
+        // already in the pool, with no cue to come.
+        let mut cool_at: Option<Instant> = Some(Instant::now() + COOL_AFTER);
         // Some cooled at the last look: their tasks have ended since, freeing hyper's state.
         let mut cooled_some = false;
         loop {

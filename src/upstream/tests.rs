@@ -259,3 +259,22 @@ async fn the_reaper_closes_cooled_sockets_their_machine_closed() {
     pool.reap();
     assert_eq!(pooled(&pool, m.addr), (0, 0), "a half-closed one is closed, not kept to its idle timeout");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reaper_started_over_a_warm_pool_cools_it() {
+    let m = machine().await;
+    let pool = pool();
+    // A first reaper sees the connection go back, and stops before cooling it (as one that
+    // panicked would, before `tasks` restarts it).
+    let (first, stop) = tokio::sync::watch::channel(false);
+    let reaping = tokio::spawn(pool.clone().reap_until(stop, || {}));
+    exchange(&pool, m.addr, "").await;
+    tokio::task::yield_now().await;
+    first.send(true).unwrap();
+    reaping.await.unwrap();
+    assert_eq!(pooled(&pool, m.addr), (1, 0), "warm, its cue taken by the first reaper");
+    let (_second, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(pool.clone().reap_until(stop, || {}));
+    tokio::time::sleep(COOL_AFTER * 3).await;
+    assert_eq!(pooled(&pool, m.addr), (0, 1), "the second cools it with no new cue");
+}
