@@ -582,6 +582,30 @@ mod tests {
         (served.unwrap(), connected.unwrap())
     }
 
+    /// A TLS 1.3 pair after one exchange, the client taken apart into its socket and its
+    /// session: it has read the session tickets, so what it reads next is all sent later.
+    async fn past_the_tickets() -> (Stream<DuplexStream>, DuplexStream, rustls::ClientConnection) {
+        let (mut server, mut client) = pair(&rustls::version::TLS13).await;
+        server.write_all(b"x").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut [0; 1]).await.unwrap();
+        let (client_io, session) = client.into_inner();
+        (server, client_io, session)
+    }
+
+    /// Reads what the server sent the client until it closed: exactly one record, an alert,
+    /// returned as the client's session takes it.
+    async fn the_one_alert(
+        mut client_io: DuplexStream,
+        mut session: rustls::ClientConnection,
+    ) -> rustls::Error {
+        let mut wire = Vec::new();
+        client_io.read_to_end(&mut wire).await.unwrap();
+        assert_eq!(records(&wire).len(), 1, "one record, the alert: {:?}", records(&wire));
+        session.read_tls(&mut &wire[..]).unwrap();
+        session.process_new_packets().unwrap_err()
+    }
+
     /// Moves what the client wants sent onto the wire.
     async fn send(client: &mut rustls::ClientConnection, wire: &mut DuplexStream) {
         let mut out = Vec::new();
@@ -718,13 +742,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_forged_record_fails_the_session_once_with_one_alert() {
-        let (mut server, mut client) = pair(&rustls::version::TLS13).await;
-        // One exchange first: the client has read the session tickets, and what it reads
-        // next is all from after the forged record.
-        server.write_all(b"x").await.unwrap();
-        server.flush().await.unwrap();
-        client.read_exact(&mut [0; 1]).await.unwrap();
-        let (mut client_io, mut session) = client.into_inner();
+        let (mut server, mut client_io, session) = past_the_tickets().await;
         // An application-data record whose tag cannot verify.
         let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x20];
         forged.extend_from_slice(&[0x55; 0x20]);
@@ -736,11 +754,7 @@ mod tests {
         assert!(server.read(&mut [0; 8]).await.is_err());
         assert!(server.write_all(b"after the alert").await.is_err());
         server.shutdown().await.unwrap();
-        let mut wire = Vec::new();
-        client_io.read_to_end(&mut wire).await.unwrap();
-        assert_eq!(records(&wire).len(), 1, "one record, the alert: {:?}", records(&wire));
-        session.read_tls(&mut &wire[..]).unwrap();
-        let err = session.process_new_packets().unwrap_err();
+        let err = the_one_alert(client_io, session).await;
         assert!(
             matches!(err, rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac)),
             "{err:?}"
@@ -749,11 +763,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_record_longer_than_tls_allows_is_refused_at_its_header() {
-        let (mut server, mut client) = pair(&rustls::version::TLS13).await;
-        server.write_all(b"x").await.unwrap();
-        server.flush().await.unwrap();
-        client.read_exact(&mut [0; 1]).await.unwrap();
-        let (mut client_io, mut session) = client.into_inner();
+        let (mut server, mut client_io, session) = past_the_tickets().await;
         // A header claiming 65,535 bytes, and only the header: refused as it stands, not
         // buffered while the rest is awaited.
         client_io.write_all(&[0x17, 0x03, 0x03, 0xff, 0xff]).await.unwrap();
@@ -761,11 +771,7 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(server.session.incoming.len() <= READ_ROOM, "grew to {}", server.session.incoming.len());
         server.shutdown().await.unwrap();
-        let mut wire = Vec::new();
-        client_io.read_to_end(&mut wire).await.unwrap();
-        assert_eq!(records(&wire).len(), 1, "one record, the alert: {:?}", records(&wire));
-        session.read_tls(&mut &wire[..]).unwrap();
-        let err = session.process_new_packets().unwrap_err();
+        let err = the_one_alert(client_io, session).await;
         assert!(matches!(err, rustls::Error::AlertReceived(_)), "{err:?}");
     }
 
