@@ -323,15 +323,28 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Stream<IO> {
         Ok(stream)
     }
 
+    /// Drives the handshake to its end. TLS 1.3's session tickets, which rustls queues as the
+    /// handshake ends and no client waits for, are not sent here: they go out with the first
+    /// answer, or before a read waits for the peer ([`AsyncRead::poll_read`]), whichever comes
+    /// first. A client whose request is there to read once the handshake is done gets tickets
+    /// and answer in one send. TLS 1.2's last flight, which the client waits for, is sent
+    /// before this ends.
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let advanced = self.advance(cx, None, None)?;
-            // rustls's answer goes out before more is read.
-            ready!(self.poll_send(cx))?;
-            match advanced {
-                Advanced::NeedInput if !self.session.conn.is_handshaking() => return Poll::Ready(Ok(())),
-                Advanced::NeedInput => ready!(self.poll_receive(cx))?,
+            match self.advance(cx, None, None)? {
+                Advanced::NeedInput if !self.session.conn.is_handshaking() => {
+                    if self.session.conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+                        ready!(self.poll_send(cx))?;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Advanced::NeedInput => {
+                    // rustls's answer goes out before more is read.
+                    ready!(self.poll_send(cx))?;
+                    ready!(self.poll_receive(cx))?;
+                }
                 Advanced::PeerClosed | Advanced::Closed => {
+                    ready!(self.poll_send(cx))?;
                     return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                 }
                 Advanced::Data | Advanced::Wrote(_) => {}
@@ -461,13 +474,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<IO> {
             return Poll::Ready(Ok(()));
         }
         loop {
-            // What rustls queued on its own (an answer to a key update, an alert) goes out
-            // as the socket takes it; a read does not wait for it.
-            if let Poll::Ready(Err(e)) = this.poll_send(cx) {
-                return Poll::Ready(Err(e));
-            }
             match this.advance(cx, Some(buf), None)? {
-                Advanced::NeedInput => ready!(this.poll_receive(cx))?,
+                Advanced::NeedInput => match this.poll_receive(cx) {
+                    Poll::Ready(received) => received?,
+                    Poll::Pending => {
+                        // What rustls queued on its own (the handshake's tickets, an answer to
+                        // a key update) goes out, as far as the socket takes it, before the
+                        // read waits. The read neither waits for it nor fails by it: a send
+                        // that fails is the next write's error, and the read reports how the
+                        // peer's side ends.
+                        let _ = this.poll_send(cx);
+                        return Poll::Pending;
+                    }
+                },
                 Advanced::Data | Advanced::PeerClosed | Advanced::Closed | Advanced::Wrote(_) => {
                     return Poll::Ready(Ok(()));
                 }
@@ -685,6 +704,99 @@ mod tests {
         assert_eq!(server.await.unwrap(), b"GET / HTTP/1.1\r\n\r\n");
     }
 
+    /// A socket that remembers the size of each write that went through it: one per send.
+    struct Sends {
+        io: DuplexStream,
+        sizes: Vec<usize>,
+    }
+
+    impl AsyncRead for Sends {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Sends {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, data))?;
+            self.sizes.push(n);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn tls13_tickets_go_out_with_the_first_answer_or_before_a_read_waits() {
+        let (server_config, client_config) = configs(&rustls::version::TLS13);
+        for request_with_finished in [true, false] {
+            let (near, mut wire) = tokio::io::duplex(1 << 20);
+            let server = tokio::spawn({
+                let config = server_config.clone();
+                async move {
+                    let mut io = Sends { io: near, sizes: Vec::new() };
+                    let first = super::super::hello::read(&mut io).await.unwrap();
+                    Stream::handshake(io, first, config).await.unwrap()
+                }
+            });
+            let mut client =
+                rustls::ClientConnection::new(client_config.clone(), "a.test".try_into().unwrap()).unwrap();
+            if request_with_finished {
+                client.writer().write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            }
+            send(&mut client, &mut wire).await;
+            receive(&mut client, &mut wire, |c| !c.is_handshaking()).await;
+            send(&mut client, &mut wire).await;
+            let mut server = server.await.unwrap();
+            assert_eq!(server.get_ref().sizes.len(), 1, "the handshake sent its flight and held the tickets");
+            let mut buf = [0; 64];
+            if request_with_finished {
+                let n = server.read(&mut buf).await.unwrap();
+                assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
+                assert_eq!(server.get_ref().sizes.len(), 1, "a read that did not wait sent nothing");
+                server.write_all(b"answer").await.unwrap();
+                server.flush().await.unwrap();
+                let sizes = &server.get_ref().sizes;
+                assert_eq!(sizes.len(), 2, "tickets and answer in one send: {sizes:?}");
+                let mut second = vec![0; sizes[1]];
+                wire.read_exact(&mut second).await.unwrap();
+                let records = records(&second);
+                // The answer's record: 6 bytes, its content type and a 16-byte tag.
+                assert!(
+                    records.len() >= 2 && records.last() == Some(&(0x17, 6 + 1 + 16)),
+                    "the tickets, then the answer: {records:?}"
+                );
+                let mut read = &second[..];
+                while !read.is_empty() {
+                    client.read_tls(&mut read).unwrap();
+                }
+                client.process_new_packets().unwrap();
+                let mut got = [0; 6];
+                client.reader().read_exact(&mut got).unwrap();
+                assert_eq!(&got, b"answer");
+            } else {
+                // Nothing to read: the read waits, and the tickets go out before it does.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut buf)).is_pending());
+                assert_eq!(server.get_ref().sizes.len(), 2, "the tickets went out before the read waited");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_key_update_from_the_client_is_answered_and_traffic_goes_on() {
         let (mut server, mut client) = pair(&rustls::version::TLS13).await;
@@ -800,6 +912,12 @@ mod tests {
         client.flush().await.unwrap();
         let mut buf = [0; 4];
         server.read_exact(&mut buf).await.unwrap();
+        // The session tickets wait to go out with the first answer: not idle yet.
+        let Err(mut server) = server.into_parts() else { panic!("a stream holding its tickets parted") };
+        server.write_all(b"pong").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
         // Idle: parted from its socket with no buffer kept, and joined again.
         let (io, session) = server.into_parts().unwrap_or_else(|_| panic!("an idle stream parts"));
         assert_eq!(session.incoming.capacity() + session.outgoing.capacity() + session.plain.capacity(), 0);
