@@ -12,6 +12,10 @@
 #                                                        proxies and modes; bench_idle's options)
 #   IDLE_SMAPS=1 KEEP=1 …                               (each idle run's /proc/PID/smaps before
 #                                                        and after, kept in the work directory)
+#   PEER_SUITES=TLS_AES_128_GCM_SHA256 …                 (nginx's and HAProxy's TLS 1.3 suites,
+#                                                        OpenSSL's names: tern picks AES-128-GCM
+#                                                        for wrk and h2load, the peers their first
+#                                                        choice, AES-256-GCM, unless told)
 #
 # CPU 0 (PIN_LOAD) runs the backend (an nginx with one worker answering 1 KiB) and every load
 # generator; CPU 1 (PIN_PROXY) runs the proxy under test, each proxy with one worker, all of
@@ -245,7 +249,8 @@ http {
     server_name localhost;
     ssl_certificate $work/cert.pem;
     ssl_certificate_key $work/key.pem;
-    ssl_protocols TLSv1.3;
+    ssl_protocols TLSv1.3;${PEER_SUITES:+
+    ssl_conf_command Ciphersuites $PEER_SUITES;}
     location / {
       proxy_pass http://backend;
       proxy_http_version 1.1;
@@ -272,7 +277,8 @@ global
   nbthread 1
   no strict-limits
   maxconn $((FDS - 1000))
-  ssl-default-bind-options ssl-min-ver TLSv1.3
+  ssl-default-bind-options ssl-min-ver TLSv1.3${PEER_SUITES:+
+  ssl-default-bind-ciphersuites $PEER_SUITES}
 defaults
   mode http
   maxconn $((FDS - 1000))
@@ -304,11 +310,13 @@ start() {
     haproxy) start_haproxy ;;
   esac
   wait_http "http://localhost:${HTTP[$1]}/"; wait_http "https://localhost:${TLS[$1]}/"
-  local proto
-  proto=$(openssl s_client -brief -connect "127.0.0.1:${TLS[$1]}" -servername localhost </dev/null 2>&1 \
-    | sed -n 's/^Protocol version: //p')
+  local brief proto
+  brief=$(openssl s_client -brief -connect "127.0.0.1:${TLS[$1]}" -servername localhost </dev/null 2>&1)
+  proto=$(sed -n 's/^Protocol version: //p' <<<"$brief")
   [ "$proto" = TLSv1.3 ] || { echo "$1 negotiated ${proto:-nothing}, not TLSv1.3" >&2; exit 1; }
+  SUITE[$1]=$(sed -n 's/^Ciphersuite: //p' <<<"$brief")
 }
+declare -A SUITE
 declare -A WEDGED
 stop() {
   kill "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; unset "PID[$1]"
@@ -541,6 +549,9 @@ details() {
     done
     echo "$line"
   done
+  line="TLS 1.3 suite an OpenSSL client (wrk, h2load) gets:"
+  for p in "${PROXIES[@]}"; do [ -z "${SUITE[$p]:-}" ] || line+=" $p ${SUITE[$p]};"; done
+  echo "$line"
   echo "Median rounds, proxy CPU per request (µs), user + kernel:"
   for k in h1 tls tls-new h2; do
     line="  $k:"

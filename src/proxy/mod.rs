@@ -365,8 +365,8 @@ pub async fn run(
     let stop_accepting_tx = Arc::new(stop_accepting_tx);
     let drain = Drain::new(&metrics);
     let deps = Deps {
-        tls: tls::server_config(catalog.clone())?,
-        tls_raw: tls::raw_server_config(catalog.clone())?,
+        tls: tls::ServerConfigs::http(catalog.clone())?,
+        tls_raw: tls::ServerConfigs::raw(catalog.clone())?,
         catalog: catalog.clone(),
         metrics: metrics.clone(),
         server: Arc::new(Server::new(&server_limits(&config.limits), drain.clone())),

@@ -171,9 +171,9 @@ type SharedLot = Option<Arc<Lot<Rest>>>;
 pub(super) struct Deps {
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
-    pub tls: Arc<rustls::ServerConfig>,
+    pub tls: tls::ServerConfigs,
     /// For TCP services that terminate TLS: the same certificates, no ALPN.
-    pub tls_raw: Arc<rustls::ServerConfig>,
+    pub tls_raw: tls::ServerConfigs,
     pub server: Arc<Server>,
     pub limits: Limits,
     pub region: Arc<str>,
@@ -464,16 +464,16 @@ async fn proxy_header(
 }
 
 impl Deps {
-    /// A TLS handshake on `stream` with `config`, within the handshake timeout, counted.
+    /// A TLS handshake on `stream` with `configs`, within the handshake timeout, counted.
     fn handshake<'a, IO>(
         &'a self,
         stream: IO,
-        config: &Arc<rustls::ServerConfig>,
+        configs: &'a tls::ServerConfigs,
     ) -> impl Future<Output = Result<tls::Stream<IO>, tls::HandshakeFailure>> + 'a
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'a,
     {
-        tls::accept(stream, config.clone(), &self.catalog, self.limits.tls_handshake_timeout, &self.metrics)
+        tls::accept(stream, configs, &self.catalog, self.limits.tls_handshake_timeout, &self.metrics)
     }
 }
 

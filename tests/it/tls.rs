@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -105,6 +106,102 @@ async fn tls_1_2_and_1_3_both_work_and_alpn_offers_h2() {
         let (_, conn) = tls.get_ref();
         assert_eq!(conn.protocol_version(), Some(version.version));
         assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
+    }
+}
+
+/// tern picks the suite as Go's crypto/tls does: AES-128-GCM for a client that lists AES-GCM
+/// first (OpenSSL's clients list AES-256-GCM first), ChaCha20-Poly1305 for one that lists it
+/// first, and what the client offers when it offers only one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cipher_suite_is_aes_128_unless_the_client_lists_chacha20_first() {
+    use rustls::CipherSuite as S;
+    use rustls::crypto::ring::cipher_suite as cs;
+    let ca = Ca::new();
+    let b = Backend::start("m1").await;
+    let proxy = Proxy::start(
+        &(app_decl("site", &["v.test"], &[("m1", b.addr, "started")], "") + &ca.decl("v.test", &["v.test"])),
+    )
+    .await;
+    let aes_in_hardware = cfg!(target_arch = "x86_64")
+        && std::arch::is_x86_feature_detected!("aes")
+        && std::arch::is_x86_feature_detected!("pclmulqdq");
+    let fast_aes = |aes, chacha| if aes_in_hardware { aes } else { chacha };
+    let cases = [
+        (
+            &rustls::version::TLS13,
+            vec![
+                cs::TLS13_AES_256_GCM_SHA384,
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+                cs::TLS13_AES_128_GCM_SHA256,
+            ],
+            fast_aes(S::TLS13_AES_128_GCM_SHA256, S::TLS13_CHACHA20_POLY1305_SHA256),
+        ),
+        (
+            &rustls::version::TLS13,
+            vec![
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+                cs::TLS13_AES_256_GCM_SHA384,
+                cs::TLS13_AES_128_GCM_SHA256,
+            ],
+            S::TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+        (&rustls::version::TLS13, vec![cs::TLS13_AES_256_GCM_SHA384], S::TLS13_AES_256_GCM_SHA384),
+        (
+            &rustls::version::TLS12,
+            vec![
+                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ],
+            fast_aes(
+                S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            ),
+        ),
+        (
+            &rustls::version::TLS12,
+            vec![
+                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ],
+            S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ),
+    ];
+    for (version, suites, chosen) in cases {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.pem().as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: suites.clone(),
+            ..rustls::crypto::ring::default_provider()
+        };
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = TcpStream::connect(proxy.https).await.unwrap();
+        let mut tls = TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("v.test").unwrap(), tcp)
+            .await
+            .unwrap();
+        let offered: Vec<_> = suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(
+            tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(chosen),
+            "offered {offered:?}"
+        );
+        // And the session carries a request.
+        tls.write_all(b"GET /id HTTP/1.1\r\nHost: v.test\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        tls.read_to_end(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "offered {offered:?}: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
     }
 }
 
