@@ -494,7 +494,12 @@ async fn serve_tcp(
         h if h.http && h.tls => Box::pin(serve_tls(deps, stream, info, handler, None)).await,
         h if h.http => Box::pin(deps.server.serve(stream, info, handler, Wire::Sniff)).await,
         h if h.tls => match Box::pin(deps.handshake(stream, &deps.tls_raw)).await {
-            Ok(tls) => Box::pin(deps.server.relay_tcp(tls, &route, peer, local, &handler)).await,
+            Ok(mut tls) => {
+                // The session tickets go out now: the relay may first wake a machine, and
+                // nothing reads or writes the stream until it is relaying.
+                let _ = tokio::io::AsyncWriteExt::flush(&mut tls).await;
+                Box::pin(deps.server.relay_tcp(tls, &route, peer, local, &handler)).await
+            }
             Err(_) => deps.metrics.tcp_refused.with_label_values(&["tls"]).inc(),
         },
         _ => Box::pin(deps.server.relay_tcp(stream, &route, peer, local, &handler)).await,

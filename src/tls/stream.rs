@@ -478,9 +478,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<IO> {
                 Advanced::NeedInput => match this.poll_receive(cx) {
                     Poll::Ready(received) => received?,
                     Poll::Pending => {
-                        // What rustls queued on its own (the handshake's tickets, an answer to
-                        // a key update) goes out, as far as the socket takes it, before the
-                        // read waits. The read neither waits for it nor fails by it: a send
+                        // What rustls queued on its own (the handshake's session tickets)
+                        // goes out, as far as the socket takes it, before the read waits. The read neither waits for it nor fails by it: a send
                         // that fails is the next write's error, and the read reports how the
                         // peer's side ends.
                         let _ = this.poll_send(cx);

@@ -109,9 +109,9 @@ async fn tls_1_2_and_1_3_both_work_and_alpn_offers_h2() {
     }
 }
 
-/// tern picks the suite as Go's crypto/tls does: AES-128-GCM for a client that lists AES-GCM
-/// first (OpenSSL's clients list AES-256-GCM first), ChaCha20-Poly1305 for one that lists it
-/// first, and what the client offers when it offers only one.
+/// tern picks the suite as Go's crypto/tls does: AES-128-GCM, then AES-256-GCM, for a client
+/// that lists AES-GCM first (OpenSSL's clients list AES-256-GCM first), ChaCha20-Poly1305 for
+/// one that lists it first, and what the client offers when it offers only one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cipher_suite_is_aes_128_unless_the_client_lists_chacha20_first() {
     use rustls::CipherSuite as S;
@@ -122,9 +122,14 @@ async fn the_cipher_suite_is_aes_128_unless_the_client_lists_chacha20_first() {
         &(app_decl("site", &["v.test"], &[("m1", b.addr, "started")], "") + &ca.decl("v.test", &["v.test"])),
     )
     .await;
-    let aes_in_hardware = cfg!(target_arch = "x86_64")
-        && std::arch::is_x86_feature_detected!("aes")
-        && std::arch::is_x86_feature_detected!("pclmulqdq");
+    #[cfg(target_arch = "x86_64")]
+    let aes_in_hardware =
+        std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq");
+    #[cfg(target_arch = "aarch64")]
+    let aes_in_hardware =
+        std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull");
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let aes_in_hardware = false;
     let fast_aes = |aes, chacha| if aes_in_hardware { aes } else { chacha };
     let cases = [
         (
@@ -146,6 +151,11 @@ async fn the_cipher_suite_is_aes_128_unless_the_client_lists_chacha20_first() {
             S::TLS13_CHACHA20_POLY1305_SHA256,
         ),
         (&rustls::version::TLS13, vec![cs::TLS13_AES_256_GCM_SHA384], S::TLS13_AES_256_GCM_SHA384),
+        (
+            &rustls::version::TLS13,
+            vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_CHACHA20_POLY1305_SHA256],
+            fast_aes(S::TLS13_AES_256_GCM_SHA384, S::TLS13_CHACHA20_POLY1305_SHA256),
+        ),
         (
             &rustls::version::TLS12,
             vec![
