@@ -78,6 +78,26 @@ async fn certificates_come_and_go_without_a_restart() {
     assert_eq!(gone, Some(unknown), "the pruned certificate's name is unknown to the running proxy");
 }
 
+/// A client that trusts `ca` and speaks `version` only, with `provider`'s suites and `alpn`.
+fn client_at(
+    ca: &Ca,
+    version: &'static rustls::SupportedProtocolVersion,
+    provider: rustls::crypto::CryptoProvider,
+    alpn: &[&[u8]],
+) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.pem().as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_1_2_and_1_3_both_work_and_alpn_offers_h2() {
     let ca = Ca::new();
@@ -87,17 +107,7 @@ async fn tls_1_2_and_1_3_both_work_and_alpn_offers_h2() {
     )
     .await;
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.pem().as_bytes()) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let mut config =
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_protocol_versions(&[version])
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let config = client_at(&ca, version, rustls::crypto::ring::default_provider(), &[b"h2", b"http/1.1"]);
         let tcp = TcpStream::connect(proxy.https).await.unwrap();
         let tls = TlsConnector::from(Arc::new(config))
             .connect(ServerName::try_from("v.test").unwrap(), tcp)
@@ -178,20 +188,11 @@ async fn the_cipher_suite_is_aes_128_unless_the_client_lists_chacha20_first() {
         ),
     ];
     for (version, suites, chosen) in cases {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.pem().as_bytes()) {
-            roots.add(c.unwrap()).unwrap();
-        }
         let provider = rustls::crypto::CryptoProvider {
             cipher_suites: suites.clone(),
             ..rustls::crypto::ring::default_provider()
         };
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = client_at(&ca, version, provider, &[b"http/1.1"]);
         let tcp = TcpStream::connect(proxy.https).await.unwrap();
         let mut tls = TlsConnector::from(Arc::new(config))
             .connect(ServerName::try_from("v.test").unwrap(), tcp)
