@@ -495,9 +495,15 @@ async fn serve_tcp(
         h if h.http => Box::pin(deps.server.serve(stream, info, handler, Wire::Sniff)).await,
         h if h.tls => match Box::pin(deps.handshake(stream, &deps.tls_raw)).await {
             Ok(mut tls) => {
-                // The session tickets go out now: the relay may first wake a machine, and
-                // nothing reads or writes the stream until it is relaying.
-                let _ = tokio::io::AsyncWriteExt::flush(&mut tls).await;
+                // The session tickets go out now, as far as the socket takes them without
+                // waiting (a client that reads nothing cannot hold the task here): the relay
+                // may first wake a machine, and nothing reads or writes the stream until it
+                // is relaying. What the socket does not take goes with the first relayed bytes.
+                std::future::poll_fn(|cx| {
+                    let _ = tokio::io::AsyncWrite::poll_flush(std::pin::Pin::new(&mut tls), cx);
+                    std::task::Poll::Ready(())
+                })
+                .await;
                 Box::pin(deps.server.relay_tcp(tls, &route, peer, local, &handler)).await
             }
             Err(_) => deps.metrics.tcp_refused.with_label_values(&["tls"]).inc(),
