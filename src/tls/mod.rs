@@ -56,10 +56,10 @@ fn lookup(snap: &crate::catalog::Snapshot, sni: &str) -> Option<Arc<CertifiedKey
 /// tern picks the cipher suite, the way Go's crypto/tls (Caddy, Traefik) does, rather than
 /// taking the client's first choice: AES-128-GCM, AES-256-GCM, then ChaCha20-Poly1305 where
 /// this machine has AES instructions and the client lists an AES-GCM suite before ChaCha20
-/// (it has them too); ChaCha20, AES-128-GCM, AES-256-GCM otherwise. AES-128 is the cheapest suite with
-/// hardware AES, and its SHA-256 key schedule runs on the CPU's SHA instructions where ring's
-/// SHA-384 has none: a resumed TLS 1.3 handshake costs about a tenth less CPU (OpenSSL
-/// clients list AES-256-GCM first, which this passes over).
+/// (it has them too); ChaCha20, AES-128-GCM, AES-256-GCM otherwise. AES-128 is the cheapest
+/// suite with hardware AES, and its SHA-256 key schedule runs on the CPU's SHA instructions
+/// where ring's SHA-384 has none: a resumed TLS 1.3 handshake costs about a tenth less CPU
+/// (OpenSSL clients list AES-256-GCM first, which this passes over).
 #[derive(Clone)]
 pub struct ServerConfigs {
     aes_first: Arc<ServerConfig>,
