@@ -430,6 +430,40 @@ mod tests {
     }
 
     #[test]
+    fn the_suite_order_follows_what_the_client_lists_first_among_aes_gcm_and_chacha20() {
+        use rustls::CipherSuite as S;
+        // The first AES-GCM or ChaCha20 suite decides; others (CBC, unknown codes) are passed over.
+        let cbc = S::TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA;
+        for (listed, aes) in [
+            (vec![S::TLS13_AES_256_GCM_SHA384, S::TLS13_CHACHA20_POLY1305_SHA256], true),
+            (
+                vec![cbc, S::Unknown(0x9999), S::TLS13_CHACHA20_POLY1305_SHA256, S::TLS13_AES_128_GCM_SHA256],
+                false,
+            ),
+            (vec![cbc, S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384, S::TLS13_CHACHA20_POLY1305_SHA256], true),
+            // Nothing tern offers: either order, and the handshake is refused by rustls.
+            (vec![cbc], true),
+            (vec![], true),
+        ] {
+            assert_eq!(prefers_aes(&listed), aes, "{listed:?}");
+        }
+        // Each order, as rustls will walk it: TLS 1.3 first, then by bulk cipher.
+        let order = |aes_first| {
+            let mut suites = rustls::crypto::ring::default_provider().cipher_suites;
+            suites.sort_by_key(|s| suite_rank(s.suite(), aes_first));
+            suites.iter().map(|s| s.suite()).take(3).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            order(true),
+            [S::TLS13_AES_128_GCM_SHA256, S::TLS13_AES_256_GCM_SHA384, S::TLS13_CHACHA20_POLY1305_SHA256]
+        );
+        assert_eq!(
+            order(false),
+            [S::TLS13_CHACHA20_POLY1305_SHA256, S::TLS13_AES_128_GCM_SHA256, S::TLS13_AES_256_GCM_SHA384]
+        );
+    }
+
+    #[test]
     fn what_is_not_a_hello_naming_a_server_gives_no_name() {
         let ip_hello = client_hello("127.0.0.1");
         for data in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"\x16\x03\x01\x00\x05hello", &ip_hello, b""] {
