@@ -242,32 +242,21 @@ pub fn fuzz_sni_peek(data: &[u8]) {
 
 /// The fuzz target's property for the server side of a handshake: whatever a client sends
 /// (its first flight as [`hello`] reads it, then the rest), the handshake ends, in a refusal
-/// or a session, never in a panic, and without waiting once the input has all been read. No
-/// certificate is offered, so every handshake is refused once the hello is read: what runs is
-/// the reading of the hello and the failure and alert paths.
+/// or a session, never in a panic, and without waiting once the input has all been read. The
+/// configs are [`accept`]'s own ([`ServerConfigs::http`], the one picked by the hello's suite
+/// preference as `accept` picks it) over an empty catalog: no certificate is offered, so
+/// every handshake is refused once the hello is read, and what runs is the reading of the
+/// hello, the suite choice and the failure and alert paths.
 pub fn fuzz_handshake(data: &[u8]) {
-    #[derive(Debug)]
-    struct NoCertificate;
-    impl ResolvesServerCert for NoCertificate {
-        fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-            None
-        }
-    }
-    static CONFIG: std::sync::OnceLock<Arc<ServerConfig>> = std::sync::OnceLock::new();
-    let config = CONFIG.get_or_init(|| {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .expect("the ring provider supports TLS 1.2 and 1.3")
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(NoCertificate));
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Arc::new(config)
+    static CONFIGS: std::sync::OnceLock<ServerConfigs> = std::sync::OnceLock::new();
+    let configs = CONFIGS.get_or_init(|| {
+        ServerConfigs::http(Arc::new(Catalog::new())).expect("the ring provider supports TLS 1.2 and 1.3")
     });
     let mut io = tokio::io::join(data, tokio::io::sink());
     let handshake = std::pin::pin!(async move {
         let Ok(first) = hello::read(&mut io).await else { return };
-        let _ = Stream::handshake(io, first, config.clone()).await;
+        let config = configs.for_client(read_hello(&first).is_none_or(|h| h.prefers_aes)).clone();
+        let _ = Stream::handshake(io, first, config).await;
     });
     // Reading from a slice and writing to a sink never wait: one poll settles it.
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
