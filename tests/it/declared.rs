@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::harness::{Ca, HttpVersion, Proxy, eventually};
-use crate::lifecycle::{app, machine, machine_json, metric_now, until_machine};
+use crate::lifecycle::{app, ended_cleanly, live_streams, machine, machine_json, metric_now, until_machine};
 use crate::wake::{free_port, metric};
 
 fn refuses(port: u16) -> bool {
@@ -64,27 +64,14 @@ async fn a_machine_declared_started_at_runtime_is_started_and_answers_at_once() 
 /// Before: the machine left routing but its process ran on, past tern's own shutdown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_removed_by_prune_ends_its_streams_cleanly_then_stops() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let port = free_port();
     let mut proxy = Proxy::start(&(app("live", "") + &machine("live", "l1", port, "started", &[]))).await;
     until_machine(&proxy, "live", "l1", Duration::from_secs(10), |m| m["state"] == "started").await;
-    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
-    let mut sse = client.get(proxy.url("live.test", "/sse")).send().await.unwrap();
-    assert_eq!(sse.chunk().await.unwrap().unwrap(), "data: one\n\n");
-    let tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async("ws://live.test/ws", tcp).await.unwrap();
-    ws.send(Message::text("hi")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    let (sse, ws) = live_streams(&proxy).await;
 
     // The operator prunes the machine (its app stays) while both streams are open.
     proxy.apply_pruning(&app("live", ""));
-    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("no close frame came") {
-        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
-        other => panic!("expected a close frame, got {other:?}"),
-    }
-    while let Some(Ok(_)) = ws.next().await {}
-    assert!(sse.chunk().await.expect("a clean end, not an error").is_none());
+    ended_cleanly(sse, ws).await;
     eventually(Duration::from_secs(10), || async { refuses(port).then_some(()) })
         .await
         .expect("the removed machine's process is stopped");

@@ -66,6 +66,37 @@ pub(crate) async fn metric_now(proxy: &Proxy, name: &str) -> f64 {
     metric(&proxy.metrics().await, name)
 }
 
+/// A WebSocket through tern's plain listener.
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// An SSE stream (its first event read) and a WebSocket (one message echoed), both open
+/// through `proxy` on app `live`'s machine.
+pub(crate) async fn live_streams(proxy: &Proxy) -> (reqwest::Response, Ws) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
+    let mut sse = client.get(proxy.url("live.test", "/sse")).send().await.unwrap();
+    assert_eq!(sse.chunk().await.unwrap().unwrap(), "data: one\n\n");
+    let tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://live.test/ws", tcp).await.unwrap();
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    (sse, ws)
+}
+
+/// Both streams end cleanly, within 10 s: the WebSocket with a 1001 (going away) close frame,
+/// the SSE stream with the end of its body, not an error.
+pub(crate) async fn ended_cleanly(mut sse: reqwest::Response, mut ws: Ws) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("no close frame came") {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    while let Some(Ok(_)) = ws.next().await {}
+    assert!(sse.chunk().await.expect("a clean end, not an error").is_none());
+}
+
 /// Asks a machine directly (not through tern): `/release`, `/sick`, `/well`.
 pub(crate) async fn poke(port: u16, path: &str) {
     let r = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap();
@@ -305,28 +336,15 @@ async fn requests_held_for_an_h2c_machine_share_one_connection_per_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_declared_stopped_ends_its_streams_cleanly_then_stops() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let port = free_port();
     let decl = |state: &str| app("live", "") + &machine("live", "l1", port, state, &[]);
     let mut proxy = Proxy::start(&decl("started")).await;
     until_machine(&proxy, "live", "l1", Duration::from_secs(10), |m| m["state"] == "started").await;
-    let client = proxy.client(&Ca::new(), HttpVersion::Http1);
-    let mut sse = client.get(proxy.url("live.test", "/sse")).send().await.unwrap();
-    assert_eq!(sse.chunk().await.unwrap().unwrap(), "data: one\n\n");
-    let tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async("ws://live.test/ws", tcp).await.unwrap();
-    ws.send(Message::text("hi")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    let (sse, ws) = live_streams(&proxy).await;
 
     // The operator declares the machine stopped while both streams are open.
     proxy.apply(&decl("stopped"));
-    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("no close frame came") {
-        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
-        other => panic!("expected a close frame, got {other:?}"),
-    }
-    while let Some(Ok(_)) = ws.next().await {}
-    assert!(sse.chunk().await.expect("a clean end, not an error").is_none());
+    ended_cleanly(sse, ws).await;
     // Then its process is stopped.
     eventually(Duration::from_secs(10), || async {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err().then_some(())
