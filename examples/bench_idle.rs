@@ -1,6 +1,6 @@
 //! Idle keep-alive connections for the load harness's memory run (`benches/load/run.sh`):
 //! opens `--conns` connections to a proxy, at most `--concurrency` being opened at once,
-//! makes one HTTP/1.1 request on each (`--requests`) and reads the whole response, then
+//! makes one request on each (`--requests`) and reads the whole response, then
 //! holds them all open without sending another byte, so the harness can read how much the
 //! proxy's memory grew per connection.
 //!
@@ -9,7 +9,8 @@
 //! the connections it held, how many the proxy had closed meanwhile (a figure read while
 //! the proxy was closing them would be wrong), and exits.
 //!
-//! Usage: `bench_idle --addr 127.0.0.1:PORT [--tls] [--conns 10000] [--host localhost]`
+//! Usage: `bench_idle --addr 127.0.0.1:PORT [--tls | --h2] [--conns 10000] [--host localhost]`
+//! (`--h2`: HTTP/2 over TLS, the requests made with hyper's client)
 //!
 //! One thread (a current-thread runtime), so that it stays light beside the backend on the
 //! harness's load-generator CPU.
@@ -27,6 +28,9 @@ use tokio::task::JoinSet;
 #[path = "bench_client/mod.rs"]
 mod bench_client;
 use bench_client::{Stream, Target};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -39,6 +43,10 @@ struct Args {
     path: String,
     #[arg(long)]
     tls: bool,
+    /// HTTP/2 over TLS (ALPN `h2` only; implies `--tls`): each connection a client of hyper's,
+    /// its requests on streams of their own.
+    #[arg(long)]
+    h2: bool,
     #[arg(long, default_value_t = 10_000)]
     conns: usize,
     /// Connections being opened (connect, handshake, request) at once.
@@ -57,16 +65,21 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let target = Target::new(args.addr, &args.host, args.tls)?;
+    let target = if args.h2 {
+        Target::h2(args.addr, &args.host)?
+    } else {
+        Target::new(args.addr, &args.host, args.tls)?
+    };
     let req: Arc<[u8]> = bench_client::request(&args.host, &args.path).into();
+    let uri: Arc<str> = format!("https://{}{}", args.host, args.path).into();
     let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let requests = args.requests;
+    let (requests, h2) = (args.requests, args.h2);
     let mut opening = JoinSet::new();
     for _ in 0..args.conns {
-        let (target, req, gate) = (target.clone(), req.clone(), gate.clone());
+        let (target, req, uri, gate) = (target.clone(), req.clone(), uri.clone(), gate.clone());
         opening.spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            open(&target, &req, requests).await
+            if h2 { open_h2(&target, &uri, requests).await } else { open(&target, &req, requests).await }
         });
     }
     let mut held = Vec::with_capacity(args.conns);
@@ -88,20 +101,60 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn open(target: &Target, req: &[u8], requests: u32) -> anyhow::Result<Stream> {
+/// A connection held idle.
+enum Held {
+    Http1(Stream),
+    /// hyper's client for it, and the task driving the connection (it answers the proxy's
+    /// pings, and ends when the proxy closes the connection).
+    Http2 {
+        _sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+        driving: tokio::task::JoinHandle<()>,
+    },
+}
+
+async fn open(target: &Target, req: &[u8], requests: u32) -> anyhow::Result<Held> {
     let mut s = target.connect().await?;
     let mut buf = Vec::new();
     for _ in 0..requests {
         let status = bench_client::exchange(&mut s, req, &mut buf, Duration::from_secs(30)).await?;
         anyhow::ensure!(status == 200, "status {status}");
     }
-    Ok(s)
+    Ok(Held::Http1(s))
 }
 
-/// Whether the peer has closed the connection: its socket reads end of stream or an error.
-/// Anything the proxy sent meanwhile (TLS session tickets, a close_notify) is read and
-/// dropped on the way, which is harmless as the connection is not used again.
-fn is_closed(s: &Stream) -> bool {
+/// A connection speaking HTTP/2 (the proxy must have chosen `h2`), `requests` GETs of `uri`
+/// made on it one after another, each response read to its end.
+async fn open_h2(target: &Target, uri: &str, requests: u32) -> anyhow::Result<Held> {
+    let s = target.connect().await?;
+    let alpn = match &s {
+        tokio_util::either::Either::Right(tls) => tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec),
+        tokio_util::either::Either::Left(_) => None,
+    };
+    anyhow::ensure!(alpn.as_deref() == Some(&b"h2"[..]), "the proxy chose {alpn:?}, not h2");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await?;
+    let driving = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    for _ in 0..requests {
+        let req = http::Request::get(uri).body(Empty::<Bytes>::new())?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req)).await??;
+        let status = resp.status();
+        anyhow::ensure!(status == 200, "status {status}");
+        resp.into_body().collect().await?;
+    }
+    Ok(Held::Http2 { _sender: sender, driving })
+}
+
+/// Whether the peer has closed the connection. Over HTTP/1.1: its socket reads end of
+/// stream or an error; anything the proxy sent meanwhile (TLS session tickets, a
+/// close_notify) is read and dropped on the way, which is harmless as the connection is not
+/// used again. Over HTTP/2: hyper's connection task has ended.
+fn is_closed(held: &Held) -> bool {
+    let s = match held {
+        Held::Http1(s) => s,
+        Held::Http2 { driving, .. } => return driving.is_finished(),
+    };
     let tcp = match s {
         tokio_util::either::Either::Left(s) => s,
         tokio_util::either::Either::Right(s) => s.get_ref().0,

@@ -9,7 +9,8 @@
 #   SKIP_IDLE=1 SKIP_RATE=1 KEEP=1 …                     (skip parts; keep the work dir)
 #   SCENARIOS="h1 tls" RATE=10000 …                      (some scenarios; a fixed rate of your own)
 #   IDLE_PROXIES="tern" IDLE_MODES=plain IDLE_ARGS="--requests 0" …   (the idle run for some
-#                                                        proxies and modes; bench_idle's options)
+#                                                        proxies and modes: tls, plain, h2;
+#                                                        bench_idle's options)
 #   IDLE_SMAPS=1 KEEP=1 …                               (each idle run's /proc/PID/smaps before
 #                                                        and after, kept in the work directory)
 #   PEER_SUITES=TLS_AES_128_GCM_SHA256 …                 (nginx's and HAProxy's TLS 1.3 suites,
@@ -34,8 +35,8 @@
 # 3. Idle memory: each proxy restarted fresh, then IDLE_CONNS keep-alive connections opened,
 #    one request on each, all held idle (examples/bench_idle.rs); RSS per connection is the
 #    growth of the proxy's summed VmRSS ÷ connections, read IDLE_SETTLE (15) s after the last
-#    connection's request, once both readings have settled. Once
-#    over TLS, once over plain HTTP/1.1.
+#    connection's request, once both readings have settled. Three times: HTTP/1.1 over TLS,
+#    plain HTTP/1.1, and HTTP/2 over TLS (ALPN h2, as browsers connect).
 #
 # All proxies: access logs off, keep-alive to the backend, TLS 1.3 only with the same ECDSA
 # P-256 certificate, idle keep-alive timeouts of 300 s (so the idle run's connections stay).
@@ -458,7 +459,11 @@ settled_rss() {
 idle_run() {
   local p=$1 mode=$2 port flag="" rss0 pss0 fd0 rss1 pss1 fd1 ipid out t0
   stop "$p"; start "$p"
-  port=${HTTP[$p]}; [ "$mode" = tls ] && { port=${TLS[$p]}; flag=--tls; }
+  port=${HTTP[$p]}
+  case $mode in
+    tls) port=${TLS[$p]}; flag=--tls ;;
+    h2) port=${TLS[$p]}; flag=--h2 ;;
+  esac
   rss0=$(settled_rss "${PID[$p]}"); pss0=$(pss_kib "${PID[$p]}"); fd0=$(fds "${PID[$p]}")
   [ -z "${IDLE_SMAPS:-}" ] || cat "/proc/${PID[$p]}/smaps" >"$work/runs/$p-$mode.smaps0"
   rm -f "$work/idle.in"; mkfifo "$work/idle.in"
@@ -534,6 +539,7 @@ table() {
   row "HTTP/2 over TLS (req per CPU-s)" h2 int 4
   row "RSS per idle TLS keep-alive connection (KiB)" idle-tls %.1f 4
   row "RSS per idle plain keep-alive connection (KiB)" idle-plain %.1f 4
+  row "RSS per idle HTTP/2 connection over TLS (KiB)" idle-h2 %.1f 4
   row "p99 at half of nginx's max rate (ms)" rate %.2f 5
 }
 # What the table leaves out: wall-clock req/s, the fixed-rate run's other percentiles, Pss.
@@ -575,7 +581,7 @@ details() {
     echo "Idle connections ($IDLE_CONNS each${IDLE_ARGS:+, bench_idle $IDLE_ARGS}), KiB per connection as RSS / Pss:"
     for p in "${PROXIES[@]}"; do
       line=""
-      for mode in tls plain; do
+      for mode in tls plain h2; do
         [ -z "${R[idle-$mode,$p]:-}" ] || line+=" $mode $(awk '{print $1 " / " $2}' <<<"${R[idle-$mode,$p]}"),"
       done
       [ -z "$line" ] || echo "  $p:${line%,}"
@@ -601,8 +607,8 @@ if [ -z "${SKIP_RATE:-}" ]; then
 fi
 if [ -z "${SKIP_IDLE:-}" ]; then
   for p in ${IDLE_PROXIES:-${PROXIES[@]}}; do
-    echo "idle: $p, $IDLE_CONNS connections each: ${IDLE_MODES:-tls plain}" >&2
-    for mode in ${IDLE_MODES:-tls plain}; do idle_run "$p" "$mode"; done
+    echo "idle: $p, $IDLE_CONNS connections each: ${IDLE_MODES:-tls plain h2}" >&2
+    for mode in ${IDLE_MODES:-tls plain h2}; do idle_run "$p" "$mode"; done
   done
 fi
 for p in "${PROXIES[@]}"; do stop "$p"; done

@@ -33,8 +33,15 @@ pub struct Target {
 impl Target {
     /// A target for `addr`; with `tls`, TLS 1.3 offering only `http/1.1`, with `host` as SNI.
     pub fn new(addr: SocketAddr, host: &str, tls: bool) -> anyhow::Result<Target> {
-        let tls = if tls { Some((connector()?, ServerName::try_from(host.to_owned())?)) } else { None };
+        let tls =
+            if tls { Some((connector(b"http/1.1")?, ServerName::try_from(host.to_owned())?)) } else { None };
         Ok(Target { addr, tls })
+    }
+
+    /// A target for `addr` over TLS 1.3 offering only `h2`, with `host` as SNI.
+    #[allow(dead_code)] // bench_idle's; bench_rate speaks HTTP/1.1 only
+    pub fn h2(addr: SocketAddr, host: &str) -> anyhow::Result<Target> {
+        Ok(Target { addr, tls: Some((connector(b"h2")?, ServerName::try_from(host.to_owned())?)) })
     }
 
     pub async fn connect(&self) -> std::io::Result<Stream> {
@@ -49,15 +56,15 @@ impl Target {
     }
 }
 
-fn connector() -> anyhow::Result<TlsConnector> {
+fn connector(alpn: &[u8]) -> anyhow::Result<TlsConnector> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
         .with_no_client_auth();
-    // HTTP/1.1 only: the harness's idle and fixed-rate runs are about HTTP/1.1 connections.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // One protocol offered, so that the connection is the kind the run measures.
+    config.alpn_protocols = vec![alpn.to_vec()];
     // Every connection a full handshake, as from as many different clients.
     config.resumption = rustls::client::Resumption::disabled();
     Ok(TlsConnector::from(Arc::new(config)))
