@@ -6,6 +6,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use std::future::Future;
@@ -60,6 +61,10 @@ pub struct ConnInfo {
     /// for the forwarding headers of each of its requests.
     pub client_ip: HeaderValue,
     pub local_port: HeaderValue,
+    /// For an HTTP/2 connection over TLS, which is never parked: its TLS stream's shed
+    /// signal ([`crate::tls::Stream::shed_signal`]), raised each time the connection has been
+    /// quiet for [`park::PARK_AFTER`].
+    pub shed: Option<Arc<AtomicBool>>,
 }
 
 impl ConnInfo {
@@ -74,6 +79,7 @@ impl ConnInfo {
             app: None,
             client_ip: text(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("-")),
             local_port: HeaderValue::from(local.port()),
+            shed: None,
         }
     }
 }
@@ -233,6 +239,7 @@ impl Server {
             None => self.drain.connection(),
         };
         let state = Arc::new(ConnState::new(drain));
+        let shed = info.shed.clone();
         let info = Arc::new(info);
         let svc_state = state.clone();
         let peer = info.peer;
@@ -247,7 +254,7 @@ impl Server {
             state.drain.set_http2();
             let io = TokioIo::new(TouchIo::new(io, state.activity.clone()));
             let conn = self.http2.serve_connection(io, svc);
-            Box::pin(self.drive(conn, &state)).await;
+            Box::pin(self.drive(conn, &state, shed.as_deref())).await;
             return Served::Closed;
         }
         let metrics = handler.metrics.clone();
@@ -270,7 +277,7 @@ impl Server {
                 Ok(Some(true)) => {
                     state.drain.set_http2();
                     let conn = self.http2.serve_connection(TokioIo::new(io), svc);
-                    Box::pin(self.drive(conn, &state)).await;
+                    Box::pin(self.drive(conn, &state, None)).await;
                     return Served::Closed;
                 }
                 Ok(Some(false)) => {}
@@ -409,13 +416,18 @@ impl Server {
     }
 
     /// Runs a connection to its end, closing it gracefully at its time in a drain or when idle.
-    async fn drive<C, E>(&self, conn: C, state: &ConnState)
+    /// With `shed` (an HTTP/2 connection's TLS stream), each quiet spell of [`park::PARK_AFTER`]
+    /// raises it: the connection is polled again at once, its read waits, and the stream gives
+    /// its buffers back.
+    async fn drive<C, E>(&self, conn: C, state: &ConnState, shed: Option<&AtomicBool>)
     where
         C: Future<Output = Result<(), E>> + Graceful,
         E: std::fmt::Display,
     {
         tokio::pin!(conn);
         let mut closing = false;
+        // The activity the last raise followed: the next waits for a quiet spell after newer.
+        let mut shed_after = None;
         loop {
             tokio::select! {
                 r = conn.as_mut() => {
@@ -431,6 +443,12 @@ impl Server {
                 () = state.idle_for(self.keepalive_timeout), if !closing => {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
+                }
+                () = park::quiet_again(state, shed_after), if !closing && shed.is_some() => {
+                    shed_after = Some(state.activity.last());
+                    if let Some(shed) = shed {
+                        shed.store(true, Ordering::Relaxed);
+                    }
                 }
             }
         }

@@ -206,9 +206,56 @@ pub async fn parkable(state: &ConnState) {
     }
 }
 
+/// How often a connection already quiet since its last shed looks again for activity after
+/// it (an idle HTTP/2 connection is woken as often by hyper's keep-alive ping).
+pub const QUIET_RECHECK: Duration = Duration::from_secs(30);
+
+/// Resolves once the connection has been quiet for [`PARK_AFTER`] (no exchange open, no byte
+/// moved) after activity later than `after` (any, if `None`). While the quiet spell is the
+/// one `after` came from, it looks again every [`QUIET_RECHECK`].
+pub async fn quiet_again(state: &ConnState, after: Option<tokio::time::Instant>) {
+    loop {
+        state.idle_for(PARK_AFTER).await;
+        if after.is_none_or(|after| state.activity.last() > after) {
+            return;
+        }
+        tokio::time::sleep(QUIET_RECHECK).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each quiet spell is reported once: after a second of quiet, not again in the same
+    /// spell (looked at every 30 s), and again a second after new activity ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_spell_is_reported_once_and_the_next_after_new_activity() {
+        let c = std::sync::Arc::new(ConnState::default());
+        let started = tokio::time::Instant::now();
+        quiet_again(&c, None).await;
+        assert_eq!(started.elapsed(), PARK_AFTER);
+        let seen = Some(c.activity.last());
+        let same_spell = tokio::time::timeout(Duration::from_secs(600), quiet_again(&c, seen)).await;
+        assert!(same_spell.is_err(), "the same quiet spell again");
+        // Bytes move 10 s into a wait; the quiet spell after them is a second old at 11 s, and
+        // is noticed at the next look (every QUIET_RECHECK).
+        let waiting = tokio::time::Instant::now();
+        let again = quiet_again(&c, seen);
+        let toucher = async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            c.activity.touch();
+        };
+        tokio::join!(again, toucher);
+        assert_eq!(waiting.elapsed(), QUIET_RECHECK);
+        // An open exchange is not quiet, however long.
+        let guard = c.begin();
+        let seen = Some(c.activity.last());
+        c.activity.touch();
+        let busy = tokio::time::timeout(Duration::from_secs(600), quiet_again(&c, seen)).await;
+        assert!(busy.is_err(), "an open exchange is not quiet");
+        drop(guard);
+    }
 
     #[tokio::test]
     async fn prefixed_bytes_come_first_then_the_stream() {

@@ -115,6 +115,11 @@ trait Parkable: Sized + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + S
     fn unhold(held: Held) -> Option<Self>;
     /// The busy-loop guard's count of its bytes (see [`Guarded`]).
     fn progress(&self) -> &Progress;
+    /// A signal that has it give its buffers back while quiet, for a connection that is never
+    /// parked (HTTP/2); `None` where there are none to give (plain TCP).
+    fn shed_signal(&mut self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        None
+    }
 }
 
 impl Parkable for Prefixed<Counted<TcpStream>> {
@@ -155,6 +160,10 @@ impl Parkable for TlsIo {
 
     fn progress(&self) -> &Progress {
         self.get_ref().get_ref().progress()
+    }
+
+    fn shed_signal(&mut self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        Some(tls::Stream::shed_signal(self))
     }
 }
 
@@ -517,7 +526,7 @@ async fn serve_tcp(
 async fn serve_tls(
     deps: &Deps,
     stream: Prefixed<Counted<TcpStream>>,
-    info: ConnInfo,
+    mut info: ConnInfo,
     handler: Arc<Handler>,
     parking: Option<(&SharedLot, Conn)>,
 ) {
@@ -527,11 +536,14 @@ async fn serve_tls(
     let progress = stream.get_ref().progress().clone();
     let handshake = Box::pin(deps.handshake(stream, &deps.tls));
     let serving = match Guarded::new(handshake, progress, "tls", info.peer, deps.metrics.clone()).await {
-        Ok(Ok(stream)) => {
+        Ok(Ok(mut stream)) => {
             let wire = match stream.alpn_protocol() {
                 Some(b"h2") => Wire::Http2,
                 _ => Wire::Http1,
             };
+            if wire == Wire::Http2 {
+                info.shed = Some(stream.shed_signal());
+            }
             let serving: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match parking {
                 Some((lot, conn)) => {
                     Box::pin(serve_parking(deps, handler, lot, stream, Conn { wire, ..conn }, None))
@@ -593,7 +605,10 @@ async fn serve_parking<IO: Parkable>(
     let mut parks = lot.is_some();
     let protocol = if conn.tls { "tls" } else { "http" };
     loop {
-        let info = ConnInfo::new(conn.peer, conn.local, conn.tls, conn.door);
+        let mut info = ConnInfo::new(conn.peer, conn.local, conn.tls, conn.door);
+        if conn.wire == Wire::Http2 {
+            info.shed = io.shed_signal();
+        }
         let progress = io.progress().clone();
         let serve = Box::pin(deps.server.serve_or_park(io, info, handler.clone(), conn.wire, seat, parks));
         // A spinning connection is logged and counted by the guard; dropping it closes it.

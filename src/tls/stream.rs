@@ -15,6 +15,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use rustls::ServerConfig;
@@ -67,6 +68,10 @@ pub struct Session {
     /// driven again (the unbuffered API does not remember a failed record, and would fail on
     /// it, and alert, a second time).
     failed: bool,
+    /// Raised by whoever drives the connection once it has been quiet a while (see
+    /// [`Stream::shed_signal`]): the buffers are given back at the next read that waits with
+    /// nothing in them, and the flag lowered.
+    shed: Option<Arc<AtomicBool>>,
 }
 
 /// Where driving rustls stopped.
@@ -140,7 +145,18 @@ impl Session {
             peer_closed: false,
             closing: false,
             failed: false,
+            shed: None,
         }))
+    }
+
+    /// Frees the buffers, which only a session with nothing waiting in them may do
+    /// ([`Session::is_idle`]); the next read or write allocates again.
+    fn give_back(&mut self) {
+        self.incoming = Vec::new();
+        self.outgoing = Vec::new();
+        self.plain = Vec::new();
+        self.gather = Vec::new();
+        (self.filled, self.sent, self.taken) = (0, 0, 0);
     }
 
     /// Nothing read, decrypted or encrypted is waiting: the session alone goes on.
@@ -450,12 +466,16 @@ impl<IO> Stream<IO> {
             return Err(self);
         }
         let Stream { io, mut session } = self;
-        session.incoming = Vec::new();
-        session.outgoing = Vec::new();
-        session.plain = Vec::new();
-        session.gather = Vec::new();
-        (session.filled, session.sent, session.taken) = (0, 0, 0);
+        session.give_back();
         Ok((io, session))
+    }
+
+    /// A flag that, raised, has the stream give its buffers back (about 7 KiB once warm) at
+    /// its next read that waits with nothing in them. For a connection that stays with its
+    /// task while quiet (HTTP/2, never parked): its driver raises it after a quiet spell and
+    /// polls the connection, whose read then waits. The stream lowers it once done.
+    pub fn shed_signal(&mut self) -> Arc<AtomicBool> {
+        self.session.shed.get_or_insert_with(Default::default).clone()
     }
 
     pub fn from_parts(io: IO, session: Box<Session>) -> Self {
@@ -483,6 +503,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<IO> {
                         // that fails is the next write's error, and the read reports how the
                         // peer's side ends.
                         let _ = this.poll_send(cx);
+                        let session = &mut this.session;
+                        if let Some(shed) = &session.shed
+                            && shed.load(Ordering::Relaxed)
+                            && session.is_idle()
+                        {
+                            shed.store(false, Ordering::Relaxed);
+                            session.give_back();
+                        }
                         return Poll::Pending;
                     }
                 },
@@ -943,5 +971,52 @@ mod tests {
         assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut tiny)).is_pending());
         assert_eq!(server.session.filled, 9, "the half record was read");
         assert!(server.into_parts().is_err(), "a stream holding half a record parted");
+    }
+
+    /// The buffers of a stream held by its task (HTTP/2) while quiet: given back at a read
+    /// that waits once the signal is raised, only then, and never with bytes in them.
+    #[tokio::test]
+    async fn a_raised_shed_signal_frees_the_buffers_at_the_next_read_that_waits() {
+        let (mut server, mut client) = pair(&rustls::version::TLS13).await;
+        let shed = server.shed_signal();
+        let held = |s: &Stream<DuplexStream>| {
+            s.session.incoming.capacity() + s.session.outgoing.capacity() + s.session.plain.capacity()
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut buf = [0; 4];
+        client.write_all(b"ping").await.unwrap();
+        client.flush().await.unwrap();
+        server.read_exact(&mut buf).await.unwrap();
+        server.write_all(b"pong").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        // Not raised: a read that waits keeps what it has (a busy connection reuses it).
+        assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut buf)).is_pending());
+        assert!(held(&server) > 0);
+        // Raised: the next read that waits gives them back, and lowers it.
+        shed.store(true, Ordering::Relaxed);
+        assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut buf)).is_pending());
+        assert_eq!(held(&server), 0);
+        assert!(!shed.load(Ordering::Relaxed), "lowered once done");
+        // And the stream goes on, both ways.
+        client.write_all(b"ping").await.unwrap();
+        client.flush().await.unwrap();
+        server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        server.write_all(b"pong").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+
+        // Half a record read: raised, the read waits and keeps it (and the signal stays up).
+        let (mut server, client) = pair(&rustls::version::TLS13).await;
+        let shed = server.shed_signal();
+        let (mut client_io, _) = client.into_inner();
+        client_io.write_all(b"\x17\x03\x03\x00\x40half").await.unwrap();
+        shed.store(true, Ordering::Relaxed);
+        let mut tiny = [0; 1];
+        assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut tiny)).is_pending());
+        assert_eq!(server.session.filled, 9, "the half record is kept");
+        assert!(shed.load(Ordering::Relaxed), "still to do once the buffers are empty");
     }
 }
