@@ -17,13 +17,20 @@ use super::drain::ConnDrain;
 pub struct Activity {
     base: Instant,
     last_ms: AtomicU64,
+    /// When an exchange last began or ended, as the same offset.
+    exchange_ms: AtomicU64,
     /// The last write was refused for now (the peer is not reading): bytes wait unwritten.
     write_blocked: AtomicBool,
 }
 
 impl Activity {
     pub fn new() -> Self {
-        Activity { base: Instant::now(), last_ms: AtomicU64::new(0), write_blocked: AtomicBool::new(false) }
+        Activity {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            exchange_ms: AtomicU64::new(0),
+            write_blocked: AtomicBool::new(false),
+        }
     }
 
     pub fn write_blocked(&self) -> bool {
@@ -45,6 +52,20 @@ impl Activity {
 
     pub fn last(&self) -> Instant {
         self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// An exchange began (`bytes` false) or ended (`bytes`: it counts as activity too).
+    fn touch_exchange(&self, bytes: bool) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.exchange_ms.fetch_max(ms, Ordering::Relaxed);
+        if bytes {
+            self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// When an exchange last began or ended (the connection's start, if none has).
+    pub fn last_exchange(&self) -> Instant {
+        self.base + Duration::from_millis(self.exchange_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -193,6 +214,7 @@ impl ConnState {
 
     pub fn begin(self: &Arc<Self>) -> ExchangeGuard {
         self.open.fetch_add(1, Ordering::Relaxed);
+        self.activity.touch_exchange(false);
         ExchangeGuard(self.clone())
     }
 
@@ -215,6 +237,23 @@ impl ConnState {
             tokio::time::sleep_until(deadline).await;
         }
     }
+
+    /// Resolves when the connection has had no open exchange, and none has begun or ended,
+    /// for `timeout`, whatever bytes moved: HTTP/2's keep-alive limit. Its pings (hyper
+    /// sends one every 30 s, idle or not) and other frames outside a stream keep nothing open.
+    pub async fn unused_for(&self, timeout: Duration) {
+        loop {
+            if self.open_exchanges() > 0 {
+                tokio::time::sleep(timeout).await;
+                continue;
+            }
+            let deadline = self.activity.last_exchange() + timeout;
+            if deadline <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
 }
 
 /// One open exchange on a connection; dropping it closes the exchange.
@@ -230,7 +269,7 @@ impl ExchangeGuard {
 
 impl Drop for ExchangeGuard {
     fn drop(&mut self) {
-        self.0.activity.touch();
+        self.0.activity.touch_exchange(true);
         self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -268,5 +307,39 @@ mod tests {
         let started = Instant::now();
         c.idle_for(Duration::from_secs(10)).await;
         assert_eq!(started.elapsed().as_secs(), 10);
+    }
+
+    /// HTTP/2's keep-alive limit counts exchanges, not bytes: pings every 30 s do not keep
+    /// an unused connection, an exchange does, and the limit runs from its end.
+    #[tokio::test(start_paused = true)]
+    async fn only_exchanges_keep_a_connection_in_use() {
+        let c = Arc::new(ConnState::default());
+        let started = Instant::now();
+        let pings = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                c.activity.touch();
+            }
+        };
+        tokio::select! {
+            () = c.unused_for(Duration::from_secs(75)) => {}
+            () = pings => unreachable!(),
+        }
+        assert_eq!(started.elapsed().as_secs(), 75, "bytes alone do not keep it");
+        // A new connection, an exchange 10 s in lasting 100 s: the limit runs from its end.
+        let c = Arc::new(ConnState::default());
+        let started = Instant::now();
+        let exchange = async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let guard = c.begin();
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            drop(guard);
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = c.unused_for(Duration::from_secs(75)) => {}
+            () = exchange => unreachable!(),
+        }
+        assert_eq!(started.elapsed().as_secs(), 10 + 100 + 75);
     }
 }

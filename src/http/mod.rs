@@ -62,8 +62,8 @@ pub struct ConnInfo {
     pub client_ip: HeaderValue,
     pub local_port: HeaderValue,
     /// For an HTTP/2 connection over TLS, which is never parked: its TLS stream's shed
-    /// signal ([`crate::tls::Stream::shed_signal`]), raised each time the connection has been
-    /// quiet for [`park::PARK_AFTER`].
+    /// signal ([`crate::tls::Stream::shed_signal`]), raised once a quiet spell has lasted
+    /// [`park::PARK_AFTER`] (a later spell is seen within [`park::QUIET_RECHECK`]).
     pub shed: Option<Arc<AtomicBool>>,
 }
 
@@ -416,9 +416,9 @@ impl Server {
     }
 
     /// Runs a connection to its end, closing it gracefully at its time in a drain or when idle.
-    /// With `shed` (an HTTP/2 connection's TLS stream), each quiet spell of [`park::PARK_AFTER`]
-    /// raises it: the connection is polled again at once, its read waits, and the stream gives
-    /// its buffers back.
+    /// With `shed` (an HTTP/2 connection's TLS stream), a quiet spell of [`park::PARK_AFTER`]
+    /// raises it (see [`park::quiet_again`]): the connection is polled again at once, its read
+    /// waits, and the stream gives its buffers back.
     async fn drive<C, E>(&self, conn: C, state: &ConnState, shed: Option<&AtomicBool>)
     where
         C: Future<Output = Result<(), E>> + Graceful,
@@ -440,7 +440,8 @@ impl Server {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                () = state.idle_for(self.keepalive_timeout), if !closing => {
+                // Not idle_for: hyper's keep-alive pings move bytes every 30 s, idle or not.
+                () = state.unused_for(self.keepalive_timeout), if !closing => {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
