@@ -224,30 +224,25 @@ impl ConnState {
 
     /// Resolves when the connection has had no open exchange and no bytes for `timeout`.
     pub async fn idle_for(&self, timeout: Duration) {
-        loop {
-            if self.open_exchanges() > 0 {
-                // A silent stream is the exchange's business (the app's idle_timeout).
-                tokio::time::sleep(timeout).await;
-                continue;
-            }
-            let deadline = self.activity.last() + timeout;
-            if deadline <= Instant::now() {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
+        self.quiet_for(timeout, Activity::last).await;
     }
 
     /// Resolves when the connection has had no open exchange, and none has begun or ended,
     /// for `timeout`, whatever bytes moved: HTTP/2's keep-alive limit. Its pings (hyper
     /// sends one every 30 s, idle or not) and other frames outside a stream keep nothing open.
     pub async fn unused_for(&self, timeout: Duration) {
+        self.quiet_for(timeout, Activity::last_exchange).await;
+    }
+
+    /// No exchange open, and `timeout` since the instant `since` reads.
+    async fn quiet_for(&self, timeout: Duration, since: fn(&Activity) -> Instant) {
         loop {
             if self.open_exchanges() > 0 {
+                // A silent stream is the exchange's business (the app's idle_timeout).
                 tokio::time::sleep(timeout).await;
                 continue;
             }
-            let deadline = self.activity.last_exchange() + timeout;
+            let deadline = since(&self.activity) + timeout;
             if deadline <= Instant::now() {
                 return;
             }
