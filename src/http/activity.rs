@@ -17,7 +17,7 @@ use super::drain::ConnDrain;
 pub struct Activity {
     base: Instant,
     last_ms: AtomicU64,
-    /// When an exchange last began or ended, as the same offset.
+    /// When an exchange last ended, as the same offset.
     exchange_ms: AtomicU64,
     /// The last write was refused for now (the peer is not reading): bytes wait unwritten.
     write_blocked: AtomicBool,
@@ -54,16 +54,15 @@ impl Activity {
         self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 
-    /// An exchange began (`bytes` false) or ended (`bytes`: it counts as activity too).
-    fn touch_exchange(&self, bytes: bool) {
+    /// An exchange ended: activity, and the time an HTTP/2 connection's keep-alive limit
+    /// runs from. One clock read for both.
+    fn exchange_ended(&self) {
         let ms = self.base.elapsed().as_millis() as u64;
         self.exchange_ms.fetch_max(ms, Ordering::Relaxed);
-        if bytes {
-            self.last_ms.fetch_max(ms, Ordering::Relaxed);
-        }
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
-    /// When an exchange last began or ended (the connection's start, if none has).
+    /// When an exchange last ended (the connection's start, if none has).
     pub fn last_exchange(&self) -> Instant {
         self.base + Duration::from_millis(self.exchange_ms.load(Ordering::Relaxed))
     }
@@ -213,8 +212,8 @@ impl ConnState {
     }
 
     pub fn begin(self: &Arc<Self>) -> ExchangeGuard {
+        // Its start is not noted: while it is open nothing counts as unused, and its end is.
         self.open.fetch_add(1, Ordering::Relaxed);
-        self.activity.touch_exchange(false);
         ExchangeGuard(self.clone())
     }
 
@@ -227,8 +226,8 @@ impl ConnState {
         self.quiet_for(timeout, Activity::last).await;
     }
 
-    /// Resolves when the connection has had no open exchange, and none has begun or ended,
-    /// for `timeout`, whatever bytes moved: HTTP/2's keep-alive limit. Its pings (hyper
+    /// Resolves when the connection has had no open exchange, and none has ended, for
+    /// `timeout`, whatever bytes moved: HTTP/2's keep-alive limit. Its pings (hyper
     /// sends one every 30 s, idle or not) and other frames outside a stream keep nothing open.
     pub async fn unused_for(&self, timeout: Duration) {
         self.quiet_for(timeout, Activity::last_exchange).await;
@@ -264,7 +263,7 @@ impl ExchangeGuard {
 
 impl Drop for ExchangeGuard {
     fn drop(&mut self) {
-        self.0.activity.touch_exchange(true);
+        self.0.activity.exchange_ended();
         self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
