@@ -315,10 +315,15 @@ mod tests {
                 c.activity.touch();
             }
         };
-        tokio::select! {
-            () = c.unused_for(Duration::from_secs(75)) => {}
-            () = pings => unreachable!(),
-        }
+        // Bounded, so that a limit the pings kept forever fails here rather than hanging.
+        let unused = tokio::time::timeout(Duration::from_secs(600), async {
+            tokio::select! {
+                () = c.unused_for(Duration::from_secs(75)) => {}
+                () = pings => unreachable!(),
+            }
+        })
+        .await;
+        assert!(unused.is_ok(), "pings kept an unused connection");
         assert_eq!(started.elapsed().as_secs(), 75, "bytes alone do not keep it");
         // A new connection, an exchange 10 s in lasting 100 s: the limit runs from its end.
         let c = Arc::new(ConnState::default());
