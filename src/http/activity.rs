@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::drain::ConnDrain;
@@ -203,12 +204,21 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for TouchIo<IO> {
 pub struct ConnState {
     pub activity: Arc<Activity>,
     open: AtomicUsize,
+    /// Someone waits in [`Self::exchanges_end`]: the last exchange to end wakes [`Self::ended`].
+    watching: AtomicBool,
+    ended: Notify,
     pub drain: ConnDrain,
 }
 
 impl ConnState {
     pub fn new(drain: ConnDrain) -> Self {
-        ConnState { activity: Arc::default(), open: AtomicUsize::new(0), drain }
+        ConnState {
+            activity: Arc::default(),
+            open: AtomicUsize::new(0),
+            watching: AtomicBool::new(false),
+            ended: Notify::new(),
+            drain,
+        }
     }
 
     pub fn begin(self: &Arc<Self>) -> ExchangeGuard {
@@ -234,18 +244,43 @@ impl ConnState {
     }
 
     /// No exchange open, and `timeout` since the instant `since` reads.
+    ///
+    /// While an exchange is open it waits out one `timeout` on the clock (a busy connection's
+    /// exchanges come and go many times in it, and waking at each end would cost a poll per
+    /// request), then, if one is still open, for the last to end: a stream open for hours
+    /// costs no wake until it ends. (A silent stream is the exchange's business: the app's
+    /// idle_timeout.)
     async fn quiet_for(&self, timeout: Duration, since: fn(&Activity) -> Instant) {
+        let mut open_a_while = false;
         loop {
             if self.open_exchanges() > 0 {
-                // A silent stream is the exchange's business (the app's idle_timeout).
-                tokio::time::sleep(timeout).await;
+                if open_a_while {
+                    self.exchanges_end().await;
+                } else {
+                    tokio::time::sleep(timeout).await;
+                    open_a_while = true;
+                }
                 continue;
             }
+            open_a_while = false;
             let deadline = since(&self.activity) + timeout;
             if deadline <= Instant::now() {
                 return;
             }
             tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    /// Resolves once no exchange is open, woken by the last to end.
+    async fn exchanges_end(&self) {
+        let ended = self.ended.notified();
+        tokio::pin!(ended);
+        // Registered before the flag is raised and the count read again, so an end between
+        // them is either seen in the count or wakes this waiter (both orders are SeqCst).
+        ended.as_mut().enable();
+        self.watching.store(true, Ordering::SeqCst);
+        if self.open.load(Ordering::SeqCst) > 0 {
+            ended.await;
         }
     }
 }
@@ -263,8 +298,13 @@ impl ExchangeGuard {
 
 impl Drop for ExchangeGuard {
     fn drop(&mut self) {
-        self.0.activity.exchange_ended();
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        let conn = &self.0;
+        conn.activity.exchange_ended();
+        // A lock-free load on every request; the wake (a lock) only for a waiter.
+        if conn.open.fetch_sub(1, Ordering::SeqCst) == 1 && conn.watching.load(Ordering::SeqCst) {
+            conn.watching.store(false, Ordering::SeqCst);
+            conn.ended.notify_waiters();
+        }
     }
 }
 
@@ -301,6 +341,32 @@ mod tests {
         let started = Instant::now();
         c.idle_for(Duration::from_secs(10)).await;
         assert_eq!(started.elapsed().as_secs(), 10);
+    }
+
+    /// A stream open for ten minutes costs its connection's waits a wake or two, not one a
+    /// second; they resolve a second after it ends.
+    #[tokio::test(start_paused = true)]
+    async fn an_open_stream_does_not_wake_the_connection_until_it_ends() {
+        let c = Arc::new(ConnState::default());
+        let guard = c.begin();
+        let polls = AtomicUsize::new(0);
+        let idle = c.idle_for(Duration::from_secs(1));
+        tokio::pin!(idle);
+        let counted = std::future::poll_fn(|cx| {
+            polls.fetch_add(1, Ordering::Relaxed);
+            idle.as_mut().poll(cx)
+        });
+        // On a task of its own, so that its timer's wake does not poll the wait too.
+        let stream = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            drop(guard);
+        });
+        let started = Instant::now();
+        counted.await;
+        stream.await.unwrap();
+        assert_eq!(started.elapsed().as_secs(), 601, "a second after the stream's end");
+        // The first poll, the wake after one second, the end's wake and the last second's.
+        assert!(polls.load(Ordering::Relaxed) <= 4, "{} polls", polls.load(Ordering::Relaxed));
     }
 
     /// HTTP/2's keep-alive limit counts exchanges, not bytes: pings every 30 s do not keep
