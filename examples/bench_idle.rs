@@ -9,8 +9,10 @@
 //! the connections it held, how many the proxy had closed meanwhile (a figure read while
 //! the proxy was closing them would be wrong), and exits.
 //!
-//! Usage: `bench_idle --addr 127.0.0.1:PORT [--tls | --h2] [--conns 10000] [--host localhost]`
-//! (`--h2`: HTTP/2 over TLS, the requests made with hyper's client)
+//! Usage: `bench_idle --addr 127.0.0.1:PORT [--tls | --h2] [--conns 10000] [--host localhost]
+//! [--path /] [--stream]` (`--h2`: HTTP/2 over TLS, the requests made with hyper's client;
+//! `--stream`: the last request's body is not read but held open, as a client holds an SSE
+//! stream, for a path whose response never ends)
 //!
 //! One thread (a current-thread runtime), so that it stays light beside the backend on the
 //! harness's load-generator CPU.
@@ -56,6 +58,10 @@ struct Args {
     /// costs before any request.
     #[arg(long, default_value_t = 1)]
     requests: u32,
+    /// The last request on each connection is a stream held open: its response head is read
+    /// (a 200), its body left unread.
+    #[arg(long)]
+    stream: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,13 +79,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let req: Arc<[u8]> = bench_client::request(&args.host, &args.path).into();
     let uri: Arc<str> = format!("https://{}{}", args.host, args.path).into();
     let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let (requests, h2) = (args.requests, args.h2);
+    let (requests, h2, stream) = (args.requests, args.h2, args.stream);
+    anyhow::ensure!(!stream || requests > 0, "--stream needs a request to hold");
     let mut opening = JoinSet::new();
     for _ in 0..args.conns {
         let (target, req, uri, gate) = (target.clone(), req.clone(), uri.clone(), gate.clone());
         opening.spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            if h2 { open_h2(&target, &uri, requests).await } else { open(&target, &req, requests).await }
+            if h2 {
+                open_h2(&target, &uri, requests, stream).await
+            } else {
+                open(&target, &req, requests, stream).await
+            }
         });
     }
     let mut held = Vec::with_capacity(args.conns);
@@ -109,22 +120,30 @@ enum Held {
     Http2 {
         _sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
         driving: tokio::task::JoinHandle<()>,
+        /// The body of a stream held open, unread.
+        _stream: Option<hyper::body::Incoming>,
     },
 }
 
-async fn open(target: &Target, req: &[u8], requests: u32) -> anyhow::Result<Held> {
+async fn open(target: &Target, req: &[u8], requests: u32, stream: bool) -> anyhow::Result<Held> {
     let mut s = target.connect().await?;
     let mut buf = Vec::new();
-    for _ in 0..requests {
-        let status = bench_client::exchange(&mut s, req, &mut buf, Duration::from_secs(30)).await?;
+    let timeout = Duration::from_secs(30);
+    for i in 0..requests {
+        let status = if stream && i + 1 == requests {
+            bench_client::open_stream(&mut s, req, &mut buf, timeout).await?
+        } else {
+            bench_client::exchange(&mut s, req, &mut buf, timeout).await?
+        };
         anyhow::ensure!(status == 200, "status {status}");
     }
     Ok(Held::Http1(s))
 }
 
 /// A connection speaking HTTP/2 (the proxy must have chosen `h2`), `requests` GETs of `uri`
-/// made on it one after another, each response read to its end.
-async fn open_h2(target: &Target, uri: &str, requests: u32) -> anyhow::Result<Held> {
+/// made on it one after another, each response read to its end (the last one's held unread
+/// with `stream`).
+async fn open_h2(target: &Target, uri: &str, requests: u32, stream: bool) -> anyhow::Result<Held> {
     let s = target.connect().await?;
     let alpn = match &s {
         tokio_util::either::Either::Right(tls) => tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec),
@@ -136,14 +155,19 @@ async fn open_h2(target: &Target, uri: &str, requests: u32) -> anyhow::Result<He
     let driving = tokio::spawn(async move {
         let _ = conn.await;
     });
-    for _ in 0..requests {
+    let mut held = None;
+    for i in 0..requests {
         let req = http::Request::get(uri).body(Empty::<Bytes>::new())?;
         let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req)).await??;
         let status = resp.status();
         anyhow::ensure!(status == 200, "status {status}");
-        resp.into_body().collect().await?;
+        if stream && i + 1 == requests {
+            held = Some(resp.into_body());
+        } else {
+            resp.into_body().collect().await?;
+        }
     }
-    Ok(Held::Http2 { _sender: sender, driving })
+    Ok(Held::Http2 { _sender: sender, driving, _stream: held })
 }
 
 /// Whether the peer has closed the connection. Over HTTP/1.1: its socket reads end of

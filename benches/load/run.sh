@@ -9,8 +9,10 @@
 #   SKIP_IDLE=1 SKIP_RATE=1 KEEP=1 …                     (skip parts; keep the work dir)
 #   SCENARIOS="h1 tls" RATE=10000 …                      (some scenarios; a fixed rate of your own)
 #   IDLE_PROXIES="tern" IDLE_MODES=plain IDLE_ARGS="--requests 0" …   (the idle run for some
-#                                                        proxies and modes: tls, plain, h2;
-#                                                        bench_idle's options)
+#                                                        proxies and modes: tls, plain, h2,
+#                                                        sse, sse-tls, sse-h2; bench_idle's
+#                                                        options)
+#   STREAM_CONNS=4000 …                                  (streams held in each sse mode)
 #   IDLE_SMAPS=1 KEEP=1 …                               (each idle run's /proc/PID/smaps before
 #                                                        and after, kept in the work directory)
 #   PEER_SUITES=TLS_AES_128_GCM_SHA256 …                 (nginx's and HAProxy's TLS 1.3 suites,
@@ -36,7 +38,11 @@
 #    one request on each, all held idle (examples/bench_idle.rs); RSS per connection is the
 #    growth of the proxy's summed VmRSS ÷ connections, read IDLE_SETTLE (15) s after the last
 #    connection's request, once both readings have settled. Three times: HTTP/1.1 over TLS,
-#    plain HTTP/1.1, and HTTP/2 over TLS (ALPN h2, as browsers connect).
+#    plain HTTP/1.1, and HTTP/2 over TLS (ALPN h2, as browsers connect). Then idle streams:
+#    STREAM_CONNS SSE responses that send one event and then nothing for an hour (from a
+#    second backend, tern's test machine, on the load CPU), one per connection, each held
+#    open with its body unread, over plain HTTP/1.1, TLS and HTTP/2; RSS per stream, and the proxy's
+#    CPU while they sit idle (a proxy should not wake for a silent stream).
 #
 # All proxies: access logs off, keep-alive to the backend, TLS 1.3 only with the same ECDSA
 # P-256 certificate, idle keep-alive timeouts of 300 s (so the idle run's connections stay).
@@ -51,6 +57,7 @@ ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 IDLE_SETTLE=${IDLE_SETTLE:-15}
+STREAM_CONNS=${STREAM_CONNS:-4000}
 PIN_LOAD=${PIN_LOAD:-0}
 PIN_PROXY=${PIN_PROXY:-1}
 started=$SECONDS
@@ -77,13 +84,18 @@ FDS=$(ulimit -n)
 if [ "$FDS" -lt $((IDLE_CONNS + 1000)) ]; then
   echo "open-file limit $FDS is too low for IDLE_CONNS=$IDLE_CONNS" >&2; exit 1
 fi
+# A stream holds two descriptors in the proxy: the client's and the backend's.
+if [ "$FDS" -lt $((2 * STREAM_CONNS + 1000)) ]; then
+  echo "open-file limit $FDS is too low for STREAM_CONNS=$STREAM_CONNS" >&2; exit 1
+fi
 
 if [ -z "${TERN:-}" ]; then
-  cargo build --release --quiet --bin tern --example bench_idle --example bench_rate
+  cargo build --release --quiet --bin tern --example bench_idle --example bench_rate --example test_machine
   TERN=target/release/tern
 else
-  cargo build --release --quiet --example bench_idle --example bench_rate
+  cargo build --release --quiet --example bench_idle --example bench_rate --example test_machine
 fi
+STREAMS_BIN=target/release/examples/test_machine
 IDLE_BIN=target/release/examples/bench_idle
 RATE_BIN=target/release/examples/bench_rate
 declare -A BIN=([tern]=$TERN)
@@ -171,6 +183,23 @@ CONF
   [ "$(curl -s "http://127.0.0.1:$BPORT/" | wc -c)" -eq 1024 ] || { echo "backend body is not 1 KiB" >&2; exit 1; }
 }
 
+# The streams' backend, for the idle-stream modes: tern's test machine, on the load CPU, on a
+# port of its own choosing. STREAM_PATH is an SSE stream that sends one event, then nothing
+# for an hour: a stream with nothing to say once it has begun (nginx sends no HTTP/2 response
+# head before the first byte of its body, so a stream silent from the start never opens there).
+STREAM_PATH='/ticks?n=2&gap_ms=3600000'
+start_streams_backend() {
+  local d=$work/streams
+  mkdir -p "$d"
+  taskset -c "$PIN_LOAD" "$STREAMS_BIN" 127.0.0.1:0 2>"$d/log" & PID[streams]=$!
+  for _ in $(seq 1 200); do
+    SPORT=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$d/log")
+    [ -z "$SPORT" ] || break; sleep 0.05
+  done
+  [ -n "$SPORT" ] || { echo "the streams' backend never listened: $(cat "$d/log")" >&2; exit 1; }
+  wait_http "http://127.0.0.1:$SPORT/id"
+}
+
 # tern (or tern-before): one worker, port 0, its addresses read from its "listening" lines.
 # Its watchdog only logs a wedge: on a machine this busy its heartbeat can lag past 2 s, and a
 # bounce would swap the process being measured for a fresh one. Wedges are counted (stop) and
@@ -203,7 +232,8 @@ TOML
   cat > "$d/decl.toml" <<TOML
 [[apps]]
 name = "bench"
-hostnames = ["localhost"]
+hostnames = ["localhost"]${STREAMING:+
+idle_timeout = \"300s\"}
 [[machines]]
 id = "backend"
 app = "bench"
@@ -257,7 +287,9 @@ http {
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;${STREAMING:+
+      proxy_buffering off;
+      proxy_read_timeout 300s;}
     }
   }
 }
@@ -285,7 +317,7 @@ defaults
   maxconn $((FDS - 1000))
   timeout connect 5s
   timeout client 300s
-  timeout server 60s
+  timeout server ${STREAMING:+300s}${STREAMING:-60s}
   timeout http-keep-alive 300s
   option http-keep-alive
   option forwardfor
@@ -297,7 +329,7 @@ frontend tls
   bind fd@@FD1@ ssl crt $work/combined.pem alpn h2,http/1.1
   default_backend app
 backend app
-  server b1 127.0.0.1:$BPORT maxconn 2000
+  server b1 127.0.0.1:$BPORT maxconn ${STREAMING:+$FDS}${STREAMING:-2000}
 CONF
   taskset -c "$PIN_PROXY" python3 "$work/with_sockets.py" haproxy 4096 2 "$d/haproxy.cfg.in" "$d/haproxy.cfg" -- \
     "$HAPROXY" -f "$d/haproxy.cfg" -db >"$d/haproxy.log" 2>&1 & PID[haproxy]=$!
@@ -310,7 +342,8 @@ start() {
     nginx) start_nginx ;;
     haproxy) start_haproxy ;;
   esac
-  wait_http "http://localhost:${HTTP[$1]}/"; wait_http "https://localhost:${TLS[$1]}/"
+  local path=${STREAMING:+/id}
+  wait_http "http://localhost:${HTTP[$1]}${path:-/}"; wait_http "https://localhost:${TLS[$1]}${path:-/}"
   local brief proto
   brief=$(openssl s_client -brief -connect "127.0.0.1:${TLS[$1]}" -servername localhost </dev/null 2>&1)
   proto=$(sed -n 's/^Protocol version: //p' <<<"$brief")
@@ -454,21 +487,27 @@ settled_rss() {
   echo "$cur"
 }
 # Idle memory: P restarted fresh (so earlier runs' memory does not count), its settled RSS
-# read, IDLE_CONNS connections opened (one request each) and held, its RSS read again.
-# R[idle-MODE,P] gets "rss_kib_per_conn pss_kib_per_conn held errors".
+# read, IDLE_CONNS connections opened (one request each) and held, its RSS read again. In the
+# sse modes P is started in front of the streams' backend (streaming settings on: nginx's
+# proxy_buffering off, 300 s limits) and STREAM_CONNS streams are held instead.
+# R[idle-MODE,P] gets "rss_kib_per_conn pss_kib_per_conn held errors cpu_ms_per_s", the last
+# being P's CPU over the IDLE_SETTLE seconds they sat idle.
 idle_run() {
-  local p=$1 mode=$2 port flag="" rss0 pss0 fd0 rss1 pss1 fd1 ipid out t0
+  local p=$1 mode=$2 port flag="" rss0 pss0 fd0 rss1 pss1 fd1 ipid out t0 c0 c1 conns=$IDLE_CONNS
+  local STREAMING="" BPORT=$BPORT
+  local stream=()
+  case $mode in sse*) STREAMING=1; BPORT=$SPORT; conns=$STREAM_CONNS; stream=(--stream --path "$STREAM_PATH") ;; esac
   stop "$p"; start "$p"
   port=${HTTP[$p]}
   case $mode in
-    tls) port=${TLS[$p]}; flag=--tls ;;
-    h2) port=${TLS[$p]}; flag=--h2 ;;
+    tls | sse-tls) port=${TLS[$p]}; flag+=" --tls" ;;
+    h2 | sse-h2) port=${TLS[$p]}; flag+=" --h2" ;;
   esac
   rss0=$(settled_rss "${PID[$p]}"); pss0=$(pss_kib "${PID[$p]}"); fd0=$(fds "${PID[$p]}")
   [ -z "${IDLE_SMAPS:-}" ] || cat "/proc/${PID[$p]}/smaps" >"$work/runs/$p-$mode.smaps0"
   rm -f "$work/idle.in"; mkfifo "$work/idle.in"
   t0=$SECONDS
-  taskset -c "$PIN_LOAD" "$IDLE_BIN" --addr "127.0.0.1:$port" $flag --conns "$IDLE_CONNS" ${IDLE_ARGS:-} <"$work/idle.in" >"$work/idle.out" 2>&1 & ipid=$!
+  taskset -c "$PIN_LOAD" "$IDLE_BIN" --addr "127.0.0.1:$port" $flag --conns "$conns" "${stream[@]}" ${IDLE_ARGS:-} <"$work/idle.in" >"$work/idle.out" 2>&1 & ipid=$!
   exec 7>"$work/idle.in"
   until grep -q '^ready' "$work/idle.out"; do
     kill -0 "$ipid" 2>/dev/null || { echo "bench_idle died: $(cat "$work/idle.out")" >&2; exit 1; }
@@ -478,7 +517,9 @@ idle_run() {
   local opened=$((SECONDS - t0))
   # Idle means idle for a while: a proxy may give memory back some time after a connection
   # goes quiet (tern parks it after 1 s; its allocator returns the pages on a later wake).
+  c0=$(cpu_ticks "${PID[$p]}")
   sleep "$IDLE_SETTLE"
+  c1=$(cpu_ticks "${PID[$p]}")
   rss1=$(settled_rss "${PID[$p]}"); pss1=$(pss_kib "${PID[$p]}"); fd1=$(fds "${PID[$p]}")
   [ -z "${IDLE_SMAPS:-}" ] || cat "/proc/${PID[$p]}/smaps" >"$work/runs/$p-$mode.smaps1"
   exec 7>&-
@@ -490,9 +531,10 @@ idle_run() {
   closed=$(sed -n 's/^held=[0-9]* closed=\([0-9]*\)/\1/p' <<<"$out")
   [ "${closed:-1}" -eq 0 ] || { echo "$p closed ${closed:-?} of its idle $mode connections during the run" >&2; exit 1; }
   [ "${ok:-0}" -gt 0 ] || { echo "bench_idle opened nothing to $p: $out" >&2; exit 1; }
-  log "idle-$mode proxy=$p conns=$ok errors=$errs opened_in=${opened}s rss_kib=$rss0->$rss1 pss_kib=$pss0->$pss1 fds=$fd0->$fd1"
+  log "idle-$mode proxy=$p conns=$ok errors=$errs opened_in=${opened}s rss_kib=$rss0->$rss1 pss_kib=$pss0->$pss1 fds=$fd0->$fd1 idle_cpu_ticks=$((c1 - c0))/${IDLE_SETTLE}s"
   R[idle-$mode,$p]=$(awk -v a="$rss0" -v b="$rss1" -v c="$pss0" -v d="$pss1" -v n="$ok" -v e="$errs" \
-    'BEGIN {printf "%.2f %.2f %d %d\n", (b - a) / n, (d - c) / n, n, e}')
+    -v t=$((c1 - c0)) -v hz="$CLK_TCK" -v w="$IDLE_SETTLE" \
+    'BEGIN {printf "%.2f %.2f %d %d %.2f\n", (b - a) / n, (d - c) / n, n, e, t * 1000 / hz / w}')
 }
 
 # Table cells: a number with thousands separators (FORMAT int) or printf's FORMAT; a ratio.
@@ -540,6 +582,9 @@ table() {
   row "RSS per idle TLS keep-alive connection (KiB)" idle-tls %.1f 4
   row "RSS per idle plain keep-alive connection (KiB)" idle-plain %.1f 4
   row "RSS per idle HTTP/2 connection over TLS (KiB)" idle-h2 %.1f 4
+  row "RSS per idle SSE stream, HTTP/1.1 (KiB)" idle-sse %.1f 4
+  row "RSS per idle SSE stream, HTTP/1.1 over TLS (KiB)" idle-sse-tls %.1f 4
+  row "RSS per idle SSE stream, HTTP/2 over TLS (KiB)" idle-sse-h2 %.1f 4
   row "p99 at half of nginx's max rate (ms)" rate %.2f 5
 }
 # What the table leaves out: wall-clock req/s, the fixed-rate run's other percentiles, Pss.
@@ -578,13 +623,13 @@ details() {
     [ "${WEDGED[$p]}" -eq 0 ] || echo "WARNING: $p's watchdog reported ${WEDGED[$p]} wedge(s) (its log: \"wedged\"); figures taken meanwhile are suspect"
   done
   if [ -z "${SKIP_IDLE:-}" ]; then
-    echo "Idle connections ($IDLE_CONNS each${IDLE_ARGS:+, bench_idle $IDLE_ARGS}), KiB per connection as RSS / Pss:"
+    echo "Idle connections ($IDLE_CONNS each, streams $STREAM_CONNS${IDLE_ARGS:+, bench_idle $IDLE_ARGS}), KiB per connection as RSS / Pss, and the proxy's CPU over the ${IDLE_SETTLE} s they sat idle (ms per s):"
     for p in "${PROXIES[@]}"; do
       line=""
-      for mode in tls plain h2; do
-        [ -z "${R[idle-$mode,$p]:-}" ] || line+=" $mode $(awk '{print $1 " / " $2}' <<<"${R[idle-$mode,$p]}"),"
+      for mode in tls plain h2 sse sse-tls sse-h2; do
+        [ -z "${R[idle-$mode,$p]:-}" ] || line+=" $mode $(awk '{print $1 " / " $2 ", " $5 " ms/s"}' <<<"${R[idle-$mode,$p]}");"
       done
-      [ -z "$line" ] || echo "  $p:${line%,}"
+      [ -z "$line" ] || echo "  $p:${line%;}"
     done
   fi
 }
@@ -606,9 +651,11 @@ if [ -z "${SKIP_RATE:-}" ]; then
   fixed_rate "$RATE_RPS"
 fi
 if [ -z "${SKIP_IDLE:-}" ]; then
+  IDLE_MODES=${IDLE_MODES:-tls plain h2 sse sse-tls sse-h2}
+  case " $IDLE_MODES " in *" sse"*) start_streams_backend ;; esac
   for p in ${IDLE_PROXIES:-${PROXIES[@]}}; do
-    echo "idle: $p, $IDLE_CONNS connections each: ${IDLE_MODES:-tls plain h2}" >&2
-    for mode in ${IDLE_MODES:-tls plain h2}; do idle_run "$p" "$mode"; done
+    echo "idle: $p, $IDLE_CONNS connections, $STREAM_CONNS streams each: $IDLE_MODES" >&2
+    for mode in $IDLE_MODES; do idle_run "$p" "$mode"; done
   done
 fi
 for p in "${PROXIES[@]}"; do stop "$p"; done

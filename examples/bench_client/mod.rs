@@ -130,16 +130,7 @@ async fn exchange_inner<S>(s: &mut S, req: &[u8], buf: &mut Vec<u8>) -> std::io:
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    s.write_all(req).await?;
-    s.flush().await?;
-    buf.clear();
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        read_more(s, buf).await?;
-    };
-    let (status, body) = parse_head(&buf[..head_end])?;
+    let (status, body, head_end) = send_and_read_head(s, req, buf).await?;
     match body {
         Body::Length(n) => {
             while buf.len() < head_end + n {
@@ -154,6 +145,47 @@ where
         }
     }
     Ok(status)
+}
+
+/// Sends `req` and reads the response head alone, within `timeout`; returns its status. The
+/// body is left unread: a stream to hold open.
+#[allow(dead_code)] // bench_idle's
+pub async fn open_stream<S>(
+    s: &mut S,
+    req: &[u8],
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> std::io::Result<u16>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(timeout, send_and_read_head(s, req, buf)).await {
+        Ok(r) => r.map(|(status, ..)| status),
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Sends `req`, reads into `buf` until the response head's end: its status, its body's
+/// framing and where the head ends in `buf`.
+async fn send_and_read_head<S>(
+    s: &mut S,
+    req: &[u8],
+    buf: &mut Vec<u8>,
+) -> std::io::Result<(u16, Body, usize)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    s.write_all(req).await?;
+    s.flush().await?;
+    buf.clear();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        read_more(s, buf).await?;
+    };
+    let (status, body) = parse_head(&buf[..head_end])?;
+    Ok((status, body, head_end))
 }
 
 enum Body {
