@@ -61,9 +61,11 @@ pub struct ConnInfo {
     /// for the forwarding headers of each of its requests.
     pub client_ip: HeaderValue,
     pub local_port: HeaderValue,
-    /// For an HTTP/2 connection over TLS, which is never parked: its TLS stream's shed
-    /// signal ([`crate::tls::Stream::shed_signal`]), raised once a quiet spell has lasted
-    /// [`park::PARK_AFTER`] (a later spell is seen within [`park::QUIET_RECHECK`]).
+    /// For a connection over TLS: its TLS stream's shed signal
+    /// ([`crate::tls::Stream::shed_signal`]), raised once a quiet spell has lasted
+    /// [`park::PARK_AFTER`] while the connection is not parked (HTTP/2, or HTTP/1.1 with an
+    /// exchange open); a later spell is seen within [`park::QUIET_RECHECK`] or, as the spell
+    /// lasts, within up to [`park::QUIET_RECHECK_MAX`].
     pub shed: Option<Arc<AtomicBool>>,
 }
 
@@ -284,7 +286,7 @@ impl Server {
                 Ok(None) | Err(_) => return Served::Closed,
             }
         }
-        match self.serve_http1(io, svc, &state, &metrics, park_after.is_some()).await {
+        match self.serve_http1(io, svc, &state, &metrics, park_after.is_some(), shed.as_deref()).await {
             Some(io) => self.hand_back(io, Wire::Http1, &state, registered),
             None => Served::Closed,
         }
@@ -329,6 +331,7 @@ impl Server {
         state: &ConnState,
         metrics: &Metrics,
         hands_back: bool,
+        shed: Option<&AtomicBool>,
     ) -> Option<Prefixed<IO>>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -357,7 +360,7 @@ impl Server {
             state.activity.touch();
             // Boxed, so that a parked connection's task holds none of hyper's state.
             let conn = Box::pin(self.http1.serve_connection(TokioIo::new(io), svc.clone()).with_upgrades());
-            let parts = Box::pin(self.drive_http1(conn, state)).await?;
+            let parts = Box::pin(self.drive_http1(conn, state, shed)).await?;
             metrics.connections_parked.inc();
             io = parts.io.into_inner();
             if parts.read_buf.is_empty() {
@@ -376,11 +379,14 @@ impl Server {
     }
 
     /// [`Self::drive`] for HTTP/1.1, which also parks the connection once it is quiet:
-    /// returns hyper's parts then, `None` when the connection ended.
+    /// returns hyper's parts then, `None` when the connection ended. A connection that cannot
+    /// be parked yet (an exchange is open: a stream with nothing to say, a machine slow to
+    /// answer) raises `shed` (its TLS stream's) after a quiet spell, as [`Self::drive`] does.
     async fn drive_http1<IO, S>(
         &self,
         mut conn: Pin<Box<http1::UpgradeableConnection<TokioIo<Prefixed<IO>>, S>>>,
         state: &ConnState,
+        shed: Option<&AtomicBool>,
     ) -> Option<http1::Parts<TokioIo<Prefixed<IO>>, S>>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -392,6 +398,7 @@ impl Server {
         let mut closing = false;
         // Parking is for connections kept longer than it takes to park them.
         let parks = park::PARK_AFTER < self.quiet_limit();
+        let mut shed_after = None;
         loop {
             tokio::select! {
                 r = conn.as_mut() => {
@@ -410,6 +417,15 @@ impl Server {
                 }
                 () = park::parkable(state), if !closing && parks => {
                     return Pin::into_inner(conn).into_parts();
+                }
+                () = park::quiet_again(&state.activity, shed_after), if !closing && shed.is_some() => {
+                    shed_after = Some(state.activity.last());
+                    // One about to be parked gives its buffers back there.
+                    if let Some(shed) = shed
+                        && (!parks || state.open_exchanges() > 0)
+                    {
+                        shed.store(true, Ordering::Relaxed);
+                    }
                 }
             }
         }
@@ -445,7 +461,7 @@ impl Server {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                () = park::quiet_again(state, shed_after), if !closing && shed.is_some() => {
+                () = park::quiet_again(&state.activity, shed_after), if !closing && shed.is_some() => {
                     shed_after = Some(state.activity.last());
                     if let Some(shed) = shed {
                         shed.store(true, Ordering::Relaxed);

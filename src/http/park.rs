@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::activity::ConnState;
+use super::activity::{Activity, ConnState, silent_for};
 use super::drain;
 
 /// How long a keep-alive connection is quiet before hyper's state for it is freed. Long
@@ -206,20 +206,27 @@ pub async fn parkable(state: &ConnState) {
     }
 }
 
-/// How often a connection already quiet since its last shed looks again for activity after
-/// it (an idle HTTP/2 connection is woken as often by hyper's keep-alive ping).
+/// How long a connection already quiet since its last shed first waits before it looks
+/// again for activity after it (an idle HTTP/2 connection is woken as often by hyper's
+/// keep-alive ping); each look after finds the same quiet spell waits twice as long, up to
+/// [`QUIET_RECHECK_MAX`], so that a stream silent for hours costs a few wakes, not one every
+/// 30 s.
 pub const QUIET_RECHECK: Duration = Duration::from_secs(30);
+pub const QUIET_RECHECK_MAX: Duration = Duration::from_secs(480);
 
-/// Resolves once the connection has been quiet for [`PARK_AFTER`] (no exchange open, no byte
-/// moved) after activity later than `after` (any, if `None`). While the quiet spell is the
-/// one `after` came from, it looks again every [`QUIET_RECHECK`].
-pub async fn quiet_again(state: &ConnState, after: Option<tokio::time::Instant>) {
+/// Resolves once no byte has moved for [`PARK_AFTER`] after activity later than `after` (any,
+/// if `None`), exchanges open or not: a stream with nothing to say is as quiet as an idle
+/// connection. While the quiet spell is the one `after` came from, it looks again after
+/// [`QUIET_RECHECK`], then at growing intervals.
+pub async fn quiet_again(activity: &Activity, after: Option<tokio::time::Instant>) {
+    let mut recheck = QUIET_RECHECK;
     loop {
-        state.idle_for(PARK_AFTER).await;
-        if after.is_none_or(|after| state.activity.last() > after) {
+        silent_for(activity, PARK_AFTER).await;
+        if after.is_none_or(|after| activity.last() > after) {
             return;
         }
-        tokio::time::sleep(QUIET_RECHECK).await;
+        tokio::time::sleep(recheck).await;
+        recheck = (recheck * 2).min(QUIET_RECHECK_MAX);
     }
 }
 
@@ -227,34 +234,58 @@ pub async fn quiet_again(state: &ConnState, after: Option<tokio::time::Instant>)
 mod tests {
     use super::*;
 
-    /// Each quiet spell is reported once: after a second of quiet, not again in the same
-    /// spell (looked at every 30 s), and again a second after new activity ends.
+    /// Each quiet spell is reported once: after a second without a byte, not again in the
+    /// same spell (looked at after 30 s, then at growing intervals), and again a second after
+    /// new activity ends. An open exchange with nothing to say is quiet too.
     #[tokio::test(start_paused = true)]
     async fn a_quiet_spell_is_reported_once_and_the_next_after_new_activity() {
         let c = std::sync::Arc::new(ConnState::default());
+        let a = &c.activity;
         let started = tokio::time::Instant::now();
-        quiet_again(&c, None).await;
+        quiet_again(a, None).await;
         assert_eq!(started.elapsed(), PARK_AFTER);
-        let seen = Some(c.activity.last());
-        let same_spell = tokio::time::timeout(Duration::from_secs(600), quiet_again(&c, seen)).await;
+        let seen = Some(a.last());
+        let same_spell = tokio::time::timeout(Duration::from_secs(3600), quiet_again(a, seen)).await;
         assert!(same_spell.is_err(), "the same quiet spell again");
         // Bytes move 10 s into a wait; the quiet spell after them is a second old at 11 s, and
-        // is noticed at the next look (every QUIET_RECHECK).
+        // is noticed at the next look (the first after QUIET_RECHECK).
         let waiting = tokio::time::Instant::now();
-        let again = quiet_again(&c, seen);
         let toucher = async {
             tokio::time::sleep(Duration::from_secs(10)).await;
-            c.activity.touch();
+            a.touch();
         };
-        tokio::join!(again, toucher);
+        tokio::join!(quiet_again(a, seen), toucher);
         assert_eq!(waiting.elapsed(), QUIET_RECHECK);
-        // An open exchange is not quiet, however long.
-        let guard = c.begin();
-        let seen = Some(c.activity.last());
-        c.activity.touch();
-        let busy = tokio::time::timeout(Duration::from_secs(600), quiet_again(&c, seen)).await;
-        assert!(busy.is_err(), "an open exchange is not quiet");
-        drop(guard);
+        // An exchange open and silent (a stream with nothing to say) is a quiet spell.
+        let _stream = c.begin();
+        let seen = Some(a.last());
+        let waiting = tokio::time::Instant::now();
+        let toucher = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            a.touch();
+        };
+        tokio::join!(quiet_again(a, seen), toucher);
+        assert_eq!(waiting.elapsed(), QUIET_RECHECK, "seen at the first look after its byte");
+    }
+
+    /// A spell that lasts is looked at after 30, 60, 120, 240, 480, 480, … seconds: an hour of
+    /// silence costs 10 looks, not 120.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_quiet_spell_is_looked_at_less_and_less_often() {
+        let a = Activity::new();
+        quiet_again(&a, None).await;
+        let seen = Some(a.last());
+        let looks = std::sync::atomic::AtomicUsize::new(0);
+        let quiet = quiet_again(&a, seen);
+        tokio::pin!(quiet);
+        let counted = std::future::poll_fn(|cx| {
+            looks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            quiet.as_mut().poll(cx)
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(3600), counted).await;
+        // The first poll, a wake per look (each look's silence is already a second old), and
+        // the timeout's, which polls it once more.
+        assert_eq!(looks.load(std::sync::atomic::Ordering::Relaxed), 1 + 10 + 1);
     }
 
     #[tokio::test]

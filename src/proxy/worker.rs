@@ -115,8 +115,8 @@ trait Parkable: Sized + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + S
     fn unhold(held: Held) -> Option<Self>;
     /// The busy-loop guard's count of its bytes (see [`Guarded`]).
     fn progress(&self) -> &Progress;
-    /// A signal that has it give its buffers back while quiet, for a connection that is never
-    /// parked (HTTP/2); `None` where there are none to give (plain TCP).
+    /// A signal that has it give its buffers back while quiet and not parked (HTTP/2, or
+    /// HTTP/1.1 with an exchange open); `None` where there are none to give (plain TCP).
     fn shed_signal(&mut self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
         None
     }
@@ -541,9 +541,7 @@ async fn serve_tls(
                 Some(b"h2") => Wire::Http2,
                 _ => Wire::Http1,
             };
-            if wire == Wire::Http2 {
-                info.shed = Some(stream.shed_signal());
-            }
+            info.shed = Some(stream.shed_signal());
             let serving: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match parking {
                 Some((lot, conn)) => {
                     Box::pin(serve_parking(deps, handler, lot, stream, Conn { wire, ..conn }, None))
@@ -606,9 +604,7 @@ async fn serve_parking<IO: Parkable>(
     let protocol = if conn.tls { "tls" } else { "http" };
     loop {
         let mut info = ConnInfo::new(conn.peer, conn.local, conn.tls, conn.door);
-        if conn.wire == Wire::Http2 {
-            info.shed = io.shed_signal();
-        }
+        info.shed = io.shed_signal();
         let progress = io.progress().clone();
         let serve = Box::pin(deps.server.serve_or_park(io, info, handler.clone(), conn.wire, seat, parks));
         // A spinning connection is logged and counted by the guard; dropping it closes it.

@@ -48,6 +48,32 @@ async fn sse_events_arrive_one_by_one_before_the_app_finishes() {
     }
 }
 
+/// A stream over TLS silent for longer than a connection takes to give its TLS buffers back
+/// (a second) goes on: over HTTP/1.1 and HTTP/2, each event after a silence of 1.5 s arrives
+/// whole, and the stream ends as the app ends it. The silences are the app's (its ticks' gap),
+/// the behaviour under test, not a wait for tern.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_over_tls_goes_on_after_silences() {
+    let ca = Ca::new();
+    let b = Backend::start("m1").await;
+    let decl = app_decl("sse", &["sse.test"], &[("m1", b.addr, "started")], "")
+        + &ca.decl("sse.test", &["sse.test"]);
+    let proxy = Proxy::start(&decl).await;
+    let stream = |version| {
+        let client = proxy.client(&ca, version);
+        let url = proxy.tls_url("sse.test", "/ticks?n=3&gap_ms=1500");
+        let expected =
+            if version == HttpVersion::Http2 { reqwest::Version::HTTP_2 } else { reqwest::Version::HTTP_11 };
+        async move {
+            let resp = client.get(url).send().await.unwrap();
+            assert_eq!(resp.version(), expected);
+            let body = tokio::time::timeout(Duration::from_secs(30), resp.text()).await.unwrap().unwrap();
+            assert_eq!(body, "data: tick 0\n\ndata: tick 1\n\ndata: tick 2\n\n", "over {expected:?}");
+        }
+    };
+    tokio::join!(stream(HttpVersion::Http1), stream(HttpVersion::Http2));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_tern_plain_and_tls() {
     let ca = Ca::new();
