@@ -418,7 +418,10 @@ impl Server {
                 () = park::parkable(state), if !closing && parks => {
                     return Pin::into_inner(conn).into_parts();
                 }
-                () = park::quiet_again(&state.activity, shed_after), if !closing && shed.is_some() => {
+                // Boxed: the wait is in every connection's driver, and the driver's size is what
+                // each connection's allocation takes (inline, idle TLS connections measured
+                // 0.4 KiB more each once parked, their drivers freed).
+                () = Box::pin(park::quiet_again(&state.activity, shed_after)), if !closing && shed.is_some() => {
                     shed_after = Some(state.activity.last());
                     // One about to be parked gives its buffers back there.
                     if let Some(shed) = shed
