@@ -12,7 +12,8 @@
 #                                                        proxies and modes: tls, plain, h2,
 #                                                        sse, sse-tls, sse-h2; bench_idle's
 #                                                        options)
-#   STREAM_CONNS=4000 …                                  (streams held in each sse mode)
+#   STREAM_CONNS=4000 …                                  (streams held in each sse mode;
+#                                                        default 4000, at most IDLE_CONNS)
 #   IDLE_SMAPS=1 KEEP=1 …                               (each idle run's /proc/PID/smaps before
 #                                                        and after, kept in the work directory)
 #   PEER_SUITES=TLS_AES_128_GCM_SHA256 …                 (nginx's and HAProxy's TLS 1.3 suites,
@@ -57,7 +58,8 @@ ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 IDLE_SETTLE=${IDLE_SETTLE:-15}
-STREAM_CONNS=${STREAM_CONNS:-4000}
+# At most IDLE_CONNS, so that a quick pass with fewer connections holds fewer streams too.
+STREAM_CONNS=${STREAM_CONNS:-$((IDLE_CONNS < 4000 ? IDLE_CONNS : 4000))}
 PIN_LOAD=${PIN_LOAD:-0}
 PIN_PROXY=${PIN_PROXY:-1}
 started=$SECONDS
