@@ -362,11 +362,46 @@ mod tests {
             drop(guard);
         });
         let started = Instant::now();
-        counted.await;
+        // Bounded, so that a lost wake fails here rather than hanging.
+        tokio::time::timeout(Duration::from_secs(3600), counted).await.expect("woken by the stream's end");
         stream.await.unwrap();
         assert_eq!(started.elapsed().as_secs(), 601, "a second after the stream's end");
         // The first poll, the wake after one second, the end's wake and the last second's.
         assert!(polls.load(Ordering::Relaxed) <= 4, "{} polls", polls.load(Ordering::Relaxed));
+    }
+
+    /// A connection's driver waits on one connection in several ways at once (parking, the
+    /// keep-alive limit, a drain's quiet second): the end of a long stream wakes every one
+    /// still waiting, and one given up meanwhile leaves the others to it.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_end_wakes_every_wait_on_the_connection() {
+        let c = Arc::new(ConnState::default());
+        let guard = c.begin();
+        let stream = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            drop(guard);
+        });
+        let started = Instant::now();
+        let waits = async {
+            let waited = |timeout: u64| {
+                let c = c.clone();
+                async move {
+                    c.idle_for(Duration::from_secs(timeout)).await;
+                    started.elapsed().as_secs()
+                }
+            };
+            let given_up = async {
+                tokio::select! {
+                    () = c.idle_for(Duration::from_secs(1)) => unreachable!("an open exchange"),
+                    () = tokio::time::sleep(Duration::from_secs(300)) => {}
+                }
+            };
+            tokio::join!(waited(1), waited(75), waited(1), given_up)
+        };
+        let (park, keepalive, quiet, ()) =
+            tokio::time::timeout(Duration::from_secs(3600), waits).await.expect("every wait woken");
+        assert_eq!((park, keepalive, quiet), (601, 675, 601), "each its own time after the end");
+        stream.await.unwrap();
     }
 
     /// HTTP/2's keep-alive limit counts exchanges, not bytes: pings every 30 s do not keep

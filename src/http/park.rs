@@ -242,7 +242,9 @@ mod tests {
         let c = std::sync::Arc::new(ConnState::default());
         let a = &c.activity;
         let started = tokio::time::Instant::now();
-        quiet_again(a, None).await;
+        // Bounded waits throughout: a spell never reported fails rather than hangs.
+        let bounded = |f| tokio::time::timeout(Duration::from_secs(3600), f);
+        bounded(quiet_again(a, None)).await.expect("reported");
         assert_eq!(started.elapsed(), PARK_AFTER);
         let seen = Some(a.last());
         let same_spell = tokio::time::timeout(Duration::from_secs(3600), quiet_again(a, seen)).await;
@@ -254,7 +256,8 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(10)).await;
             a.touch();
         };
-        tokio::join!(quiet_again(a, seen), toucher);
+        let (reported, ()) = tokio::join!(bounded(quiet_again(a, seen)), toucher);
+        reported.expect("reported");
         assert_eq!(waiting.elapsed(), QUIET_RECHECK);
         // An exchange open and silent (a stream with nothing to say) is a quiet spell.
         let _stream = c.begin();
@@ -264,7 +267,8 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
             a.touch();
         };
-        tokio::join!(quiet_again(a, seen), toucher);
+        let (reported, ()) = tokio::join!(bounded(quiet_again(a, seen)), toucher);
+        reported.expect("reported");
         assert_eq!(waiting.elapsed(), QUIET_RECHECK, "seen at the first look after its byte");
     }
 
@@ -273,7 +277,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_long_quiet_spell_is_looked_at_less_and_less_often() {
         let a = Activity::new();
-        quiet_again(&a, None).await;
+        tokio::time::timeout(Duration::from_secs(60), quiet_again(&a, None)).await.expect("reported");
         let seen = Some(a.last());
         let looks = std::sync::atomic::AtomicUsize::new(0);
         let quiet = quiet_again(&a, seen);

@@ -472,8 +472,9 @@ impl<IO> Stream<IO> {
 
     /// A flag that, raised, has the stream give its buffers back (about 7 KiB once warm) at
     /// its next read that waits with nothing in them. For a connection that stays with its
-    /// task while quiet (HTTP/2, never parked): its driver raises it after a quiet spell and
-    /// polls the connection, whose read then waits. The stream lowers it once done.
+    /// task while quiet (HTTP/2, never parked; HTTP/1.1 with an exchange open, or not handed
+    /// to a parking lot): its driver raises it after a quiet spell and polls the connection,
+    /// whose read then waits. The stream lowers it once done.
     pub fn shed_signal(&mut self) -> Arc<AtomicBool> {
         self.session.shed.get_or_insert_with(Default::default).clone()
     }
