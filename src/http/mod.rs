@@ -371,6 +371,7 @@ impl Server {
                 // Kept here instead (no lot, a drain): its TLS stream's buffers go as the wait
                 // for the next request reads.
                 if let Some(shed) = shed
+                    && !io.has_prefix()
                     && !state.activity.write_blocked()
                 {
                     shed.store(true, Ordering::Relaxed);
@@ -407,10 +408,10 @@ impl Server {
         let parks = park::PARK_AFTER < self.quiet_limit();
         let mut shed_after = None;
         loop {
-            // Boxed, and made only where there is something to shed: the wait is in every
-            // connection's driver, and the driver's size is what each connection's allocation
-            // takes (inline, idle TLS connections measured 0.4 KiB more each once parked,
-            // their drivers freed). select! makes a disabled branch's future all the same.
+            // Boxed, and made only where there is something to shed (select! makes a disabled
+            // branch's future all the same): the driver of every connection stays the size it
+            // was. Idle TLS connections still read about 0.5 KiB more each once parked than
+            // before this wait existed, inline or boxed; why is open (docs/benchmarks.md).
             let mut quiet = (shed.is_some() && !closing)
                 .then(|| Box::pin(park::quiet_again(&state.activity, shed_after)));
             tokio::select! {

@@ -467,6 +467,11 @@ impl<IO> Stream<IO> {
         }
         let Stream { io, mut session } = self;
         session.give_back();
+        // Given back already: a signal raised and not yet acted on would free the buffers
+        // again at the first read that waits once the connection is served again.
+        if let Some(shed) = &session.shed {
+            shed.store(false, Ordering::Relaxed);
+        }
         Ok((io, session))
     }
 
@@ -1019,5 +1024,20 @@ mod tests {
         assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut tiny)).is_pending());
         assert_eq!(server.session.filled, 9, "the half record is kept");
         assert!(shed.load(Ordering::Relaxed), "still to do once the buffers are empty");
+
+        // Parked with the signal up: parking gives the buffers back, and lowers it, so the
+        // stream served again keeps what its next read that waits holds.
+        let (mut server, mut client) = pair(&rustls::version::TLS13).await;
+        let shed = server.shed_signal();
+        client.write_all(b"ping").await.unwrap();
+        client.flush().await.unwrap();
+        server.read_exact(&mut buf).await.unwrap();
+        server.write_all(b"pong").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        shed.store(true, Ordering::Relaxed);
+        let (io, session) = server.into_parts().map_err(|_| "parted").unwrap();
+        assert!(!shed.load(Ordering::Relaxed), "lowered at parking");
+        drop(Stream::from_parts(io, session));
     }
 }
