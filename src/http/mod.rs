@@ -6,7 +6,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use std::future::Future;
@@ -66,7 +65,7 @@ pub struct ConnInfo {
     /// [`park::PARK_AFTER`] while the connection is not parked (HTTP/2, or HTTP/1.1 with an
     /// exchange open); a later spell is seen within [`park::QUIET_RECHECK`] or, as the spell
     /// lasts, within up to [`park::QUIET_RECHECK_MAX`].
-    pub shed: Option<Arc<AtomicBool>>,
+    pub shed: Option<Arc<crate::tls::Shed>>,
 }
 
 impl ConnInfo {
@@ -331,7 +330,7 @@ impl Server {
         state: &ConnState,
         metrics: &Metrics,
         hands_back: bool,
-        shed: Option<&AtomicBool>,
+        shed: Option<&crate::tls::Shed>,
     ) -> Option<Prefixed<IO>>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -374,7 +373,7 @@ impl Server {
                     && !io.has_prefix()
                     && !state.activity.write_blocked()
                 {
-                    shed.store(true, Ordering::Relaxed);
+                    shed.raise();
                 }
             } else {
                 let since = *partial_since.get_or_insert_with(tokio::time::Instant::now);
@@ -394,7 +393,7 @@ impl Server {
         &self,
         mut conn: Pin<Box<http1::UpgradeableConnection<TokioIo<Prefixed<IO>>, S>>>,
         state: &ConnState,
-        shed: Option<&AtomicBool>,
+        shed: Option<&crate::tls::Shed>,
     ) -> Option<http1::Parts<TokioIo<Prefixed<IO>>, S>>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -441,7 +440,7 @@ impl Server {
                         && (!parks || state.open_exchanges() > 0)
                         && !state.activity.write_blocked()
                     {
-                        shed.store(true, Ordering::Relaxed);
+                        shed.raise();
                     }
                 }
             }
@@ -452,7 +451,7 @@ impl Server {
     /// With `shed` (an HTTP/2 connection's TLS stream), a quiet spell of [`park::PARK_AFTER`]
     /// raises it (see [`park::quiet_again`]): the connection is polled again at once, its read
     /// waits, and the stream gives its buffers back.
-    async fn drive<C, E>(&self, conn: C, state: &ConnState, shed: Option<&AtomicBool>)
+    async fn drive<C, E>(&self, conn: C, state: &ConnState, shed: Option<&crate::tls::Shed>)
     where
         C: Future<Output = Result<(), E>> + Graceful,
         E: std::fmt::Display,
@@ -484,7 +483,7 @@ impl Server {
                     if let Some(shed) = shed
                         && !state.activity.write_blocked()
                     {
-                        shed.store(true, Ordering::Relaxed);
+                        shed.raise();
                     }
                 }
             }

@@ -117,7 +117,7 @@ trait Parkable: Sized + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + S
     fn progress(&self) -> &Progress;
     /// A signal that has it give its buffers back while quiet and not parked (HTTP/2, or
     /// HTTP/1.1 with an exchange open); `None` where there are none to give (plain TCP).
-    fn shed_signal(&mut self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+    fn shed_signal(&mut self, _done: &prometheus::IntCounter) -> Option<Arc<tls::Shed>> {
         None
     }
 }
@@ -162,8 +162,8 @@ impl Parkable for TlsIo {
         self.get_ref().get_ref().progress()
     }
 
-    fn shed_signal(&mut self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
-        Some(tls::Stream::shed_signal(self))
+    fn shed_signal(&mut self, done: &prometheus::IntCounter) -> Option<Arc<tls::Shed>> {
+        Some(tls::Stream::shed_signal(self, done))
     }
 }
 
@@ -541,7 +541,7 @@ async fn serve_tls(
                 Some(b"h2") => Wire::Http2,
                 _ => Wire::Http1,
             };
-            info.shed = Some(stream.shed_signal());
+            info.shed = Some(stream.shed_signal(&deps.metrics.tls_buffers_shed));
             let serving: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match parking {
                 Some((lot, conn)) => {
                     Box::pin(serve_parking(deps, handler, lot, stream, Conn { wire, ..conn }, None))
@@ -604,7 +604,7 @@ async fn serve_parking<IO: Parkable>(
     let protocol = if conn.tls { "tls" } else { "http" };
     loop {
         let mut info = ConnInfo::new(conn.peer, conn.local, conn.tls, conn.door);
-        info.shed = io.shed_signal();
+        info.shed = io.shed_signal(&deps.metrics.tls_buffers_shed);
         let progress = io.progress().clone();
         let serve = Box::pin(deps.server.serve_or_park(io, info, handler.clone(), conn.wire, seat, parks));
         // A spinning connection is logged and counted by the guard; dropping it closes it.

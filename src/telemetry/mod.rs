@@ -39,6 +39,7 @@ pub struct Metrics {
     pub tcp_relayed: IntCounter,
     pub accept_errors: IntCounterVec,
     pub tls_handshakes: IntCounter,
+    pub tls_buffers_shed: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
     pub catalog_apps: IntGauge,
     pub catalog_machines: IntGauge,
@@ -169,6 +170,11 @@ impl Metrics {
                 &["reason"],
             )?,
             tls_handshakes: IntCounter::new("tern_tls_handshakes_total", "TLS handshakes completed.")?,
+            tls_buffers_shed: IntCounter::new(
+                "tern_tls_buffers_shed_total",
+                "Times a quiet TLS connection kept by its task (HTTP/2; HTTP/1.1 with a response \
+                 open, or kept out of the parking lot) gave its TLS buffers back.",
+            )?,
             tls_handshake_failures: IntCounterVec::new(
                 Opts::new("tern_tls_handshake_failures_total", "TLS handshakes failed, by reason."),
                 &["reason"],
@@ -372,6 +378,7 @@ impl Metrics {
         r.register(Box::new(self.tcp_relayed.clone()))?;
         r.register(Box::new(self.accept_errors.clone()))?;
         r.register(Box::new(self.tls_handshakes.clone()))?;
+        r.register(Box::new(self.tls_buffers_shed.clone()))?;
         r.register(Box::new(self.tls_handshake_failures.clone()))?;
         r.register(Box::new(self.catalog_apps.clone()))?;
         r.register(Box::new(self.catalog_machines.clone()))?;

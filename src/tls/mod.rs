@@ -10,7 +10,7 @@
 
 mod hello;
 mod stream;
-pub use stream::{Session, Stream};
+pub use stream::{Session, Shed, Stream};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -71,7 +71,30 @@ pub struct Session {
     /// Raised by whoever drives the connection once it has been quiet a while (see
     /// [`Stream::shed_signal`]): the buffers are given back at the next read that waits with
     /// nothing in them, and the flag lowered.
-    shed: Option<Arc<AtomicBool>>,
+    shed: Option<Arc<Shed>>,
+}
+
+/// A request that a stream give its buffers back (see [`Stream::shed_signal`]), shared by
+/// the stream and whoever drives its connection. The stream counts each time it does.
+#[derive(Debug)]
+pub struct Shed {
+    raised: AtomicBool,
+    done: prometheus::IntCounter,
+}
+
+impl Shed {
+    /// Asks for the buffers at the stream's next read that waits with nothing in them.
+    pub fn raise(&self) {
+        self.raised.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::Relaxed)
+    }
+
+    fn lower(&self) {
+        self.raised.store(false, Ordering::Relaxed);
+    }
 }
 
 /// Where driving rustls stopped.
@@ -470,7 +493,7 @@ impl<IO> Stream<IO> {
         // Given back already: a signal raised and not yet acted on would free the buffers
         // again at the first read that waits once the connection is served again.
         if let Some(shed) = &session.shed {
-            shed.store(false, Ordering::Relaxed);
+            shed.lower();
         }
         Ok((io, session))
     }
@@ -479,9 +502,11 @@ impl<IO> Stream<IO> {
     /// its next read that waits with nothing in them. For a connection that stays with its
     /// task while quiet (HTTP/2, never parked; HTTP/1.1 with an exchange open, or not handed
     /// to a parking lot): its driver raises it after a quiet spell and polls the connection,
-    /// whose read then waits. The stream lowers it once done.
-    pub fn shed_signal(&mut self) -> Arc<AtomicBool> {
-        self.session.shed.get_or_insert_with(Default::default).clone()
+    /// whose read then waits. The stream lowers it once done, and counts it in `done`. Made
+    /// once; `done` is that of the first call.
+    pub fn shed_signal(&mut self, done: &prometheus::IntCounter) -> Arc<Shed> {
+        let make = || Arc::new(Shed { raised: AtomicBool::new(false), done: done.clone() });
+        self.session.shed.get_or_insert_with(make).clone()
     }
 
     pub fn from_parts(io: IO, session: Box<Session>) -> Self {
@@ -511,10 +536,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<IO> {
                         let _ = this.poll_send(cx);
                         let session = &mut this.session;
                         if let Some(shed) = &session.shed
-                            && shed.load(Ordering::Relaxed)
+                            && shed.is_raised()
                             && session.is_idle()
                         {
-                            shed.store(false, Ordering::Relaxed);
+                            shed.lower();
+                            shed.done.inc();
                             session.give_back();
                         }
                         return Poll::Pending;
@@ -983,8 +1009,9 @@ mod tests {
     /// that waits once the signal is raised, only then, and never with bytes in them.
     #[tokio::test]
     async fn a_raised_shed_signal_frees_the_buffers_at_the_next_read_that_waits() {
+        let done = prometheus::IntCounter::new("sheds", "sheds").unwrap();
         let (mut server, mut client) = pair(&rustls::version::TLS13).await;
-        let shed = server.shed_signal();
+        let shed = server.shed_signal(&done);
         let held = |s: &Stream<DuplexStream>| {
             s.session.incoming.capacity() + s.session.outgoing.capacity() + s.session.plain.capacity()
         };
@@ -1000,10 +1027,12 @@ mod tests {
         assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut buf)).is_pending());
         assert!(held(&server) > 0);
         // Raised: the next read that waits gives them back, and lowers it.
-        shed.store(true, Ordering::Relaxed);
+        assert_eq!(done.get(), 0);
+        shed.raise();
         assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut buf)).is_pending());
         assert_eq!(held(&server), 0);
-        assert!(!shed.load(Ordering::Relaxed), "lowered once done");
+        assert!(!shed.is_raised(), "lowered once done");
+        assert_eq!(done.get(), 1, "counted");
         // And the stream goes on, both ways.
         client.write_all(b"ping").await.unwrap();
         client.flush().await.unwrap();
@@ -1016,28 +1045,29 @@ mod tests {
 
         // Half a record read: raised, the read waits and keeps it (and the signal stays up).
         let (mut server, client) = pair(&rustls::version::TLS13).await;
-        let shed = server.shed_signal();
+        let shed = server.shed_signal(&done);
         let (mut client_io, _) = client.into_inner();
         client_io.write_all(b"\x17\x03\x03\x00\x40half").await.unwrap();
-        shed.store(true, Ordering::Relaxed);
+        shed.raise();
         let mut tiny = [0; 1];
         assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut tiny)).is_pending());
         assert_eq!(server.session.filled, 9, "the half record is kept");
-        assert!(shed.load(Ordering::Relaxed), "still to do once the buffers are empty");
+        assert!(shed.is_raised(), "still to do once the buffers are empty");
+        assert_eq!(done.get(), 1, "not counted");
 
         // Parked with the signal up: parking gives the buffers back, and lowers it, so the
         // stream served again keeps what its next read that waits holds.
         let (mut server, mut client) = pair(&rustls::version::TLS13).await;
-        let shed = server.shed_signal();
+        let shed = server.shed_signal(&done);
         client.write_all(b"ping").await.unwrap();
         client.flush().await.unwrap();
         server.read_exact(&mut buf).await.unwrap();
         server.write_all(b"pong").await.unwrap();
         server.flush().await.unwrap();
         client.read_exact(&mut buf).await.unwrap();
-        shed.store(true, Ordering::Relaxed);
+        shed.raise();
         let (io, session) = server.into_parts().map_err(|_| "parted").unwrap();
-        assert!(!shed.load(Ordering::Relaxed), "lowered at parking");
+        assert!(!shed.is_raised(), "lowered at parking");
         drop(Stream::from_parts(io, session));
     }
 }

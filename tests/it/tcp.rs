@@ -242,6 +242,42 @@ async fn an_http_service_serves_its_app_whatever_the_host() {
     drop(proxy);
 }
 
+/// A keep-alive connection to an HTTP service over TLS waits for its next request with its
+/// task (a service's connections are never parked), and gives its TLS buffers back a quiet
+/// second after its response, as a parked one would; its next request is served all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_connection_to_an_https_service_gives_its_tls_buffers_back() {
+    let ca = Ca::new();
+    let b = crate::backend::Backend::start("web-1").await;
+    let port = reserve_port();
+    let extra = format!("addrs = [\"127.0.1.24\"]\ninternal_port = {}", b.addr.port());
+    let decl = service_app("web", &extra, b.addr.port(), port, "\"tls\", \"http\"")
+        + &started("web", "web-1", b.addr)
+        + &ca.decl("web.test", &["web.test"]);
+    let proxy = Proxy::start_with(&decl, &tcp_listener("127.0.1.24", port)).await;
+    let sheds = async || metric(&proxy.metrics().await, "tern_tls_buffers_shed_total");
+    let mut s = connect_tls(&ca, format!("127.0.1.24:{port}").parse().unwrap(), "web.test").await.unwrap();
+    for n in 0..2 {
+        s.write_all(b"GET /id HTTP/1.1\r\nHost: web.test\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"web-1") {
+            let mut buf = [0; 1024];
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(read > 0, "closed after {:?}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..read]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "request {n}: {}", String::from_utf8_lossy(&answer));
+        if n == 0 {
+            assert_eq!(sheds().await, 0.0, "given back while the response was being read");
+            eventually(Duration::from_secs(10), || async { (sheds().await >= 1.0).then_some(()) })
+                .await
+                .expect("the quiet connection kept its TLS buffers");
+        }
+    }
+    drop(proxy);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_connections_to_a_stopped_service_start_it_once_and_autostop_waits_for_the_last() {
     let (port, mport) = (reserve_port(), reserve_port());
