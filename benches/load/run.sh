@@ -6,6 +6,9 @@
 #   benches/load/run.sh [seconds-per-run]                (or DUR=…; default 10)
 #   ROUNDS=3 CONNS=64 IDLE_CONNS=10000 benches/load/run.sh
 #   TERN=/path/to/tern TERN_BEFORE=/path/to/old/tern benches/load/run.sh
+#   FLOOR=1 …                                            (adds the floor: examples/bench_floor.rs,
+#                                                        a bare relay, what a request costs at
+#                                                        the least on Tokio; not in h2 or idle)
 #   SKIP_IDLE=1 SKIP_RATE=1 KEEP=1 …                     (skip parts; keep the work dir)
 #   SCENARIOS="h1 tls" RATE=10000 …                      (some scenarios; a fixed rate of your own)
 #   IDLE_PROXIES="tern" IDLE_MODES=plain IDLE_ARGS="--requests 0" …   (the idle run for some
@@ -92,10 +95,10 @@ if [ "$FDS" -lt $((2 * STREAM_CONNS + 1000)) ]; then
 fi
 
 if [ -z "${TERN:-}" ]; then
-  cargo build --release --quiet --bin tern --example bench_idle --example bench_rate --example test_machine
+  cargo build --release --quiet --bin tern --example bench_idle --example bench_rate --example test_machine --example bench_floor
   TERN=target/release/tern
 else
-  cargo build --release --quiet --example bench_idle --example bench_rate --example test_machine
+  cargo build --release --quiet --example bench_idle --example bench_rate --example test_machine --example bench_floor
 fi
 STREAMS_BIN=target/release/examples/test_machine
 IDLE_BIN=target/release/examples/bench_idle
@@ -103,6 +106,12 @@ RATE_BIN=target/release/examples/bench_rate
 declare -A BIN=([tern]=$TERN)
 PROXIES=(tern nginx haproxy)
 if [ -n "${TERN_BEFORE:-}" ]; then BIN[tern-before]=$TERN_BEFORE; PROXIES=(tern tern-before nginx haproxy); fi
+# FLOOR=1 adds the floor (examples/bench_floor.rs): a bare HTTP/1.1 relay on Tokio, one task
+# per connection, what a request costs at the least in Rust on this machine. It runs the h1,
+# tls and tls-new scenarios and the fixed rate; it has no HTTP/2 and is left out of the idle runs.
+if [ -n "${FLOOR:-}" ]; then BIN[floor]=target/release/examples/bench_floor; PROXIES+=(floor); fi
+# Whether proxy P takes part in scenario KIND.
+serves() { [ "$2" != floor ] || [ "$1" != h2 ]; }
 CLK_TCK=$(getconf CLK_TCK)
 
 work=$(mktemp -d)
@@ -340,7 +349,7 @@ CONF
 
 start() {
   case $1 in
-    tern | tern-before) start_tern "$1" ;;
+    tern | tern-before | floor) start_tern "$1" ;;
     nginx) start_nginx ;;
     haproxy) start_haproxy ;;
   esac
@@ -432,6 +441,7 @@ scenario() {
   for ((r = 0; r < ROUNDS; r++)); do
     for ((i = 0; i < n; i++)); do
       p=${PROXIES[$(((i + r) % n))]}
+      serves "$kind" "$p" || continue
       [ "$r" -gt 0 ] || measure "$kind" "$p" 2 >/dev/null
       echo "== $kind round $r" >>"$work/runs/$p.txt"
       line=$(measure "$kind" "$p" "$DUR")
@@ -568,14 +578,16 @@ row() {
   done
   line+=" $(ratio "${v[tern]:-}" "${v[nginx]:-}") | $(ratio "${v[tern]:-}" "${v[haproxy]:-}") |"
   [ -z "${TERN_BEFORE:-}" ] || line+=" $(ratio "${v[tern]:-}" "${v[tern-before]:-}") |"
+  [ -z "${FLOOR:-}" ] || line+=" $(ratio "${v[tern]:-}" "${v[floor]:-}") | $(ratio "${v[floor]:-}" "${v[nginx]:-}") | $(ratio "${v[floor]:-}" "${v[haproxy]:-}") |"
   echo "$line"
 }
 table() {
   local head="| scenario |" rule="|---|" p
-  declare -A title=([tern]=tern [tern-before]=tern-before [nginx]=nginx [haproxy]=HAProxy)
+  declare -A title=([tern]=tern [tern-before]=tern-before [nginx]=nginx [haproxy]=HAProxy [floor]=floor)
   for p in "${PROXIES[@]}"; do head+=" ${title[$p]} |"; rule+="---:|"; done
   head+=" tern ÷ nginx | tern ÷ HAProxy |"; rule+="---:|---:|"
   [ -z "${TERN_BEFORE:-}" ] || { head+=" tern ÷ tern-before |"; rule+="---:|"; }
+  [ -z "${FLOOR:-}" ] || { head+=" tern ÷ floor | floor ÷ nginx | floor ÷ HAProxy |"; rule+="---:|---:|---:|"; }
   echo "$head"; echo "$rule"
   row "HTTP/1.1 keep-alive 1 KiB (req per CPU-s)" h1 int 4
   row "TLS 1.3 keep-alive (req per CPU-s)" tls int 4
@@ -655,7 +667,7 @@ fi
 if [ -z "${SKIP_IDLE:-}" ]; then
   IDLE_MODES=${IDLE_MODES:-tls plain h2 sse sse-tls sse-h2}
   case " $IDLE_MODES " in *" sse"*) start_streams_backend ;; esac
-  for p in ${IDLE_PROXIES:-${PROXIES[@]}}; do
+  for p in ${IDLE_PROXIES:-${PROXIES[@]/floor/}}; do
     echo "idle: $p, $IDLE_CONNS connections, $STREAM_CONNS streams each: $IDLE_MODES" >&2
     for mode in $IDLE_MODES; do idle_run "$p" "$mode"; done
   done
