@@ -1,7 +1,8 @@
 //! The floor: the least CPU a purpose-built HTTP/1.1 relay on Tokio spends per request on this
 //! machine, for the load harness (`benches/load/run.sh`) to set beside tern, nginx and HAProxy.
-//! Not a proxy anyone should run: one machine, HTTP/1.1 keep-alive only, `Content-Length`
-//! bodies only (a response to HEAD, or a 204 or 304, is not told apart), no routing, no
+//! Not a proxy anyone should run: one machine, HTTP/1.1 (keep-alive unless the client says
+//! `Connection: close` or speaks HTTP/1.0), one machine connection per client connection,
+//! `Content-Length` bodies only (a response to HEAD, or a 204 or 304, is not told apart), no routing, no
 //! limits, no timeouts, no metrics, no error pages.
 //!
 //! What it does do is what a request costs at the least: one task per client connection that
@@ -9,16 +10,16 @@
 //! way per connection, reused; the head parsed in place (httparse), the hop-by-hop headers
 //! dropped and tern's forwarding headers added (`X-Forwarded-*`, `Fly-*`, `Via`, a request id)
 //! as bytes copied into one write; the response head rewritten the same way and sent with the
-//! body bytes read with it, in one write. The same four socket calls a request as tern, nginx
-//! and HAProxy make.
+//! body bytes read with it, in one write. Over keep-alive, the same four socket calls a request
+//! as tern, nginx and HAProxy make (with `Connection: close` it also connects to the machine
+//! and closes for each request, where they reuse pooled connections).
 //!
 //! Over TLS it is tokio-rustls (TLS 1.3, ALPN `http/1.1`) around the same relay.
 //!
 //! It takes tern's command line as far as the harness uses it: `apply` does nothing, `serve -c
 //! DIR/tern.toml` reads the machine's address and the certificate's files from
 //! `DIR/decl.toml`, listens on two ports of its own choosing (plain and TLS), and logs them as
-//! tern does. Run it as the harness's second tern:
-//! `SCENARIOS="h1 tls" TERN_BEFORE=target/release/examples/bench_floor benches/load/run.sh`.
+//! tern does. The harness runs it with `FLOOR=1 SKIP_IDLE=1 benches/load/run.sh`.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -247,7 +248,10 @@ async fn connection<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, mut client: Clie
         let Some(end) = machine_side.read_head().await else { return };
         let Some(body) = response_head(&machine_side.buf[..end], &client, last, &mut out) else { return };
         let left = machine_side.take_after_head(end, body, &mut out);
-        if down.io.write_all(&out).await.is_err() || machine_side.copy_to(&mut down.io, left).await.is_none()
+        // Flushed: over TLS, records the socket did not take yet wait in rustls until then.
+        if down.io.write_all(&out).await.is_err()
+            || machine_side.copy_to(&mut down.io, left).await.is_none()
+            || down.io.flush().await.is_err()
         {
             return;
         }

@@ -95,10 +95,10 @@ if [ "$FDS" -lt $((2 * STREAM_CONNS + 1000)) ]; then
 fi
 
 if [ -z "${TERN:-}" ]; then
-  cargo build --release --quiet --bin tern --example bench_idle --example bench_rate --example test_machine --example bench_floor
+  cargo build --release --quiet --bin tern --example bench_idle --example bench_rate --example test_machine ${FLOOR:+--example bench_floor}
   TERN=target/release/tern
 else
-  cargo build --release --quiet --example bench_idle --example bench_rate --example test_machine --example bench_floor
+  cargo build --release --quiet --example bench_idle --example bench_rate --example test_machine ${FLOOR:+--example bench_floor}
 fi
 STREAMS_BIN=target/release/examples/test_machine
 IDLE_BIN=target/release/examples/bench_idle
@@ -110,7 +110,7 @@ if [ -n "${TERN_BEFORE:-}" ]; then BIN[tern-before]=$TERN_BEFORE; PROXIES=(tern 
 # per connection, what a request costs at the least in Rust on this machine. It runs the h1,
 # tls and tls-new scenarios and the fixed rate; it has no HTTP/2 and is left out of the idle runs.
 if [ -n "${FLOOR:-}" ]; then BIN[floor]=target/release/examples/bench_floor; PROXIES+=(floor); fi
-# Whether proxy P takes part in scenario KIND.
+# serves KIND P: whether proxy P takes part in scenario KIND.
 serves() { [ "$2" != floor ] || [ "$1" != h2 ]; }
 CLK_TCK=$(getconf CLK_TCK)
 

@@ -1068,6 +1068,7 @@ mod tests {
         shed.raise();
         let (io, session) = server.into_parts().map_err(|_| "parted").unwrap();
         assert!(!shed.is_raised(), "lowered at parking");
+        assert_eq!(done.get(), 1, "parking frees the buffers, and is not counted as a shed");
         drop(Stream::from_parts(io, session));
     }
 }

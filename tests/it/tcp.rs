@@ -269,7 +269,6 @@ async fn a_quiet_connection_to_an_https_service_gives_its_tls_buffers_back() {
         }
         assert!(answer.starts_with(b"HTTP/1.1 200"), "request {n}: {}", String::from_utf8_lossy(&answer));
         if n == 0 {
-            assert_eq!(sheds().await, 0.0, "given back while the response was being read");
             eventually(Duration::from_secs(10), || async { (sheds().await >= 1.0).then_some(()) })
                 .await
                 .expect("the quiet connection kept its TLS buffers");
