@@ -1017,12 +1017,7 @@ mod tests {
         };
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut buf = [0; 4];
-        client.write_all(b"ping").await.unwrap();
-        client.flush().await.unwrap();
-        server.read_exact(&mut buf).await.unwrap();
-        server.write_all(b"pong").await.unwrap();
-        server.flush().await.unwrap();
-        client.read_exact(&mut buf).await.unwrap();
+        ping_pong(&mut server, &mut client).await;
         // Not raised: a read that waits keeps what it has (a busy connection reuses it).
         assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut buf)).is_pending());
         assert!(held(&server) > 0);
@@ -1034,14 +1029,7 @@ mod tests {
         assert!(!shed.is_raised(), "lowered once done");
         assert_eq!(done.get(), 1, "counted");
         // And the stream goes on, both ways.
-        client.write_all(b"ping").await.unwrap();
-        client.flush().await.unwrap();
-        server.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"ping");
-        server.write_all(b"pong").await.unwrap();
-        server.flush().await.unwrap();
-        client.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"pong");
+        ping_pong(&mut server, &mut client).await;
 
         // Half a record read: raised, the read waits and keeps it (and the signal stays up).
         let (mut server, client) = pair(&rustls::version::TLS13).await;
@@ -1059,16 +1047,31 @@ mod tests {
         // stream served again keeps what its next read that waits holds.
         let (mut server, mut client) = pair(&rustls::version::TLS13).await;
         let shed = server.shed_signal(&done);
-        client.write_all(b"ping").await.unwrap();
-        client.flush().await.unwrap();
-        server.read_exact(&mut buf).await.unwrap();
-        server.write_all(b"pong").await.unwrap();
-        server.flush().await.unwrap();
-        client.read_exact(&mut buf).await.unwrap();
+        ping_pong(&mut server, &mut client).await;
         shed.raise();
         let (io, session) = server.into_parts().map_err(|_| "parted").unwrap();
         assert!(!shed.is_raised(), "lowered at parking");
         assert_eq!(done.get(), 1, "parking frees the buffers, and is not counted as a shed");
-        drop(Stream::from_parts(io, session));
+        let mut server = Stream::from_parts(io, session);
+        ping_pong(&mut server, &mut client).await;
+        assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut buf)).is_pending());
+        assert!(held(&server) > 0, "served again, a read that waits keeps its buffers");
+        assert_eq!(done.get(), 1);
+    }
+
+    /// One exchange each way, checked byte for byte.
+    async fn ping_pong(
+        server: &mut Stream<DuplexStream>,
+        client: &mut tokio_rustls::client::TlsStream<DuplexStream>,
+    ) {
+        let mut buf = [0; 4];
+        client.write_all(b"ping").await.unwrap();
+        client.flush().await.unwrap();
+        server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        server.write_all(b"pong").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
     }
 }
