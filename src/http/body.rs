@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 
 use crate::catalog::InFlight;
 use crate::telemetry::Metrics;
-use crate::upstream::{BoxError, Lease, UpBody};
+use crate::upstream::{BoxError, Lease, MachineBody, UpBody};
 
 use super::activity::{Activity, ExchangeGuard, IdleTimer};
 use super::drain::{Registration, StreamEnd};
@@ -47,7 +47,7 @@ pub struct ExchangeGuards {
 }
 
 struct Streamed {
-    inner: Incoming,
+    inner: MachineBody,
     idle: IdleTimer,
     metrics: Arc<Metrics>,
     guards: ExchangeGuards,
@@ -155,7 +155,7 @@ impl Streamed {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => {
                 self.release();
                 Poll::Ready(None)
@@ -207,7 +207,7 @@ impl ProxyBody {
     /// A machine's response body, streamed. With `sse_end` (an SSE response), the body
     /// ends cleanly at an event boundary once that says so.
     pub fn streamed(
-        inner: Incoming,
+        inner: MachineBody,
         idle: IdleTimer,
         metrics: Arc<Metrics>,
         guards: ExchangeGuards,

@@ -18,7 +18,7 @@ use crate::routing::replay_cache::{ReplayCache, session_rule};
 use crate::routing::select::Pick;
 use crate::routing::{self, Router};
 use crate::telemetry::{Metrics, status_class};
-use crate::upstream::{Conn, Lease, Pool, Proto, SendError, UpBody};
+use crate::upstream::{Conn, Lease, MachineBody, Pool, Proto, SendError, UpBody, UpError};
 
 use super::activity::{Activity, ConnState, ExchangeGuard, IdleTimer, silent_for};
 use super::body::{
@@ -543,10 +543,10 @@ impl Handler {
     /// a body the client framed wrongly, or stopped sending, is the client's fault.
     pub(super) fn received(
         &self,
-        sent: Result<(Response<Incoming>, Option<Lease>), ProxyError>,
+        sent: Result<(Response<MachineBody>, Option<Lease>), ProxyError>,
         body: &RequestBodyState,
         machine: &Machine,
-    ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+    ) -> Result<(Response<MachineBody>, Option<Lease>), ProxyError> {
         let (resp, lease) = match (sent, body.failure()) {
             (Err(_), Some(why)) => return Err(ProxyError::BadBody(why.to_string())),
             (Err(ProxyError::UpstreamTimeout { timeout, .. }), None) if body.unfinished() => {
@@ -569,7 +569,7 @@ impl Handler {
     /// the protocol asked for, a tunnel.
     pub(super) fn relay(
         &self,
-        mut resp: Response<Incoming>,
+        mut resp: Response<MachineBody>,
         mut guards: ExchangeGuards,
         r: Relay<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -858,10 +858,10 @@ impl Handler {
         upgrade: bool,
         activity: &Activity,
         idle: Duration,
-    ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+    ) -> Result<(Response<MachineBody>, Option<Lease>), ProxyError> {
         let timeout = || ProxyError::UpstreamTimeout { machine: machine.id.clone(), timeout: idle };
-        let failed = |e: hyper::Error| {
-            if e.is_parse_too_large() {
+        let failed = |e: UpError| {
+            if e.is_too_large() {
                 // Over hyper's read buffer (sized from the limit), or over 100 header fields.
                 return ProxyError::ResponseHeadersTooLarge {
                     machine: machine.id.clone(),

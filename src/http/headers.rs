@@ -100,6 +100,28 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 
 /// Removes hop-by-hop headers and those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Mostly `keep-alive` or `close`: nothing beyond the fields always removed, and nothing
+    // to collect (a name that is not a standard one costs an allocation).
+    let others = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"close")
+                && !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
+        });
+    if others {
+        strip_named(headers);
+    }
+    for n in &HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+/// Removes the fields a `Connection` header names.
+fn strip_named(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -110,9 +132,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
         .collect();
     for n in named {
-        headers.remove(n);
-    }
-    for n in &HOP_BY_HOP {
         headers.remove(n);
     }
 }

@@ -18,7 +18,6 @@ use std::time::Duration;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::catalog::{AppEntry, Machine};
 use crate::error::ProxyError;
@@ -27,6 +26,7 @@ use crate::routing::decide::{Regions, Steering, Why};
 use crate::routing::replay;
 pub use crate::routing::replay::{Directive, Failed, Fallback, failed_header};
 pub use crate::routing::replay_cache::Target;
+use crate::upstream::MachineBody;
 
 /// fly-proxy's limit: the eleventh replay in a row is refused.
 pub const MAX_HOPS: u32 = 10;
@@ -43,9 +43,11 @@ pub const FLY_REPLAY_CACHE_CONTROL: HeaderName = HeaderName::from_static("fly-re
 const JSON_TYPE: &str = "application/vnd.fly.replay+json";
 
 /// What a machine's response asks for.
+// Serve is nearly every answer: boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub enum Answer {
     /// Serve it: no replay.
-    Serve(Response<Incoming>),
+    Serve(Response<MachineBody>),
     /// Send the request elsewhere; `how` is the form it came in (a metric label).
     Replay(Box<Directive>, &'static str),
 }
@@ -53,7 +55,7 @@ pub enum Answer {
 /// Reads a replay request off a machine's response head (and, for the JSON form, its
 /// body, bounded and within `idle`).
 pub async fn answer(
-    resp: Response<Incoming>,
+    resp: Response<MachineBody>,
     machine: &Machine,
     request_path: &str,
     idle: Duration,

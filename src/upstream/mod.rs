@@ -25,6 +25,12 @@
 //! connection driven for upgrades can hand its socket over to one, and only one that is not
 //! can give its socket back to cool.
 //!
+//! A `GET`, `HEAD` or `OPTIONS` without a body goes through tern's own HTTP/1.1 exchange
+//! ([`h1`]) rather than hyper's client: no connection task and no channel per request, and
+//! no allocation for the exchange. A new or cooled connection starts as a bare socket and
+//! becomes hyper's only when a request needs it (a body to send); a connection hyper drove
+//! that went back to the pool stays hyper's until it cools.
+//!
 //! It sends what routing decided; it knows nothing of apps or hostnames.
 
 use std::net::SocketAddr;
@@ -44,6 +50,8 @@ use tokio::time::Instant;
 
 use crate::telemetry::Metrics;
 use crate::watchdog::lock::Mutex;
+
+mod h1;
 
 /// The body type sent to machines.
 pub type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -88,8 +96,15 @@ struct H1 {
     coolable: bool,
 }
 
+/// A warm connection in the pool: hyper's, its task running, or tern's own
+/// ([`h1::exchange`]), its socket alone, still in Tokio's reactor.
+enum Warm {
+    Hyper(H1),
+    Own(h1::Conn),
+}
+
 struct IdleConn {
-    conn: H1,
+    conn: Warm,
     since: Instant,
 }
 
@@ -148,6 +163,8 @@ pub struct Conn {
 
 enum Sender {
     H1(H1),
+    /// A socket for tern's own exchange, or for hyper's if the request does not fit it.
+    Own(h1::Conn),
     H2(http2::SendRequest<UpBody>),
 }
 
@@ -155,6 +172,60 @@ enum Sender {
 enum Pooled {
     Warm(Sender),
     Cold(std::net::TcpStream),
+}
+
+/// A machine's response body: read by hyper's client, or by tern's own exchange.
+pub enum MachineBody {
+    Hyper(Incoming),
+    Own(h1::Body),
+}
+
+impl http_body::Body for MachineBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            MachineBody::Hyper(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+            MachineBody::Own(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            MachineBody::Hyper(b) => b.is_end_stream(),
+            MachineBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            MachineBody::Hyper(b) => b.size_hint(),
+            MachineBody::Own(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Why sending to a machine failed: hyper's error, or tern's own exchange's.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    Own(#[from] h1::Error),
+}
+
+impl UpError {
+    /// The response head was over the size allowed (its bytes, or its number of fields).
+    pub fn is_too_large(&self) -> bool {
+        match self {
+            UpError::Hyper(e) => e.is_parse_too_large(),
+            UpError::Own(e) => e.is_too_large(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,10 +237,12 @@ pub struct ConnectError {
 }
 
 pub enum SendError {
-    /// The request was not written: safe to send again on another connection.
-    NotSent(Box<Request<UpBody>>, hyper::Error),
+    /// The request was not written, or (tern's own exchange, which carries only requests
+    /// that may be sent twice) the connection failed before any answer: safe to send again
+    /// on another connection.
+    NotSent(Box<Request<UpBody>>, UpError),
     /// The request was (or may have been) written; it cannot be replayed.
-    Failed(hyper::Error),
+    Failed(UpError),
 }
 
 impl Pool {
@@ -247,10 +320,7 @@ impl Pool {
                 Pooled::Warm(sender) => sender,
                 Pooled::Cold(socket) => {
                     let Ok(stream) = TcpStream::from_std(socket) else { continue };
-                    match self.start_h1(key, stream, false).await {
-                        Ok(conn) => Sender::H1(conn),
-                        Err(_) => continue,
-                    }
+                    Sender::Own(h1::Conn::new(stream))
                 }
             };
             return Some(Conn { sender, key, reused: true, pool: self.clone() });
@@ -264,8 +334,17 @@ impl Pool {
                 let mut idle = host.idle.lock();
                 // Most recently used first: the likeliest to be alive and warm.
                 while let Some(c) = idle.pop() {
-                    if c.conn.sender.is_ready() && c.since.elapsed() < self.config.idle_timeout {
-                        return Some(Pooled::Warm(Sender::H1(c.conn)));
+                    if c.since.elapsed() >= self.config.idle_timeout {
+                        continue;
+                    }
+                    match c.conn {
+                        Warm::Hyper(conn) if conn.sender.is_ready() => {
+                            return Some(Pooled::Warm(Sender::H1(conn)));
+                        }
+                        Warm::Own(conn) if h1::still_open(&conn.stream) => {
+                            return Some(Pooled::Warm(Sender::Own(conn)));
+                        }
+                        _ => {}
                     }
                 }
                 drop(idle);
@@ -285,7 +364,12 @@ impl Pool {
         }
     }
 
-    fn put_idle(&self, key: Key, conn: H1) {
+    /// A connection tern's own exchange read a response on to its end, back warm.
+    fn put_raw(&self, key: Key, conn: h1::Conn) {
+        self.put_idle(key, Warm::Own(conn));
+    }
+
+    fn put_idle(&self, key: Key, conn: Warm) {
         let host = self.host(key);
         let mut idle = host.idle.lock();
         if idle.len() + host.cold_len.load(Ordering::Relaxed) < self.config.max_idle_per_host {
@@ -318,22 +402,41 @@ impl Pool {
     fn cool(&self) -> (usize, bool) {
         let (mut cooled, mut warm_left) = (0, false);
         for host in &self.hosts {
-            host.idle.lock().retain(|c| {
-                if !c.conn.coolable {
+            let mut idle = host.idle.lock();
+            let mut kept = Vec::with_capacity(idle.len());
+            // tern's own connections cool here, to their socket out of the reactor; hyper's
+            // are asked to, and their task gives the socket back.
+            let mut sockets = Vec::new();
+            for c in idle.drain(..) {
+                match c.conn {
                     // Its last request had a body: hyper may hold some of it unsent (a machine
                     // that answered without reading it all), which cooling would lose while
                     // the socket lived on. It stays warm until it is reused or reaped.
-                    return true;
+                    Warm::Hyper(ref h) if !h.coolable => kept.push(c),
+                    _ if c.since.elapsed() < COOL_AFTER => {
+                        warm_left = true;
+                        kept.push(c);
+                    }
+                    // Dropped here: with its sender gone, hyper's side of it is done.
+                    Warm::Hyper(h) => {
+                        h.cool.store(true, Ordering::Release);
+                        cooled += 1;
+                    }
+                    Warm::Own(conn) => {
+                        if let Ok(socket) = conn.stream.into_std() {
+                            sockets.push(ColdConn { socket, since: c.since });
+                        }
+                        cooled += 1;
+                    }
                 }
-                if c.since.elapsed() < COOL_AFTER {
-                    warm_left = true;
-                    return true;
-                }
-                // Dropped here: with its sender gone, hyper's side of it is done.
-                c.conn.cool.store(true, Ordering::Release);
-                cooled += 1;
-                false
-            });
+            }
+            *idle = kept;
+            if !sockets.is_empty() {
+                // Locked in the order take_idle and put_cold lock them.
+                let mut cold = host.cold.lock();
+                cold.append(&mut sockets);
+                host.cold_len.store(cold.len(), Ordering::Relaxed);
+            }
         }
         (cooled, warm_left)
     }
@@ -396,6 +499,8 @@ impl Pool {
             .map_err(fail)?;
         let _ = stream.set_nodelay(true);
         let sender = match key.proto {
+            // Started as the first request needs: tern's own exchange, or hyper's.
+            Proto::Http1 if !upgrade => Sender::Own(h1::Conn::new(stream)),
             Proto::Http1 => Sender::H1(
                 self.start_h1(key, stream, upgrade).await.map_err(|e| fail(std::io::Error::other(e)))?,
             ),
@@ -427,7 +532,13 @@ impl Pool {
         let ttl = self.config.idle_timeout;
         self.hosts.retain(|_, host| {
             let mut idle = host.idle.lock();
-            idle.retain(|c| !c.conn.sender.is_closed() && c.since.elapsed() < ttl);
+            idle.retain(|c| {
+                c.since.elapsed() < ttl
+                    && match &c.conn {
+                        Warm::Hyper(conn) => !conn.sender.is_closed(),
+                        Warm::Own(conn) => h1::still_open(&conn.stream),
+                    }
+            });
             let mut cold = host.cold.lock();
             // A machine that closed an idle connection left it half-closed here: closed now.
             cold.retain(|c| c.since.elapsed() < ttl && still_open(&c.socket));
@@ -526,12 +637,12 @@ impl Lease {
     pub fn release(self) {
         let Lease { mut conn, key, pool } = self;
         if conn.sender.is_ready() {
-            pool.put_idle(key, conn);
+            pool.put_idle(key, Warm::Hyper(conn));
         } else if !conn.sender.is_closed() {
             // The connection task has not caught up with the end of the body yet.
             tokio::spawn(async move {
                 if conn.sender.ready().await.is_ok() {
-                    pool.put_idle(key, conn);
+                    pool.put_idle(key, Warm::Hyper(conn));
                 }
             });
         }
@@ -544,43 +655,58 @@ impl Conn {
         self.reused
     }
 
-    /// Sends one request. An HTTP/1.1 connection comes back as a [`Lease`], to be released
-    /// when the response body has been read to the end; none for an upgrade (the connection
-    /// becomes the tunnel) or for h2c (shared, nothing to give back).
+    /// Sends one request. An HTTP/1.1 connection hyper drives comes back as a [`Lease`],
+    /// to be released when the response body has been read to the end; none for tern's own
+    /// exchange (its body gives the connection back at its end), for an upgrade (the
+    /// connection becomes the tunnel) or for h2c (shared, nothing to give back).
     pub async fn send(
         self,
         req: Request<UpBody>,
         upgrade: bool,
-    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
-        match self.sender {
-            Sender::H1(mut conn) => {
-                if let Err(e) = conn.sender.ready().await {
-                    return Err(SendError::NotSent(Box::new(req), e));
-                }
-                conn.coolable = http_body::Body::is_end_stream(req.body());
-                match conn.sender.try_send_request(req).await {
-                    Ok(resp) => {
-                        let lease = (!upgrade).then(|| Lease { conn, key: self.key, pool: self.pool });
-                        Ok((resp, lease))
-                    }
-                    Err(mut e) => match e.take_message() {
-                        Some(req) => Err(SendError::NotSent(Box::new(req), e.into_error())),
-                        None => Err(SendError::Failed(e.into_error())),
-                    },
-                }
+    ) -> Result<(Response<MachineBody>, Option<Lease>), SendError> {
+        let Conn { sender, key, pool, .. } = self;
+        let conn = match sender {
+            Sender::Own(conn) if h1::fits(&req, upgrade) => {
+                let home = h1::Home { pool: pool.clone(), key };
+                let mut req = req;
+                return match h1::exchange(conn, &mut req, pool.config.max_response_head, home).await {
+                    Ok(resp) => Ok((resp.map(MachineBody::Own), None)),
+                    Err(f) if f.unanswered => Err(SendError::NotSent(Box::new(req), f.error.into())),
+                    Err(f) => Err(SendError::Failed(f.error.into())),
+                };
             }
+            Sender::Own(conn) => match pool.start_h1(key, conn.stream, upgrade).await {
+                Ok(conn) => conn,
+                Err(e) => return Err(SendError::NotSent(Box::new(req), e.into())),
+            },
+            Sender::H1(conn) => conn,
             Sender::H2(mut sender) => {
                 if let Err(e) = sender.ready().await {
-                    return Err(SendError::NotSent(Box::new(req), e));
+                    return Err(SendError::NotSent(Box::new(req), e.into()));
                 }
-                match sender.try_send_request(req).await {
-                    Ok(resp) => Ok((resp, None)),
+                return match sender.try_send_request(req).await {
+                    Ok(resp) => Ok((resp.map(MachineBody::Hyper), None)),
                     Err(mut e) => match e.take_message() {
-                        Some(req) => Err(SendError::NotSent(Box::new(req), e.into_error())),
-                        None => Err(SendError::Failed(e.into_error())),
+                        Some(req) => Err(SendError::NotSent(Box::new(req), e.into_error().into())),
+                        None => Err(SendError::Failed(e.into_error().into())),
                     },
-                }
+                };
             }
+        };
+        let mut conn = conn;
+        if let Err(e) = conn.sender.ready().await {
+            return Err(SendError::NotSent(Box::new(req), e.into()));
+        }
+        conn.coolable = http_body::Body::is_end_stream(req.body());
+        match conn.sender.try_send_request(req).await {
+            Ok(resp) => {
+                let lease = (!upgrade).then(|| Lease { conn, key, pool });
+                Ok((resp.map(MachineBody::Hyper), lease))
+            }
+            Err(mut e) => match e.take_message() {
+                Some(req) => Err(SendError::NotSent(Box::new(req), e.into_error().into())),
+                None => Err(SendError::Failed(e.into_error().into())),
+            },
         }
     }
 }

@@ -108,7 +108,11 @@ async fn exchange(pool: &Arc<Pool>, addr: SocketAddr, body: &'static str) -> boo
     };
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
-    lease.expect("an exchange that does not upgrade gives its connection back").release();
+    // hyper's connection is leased; tern's own exchange gives its back from the body's end.
+    assert!(lease.is_some() || body.is_empty(), "a request with a body goes through hyper");
+    if let Some(lease) = lease {
+        lease.release();
+    }
     reused
 }
 
@@ -238,9 +242,9 @@ async fn a_connection_given_back_wakes_a_waiting_request_not_a_waiting_upgrade()
     });
     tokio::task::yield_now().await;
     // The held connection's exchange ends and it goes back to the pool.
-    let Ok((resp, lease)) = held.send(request("", false), false).await else { panic!("the machine answers") };
+    let Ok((resp, _)) = held.send(request("", false), false).await else { panic!("the machine answers") };
+    // Read to its end, tern's own exchange gives the connection back.
     resp.into_body().collect().await.unwrap();
-    lease.unwrap().release();
     let reused = tokio::time::timeout(Duration::from_secs(10), plain).await;
     assert!(matches!(reused, Ok(Ok(Ok(true)))), "the waiting request got the connection: {reused:?}");
     assert!(!upgrading.is_finished(), "the upgrade waits for a connect place");

@@ -1,0 +1,317 @@
+//! tern's own exchange against a machine that answers with scripted bytes, over loopback:
+//! framing, refusals, and when a connection goes back to the pool.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::telemetry::Metrics;
+use crate::upstream::{BoxError, MachineBody, Pool, PoolConfig, Proto, SendError, UpBody};
+
+/// A machine that reads each request head and writes the next scripted answer; an answer
+/// ending in `CLOSE` has its connection closed after it.
+struct Machine {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    heads: Arc<parking_lot::Mutex<Vec<String>>>,
+}
+
+const CLOSE: &[u8] = b"<close>";
+
+async fn machine(answers: &[&'static [u8]]) -> Machine {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let heads = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let script = Arc::new(parking_lot::Mutex::new(answers.iter().copied().collect::<VecDeque<_>>()));
+    let (count, seen) = (accepted.clone(), heads.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let (script, seen) = (script.clone(), seen.clone());
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n @ 1..) = socket.read(&mut buf).await else { return };
+                    read.extend_from_slice(&buf[..n]);
+                    while let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.lock().push(String::from_utf8_lossy(&read[..end + 4]).into_owned());
+                        read.drain(..end + 4);
+                        let Some(answer) = script.lock().pop_front() else { return };
+                        let (answer, close) = match answer.strip_suffix(CLOSE) {
+                            Some(a) => (a, true),
+                            None => (answer, false),
+                        };
+                        socket.write_all(answer).await.unwrap();
+                        if close {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Machine { addr, accepted, heads }
+}
+
+fn pool() -> Arc<Pool> {
+    let config = PoolConfig {
+        connect_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(90),
+        max_idle_per_host: 8,
+        max_connecting: 8,
+        max_response_head: 4096,
+    };
+    Pool::new(config, Arc::new(Metrics::new()))
+}
+
+fn get(method: &str, path: &str) -> Request<UpBody> {
+    let body = http_body_util::Empty::<Bytes>::new().map_err(|e| -> BoxError { match e {} }).boxed_unsync();
+    Request::builder().method(method).uri(path).header("host", "m").body(body).unwrap()
+}
+
+/// What a response came to: its status, body and trailers; or the error, from the head or
+/// the body.
+#[derive(Debug)]
+struct Got {
+    status: u16,
+    body: Bytes,
+    trailers: Option<http::HeaderMap>,
+}
+
+async fn send(pool: &Arc<Pool>, addr: SocketAddr, method: &str) -> Result<Got, String> {
+    let conn = pool.checkout(addr, Proto::Http1, false).await.unwrap();
+    let (resp, lease) = match conn.send(get(method, "/x?y=1"), false).await {
+        Ok(r) => r,
+        Err(SendError::NotSent(_, e) | SendError::Failed(e)) => return Err(format!("head: {e}")),
+    };
+    assert!(lease.is_none(), "tern's own exchange gives its connection back from its body");
+    assert!(matches!(resp.body(), MachineBody::Own(_)), "carried by tern's own exchange");
+    let status = resp.status().as_u16();
+    let collected = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?;
+    let trailers = collected.trailers().cloned();
+    Ok(Got { status, body: collected.to_bytes(), trailers })
+}
+
+/// Waits until the connection's socket has been given back to the pool or closed; over
+/// loopback both are done once the body has been read, so this only lets a FIN land.
+async fn settle() {
+    tokio::task::yield_now().await;
+}
+
+#[tokio::test]
+async fn a_length_framed_answer_is_read_and_its_connection_serves_the_next() {
+    let m = machine(&[
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nhello",
+        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+    ])
+    .await;
+    let pool = pool();
+    let got = send(&pool, m.addr, "GET").await.unwrap();
+    assert_eq!((got.status, &got.body[..]), (200, &b"hello"[..]));
+    let got = send(&pool, m.addr, "GET").await.unwrap();
+    assert_eq!((got.status, got.body.len()), (404, 0));
+    assert_eq!(m.accepted.load(Ordering::SeqCst), 1, "both on one connection");
+    assert_eq!(m.heads.lock()[0], "GET /x?y=1 HTTP/1.1\r\nhost: m\r\n\r\n", "the head as written");
+}
+
+#[tokio::test]
+async fn a_chunked_answer_is_read_by_its_chunks_extensions_and_trailers_included() {
+    let m = machine(&[
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;name=v\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 7\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ])
+    .await;
+    let pool = pool();
+    let got = send(&pool, m.addr, "GET").await.unwrap();
+    assert_eq!(&got.body[..], b"hello world");
+    assert_eq!(got.trailers.unwrap()["x-t"], "7");
+    let got = send(&pool, m.addr, "GET").await.unwrap();
+    assert_eq!(&got.body[..], b"ok");
+    assert!(got.trailers.is_none());
+    assert_eq!(m.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_answer_without_length_is_read_to_the_close_and_its_connection_not_reused() {
+    let m =
+        machine(&[b"HTTP/1.1 200 OK\r\n\r\nuntil the end<close>", b"HTTP/1.1 204 No Content\r\n\r\n"]).await;
+    let pool = pool();
+    assert_eq!(&send(&pool, m.addr, "GET").await.unwrap().body[..], b"until the end");
+    assert_eq!(send(&pool, m.addr, "GET").await.unwrap().status, 204);
+    assert_eq!(m.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn head_204_and_304_answers_have_no_body_whatever_their_length_says() {
+    let m = machine(&[
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    ])
+    .await;
+    let pool = pool();
+    let got = send(&pool, m.addr, "HEAD").await.unwrap();
+    assert_eq!((got.status, got.body.len()), (200, 0));
+    assert_eq!(send(&pool, m.addr, "GET").await.unwrap().status, 204);
+    assert_eq!(send(&pool, m.addr, "GET").await.unwrap().status, 304);
+    assert_eq!(&send(&pool, m.addr, "GET").await.unwrap().body[..], b"ok", "the framing held");
+    assert_eq!(m.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn informational_answers_are_read_past() {
+    let m = machine(&[b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]).await;
+    let got = send(&pool(), m.addr, "GET").await.unwrap();
+    assert_eq!((got.status, &got.body[..]), (200, &b"ok"[..]));
+}
+
+#[tokio::test]
+async fn connections_that_cannot_carry_another_exchange_are_closed() {
+    for (method, answer) in [
+        // Says so.
+        ("GET", &b"HTTP/1.1 200 OK\r\nconnection: keep-alive, close\r\ncontent-length: 2\r\n\r\nok"[..]),
+        // HTTP/1.0.
+        ("GET", b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+        // Framed two ways: read by its chunks.
+        ("GET", b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+        // More than its length said, in the same write.
+        ("GET", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nno"),
+        // A body after a HEAD answer.
+        ("HEAD", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    ] {
+        let what = String::from_utf8_lossy(answer);
+        let m = machine(&[answer, b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nyes"]).await;
+        let pool = pool();
+        let got = send(&pool, m.addr, method).await.unwrap();
+        assert_eq!(got.status, 200);
+        let body: &[u8] = if method == "HEAD" { b"" } else { b"ok" };
+        assert_eq!(&got.body[..], body, "{what}");
+        settle().await;
+        let next = send(&pool, m.addr, "GET").await.unwrap();
+        assert_eq!(&next.body[..], b"yes", "{what}");
+        assert_eq!(m.accepted.load(Ordering::SeqCst), 2, "{what}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_answers_are_refused() {
+    for (answer, expect) in [
+        (
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"[..],
+            "head: a content-length",
+        ),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2, 3\r\n\r\nok", "head: a content-length"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok", "head: a content-length"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\nok", "head: a content-length"),
+        (b"HTTP/1.1 200 OK\r\nx-a: 1\r\n folded\r\n\r\n", "head: a malformed response head"),
+        (b"HTTP/1.1 200 OK\r\nx-a : 1\r\n\r\n", "head: a malformed response head"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "head: a malformed response head"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "body: a malformed chunked body"),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\nok\r\n0\r\n\r\n",
+            "body: a malformed chunked body",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokX\r\n0\r\n\r\n",
+            "body: a malformed chunked body",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n10000000000000000\r\n",
+            "body: a malformed chunked body",
+        ),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort<close>", "body: the connection closed before"),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n<close>",
+            "body: the connection closed before",
+        ),
+        (b"HTTP/1.1 200 OK\r\ncontent-len<close>", "head: the connection closed in the response head"),
+    ] {
+        let m = machine(&[answer]).await;
+        let got = send(&pool(), m.addr, "GET").await;
+        let err = got.expect_err(&String::from_utf8_lossy(answer));
+        assert!(err.starts_with(expect), "{err} for {}", String::from_utf8_lossy(answer));
+    }
+}
+
+#[tokio::test]
+async fn a_head_over_the_limit_is_refused_as_too_large() {
+    let many: &'static [u8] = Box::leak(
+        format!("HTTP/1.1 200 OK\r\n{}\r\n", "x-a: 1\r\n".repeat(101)).into_bytes().into_boxed_slice(),
+    );
+    let long: &'static [u8] = Box::leak(
+        format!("HTTP/1.1 200 OK\r\nx-a: {}\r\n\r\n", "a".repeat(9 * 1024)).into_bytes().into_boxed_slice(),
+    );
+    for answer in [many, long] {
+        let m = machine(&[answer]).await;
+        let conn = pool().checkout(m.addr, Proto::Http1, false).await.unwrap();
+        match conn.send(get("GET", "/"), false).await {
+            Err(SendError::Failed(e)) => assert!(e.is_too_large(), "{e}"),
+            Err(SendError::NotSent(_, e)) => panic!("refused, not handed back: {e}"),
+            Ok((resp, _)) => panic!("refused, not answered {}", resp.status()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_pooled_connection_its_machine_closed_is_not_used() {
+    let m = machine(&[
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok<close>",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nyes",
+    ])
+    .await;
+    let pool = pool();
+    assert_eq!(&send(&pool, m.addr, "GET").await.unwrap().body[..], b"ok");
+    // Closed by the machine without a word: the connection went back to the pool, and the
+    // FIN comes after.
+    let mut got = None;
+    for _ in 0..2 {
+        let conn = pool.checkout(m.addr, Proto::Http1, false).await.unwrap();
+        match conn.send(get("GET", "/"), false).await {
+            Ok((resp, _)) => {
+                got = Some(resp.into_body().collect().await.unwrap().to_bytes());
+                break;
+            }
+            // Seen dead only once written to: the request comes back, to go on a new one.
+            Err(SendError::NotSent(..)) => {}
+            Err(SendError::Failed(e)) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got.as_deref(), Some(&b"yes"[..]));
+    assert_eq!(m.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_or_another_method_goes_through_hyper_on_the_same_pool() {
+    let m = machine(&[
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    ])
+    .await;
+    let pool = pool();
+    send(&pool, m.addr, "GET").await.unwrap();
+    let conn = pool.checkout(m.addr, Proto::Http1, false).await.unwrap();
+    let Ok((resp, lease)) = conn.send(get("DELETE", "/"), false).await else { panic!("answered") };
+    assert!(matches!(resp.body(), MachineBody::Hyper(_)));
+    assert_eq!(resp.status(), 201);
+    resp.into_body().collect().await.unwrap();
+    lease.expect("hyper's connection is leased").release();
+    settle().await;
+    let conn = pool.checkout(m.addr, Proto::Http1, false).await.unwrap();
+    assert!(conn.reused(), "the socket hyper had is taken again");
+    let Ok((resp, _)) = conn.send(get("GET", "/"), false).await else { panic!("answered") };
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+    assert_eq!(m.accepted.load(Ordering::SeqCst), 1, "one socket, passed between the two");
+}
