@@ -373,7 +373,11 @@ impl Body {
     fn finish(&mut self) {
         self.state = State::Done;
         let stream = self.stream.take();
-        let buf = std::mem::take(&mut self.buf);
+        let mut buf = std::mem::take(&mut self.buf);
+        if buf.capacity() > 2 * FIRST_READ {
+            // Grown for a big body: not kept with an idle connection.
+            buf = BytesMut::new();
+        }
         if let (Some(stream), Some(home), true, true) =
             (stream, self.home.take(), self.reusable, buf.is_empty())
         {

@@ -73,7 +73,7 @@ async fn serve(mut socket: tokio::net::TcpStream, closing: Arc<Notify>, babbling
     }
 }
 
-fn pool() -> Arc<Pool> {
+pub(super) fn pool() -> Arc<Pool> {
     let config = PoolConfig {
         // Generous: Tokio's paused clock jumps to the next timer whenever the test waits on
         // a socket.

@@ -1068,3 +1068,44 @@ async fn pseudo_headers_in_h2_trailers_never_reach_the_machine() {
     }
     assert_eq!(String::from_utf8_lossy(&body), "x-sum=42", "the machine's trailers: the real one, no :path");
 }
+
+/// A machine with two common faults: conflicting lengths on `/bad`, and a body after its
+/// answer to `HEAD` (which a proxy that pooled the connection again would take for the next
+/// response). Other requests get `next`.
+fn framed_badly(head: &str) -> Vec<u8> {
+    if head.starts_with("get /bad ") {
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok".to_vec();
+    }
+    if head.starts_with("head ") {
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain".to_vec();
+    }
+    b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext".to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_answer_framed_badly_is_a_coded_502_and_nothing_of_it_leaks_into_the_next() {
+    let m = RawMachine::start(framed_badly).await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", m.addr, "started")], "")).await;
+    let got = one_response(proxy.http, b"GET /bad HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+    assert_eq!(got.status(), 502, "{got:?}");
+    assert_eq!(got.header("tern-error"), Some("upstream_error"), "{got:?}");
+    // Read by hand: a HEAD answer's length does not frame a body (the helper's would).
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(b"HEAD / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(LIMIT, tcp.read(&mut byte)).await.unwrap().unwrap();
+        assert_eq!(n, 1, "the HEAD answer's head ends: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    for _ in 0..3 {
+        let got = one_response(proxy.http, b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+        assert_eq!((got.status(), &got.body[..]), (200, &b"next"[..]), "{got:?}");
+    }
+    // Whether the HEAD answer's connection was pooled again is seen in the pool's own test
+    // (`upstream::h1::tests`): here the client connections may land on different workers,
+    // each with its own pool, so the machine's connection count says nothing.
+    assert_eq!(m.heads().len(), 5);
+}

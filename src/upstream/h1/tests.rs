@@ -5,7 +5,6 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
@@ -13,8 +12,8 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::telemetry::Metrics;
-use crate::upstream::{BoxError, MachineBody, Pool, PoolConfig, Proto, SendError, UpBody};
+use crate::upstream::tests::pool;
+use crate::upstream::{BoxError, MachineBody, Pool, Proto, SendError, UpBody};
 
 /// A machine that reads each request head and writes the next scripted answer; an answer
 /// ending in `CLOSE` has its connection closed after it.
@@ -62,17 +61,6 @@ async fn machine(answers: &[&'static [u8]]) -> Machine {
         }
     });
     Machine { addr, accepted, heads }
-}
-
-fn pool() -> Arc<Pool> {
-    let config = PoolConfig {
-        connect_timeout: Duration::from_secs(10),
-        idle_timeout: Duration::from_secs(90),
-        max_idle_per_host: 8,
-        max_connecting: 8,
-        max_response_head: 4096,
-    };
-    Pool::new(config, Arc::new(Metrics::new()))
 }
 
 fn get(method: &str, path: &str) -> Request<UpBody> {
@@ -251,7 +239,7 @@ async fn a_head_over_the_limit_is_refused_as_too_large() {
         format!("HTTP/1.1 200 OK\r\n{}\r\n", "x-a: 1\r\n".repeat(101)).into_bytes().into_boxed_slice(),
     );
     let long: &'static [u8] = Box::leak(
-        format!("HTTP/1.1 200 OK\r\nx-a: {}\r\n\r\n", "a".repeat(9 * 1024)).into_bytes().into_boxed_slice(),
+        format!("HTTP/1.1 200 OK\r\nx-a: {}\r\n\r\n", "a".repeat(20 * 1024)).into_bytes().into_boxed_slice(),
     );
     for answer in [many, long] {
         let m = machine(&[answer]).await;
