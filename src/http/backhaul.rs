@@ -26,9 +26,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use super::body::RequestBody;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::catalog::{AppEntry, Machine};
@@ -122,7 +122,7 @@ struct Ticket {
 
 impl Handler {
     /// Opens the token: the request's app and machine, or why it is refused.
-    fn ticket(&self, req: &Request<Incoming>) -> Result<Ticket, ProxyError> {
+    fn ticket(&self, req: &Request<RequestBody>) -> Result<Ticket, ProxyError> {
         let forbidden = |why: &str| {
             // Another fleet's node, a stray client, or a probe: worth an operator's look.
             tracing::warn!(target: "tern::fleet", reason = why, "refused a request on the backhaul listener");
@@ -165,7 +165,7 @@ impl Handler {
     /// The owner's side: a request another node handed over for a machine this node owns.
     pub(super) async fn deliver(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         conn: &ConnInfo,
         id: &RequestId,
         exchange: ExchangeGuard,

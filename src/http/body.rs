@@ -248,6 +248,43 @@ impl Body for ProxyBody {
     }
 }
 
+/// A client's request body: hyper's, or none at all for a request tern's own HTTP/1.1
+/// server read (see [`super::serve1`]), which takes only requests that have none.
+#[derive(Debug)]
+pub enum RequestBody {
+    Hyper(Incoming),
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(b) => b.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(b) => b.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// The client's request body, shared by the exchange and whichever machine request reads
 /// it. It is read from the client once; what has been read is kept, up to the app's
 /// `replay_buffer`, so that a `fly-replay` can send the request again, kept part first, then
@@ -269,7 +306,7 @@ pub struct RequestBodyState {
 #[derive(Debug)]
 struct Tape {
     /// The client's body, from where it has been read to; `None` once dropped unread.
-    source: Option<Incoming>,
+    source: Option<RequestBody>,
     /// Frames read so far, while they fit in `limit`.
     kept: std::collections::VecDeque<Kept>,
     kept_bytes: u64,
@@ -308,7 +345,7 @@ impl Kept {
 
 impl RequestBodyState {
     /// A body to read from `source`, keeping up to `limit` bytes of it for a replay.
-    pub fn new(source: Incoming, limit: u64) -> Arc<RequestBodyState> {
+    pub fn new(source: RequestBody, limit: u64) -> Arc<RequestBodyState> {
         // A body that says it is larger (its Content-Length) is never kept: whether it could
         // be replayed must not depend on how much of it has arrived when the machine answers.
         let spilled = http_body::Body::size_hint(&source).lower() > limit;

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::body::RequestBody;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -64,7 +64,7 @@ pub(super) struct Outcome {
 impl Handler {
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: Arc<ConnInfo>,
         state: Arc<ConnState>,
     ) -> Response<ProxyBody> {
@@ -181,7 +181,7 @@ impl Handler {
     #[allow(clippy::too_many_lines)]
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         conn: &ConnInfo,
         id: &RequestId,
         exchange: ExchangeGuard,
@@ -1014,7 +1014,7 @@ pub(super) struct Route {
 }
 
 impl Route {
-    pub(super) fn of(app: &AppEntry, req: &mut Request<Incoming>) -> Route {
+    pub(super) fn of(app: &AppEntry, req: &mut Request<RequestBody>) -> Route {
         let ignored_agent =
             !app.spec.wake_ignore_user_agents.is_empty()
                 && req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).is_some_and(|ua| {
@@ -1108,7 +1108,7 @@ pub(super) struct Upstream<'a> {
 }
 
 pub(super) fn upstream_request(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     conn: &ConnInfo,
     up: Upstream<'_>,
     activity: &Arc<Activity>,

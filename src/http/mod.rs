@@ -32,6 +32,7 @@ mod parser_replies;
 mod replay;
 pub mod request_id;
 pub mod respond;
+mod serve1;
 pub mod tcp;
 mod tunnel;
 
@@ -136,6 +137,13 @@ pub enum Wire {
     Http1,
     /// TLS with ALPN `h2`.
     Http2,
+}
+
+/// What tern's own HTTP/1.1 server ([`serve1`]) serves a connection's requests with.
+struct Own {
+    handler: Arc<Handler>,
+    info: Arc<ConnInfo>,
+    state: Arc<ConnState>,
 }
 
 /// A quiet HTTP/1.1 connection (plain or TLS) handed back to its caller, to wait for its next bytes
@@ -243,13 +251,16 @@ impl Server {
         let shed = info.shed.clone();
         let info = Arc::new(info);
         let svc_state = state.clone();
+        let svc_info = info.clone();
         let peer = info.peer;
         let svc_handler = handler.clone();
         // Each exchange's future is boxed for its own lifetime: hyper keeps room for the
         // service's future in every connection, idle or not, and an exchange's is several KB.
         let svc = service_fn(move |req| {
-            let (handler, info, state) = (svc_handler.clone(), info.clone(), svc_state.clone());
-            Box::pin(async move { Ok::<_, Infallible>(handler.handle(req, info, state).await) })
+            let (handler, info, state) = (svc_handler.clone(), svc_info.clone(), svc_state.clone());
+            Box::pin(async move {
+                Ok::<_, Infallible>(handler.handle(req.map(body::RequestBody::Hyper), info, state).await)
+            })
         });
         if wire == Wire::Http2 {
             state.drain.set_http2();
@@ -259,6 +270,7 @@ impl Server {
             return Served::Closed;
         }
         let metrics = handler.metrics.clone();
+        let own = Own { handler: handler.clone(), info, state: state.clone() };
         // HTTP/1.1's parser answers some heads itself; make those answers tern's.
         let io = ParserReplies::new(io, state.clone(), handler, peer);
         let mut io = Prefixed::new(TouchIo::new(io, state.activity.clone()));
@@ -285,7 +297,7 @@ impl Server {
                 Ok(None) | Err(_) => return Served::Closed,
             }
         }
-        match self.serve_http1(io, svc, &state, &metrics, park_after.is_some(), shed.as_deref()).await {
+        match self.serve_http1(io, svc, &own, &metrics, park_after.is_some(), shed.as_deref()).await {
             Some(io) => self.hand_back(io, Wire::Http1, &state, registered),
             None => Served::Closed,
         }
@@ -327,7 +339,7 @@ impl Server {
         &self,
         mut io: Prefixed<IO>,
         svc: S,
-        state: &ConnState,
+        own: &Own,
         metrics: &Metrics,
         hands_back: bool,
         shed: Option<&crate::tls::Shed>,
@@ -344,6 +356,9 @@ impl Server {
         // A client that parks mid-head (a byte now and then) must not reset hyper's header
         // read timeout each time: the first such park starts a clock of tern's own.
         let mut partial_since: Option<tokio::time::Instant> = None;
+        let state = &*own.state;
+        // Parking is for connections kept longer than it takes to park them.
+        let parks = park::PARK_AFTER < self.quiet_limit();
         loop {
             // hyper's state is made when the client has something to say: a connection that
             // has not sent its first request yet costs no more than a parked one. One with
@@ -357,6 +372,34 @@ impl Server {
             // A fresh connection gets its own quiet time before it may be parked, even one
             // resumed with a half-read head and no new byte yet.
             state.activity.touch();
+            // Plain requests are served by tern's own server; it hands hyper the rest. A head
+            // hyper has begun to read is hyper's to finish.
+            if partial_since.is_none() {
+                let cx = serve1::Ctx {
+                    handler: &own.handler,
+                    info: &own.info,
+                    state: &own.state,
+                    shed,
+                    quiet: self.quiet_limit().min(park::PARK_AFTER),
+                };
+                match Box::pin(serve1::serve(&mut io, cx)).await {
+                    serve1::Turn::Closed => return None,
+                    serve1::Turn::Hyper => {}
+                    serve1::Turn::Quiet => {
+                        metrics.connections_parked.inc();
+                        if hands_back && parks && !state.drain.draining() && !io.has_prefix() {
+                            return Some(io);
+                        }
+                        if let Some(shed) = shed
+                            && !io.has_prefix()
+                            && !state.activity.write_blocked()
+                        {
+                            shed.raise();
+                        }
+                        continue;
+                    }
+                }
+            }
             // Boxed, so that a parked connection's task holds none of hyper's state.
             let conn = Box::pin(self.http1.serve_connection(TokioIo::new(io), svc.clone()).with_upgrades());
             let parts = Box::pin(self.drive_http1(conn, state, shed)).await?;

@@ -1109,3 +1109,84 @@ async fn a_machine_answer_framed_badly_is_a_coded_502_and_nothing_of_it_leaks_in
     // each with its own pool, so the machine's connection count says nothing.
     assert_eq!(m.heads().len(), 5);
 }
+
+/// tern's own server takes plain GET, HEAD and OPTIONS heads and hyper the rest; one write
+/// that mixes them is answered in order, each framed as it should be, on one connection:
+/// a machine's chunked event stream chunked, a HEAD with the length its GET would have and no
+/// body, a POST's body read, and a plain GET after them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_write_of_mixed_requests_is_answered_in_order_on_one_connection() {
+    let b = Backend::start("m1").await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "")).await;
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(
+        b"GET /ticks?n=3&gap_ms=1 HTTP/1.1\r\nHost: app.test\r\n\r\n\
+          HEAD /download?bytes=10 HTTP/1.1\r\nHost: app.test\r\n\r\n\
+          POST /echo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\n\r\nabc\
+          OPTIONS /echo HTTP/1.1\r\nHost: app.test\r\n\r\n\
+          GET /id HTTP/1.1\r\nHost: app.test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let ticks = read_response(&mut tcp, &mut buf).await;
+    assert_eq!(ticks.status(), 200, "{ticks:?}");
+    assert_eq!(ticks.header("transfer-encoding"), Some("chunked"), "{ticks:?}");
+    assert_eq!(String::from_utf8_lossy(&ticks.body), "data: tick 0\n\ndata: tick 1\n\ndata: tick 2\n\n");
+    // A HEAD answer is its head alone: whatever follows it is the next response.
+    let mut head = Vec::new();
+    loop {
+        let line = read_line(&mut tcp, &mut buf).await;
+        if line.is_empty() {
+            break;
+        }
+        head.push(line.to_ascii_lowercase());
+    }
+    assert!(
+        head[0].starts_with("http/1.1 200") && head.contains(&"content-length: 10".to_string()),
+        "{head:?}"
+    );
+    let post = read_response(&mut tcp, &mut buf).await;
+    let v: serde_json::Value = serde_json::from_slice(&post.body).unwrap();
+    assert_eq!((v["method"].as_str(), v["body"].as_str()), (Some("POST"), Some("abc")), "{post:?}");
+    let options = read_response(&mut tcp, &mut buf).await;
+    let v: serde_json::Value = serde_json::from_slice(&options.body).unwrap();
+    assert_eq!(v["method"].as_str(), Some("OPTIONS"), "{options:?}");
+    let id = read_response(&mut tcp, &mut buf).await;
+    assert_eq!((id.status(), id.body.as_slice()), (200, b"m1".as_slice()), "{id:?}");
+    assert!(id.header("date").is_some() && id.header("fly-request-id").is_some(), "{id:?}");
+    // And the connection still serves.
+    tcp.write_all(b"GET /id HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    assert_eq!(read_response(&mut tcp, &mut buf).await.body, b"m1");
+}
+
+/// A client that leaves while its plain GET's event stream is open ends the exchange: the
+/// machine is idle again, as when hyper served it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_an_open_stream_ends_its_exchange() {
+    let b = Backend::start("m1").await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "")).await;
+    let in_flight = |n: i64| {
+        let admin = proxy.admin;
+        async move {
+            eventually(LIMIT, || async {
+                let v: serde_json::Value =
+                    reqwest::get(format!("http://{admin}/v1/apps/app")).await.ok()?.json().await.ok()?;
+                (v["machines"][0]["in_flight"] == n).then_some(())
+            })
+            .await
+        }
+    };
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(b"GET /silent HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let mut head = String::new();
+    while !head.contains("\r\n\r\n") {
+        fill(&mut tcp, &mut buf).await;
+        head = String::from_utf8_lossy(&buf).into_owned();
+    }
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains("transfer-encoding: chunked"), "{head}");
+    assert!(in_flight(1).await.is_some(), "the stream is in flight");
+    drop(tcp);
+    assert!(in_flight(0).await.is_some(), "the exchange never ended");
+}
