@@ -88,7 +88,7 @@ where
     loop {
         let req = loop {
             if rbuf.is_empty() {
-                match wait.for_bytes(io, &mut rbuf, cx.state).await {
+                match wait.for_bytes(io, &mut rbuf).await {
                     Between::Bytes => {}
                     Between::Quiet => return Turn::Quiet,
                     Between::Close => return close(io).await,
@@ -109,16 +109,15 @@ where
             return Turn::Hyper;
         };
         let method = req.method().clone();
-        let exchange = cx.handler.clone().handle(req, cx.info.clone(), cx.state.clone());
-        // One box for the connection's exchanges, each in the place of the one before.
-        let exchange = match &mut running {
-            Some(b) => {
-                Pin::set(b, exchange);
-                b
-            }
-            None => running.insert(Box::pin(exchange)),
-        };
-        let Some(resp) = wait.for_answer(exchange.as_mut(), io, &mut rbuf, &cx).await else {
+        // One box for the connection's exchanges, each made in the place of the one before:
+        // the box is empty when the next is made, so it is written there, not made aside
+        // and copied in (an exchange's future is several KiB).
+        let slot = running.get_or_insert_with(|| Box::pin(None));
+        slot.set(Some(cx.handler.clone().handle(req, cx.info.clone(), cx.state.clone())));
+        let exchange = slot.as_mut().as_pin_mut().expect("just set");
+        let answer = wait.for_answer(exchange, io, &mut rbuf, &cx).await;
+        slot.set(None);
+        let Some(resp) = answer else {
             return Turn::Closed;
         };
         let (mut parts, body) = resp.into_parts();
@@ -162,9 +161,16 @@ enum Between {
 /// buffers are given back.
 struct Wait<'s> {
     closing_at: Pin<Box<dyn Future<Output = ()> + Send + 's>>,
+    /// `closing_at` has been polled once, and so wakes the connection when a drain begins.
+    watching: bool,
+    /// The connection's activity, open exchanges and drain.
+    state: &'s ConnState,
     /// The drain wants the connection closed: after the response in progress.
     closing: bool,
     tick: Pin<Box<tokio::time::Sleep>>,
+    /// `tick` was last polled pending, and so wakes the connection when it fires; until it
+    /// has, a look at its state stands in for a poll at every wake-up.
+    tick_armed: bool,
     quiet: Duration,
     /// The activity the last shed followed, and how long until the same spell is looked at
     /// again.
@@ -176,8 +182,11 @@ impl<'s> Wait<'s> {
     fn new(state: &'s ConnState, quiet: Duration) -> Self {
         Wait {
             closing_at: Box::pin(drain::time_to_close(state)),
+            watching: false,
+            state,
             closing: false,
             tick: Box::pin(tokio::time::sleep(quiet.min(PARK_AFTER))),
+            tick_armed: false,
             quiet,
             shed_after: None,
             recheck: QUIET_RECHECK,
@@ -185,7 +194,14 @@ impl<'s> Wait<'s> {
     }
 
     fn poll_closing(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.closing && self.closing_at.as_mut().poll(cx).is_ready() {
+        // Polled once, to be woken when a drain begins; after that only once one has (a
+        // relaxed load), not at every wake-up: each poll locks the drain's waiter list, which
+        // every connection of the process shares.
+        if self.closing || (self.watching && !self.state.drain.draining()) {
+            return self.closing;
+        }
+        self.watching = true;
+        if self.closing_at.as_mut().poll(cx).is_ready() {
             self.closing = true;
         }
         self.closing
@@ -193,17 +209,17 @@ impl<'s> Wait<'s> {
 
     /// Polls the timer; when it fires, looks at the connection and sets it again. `true` when
     /// a connection between requests has been quiet for long enough.
-    fn poll_tick(
-        &mut self,
-        cx: &mut Context<'_>,
-        state: &ConnState,
-        shed: Option<&crate::tls::Shed>,
-    ) -> bool {
+    fn poll_tick(&mut self, cx: &mut Context<'_>, shed: Option<&crate::tls::Shed>) -> bool {
+        let state = self.state;
+        if self.tick_armed && !self.tick.is_elapsed() {
+            return false;
+        }
         while self.tick.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             let last = state.activity.last();
             let open = state.open_exchanges() > 0;
             if !open && now >= last + self.quiet {
+                self.tick_armed = false;
                 return true;
             }
             let quiet_spell = now >= last + PARK_AFTER;
@@ -230,15 +246,11 @@ impl<'s> Wait<'s> {
             };
             self.tick.as_mut().reset(next.max(now + Duration::from_millis(1)));
         }
+        self.tick_armed = true;
         false
     }
 
-    async fn for_bytes<IO>(
-        &mut self,
-        io: &mut Prefixed<IO>,
-        rbuf: &mut BytesMut,
-        state: &ConnState,
-    ) -> Between
+    async fn for_bytes<IO>(&mut self, io: &mut Prefixed<IO>, rbuf: &mut BytesMut) -> Between
     where
         IO: AsyncRead + Unpin,
     {
@@ -251,7 +263,7 @@ impl<'s> Wait<'s> {
             if self.poll_closing(cx) {
                 return Poll::Ready(Between::Close);
             }
-            if self.poll_tick(cx, state, None) {
+            if self.poll_tick(cx, None) {
                 return Poll::Ready(Between::Quiet);
             }
             Poll::Pending
@@ -291,7 +303,7 @@ impl<'s> Wait<'s> {
                 return Poll::Ready(None);
             }
             self.poll_closing(cx);
-            self.poll_tick(cx, c.state, c.shed);
+            self.poll_tick(cx, c.shed);
             Poll::Pending
         })
         .await
@@ -328,7 +340,7 @@ impl<'s> Wait<'s> {
                     return Poll::Ready(Some(Some(Err(gone()))));
                 }
                 self.poll_closing(cx);
-                self.poll_tick(cx, c.state, c.shed);
+                self.poll_tick(cx, c.shed);
                 Poll::Pending
             })
             .await;

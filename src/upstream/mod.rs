@@ -274,7 +274,9 @@ impl Pool {
                 return Ok(conn);
             }
             if let Some(slot) = Slot::take(&host, key.proto, self.config.max_connecting) {
-                return self.connect(key, deadline, slot, upgrade).await;
+                // Boxed: dialling is the rare way out, and its future would otherwise be most
+                // of every checkout's, copied along with each request's exchange.
+                return Box::pin(self.connect(key, deadline, slot, upgrade)).await;
             }
             if tokio::time::timeout_at(deadline, available).await.is_err() {
                 self.metrics.upstream_connect_errors.inc();
@@ -293,7 +295,7 @@ impl Pool {
     ) -> Result<Conn, ConnectError> {
         let key = Key { addr, proto };
         let slot = Slot::force(&self.host(key), proto);
-        self.connect(key, Instant::now() + self.config.connect_timeout, slot, upgrade).await
+        Box::pin(self.connect(key, Instant::now() + self.config.connect_timeout, slot, upgrade)).await
     }
 
     /// Fault injection only (`[debug] faults`): runs `f` while holding the HTTP/1.1 idle
@@ -661,14 +663,13 @@ impl Conn {
     /// connection becomes the tunnel) or for h2c (shared, nothing to give back).
     pub async fn send(
         self,
-        req: Request<UpBody>,
+        mut req: Request<UpBody>,
         upgrade: bool,
     ) -> Result<(Response<MachineBody>, Option<Lease>), SendError> {
         let Conn { sender, key, pool, .. } = self;
         let conn = match sender {
             Sender::Own(conn) if h1::fits(&req, upgrade) => {
                 let home = h1::Home { pool: pool.clone(), key };
-                let mut req = req;
                 return match h1::exchange(conn, &mut req, pool.config.max_response_head, home).await {
                     Ok(resp) => Ok((resp.map(MachineBody::Own), None)),
                     Err(f) if f.unanswered => Err(SendError::NotSent(Box::new(req), f.error.into())),
