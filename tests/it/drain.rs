@@ -314,3 +314,42 @@ async fn parked_connections_end_at_their_times_in_the_drain() {
     assert!(finished["h1"].as_u64().unwrap() >= PARKED as u64, "{finished}");
     assert_eq!(finished["cut"], false, "{finished}");
 }
+
+/// A keep-alive connection that went quiet only just before the drain (too soon to be parked)
+/// is closed at its time, not a parking delay later: tern's own HTTP/1.1 server is woken by
+/// the drain while it waits for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_quiet_for_less_than_a_second_close_at_their_times() {
+    const CONNS: usize = 4;
+    const SHORT: Duration = Duration::from_millis(200);
+    let b = Backend::start("m1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rib.db");
+    harness::apply_decl(&db, &app_decl("live", &["live.test"], &[("m1", b.addr, "started")], ""));
+    let config = dir.path().join("tern.toml");
+    let extra = format!("[shutdown]\ndrain_window = \"{}ms\"\n", SHORT.as_millis());
+    std::fs::write(&config, harness::node_config(&db, &extra) + "format = \"json\"\n").unwrap();
+    let mut tern = ServeProcess::start(&config).await;
+    let mut conns = Vec::new();
+    let mut buf = Vec::new();
+    for _ in 0..CONNS {
+        let mut tcp = tokio::net::TcpStream::connect(tern.http).await.unwrap();
+        tcp.write_all(b"GET /id HTTP/1.1\r\nhost: live.test\r\n\r\n").await.unwrap();
+        let (head, _) = read_response(&mut tcp, &mut buf).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        conns.push(tcp);
+    }
+    let start = Instant::now();
+    std::process::Command::new("kill").args(["-TERM", &tern.pid().to_string()]).status().unwrap();
+    for mut tcp in conns {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+        assert_eq!(read.expect("never closed").expect("a reset, not a close"), 0, "{rest:?}");
+    }
+    // A connection waits a second of quiet before it could be parked; one the drain did not
+    // wake would close only then.
+    let ended = start.elapsed();
+    assert!(ended < Duration::from_millis(800), "closed {ended:?} after SIGTERM, window {SHORT:?}");
+    let status = tokio::time::timeout(Duration::from_secs(20), tern.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
