@@ -90,8 +90,9 @@ pub fn open(
     let count = |result: &'static str| app.series.session(metrics, &app.name, result);
     let now = crate::clock::unix_ms();
     for name in &affinity.headers {
-        // Looked up by text first (no allocation): most requests carry no session.
-        if !headers.contains_key(name.as_str()) {
+        // Looked for among the names present first (no allocation, no hashing): most
+        // requests carry no session.
+        if !super::headers::has_named(headers, name) {
             continue;
         }
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else { continue };
@@ -184,8 +185,9 @@ impl Session {
             std::borrow::Cow::Owned(format!("{}/{}", app.name, machine.id))
         };
         for name in &affinity.headers {
-            // Looked up by text first (no allocation): most responses open no session.
-            if !headers.contains_key(name.as_str()) {
+            // Looked for among the names present first (no allocation, no hashing): most
+            // responses open no session.
+            if !super::headers::has_named(headers, name) {
                 continue;
             }
             let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else { continue };

@@ -204,11 +204,16 @@ impl Handler {
         outcome.app = Some(app.clone());
 
         let route = Route::of(&app, &mut req);
-        // tern's to set: a client's would tell the machine of a cache decision never made.
-        req.headers_mut().remove(replay::FLY_REPLAY_CACHE_STATUS);
+        // The routing, replay and cache fields a client may send are all `fly-…`; most
+        // requests have none, and are spared looking each up.
+        let fly = headers::Present::scan(req.headers()).fly();
+        if fly {
+            // tern's to set: a client's would tell the machine of a cache decision never made.
+            req.headers_mut().remove(replay::FLY_REPLAY_CACHE_STATUS);
+        }
         let uri = req.uri().clone();
-        let cache = self.cache_lookup(&app, &host, uri.path(), req.headers());
-        let mut steer = self.steering(&app, req.headers())?;
+        let cache = self.cache_lookup(&app, &host, uri.path(), req.headers(), fly);
+        let mut steer = if fly { self.steering(&app, req.headers())? } else { self.unsteered() };
         let keyring = self.router.keyring();
         let session = affinity::open(&app, &keyring, &self.router, req.headers_mut(), &self.metrics)?;
         match (&steer.pinned, &session.pinned) {
@@ -395,11 +400,21 @@ impl Handler {
     /// entry for the value its `[[apps.replay_cache]]` rule keys by, else a path entry
     /// (`fly-replay-cache`); one that allows it is passed over for a client that asks
     /// (`fly-replay-cache-control: skip`).
-    fn cache_lookup(&self, app: &AppEntry, host: &str, path: &str, headers: &http::HeaderMap) -> CacheLookup {
-        let skip = headers
-            .get(replay::FLY_REPLAY_CACHE_CONTROL)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("skip"));
+    ///
+    /// `fly` says whether the request may hold any `fly-…` field.
+    fn cache_lookup(
+        &self,
+        app: &AppEntry,
+        host: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+        fly: bool,
+    ) -> CacheLookup {
+        let skip = fly
+            && headers
+                .get(replay::FLY_REPLAY_CACHE_CONTROL)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("skip"));
         let session = session_rule(&app.spec, host, path, headers).map(|(i, v)| (i, v.into_owned()));
         let mut out = CacheLookup { session, hit: None, bypassed: false };
         if let Some((rule, value)) = &out.session
@@ -898,7 +913,7 @@ impl Handler {
     /// What steers the request within its app: the routing headers (fly-proxy's), never
     /// to a machine of another app.
     fn steering(&self, app: &AppEntry, head: &http::HeaderMap) -> Result<Steering, ProxyError> {
-        let mut steer = Steering::default();
+        let mut steer = self.unsteered();
         let text = |name: &str| {
             head.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
         };
@@ -926,8 +941,12 @@ impl Handler {
         } else if let Some(v) = text(headers::PREFER_REGION) {
             steer.regions = Regions::Prefer(regions(v));
         }
-        steer.nearest = self.router.nearest().cloned();
         Ok(steer)
+    }
+
+    /// The steering of a request without routing headers.
+    fn unsteered(&self) -> Steering {
+        Steering { nearest: self.router.nearest().cloned(), ..Steering::default() }
     }
 }
 

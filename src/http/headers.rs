@@ -5,6 +5,8 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 
+use super::replay::{FLY_REPLAY_FAILED, FLY_REPLAY_SRC};
+
 pub const TERN_ERROR: HeaderName = HeaderName::from_static("tern-error");
 /// Routing headers a client may send (fly-proxy's): they steer the machine choice within
 /// the app, never across apps.
@@ -27,7 +29,8 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Headers that describe one connection, never forwarded. (`Trailer` is not one of them: it
-/// names the trailer fields of the message, end to end.)
+/// names the trailer fields of the message, end to end.) In the order of their bits in
+/// [`Present`].
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     KEEP_ALIVE,
@@ -38,6 +41,67 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     // Only meaningful with `Upgrade: h2c`, which tern never forwards.
     HTTP2_SETTINGS,
 ];
+
+/// Which of the fields tern acts on a header map holds, found in one pass over the names it
+/// holds. Looking a name up hashes it and probes the map, and most heads hold few of the
+/// dozen names tern would look up: one look at each name present is cheaper than one
+/// lookup of each name that might be. A clear bit means the field was absent when the map
+/// was scanned; a set bit only that it was there then.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Present(u32);
+
+impl Present {
+    // Bits 0 to 6 are [`HOP_BY_HOP`]'s fields, in its order.
+    const CONNECTION: u32 = 1;
+    const TE: u32 = 1 << 3;
+    const TRANSFER_ENCODING: u32 = 1 << 4;
+    const EXPECT: u32 = 1 << 7;
+    const HOST: u32 = 1 << 8;
+    const VIA: u32 = 1 << 9;
+    const X_FORWARDED_FOR: u32 = 1 << 10;
+    const CONTENT_LENGTH: u32 = 1 << 11;
+    /// Any field named `fly-…`.
+    const FLY: u32 = 1 << 12;
+
+    pub fn scan(headers: &HeaderMap) -> Present {
+        Present(headers.keys().fold(0, |bits, name| bits | Present::bit_of(name)))
+    }
+
+    fn bit_of(name: &HeaderName) -> u32 {
+        match name.as_str() {
+            "connection" => Present::CONNECTION,
+            "keep-alive" => 1 << 1,
+            "proxy-connection" => 1 << 2,
+            "te" => Present::TE,
+            "transfer-encoding" => Present::TRANSFER_ENCODING,
+            "upgrade" => 1 << 5,
+            "http2-settings" => 1 << 6,
+            "expect" => Present::EXPECT,
+            "host" => Present::HOST,
+            "via" => Present::VIA,
+            "x-forwarded-for" => Present::X_FORWARDED_FOR,
+            "content-length" => Present::CONTENT_LENGTH,
+            n if n.starts_with("fly-") => Present::FLY,
+            _ => 0,
+        }
+    }
+
+    fn has(self, bits: u32) -> bool {
+        self.0 & bits != 0
+    }
+
+    /// Whether any `fly-…` field may be present (the routing, replay and cache headers a
+    /// client may send all are).
+    pub fn fly(self) -> bool {
+        self.has(Present::FLY)
+    }
+}
+
+/// Whether `headers` holds a field named `name`, in any case: a pass over the names present,
+/// for a name that is not a constant (a lookup by text lower-cases and hashes it first).
+pub fn has_named(headers: &HeaderMap, name: &str) -> bool {
+    headers.keys().any(|k| k.as_str().eq_ignore_ascii_case(name))
+}
 
 /// What tern knows about the client side of an exchange.
 pub struct ClientSide<'a> {
@@ -98,25 +162,29 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Removes hop-by-hop headers and those the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes hop-by-hop headers and those the `Connection` header names; `present` is the
+/// map's [`Present`].
+fn strip_hop_by_hop(headers: &mut HeaderMap, present: Present) {
     // Mostly `keep-alive` or `close`: nothing beyond the fields always removed, and nothing
     // to collect (a name that is not a standard one costs an allocation).
-    let others = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii)
-        .any(|t| {
-            !t.is_empty()
-                && !t.eq_ignore_ascii_case(b"close")
-                && !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
-        });
+    let others = present.has(Present::CONNECTION)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .any(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"close")
+                    && !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
+            });
     if others {
         strip_named(headers);
     }
-    for n in &HOP_BY_HOP {
-        headers.remove(n);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present.has(1 << i) {
+            headers.remove(n);
+        }
     }
 }
 
@@ -151,19 +219,22 @@ pub fn prepare_request(
     to_h2: bool,
 ) {
     let upgrade_value = upgrade.and_then(|u| HeaderValue::from_str(u).ok());
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
-    strip_hop_by_hop(headers);
+    // Stripping removes only hop-by-hop fields and what `Connection` names (never `Host`):
+    // a bit clear here still means absent below.
+    let present = Present::scan(headers);
+    let te_trailers = present.has(Present::TE)
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+        });
+    strip_hop_by_hop(headers, present);
     // Only tern says where a replay came from, or that a preferred machine was missed (an
     // edge that handed the request over already did).
-    if !side.relayed {
-        for name in ["fly-replay-src", "fly-replay-failed", "fly-preferred-instance-unavailable"] {
+    if !side.relayed && present.fly() {
+        for name in [FLY_REPLAY_SRC, FLY_REPLAY_FAILED, PREFERRED_UNAVAILABLE] {
             headers.remove(name);
         }
     }
-    if !expect {
+    if !expect && present.has(Present::EXPECT) {
         headers.remove(header::EXPECT);
     }
     if let Some(u) = upgrade_value {
@@ -175,7 +246,7 @@ pub fn prepare_request(
         // require it); it is also the one TE value HTTP/2 allows.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    if !headers.contains_key(header::HOST) && !to_h2 {
+    if !present.has(Present::HOST) && !to_h2 {
         if let Ok(v) = HeaderValue::from_str(host) {
             headers.insert(header::HOST, v);
         }
@@ -187,7 +258,7 @@ pub fn prepare_request(
     // The values are made once (per connection, per node, per request) and shared here: a
     // clone is a reference count, not a copy.
     let ip = side.client_ip.to_str().unwrap_or_default();
-    match joined(headers, &X_FORWARDED_FOR) {
+    match present.has(Present::X_FORWARDED_FOR).then(|| joined(headers, &X_FORWARDED_FOR)).flatten() {
         Some(prior) => set(headers, X_FORWARDED_FOR, &format!("{prior}, {ip}")),
         None => {
             headers.insert(X_FORWARDED_FOR, side.client_ip.clone());
@@ -200,7 +271,7 @@ pub fn prepare_request(
     headers.insert(FLY_FORWARDED_PORT, side.local_port.clone());
     headers.insert(FLY_REGION, side.region.clone());
     headers.insert(FLY_REQUEST_ID, side.request_id.clone());
-    append_via(headers, via_value(side.version));
+    append_via(headers, via_value(side.version), present);
 }
 
 /// Prepares a machine's response headers for the client. Returns true when the machine
@@ -225,25 +296,25 @@ pub fn prepare_response_via(
     upgraded: bool,
 ) -> bool {
     let upgrade_value = if upgraded { headers.get(header::UPGRADE).cloned() } else { None };
-    let both_framings =
-        headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH);
+    let present = Present::scan(headers);
+    let both_framings = present.has(Present::TRANSFER_ENCODING) && present.has(Present::CONTENT_LENGTH);
     if both_framings {
         headers.remove(header::CONTENT_LENGTH);
     }
-    strip_hop_by_hop(headers);
+    strip_hop_by_hop(headers, present);
     if let Some(u) = upgrade_value {
         headers.insert(header::UPGRADE, u);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     if let Some(via) = via {
-        append_via(headers, via);
+        append_via(headers, via, present);
     }
     headers.insert(FLY_REQUEST_ID, request_id.clone());
     both_framings
 }
 
-fn append_via(headers: &mut HeaderMap, ours: &'static str) {
-    match joined(headers, &header::VIA) {
+fn append_via(headers: &mut HeaderMap, ours: &'static str, present: Present) {
+    match present.has(Present::VIA).then(|| joined(headers, &header::VIA)).flatten() {
         Some(prior) => set(headers, header::VIA, &format!("{prior}, {ours}")),
         None => {
             headers.insert(header::VIA, HeaderValue::from_static(ours));
@@ -383,5 +454,38 @@ mod tests {
         h.insert("transfer-encoding", "chunked".parse().unwrap());
         assert!(prepare_response(&mut h, Version::HTTP_11, leak("id-ams"), false), "framed two ways");
         assert!(!h.contains_key("content-length") && !h.contains_key("transfer-encoding"));
+    }
+
+    #[test]
+    fn a_scan_finds_each_field_tern_acts_on_and_only_those() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(Present::bit_of(name), 1 << i, "{name} is bit {i}, in HOP_BY_HOP's order");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("accept", "*/*".parse().unwrap());
+        h.insert("x-forwarded-host", "a.test".parse().unwrap());
+        assert_eq!(Present::scan(&h), Present::default());
+        assert!(!Present::scan(&h).fly());
+        h.insert("Fly-Prefer-Region", "ams".parse().unwrap());
+        assert!(Present::scan(&h).fly());
+        assert!(has_named(&h, "FLY-prefer-region") && !has_named(&h, "fly-prefer"));
+    }
+
+    #[test]
+    fn fields_a_client_may_not_send_go_only_when_present() {
+        // Each removal is skipped when the scan saw no such field; with one, it still goes.
+        let mut h = HeaderMap::new();
+        h.insert("host", "a.test".parse().unwrap());
+        h.insert("fly-replay-src", "instance=m1".parse().unwrap());
+        h.insert("fly-preferred-instance-unavailable", "m2".parse().unwrap());
+        h.insert("expect", "100-continue".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-forwarded-for", "198.51.100.1".parse().unwrap());
+        prepare_request(&mut h, &side(false), "a.test", None, false, false);
+        for gone in ["fly-replay-src", "fly-preferred-instance-unavailable", "expect", "keep-alive"] {
+            assert!(!h.contains_key(gone), "{gone} is removed");
+        }
+        assert_eq!(h["x-forwarded-for"], "198.51.100.1, 203.0.113.7");
+        assert_eq!(h.get_all("host").iter().count(), 1);
     }
 }
