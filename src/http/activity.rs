@@ -26,8 +26,14 @@ pub struct Activity {
 
 impl Activity {
     pub fn new() -> Self {
+        Self::since(Instant::now())
+    }
+
+    /// Activity whose first movement was at `base` (an instant already read: a clock read
+    /// fewer).
+    pub fn since(base: Instant) -> Self {
         Activity {
-            base: Instant::now(),
+            base,
             last_ms: AtomicU64::new(0),
             exchange_ms: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),

@@ -88,7 +88,9 @@ pub fn open(
         return Ok(session);
     }
     let count = |result: &'static str| app.series.session(metrics, &app.name, result);
-    let now = crate::clock::unix_ms();
+    // Read once, and only for a token to open: most requests carry none.
+    let mut now = None;
+    let mut now = || *now.get_or_insert_with(crate::clock::unix_ms);
     for name in &affinity.headers {
         // Looked for among the names present first (no allocation, no hashing): most
         // requests carry no session.
@@ -105,7 +107,7 @@ pub fn open(
             return Err(invalid(format!("two {name} headers")));
         }
         let opened = keyring
-            .open_as(&app.name, name.as_str(), token.as_bytes(), now)
+            .open_as(&app.name, name.as_str(), token.as_bytes(), now())
             .map_err(|e| invalid(e.to_string()))?;
         let value =
             HeaderValue::from_bytes(&opened.value).map_err(|_| invalid("not a header value".into()))?;
@@ -134,7 +136,7 @@ pub fn open(
     }
     if let Some(cookie) = &affinity.cookie {
         let opened =
-            cookie_value(headers, cookie).map(|v| keyring.open_as(&app.name, COOKIE, v.as_bytes(), now));
+            cookie_value(headers, cookie).map(|v| keyring.open_as(&app.name, COOKIE, v.as_bytes(), now()));
         match opened {
             Some(Ok(opened)) => match find(router, app, &opened.machine) {
                 Found::Machine(m, other) => {

@@ -231,7 +231,8 @@ impl Handler {
             (Some(_), _) => {}
         }
         let client_version = req.version();
-        let activity = Arc::new(Activity::new());
+        // Its bytes began to move when the request arrived.
+        let activity = Arc::new(Activity::since(arrived));
         let up = Upstream {
             id,
             raw_host,

@@ -107,7 +107,6 @@ impl Router {
         } else {
             decide::decide(app, steer)
         };
-        let began = Instant::now();
         match decision {
             Decision::Go(routed) => {
                 if routed.pick.over_soft && may_wake {
@@ -115,11 +114,18 @@ impl Router {
                 }
                 Ok(routed)
             }
-            Decision::WaitFor(m, why) => match wakes.wait_for(app, &m, deadline, may_wake).await {
-                Ok(pick) => Ok(Routed { pick, why, waited: Some(began.elapsed()), preferred_missed: None }),
-                Err(e) => Err(Refusal::Wait(e, Some(m.id.clone()), began.elapsed())),
-            },
+            // Only a wait is timed (a clock read): a request routed at once waited for nothing.
+            Decision::WaitFor(m, why) => {
+                let began = Instant::now();
+                match wakes.wait_for(app, &m, deadline, may_wake).await {
+                    Ok(pick) => {
+                        Ok(Routed { pick, why, waited: Some(began.elapsed()), preferred_missed: None })
+                    }
+                    Err(e) => Err(Refusal::Wait(e, Some(m.id.clone()), began.elapsed())),
+                }
+            }
             Decision::WaitAny { preferred_missed } => {
+                let began = Instant::now();
                 match wakes.wait_any(app, steer.eligible(), deadline, may_wake).await {
                     Ok(pick) => {
                         let why = match (&steer.regions, steer.why) {
