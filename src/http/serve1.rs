@@ -1,7 +1,8 @@
 //! tern's own HTTP/1.1 server for the requests most traffic is made of: a head complete in
 //! what has been read, `GET`, `HEAD` or `OPTIONS`, HTTP/1.1, and nothing that bears on how
 //! the connection is framed or kept (no `Content-Length`, `Transfer-Encoding`, `Upgrade`,
-//! `Expect`, `Connection` or `TE`). Such a request has no body, so its head is the whole of
+//! `Expect` or `TE`, and a `Connection` that says only `keep-alive` or `close`, as browsers'
+//! and most libraries' requests do). Such a request has no body, so its head is the whole of
 //! it: it is parsed in place (httparse) into a header map that goes round (client request →
 //! machine request → machine response → client response → the next request), handed to the
 //! [`Handler`] in a reused box, and its response written with its first body bytes in one
@@ -86,7 +87,7 @@ where
     let mut running = None;
     let mut wait = Wait::new(cx.state, cx.quiet);
     loop {
-        let req = loop {
+        let (req, client_closes) = loop {
             if rbuf.is_empty() {
                 match wait.for_bytes(io, &mut rbuf).await {
                     Between::Bytes => {}
@@ -96,7 +97,7 @@ where
                 }
             }
             match take_request(&mut rbuf, &mut spare, cx.handler.max_header_bytes) {
-                Ok(req) => break req,
+                Ok(taken) => break taken,
                 // The rest of the head may be on its way: take what has come, without waiting.
                 Err(Decline::Partial) if rbuf.len() < cx.handler.max_header_bytes => {
                     if read_now(io, &mut rbuf).await {
@@ -121,6 +122,10 @@ where
             return Turn::Closed;
         };
         let (mut parts, body) = resp.into_parts();
+        if client_closes {
+            // As hyper answers a request that asked to close: said in the response, and done.
+            close_after(&mut parts.headers);
+        }
         wbuf.clear();
         let Some(framing) = encode_head(&mut wbuf, &method, &mut parts, &body) else {
             return Turn::Closed;
@@ -452,12 +457,13 @@ enum Decline {
     NotOurs,
 }
 
-/// The request whose head starts `rbuf`, taken off it, when it is the plain kind.
+/// The request whose head starts `rbuf`, taken off it, when it is the plain kind; and whether
+/// the client asked to close the connection after it (`Connection: close`).
 fn take_request(
     rbuf: &mut BytesMut,
     spare: &mut Option<HeaderMap>,
     max_head: usize,
-) -> Result<Request<RequestBody>, Decline> {
+) -> Result<(Request<RequestBody>, bool), Decline> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut fields);
     let len = match parsed.parse(rbuf) {
@@ -478,12 +484,25 @@ fn take_request(
     if !path.starts_with('/') {
         return Err(Decline::NotOurs);
     }
+    let mut closes = false;
     for field in parsed.headers.iter() {
         let name = field.name.as_bytes();
-        let framing =
-            [&b"content-length"[..], b"transfer-encoding", b"upgrade", b"expect", b"connection", b"te"]
-                .iter()
-                .any(|n| name.eq_ignore_ascii_case(n));
+        // `Connection: keep-alive` (browsers send it) changes nothing on HTTP/1.1, and
+        // `close` asks for the connection to end after the response: both are served here.
+        // Any other token names a field to drop or asks for an upgrade: hyper's.
+        if name.eq_ignore_ascii_case(b"connection") {
+            for token in field.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    closes = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    return Err(Decline::NotOurs);
+                }
+            }
+            continue;
+        }
+        let framing = [&b"content-length"[..], b"transfer-encoding", b"upgrade", b"expect", b"te"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n));
         if framing {
             return Err(Decline::NotOurs);
         }
@@ -522,7 +541,22 @@ fn take_request(
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
-    Ok(req)
+    Ok((req, closes))
+}
+
+/// Marks a response as the connection's last, as hyper's server does for a client that asked
+/// to close: `close` added to its `Connection` values unless one says it already.
+fn close_after(headers: &mut HeaderMap) {
+    match headers.entry(header::CONNECTION) {
+        header::Entry::Occupied(mut entry) => {
+            if !entry.iter().any(|v| has_token(v, "close")) {
+                entry.append(HeaderValue::from_static("close"));
+            }
+        }
+        header::Entry::Vacant(entry) => {
+            entry.insert(HeaderValue::from_static("close"));
+        }
+    }
 }
 
 /// How a response's body goes on the wire, as hyper's server would send it.

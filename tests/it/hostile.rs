@@ -1160,6 +1160,39 @@ async fn one_write_of_mixed_requests_is_answered_in_order_on_one_connection() {
     assert_eq!(read_response(&mut tcp, &mut buf).await.body, b"m1");
 }
 
+/// Browsers send `Connection: keep-alive` and many libraries `Connection: close`, with
+/// requests tern's own server takes. The first keeps the connection; the second is answered
+/// with `connection: close` and ends it there: a request written after it goes unanswered.
+/// The machine never sees the client's `Connection`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_keep_alive_keeps_the_connection_and_close_ends_it_after_its_answer() {
+    let b = Backend::start("m1").await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", b.addr, "started")], "")).await;
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(
+        b"GET /echo HTTP/1.1\r\nHost: app.test\r\nConnection: keep-alive\r\n\r\n\
+          GET /id HTTP/1.1\r\nHost: app.test\r\nConnection: keep-alive\r\n\r\n\
+          GET /echo HTTP/1.1\r\nHost: app.test\r\nConnection: Close\r\n\r\n\
+          GET /id HTTP/1.1\r\nHost: app.test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let echo = read_response(&mut tcp, &mut buf).await;
+    assert_eq!((echo.status(), echo.header("connection")), (200, None), "{echo:?}");
+    let v: serde_json::Value = serde_json::from_slice(&echo.body).unwrap();
+    assert!(v["headers"].get("connection").is_none(), "the machine got {v}");
+    let id = read_response(&mut tcp, &mut buf).await;
+    assert_eq!((id.status(), id.body.as_slice()), (200, b"m1".as_slice()), "{id:?}");
+    let last = read_response(&mut tcp, &mut buf).await;
+    assert_eq!((last.status(), last.header("connection")), (200, Some("close")), "{last:?}");
+    let v: serde_json::Value = serde_json::from_slice(&last.body).unwrap();
+    assert!(v["headers"].get("connection").is_none(), "the machine got {v}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(LIMIT, tcp.read_to_end(&mut rest)).await.expect("closed in time").unwrap();
+    assert!(buf.is_empty() && rest.is_empty(), "after close: {:?}", String::from_utf8_lossy(&rest));
+}
+
 /// A client that leaves while its plain GET's event stream is open ends the exchange: the
 /// machine is idle again, as when hyper served it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,12 +17,17 @@ fn undated(head: &[u8]) -> String {
 
 /// The head hyper's HTTP/1.1 server writes for `make()`'s response to a `method` request.
 async fn hyper_head(method: &str, make: fn() -> Response<ProxyBody>) -> String {
+    hyper_head_asked(method, "", make).await
+}
+
+/// [`hyper_head`] for a request whose head also holds the field lines `extra`.
+async fn hyper_head_asked(method: &str, extra: &str, make: fn() -> Response<ProxyBody>) -> String {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let svc = service_fn(move |_req| async move { Ok::<_, std::convert::Infallible>(make()) });
     let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(server), svc);
     let serving = tokio::spawn(conn);
     let mut client = client;
-    client.write_all(format!("{method} / HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    client.write_all(format!("{method} / HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes()).await.unwrap();
     let mut got = Vec::new();
     let mut byte = [0u8; 1];
     while !got.ends_with(b"\r\n\r\n") {
@@ -113,9 +118,72 @@ fn the_framing_says_when_the_connection_ends() {
 }
 
 fn take(bytes: &[u8]) -> (Result<Request<RequestBody>, Decline>, BytesMut) {
+    let (r, rbuf) = take_asked(bytes);
+    (r.map(|(req, _)| req), rbuf)
+}
+
+/// [`take`], with whether the client asked to close after the request.
+fn take_asked(bytes: &[u8]) -> (Result<(Request<RequestBody>, bool), Decline>, BytesMut) {
     let mut rbuf = BytesMut::from(bytes);
     let r = take_request(&mut rbuf, &mut None, 64 * 1024);
     (r, rbuf)
+}
+
+/// Browsers send `Connection: keep-alive`, and many clients `Connection: close`: both are
+/// served here, and only the second ends the connection. A `Connection` that names anything
+/// else (a field to drop, an upgrade) is hyper's.
+#[test]
+fn keep_alive_and_close_are_taken_and_any_other_connection_token_is_not() {
+    for (head, closes) in [
+        (&b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n"[..], false),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive\r\n\r\n", false),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nconnection: close\r\n\r\n", true),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, CLOSE\r\n\r\n", true),
+        (b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nHost: a\r\nConnection: close\r\n\r\n", true),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection:\r\n\r\n", false),
+    ] {
+        let (r, rest) = take_asked(head);
+        let (req, asked) =
+            r.unwrap_or_else(|e| panic!("{:?} not taken: {e:?}", String::from_utf8_lossy(head)));
+        assert_eq!(asked, closes, "{:?}", String::from_utf8_lossy(head));
+        assert!(rest.is_empty());
+        assert_eq!(req.headers()["host"], "a");
+    }
+    for head in [
+        &b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-secret\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nConnection: upgrade\r\n\r\n",
+    ] {
+        let (r, rest) = take_asked(head);
+        assert!(r.is_err(), "{:?} was taken", String::from_utf8_lossy(head));
+        assert_eq!(&rest[..], head, "left whole");
+    }
+}
+
+/// The answer to a request that asked to close is hyper's, byte for byte: `close` said in
+/// its `Connection` (added, or joined to what the response had), and the connection ends.
+/// One that said `keep-alive` is answered as one that said nothing.
+#[tokio::test]
+async fn a_request_that_asks_to_close_is_answered_as_hyper_answers_it() {
+    let cases: Vec<fn() -> Response<ProxyBody>> = vec![
+        || with(200, &[], ProxyBody::full(Bytes::from_static(b"hello"))),
+        || with(404, &[("content-type", "text/plain")], ProxyBody::empty()),
+        || with(200, &[("connection", "close")], ProxyBody::full(Bytes::from_static(b"bye"))),
+        || with(200, &[("connection", "x-one")], ProxyBody::full(Bytes::from_static(b"x"))),
+    ];
+    for (i, make) in cases.into_iter().enumerate() {
+        for method in [Method::GET, Method::HEAD] {
+            let theirs = hyper_head_asked(method.as_str(), "Connection: close\r\n", make).await;
+            let (mut parts, body) = make().into_parts();
+            close_after(&mut parts.headers);
+            let mut w = Vec::new();
+            let framing = encode_head(&mut w, &method, &mut parts, &body).expect("sendable");
+            assert_eq!(undated(&w), theirs, "case {i}, {method}");
+            assert!(framing.last, "case {i}, {method}: the connection ends after it");
+
+            let theirs = hyper_head_asked(method.as_str(), "Connection: keep-alive\r\n", make).await;
+            assert_eq!(own_head(&method, make).0, theirs, "case {i}, {method}, keep-alive");
+        }
+    }
 }
 
 /// A plain GET is taken off the buffer, head and nothing more; what follows it (a pipelined
@@ -147,7 +215,7 @@ fn every_other_head_is_left_whole_for_hyper() {
         b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: a\r\nconnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nconnection: close, x-drop-me\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n",
         b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
