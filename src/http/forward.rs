@@ -638,7 +638,7 @@ impl Handler {
         if headers::prepare_response_via(
             &mut parts.headers,
             via.then(|| headers::via_value(client_version)),
-            id.header(),
+            &headers::response_request_id(id.header(), client_version),
             false,
         ) {
             // Framed two ways: read by its chunks, and never trusted with another request.
