@@ -84,11 +84,12 @@ impl Default for Activity {
 /// Resolves once nothing has moved for `timeout`.
 pub async fn silent_for(activity: &Activity, timeout: Duration) {
     loop {
-        let deadline = activity.last() + timeout;
-        if deadline <= Instant::now() {
+        // Set without a look at the clock (a deadline already past fires at the first poll):
+        // most waits end another way, and the clock is read only when the timer fires.
+        tokio::time::sleep_until(activity.last() + timeout).await;
+        if activity.last() + timeout <= Instant::now() {
             return;
         }
-        tokio::time::sleep_until(deadline).await;
     }
 }
 
