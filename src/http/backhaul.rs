@@ -224,7 +224,7 @@ impl Handler {
         let (up_req, body_state) =
             upstream_request(req, conn, up, &activity, route.gate.as_ref(), app.spec.replay_buffer)?;
         let idle = app.spec.idle_timeout;
-        let sent = self.send(upstream, up_req, &pick.machine, proto, upgrade, &activity, idle).await;
+        let sent = self.send(upstream, up_req, &pick.machine, proto, upgrade, &activity, idle, None).await;
         let (resp, lease) = self.received(sent, &body_state, &pick.machine)?;
         body_state.stop_keeping();
         let gate = route.gate.clone();

@@ -242,11 +242,15 @@ impl Handler {
         };
         let (up_req, body_state) =
             upstream_request(req, conn, up, &activity, route.gate.as_ref(), app.spec.replay_buffer)?;
+        // The request as a replay sends it again. Its fields are the first hop's as sent,
+        // kept by the send (tern's own exchange hands them back when done: no copy), or
+        // copied before anything is added for that hop alone; until then `head_kept` is false.
         let mut head = replay::Head {
             method: up_req.method().clone(),
             path: up_req.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
-            headers: up_req.headers().clone(),
+            headers: http::HeaderMap::new(),
         };
+        let mut head_kept = false;
         let idle = app.spec.idle_timeout;
         let upgrade = route.upgrade.is_some();
         let mut gate = route.gate.clone();
@@ -296,6 +300,11 @@ impl Handler {
                 (Err(e), _) if uncached.is_some() => {
                     tracing::info!(target: "tern::http", request_id = %id, app = %app.name, error = %e,
                         "cached fly-replay target unreachable; dropping the entry");
+                    if !head_kept {
+                        // The next try is made from the head: this request goes unsent.
+                        head.headers = up_req.headers().clone();
+                        head_kept = true;
+                    }
                     if let Some(hit) = &cache.hit {
                         self.forget_cached(&first_app, &host, &hit.key);
                     }
@@ -322,18 +331,29 @@ impl Handler {
             outcome.machine = Some(machine.id.clone());
             outcome.why = why;
             app.series.routed(&self.metrics, &app.name, why.as_str());
+            let remote = super::backhaul::dial(self, &machine).1;
+            if !head_kept && (remote || preferred_missed.is_some()) {
+                // Fields for this hop alone are added below: the head is copied without them.
+                head.headers = up_req.headers().clone();
+                head_kept = true;
+            }
             if let Some(id) = preferred_missed
                 && let Ok(v) = HeaderValue::from_str(&id)
             {
                 up_req.headers_mut().insert(headers::PREFERRED_UNAVAILABLE, v);
             }
-            let remote = super::backhaul::dial(self, &machine).1;
             let proto = if remote {
                 super::backhaul::hand_over(self, &mut up_req, &app, &machine, id, raw_host, upgrade)?
             } else {
                 proto
             };
-            let sent = self.send(upstream, up_req, &machine, proto, upgrade, &activity, idle).await;
+            let mut kept = None;
+            let keep = (!head_kept).then_some(&mut kept);
+            let sent = self.send(upstream, up_req, &machine, proto, upgrade, &activity, idle, keep).await;
+            if let Some(fields) = kept {
+                head.headers = fields;
+                head_kept = true;
+            }
             let (resp, lease) = self.received(sent, &body_state, &machine)?;
             if remote
                 && super::backhaul::turned_away(&resp)
@@ -384,6 +404,8 @@ impl Handler {
             replaying = Some((machine, origin_app, d));
         };
         body_state.stop_keeping();
+        // No replay can come now: the head's map reads the next response heads.
+        crate::upstream::give_back_fields(std::mem::take(&mut head.headers));
         if gate.as_ref().is_some_and(|g| g.abandon_if_waiting()) {
             // The machine answered without wanting the body: the connection is mid-request.
             lease = None;
@@ -864,6 +886,8 @@ impl Handler {
     /// Sends the request and waits for the response head, for at most the app's
     /// idle_timeout of silence (an upload in progress is not silence). A pooled connection
     /// that died while idle hands the request back, and it goes out once more on a new one.
+    /// With `keep`, the request's fields as sent are left there (see
+    /// [`crate::upstream::Conn::send_keeping`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn send(
         &self,
@@ -874,6 +898,7 @@ impl Handler {
         upgrade: bool,
         activity: &Activity,
         idle: Duration,
+        mut keep: Option<&mut Option<http::HeaderMap>>,
     ) -> Result<(Response<MachineBody>, Option<Lease>), ProxyError> {
         let timeout = || ProxyError::UpstreamTimeout { machine: machine.id.clone(), timeout: idle };
         let failed = |e: UpError| {
@@ -889,7 +914,7 @@ impl Handler {
         };
         let reused = conn.reused();
         let first = tokio::select! {
-            r = conn.send(req, upgrade) => r,
+            r = conn.send_keeping(req, upgrade, keep.as_deref_mut()) => r,
             () = silent_for(activity, idle) => return Err(timeout()),
         };
         let req = match first {
@@ -904,7 +929,7 @@ impl Handler {
             ProxyError::UpstreamConnect { machine: machine.id.clone(), addr: machine.addr, source: e.source }
         })?;
         tokio::select! {
-            r = fresh.send(*req, upgrade) => r.map_err(|(SendError::NotSent(_, e) | SendError::Failed(e))| failed(e)),
+            r = fresh.send_keeping(*req, upgrade, keep) => r.map_err(|(SendError::NotSent(_, e) | SendError::Failed(e))| failed(e)),
             () = silent_for(activity, idle) => Err(timeout()),
         }
     }

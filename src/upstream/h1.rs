@@ -38,6 +38,37 @@ const MAX_CHUNK_LINE: usize = 4096;
 /// Most bytes of trailer fields after a chunked body.
 const MAX_TRAILERS: usize = 16 * 1024;
 
+thread_local! {
+    /// Header maps done with (a request's fields once its answer is served), kept for the
+    /// response heads read next on this thread: about one per exchange in flight, so a busy
+    /// worker reads most responses into a map it already has.
+    static SPARE_FIELDS: std::cell::RefCell<Vec<HeaderMap>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Most maps kept per thread, and the most fields one may have room for to be kept (a map
+/// grown by an unusual head is let go).
+const SPARE_MAPS: usize = 32;
+const SPARE_UP_TO: usize = 64;
+
+/// A header map for a response head: a spare one, emptied, or a new one.
+fn spare_fields() -> HeaderMap {
+    SPARE_FIELDS.with_borrow_mut(Vec::pop).unwrap_or_default()
+}
+
+/// Gives a header map that is done with back, emptied, for the next response heads read on
+/// this thread.
+pub fn give_back_fields(mut map: HeaderMap) {
+    if map.capacity() > SPARE_UP_TO {
+        return;
+    }
+    map.clear();
+    SPARE_FIELDS.with_borrow_mut(|spare| {
+        if spare.len() < SPARE_MAPS {
+            spare.push(map);
+        }
+    });
+}
+
 /// Whether tern's own exchange carries the request: one without a body, of a method that
 /// may be sent again when a pooled connection turns out dead under it, not upgrading.
 pub fn fits<B: http_body::Body>(req: &Request<B>, upgrade: bool) -> bool {
@@ -111,6 +142,8 @@ impl Conn {
 /// sent again ([`Failure::unanswered`]).
 pub(super) async fn exchange<B>(
     conn: Conn,
+    // Only read, but held across awaits: `&mut` keeps the future `Send` for a body that is
+    // not `Sync`.
     req: &mut Request<B>,
     max_head: usize,
     home: Home,
@@ -198,7 +231,7 @@ enum Framing {
 /// The response head at the start of `buf`, taken off it, once it is all there (`None`
 /// until then); its fields go into `req`'s header map, emptied. Informational responses
 /// (other than 101) are read past, as hyper's client does.
-fn parse_head<B>(buf: &mut BytesMut, req: &mut Request<B>, head_room: usize) -> Result<Option<Head>, Error> {
+fn parse_head<B>(buf: &mut BytesMut, req: &Request<B>, head_room: usize) -> Result<Option<Head>, Error> {
     loop {
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut fields);
@@ -232,8 +265,8 @@ fn parse_head<B>(buf: &mut BytesMut, req: &mut Request<B>, head_room: usize) -> 
             *span = (at(field.name.as_bytes()), at(field.value));
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = std::mem::take(req.headers_mut());
-        headers.clear();
+        let mut headers = spare_fields();
+        headers.reserve(fields);
         for ((name, n), (value, v)) in spans.into_iter().take(fields) {
             let name = HeaderName::from_bytes(&head[name..name + n])
                 .map_err(|_| Error::Parse(httparse::Error::HeaderName))?;

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -52,6 +52,8 @@ use crate::telemetry::Metrics;
 use crate::watchdog::lock::Mutex;
 
 mod h1;
+
+pub use h1::give_back_fields;
 
 /// The body type sent to machines.
 pub type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -663,15 +665,37 @@ impl Conn {
     /// connection becomes the tunnel) or for h2c (shared, nothing to give back).
     pub async fn send(
         self,
-        mut req: Request<UpBody>,
+        req: Request<UpBody>,
         upgrade: bool,
     ) -> Result<(Response<MachineBody>, Option<Lease>), SendError> {
+        self.send_keeping(req, upgrade, None).await
+    }
+
+    /// [`Self::send`], which also leaves the request's header fields, as sent, in `keep`:
+    /// handed back by tern's own exchange, which is done with them once they are written,
+    /// or copied before the request goes to hyper, which keeps it. What a request is sent
+    /// again from (a `fly-replay`), without a copy for most requests.
+    pub async fn send_keeping(
+        self,
+        mut req: Request<UpBody>,
+        upgrade: bool,
+        mut keep: Option<&mut Option<HeaderMap>>,
+    ) -> Result<(Response<MachineBody>, Option<Lease>), SendError> {
         let Conn { sender, key, pool, .. } = self;
+        let own = matches!(sender, Sender::Own(_)) && h1::fits(&req, upgrade);
+        if !own && let Some(keep) = keep.as_deref_mut() {
+            *keep = Some(req.headers().clone());
+        }
         let conn = match sender {
-            Sender::Own(conn) if h1::fits(&req, upgrade) => {
+            Sender::Own(conn) if own => {
                 let home = h1::Home { pool: pool.clone(), key };
                 return match h1::exchange(conn, &mut req, pool.config.max_response_head, home).await {
-                    Ok(resp) => Ok((resp.map(MachineBody::Own), None)),
+                    Ok(resp) => {
+                        if let Some(keep) = keep {
+                            *keep = Some(std::mem::take(req.headers_mut()));
+                        }
+                        Ok((resp.map(MachineBody::Own), None))
+                    }
                     Err(f) if f.unanswered => Err(SendError::NotSent(Box::new(req), f.error.into())),
                     Err(f) => Err(SendError::Failed(f.error.into())),
                 };

@@ -118,6 +118,52 @@ async fn replays_chain_up_to_ten_then_stop() {
     assert_eq!(seen, 11, "the first request and ten replays");
 }
 
+/// A plain GET goes to its machine through tern's own exchange, which hands the request's
+/// fields back once it has written them: they are what a replay sends again. The target sees
+/// the client's own fields and the forwarding headers with the replay's source, and not a
+/// field that was the first hop's alone (the machine the client preferred and missed).
+#[tokio::test]
+async fn a_plain_get_replays_with_the_fields_it_was_first_sent_with() {
+    let same = Backend::start("s1").await;
+    let s = setup(&["ams", "ams", "ams"], "", &other_app("same", "o", "s1", same.addr)).await;
+    let get = |query: String, headers: &'static [(&'static str, &'static str)]| {
+        let mut req = s.client.get(s.proxy.url("app.test", &format!("/echo?{query}")));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200, "{}", code(&r));
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    for _ in 0..3 {
+        let headers = &[("fly-force-instance-id", "m1"), ("x-kept", "yes")];
+        let echo = get(format!("only=m1&replay={}", enc("instance=m3")), headers).await;
+        assert_eq!((echo["machine"].as_str(), echo["method"].as_str()), (Some("m3"), Some("GET")), "{echo}");
+        let h = &echo["headers"];
+        assert_eq!(h["x-kept"][0], "yes", "{echo}");
+        assert_eq!(h["x-forwarded-for"][0], "127.0.0.1", "{echo}");
+        assert!(h["fly-replay-src"][0].as_str().unwrap().contains("instance=m1"), "{echo}");
+        assert_eq!(h["fly-request-id"].as_array().map(Vec::len), Some(1), "{echo}");
+    }
+    // The only machine of `app` answers first and replays to another app's; the client
+    // preferred a machine that does not exist, which the first hop's machine heard.
+    let one = setup(&["ams"], "", &other_app("same", "o", "s1", same.addr)).await;
+    let r = one
+        .client
+        .get(one.proxy.url("app.test", &format!("/echo?only=m1&replay={}", enc("app=same"))))
+        .header("fly-prefer-instance-id", "ghost")
+        .header("x-kept", "yes")
+        .send()
+        .await
+        .unwrap();
+    let echo: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(echo["machine"], "s1", "{echo}");
+    assert_eq!(echo["headers"]["x-kept"][0], "yes", "{echo}");
+    assert!(echo["headers"].get("fly-preferred-instance-unavailable").is_none(), "{echo}");
+}
+
 #[tokio::test]
 async fn replay_to_another_app_only_within_the_org() {
     let same = Backend::start("s1").await;
@@ -345,11 +391,14 @@ async fn a_cached_target_that_cannot_be_reached_is_forgotten() {
     let q = format!("only=m1&replay={}&{}", enc("instance=dead"), cache_for_echo(false));
     let r = s.post(&q, "").await;
     assert_eq!((r.status().as_u16(), code(&r)), (502, "upstream_connect".into()));
-    // The entry sends it to the dead machine, which fails: routed as if there were none.
+    // The entry sends it to the dead machine, which fails: routed as if there were none,
+    // the request as the client sent it.
     for _ in 0..2 {
-        let echo = s.echo("", &[]).await;
+        let echo = s.echo("", &[("x-kept", "yes")]).await;
         assert_eq!((echo["machine"].as_str(), cache_status(&echo)), (Some("m1"), None));
         assert!(echo["headers"].get("fly-replay-src").is_none());
+        assert_eq!(echo["headers"]["x-kept"][0], "yes", "{echo}");
+        assert_eq!(echo["headers"]["x-forwarded-for"][0], "127.0.0.1", "{echo}");
     }
     let m = s.proxy.metrics().await;
     assert_eq!(metric(&m, "tern_replays_total{app=\"app\",how=\"cache\"}"), 1.0, "forgotten after one try");
