@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::catalog::InFlight;
@@ -248,12 +247,24 @@ impl Body for ProxyBody {
     }
 }
 
-/// A client's request body: hyper's, or none at all for a request tern's own HTTP/1.1
-/// server read (see [`super::serve1`]), which takes only requests that have none.
+/// A client's request body: hyper's, or one tern's own HTTP/1.1 server read (see
+/// [`super::serve1`]): none, or all of it, read in with its head.
 #[derive(Debug)]
 pub enum RequestBody {
     Hyper(Incoming),
     Empty,
+    /// All of it; `None` once read.
+    Whole(Option<Bytes>),
+}
+
+impl RequestBody {
+    /// The bytes of a body read whole with its head, before anything reads them.
+    pub fn whole(&self) -> Option<&Bytes> {
+        match self {
+            RequestBody::Whole(bytes) => bytes.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 impl Body for RequestBody {
@@ -267,6 +278,9 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Hyper(b) => Pin::new(b).poll_frame(cx),
             RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Whole(b) => {
+                Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
+            }
         }
     }
 
@@ -274,6 +288,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Hyper(b) => b.is_end_stream(),
             RequestBody::Empty => true,
+            RequestBody::Whole(b) => b.as_ref().is_none_or(Bytes::is_empty),
         }
     }
 
@@ -281,6 +296,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Hyper(b) => b.size_hint(),
             RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Whole(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }
@@ -637,7 +653,7 @@ pub fn upstream_body(
     gate: Option<Arc<ContinueGate>>,
 ) -> UpBody {
     let gate = gate.map(|gate| Gated { gate, fallback: None });
-    ClientBody { state, reader: 0, activity, gate }.boxed_unsync()
+    UpBody::stream(ClientBody { state, reader: 0, activity, gate })
 }
 
 /// The client's body from its start again, for a replay; `None` when it was too large to
@@ -649,5 +665,5 @@ pub fn replayed_body(
 ) -> Option<UpBody> {
     let reader = state.rewind()?;
     let gate = gate.map(|gate| Gated { gate, fallback: None });
-    Some(ClientBody { state: state.clone(), reader, activity, gate }.boxed_unsync())
+    Some(UpBody::stream(ClientBody { state: state.clone(), reader, activity, gate }))
 }

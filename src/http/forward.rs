@@ -1195,8 +1195,15 @@ pub(super) fn upstream_request(
         }
     }
     let gate = gate.cloned();
+    // A body read whole with its head goes whole (tern's own exchange writes it with the
+    // head); the state keeps it too, to send again for a replay.
+    let whole = body.whole().filter(|_| gate.is_none()).cloned();
     let state = RequestBodyState::new(body, replay_buffer);
-    let mut req = Request::from_parts(parts, upstream_body(activity.clone(), state.clone(), gate.clone()));
+    let up_body = match whole {
+        Some(bytes) => UpBody::Whole(Some(bytes)),
+        None => upstream_body(activity.clone(), state.clone(), gate.clone()),
+    };
+    let mut req = Request::from_parts(parts, up_body);
     if let Some(gate) = gate {
         hyper::ext::on_informational(&mut req, move |r| {
             if r.status() == StatusCode::CONTINUE {

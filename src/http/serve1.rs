@@ -1,17 +1,20 @@
 //! tern's own HTTP/1.1 server for the requests most traffic is made of: a head complete in
-//! what has been read, `GET`, `HEAD` or `OPTIONS`, HTTP/1.1, and nothing that bears on how
-//! the connection is framed or kept (no `Content-Length`, `Transfer-Encoding`, `Upgrade`,
-//! `Expect` or `TE`, and a `Connection` that says only `keep-alive` or `close`, as browsers'
-//! and most libraries' requests do). Such a request has no body, so its head is the whole of
-//! it: it is parsed in place (httparse) into a header map that goes round (client request →
-//! machine request → machine response → client response → the next request), handed to the
-//! [`Handler`] in a reused box, and its response written with its first body bytes in one
-//! write, the rest streamed as it comes.
+//! what has been read, HTTP/1.1, `GET`, `HEAD` or `OPTIONS` without a body, or `POST`, `PUT`,
+//! `PATCH` or `DELETE` with one plain `Content-Length` of at most [`WHOLE_UP_TO`] (an API
+//! call, an MCP client's JSON-RPC message), and nothing else that bears on how the
+//! connection is framed or kept (no `Transfer-Encoding`, `Upgrade`, `Expect` or `TE`, and a
+//! `Connection` that says only `keep-alive` or `close`, as browsers' and most libraries'
+//! requests do). Its head is parsed in place (httparse) into a header map that goes round
+//! (client request → machine request → machine response → client response → the next
+//! request), its body, if any, read whole behind it (waited for if the client wrote it
+//! apart), and both handed to the [`Handler`] in a reused box; the response is written with
+//! its first body bytes in one write, the rest streamed as it comes.
 //!
 //! Anything else goes to hyper with every byte read so far, as if tern had never looked: a
 //! head cut short (a slow client; hyper's header read timeout is the one that applies), one
 //! httparse refuses (hyper answers it, and [`super::parser_replies`] makes that answer
-//! tern's), a request with a body, an upgrade, `Expect: 100-continue`, HTTP/1.0. So every
+//! tern's), a body framed otherwise (chunked, several lengths) or larger, or slow enough to
+//! be quiet for [`PARK_AFTER`], an upgrade, `Expect: 100-continue`, HTTP/1.0. So every
 //! edge the hostile-input tests cover is hyper's as before, and this server only ever sees
 //! the plain case.
 //!
@@ -40,6 +43,10 @@ use super::{ConnInfo, Handler, drain};
 
 /// How many header fields a head may have here; more, and hyper takes it (and refuses it).
 const MAX_HEADERS: usize = 100;
+
+/// The largest request body read whole here, with its head; a larger one (or one framed
+/// otherwise) is hyper's, streamed to the machine as it comes.
+const WHOLE_UP_TO: usize = 64 * 1024;
 
 /// The read buffer a busy connection keeps between its requests.
 const READ_BUF: usize = 4096;
@@ -102,6 +109,17 @@ where
                 Err(Decline::Partial) if rbuf.len() < cx.handler.max_header_bytes => {
                     if read_now(io, &mut rbuf).await {
                         continue;
+                    }
+                }
+                // The body follows its head (a client may write them apart): waited for as
+                // the next request is. A drain, or a body slow enough to be quiet for the
+                // parking time, leaves the request to hyper, where it is read as it comes.
+                Err(Decline::Body(total)) => {
+                    rbuf.reserve(total - rbuf.len());
+                    match wait.for_bytes(io, &mut rbuf).await {
+                        Between::Bytes => continue,
+                        Between::Gone => return Turn::Closed,
+                        Between::Quiet | Between::Close => {}
                     }
                 }
                 Err(_) => {}
@@ -453,7 +471,10 @@ async fn close<IO: AsyncWrite + Unpin>(io: &mut IO) -> Turn {
 enum Decline {
     /// Not all there yet.
     Partial,
-    /// For hyper: a body, an upgrade, another version or method, or a head it must refuse.
+    /// The head is all there and its body is not yet: this many bytes make the request.
+    Body(usize),
+    /// For hyper: a body framed otherwise or larger than [`WHOLE_UP_TO`], an upgrade,
+    /// another version or method, or a head it must refuse.
     NotOurs,
 }
 
@@ -474,39 +495,29 @@ fn take_request(
     if parsed.version != Some(1) {
         return Err(Decline::NotOurs);
     }
-    let method = match parsed.method {
-        Some("GET") => Method::GET,
-        Some("HEAD") => Method::HEAD,
-        Some("OPTIONS") => Method::OPTIONS,
+    // The methods browsers, APIs and MCP clients send; the last four only with a
+    // `Content-Length` (below), their body read whole.
+    let (method, bodied) = match parsed.method {
+        Some("GET") => (Method::GET, false),
+        Some("HEAD") => (Method::HEAD, false),
+        Some("OPTIONS") => (Method::OPTIONS, false),
+        Some("POST") => (Method::POST, true),
+        Some("PUT") => (Method::PUT, true),
+        Some("PATCH") => (Method::PATCH, true),
+        Some("DELETE") => (Method::DELETE, true),
         _ => return Err(Decline::NotOurs),
     };
     let path = parsed.path.unwrap_or_default();
     if !path.starts_with('/') {
         return Err(Decline::NotOurs);
     }
-    let mut closes = false;
-    for field in parsed.headers.iter() {
-        let name = field.name.as_bytes();
-        // `Connection: keep-alive` (browsers send it) changes nothing on HTTP/1.1, and
-        // `close` asks for the connection to end after the response: both are served here.
-        // Any other token names a field to drop or asks for an upgrade: hyper's.
-        if name.eq_ignore_ascii_case(b"connection") {
-            for token in field.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    closes = true;
-                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
-                    return Err(Decline::NotOurs);
-                }
-            }
-            continue;
-        }
-        let framing = [&b"content-length"[..], b"transfer-encoding", b"upgrade", b"expect", b"te"]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n));
-        if framing {
-            return Err(Decline::NotOurs);
-        }
-    }
+    let (closes, length) = framing_fields(parsed.headers, bodied)?;
+    let body = match (bodied, length) {
+        (false, _) => None,
+        (true, None) => return Err(Decline::NotOurs),
+        (true, Some(n)) if rbuf.len() < len + n => return Err(Decline::Body(len + n)),
+        (true, Some(n)) => Some(n),
+    };
     // Where each part sits in `rbuf`, to share the head's bytes once it is split off.
     let base = rbuf.as_ptr() as usize;
     let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
@@ -536,12 +547,64 @@ fn take_request(
         *rbuf = whole;
         return Err(Decline::NotOurs);
     };
-    let mut req = Request::new(RequestBody::Empty);
+    let body = match body {
+        Some(n) => RequestBody::Whole(Some(rbuf.split_to(n).freeze())),
+        None => RequestBody::Empty,
+    };
+    let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     Ok((req, closes))
+}
+
+/// What a head's fields say of how its connection is kept and its body framed, when this
+/// server takes them: whether the client asked to close after the response, and the body's
+/// length if it has one (`bodied` methods only).
+fn framing_fields(fields: &[httparse::Header<'_>], bodied: bool) -> Result<(bool, Option<usize>), Decline> {
+    let mut closes = false;
+    let mut length = None;
+    for field in fields {
+        let name = field.name.as_bytes();
+        // `Connection: keep-alive` (browsers send it) changes nothing on HTTP/1.1, and
+        // `close` asks for the connection to end after the response: both are served here.
+        // Any other token names a field to drop or asks for an upgrade: hyper's.
+        if name.eq_ignore_ascii_case(b"connection") {
+            for token in field.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    closes = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    return Err(Decline::NotOurs);
+                }
+            }
+            continue;
+        }
+        // One `Content-Length`, plain digits, on a method that has a body: read whole. Any
+        // other (two fields, a list, a sign, a leading zero, too long) is hyper's to judge.
+        if bodied && length.is_none() && name.eq_ignore_ascii_case(b"content-length") {
+            length = Some(whole_length(field.value).ok_or(Decline::NotOurs)?);
+            continue;
+        }
+        let framing = [&b"content-length"[..], b"transfer-encoding", b"upgrade", b"expect", b"te"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n));
+        if framing {
+            return Err(Decline::NotOurs);
+        }
+    }
+    Ok((closes, length))
+}
+
+/// A request body's length as this server takes it: 1 to 7 digits, no leading zero (`0`
+/// itself aside), at most [`WHOLE_UP_TO`].
+fn whole_length(value: &[u8]) -> Option<usize> {
+    let plain = !value.is_empty()
+        && value.len() <= 7
+        && value.iter().all(u8::is_ascii_digit)
+        && (value[0] != b'0' || value.len() == 1);
+    let n = plain.then(|| value.iter().fold(0, |n, d| n * 10 + usize::from(d - b'0')))?;
+    (n <= WHOLE_UP_TO).then_some(n)
 }
 
 /// Marks a response as the connection's last, as hyper's server does for a client that asked

@@ -1,13 +1,15 @@
 //! tern's own HTTP/1.1 exchange with a machine, for most of the traffic: a `GET`, `HEAD` or
-//! `OPTIONS` without a body, on a connection that does not upgrade ([`fits`]).
+//! `OPTIONS` without a body, or a request whose body tern holds whole (read in with its head
+//! by its own server), on a connection that does not upgrade ([`fits`]).
 //!
-//! The request head is written from the request's parts in one buffer and one write; the
+//! The request head (and a whole body behind it) is written from the request's parts in one
+//! buffer and one write; the
 //! response head is read into the same buffer and parsed in place (httparse), its header
 //! values shared with that buffer rather than copied; the body is read off the socket by
 //! whoever polls it. No task and no channel stand between the client's exchange and the
 //! machine's socket, which is what hyper's client costs per request (a connection task and
-//! a dispatch channel). Everything else (a body to send, an upgrade, h2c) still goes through
-//! hyper.
+//! a dispatch channel). Everything else (a body sent as it is read, an upgrade, h2c) still
+//! goes through hyper.
 //!
 //! The response is framed as RFC 9112 §6.3 says, and strictly: a `Content-Length` that does
 //! not parse, or several that disagree, is refused; a chunked body is read by its chunks,
@@ -26,7 +28,7 @@ use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{Key, Pool};
+use super::{Key, Pool, UpBody};
 
 /// Most header fields in a response head: hyper's client's limit, kept.
 const MAX_HEADERS: usize = 100;
@@ -69,12 +71,29 @@ pub fn give_back_fields(mut map: HeaderMap) {
     });
 }
 
-/// Whether tern's own exchange carries the request: one without a body, of a method that
-/// may be sent again when a pooled connection turns out dead under it, not upgrading.
-pub fn fits<B: http_body::Body>(req: &Request<B>, upgrade: bool) -> bool {
-    !upgrade
-        && req.body().is_end_stream()
-        && matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+/// Whether tern's own exchange carries the request: one that does not upgrade, and either
+/// has no body and a method that may be sent again when a pooled connection turns out dead
+/// under it (`GET`, `HEAD`, `OPTIONS`), or has its body whole in hand, as long as its
+/// `Content-Length` says (written with the head; such a request is not sent twice).
+pub fn fits(req: &Request<UpBody>, upgrade: bool) -> bool {
+    if upgrade {
+        return false;
+    }
+    let resendable = resendable(req.method());
+    match req.body().whole() {
+        Some(body) => match content_length(req.headers()) {
+            Ok(Some(n)) => n == body.len() as u64,
+            Ok(None) => body.is_empty() && resendable,
+            Err(_) => false,
+        },
+        None => resendable && http_body::Body::is_end_stream(req.body()),
+    }
+}
+
+/// A method whose request may go again on another connection when the first closed before
+/// a byte of response: the machine may have seen it, and it asks for nothing to change.
+fn resendable(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,11 +159,11 @@ impl Conn {
 /// head is read into the request's header map, emptied (its room is what hyper's server
 /// reuses for the client's next request). The request is left whole while it may still be
 /// sent again ([`Failure::unanswered`]).
-pub(super) async fn exchange<B>(
+pub(super) async fn exchange(
     conn: Conn,
     // Only read, but held across awaits: `&mut` keeps the future `Send` for a body that is
     // not `Sync`.
-    req: &mut Request<B>,
+    req: &mut Request<UpBody>,
     max_head: usize,
     home: Home,
 ) -> Result<Response<Body>, Failure> {
@@ -154,8 +173,14 @@ pub(super) async fn exchange<B>(
         buf.reserve(FIRST_READ);
     }
     write_head(&mut buf, req);
+    if let UpBody::Whole(Some(body)) = req.body() {
+        buf.put_slice(body);
+    }
+    // Only a request that may go twice is sent again (see [`fits`]): one with a body, or of
+    // another method, fails with the connection it went out on.
+    let resendable = resendable(req.method());
     if let Err(e) = stream.write_all(&buf).await {
-        return Err(Failure { error: e.into(), unanswered: true });
+        return Err(Failure { error: e.into(), unanswered: resendable });
     }
     buf.clear();
     let head_room = max_head.max(8192) + 1024;
@@ -168,10 +193,10 @@ pub(super) async fn exchange<B>(
         }
         let read = std::future::poll_fn(|cx| poll_fill(&mut stream, &mut buf, FIRST_READ, cx)).await;
         match read {
-            Ok(0) if !heard => return Err(Failure { error: Error::Closed, unanswered: true }),
+            Ok(0) if !heard => return Err(Failure { error: Error::Closed, unanswered: resendable }),
             Ok(0) => return Err(Failure { error: Error::ClosedInHead, unanswered: false }),
             Ok(_) => heard = true,
-            Err(e) => return Err(Failure { error: e.into(), unanswered: !heard }),
+            Err(e) => return Err(Failure { error: e.into(), unanswered: resendable && !heard }),
         }
     }
 }

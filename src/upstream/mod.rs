@@ -55,8 +55,73 @@ mod h1;
 
 pub use h1::give_back_fields;
 
-/// The body type sent to machines.
-pub type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+/// The body sent to machines: one tern holds whole, read in with its request's head (tern's
+/// own exchange writes it in the head's write), or one sent as it is read.
+pub enum UpBody {
+    /// All of it; `None` once sent (or when there is none).
+    Whole(Option<Bytes>),
+    Stream(http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl UpBody {
+    /// A body sent as it is read.
+    pub fn stream<B>(body: B) -> UpBody
+    where
+        B: http_body::Body<Data = Bytes, Error = BoxError> + Send + 'static,
+    {
+        UpBody::Stream(http_body_util::BodyExt::boxed_unsync(body))
+    }
+
+    /// The bytes of a body held whole (empty for none); `None` for a streamed one.
+    pub fn whole(&self) -> Option<&[u8]> {
+        match self {
+            UpBody::Whole(bytes) => Some(bytes.as_deref().unwrap_or_default()),
+            UpBody::Stream(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for UpBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpBody::Whole(b) => f.debug_tuple("Whole").field(&b.as_ref().map(Bytes::len)).finish(),
+            UpBody::Stream(_) => f.write_str("Stream"),
+        }
+    }
+}
+
+impl http_body::Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::Whole(bytes) => std::task::Poll::Ready(
+                bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(http_body::Frame::data(b))),
+            ),
+            UpBody::Stream(body) => std::pin::Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Whole(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
+            UpBody::Stream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpBody::Whole(bytes) => {
+                http_body::SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            UpBody::Stream(body) => body.size_hint(),
+        }
+    }
+}
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -87,9 +87,10 @@ pub(super) fn pool() -> Arc<Pool> {
 }
 
 fn request(body: &'static str, upgrade: bool) -> Request<UpBody> {
-    let body = http_body_util::Full::new(Bytes::from_static(body.as_bytes()))
-        .map_err(|e| -> BoxError { match e {} })
-        .boxed_unsync();
+    let body = UpBody::stream(
+        http_body_util::Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|e| -> BoxError { match e {} }),
+    );
     let mut req = Request::builder().method(if body.is_end_stream() { "GET" } else { "POST" }).uri("/");
     req = req.header("host", "m");
     if upgrade {

@@ -228,6 +228,16 @@ fn every_other_head_is_left_whole_for_hyper() {
         // split off, and put back with what follows it.
         b"GET /a<b HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
         b"GET /`x` HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n",
+        // A body framed any way but one plain length, or larger than is read whole.
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2, 2\r\n\r\nab",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +2\r\n\r\nab",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 02\r\n\r\nab",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 65537\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
+        b"PROPFIND / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nab",
     ];
     for head in not_ours {
         let (r, rest) = take(head);
@@ -242,4 +252,23 @@ fn every_other_head_is_left_whole_for_hyper() {
     assert_eq!(r.unwrap_err(), Decline::NotOurs, "over 100 fields: hyper refuses it");
     let mut rbuf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..]);
     assert_eq!(take_request(&mut rbuf, &mut None, 20).unwrap_err(), Decline::NotOurs, "over the head limit");
+}
+
+/// A body with one plain length is read whole behind its head, what follows it left for
+/// the next request; one not all there yet says how many bytes make the request, and
+/// leaves the buffer whole.
+#[test]
+fn a_body_with_a_plain_length_is_taken_whole_once_it_is_all_there() {
+    let (r, rest) =
+        take(b"POST /rpc HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\n");
+    let req = r.expect("taken");
+    assert_eq!((req.method(), req.headers()["content-length"].as_bytes()), (&Method::POST, &b"5"[..]));
+    assert_eq!(req.body().whole().map(|b| &b[..]), Some(&b"hello"[..]));
+    assert_eq!(&rest[..], b"GET / HTTP/1.1\r\n");
+    let (r, _) = take(b"DELETE /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(r.expect("taken").body().whole().map(|b| b.len()), Some(0));
+    let head = b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhel";
+    let (r, rest) = take(head);
+    assert_eq!(r.unwrap_err(), Decline::Body(head.len() + 2));
+    assert_eq!(&rest[..], &head[..], "left whole");
 }
