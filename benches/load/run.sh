@@ -31,10 +31,12 @@
 # requests completed per proxy-CPU-second, which does not depend on who else shares the
 # machine the way req/s does.
 #
-# 1. Four throughput scenarios, each ROUNDS rounds of DUR seconds per proxy, the proxy order
+# 1. Five throughput scenarios, each ROUNDS rounds of DUR seconds per proxy, the proxy order
 #    rotated each round, the median round per proxy reported: HTTP/1.1 keep-alive (wrk),
 #    TLS 1.3 keep-alive (wrk), TLS 1.3 with a new connection per request (wrk,
-#    "Connection: close": handshakes per CPU-second), HTTP/2 over TLS (h2load, 8 streams).
+#    "Connection: close": handshakes per CPU-second), HTTP/2 over TLS (h2load, 8 streams),
+#    and HTTP/1.1 keep-alive POSTs of a 180-byte JSON-RPC body with its Content-Length (wrk:
+#    what an MCP client sends).
 # 2. Fixed-rate latency: each proxy driven at half the req/s nginx reached in the HTTP/1.1
 #    scenario, open loop (examples/bench_rate.rs, latency from each request's due time),
 #    ROUNDS rotated rounds, the median p99 reported.
@@ -108,10 +110,11 @@ PROXIES=(tern nginx haproxy)
 if [ -n "${TERN_BEFORE:-}" ]; then BIN[tern-before]=$TERN_BEFORE; PROXIES=(tern tern-before nginx haproxy); fi
 # FLOOR=1 adds the floor (examples/bench_floor.rs): a bare HTTP/1.1 relay on Tokio, one task
 # per connection, what a request costs at the least in Rust on this machine. It runs the h1,
-# tls and tls-new scenarios and the fixed rate; it has no HTTP/2 and is left out of the idle runs.
+# tls and tls-new scenarios and the fixed rate; it has no HTTP/2 nor request bodies and is left
+# out of the idle runs.
 if [ -n "${FLOOR:-}" ]; then BIN[floor]=target/release/examples/bench_floor; PROXIES+=(floor); fi
 # serves KIND P: whether proxy P takes part in scenario KIND.
-serves() { [ "$2" != floor ] || [ "$1" != h2 ]; }
+serves() { [ "$2" != floor ] || { [ "$1" != h2 ] && [ "$1" != post ]; }; }
 CLK_TCK=$(getconf CLK_TCK)
 
 work=$(mktemp -d)
@@ -429,8 +432,16 @@ measure() {
     tls) run_wrk "$2" "$3" "https://localhost:${TLS[$2]}/" ;;
     tls-new) run_wrk "$2" "$3" "https://localhost:${TLS[$2]}/" -H 'Connection: close' ;;
     h2) run_h2load "$2" "$3" "https://localhost:${TLS[$2]}/" ;;
+    post) run_wrk "$2" "$3" "http://localhost:${HTTP[$2]}/" -s "$work/post.lua" ;;
   esac
 }
+# The post scenario's request: an MCP client's JSON-RPC call, 180 bytes with Content-Length.
+cat > "$work/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello from a benchmark client, a couple hundred bytes as MCP clients send"}}}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Accept"] = "application/json, text/event-stream"
+LUA
 
 # R[KIND,P]: one line per round. Round r starts with proxy r (mod the count), so each proxy
 # runs first, second and last in turn; the first round's runs get a 2 s warm-up each.
@@ -593,6 +604,7 @@ table() {
   row "TLS 1.3 keep-alive (req per CPU-s)" tls int 4
   row "TLS 1.3 new connection per request (handshakes per CPU-s)" tls-new int 4
   row "HTTP/2 over TLS (req per CPU-s)" h2 int 4
+  row "HTTP/1.1 keep-alive POST, JSON-RPC body (req per CPU-s)" post int 4
   row "RSS per idle TLS keep-alive connection (KiB)" idle-tls %.1f 4
   row "RSS per idle plain keep-alive connection (KiB)" idle-plain %.1f 4
   row "RSS per idle HTTP/2 connection over TLS (KiB)" idle-h2 %.1f 4
@@ -606,7 +618,7 @@ details() {
   local p k m
   echo
   echo "Median rounds, wall-clock req/s (proxy CPU-s in the run):"
-  for k in h1 tls tls-new h2; do
+  for k in h1 tls tls-new h2 post; do
     line="  $k:"
     for p in "${PROXIES[@]}"; do
       [ -n "${R[$k,$p]:-}" ] || continue
@@ -618,7 +630,7 @@ details() {
   for p in "${PROXIES[@]}"; do [ -z "${SUITE[$p]:-}" ] || line+=" $p ${SUITE[$p]};"; done
   echo "$line"
   echo "Median rounds, proxy CPU per request (µs), user + kernel:"
-  for k in h1 tls tls-new h2; do
+  for k in h1 tls tls-new h2 post; do
     line="  $k:"
     for p in "${PROXIES[@]}"; do
       [ -n "${R[$k,$p]:-}" ] || continue
@@ -654,7 +666,7 @@ for p in "${PROXIES[@]}"; do start "$p"; done
 for p in backend "${PROXIES[@]}"; do
   log "$p pid=${PID[$p]} http=${HTTP[$p]:-$BPORT} tls=${TLS[$p]:-} cpus=$(sed -n 's/^Cpus_allowed_list:\s*//p' "/proc/${PID[$p]}/status")"
 done
-for kind in ${SCENARIOS-h1 tls tls-new h2}; do scenario "$kind"; done
+for kind in ${SCENARIOS-h1 tls tls-new h2 post}; do scenario "$kind"; done
 if [ -z "${SKIP_RATE:-}" ]; then
   if [ -n "${RATE:-}" ]; then
     RATE_RPS=$RATE
