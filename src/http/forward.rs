@@ -1195,12 +1195,16 @@ pub(super) fn upstream_request(
         }
     }
     let gate = gate.cloned();
-    // A body read whole with its head goes whole (tern's own exchange writes it with the
-    // head); the state keeps it too, to send again for a replay.
-    let whole = body.whole().filter(|_| gate.is_none()).cloned();
+    // No body, or one read whole with its head, goes as it is (tern's own exchange writes it
+    // with the head), not through a reader of the client's body; the state keeps it too, to
+    // send again for a replay.
+    let whole = match &body {
+        RequestBody::Empty => Some(None),
+        _ => body.whole().filter(|_| gate.is_none()).map(|b| Some(b.clone())),
+    };
     let state = RequestBodyState::new(body, replay_buffer);
     let up_body = match whole {
-        Some(bytes) => UpBody::Whole(Some(bytes)),
+        Some(bytes) => UpBody::Whole(bytes),
         None => upstream_body(activity.clone(), state.clone(), gate.clone()),
     };
     let mut req = Request::from_parts(parts, up_body);
