@@ -14,6 +14,7 @@ pub mod decl;
 pub mod driver;
 pub mod duration;
 pub mod error;
+mod head;
 pub mod http;
 pub mod listener;
 pub mod model;

@@ -40,9 +40,7 @@ use super::activity::ConnState;
 use super::body::{ProxyBody, RequestBody};
 use super::park::{PARK_AFTER, Prefixed, QUIET_RECHECK, QUIET_RECHECK_MAX};
 use super::{ConnInfo, Handler, drain};
-
-/// How many header fields a head may have here; more, and hyper takes it (and refuses it).
-const MAX_HEADERS: usize = 100;
+use crate::head;
 
 /// The largest request body read whole here, with its head; a larger one (or one framed
 /// otherwise) is hyper's, streamed to the machine as it comes.
@@ -485,9 +483,9 @@ fn take_request(
     spare: &mut Option<HeaderMap>,
     max_head: usize,
 ) -> Result<(Request<RequestBody>, bool), Decline> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut fields);
-    let len = match parsed.parse(rbuf) {
+    let mut table = head::table();
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match parsed.parse_with_uninit_headers(rbuf, &mut table) {
         Ok(httparse::Status::Complete(len)) if len <= max_head => len,
         Ok(httparse::Status::Partial) => return Err(Decline::Partial),
         Ok(httparse::Status::Complete(_)) | Err(_) => return Err(Decline::NotOurs),
@@ -519,23 +517,18 @@ fn take_request(
         (true, Some(n)) => Some(n),
     };
     // Where each part sits in `rbuf`, to share the head's bytes once it is split off.
-    let base = rbuf.as_ptr() as usize;
-    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
-    let target = at(path.as_bytes());
-    let mut spans = [((0, 0), (0, 0)); MAX_HEADERS];
-    let count = parsed.headers.len();
-    for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
-        *span = (at(field.name.as_bytes()), at(field.value));
-    }
+    let target = path.as_ptr() as usize - rbuf.as_ptr() as usize;
+    let target = target..target + path.len();
+    let places = head::Places::of(rbuf, parsed.headers);
     // Built from the head's own bytes, shared rather than copied; a refusal puts them back.
     let head = rbuf.split_to(len).freeze();
     let built = (|| {
-        let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1)).ok()?;
+        let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
         let mut headers = spare.take().unwrap_or_default();
-        headers.reserve(count);
-        for &((n, nl), (v, vl)) in spans.iter().take(count) {
-            let name = HeaderName::from_bytes(&head[n..n + nl]).ok()?;
-            let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl)).ok()?;
+        headers.reserve(places.len());
+        for (name, value) in places.iter() {
+            let name = HeaderName::from_bytes(&head[name]).ok()?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
             headers.append(name, value);
         }
         Some((uri, headers))

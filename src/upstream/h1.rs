@@ -30,8 +30,7 @@ use tokio::net::TcpStream;
 
 use super::{Key, Pool, UpBody};
 
-/// Most header fields in a response head: hyper's client's limit, kept.
-const MAX_HEADERS: usize = 100;
+use crate::head::{self, MAX_FIELDS};
 /// The first read's room; a body that fills its reads gets bigger ones, up to [`MAX_READ`].
 const FIRST_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
@@ -108,7 +107,7 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("the response head is over {0} bytes")]
     HeadTooLarge(usize),
-    #[error("the response head has over {MAX_HEADERS} header fields")]
+    #[error("the response head has over {MAX_FIELDS} header fields")]
     TooManyHeaders,
     #[error("a malformed response head: {0}")]
     Parse(httparse::Error),
@@ -185,18 +184,19 @@ pub(super) async fn exchange(
     buf.clear();
     let head_room = max_head.max(8192) + 1024;
     let mut heard = false;
+    // Read, then look for the whole head in what has come (nothing has, before the first read).
     loop {
-        match parse_head(&mut buf, req, head_room) {
-            Ok(Some(head)) => return Ok(head.into_response(stream, buf, home)),
-            Ok(None) => {}
-            Err(error) => return Err(Failure { error, unanswered: false }),
-        }
         let read = std::future::poll_fn(|cx| poll_fill(&mut stream, &mut buf, FIRST_READ, cx)).await;
         match read {
             Ok(0) if !heard => return Err(Failure { error: Error::Closed, unanswered: resendable }),
             Ok(0) => return Err(Failure { error: Error::ClosedInHead, unanswered: false }),
             Ok(_) => heard = true,
             Err(e) => return Err(Failure { error: e.into(), unanswered: resendable && !heard }),
+        }
+        match parse_head(&mut buf, req, head_room) {
+            Ok(Some(head)) => return Ok(head.into_response(stream, buf, home)),
+            Ok(None) => {}
+            Err(error) => return Err(Failure { error, unanswered: false }),
         }
     }
 }
@@ -258,9 +258,13 @@ enum Framing {
 /// (other than 101) are read past, as hyper's client does.
 fn parse_head<B>(buf: &mut BytesMut, req: &Request<B>, head_room: usize) -> Result<Option<Head>, Error> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut fields);
-        let len = match parsed.parse(buf) {
+        let mut table = head::table();
+        let mut parsed = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut table,
+        ) {
             Ok(httparse::Status::Complete(len)) if len > head_room => {
                 return Err(Error::HeadTooLarge(head_room));
             }
@@ -280,26 +284,22 @@ fn parse_head<B>(buf: &mut BytesMut, req: &Request<B>, head_room: usize) -> Resu
         let status = StatusCode::from_u16(code).map_err(|_| Error::Parse(httparse::Error::Status))?;
         let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
         // Where each field sits in `buf`, to share the head's bytes once it is split off.
-        let base = buf.as_ptr() as usize;
-        let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
-        let reason =
-            parsed.reason.filter(|r| Some(*r) != status.canonical_reason()).map(|r| at(r.as_bytes()));
-        let mut spans = [((0, 0), (0, 0)); MAX_HEADERS];
-        let fields = parsed.headers.len();
-        for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
-            *span = (at(field.name.as_bytes()), at(field.value));
-        }
+        let reason = parsed.reason.filter(|r| Some(*r) != status.canonical_reason()).map(|r| {
+            let at = r.as_ptr() as usize - buf.as_ptr() as usize;
+            at..at + r.len()
+        });
+        let places = head::Places::of(buf, parsed.headers);
         let head = buf.split_to(len).freeze();
         let mut headers = spare_fields();
-        headers.reserve(fields);
-        for ((name, n), (value, v)) in spans.into_iter().take(fields) {
-            let name = HeaderName::from_bytes(&head[name..name + n])
-                .map_err(|_| Error::Parse(httparse::Error::HeaderName))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value..value + v))
+        headers.reserve(places.len());
+        for (name, value) in places.iter() {
+            let name =
+                HeaderName::from_bytes(&head[name]).map_err(|_| Error::Parse(httparse::Error::HeaderName))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value))
                 .map_err(|_| Error::Parse(httparse::Error::HeaderValue))?;
             headers.append(name, value);
         }
-        let reason = reason.map(|(from, n)| head.slice(from..from + n));
+        let reason = reason.map(|r| head.slice(r));
         let (framing, reusable) = framing(req.method(), status, version, &headers)?;
         return Ok(Some(Head { status, version, reason, headers, framing, reusable }));
     }
@@ -507,7 +507,7 @@ impl Body {
                 Ok(Step::More)
             }
             Chunk::Trailers => {
-                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
                 let (len, trailers) = match httparse::parse_headers(&self.buf, &mut fields) {
                     Ok(httparse::Status::Complete((len, fields))) => {
                         let mut map = HeaderMap::with_capacity(fields.len());

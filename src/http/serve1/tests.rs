@@ -247,6 +247,15 @@ fn every_other_head_is_left_whole_for_hyper() {
     let (r, rest) = take(b"GET / HTTP/1.1\r\nHost: a\r\n");
     assert_eq!(r.unwrap_err(), Decline::Partial);
     assert_eq!(&rest[..], b"GET / HTTP/1.1\r\nHost: a\r\n");
+    // Up to the fields placed inline, one over, and the most a head may have: all taken.
+    for count in [24, 25, 100] {
+        let fields: String = (0..count).map(|i| format!("x-{i}: value {i}\r\n")).collect();
+        let (r, rest) = take(format!("GET / HTTP/1.1\r\n{fields}\r\n").as_bytes());
+        let headers = r.expect("taken").into_parts().0.headers;
+        assert!(rest.is_empty());
+        assert_eq!(headers.len(), count);
+        assert!((0..count).all(|i| headers[format!("x-{i}").as_str()] == format!("value {i}").as_str()));
+    }
     let fields: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
     let (r, _) = take(format!("GET / HTTP/1.1\r\n{fields}\r\n").as_bytes());
     assert_eq!(r.unwrap_err(), Decline::NotOurs, "over 100 fields: hyper refuses it");

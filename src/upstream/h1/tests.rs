@@ -73,6 +73,7 @@ fn get(method: &str, path: &str) -> Request<UpBody> {
 #[derive(Debug)]
 struct Got {
     status: u16,
+    headers: http::HeaderMap,
     body: Bytes,
     trailers: Option<http::HeaderMap>,
 }
@@ -85,10 +86,10 @@ async fn send(pool: &Arc<Pool>, addr: SocketAddr, method: &str) -> Result<Got, S
     };
     assert!(lease.is_none(), "tern's own exchange gives its connection back from its body");
     assert!(matches!(resp.body(), MachineBody::Own(_)), "carried by tern's own exchange");
-    let status = resp.status().as_u16();
+    let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
     let collected = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?;
     let trailers = collected.trailers().cloned();
-    Ok(Got { status, body: collected.to_bytes(), trailers })
+    Ok(Got { status, headers, body: collected.to_bytes(), trailers })
 }
 
 /// Waits until the connection's socket has been given back to the pool or closed; over
@@ -231,6 +232,27 @@ async fn malformed_answers_are_refused() {
         let err = got.expect_err(&String::from_utf8_lossy(answer));
         assert!(err.starts_with(expect), "{err} for {}", String::from_utf8_lossy(answer));
     }
+}
+
+#[tokio::test]
+async fn every_field_of_a_head_reaches_the_response_up_to_a_hundred() {
+    let answer = |fields: usize| -> &'static [u8] {
+        let fields: String = (0..fields).map(|i| format!("x-{i}: value {i}\r\n")).collect();
+        format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{fields}\r\nok").into_bytes().leak()
+    };
+    // Up to the fields placed inline, one over, and the most a head may have.
+    for fields in [23, 24, 99] {
+        let m = machine(&[answer(fields)]).await;
+        let got = send(&pool(), m.addr, "GET").await.unwrap();
+        assert_eq!((got.status, &got.body[..]), (200, &b"ok"[..]));
+        assert_eq!(got.headers.len(), fields + 1, "{fields} fields and the length");
+        for i in 0..fields {
+            assert_eq!(got.headers[format!("x-{i}").as_str()], format!("value {i}"), "field {i} of {fields}");
+        }
+    }
+    let m = machine(&[answer(100)]).await;
+    let err = send(&pool(), m.addr, "GET").await.unwrap_err();
+    assert!(err.contains("over 100 header fields"), "{err}");
 }
 
 #[tokio::test]
