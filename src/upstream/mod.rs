@@ -213,7 +213,9 @@ impl Default for HostPool {
 
 /// Connections to every machine, keyed by address and protocol.
 pub struct Pool {
-    hosts: DashMap<Key, Arc<HostPool>>,
+    /// Looked up twice per proxied request; its keys are the catalog's machine addresses,
+    /// never a client's, so a fast hash (not SipHash's flood resistance) is enough.
+    hosts: DashMap<Key, Arc<HostPool>, foldhash::fast::RandomState>,
     config: PoolConfig,
     metrics: Arc<Metrics>,
     /// A connection went back to the pool warm: the reaper's cue to cool it later.
@@ -314,7 +316,7 @@ pub enum SendError {
 
 impl Pool {
     pub fn new(config: PoolConfig, metrics: Arc<Metrics>) -> Arc<Pool> {
-        Arc::new(Pool { hosts: DashMap::new(), config, metrics, warm: Notify::new() })
+        Arc::new(Pool { hosts: DashMap::default(), config, metrics, warm: Notify::new() })
     }
 
     /// A connection to `addr`: an idle pooled one if there is one, else a new one once fewer
