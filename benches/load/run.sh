@@ -19,6 +19,9 @@
 #                                                        default 4000, at most IDLE_CONNS)
 #   IDLE_SMAPS=1 KEEP=1 …                               (each idle run's /proc/PID/smaps before
 #                                                        and after, kept in the work directory)
+#   INSTR=1 INSTR_PROXIES="tern nginx" INSTR_N=20000 …   (adds user-space instructions per
+#                                                        HTTP/1.1 GET, each proxy under
+#                                                        callgrind; installs valgrind)
 #   PEER_SUITES=TLS_AES_128_GCM_SHA256 …                 (nginx's and HAProxy's TLS 1.3 suites,
 #                                                        OpenSSL's names: tern picks AES-128-GCM
 #                                                        for wrk and h2load, the peers their first
@@ -49,6 +52,8 @@
 #    second backend, tern's test machine, on the load CPU), one per connection, each held
 #    open with its body unread, over plain HTTP/1.1, TLS and HTTP/2; RSS per stream, and the proxy's
 #    CPU while they sit idle (a proxy should not wake for a silent stream).
+# 4. With INSTR=1, instructions: each proxy under callgrind, user-space instructions per
+#    HTTP/1.1 keep-alive GET (a count that does not vary from run to run; see instructions()).
 #
 # All proxies: access logs off, keep-alive to the backend, TLS 1.3 only with the same ECDSA
 # P-256 certificate, idle keep-alive timeouts of 300 s (so the idle run's connections stay).
@@ -156,13 +161,16 @@ open(os.path.join(os.path.dirname(out), name + ".ports"), "w").write("".join(f"{
 env = dict(os.environ, NGINX="".join(f"{s.fileno()};" for s in socks))
 os.execvpe(cmd[0], cmd, env)
 PY
+# How many times (20 a second) a server is looked at before it is given up on; raised for
+# one under valgrind, which starts far slower.
+TRIES=200
 # port_of FILE N: the Nth port (from 1) with_sockets wrote to FILE, once it is there.
 port_of() {
   for _ in $(seq 1 200); do [ -s "$1" ] && { sed -n "${2}p" "$1"; return 0; }; sleep 0.05; done
   echo "$1 never appeared" >&2; return 1
 }
 # Waits until URL answers (curl -k: any certificate; the sockets listen before the server runs).
-wait_http() { for _ in $(seq 1 200); do curl -sfk -o /dev/null "$1" && return 0; sleep 0.05; done; echo "$1 never answered" >&2; return 1; }
+wait_http() { for _ in $(seq 1 "$TRIES"); do curl -sfk -o /dev/null "$1" && return 0; sleep 0.05; done; echo "$1 never answered" >&2; return 1; }
 
 # One certificate for every proxy, for "localhost" (so clients send SNI and resolve it).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
@@ -259,12 +267,12 @@ cert_file = "$work/cert.pem"
 key_file = "$work/key.pem"
 TOML
   "$bin" apply -c "$d/tern.toml" "$d/decl.toml" >/dev/null
-  taskset -c "$PIN_PROXY" "$bin" serve -c "$d/tern.toml" 2>"$d/tern.log" & PID[$name]=$!
+  taskset -c "$PIN_PROXY" ${WRAP[@]+"${WRAP[@]}"} "$bin" serve -c "$d/tern.toml" 2>"$d/tern.log" & PID[$name]=$!
   HTTP[$name]=$(tern_port "$d/tern.log" false); TLS[$name]=$(tern_port "$d/tern.log" true)
 }
 # tern_port LOG true|false: the port of tern's TLS or plain listener, from its log.
 tern_port() {
-  for _ in $(seq 1 200); do
+  for _ in $(seq 1 "$TRIES"); do
     local p
     p=$(grep '"message":"listening"' "$1" | grep -v '"admin":true' | grep "\"tls\":$2" \
       | sed -n 's/.*"addr":"127\.0\.0\.1:\([0-9]*\)".*/\1/p' | head -1 || true)
@@ -309,7 +317,7 @@ http {
 }
 CONF
   taskset -c "$PIN_PROXY" python3 "$work/with_sockets.py" nginx 511 2 "$d/nginx.conf.in" "$d/nginx.conf" -- \
-    "$NGINX" -p "$d" -c "$d/nginx.conf" -g 'daemon off;' & PID[nginx]=$!
+    ${WRAP[@]+"${WRAP[@]}"} "$NGINX" -p "$d" -c "$d/nginx.conf" -g 'daemon off;' & PID[nginx]=$!
   HTTP[nginx]=$(port_of "$d/nginx.ports" 1); TLS[nginx]=$(port_of "$d/nginx.ports" 2)
 }
 
@@ -346,7 +354,7 @@ backend app
   server b1 127.0.0.1:$BPORT maxconn ${STREAMING:+$FDS}${STREAMING:-2000}
 CONF
   taskset -c "$PIN_PROXY" python3 "$work/with_sockets.py" haproxy 4096 2 "$d/haproxy.cfg.in" "$d/haproxy.cfg" -- \
-    "$HAPROXY" -f "$d/haproxy.cfg" -db >"$d/haproxy.log" 2>&1 & PID[haproxy]=$!
+    ${WRAP[@]+"${WRAP[@]}"} "$HAPROXY" -f "$d/haproxy.cfg" -db >"$d/haproxy.log" 2>&1 & PID[haproxy]=$!
   HTTP[haproxy]=$(port_of "$d/haproxy.ports" 1); TLS[haproxy]=$(port_of "$d/haproxy.ports" 2)
 }
 
@@ -612,6 +620,7 @@ table() {
   row "RSS per idle SSE stream, HTTP/1.1 over TLS (KiB)" idle-sse-tls %.1f 4
   row "RSS per idle SSE stream, HTTP/2 over TLS (KiB)" idle-sse-h2 %.1f 4
   row "p99 at half of nginx's max rate (ms)" rate %.2f 5
+  row "user-space instructions per HTTP/1.1 GET (callgrind; fewer is better)" instr int 2
 }
 # What the table leaves out: wall-clock req/s, the fixed-rate run's other percentiles, Pss.
 details() {
@@ -676,6 +685,53 @@ if [ -z "${SKIP_RATE:-}" ]; then
   fi
   fixed_rate "$RATE_RPS"
 fi
+# Instructions: each proxy restarted under callgrind (valgrind), INSTR_WARM then
+# INSTR_WARM + INSTR_N HTTP/1.1 keep-alive GETs (h2load --h1) in two whole lives, stopped
+# gracefully so callgrind writes its counts; the difference of their totals over INSTR_N is
+# the user-space instructions per proxied request, over all the proxy's processes and
+# threads. Deterministic where CPU time on a shared VM is not (it settles a few-percent
+# change), but a count, not a time: memory stalls, system calls and the kernel's work are
+# not in it. INSTR=1 turns it on; INSTR_PROXIES="tern nginx" for some proxies only.
+INSTR_N=${INSTR_N:-20000}
+INSTR_WARM=${INSTR_WARM:-2000}
+instr_life() {
+  local p=$1 n=$2 d=$work/cg/$1-$2
+  # Writable by all: nginx's worker runs as nobody. ($work itself is only searchable by
+  # others, not listable.)
+  rm -rf "$d"; mkdir -p "$d"; chmod 1777 "$d" "$work/cg"; chmod o+x "$work"
+  WRAP=(valgrind --tool=callgrind --trace-children=yes "--callgrind-out-file=$d/out.%p")
+  TRIES=3000 start "$p" >/dev/null; unset WRAP
+  load h2load --h1 -n "$n" -c 16 -t1 "http://localhost:${HTTP[$p]}/" >>"$work/runs/$p.txt" 2>&1
+  grep -q "succeeded, 0 failed" <(tail -n 20 "$work/runs/$p.txt") || { echo "instructions: requests to $p failed" >&2; exit 1; }
+  # nginx's worker writes its counts only in a graceful stop: told to stop fast, its master
+  # kills a worker still busy exiting (as one under valgrind is).
+  local pids q left; pids=$(tree_pids "${PID[$p]}")
+  if [ "$p" = nginx ]; then kill -QUIT "${PID[$p]}"; else kill "${PID[$p]}"; fi
+  # Every process of the proxy gone (each writes its counts as it exits), then stopped as usual.
+  for _ in $(seq 1 600); do
+    left=0; for q in $pids; do [ ! -e "/proc/$q" ] || left=1; done
+    [ "$left" = 1 ] || break; sleep 0.1
+  done
+  stop "$p"
+  cat "$d"/out.* | awk '/^totals:/ {s += $2} END {printf "%d", s}'
+}
+instructions() {
+  command -v valgrind >/dev/null || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+  }
+  local p a b
+  for p in ${INSTR_PROXIES:-${PROXIES[@]}}; do
+    serves h1 "$p" || continue
+    echo "instructions: $p under callgrind, $INSTR_WARM and $((INSTR_WARM + INSTR_N)) requests" >&2
+    stop "$p"
+    a=$(instr_life "$p" "$INSTR_WARM"); b=$(instr_life "$p" $((INSTR_WARM + INSTR_N)))
+    [ "$b" -gt "$a" ] || { echo "instructions: no counts from the process that served $p's requests" >&2; exit 1; }
+    R[instr,$p]="$(((b - a) / INSTR_N)) 0"$'\n'
+    log "instructions proxy=$p warm_total=$a total=$b per_request=${R[instr,$p]}"
+    start "$p"
+  done
+}
+[ -z "${INSTR:-}" ] || instructions
 if [ -z "${SKIP_IDLE:-}" ]; then
   IDLE_MODES=${IDLE_MODES:-tls plain h2 sse sse-tls sse-h2}
   case " $IDLE_MODES " in *" sse"*) start_streams_backend ;; esac
