@@ -29,8 +29,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::{Key, Pool, UpBody};
-
 use crate::head::{self, MAX_FIELDS};
+
 /// The first read's room; a body that fills its reads gets bigger ones, up to [`MAX_READ`].
 const FIRST_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
