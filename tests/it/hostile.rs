@@ -487,6 +487,44 @@ async fn response_heads_are_capped() {
     assert_eq!(r.header("x-big").map(str::len), Some(60 * 1000));
 }
 
+/// A 200 with 60 header fields, more than tern's parsers place inline (24).
+fn sixty_fields(_: &str) -> Vec<u8> {
+    let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n".to_vec();
+    for i in 0..60 {
+        r.extend_from_slice(format!("x-r{i}: answer {i}\r\n").as_bytes());
+    }
+    r.extend_from_slice(b"\r\nok");
+    r
+}
+
+/// Heads with more fields than are placed inline (tern's own server and exchange keep the
+/// places of up to 24 on the stack, more in a vector) cross whole, both ways, keep-alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_of_many_fields_cross_whole_both_ways() {
+    let m = RawMachine::start(sixty_fields).await;
+    let proxy = Proxy::start(&app_decl("many", &["many.test"], &[("m1", m.addr, "started")], "")).await;
+    let fields: String = (0..60).map(|i| format!("X-Q{i}: question {i}\r\n")).collect();
+    let head = format!("GET /many HTTP/1.1\r\nHost: many.test\r\n{fields}\r\n");
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    for round in 0..2 {
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let r = read_response(&mut tcp, &mut buf).await;
+        assert_eq!((r.status(), &r.body[..]), (200, &b"ok"[..]), "round {round}: {r:?}");
+        for i in 0..60 {
+            assert_eq!(r.header(&format!("x-r{i}")), Some(format!("answer {i}").as_str()), "round {round}");
+        }
+        let sent = &m.heads()[round];
+        for i in 0..60 {
+            assert!(
+                sent.contains(&format!("\r\nx-q{i}: question {i}\r\n")),
+                "round {round}, field {i}: {sent}"
+            );
+        }
+    }
+    assert_eq!(m.heads().len(), 2);
+}
+
 /// A machine whose body, sent after its head, is exactly hyper's own refusal.
 async fn body_shaped_like_a_refusal(tcp: TcpStream) {
     let mut tcp = tcp;
