@@ -38,7 +38,7 @@ use crate::upstream::{Proto, UpBody};
 
 use super::activity::{Activity, ExchangeGuard, IdleTimer};
 use super::body::{ExchangeGuards, GateGuard, ProxyBody};
-use super::forward::{Handler, Outcome, Relay, Route, Upstream, upstream_request};
+use super::forward::{Handler, Outcome, Relay, Route, Upstream, client_side, upstream_request};
 use super::request_id::RequestId;
 use super::{ConnInfo, headers};
 
@@ -213,18 +213,15 @@ impl Handler {
         let activity = Arc::new(Activity::new());
         // A relayed request keeps the edge's forwarding headers; no region is added.
         let no_region = http::HeaderValue::from_static("");
-        let up = Upstream {
-            id,
-            raw_host: &raw_host,
-            upgrade: route.upgrade.as_deref(),
-            proto,
-            region: &no_region,
-        };
+        let up = Upstream { raw_host: &raw_host, upgrade: route.upgrade.as_deref(), proto };
+        let side = client_side(&req, conn, id, &no_region);
         let client_version = req.version();
-        let (up_req, body_state) =
-            upstream_request(req, conn, up, &activity, route.gate.as_ref(), app.spec.replay_buffer)?;
+        let (up_req, body_state, extra) =
+            upstream_request(req, &side, up, &activity, route.gate.as_ref(), app.spec.replay_buffer)?;
+        debug_assert!(!extra, "a relayed request gets no forwarding fields");
         let idle = app.spec.idle_timeout;
-        let sent = self.send(upstream, up_req, &pick.machine, proto, upgrade, &activity, idle, None).await;
+        let sent =
+            self.send(upstream, up_req, &pick.machine, proto, upgrade, &activity, idle, None, None).await;
         let (resp, lease) = self.received(sent, &body_state, &pick.machine)?;
         body_state.stop_keeping();
         let gate = route.gate.clone();

@@ -233,15 +233,12 @@ impl Handler {
         let client_version = req.version();
         // Its bytes began to move when the request arrived.
         let activity = Arc::new(Activity::since(arrived));
-        let up = Upstream {
-            id,
-            raw_host,
-            upgrade: route.upgrade.as_deref(),
-            proto: route.proto,
-            region: &self.region_header,
-        };
-        let (up_req, body_state) =
-            upstream_request(req, conn, up, &activity, route.gate.as_ref(), app.spec.replay_buffer)?;
+        let up = Upstream { raw_host, upgrade: route.upgrade.as_deref(), proto: route.proto };
+        let side = client_side(&req, conn, id, &self.region_header);
+        let (up_req, body_state, extra) =
+            upstream_request(req, &side, up, &activity, route.gate.as_ref(), app.spec.replay_buffer)?;
+        // Written by each send, and not kept in the head a replay sends again.
+        let extra = extra.then_some(&side as &dyn crate::upstream::Extra);
         // The request as a replay sends it again. Its fields are the first hop's as sent,
         // kept by the send (tern's own exchange hands them back when done: no copy), or
         // copied before anything is added for that hop alone; until then `head_kept` is false.
@@ -349,7 +346,8 @@ impl Handler {
             };
             let mut kept = None;
             let keep = (!head_kept).then_some(&mut kept);
-            let sent = self.send(upstream, up_req, &machine, proto, upgrade, &activity, idle, keep).await;
+            let sent =
+                self.send(upstream, up_req, &machine, proto, upgrade, &activity, idle, keep, extra).await;
             if let Some(fields) = kept {
                 head.headers = fields;
                 head_kept = true;
@@ -886,8 +884,8 @@ impl Handler {
     /// Sends the request and waits for the response head, for at most the app's
     /// idle_timeout of silence (an upload in progress is not silence). A pooled connection
     /// that died while idle hands the request back, and it goes out once more on a new one.
-    /// With `keep`, the request's fields as sent are left there (see
-    /// [`crate::upstream::Conn::send_keeping`]).
+    /// With `keep`, the request's fields as sent are left there, and `extra`'s go out after
+    /// them (see [`crate::upstream::Conn::send_keeping`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn send(
         &self,
@@ -899,6 +897,7 @@ impl Handler {
         activity: &Activity,
         idle: Duration,
         mut keep: Option<&mut Option<http::HeaderMap>>,
+        extra: Option<&dyn crate::upstream::Extra>,
     ) -> Result<(Response<MachineBody>, Option<Lease>), ProxyError> {
         let timeout = || ProxyError::UpstreamTimeout { machine: machine.id.clone(), timeout: idle };
         let failed = |e: UpError| {
@@ -914,7 +913,7 @@ impl Handler {
         };
         let reused = conn.reused();
         let first = tokio::select! {
-            r = conn.send_keeping(req, upgrade, keep.as_deref_mut()) => r,
+            r = conn.send_keeping(req, upgrade, keep.as_deref_mut(), extra) => r,
             () = silent_for(activity, idle) => return Err(timeout()),
         };
         let req = match first {
@@ -929,7 +928,7 @@ impl Handler {
             ProxyError::UpstreamConnect { machine: machine.id.clone(), addr: machine.addr, source: e.source }
         })?;
         tokio::select! {
-            r = fresh.send_keeping(*req, upgrade, keep) => r.map_err(|(SendError::NotSent(_, e) | SendError::Failed(e))| failed(e)),
+            r = fresh.send_keeping(*req, upgrade, keep, extra) => r.map_err(|(SendError::NotSent(_, e) | SendError::Failed(e))| failed(e)),
             () = silent_for(activity, idle) => Err(timeout()),
         }
     }
@@ -1145,34 +1144,45 @@ pub(super) struct Relay<'a> {
 
 /// How the request goes to the machine.
 pub(super) struct Upstream<'a> {
-    pub(super) id: &'a RequestId,
     pub(super) raw_host: &'a str,
     pub(super) upgrade: Option<&'a str>,
     pub(super) proto: Proto,
-    pub(super) region: &'a HeaderValue,
 }
 
-pub(super) fn upstream_request(
-    req: Request<RequestBody>,
-    conn: &ConnInfo,
-    up: Upstream<'_>,
-    activity: &Arc<Activity>,
-    gate: Option<&Arc<ContinueGate>>,
-    replay_buffer: u64,
-) -> Result<(Request<UpBody>, Arc<RequestBodyState>), ProxyError> {
-    let Upstream { id, raw_host, upgrade, proto, region } = up;
-    let (mut parts, body) = req.into_parts();
-    let side = ClientSide {
+/// The client side of `req`'s exchange, as the machine is told of it.
+pub(super) fn client_side<'a, B>(
+    req: &Request<B>,
+    conn: &'a ConnInfo,
+    id: &'a RequestId,
+    region: &'a HeaderValue,
+) -> ClientSide<'a> {
+    ClientSide {
         client_ip: &conn.client_ip,
         tls: conn.tls,
         local_port: &conn.local_port,
         region,
         request_id: id.header(),
-        version: parts.version,
+        version: req.version(),
         relayed: conn.backhaul,
-    };
+    }
+}
+
+/// The client's request as a machine is sent it, the state of its body, and whether the
+/// forwarding fields are left to the sender (`side`'s [`crate::upstream::Extra`]: see
+/// [`headers::prepare_request`]).
+pub(super) fn upstream_request(
+    req: Request<RequestBody>,
+    side: &ClientSide<'_>,
+    up: Upstream<'_>,
+    activity: &Arc<Activity>,
+    gate: Option<&Arc<ContinueGate>>,
+    replay_buffer: u64,
+) -> Result<(Request<UpBody>, Arc<RequestBodyState>, bool), ProxyError> {
+    let Upstream { raw_host, upgrade, proto } = up;
+    let (mut parts, body) = req.into_parts();
     let gated = gate.is_some();
-    headers::prepare_request(&mut parts.headers, &side, raw_host, upgrade, gated, proto == Proto::H2c);
+    let extra =
+        headers::prepare_request(&mut parts.headers, side, raw_host, upgrade, gated, proto == Proto::H2c);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
     parts.uri = match proto {
@@ -1215,5 +1225,5 @@ pub(super) fn upstream_request(
             }
         });
     }
-    Ok((req, state))
+    Ok((req, state, extra))
 }

@@ -62,6 +62,10 @@ impl Present {
     const CONTENT_LENGTH: u32 = 1 << 11;
     /// Any field named `fly-…`.
     const FLY: u32 = 1 << 12;
+    /// Any field named `x-forwarded-…` but `x-forwarded-for`.
+    const X_FORWARDED: u32 = 1 << 13;
+    /// Any of the forwarding fields tern sets.
+    const FORWARDING: u32 = Present::VIA | Present::X_FORWARDED_FOR | Present::FLY | Present::X_FORWARDED;
 
     pub fn scan(headers: &HeaderMap) -> Present {
         Present(headers.keys().fold(0, |bits, name| bits | Present::bit_of(name)))
@@ -82,6 +86,7 @@ impl Present {
             "x-forwarded-for" => Present::X_FORWARDED_FOR,
             "content-length" => Present::CONTENT_LENGTH,
             n if n.starts_with("fly-") => Present::FLY,
+            n if n.starts_with("x-forwarded-") => Present::X_FORWARDED,
             _ => 0,
         }
     }
@@ -210,6 +215,11 @@ fn strip_named(headers: &mut HeaderMap) {
 /// sees the name it was reached by; `upgrade` is the one protocol the client may switch to
 /// (any other it asked for is dropped); `expect` keeps `Expect: 100-continue`, for a
 /// machine whose 100 tern relays; `to_h2` means the machine speaks h2c.
+///
+/// Returns true when the forwarding fields are left to whoever sends the request, as
+/// `side`'s [`Extra`]: the client sent none of them (nor any `fly-…` or `Via`), so they are
+/// only added, with nothing to join or replace. Otherwise they are set here, and it returns
+/// false (as it does for a relayed request, which gets none).
 pub fn prepare_request(
     headers: &mut HeaderMap,
     side: &ClientSide<'_>,
@@ -217,7 +227,7 @@ pub fn prepare_request(
     upgrade: Option<&str>,
     expect: bool,
     to_h2: bool,
-) {
+) -> bool {
     let upgrade_value = upgrade.and_then(|u| HeaderValue::from_str(u).ok());
     // Stripping removes only hop-by-hop fields and what `Connection` names (never `Host`):
     // a bit clear here still means absent below.
@@ -252,7 +262,10 @@ pub fn prepare_request(
         }
     }
     if side.relayed {
-        return;
+        return false;
+    }
+    if !present.has(Present::FORWARDING) {
+        return true;
     }
 
     // The values are made once (per connection, per node, per request) and shared here: a
@@ -272,6 +285,55 @@ pub fn prepare_request(
     headers.insert(FLY_REGION, side.region.clone());
     headers.insert(FLY_REQUEST_ID, side.request_id.clone());
     append_via(headers, via_value(side.version), present);
+    false
+}
+
+static HTTPS: HeaderValue = HeaderValue::from_static("https");
+static HTTP: HeaderValue = HeaderValue::from_static("http");
+static ON: HeaderValue = HeaderValue::from_static("on");
+static OFF: HeaderValue = HeaderValue::from_static("off");
+static VIA_2: HeaderValue = HeaderValue::from_static("2 tern");
+static VIA_1_1: HeaderValue = HeaderValue::from_static("1.1 tern");
+static VIA_1_0: HeaderValue = HeaderValue::from_static("1.0 tern");
+
+impl ClientSide<'_> {
+    /// The forwarding fields for a request that had none, in the order they are sent.
+    fn each_field(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
+        f(&X_FORWARDED_FOR, self.client_ip);
+        f(&FLY_CLIENT_IP, self.client_ip);
+        f(&X_FORWARDED_PROTO, if self.tls { &HTTPS } else { &HTTP });
+        f(&X_FORWARDED_SSL, if self.tls { &ON } else { &OFF });
+        f(&X_FORWARDED_PORT, self.local_port);
+        f(&FLY_FORWARDED_PORT, self.local_port);
+        f(&FLY_REGION, self.region);
+        f(&FLY_REQUEST_ID, self.request_id);
+        let via = match self.version {
+            Version::HTTP_2 => &VIA_2,
+            Version::HTTP_10 => &VIA_1_0,
+            _ => &VIA_1_1,
+        };
+        debug_assert_eq!(via, via_value(self.version));
+        f(&header::VIA, via);
+    }
+}
+
+/// The forwarding fields of a request [`prepare_request`] left them to.
+impl crate::upstream::Extra for ClientSide<'_> {
+    fn write(&self, buf: &mut bytes::BytesMut) {
+        use bytes::BufMut;
+        self.each_field(|name, value| {
+            buf.put_slice(name.as_str().as_bytes());
+            buf.put_slice(b": ");
+            buf.put_slice(value.as_bytes());
+            buf.put_slice(b"\r\n");
+        });
+    }
+
+    fn add_to(&self, headers: &mut HeaderMap) {
+        self.each_field(|name, value| {
+            headers.insert(name.clone(), value.clone());
+        });
+    }
 }
 
 /// Prepares a machine's response headers for the client. Returns true when the machine
@@ -371,6 +433,13 @@ mod tests {
         Box::leak(Box::new(HeaderValue::from_static(v)))
     }
 
+    /// What the machine is sent: the map as prepared, with the fields left to the sender.
+    fn prepare(h: &mut HeaderMap, side: &ClientSide<'_>, upgrade: Option<&str>, expect: bool, to_h2: bool) {
+        if prepare_request(h, side, "a.test", upgrade, expect, to_h2) {
+            crate::upstream::Extra::add_to(side, h);
+        }
+    }
+
     fn side(tls: bool) -> ClientSide<'static> {
         ClientSide {
             client_ip: leak("203.0.113.7"),
@@ -417,7 +486,7 @@ mod tests {
         h.insert("host", "a.test".parse().unwrap());
         h.insert("x-keep", "1".parse().unwrap());
         h.insert("trailer", "x-sum".parse().unwrap());
-        prepare_request(&mut h, &side(true), "a.test", None, false, false);
+        prepare(&mut h, &side(true), None, false, false);
         for gone in
             ["connection", "keep-alive", "x-secret", "te", "transfer-encoding", "http2-settings", "expect"]
         {
@@ -476,9 +545,11 @@ mod tests {
         }
         let mut h = HeaderMap::new();
         h.insert("accept", "*/*".parse().unwrap());
-        h.insert("x-forwarded-host", "a.test".parse().unwrap());
+        h.insert("x-real-ip", "192.0.2.1".parse().unwrap());
         assert_eq!(Present::scan(&h), Present::default());
         assert!(!Present::scan(&h).fly());
+        h.insert("x-forwarded-host", "a.test".parse().unwrap());
+        assert!(Present::scan(&h).has(Present::FORWARDING));
         h.insert("Fly-Prefer-Region", "ams".parse().unwrap());
         assert!(Present::scan(&h).fly());
         assert!(has_named(&h, "FLY-prefer-region") && !has_named(&h, "fly-prefer"));
@@ -500,6 +571,58 @@ mod tests {
         }
         assert_eq!(h["x-forwarded-for"], "198.51.100.1, 203.0.113.7");
         assert_eq!(h.get_all("host").iter().count(), 1);
+    }
+
+    #[test]
+    fn a_request_without_forwarding_fields_leaves_them_to_the_sender_who_writes_the_same() {
+        use crate::upstream::Extra;
+        let mut bare = HeaderMap::new();
+        bare.insert("host", "a.test".parse().unwrap());
+        bare.insert("accept", "*/*".parse().unwrap());
+        let side = side(true);
+        assert!(prepare_request(&mut bare, &side, "a.test", None, false, false), "left to the sender");
+        assert_eq!(bare.len(), 2, "nothing added to the map: {bare:?}");
+
+        let mut written = bytes::BytesMut::new();
+        side.write(&mut written);
+        assert_eq!(
+            &written[..],
+            b"x-forwarded-for: 203.0.113.7\r\nfly-client-ip: 203.0.113.7\r\nx-forwarded-proto: https\r\n\
+              x-forwarded-ssl: on\r\nx-forwarded-port: 443\r\nfly-forwarded-port: 443\r\n\
+              fly-region: ams\r\nfly-request-id: 01ABC-ams\r\nvia: 1.1 tern\r\n"
+        );
+
+        // The same fields, with the same values, as a request that had one of them gets
+        // them set in its map.
+        let mut added = bare.clone();
+        side.add_to(&mut added);
+        side.add_to(&mut added);
+        let mut set = bare.clone();
+        set.insert("x-forwarded-ssl", "maybe".parse().unwrap());
+        assert!(!prepare_request(&mut set, &side, "a.test", None, false, false), "set here");
+        assert_eq!(added, set);
+        assert_eq!(added.len(), 2 + 9);
+    }
+
+    #[test]
+    fn any_field_tern_would_set_or_join_makes_it_set_them_all_itself() {
+        for (name, value) in [
+            ("via", "1.1 cdn"),
+            ("x-forwarded-for", "198.51.100.1"),
+            ("x-forwarded-port", "1"),
+            ("fly-request-id", "forged"),
+            ("fly-prefer-region", "ams"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, value.parse().unwrap());
+            assert!(!prepare_request(&mut h, &side(false), "a.test", None, false, false), "{name}");
+            assert_eq!(h["fly-client-ip"], "203.0.113.7", "{name}");
+            assert_eq!(h.get_all(name).iter().count(), 1, "{name}");
+        }
+        let mut relayed = HeaderMap::new();
+        let side = ClientSide { relayed: true, ..side(false) };
+        assert!(!prepare_request(&mut relayed, &side, "a.test", None, false, false));
+        assert!(!relayed.contains_key("fly-client-ip"), "a relayed request gets none");
     }
 
     #[test]

@@ -163,6 +163,7 @@ pub(super) async fn exchange(
     // Only read, but held across awaits: `&mut` keeps the future `Send` for a body that is
     // not `Sync`.
     req: &mut Request<UpBody>,
+    extra: Option<&dyn super::Extra>,
     max_head: usize,
     home: Home,
 ) -> Result<Response<Body>, Failure> {
@@ -171,7 +172,7 @@ pub(super) async fn exchange(
     if buf.capacity() < FIRST_READ {
         buf.reserve(FIRST_READ);
     }
-    write_head(&mut buf, req);
+    write_head(&mut buf, req, extra);
     if let UpBody::Whole(Some(body)) = req.body() {
         buf.put_slice(body);
     }
@@ -202,8 +203,8 @@ pub(super) async fn exchange(
 }
 
 /// The request line and header fields, as the request has them (names are lowercase in a
-/// `HeaderMap`, as hyper writes them too).
-fn write_head<B>(buf: &mut BytesMut, req: &Request<B>) {
+/// `HeaderMap`, as hyper writes them too), then `extra`'s.
+fn write_head<B>(buf: &mut BytesMut, req: &Request<B>, extra: Option<&dyn super::Extra>) {
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     buf.put_slice(req.method().as_str().as_bytes());
     buf.put_u8(b' ');
@@ -214,6 +215,9 @@ fn write_head<B>(buf: &mut BytesMut, req: &Request<B>) {
         buf.put_slice(b": ");
         buf.put_slice(value.as_bytes());
         buf.put_slice(b"\r\n");
+    }
+    if let Some(extra) = extra {
+        extra.write(buf);
     }
     buf.put_slice(b"\r\n");
 }

@@ -372,3 +372,57 @@ fn a_whole_body_is_written_by_tern_only_as_long_as_its_length_says() {
     assert!(!super::fits(&post("", None), false), "a POST without a length");
     assert!(super::fits(&get("GET", "/"), false));
 }
+
+/// Two fields beside the map's, as tern's forwarding fields go.
+struct Beside;
+
+impl crate::upstream::Extra for Beside {
+    fn write(&self, buf: &mut bytes::BytesMut) {
+        buf.extend_from_slice(b"x-one: 1\r\nx-two: 2\r\n");
+    }
+
+    fn add_to(&self, headers: &mut http::HeaderMap) {
+        headers.insert("x-one", http::HeaderValue::from_static("1"));
+        headers.insert("x-two", http::HeaderValue::from_static("2"));
+    }
+}
+
+#[tokio::test]
+async fn fields_beside_the_map_go_after_its_own_by_either_sender_and_are_not_kept() {
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let m = machine(&[ok, ok]).await;
+    let pool = pool();
+    // tern's own exchange writes them into the head; the fields kept are the map's.
+    let conn = pool.checkout(m.addr, Proto::Http1, false).await.unwrap();
+    let mut kept = None;
+    let Ok((resp, _)) = conn.send_keeping(get("GET", "/a"), false, Some(&mut kept), Some(&Beside)).await
+    else {
+        panic!("the machine answers")
+    };
+    assert!(matches!(resp.body(), MachineBody::Own(_)));
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(m.heads.lock()[0], "GET /a HTTP/1.1\r\nhost: m\r\nx-one: 1\r\nx-two: 2\r\n\r\n");
+    let kept = kept.expect("kept");
+    assert_eq!(kept.len(), 1, "only the map's own: {kept:?}");
+
+    // hyper's client gets them in the map; the fields kept are still the map's alone.
+    let conn = pool.checkout(m.addr, Proto::Http1, false).await.unwrap();
+    let body = UpBody::stream(
+        http_body_util::Full::new(Bytes::from_static(b"hi"))
+            .map_err(|e| -> crate::upstream::BoxError { match e {} }),
+    );
+    let post = Request::builder().method("POST").uri("/b").header("host", "m").body(body).unwrap();
+    let mut kept = None;
+    let Ok((resp, lease)) = conn.send_keeping(post, false, Some(&mut kept), Some(&Beside)).await else {
+        panic!("the machine answers")
+    };
+    assert!(matches!(resp.body(), MachineBody::Hyper(_)), "a streamed body goes through hyper");
+    resp.into_body().collect().await.unwrap();
+    drop(lease);
+    let head = m.heads.lock()[1].clone();
+    assert!(head.starts_with("POST /b HTTP/1.1\r\n"), "{head}");
+    for line in ["\r\nx-one: 1\r\n", "\r\nx-two: 2\r\n"] {
+        assert_eq!(head.matches(line).count(), 1, "{line:?} once in {head}");
+    }
+    assert_eq!(kept.expect("kept").len(), 1);
+}
