@@ -382,6 +382,47 @@ async fn the_target_invalidates_the_entry_by_replaying_back() {
 }
 
 #[tokio::test]
+async fn a_replayed_request_the_client_sent_without_forwarding_fields_carries_each_once() {
+    // No `fly-…` field from the client: the forwarding fields are written by the send, on
+    // the first hop and again on the replay, never kept twice.
+    // A GET goes by tern's own exchange; a chunked POST's body is streamed, by hyper's.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(&["ams", "ams"], "", "").await;
+    let q = format!("replay={}&unless=fly-replay-src", enc("instance=m2"));
+    for method in ["GET", "POST"] {
+        let body = if method == "POST" {
+            "Transfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
+        } else {
+            "\r\n"
+        };
+        let mut tcp = tokio::net::TcpStream::connect(s.proxy.http).await.unwrap();
+        let head = format!("{method} /echo?{q} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n{body}");
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        tcp.read_to_string(&mut raw).await.unwrap();
+        assert!(raw.starts_with("HTTP/1.1 200 "), "{raw}");
+        let echo: serde_json::Value = serde_json::from_str(raw.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!((echo["machine"].as_str(), echo["method"].as_str()), (Some("m2"), Some(method)), "{echo}");
+        let h = &echo["headers"];
+        assert!(h["fly-replay-src"][0].as_str().is_some(), "replayed: {echo}");
+        let port = s.proxy.http.port().to_string();
+        for (name, want) in [
+            ("x-forwarded-for", "127.0.0.1"),
+            ("fly-client-ip", "127.0.0.1"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-ssl", "off"),
+            ("x-forwarded-port", port.as_str()),
+            ("fly-forwarded-port", port.as_str()),
+            ("fly-region", "ams"),
+            ("via", "1.1 tern"),
+        ] {
+            assert_eq!(h[name], serde_json::json!([want]), "{method} {name}: {echo}");
+        }
+        assert_eq!(h["fly-request-id"].as_array().map(Vec::len), Some(1), "{echo}");
+    }
+}
+
+#[tokio::test]
 async fn a_cached_target_that_cannot_be_reached_is_forgotten() {
     let dead = crate::harness::dead_addr();
     let extra = format!(
