@@ -296,54 +296,71 @@ fn parse_head<B>(buf: &mut BytesMut, req: &Request<B>, head_room: usize) -> Resu
         let head = buf.split_to(len).freeze();
         let mut headers = spare_fields();
         headers.reserve(places.len());
+        // The fields that frame the body are read on the way, not looked up after.
+        let mut framed = Framed::default();
         for (name, value) in places.iter() {
             let name =
                 HeaderName::from_bytes(&head[name]).map_err(|_| Error::Parse(httparse::Error::HeaderName))?;
             let value = HeaderValue::from_maybe_shared(head.slice(value))
                 .map_err(|_| Error::Parse(httparse::Error::HeaderValue))?;
+            framed.see(&name, value.as_bytes())?;
             headers.append(name, value);
         }
         let reason = reason.map(|r| head.slice(r));
-        let (framing, reusable) = framing(req.method(), status, version, &headers)?;
+        let (framing, reusable) = framing(req.method(), status, version, &framed);
         return Ok(Some(Head { status, version, reason, headers, framing, reusable }));
+    }
+}
+
+/// What a response's `Connection`, `Content-Length` and `Transfer-Encoding` fields say, read
+/// field by field as the head is taken.
+#[derive(Default)]
+struct Framed {
+    /// `Connection` has `close`.
+    close: bool,
+    /// Every `Content-Length` value (repeated fields, comma lists) is this number.
+    length: Option<u64>,
+    /// With a `Transfer-Encoding` field: whether the last coding of the last one is `chunked`.
+    chunked: Option<bool>,
+}
+
+impl Framed {
+    fn see(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), Error> {
+        if *name == header::CONNECTION {
+            self.close |= value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if *name == header::CONTENT_LENGTH {
+            length_of(value, &mut self.length)?;
+        } else if *name == header::TRANSFER_ENCODING {
+            let last = value.rsplit(|b| *b == b',').next().map(<[u8]>::trim_ascii);
+            self.chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
+        }
+        Ok(())
     }
 }
 
 /// How the body is framed (RFC 9112 §6.3), and whether the connection may carry another
 /// exchange after it.
-fn framing(
-    method: &Method,
-    status: StatusCode,
-    version: Version,
-    headers: &HeaderMap,
-) -> Result<(Framing, bool), Error> {
-    let close = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")));
-    let keep = version == Version::HTTP_11 && !close && status != StatusCode::SWITCHING_PROTOCOLS;
+fn framing(method: &Method, status: StatusCode, version: Version, framed: &Framed) -> (Framing, bool) {
+    let keep = version == Version::HTTP_11 && !framed.close && status != StatusCode::SWITCHING_PROTOCOLS;
     if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
-        return Ok((Framing::Empty, keep));
+        return (Framing::Empty, keep);
     }
-    let length = content_length(headers)?;
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if codings.peek().is_some() {
-        let last = codings.last().and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next());
-        return Ok(match last.map(<[u8]>::trim_ascii) {
-            // Framed two ways: read by its chunks, and never trusted with another exchange.
-            Some(c) if c.eq_ignore_ascii_case(b"chunked") => (Framing::Chunked, keep && length.is_none()),
-            _ => (Framing::Close, false),
-        });
+    let length = framed.length;
+    match framed.chunked {
+        // Framed two ways: read by its chunks, and never trusted with another exchange.
+        Some(true) => return (Framing::Chunked, keep && length.is_none()),
+        Some(false) => return (Framing::Close, false),
+        None => {}
     }
-    Ok(match length {
+    match length {
         Some(0) => (Framing::Empty, keep),
         Some(n) => (Framing::Length(n), keep),
         None => (Framing::Close, false),
-    })
+    }
 }
 
 /// The `Content-Length`, if any: every value (repeated fields, comma lists) must be the
@@ -351,19 +368,25 @@ fn framing(
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
-            let digits = part.trim_ascii();
-            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-                return Err(Error::BadLength);
-            }
-            let n = digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err(Error::BadLength);
-            }
-            length = Some(n);
-        }
+        length_of(value.as_bytes(), &mut length)?;
     }
     Ok(length)
+}
+
+/// One `Content-Length` value, checked against the `length` earlier ones said.
+fn length_of(value: &[u8], length: &mut Option<u64>) -> Result<(), Error> {
+    for part in value.split(|b| *b == b',') {
+        let digits = part.trim_ascii();
+        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+            return Err(Error::BadLength);
+        }
+        let n = digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if length.is_some_and(|l| l != n) {
+            return Err(Error::BadLength);
+        }
+        *length = Some(n);
+    }
+    Ok(())
 }
 
 impl Head {

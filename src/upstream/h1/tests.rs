@@ -179,6 +179,9 @@ async fn connections_that_cannot_carry_another_exchange_are_closed() {
         ("GET", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nno"),
         // A body after a HEAD answer.
         ("HEAD", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+        // Coded last by other than chunked, by the last of its fields: read to the close.
+        ("GET", b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nok<close>"),
+        ("GET", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\nok<close>"),
     ] {
         let what = String::from_utf8_lossy(answer);
         let m = machine(&[answer, b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nyes"]).await;
