@@ -20,8 +20,10 @@
 #   IDLE_SMAPS=1 KEEP=1 …                               (each idle run's /proc/PID/smaps before
 #                                                        and after, kept in the work directory)
 #   INSTR=1 INSTR_PROXIES="tern nginx" INSTR_N=20000 …   (adds user-space instructions per
-#                                                        HTTP/1.1 GET, each proxy under
-#                                                        callgrind; installs valgrind)
+#   INSTR_MODES="h1 tls h2" …                            GET, each proxy under callgrind;
+#                                                        installs valgrind; h1 by default,
+#                                                        tls and h2 as the scenarios of
+#                                                        those names send them)
 #   PEER_SUITES=TLS_AES_128_GCM_SHA256 …                 (nginx's and HAProxy's TLS 1.3 suites,
 #                                                        OpenSSL's names: tern picks AES-128-GCM
 #                                                        for wrk and h2load, the peers their first
@@ -53,7 +55,8 @@
 #    open with its body unread, over plain HTTP/1.1, TLS and HTTP/2; RSS per stream, and the proxy's
 #    CPU while they sit idle (a proxy should not wake for a silent stream).
 # 4. With INSTR=1, instructions: each proxy under callgrind, user-space instructions per
-#    HTTP/1.1 keep-alive GET (a count that does not vary from run to run; see instructions()).
+#    keep-alive GET over HTTP/1.1, and with INSTR_MODES over TLS and HTTP/2 too (a count that
+#    does not vary from run to run; see instructions()).
 #
 # All proxies: access logs off, keep-alive to the backend, TLS 1.3 only with the same ECDSA
 # P-256 certificate, idle keep-alive timeouts of 300 s (so the idle run's connections stay).
@@ -620,7 +623,9 @@ table() {
   row "RSS per idle SSE stream, HTTP/1.1 over TLS (KiB)" idle-sse-tls %.1f 4
   row "RSS per idle SSE stream, HTTP/2 over TLS (KiB)" idle-sse-h2 %.1f 4
   row "p99 at half of nginx's max rate (ms)" rate %.2f 5
-  row "user-space instructions per HTTP/1.1 GET (callgrind; fewer is better)" instr int 2
+  row "user-space instructions per HTTP/1.1 GET (callgrind; fewer is better)" instr-h1 int 2
+  row "user-space instructions per TLS 1.3 keep-alive GET (callgrind)" instr-tls int 2
+  row "user-space instructions per HTTP/2 GET over TLS, 8 streams (callgrind)" instr-h2 int 2
 }
 # What the table leaves out: wall-clock req/s, the fixed-rate run's other percentiles, Pss.
 details() {
@@ -686,23 +691,33 @@ if [ -z "${SKIP_RATE:-}" ]; then
   fixed_rate "$RATE_RPS"
 fi
 # Instructions: each proxy restarted under callgrind (valgrind), INSTR_WARM then
-# INSTR_WARM + INSTR_N HTTP/1.1 keep-alive GETs (h2load --h1) in two whole lives, stopped
-# gracefully so callgrind writes its counts; the difference of their totals over INSTR_N is
-# the user-space instructions per proxied request, over all the proxy's processes and
-# threads. Deterministic where CPU time on a shared VM is not (it settles a few-percent
-# change), but a count, not a time: memory stalls, system calls and the kernel's work are
-# not in it. INSTR=1 turns it on; INSTR_PROXIES="tern nginx" for some proxies only.
+# INSTR_WARM + INSTR_N keep-alive GETs in two whole lives, stopped gracefully so callgrind
+# writes its counts; the difference of their totals over INSTR_N is the user-space
+# instructions per proxied request, over all the proxy's processes and threads. Deterministic
+# where CPU time on a shared VM is not (it settles a few-percent change), but a count, not a
+# time: memory stalls, system calls and the kernel's work are not in it. INSTR=1 turns it on;
+# INSTR_PROXIES="tern nginx" for some proxies only; INSTR_MODES="h1 tls h2" for HTTP/1.1
+# (the default), HTTP/1.1 over TLS 1.3 and HTTP/2 over TLS 1.3 with 8 streams a connection,
+# all from h2load with 16 connections (the TLS handshakes are in the warm-up's count too, so
+# they cancel out).
 INSTR_N=${INSTR_N:-20000}
 INSTR_WARM=${INSTR_WARM:-2000}
 instr_life() {
-  local p=$1 n=$2 d=$work/cg/$1-$2
+  local p=$1 mode=$2 n=$3 d=$work/cg/$1-$2-$3
   # Writable by all: nginx's worker runs as nobody. ($work itself is only searchable by
   # others, not listable.)
   rm -rf "$d"; mkdir -p "$d"; chmod 1777 "$d" "$work/cg"; chmod o+x "$work"
   WRAP=(valgrind --tool=callgrind --trace-children=yes "--callgrind-out-file=$d/out.%p")
   TRIES=3000 start "$p" >/dev/null; unset WRAP
-  load h2load --h1 -n "$n" -c 16 -t1 "http://localhost:${HTTP[$p]}/" >>"$work/runs/$p.txt" 2>&1
-  grep -q "succeeded, 0 failed" <(tail -n 20 "$work/runs/$p.txt") || { echo "instructions: requests to $p failed" >&2; exit 1; }
+  local how
+  case $mode in
+    h1) how=(--h1 "http://localhost:${HTTP[$p]}/") ;;
+    tls) how=(--h1 "https://localhost:${TLS[$p]}/") ;;
+    h2) how=(-m 8 "https://localhost:${TLS[$p]}/") ;;
+    *) echo "instructions: no mode $mode (h1, tls, h2)" >&2; exit 1 ;;
+  esac
+  load h2load -n "$n" -c 16 -t1 "${how[@]}" >>"$work/runs/$p.txt" 2>&1
+  grep -q "succeeded, 0 failed" <(tail -n 20 "$work/runs/$p.txt") || { echo "instructions: $mode requests to $p failed" >&2; exit 1; }
   # nginx's worker writes its counts only in a graceful stop: told to stop fast, its master
   # kills a worker still busy exiting (as one under valgrind is).
   local pids q left; pids=$(tree_pids "${PID[$p]}")
@@ -719,15 +734,18 @@ instructions() {
   command -v valgrind >/dev/null || {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
   }
-  local p a b
+  local p a b mode
   for p in ${INSTR_PROXIES:-${PROXIES[@]}}; do
     serves h1 "$p" || continue
-    echo "instructions: $p under callgrind, $INSTR_WARM and $((INSTR_WARM + INSTR_N)) requests" >&2
     stop "$p"
-    a=$(instr_life "$p" "$INSTR_WARM"); b=$(instr_life "$p" $((INSTR_WARM + INSTR_N)))
-    [ "$b" -gt "$a" ] || { echo "instructions: no counts from the process that served $p's requests" >&2; exit 1; }
-    R[instr,$p]="$(((b - a) / INSTR_N)) 0"$'\n'
-    log "instructions proxy=$p warm_total=$a total=$b per_request=${R[instr,$p]}"
+    for mode in ${INSTR_MODES:-h1}; do
+      serves "$mode" "$p" || continue
+      echo "instructions: $p under callgrind, $mode, $INSTR_WARM and $((INSTR_WARM + INSTR_N)) requests" >&2
+      a=$(instr_life "$p" "$mode" "$INSTR_WARM"); b=$(instr_life "$p" "$mode" $((INSTR_WARM + INSTR_N)))
+      [ "$b" -gt "$a" ] || { echo "instructions: no counts from the process that served $p's requests" >&2; exit 1; }
+      R[instr-$mode,$p]="$(((b - a) / INSTR_N)) 0"$'\n'
+      log "instructions proxy=$p mode=$mode warm_total=$a total=$b per_request=${R[instr-$mode,$p]}"
+    done
     start "$p"
   done
 }
