@@ -429,3 +429,25 @@ async fn fields_beside_the_map_go_after_its_own_by_either_sender_and_are_not_kep
     }
     assert_eq!(kept.expect("kept").len(), 1);
 }
+
+#[tokio::test]
+async fn fields_only_for_this_connection_are_left_out_unless_they_name_another() {
+    let m = machine(&[
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\ncontent-length: 1\r\nx-a: 1\r\n\r\na",
+        b"HTTP/1.1 200 OK\r\nconnection: Keep-Alive, x-hop\r\nx-hop: 2\r\ncontent-length: 1\r\n\r\nb",
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nc",
+    ])
+    .await;
+    let pool = pool();
+    let got = send(&pool, m.addr, "GET").await.unwrap();
+    let names: Vec<&str> = got.headers.keys().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["content-length", "x-a"], "keep-alive and its connection field left out");
+    let got = send(&pool, m.addr, "GET").await.unwrap();
+    assert_eq!(got.headers["connection"], "Keep-Alive, x-hop", "kept: it names a field to strip");
+    assert_eq!(got.headers["x-hop"], "2", "stripped on the client's side, not here");
+    let got = send(&pool, m.addr, "GET").await.unwrap();
+    assert_eq!((&got.body[..], got.headers.get("connection")), (&b"c"[..], None));
+    settle().await;
+    let _ = send(&pool, m.addr, "GET").await;
+    assert_eq!(m.accepted.load(Ordering::SeqCst), 2, "a close still ends its connection");
+}
