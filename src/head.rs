@@ -22,6 +22,22 @@ pub fn table<'b>() -> Table<'b> {
     [const { MaybeUninit::uninit() }; MAX_FIELDS]
 }
 
+/// Whether a field speaks only of this connection and nothing else, so that a parser can
+/// leave it out of the map it builds: `Keep-Alive`, and a `Connection` that says only
+/// `keep-alive` or `close` (most machines send one; browsers too). tern strips both before
+/// the next hop in any case (`http::headers`). A `Connection` naming any other field stays,
+/// so that the field it names is stripped too. What it said of the connection the parser
+/// reads before leaving it out.
+pub fn only_this_hop(name: &http::HeaderName, value: &[u8]) -> bool {
+    if name.as_str() == "keep-alive" {
+        return true;
+    }
+    *name == http::header::CONNECTION
+        && value.split(|b| *b == b',').map(<[u8]>::trim_ascii).all(|t| {
+            t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
+        })
+}
+
 /// Fields most heads fit in (a browser's request has about fifteen, a response fewer); more
 /// are placed in a vector.
 const FEW: usize = 24;

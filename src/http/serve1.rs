@@ -529,7 +529,10 @@ fn take_request(
         for (name, value) in places.iter() {
             let name = HeaderName::from_bytes(&head[name]).ok()?;
             let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
-            headers.append(name, value);
+            // Read above (`closes`); the machine's request would have it stripped.
+            if !head::only_this_hop(&name, value.as_bytes()) {
+                headers.append(name, value);
+            }
         }
         Some((uri, headers))
     })();

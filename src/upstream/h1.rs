@@ -304,7 +304,9 @@ fn parse_head<B>(buf: &mut BytesMut, req: &Request<B>, head_room: usize) -> Resu
             let value = HeaderValue::from_maybe_shared(head.slice(value))
                 .map_err(|_| Error::Parse(httparse::Error::HeaderValue))?;
             framed.see(&name, value.as_bytes())?;
-            if !only_this_hop(&name, value.as_bytes()) {
+            // The client's side would strip them: left out, they are neither hashed in nor
+            // looked up and removed.
+            if !head::only_this_hop(&name, value.as_bytes()) {
                 headers.append(name, value);
             }
         }
@@ -312,22 +314,6 @@ fn parse_head<B>(buf: &mut BytesMut, req: &Request<B>, head_room: usize) -> Resu
         let (framing, reusable) = framing(req.method(), status, version, &framed);
         return Ok(Some(Head { status, version, reason, headers, framing, reusable }));
     }
-}
-
-/// Whether a response field speaks only of this connection, so that it is left out of the
-/// map the client's response is made from: `Keep-Alive`, and a `Connection` that says only
-/// `keep-alive` or `close` (most machines send one). The client's side would strip them
-/// anyway (`headers::prepare_response`); left out, they are neither hashed in nor looked up
-/// and removed. A `Connection` naming any other field stays, so that the field it names is
-/// stripped too.
-fn only_this_hop(name: &HeaderName, value: &[u8]) -> bool {
-    if name.as_str() == "keep-alive" {
-        return true;
-    }
-    *name == header::CONNECTION
-        && value.split(|b| *b == b',').map(<[u8]>::trim_ascii).all(|t| {
-            t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
-        })
 }
 
 /// What a response's `Connection`, `Content-Length` and `Transfer-Encoding` fields say, read

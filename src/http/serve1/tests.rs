@@ -141,6 +141,7 @@ fn keep_alive_and_close_are_taken_and_any_other_connection_token_is_not() {
         (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, CLOSE\r\n\r\n", true),
         (b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nHost: a\r\nConnection: close\r\n\r\n", true),
         (b"GET / HTTP/1.1\r\nHost: a\r\nConnection:\r\n\r\n", false),
+        (b"GET / HTTP/1.1\r\nKeep-Alive: 300\r\nHost: a\r\nConnection: keep-alive\r\n\r\n", false),
     ] {
         let (r, rest) = take_asked(head);
         let (req, asked) =
@@ -148,6 +149,8 @@ fn keep_alive_and_close_are_taken_and_any_other_connection_token_is_not() {
         assert_eq!(asked, closes, "{:?}", String::from_utf8_lossy(head));
         assert!(rest.is_empty());
         assert_eq!(req.headers()["host"], "a");
+        // Read, and not kept for the machine's request, which would have them stripped.
+        assert_eq!(req.headers().len(), 1, "{:?}", String::from_utf8_lossy(head));
     }
     for head in [
         &b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-secret\r\n\r\n"[..],
