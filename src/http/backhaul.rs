@@ -222,7 +222,10 @@ impl Handler {
         let idle = app.spec.idle_timeout;
         let sent =
             self.send(upstream, up_req, &pick.machine, proto, upgrade, &activity, idle, None, None).await;
-        let (resp, lease) = self.received(sent, &body_state, &pick.machine)?;
+        if let Some(e) = self.refused(&sent, &body_state, &pick.machine) {
+            return Err(e);
+        }
+        let (resp, lease) = sent?;
         body_state.stop_keeping();
         let gate = route.gate.clone();
         let guards = ExchangeGuards { in_flight: pick.guard, exchange, lease, gate: gate.map(GateGuard) };

@@ -352,7 +352,10 @@ impl Handler {
                 head.headers = fields;
                 head_kept = true;
             }
-            let (resp, lease) = self.received(sent, &body_state, &machine)?;
+            if let Some(e) = self.refused(&sent, &body_state, &machine) {
+                return Err(e);
+            }
+            let (resp, lease) = sent?;
             if remote
                 && super::backhaul::turned_away(&resp)
                 && steer.pinned.is_none()
@@ -575,30 +578,31 @@ impl Handler {
         Ok(req)
     }
 
-    /// The machine's answer, or why there is none. Whatever the machine connection reports,
-    /// a body the client framed wrongly, or stopped sending, is the client's fault.
-    pub(super) fn received(
+    /// Why the machine's answer is refused, if it is, looked at in place (the response is
+    /// not moved through a call). Whatever the machine connection reports, a body the client
+    /// framed wrongly, or stopped sending, is the client's fault. `None` leaves `sent` as it
+    /// is: a response to pass on, or the send's own error.
+    pub(super) fn refused(
         &self,
-        sent: Result<(Response<MachineBody>, Option<Lease>), ProxyError>,
+        sent: &Result<(Response<MachineBody>, Option<Lease>), ProxyError>,
         body: &RequestBodyState,
         machine: &Machine,
-    ) -> Result<(Response<MachineBody>, Option<Lease>), ProxyError> {
-        let (resp, lease) = match (sent, body.failure()) {
-            (Err(_), Some(why)) => return Err(ProxyError::BadBody(why.to_string())),
+    ) -> Option<ProxyError> {
+        match (sent, body.failure()) {
+            (Err(_), Some(why)) => Some(ProxyError::BadBody(why.to_string())),
             (Err(ProxyError::UpstreamTimeout { timeout, .. }), None) if body.unfinished() => {
-                return Err(ProxyError::BodyTimeout { timeout });
+                Some(ProxyError::BodyTimeout { timeout: *timeout })
             }
-            (sent, _) => sent?,
-        };
-        let head = headers::response_head_size(&resp);
-        if head > self.max_response_header_bytes {
-            return Err(ProxyError::ResponseHeadersTooLarge {
-                machine: machine.id.clone(),
-                limit: self.max_response_header_bytes,
-                detail: format!("{head} bytes"),
-            });
+            (Err(_), _) => None,
+            (Ok((resp, _)), _) => {
+                let head = headers::response_head_size(resp);
+                (head > self.max_response_header_bytes).then(|| ProxyError::ResponseHeadersTooLarge {
+                    machine: machine.id.clone(),
+                    limit: self.max_response_header_bytes,
+                    detail: format!("{head} bytes"),
+                })
+            }
         }
-        Ok((resp, lease))
     }
 
     /// Passes the machine's response on: a body streamed to the client, or, after a 101 to
