@@ -916,7 +916,9 @@ impl Handler {
             ProxyError::UpstreamError { machine: machine.id.clone(), detail: e.to_string() }
         };
         let reused = conn.reused();
+        // `biased`: the send first, then the timer; no random draw to pick an order.
         let first = tokio::select! {
+            biased;
             r = conn.send_keeping(req, upgrade, keep.as_deref_mut(), extra) => r,
             () = silent_for(activity, idle) => return Err(timeout()),
         };
@@ -932,6 +934,7 @@ impl Handler {
             ProxyError::UpstreamConnect { machine: machine.id.clone(), addr: machine.addr, source: e.source }
         })?;
         tokio::select! {
+            biased;
             r = fresh.send_keeping(*req, upgrade, keep, extra) => r.map_err(|(SendError::NotSent(_, e) | SendError::Failed(e))| failed(e)),
             () = silent_for(activity, idle) => Err(timeout()),
         }
