@@ -29,7 +29,10 @@ pub fn table<'b>() -> Table<'b> {
 /// so that the field it names is stripped too. What it said of the connection the parser
 /// reads before leaving it out.
 pub fn only_this_hop(name: &http::HeaderName, value: &[u8]) -> bool {
-    if name.as_str() == "keep-alive" {
+    // Compared as a name, not as text: a standard name's text is a table lookup, and a
+    // standard name never equals this one.
+    const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+    if *name == KEEP_ALIVE {
         return true;
     }
     *name == http::header::CONNECTION
