@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
@@ -151,7 +151,8 @@ where
             spare = Some(parts.headers);
         }
         let ended = if framing.body {
-            wait.relay(body, framing, io, &mut wbuf, &mut rbuf, &cx).await
+            let kept = Kept { rbuf: &mut rbuf, exchange: &mut running };
+            wait.relay(body, framing, io, &mut wbuf, kept, &cx).await
         } else {
             // hyper drops a body it may not send without reading it; so does this.
             let written = io.write_all(&wbuf).await.is_ok();
@@ -334,20 +335,22 @@ impl<'s> Wait<'s> {
     /// and everything is written whenever the body has nothing more yet. `Some(close)` once
     /// it is all written, `None` if the connection cannot go on (the client left, a write or
     /// the body failed).
-    async fn relay<IO>(
+    async fn relay<IO, R>(
         &mut self,
         body: ProxyBody,
         framing: Framing,
         io: &mut Prefixed<IO>,
         wbuf: &mut Vec<u8>,
-        rbuf: &mut BytesMut,
+        kept: Kept<'_, R>,
         c: &Ctx<'_>,
     ) -> Option<bool>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
+        let Kept { rbuf, exchange } = kept;
         let mut body = body;
         let mut left = framing.length;
+        let mut waited = false;
         loop {
             let frame = std::future::poll_fn(|cx| {
                 if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
@@ -356,6 +359,16 @@ impl<'s> Wait<'s> {
                 if !wbuf.is_empty() {
                     // Nothing more yet: what there is goes out first.
                     return Poll::Ready(None);
+                }
+                if !waited {
+                    // The body waits for its machine (a stream between events, a slow
+                    // machine), which may be for hours: what is kept for the next request
+                    // goes until the body ends.
+                    waited = true;
+                    *exchange = None;
+                    if rbuf.is_empty() {
+                        *rbuf = BytesMut::new();
+                    }
                 }
                 if !Self::poll_client(io, rbuf, cx) {
                     return Poll::Ready(Some(Some(Err(gone()))));
@@ -383,6 +396,9 @@ impl<'s> Wait<'s> {
                     if !(written && end(io).await) {
                         return None;
                     }
+                    if waited && rbuf.is_empty() {
+                        *rbuf = BytesMut::with_capacity(READ_BUF);
+                    }
                     // Shorter than it said: the client cannot tell where the next response
                     // starts, so there is none.
                     let short = left.is_some_and(|l| l > 0);
@@ -395,7 +411,7 @@ impl<'s> Wait<'s> {
                 Some(Some(Ok(frame))) => {
                     // Trailers go only to clients that ask for them (TE: trailers), and those
                     // are hyper's.
-                    let Ok(mut data) = frame.into_data() else { continue };
+                    let Ok(data) = frame.into_data() else { continue };
                     if data.is_empty() {
                         continue;
                     }
@@ -407,29 +423,50 @@ impl<'s> Wait<'s> {
                         }
                         *left -= n;
                     }
-                    if framing.chunked {
-                        let _ = write!(wbuf, "{:x}\r\n", data.len());
-                    }
-                    if data.len() <= COPY_UP_TO {
-                        wbuf.extend_from_slice(&data);
-                    } else {
-                        if !flush(io, wbuf).await {
-                            return None;
-                        }
-                        while data.has_remaining() {
-                            match io.write(&data).await {
-                                Ok(0) | Err(_) => return None,
-                                Ok(n) => data.advance(n),
-                            }
-                        }
-                    }
-                    if framing.chunked {
-                        wbuf.extend_from_slice(b"\r\n");
+                    if !put_data(io, wbuf, data, framing.chunked).await {
+                        return None;
                     }
                 }
             }
         }
     }
+}
+
+/// What a connection keeps for its next request while a response streams: its read buffer
+/// and the room for the next exchange, let go of while the body waits (see [`Wait::relay`]).
+struct Kept<'k, R> {
+    rbuf: &'k mut BytesMut,
+    exchange: &'k mut Option<R>,
+}
+
+/// A frame of body data, after what `wbuf` holds: copied in if small (to go out with what
+/// follows), else written out behind it. `false` if the client is gone.
+async fn put_data<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    wbuf: &mut Vec<u8>,
+    mut data: Bytes,
+    chunked: bool,
+) -> bool {
+    if chunked {
+        let _ = write!(wbuf, "{:x}\r\n", data.len());
+    }
+    if data.len() <= COPY_UP_TO {
+        wbuf.extend_from_slice(&data);
+    } else {
+        if !flush(io, wbuf).await {
+            return false;
+        }
+        while data.has_remaining() {
+            match io.write(&data).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => data.advance(n),
+            }
+        }
+    }
+    if chunked {
+        wbuf.extend_from_slice(b"\r\n");
+    }
+    true
 }
 
 fn gone() -> crate::upstream::BoxError {

@@ -606,6 +606,15 @@ impl http_body::Body for Body {
             }
             let Some(stream) = &mut this.stream else { return Poll::Ready(None) };
             let room = this.room;
+            // Nothing buffered and nothing to read (a stream between events, a slow
+            // machine): the wait holds no buffer; one is made when bytes come. A body whose
+            // reads fill their room (a download) keeps its growing buffer.
+            if this.buf.is_empty() && room == FIRST_READ && stream.poll_read_ready(cx).is_pending() {
+                if this.buf.capacity() > 0 {
+                    this.buf = BytesMut::new();
+                }
+                return Poll::Pending;
+            }
             let read = ready!(poll_fill(stream, &mut this.buf, room, cx));
             match read {
                 Ok(0) if this.state == State::Close => {

@@ -48,6 +48,53 @@ async fn sse_events_arrive_one_by_one_before_the_app_finishes() {
     }
 }
 
+/// While a stream waits for its app, tern's HTTP/1.1 server lets go of what the connection
+/// keeps for its next request (the room for an exchange, the read buffer) and takes it again
+/// after. A request the client writes on the same connection while the stream waits (longer
+/// than what is read of a waiting connection at a time) is answered once the stream ends, and
+/// the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_written_while_a_stream_waits_is_answered_after_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start("m1").await;
+    let decl = app_decl("sse", &["sse.test"], &[("m1", b.addr, "started")], "");
+    let proxy = Proxy::start(&decl).await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    tcp.write_all(b"GET /sse HTTP/1.1\r\nhost: sse.test\r\n\r\n").await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut read_until = async |tcp: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, needle: &[u8]| {
+        while !seen.windows(needle.len()).any(|w| w == needle) {
+            let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{:?} did not arrive", String::from_utf8_lossy(needle)))
+                .unwrap();
+            assert!(
+                n > 0,
+                "closed before {:?}: {}",
+                String::from_utf8_lossy(needle),
+                String::from_utf8_lossy(seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    read_until(&mut tcp, &mut seen, b"data: one\n\n").await;
+    let next = format!("GET /echo HTTP/1.1\r\nhost: sse.test\r\nx-padding: {}\r\n\r\n", "p".repeat(200));
+    tcp.write_all(next.as_bytes()).await.unwrap();
+    b.gate.notify_one();
+    read_until(&mut tcp, &mut seen, b"data: two\n\n").await;
+    read_until(&mut tcp, &mut seen, "p".repeat(200).as_bytes()).await;
+    let text = String::from_utf8_lossy(&seen);
+    let second = text.rfind("HTTP/1.1 200").expect("a second response");
+    assert!(text[..second].contains("\r\n0\r\n\r\n"), "the stream ended first: {text}");
+    assert!(text[second..].contains("\"path\":\"/echo\""), "the request written during the stream: {text}");
+    // The connection goes on as before.
+    tcp.write_all(b"GET /id HTTP/1.1\r\nhost: sse.test\r\n\r\n").await.unwrap();
+    let before = seen.len();
+    read_until(&mut tcp, &mut seen, b"\r\n\r\nm1").await;
+    assert!(String::from_utf8_lossy(&seen[before..]).starts_with("HTTP/1.1 200"));
+}
+
 /// A stream over TLS silent for longer than a connection takes to give its TLS buffers back
 /// (a second) goes on: over HTTP/1.1 and HTTP/2, each event after a silence of 1.5 s arrives
 /// whole, and the stream ends as the app ends it; the buffers were given back in between

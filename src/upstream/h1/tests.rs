@@ -451,3 +451,42 @@ async fn fields_only_for_this_connection_are_left_out_unless_they_name_another()
     let _ = send(&pool, m.addr, "GET").await;
     assert_eq!(m.accepted.load(Ordering::SeqCst), 2, "a close still ends its connection");
 }
+
+/// A response body waiting for its machine (a stream between events) holds no read buffer:
+/// an idle SSE stream kept 8 KiB for nothing. The bytes that come after the wait are read
+/// whole, into a buffer made when they come.
+#[tokio::test]
+async fn a_body_waiting_for_its_machine_holds_no_read_buffer() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let open = gate.clone();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let mut read = Vec::new();
+        while !read.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.unwrap();
+            read.extend_from_slice(&buf[..n]);
+        }
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        socket.write_all(format!("{head}b\r\ndata: one\n\n\r\n").as_bytes()).await.unwrap();
+        open.notified().await;
+        socket.write_all(b"b\r\ndata: two\n\n\r\n0\r\n\r\n").await.unwrap();
+        let _ = socket.read(&mut buf).await;
+    });
+    let pool = pool();
+    let conn = pool.checkout(addr, Proto::Http1, false).await.unwrap();
+    let Ok((resp, _)) = conn.send(get("GET", "/sse"), false).await else { panic!("no answer") };
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"data: one\n\n");
+    // Nothing more until the machine says so: the body waits, and holds no buffer meanwhile.
+    let waiting = futures_util::poll!(body.frame());
+    assert!(waiting.is_pending(), "nothing came yet");
+    let MachineBody::Own(own) = &body else { panic!("carried by tern's own exchange") };
+    assert_eq!(own.buf.capacity(), 0, "no read buffer while the body waits");
+    gate.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"data: two\n\n");
+}
