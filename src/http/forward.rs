@@ -659,6 +659,9 @@ impl Handler {
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }
         let (mut parts, body) = resp.into_parts();
+        if client_version == Version::HTTP_2 {
+            headers::own_values(&mut parts.headers);
+        }
         if headers::prepare_response_via(
             &mut parts.headers,
             via.then(|| headers::via_value(client_version)),

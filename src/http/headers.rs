@@ -401,6 +401,19 @@ pub fn prepare_response_via(
     both_framings
 }
 
+/// Makes each value a copy of its own. A value parsed from a machine's response shares the
+/// buffer its head was read into (8 KiB or more), and whatever keeps the value keeps that
+/// buffer: an HTTP/2 client's HPACK table keeps the values it indexes for as long as the
+/// connection lives, so each idle HTTP/2 connection held a machine connection's buffer.
+pub fn own_values(headers: &mut HeaderMap) {
+    for value in headers.values_mut() {
+        if let Ok(mut owned) = HeaderValue::from_bytes(value.as_bytes()) {
+            owned.set_sensitive(value.is_sensitive());
+            *value = owned;
+        }
+    }
+}
+
 /// The `fly-request-id` a response carries to a client speaking `version`. Over HTTP/2 it is
 /// marked never to be indexed by HPACK: each id is unique, so indexing it would only push
 /// entries later responses could use out of the connection's table, and each response's
@@ -682,5 +695,26 @@ mod tests {
         let h2 = response_request_id(&id, Version::HTTP_2);
         assert!(h2.is_sensitive() && h2 == id);
         assert!(!response_request_id(&id, Version::HTTP_11).is_sensitive());
+    }
+
+    /// Values shared with a machine's read buffer become copies of their own (an HTTP/2
+    /// client's HPACK table would otherwise keep the buffer): same bytes, same sensitivity,
+    /// same order, no byte of the buffer referenced.
+    #[test]
+    fn owned_values_keep_nothing_of_the_buffer_they_were_read_from() {
+        let buf = bytes::Bytes::from(b"server: m\r\ndate: today\r\nset-cookie: a=1".to_vec());
+        let inside = |v: &HeaderValue| buf.as_ptr_range().contains(&v.as_bytes().as_ptr());
+        let mut h = HeaderMap::new();
+        h.append("server", HeaderValue::from_maybe_shared(buf.slice(8..9)).unwrap());
+        h.append("date", HeaderValue::from_maybe_shared(buf.slice(17..22)).unwrap());
+        let mut cookie = HeaderValue::from_maybe_shared(buf.slice(36..39)).unwrap();
+        cookie.set_sensitive(true);
+        h.append("set-cookie", cookie);
+        assert!(h.values().all(inside), "the fixture shares the buffer");
+        own_values(&mut h);
+        assert!(!h.values().any(inside), "a value still points into the buffer: {h:?}");
+        let seen: Vec<_> =
+            h.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap(), v.is_sensitive())).collect();
+        assert_eq!(seen, [("server", "m", false), ("date", "today", false), ("set-cookie", "a=1", true)]);
     }
 }
