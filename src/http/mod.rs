@@ -493,7 +493,8 @@ impl Server {
     /// Runs a connection to its end, closing it gracefully at its time in a drain or when idle.
     /// With `shed` (an HTTP/2 connection's TLS stream), a quiet spell of [`park::PARK_AFTER`]
     /// raises it (see [`park::quiet_again`]): the connection is polled again at once, its read
-    /// waits, and the stream gives its buffers back.
+    /// waits, and the stream gives its buffers back; and each poll of the connection is
+    /// counted as a round of the stream's, whose flushes go out at the round's end.
     async fn drive<C, E>(&self, conn: C, state: &ConnState, shed: Option<&crate::tls::Shed>)
     where
         C: Future<Output = Result<(), E>> + Graceful,
@@ -505,7 +506,14 @@ impl Server {
         let mut shed_after = None;
         loop {
             tokio::select! {
-                r = conn.as_mut() => {
+                // Each poll a round of the TLS stream's (see `Shed::next_round`): its flushes
+                // wait for the end of the round, and go out together.
+                r = std::future::poll_fn(|cx| {
+                    if let Some(shed) = shed {
+                        shed.next_round();
+                    }
+                    conn.as_mut().poll(cx)
+                }) => {
                     if let Err(e) = r {
                         tracing::debug!(target: "tern::http", error = %e, "client connection ended with an error");
                     }

@@ -15,7 +15,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::task::{Context, Poll, ready};
 
 use rustls::ServerConfig;
@@ -72,14 +72,22 @@ pub struct Session {
     /// [`Stream::shed_signal`]): the buffers are given back at the next read that waits with
     /// nothing in them, and the flag lowered.
     shed: Option<Arc<Shed>>,
+    /// The driver's round ([`Shed::next_round`]) in which a flush was put off, 0 if none is
+    /// owed.
+    put_off: u32,
 }
 
 /// A request that a stream give its buffers back (see [`Stream::shed_signal`]), shared by
 /// the stream and whoever drives its connection. The stream counts each time it does.
+///
+/// It also carries the driver's rounds, for a connection whose driver counts them (HTTP/2):
+/// see [`Shed::next_round`].
 #[derive(Debug)]
 pub struct Shed {
     raised: AtomicBool,
     done: prometheus::IntCounter,
+    /// The driver's rounds of polling the connection, 0 while it counts none.
+    round: AtomicU32,
 }
 
 impl Shed {
@@ -94,6 +102,23 @@ impl Shed {
 
     fn lower(&self) {
         self.raised.store(false, Ordering::Relaxed);
+    }
+
+    /// Counts a round: the connection's driver is about to poll it. Once rounds are counted,
+    /// a flush of a few records ([`SEND_AT`]) is put off to the end of the round: the task is
+    /// woken, and the records go out, all in one send, in the next round. An HTTP/2
+    /// connection flushes after each response's data frame (h2 does), so the responses a
+    /// round completes would otherwise go out in a send each.
+    ///
+    /// Called by the one task that polls the stream (a load and a store, no atomic
+    /// read-modify-write).
+    pub fn next_round(&self) {
+        let next = self.round.load(Ordering::Relaxed).wrapping_add(1).max(1);
+        self.round.store(next, Ordering::Relaxed);
+    }
+
+    fn round(&self) -> u32 {
+        self.round.load(Ordering::Relaxed)
     }
 }
 
@@ -169,6 +194,7 @@ impl Session {
             closing: false,
             failed: false,
             shed: None,
+            put_off: 0,
         }))
     }
 
@@ -344,7 +370,8 @@ impl Session {
 ///
 /// Two rules for whoever drives it, both kept by hyper and by `http::tunnel`:
 /// - Writes are held (up to [`SEND_AT`]) until a flush: write, then flush, before waiting for
-///   the peer's answer.
+///   the peer's answer. A driver that counts rounds ([`Shed::next_round`]) has a flush put
+///   off to its next round, and polls again when woken.
 /// - Reading and writing are polled from one task: a read also sends what rustls queued on its
 ///   own (an answer to a key update), registering the reader's waker for the socket's
 ///   writability.
@@ -418,7 +445,31 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Stream<IO> {
         }
         session.outgoing.clear();
         session.sent = 0;
+        session.put_off = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// Whether a flush now is put off to the driver's next round (see [`Shed::next_round`]):
+    /// with rounds counted and a few records queued, the first flush of a round wakes the
+    /// task and puts the send off, and so does every later one of the same round.
+    fn put_off_flush(&mut self, cx: &mut Context<'_>) -> bool {
+        let session = &mut *self.session;
+        let round = session.shed.as_ref().map_or(0, |s| s.round());
+        let queued = session.outgoing.len() - session.sent;
+        if round == 0 || queued == 0 || queued >= SEND_AT {
+            return false;
+        }
+        if session.put_off == 0 {
+            session.put_off = round;
+            cx.waker().wake_by_ref();
+        }
+        session.put_off == round
+    }
+
+    /// A flush was put off in the driver's current round.
+    fn put_off_now(&self) -> bool {
+        let session = &*self.session;
+        session.put_off != 0 && session.shed.as_ref().is_some_and(|s| s.round() == session.put_off)
     }
 
     /// Reads once from the socket into the receive buffer; an ended read side is an error
@@ -505,7 +556,9 @@ impl<IO> Stream<IO> {
     /// whose read then waits. The stream lowers it once done, and counts it in `done`. Made
     /// once; `done` is that of the first call.
     pub fn shed_signal(&mut self, done: &prometheus::IntCounter) -> Arc<Shed> {
-        let make = || Arc::new(Shed { raised: AtomicBool::new(false), done: done.clone() });
+        let make = || {
+            Arc::new(Shed { raised: AtomicBool::new(false), done: done.clone(), round: AtomicU32::new(0) })
+        };
         self.session.shed.get_or_insert_with(make).clone()
     }
 
@@ -533,7 +586,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<IO> {
                         // goes out, as far as the socket takes it, before the read waits. The read neither waits for it nor fails by it: a send
                         // that fails is the next write's error, and the read reports how the
                         // peer's side ends.
-                        let _ = this.poll_send(cx);
+                        // Not a flush put off in this round: the round's end sends it.
+                        if !this.put_off_now() {
+                            let _ = this.poll_send(cx);
+                        }
                         let session = &mut this.session;
                         if let Some(shed) = &session.shed
                             && shed.is_raised()
@@ -591,6 +647,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<IO> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.put_off_flush(cx) {
+            return Poll::Ready(Ok(()));
+        }
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.io).poll_flush(cx)
     }
@@ -1060,6 +1119,77 @@ mod tests {
     }
 
     /// One exchange each way, checked byte for byte.
+    /// Counts the wakes it is given.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// With rounds counted (HTTP/2's driver), the responses a round completes go out in one
+    /// send at the next round, however many flushes they had; without, each flush sends.
+    #[tokio::test]
+    async fn flushes_in_a_counted_round_go_out_together_in_the_next() {
+        let done = prometheus::IntCounter::new("sheds", "sheds").unwrap();
+        let (mut server, mut client) = pair(&rustls::version::TLS13).await;
+        let shed = server.shed_signal(&done);
+        ping_pong(&mut server, &mut client).await;
+        let (mut client_io, mut session) = client.into_inner();
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let woken = || wakes.0.load(Ordering::Relaxed);
+        // What one read of the client's socket finds, as (records, plaintext); None if nothing.
+        let mut wire = vec![0; 1 << 16];
+        let mut one_read = |client_io: &mut DuplexStream| {
+            let mut noop = Context::from_waker(std::task::Waker::noop());
+            let mut read = ReadBuf::new(&mut wire);
+            if Pin::new(client_io).poll_read(&mut noop, &mut read).is_pending() {
+                return None;
+            }
+            session.read_tls(&mut read.filled()).unwrap();
+            session.process_new_packets().unwrap();
+            let mut plain = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut session.reader(), &mut plain);
+            Some((records(read.filled()).len(), String::from_utf8(plain).unwrap()))
+        };
+        let mut buf = [0; 4];
+
+        // Uncounted: a flush sends.
+        assert!(Pin::new(&mut server).poll_write(&mut cx, b"zero").is_ready());
+        assert!(Pin::new(&mut server).poll_flush(&mut cx).is_ready());
+        assert_eq!(one_read(&mut client_io), Some((1, "zero".into())), "sent at its flush");
+
+        // Counted: three responses flushed in one round wait, and the task is woken once.
+        shed.next_round();
+        for body in [b"one ", b"two ", b"six "] {
+            assert!(Pin::new(&mut server).poll_write(&mut cx, body).is_ready());
+            assert!(matches!(Pin::new(&mut server).poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        }
+        // A read that waits in the same round does not send them either.
+        assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut buf)).is_pending());
+        assert_eq!(one_read(&mut client_io), None, "nothing sent in the round");
+        assert_eq!(woken(), 1, "woken once, for the next round");
+
+        // The next round: the read that waits sends all three, in one write.
+        shed.next_round();
+        assert!(Pin::new(&mut server).poll_read(&mut cx, &mut ReadBuf::new(&mut buf)).is_pending());
+        assert_eq!(one_read(&mut client_io), Some((3, "one two six ".into())), "together");
+        assert_eq!(woken(), 1, "no more wakes");
+
+        // Put off again in a later round, and sent by that round's next one's flush.
+        shed.next_round();
+        assert!(Pin::new(&mut server).poll_write(&mut cx, b"last").is_ready());
+        assert!(Pin::new(&mut server).poll_flush(&mut cx).is_ready());
+        assert_eq!(woken(), 2, "put off, and woken");
+        shed.next_round();
+        assert!(Pin::new(&mut server).poll_flush(&mut cx).is_ready());
+        assert_eq!(one_read(&mut client_io), Some((1, "last".into())));
+    }
+
     async fn ping_pong(
         server: &mut Stream<DuplexStream>,
         client: &mut tokio_rustls::client::TlsStream<DuplexStream>,
