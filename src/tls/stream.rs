@@ -1118,7 +1118,6 @@ mod tests {
         assert_eq!(done.get(), 1);
     }
 
-    /// One exchange each way, checked byte for byte.
     /// Counts the wakes it is given.
     #[derive(Default)]
     struct Wakes(std::sync::atomic::AtomicUsize);
@@ -1190,6 +1189,7 @@ mod tests {
         assert_eq!(one_read(&mut client_io), Some((1, "last".into())));
     }
 
+    /// One exchange each way, checked byte for byte.
     async fn ping_pong(
         server: &mut Stream<DuplexStream>,
         client: &mut tokio_rustls::client::TlsStream<DuplexStream>,
