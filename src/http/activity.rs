@@ -93,18 +93,32 @@ pub async fn silent_for(activity: &Activity, timeout: Duration) {
     }
 }
 
+/// [`silent_for`] on a timer kept from an earlier wait. Moving a registered timer's deadline
+/// later is a store to it, where a new timer is a lock and an insert into the runtime's timer
+/// wheel when first polled, and a lock and a removal when dropped: a connection's exchanges
+/// wait for their machines on one timer ([`ConnState::take_timer`]).
+pub async fn silent_for_on(sleep: &mut Pin<Box<tokio::time::Sleep>>, activity: &Activity, timeout: Duration) {
+    loop {
+        sleep.as_mut().reset(activity.last() + timeout);
+        sleep.as_mut().await;
+        if activity.last() + timeout <= Instant::now() {
+            return;
+        }
+    }
+}
+
 /// A poll-based version of [`silent_for`] for body wrappers, which cannot await.
 #[derive(Debug)]
 pub struct IdleTimer {
     activity: Arc<Activity>,
     timeout: Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Made at the first wait: most bodies (all of it read with the head) never wait.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl IdleTimer {
     pub fn new(activity: Arc<Activity>, timeout: Duration) -> Self {
-        let sleep = Box::pin(tokio::time::sleep_until(activity.last() + timeout));
-        IdleTimer { activity, timeout, sleep }
+        IdleTimer { activity, timeout, sleep: None }
     }
 
     pub fn activity(&self) -> &Arc<Activity> {
@@ -118,15 +132,18 @@ impl IdleTimer {
     /// Ready(()) once the exchange has been silent for the timeout; otherwise registers the
     /// waker for the current deadline.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let (activity, timeout) = (&self.activity, self.timeout);
+        let sleep =
+            self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(activity.last() + timeout)));
         loop {
-            if self.sleep.as_mut().poll(cx).is_pending() {
+            if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            let deadline = self.activity.last() + self.timeout;
+            let deadline = activity.last() + timeout;
             if deadline <= Instant::now() {
                 return Poll::Ready(());
             }
-            self.sleep.as_mut().reset(deadline);
+            sleep.as_mut().reset(deadline);
         }
     }
 }
@@ -215,6 +232,9 @@ pub struct ConnState {
     watching: AtomicBool,
     ended: Notify,
     pub drain: ConnDrain,
+    /// The timer the connection's last exchange waited on, for the next (see
+    /// [`silent_for_on`]).
+    timer: parking_lot::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
 }
 
 impl ConnState {
@@ -225,6 +245,22 @@ impl ConnState {
             watching: AtomicBool::new(false),
             ended: Notify::new(),
             drain,
+            timer: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// A timer to wait on: the connection's, or a new one while another exchange of the
+    /// connection (HTTP/2) holds it. Given back with [`Self::keep_timer`].
+    pub fn take_timer(&self) -> Pin<Box<tokio::time::Sleep>> {
+        // A far deadline; whoever waits on it sets its own first.
+        self.timer.lock().take().unwrap_or_else(|| Box::pin(tokio::time::sleep(Duration::from_secs(3600))))
+    }
+
+    /// Keeps `timer` for the connection's next exchange, unless it holds one already.
+    pub fn keep_timer(&self, timer: Pin<Box<tokio::time::Sleep>>) {
+        let mut slot = self.timer.lock();
+        if slot.is_none() {
+            *slot = Some(timer);
         }
     }
 
@@ -335,6 +371,45 @@ mod tests {
         silent_for(&a, Duration::from_secs(5)).await;
         // Touched every 4 s for 20 s, then 5 s of silence.
         assert_eq!(started.elapsed().as_secs(), 25);
+        toucher.await.unwrap();
+    }
+
+    /// A connection's exchanges wait on one kept timer, each from its own activity and with
+    /// its own limit: a later exchange with a shorter limit than the one before (another
+    /// app's) is cut at its own, and one with a longer limit is not cut at the old one.
+    #[tokio::test(start_paused = true)]
+    async fn exchanges_on_a_kept_timer_wait_each_its_own_limit() {
+        let conn = ConnState::default();
+        let wait = |limit: u64| {
+            let conn = &conn;
+            async move {
+                let (exchange, started) = (Activity::new(), Instant::now());
+                let mut timer = conn.take_timer();
+                silent_for_on(&mut timer, &exchange, Duration::from_secs(limit)).await;
+                conn.keep_timer(timer);
+                started.elapsed().as_secs()
+            }
+        };
+        assert_eq!(wait(60).await, 60);
+        assert_eq!(wait(5).await, 5, "shorter than the kept timer's last deadline");
+        assert_eq!(wait(90).await, 90, "longer: not cut at the last one");
+        // An exchange waiting while another holds the timer (HTTP/2) gets one of its own.
+        let held = conn.take_timer();
+        assert_eq!(wait(7).await, 7);
+        conn.keep_timer(held);
+        // Touched halfway, the wait runs from the touch.
+        let exchange = Arc::new(Activity::new());
+        let started = Instant::now();
+        let toucher = {
+            let exchange = exchange.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                exchange.touch();
+            })
+        };
+        let mut timer = conn.take_timer();
+        silent_for_on(&mut timer, &exchange, Duration::from_secs(30)).await;
+        assert_eq!(started.elapsed().as_secs(), 50);
         toucher.await.unwrap();
     }
 

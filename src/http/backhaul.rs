@@ -220,8 +220,10 @@ impl Handler {
             upstream_request(req, &side, up, &activity, route.gate.as_ref(), app.spec.replay_buffer)?;
         debug_assert!(!extra, "a relayed request gets no forwarding fields");
         let idle = app.spec.idle_timeout;
-        let sent =
-            self.send(upstream, up_req, &pick.machine, proto, upgrade, &activity, idle, None, None).await;
+        let timers = exchange.conn();
+        let sent = self
+            .send(upstream, up_req, &pick.machine, proto, upgrade, &activity, idle, timers, None, None)
+            .await;
         if let Some(e) = self.refused(&sent, &body_state, &pick.machine) {
             return Err(e);
         }

@@ -20,7 +20,7 @@ use crate::routing::{self, Router};
 use crate::telemetry::{Metrics, status_class};
 use crate::upstream::{Conn, Lease, MachineBody, Pool, Proto, SendError, UpBody, UpError};
 
-use super::activity::{Activity, ConnState, ExchangeGuard, IdleTimer, silent_for};
+use super::activity::{Activity, ConnState, ExchangeGuard, IdleTimer, silent_for, silent_for_on};
 use super::body::{
     ContinueGate, ExchangeGuards, GateGuard, ProxyBody, RequestBodyState, replayed_body, upstream_body,
 };
@@ -346,8 +346,10 @@ impl Handler {
             };
             let mut kept = None;
             let keep = (!head_kept).then_some(&mut kept);
-            let sent =
-                self.send(upstream, up_req, &machine, proto, upgrade, &activity, idle, keep, extra).await;
+            let timers = exchange.conn();
+            let sent = self
+                .send(upstream, up_req, &machine, proto, upgrade, &activity, idle, timers, keep, extra)
+                .await;
             if let Some(fields) = kept {
                 head.headers = fields;
                 head_kept = true;
@@ -903,6 +905,7 @@ impl Handler {
         upgrade: bool,
         activity: &Activity,
         idle: Duration,
+        timers: &ConnState,
         mut keep: Option<&mut Option<http::HeaderMap>>,
         extra: Option<&dyn crate::upstream::Extra>,
     ) -> Result<(Response<MachineBody>, Option<Lease>), ProxyError> {
@@ -919,12 +922,14 @@ impl Handler {
             ProxyError::UpstreamError { machine: machine.id.clone(), detail: e.to_string() }
         };
         let reused = conn.reused();
+        let mut timer = timers.take_timer();
         // `biased`: the send first, then the timer; no random draw to pick an order.
         let first = tokio::select! {
             biased;
             r = conn.send_keeping(req, upgrade, keep.as_deref_mut(), extra) => r,
-            () = silent_for(activity, idle) => return Err(timeout()),
+            () = silent_for_on(&mut timer, activity, idle) => return Err(timeout()),
         };
+        timers.keep_timer(timer);
         let req = match first {
             Ok(resp) => return Ok(resp),
             Err(SendError::NotSent(req, _)) if reused => req,
