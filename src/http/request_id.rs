@@ -47,15 +47,54 @@ impl std::fmt::Display for RequestId {
 
 pub fn new(region: &str) -> RequestId {
     let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    RequestId::from(ulid_with(ms, fastrand::u128(..), region))
+    let random = fastrand::u128(..);
+    match Inline::new(ms, random, region) {
+        // One allocation, which each copy of the value shares by a count. From a `String`,
+        // the first copy (the response's) made a second allocation to share the first.
+        Some(id) => RequestId(
+            HeaderValue::from_maybe_shared(Bytes::from_owner(id)).unwrap_or(HeaderValue::from_static("-")),
+        ),
+        None => RequestId::from(ulid_with(ms, random, region)),
+    }
+}
+
+/// An id whose region fits in a fixed buffer (any region of a few letters).
+struct Inline {
+    buf: [u8; 48],
+    len: u8,
+}
+
+impl Inline {
+    fn new(ms: u64, random: u128, region: &str) -> Option<Inline> {
+        let len = 27 + region.len();
+        if len > 48 {
+            return None;
+        }
+        let mut buf = [0; 48];
+        buf[..26].copy_from_slice(&digits(ms, random));
+        buf[26] = b'-';
+        buf[27..len].copy_from_slice(region.as_bytes());
+        Some(Inline { buf, len: len as u8 })
+    }
+}
+
+impl AsRef<[u8]> for Inline {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
+
+/// The ULID's 26 Crockford digits.
+fn digits(ms: u64, random: u128) -> [u8; 26] {
+    let value: u128 = (u128::from(ms & 0xFFFF_FFFF_FFFF) << 80) | (random & ((1u128 << 80) - 1));
+    std::array::from_fn(|i| CROCKFORD[((value >> ((25 - i) * 5)) & 0x1F) as usize])
 }
 
 fn ulid_with(ms: u64, random: u128, region: &str) -> String {
-    let value: u128 = (u128::from(ms & 0xFFFF_FFFF_FFFF) << 80) | (random & ((1u128 << 80) - 1));
     // Bytes, then one check that they are UTF-8: pushing 26 `char`s one by one checked room
     // and encoded each (about 300 instructions a request).
     let mut out = Vec::with_capacity(27 + region.len());
-    out.extend((0..26).rev().map(|i| CROCKFORD[((value >> (i * 5)) & 0x1F) as usize]));
+    out.extend_from_slice(&digits(ms, random));
     out.push(b'-');
     out.extend_from_slice(region.as_bytes());
     String::from_utf8(out).expect("Crockford digits, a dash and a &str are UTF-8")
@@ -74,5 +113,19 @@ mod tests {
         assert!(a < b, "ids sort by time");
         assert_ne!(new("ams").as_str(), new("ams").as_str());
         assert_eq!(new("ams").header().len(), 30, "the header value is the id");
+    }
+
+    #[test]
+    fn an_inline_id_is_the_same_as_a_made_one() {
+        let (ms, random) = (1_700_000_000_123, 0x0123_4567_89AB_CDEF_0123_4567_89AB_CDEF);
+        for region in ["ams", "", "a-long-region-name-xx"] {
+            let inline = Inline::new(ms, random, region).expect("fits");
+            assert_eq!(inline.as_ref(), ulid_with(ms, random, region).as_bytes());
+        }
+        assert!(Inline::new(ms, random, &"r".repeat(22)).is_none());
+        // A region too long for the buffer still gets its id, made the other way.
+        let long = "r".repeat(40);
+        assert!(new(&long).as_str().ends_with(&long));
+        assert_eq!(new(&long).as_str().len(), 67);
     }
 }
