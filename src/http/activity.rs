@@ -256,6 +256,13 @@ impl ConnState {
         self.timer.lock().take().unwrap_or_else(|| Box::pin(tokio::time::sleep(Duration::from_secs(3600))))
     }
 
+    /// Lets the kept timer go: the connection is quiet, or its exchange has become a stream
+    /// that may wait for hours, and the timer (a few hundred bytes, and an entry in the
+    /// runtime's timer wheel) would be held all the while. The next exchange makes a new one.
+    pub fn let_timer_go(&self) {
+        drop(self.timer.lock().take());
+    }
+
     /// Keeps `timer` for the connection's next exchange, unless it holds one already.
     pub fn keep_timer(&self, timer: Pin<Box<tokio::time::Sleep>>) {
         let mut slot = self.timer.lock();

@@ -387,6 +387,7 @@ impl Server {
                     serve1::Turn::Hyper => {}
                     serve1::Turn::Quiet => {
                         metrics.connections_parked.inc();
+                        state.let_timer_go();
                         if hands_back && parks && !state.drain.draining() && !io.has_prefix() {
                             return Some(io);
                         }
@@ -530,6 +531,7 @@ impl Server {
                 }
                 () = park::quiet_again(&state.activity, shed_after), if !closing && shed.is_some() => {
                     shed_after = Some(state.activity.last());
+                    state.let_timer_go();
                     // A client not reading has records queued: no read frees them soon.
                     if let Some(shed) = shed
                         && !state.activity.write_blocked()

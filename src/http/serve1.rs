@@ -366,6 +366,7 @@ impl<'s> Wait<'s> {
                     // goes until the body ends.
                     waited = true;
                     *exchange = None;
+                    self.state.let_timer_go();
                     if rbuf.is_empty() {
                         *rbuf = BytesMut::new();
                     }
