@@ -252,23 +252,26 @@ impl ConnState {
     /// A timer to wait on: the connection's, or a new one while another exchange of the
     /// connection (HTTP/2) holds it. Given back with [`Self::keep_timer`].
     pub fn take_timer(&self) -> Pin<Box<tokio::time::Sleep>> {
+        let kept = self.timer.lock().take();
         // A far deadline; whoever waits on it sets its own first.
-        self.timer.lock().take().unwrap_or_else(|| Box::pin(tokio::time::sleep(Duration::from_secs(3600))))
+        kept.unwrap_or_else(|| Box::pin(tokio::time::sleep(Duration::from_secs(3600))))
     }
 
     /// Lets the kept timer go: the connection is quiet, or its exchange has become a stream
     /// that may wait for hours, and the timer (a few hundred bytes, and an entry in the
     /// runtime's timer wheel) would be held all the while. The next exchange makes a new one.
     pub fn let_timer_go(&self) {
-        drop(self.timer.lock().take());
+        // Dropped once the lock is released: a timer's drop takes the runtime's timer lock.
+        let kept = self.timer.lock().take();
+        drop(kept);
     }
 
-    /// Keeps `timer` for the connection's next exchange, unless it holds one already.
+    /// Keeps `timer` for the connection's next exchange (of two given back, the later).
     pub fn keep_timer(&self, timer: Pin<Box<tokio::time::Sleep>>) {
-        let mut slot = self.timer.lock();
-        if slot.is_none() {
-            *slot = Some(timer);
-        }
+        let spare = self.timer.lock().replace(timer);
+        // Another exchange gave one back first (HTTP/2): the newer is kept, the other dropped
+        // outside the lock.
+        drop(spare);
     }
 
     pub fn begin(self: &Arc<Self>) -> ExchangeGuard {
