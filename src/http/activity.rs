@@ -83,21 +83,17 @@ impl Default for Activity {
 
 /// Resolves once nothing has moved for `timeout`.
 pub async fn silent_for(activity: &Activity, timeout: Duration) {
-    loop {
-        // Set without a look at the clock (a deadline already past fires at the first poll):
-        // most waits end another way, and the clock is read only when the timer fires.
-        tokio::time::sleep_until(activity.last() + timeout).await;
-        if activity.last() + timeout <= Instant::now() {
-            return;
-        }
-    }
+    // Set without a look at the clock (a deadline already past fires at the first poll):
+    // most waits end another way, and the clock is read only when the timer fires.
+    let sleep = std::pin::pin!(tokio::time::sleep_until(activity.last() + timeout));
+    silent_for_on(sleep, activity, timeout).await;
 }
 
 /// [`silent_for`] on a timer kept from an earlier wait. Moving a registered timer's deadline
 /// later is a store to it, where a new timer is a lock and an insert into the runtime's timer
 /// wheel when first polled, and a lock and a removal when dropped: a connection's exchanges
 /// wait for their machines on one timer ([`ConnState::take_timer`]).
-pub async fn silent_for_on(sleep: &mut Pin<Box<tokio::time::Sleep>>, activity: &Activity, timeout: Duration) {
+pub async fn silent_for_on(mut sleep: Pin<&mut tokio::time::Sleep>, activity: &Activity, timeout: Duration) {
     loop {
         sleep.as_mut().reset(activity.last() + timeout);
         sleep.as_mut().await;
@@ -395,7 +391,7 @@ mod tests {
             async move {
                 let (exchange, started) = (Activity::new(), Instant::now());
                 let mut timer = conn.take_timer();
-                silent_for_on(&mut timer, &exchange, Duration::from_secs(limit)).await;
+                silent_for_on(timer.as_mut(), &exchange, Duration::from_secs(limit)).await;
                 conn.keep_timer(timer);
                 started.elapsed().as_secs()
             }
@@ -418,7 +414,7 @@ mod tests {
             })
         };
         let mut timer = conn.take_timer();
-        silent_for_on(&mut timer, &exchange, Duration::from_secs(30)).await;
+        silent_for_on(timer.as_mut(), &exchange, Duration::from_secs(30)).await;
         assert_eq!(started.elapsed().as_secs(), 50);
         toucher.await.unwrap();
     }

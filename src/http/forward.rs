@@ -927,7 +927,7 @@ impl Handler {
         let first = tokio::select! {
             biased;
             r = conn.send_keeping(req, upgrade, keep.as_deref_mut(), extra) => r,
-            () = silent_for_on(&mut timer, activity, idle) => return Err(timeout()),
+            () = silent_for_on(timer.as_mut(), activity, idle) => return Err(timeout()),
         };
         timers.keep_timer(timer);
         let req = match first {
