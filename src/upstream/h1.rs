@@ -28,7 +28,7 @@ use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{Key, Pool, UpBody};
+use super::{HostPool, Pool, UpBody};
 use crate::head::{self, MAX_FIELDS};
 
 /// The first read's room; a body that fills its reads gets bigger ones, up to [`MAX_READ`].
@@ -135,7 +135,7 @@ pub struct Failure {
 /// Where a connection goes back to once its response has been read to the end.
 pub(super) struct Home {
     pub(super) pool: Arc<Pool>,
-    pub(super) key: Key,
+    pub(super) host: Arc<HostPool>,
 }
 
 /// A connection for tern's own exchange: its socket, and the buffer its exchanges are
@@ -470,7 +470,7 @@ impl Body {
         if let (Some(stream), Some(home), true, true) =
             (stream, self.home.take(), self.reusable, buf.is_empty())
         {
-            home.pool.put_raw(home.key, Conn { stream, buf });
+            home.pool.put_raw(&home.host, Conn { stream, buf });
         }
     }
 

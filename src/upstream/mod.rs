@@ -226,7 +226,7 @@ impl Default for HostPool {
 
 /// Connections to every machine, keyed by address and protocol.
 pub struct Pool {
-    /// Looked up twice per proxied request; its keys are the catalog's machine addresses,
+    /// Looked up once per proxied request (the entry goes with the connection); its keys are the catalog's machine addresses,
     /// never a client's, so a fast hash (not SipHash's flood resistance) is enough.
     hosts: DashMap<Key, Arc<HostPool>, foldhash::fast::RandomState>,
     config: PoolConfig,
@@ -241,6 +241,9 @@ pub struct Conn {
     key: Key,
     reused: bool,
     pool: Arc<Pool>,
+    /// The machine's entry in `pool`, held from checkout to hand-back: the connection goes
+    /// back without looking the machine up again (and the reaper keeps an entry held).
+    host: Arc<HostPool>,
 }
 
 enum Sender {
@@ -399,21 +402,21 @@ impl Pool {
 
     /// A pooled connection, warm or cooled (started again), if there is one.
     async fn take_pooled(self: &Arc<Self>, key: Key) -> Option<Conn> {
+        let host = self.hosts.get(&key)?.clone();
         loop {
-            let sender = match self.take_idle(key)? {
+            let sender = match self.take_idle(&host, key.proto)? {
                 Pooled::Warm(sender) => sender,
                 Pooled::Cold(socket) => {
                     let Ok(stream) = TcpStream::from_std(socket) else { continue };
                     Sender::Own(h1::Conn::new(stream))
                 }
             };
-            return Some(Conn { sender, key, reused: true, pool: self.clone() });
+            return Some(Conn { sender, key, reused: true, pool: self.clone(), host });
         }
     }
 
-    fn take_idle(&self, key: Key) -> Option<Pooled> {
-        let host = self.hosts.get(&key)?.clone();
-        match key.proto {
+    fn take_idle(&self, host: &HostPool, proto: Proto) -> Option<Pooled> {
+        match proto {
             Proto::Http1 => {
                 let mut idle = host.idle.lock();
                 // Most recently used first: the likeliest to be alive and warm.
@@ -449,12 +452,15 @@ impl Pool {
     }
 
     /// A connection tern's own exchange read a response on to its end, back warm.
-    fn put_raw(&self, key: Key, conn: h1::Conn) {
-        self.put_idle(key, Warm::Own(conn));
+    fn put_raw(&self, host: &HostPool, conn: h1::Conn) {
+        self.put_idle_in(host, Warm::Own(conn));
     }
 
     fn put_idle(&self, key: Key, conn: Warm) {
-        let host = self.host(key);
+        self.put_idle_in(&self.host(key), conn);
+    }
+
+    fn put_idle_in(&self, host: &HostPool, conn: Warm) {
         let mut idle = host.idle.lock();
         if idle.len() + host.cold_len.load(Ordering::Relaxed) < self.config.max_idle_per_host {
             idle.push(IdleConn { conn, since: Instant::now() });
@@ -571,7 +577,6 @@ impl Pool {
         slot: Slot,
         upgrade: bool,
     ) -> Result<Conn, ConnectError> {
-        let _slot = slot;
         let started = Instant::now();
         let fail = |source: std::io::Error| {
             self.metrics.upstream_connect_errors.inc();
@@ -607,7 +612,8 @@ impl Pool {
             }
         };
         self.metrics.upstream_connect_duration.observe(started.elapsed().as_secs_f64());
-        Ok(Conn { sender, key, reused: false, pool: self.clone() })
+        // The slot is held until the connection is up (or failed), then given back.
+        Ok(Conn { sender, key, reused: false, pool: self.clone(), host: slot.host.clone() })
     }
 
     /// Drops idle connections past their idle timeout and forgets hosts with nothing left.
@@ -763,7 +769,7 @@ impl Conn {
         mut keep: Option<&mut Option<HeaderMap>>,
         extra: Option<&dyn Extra>,
     ) -> Result<(Response<MachineBody>, Option<Lease>), SendError> {
-        let Conn { sender, key, pool, .. } = self;
+        let Conn { sender, key, pool, host, .. } = self;
         let own = matches!(sender, Sender::Own(_)) && h1::fits(&req, upgrade);
         if !own {
             if let Some(keep) = keep.as_deref_mut() {
@@ -775,7 +781,7 @@ impl Conn {
         }
         let conn = match sender {
             Sender::Own(conn) if own => {
-                let home = h1::Home { pool: pool.clone(), key };
+                let home = h1::Home { pool: pool.clone(), host };
                 let max_head = pool.config.max_response_head;
                 return match h1::exchange(conn, &mut req, extra, max_head, home).await {
                     Ok(resp) => {
