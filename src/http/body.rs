@@ -22,6 +22,7 @@ use crate::upstream::{BoxError, Lease, MachineBody, UpBody};
 use super::activity::{Activity, ExchangeGuard, IdleTimer};
 use super::drain::{Registration, StreamEnd};
 use super::ending::{self, SseEdge, Why};
+use super::headers::Late;
 
 /// A response body: either tern's own (an error page) or a machine's, streamed.
 pub struct ProxyBody {
@@ -53,6 +54,8 @@ struct Streamed {
     /// For an SSE response: ending it cleanly when its machine is about to stop or its time
     /// in a drain comes.
     sse: Option<SseEnd>,
+    /// The head's last fields, not in its map (see [`Late`]).
+    late: Option<Late>,
 }
 
 /// An SSE response listening for its machine's request to end streams, or for its time in
@@ -211,9 +214,31 @@ impl ProxyBody {
         metrics: Arc<Metrics>,
         guards: ExchangeGuards,
         sse_end: Option<(StreamEnd, Registration)>,
+        late: Option<Late>,
     ) -> Self {
         let sse = sse_end.map(SseEnd::new);
-        ProxyBody { kind: Kind::Stream(Box::new(Streamed { inner, idle, metrics, guards, sse })) }
+        ProxyBody { kind: Kind::Stream(Box::new(Streamed { inner, idle, metrics, guards, sse, late })) }
+    }
+
+    /// The fields the head ends with that are not in its map: tern's own HTTP/1.1 server
+    /// writes them after the map's.
+    pub fn late(&self) -> Option<&Late> {
+        match &self.kind {
+            Kind::Stream(s) => s.late.as_ref(),
+            Kind::Full(_) => None,
+        }
+    }
+}
+
+/// Puts the fields a response's head ends with into its map: for a response hyper sends,
+/// which writes only the map.
+pub fn settle_late(resp: &mut http::Response<ProxyBody>) {
+    let late = match &mut resp.body_mut().kind {
+        Kind::Stream(s) => s.late.take(),
+        Kind::Full(_) => None,
+    };
+    if let Some(late) = late {
+        late.settle(resp.headers_mut());
     }
 }
 

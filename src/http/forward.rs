@@ -664,12 +664,15 @@ impl Handler {
         if client_version == Version::HTTP_2 {
             headers::own_values(&mut parts.headers);
         }
-        if headers::prepare_response_via(
-            &mut parts.headers,
-            via.then(|| headers::via_value(client_version)),
-            &headers::response_request_id(id.header(), client_version),
-            false,
-        ) {
+        let (both_framings, late) = if client_version == Version::HTTP_2 {
+            let via = via.then(|| headers::via_value(client_version));
+            let id = headers::response_request_id(id.header(), client_version);
+            (headers::prepare_response_via(&mut parts.headers, via, &id, false), None)
+        } else {
+            let via = via.then(|| headers::via_header(client_version));
+            headers::prepare_response_late(&mut parts.headers, via, id.header())
+        };
+        if both_framings {
             // Framed two ways: read by its chunks, and never trusted with another request.
             guards.lease = None;
         }
@@ -680,7 +683,7 @@ impl Handler {
             .then(|| StreamEnd::new(machine.live.streams_end(), guards.exchange.conn(), drain::Kind::Sse));
         Ok(Response::from_parts(
             parts,
-            ProxyBody::streamed(body, timer, self.metrics.clone(), guards, sse_end),
+            ProxyBody::streamed(body, timer, self.metrics.clone(), guards, sse_end, late),
         ))
     }
 

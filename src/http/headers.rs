@@ -132,6 +132,20 @@ pub fn via_value(version: Version) -> &'static str {
     }
 }
 
+/// [`via_value`] as a header value, made once.
+pub fn via_header(version: Version) -> &'static HeaderValue {
+    static VIA: [HeaderValue; 3] = [
+        HeaderValue::from_static("2 tern"),
+        HeaderValue::from_static("1.0 tern"),
+        HeaderValue::from_static("1.1 tern"),
+    ];
+    match version {
+        Version::HTTP_2 => &VIA[0],
+        Version::HTTP_10 => &VIA[1],
+        _ => &VIA[2],
+    }
+}
+
 /// Whether the client asks to switch protocols (WebSocket or any HTTP/1.1 Upgrade).
 pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
@@ -385,20 +399,74 @@ pub fn prepare_response_via(
 ) -> bool {
     let upgrade_value = if upgraded { headers.get(header::UPGRADE).cloned() } else { None };
     let present = Present::scan(headers);
+    let both_framings = strip_for_client(headers, present);
+    if let Some(u) = upgrade_value {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    add_ours(headers, via, request_id, present);
+    both_framings
+}
+
+/// Drops what is the machine's hop alone; true when it framed the body two ways (see
+/// [`prepare_response`]), the length dropped.
+fn strip_for_client(headers: &mut HeaderMap, present: Present) -> bool {
     let both_framings = present.has(Present::TRANSFER_ENCODING) && present.has(Present::CONTENT_LENGTH);
     if both_framings {
         headers.remove(header::CONTENT_LENGTH);
     }
     strip_hop_by_hop(headers, present);
-    if let Some(u) = upgrade_value {
-        headers.insert(header::UPGRADE, u);
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
+    both_framings
+}
+
+fn add_ours(headers: &mut HeaderMap, via: Option<&'static str>, request_id: &HeaderValue, present: Present) {
     if let Some(via) = via {
         append_via(headers, via, present);
     }
     headers.insert(FLY_REQUEST_ID, request_id.clone());
-    both_framings
+}
+
+/// The fields tern adds at the end of a response head (`Via`, `fly-request-id`), when the
+/// machine sent neither: written by tern's own HTTP/1.1 server after the map's fields as it
+/// writes the head, or put into the map ([`Late::settle`]) for a response hyper sends. A
+/// request spares two map insertions (a hash and a probe each, and the map's growth).
+#[derive(Debug)]
+pub struct Late {
+    via: Option<&'static HeaderValue>,
+    id: HeaderValue,
+}
+
+impl Late {
+    /// The fields in the order the map would have had them.
+    pub fn fields(&self) -> impl Iterator<Item = (HeaderName, &HeaderValue)> {
+        let via = self.via.map(|v| (header::VIA, v));
+        via.into_iter().chain(std::iter::once((FLY_REQUEST_ID, &self.id)))
+    }
+
+    pub fn settle(self, headers: &mut HeaderMap) {
+        if let Some(via) = self.via {
+            headers.insert(header::VIA, via.clone());
+        }
+        headers.insert(FLY_REQUEST_ID, self.id);
+    }
+}
+
+/// [`prepare_response_via`] for a response that is not a 101, with `Via` and
+/// `fly-request-id` left out of the map as a [`Late`] when the machine sent neither (nor any
+/// other `fly-…` field); else as [`prepare_response_via`] puts them.
+pub fn prepare_response_late(
+    headers: &mut HeaderMap,
+    via: Option<&'static HeaderValue>,
+    request_id: &HeaderValue,
+) -> (bool, Option<Late>) {
+    let present = Present::scan(headers);
+    let both_framings = strip_for_client(headers, present);
+    if present.has(Present::VIA | Present::FLY) {
+        add_ours(headers, via.and_then(|v| v.to_str().ok()), request_id, present);
+        return (both_framings, None);
+    }
+    let late = Late { via, id: request_id.clone() };
+    (both_framings, Some(late))
 }
 
 /// Makes each value a copy of its own. A value parsed from a machine's response shares the
@@ -575,6 +643,54 @@ mod tests {
         h.insert("transfer-encoding", "chunked".parse().unwrap());
         assert!(prepare_response(&mut h, Version::HTTP_11, leak("id-ams"), false), "framed two ways");
         assert!(!h.contains_key("content-length") && !h.contains_key("transfer-encoding"));
+    }
+
+    #[test]
+    fn late_fields_end_the_head_as_the_map_would_have_had_them() {
+        // Neither field from the machine: both left out of the map, in the map's order.
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "text/plain".parse().unwrap());
+        h.insert("connection", "keep-alive".parse().unwrap());
+        let (two_ways, late) =
+            prepare_response_late(&mut h, Some(via_header(Version::HTTP_11)), leak("id-ams"));
+        assert!(!two_ways);
+        let late = late.expect("nothing of tern's in the map");
+        assert!(!h.contains_key("via") && !h.contains_key("fly-request-id") && !h.contains_key("connection"));
+        let fields: Vec<_> = late.fields().map(|(n, v)| (n.to_string(), v.clone())).collect();
+        assert_eq!(
+            fields,
+            [
+                ("via".to_owned(), "1.1 tern".parse().unwrap()),
+                ("fly-request-id".into(), "id-ams".parse().unwrap())
+            ]
+        );
+        let mut settled = h.clone();
+        late.settle(&mut settled);
+        let mut mapped = h.clone();
+        prepare_response_via(&mut mapped, Some("1.1 tern"), leak("id-ams"), false);
+        assert_eq!(settled, mapped, "settled, the map is the one prepare_response_via makes");
+
+        for v in [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2] {
+            assert_eq!(via_header(v), via_value(v), "{v:?}");
+        }
+        // Over the backhaul: no Via of tern's.
+        let (_, late) = prepare_response_late(&mut HeaderMap::new(), None, leak("id-ams"));
+        assert_eq!(late.expect("late").fields().count(), 1);
+
+        // A machine's Via is joined, its fly-request-id replaced, in the map as before.
+        for (name, value) in [("via", "1.1 cdn"), ("fly-request-id", "the-machine's")] {
+            let mut h = HeaderMap::new();
+            h.insert(name, value.parse().unwrap());
+            h.insert("content-length", "5".parse().unwrap());
+            h.insert("transfer-encoding", "chunked".parse().unwrap());
+            let mut mapped = h.clone();
+            let (two_ways, late) =
+                prepare_response_late(&mut h, Some(via_header(Version::HTTP_11)), leak("id-ams"));
+            assert!(late.is_none(), "{name} from the machine");
+            assert!(two_ways && prepare_response_via(&mut mapped, Some("1.1 tern"), leak("id-ams"), false));
+            assert_eq!(h, mapped);
+            assert_eq!(h["fly-request-id"], "id-ams");
+        }
     }
 
     #[test]

@@ -259,7 +259,10 @@ impl Server {
         let svc = service_fn(move |req| {
             let (handler, info, state) = (svc_handler.clone(), svc_info.clone(), svc_state.clone());
             Box::pin(async move {
-                Ok::<_, Infallible>(handler.handle(req.map(body::RequestBody::Hyper), info, state).await)
+                let mut resp = handler.handle(req.map(body::RequestBody::Hyper), info, state).await;
+                // hyper writes the map alone.
+                body::settle_late(&mut resp);
+                Ok::<_, Infallible>(resp)
             })
         });
         if wire == Wire::Http2 {

@@ -718,6 +718,9 @@ fn encode_head(
     for (name, value) in &parts.headers {
         head.field(name, value)?;
     }
+    for (name, value) in body.late().into_iter().flat_map(|late| late.fields()) {
+        head.field(&name, value)?;
+    }
     Some(head.finish())
 }
 

@@ -368,6 +368,69 @@ async fn a_response_with_both_length_and_chunked_is_framed_by_chunks() {
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"0123456789abcdef");
 }
 
+/// A machine that names itself in `Via` and sends a `fly-request-id` of its own when the
+/// path says so.
+fn own_via_if_asked(head: &str) -> Vec<u8> {
+    if head.split(' ').nth(1) == Some("/theirs") {
+        b"HTTP/1.1 200 OK\r\nvia: 1.1 cdn\r\nfly-request-id: forged\r\ncontent-length: 2\r\n\r\nok".to_vec()
+    } else {
+        b"HTTP/1.1 200 OK\r\nx-app: a\r\ncontent-length: 2\r\n\r\nok".to_vec()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_response_names_tern_once_in_via_and_carries_one_request_id() {
+    let m = RawMachine::start(own_via_if_asked).await;
+    let proxy = Proxy::start(&app_decl("app", &["app.test"], &[("m1", m.addr, "started")], "")).await;
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    let mut buf = Vec::new();
+    let lines = |r: &Raw, name: &str| -> Vec<String> {
+        let prefix = format!("{name}:");
+        r.head.lines().filter_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().to_owned()).collect()
+    };
+    // Twice each on one connection, HTTP/1.1 then 1.0 (which closes after it).
+    for (version, via) in [("1.1", "1.1 tern"), ("1.1", "1.1 tern"), ("1.0", "1.0 tern")] {
+        tcp.write_all(
+            format!("GET /ours HTTP/{version}\r\nHost: app.test\r\nConnection: keep-alive\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let r = read_response(&mut tcp, &mut buf).await;
+        assert_eq!(r.status(), 200, "{r:?}");
+        assert_eq!(lines(&r, "via"), [via], "{r:?}");
+        let ids = lines(&r, "fly-request-id");
+        assert!(ids.len() == 1 && ids[0].len() == 30, "{r:?}");
+        let at = |prefix: &str| r.head.lines().position(|l| l.starts_with(prefix));
+        let (machines, ours, id) = (at("content-length:"), at("via:"), at("fly-request-id:"));
+        assert!(machines < ours && ours.map(|v| v + 1) == id, "tern's fields after the machine's: {r:?}");
+        assert_eq!(r.body, b"ok");
+
+        tcp.write_all(
+            format!("GET /theirs HTTP/{version}\r\nHost: app.test\r\nConnection: keep-alive\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let r = read_response(&mut tcp, &mut buf).await;
+        assert_eq!(lines(&r, "via"), [format!("1.1 cdn, {via}")], "{r:?}");
+        let ids = lines(&r, "fly-request-id");
+        assert!(ids.len() == 1 && ids[0] != "forged" && ids[0].len() == 30, "{r:?}");
+    }
+    // A chunked request goes to hyper, which writes the head from the map alone.
+    let mut tcp = TcpStream::connect(proxy.http).await.unwrap();
+    for path in ["/ours", "/theirs"] {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let r = read_response(&mut tcp, &mut buf).await;
+        assert_eq!(r.status(), 200, "{r:?}");
+        assert_eq!(lines(&r, "via").len(), 1, "{r:?}");
+        assert_eq!(lines(&r, "fly-request-id").len(), 1, "{r:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_chunked_body_is_the_clients_fault() {
     let b = Backend::start("m1").await;
