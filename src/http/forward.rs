@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::body::RequestBody;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -244,7 +245,7 @@ impl Handler {
         // copied before anything is added for that hop alone; until then `head_kept` is false.
         let mut head = replay::Head {
             method: up_req.method().clone(),
-            path: up_req.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            path: up_req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")),
             headers: http::HeaderMap::new(),
         };
         let mut head_kept = false;
@@ -561,7 +562,7 @@ impl Handler {
         *req.method_mut() = head.method.clone();
         *req.headers_mut() = head.headers.clone();
         *req.uri_mut() = match proto {
-            Proto::Http1 => head.path.parse(),
+            Proto::Http1 => Ok(Uri::from(head.path.clone())),
             Proto::H2c => format!("http://{raw_host}{}", head.path).parse(),
         }
         .map_err(|_| ProxyError::BadRequest("request target"))?;

@@ -179,7 +179,9 @@ pub fn fallback(origin: &Arc<Machine>, how: Fallback) -> Steering {
 /// machine request takes the original.
 pub struct Head {
     pub method: http::Method,
-    pub path: String,
+    /// As first sent (a count on the request's bytes, not a copy), or as a replay's
+    /// `transform` makes it.
+    pub path: http::uri::PathAndQuery,
     pub headers: HeaderMap,
 }
 

@@ -59,7 +59,7 @@ pub enum Fallback {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Transform {
     /// A new path and query, starting with '/'.
-    pub path: Option<String>,
+    pub path: Option<http::uri::PathAndQuery>,
     pub delete_headers: Vec<HeaderName>,
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
 }
@@ -444,12 +444,13 @@ fn transform(t: RawTransform) -> Result<Transform, Invalid> {
         }
         Ok(h)
     };
-    if let Some(p) = &t.path {
-        let ok = p.starts_with('/') && p.parse::<http::uri::PathAndQuery>().is_ok();
-        if !ok {
-            return Err(Invalid::bad("transform.path", p, "is not a path starting with '/'"));
-        }
-    }
+    let path = match &t.path {
+        Some(p) => match p.parse::<http::uri::PathAndQuery>() {
+            Ok(parsed) if p.starts_with('/') => Some(parsed),
+            _ => return Err(Invalid::bad("transform.path", p, "is not a path starting with '/'")),
+        },
+        None => None,
+    };
     let delete_headers =
         t.delete_headers.iter().map(|n| name("transform.delete_headers", n)).collect::<Result<_, _>>()?;
     let mut set_headers = Vec::with_capacity(t.set_headers.len());
@@ -458,7 +459,7 @@ fn transform(t: RawTransform) -> Result<Transform, Invalid> {
             .map_err(|_| Invalid::bad("transform.set_headers", &h.value, "is not a header value"))?;
         set_headers.push((name("transform.set_headers", &h.name)?, value));
     }
-    Ok(Transform { path: t.path, delete_headers, set_headers })
+    Ok(Transform { path, delete_headers, set_headers })
 }
 
 /// `[host]/path/*` (or `/path`) as a host-less prefix: the host and the implicit `/*` go.

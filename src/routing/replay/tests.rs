@@ -118,7 +118,7 @@ fn json_form_with_transform_and_cache() {
     assert!(d.elsewhere);
     assert_eq!(d.timeout, Some(Duration::from_millis(800)));
     assert_eq!(d.fallback, Some(Fallback::PreferSelf));
-    assert_eq!(d.transform.path.as_deref(), Some("/v2/items?x=1"));
+    assert_eq!(d.transform.path.as_ref().map(|p| p.as_str()), Some("/v2/items?x=1"));
     assert_eq!(
         d.transform.delete_headers,
         [HeaderName::from_static("cookie"), HeaderName::from_static("x-debug")]
