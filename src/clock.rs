@@ -2,7 +2,11 @@
 //! `tokio::time::Instant`, so tests that pause time see it paused. Plus the wall clock in
 //! Unix milliseconds, for times shared with other nodes.
 
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::OnceLock;
+use std::task::{Context, Poll};
 
 use tokio::time::Instant;
 
@@ -11,7 +15,7 @@ static BASE: OnceLock<Instant> = OnceLock::new();
 /// Milliseconds since the first call in this process.
 pub fn now_ms() -> u64 {
     let base = *BASE.get_or_init(Instant::now);
-    u64::try_from(Instant::now().saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX)
+    u64::try_from(now().saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Wall-clock milliseconds since the Unix epoch: for times other nodes must read the same
@@ -48,4 +52,111 @@ fn civil(unix_ms: i64) -> (String, (i64, i64, i64, i64)) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     (format!("{year:04}-{month:02}-{day:02}"), (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000))
+}
+
+thread_local! {
+    /// The clock as read in the current turn, if a turn is on: `Some(None)` until its first
+    /// read.
+    static TURN: Cell<Option<Option<Instant>>> = const { Cell::new(None) };
+}
+
+/// tokio's `Instant::now()`, read at most once in a [`Turns`] task's poll: the reads a
+/// request's bookkeeping makes in one go (activity, its exchange's end, the machine's idle
+/// time, a pooled connection's) share one. A poll runs for microseconds, so its reads
+/// differ from the clock by that much at most; outside such a poll each is a clock read.
+/// For bookkeeping measured in milliseconds, not for timers.
+pub fn now() -> Instant {
+    TURN.with(|turn| match turn.get() {
+        Some(Some(now)) => now,
+        Some(None) => {
+            let now = Instant::now();
+            turn.set(Some(Some(now)));
+            now
+        }
+        None => Instant::now(),
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// A task whose polls are each a turn of [`now`].
+    pub struct Turns<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> Turns<F> {
+    pub fn new(inner: F) -> Turns<F> {
+        Turns { inner }
+    }
+}
+
+impl<F: Future> Future for Turns<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let _turn = Turn(TURN.replace(Some(None)));
+        self.project().inner.poll(cx)
+    }
+}
+
+/// Ends a turn, however its poll ends (a panic too: the worker goes on to other tasks), and
+/// gives back what was before it: a turn within a turn (not expected) leaves the outer one
+/// as it was.
+struct Turn(Option<Option<Instant>>);
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        TURN.set(self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use super::*;
+
+    /// Waits (without sleeping) until the clock has moved past `t`.
+    fn after(t: Instant) -> Instant {
+        loop {
+            let now = Instant::now();
+            if now > t {
+                return now;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_turn_reads_the_clock_once_and_the_next_reads_it_again() {
+        let moved = after(now());
+        assert!(now() >= moved, "no turn: each read is the clock's");
+        let (first, second, moved, next) = Turns::new(async {
+            let first = now();
+            let moved = after(first);
+            let second = now();
+            tokio::task::yield_now().await;
+            (first, second, moved, now())
+        })
+        .await;
+        assert_eq!(first, second, "one turn, one read");
+        assert!(next >= moved, "the next poll is a turn of its own");
+        assert!(now() >= next);
+    }
+
+    #[test]
+    fn a_turn_ends_when_its_poll_panics() {
+        let mut turn = std::pin::pin!(Turns::new(poll_fn(|_| -> Poll<()> {
+            let _ = now();
+            panic!("a task's poll panics")
+        })));
+        let waker = std::task::Waker::noop();
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = turn.as_mut().poll(&mut Context::from_waker(waker));
+        }));
+        assert!(polled.is_err());
+        let moved = after(now());
+        assert!(now() >= moved, "no turn left behind: the read after is the clock's");
+    }
 }

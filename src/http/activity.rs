@@ -53,7 +53,7 @@ impl Activity {
     }
 
     pub fn touch(&self) {
-        let ms = self.base.elapsed().as_millis() as u64;
+        let ms = crate::clock::now().saturating_duration_since(self.base).as_millis() as u64;
         self.last_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
@@ -64,7 +64,7 @@ impl Activity {
     /// An exchange ended: activity, and the time an HTTP/2 connection's keep-alive limit
     /// runs from. One clock read for both.
     fn exchange_ended(&self) {
-        let ms = self.base.elapsed().as_millis() as u64;
+        let ms = crate::clock::now().saturating_duration_since(self.base).as_millis() as u64;
         self.exchange_ms.fetch_max(ms, Ordering::Relaxed);
         self.last_ms.fetch_max(ms, Ordering::Relaxed);
     }

@@ -69,7 +69,8 @@ impl Handler {
         conn: Arc<ConnInfo>,
         state: Arc<ConnState>,
     ) -> Response<ProxyBody> {
-        let started = Instant::now();
+        // Read once with the bookkeeping of the turn the request came in.
+        let started = crate::clock::now();
         // A handed-over request keeps the edge's id (its token proves it).
         let id = match conn.backhaul.then(|| super::backhaul::request_id(&req)).flatten() {
             Some(id) => request_id::RequestId::from(id),
@@ -103,7 +104,7 @@ impl Handler {
         }
         let app_label = outcome.app.as_ref().map_or("-", |a| &*a.name);
         let status = resp.status().as_u16();
-        let elapsed = started.elapsed();
+        let elapsed = crate::clock::now().saturating_duration_since(started);
         match &outcome.app {
             Some(app) => app.series.request(&self.metrics, &app.name, status, elapsed),
             None => self.metrics.unrouted.request(&self.metrics, "-", status, elapsed),

@@ -358,7 +358,8 @@ async fn run(
             };
             let job = Job { stream, peer, tls, door, proxy_from: proxy_from.clone(), ticket };
             let (deps, handler, lot) = (deps2.clone(), handler.clone(), lot.clone());
-            tasks.spawn(async move { connection(&deps, handler, &lot, job).await });
+            // Each poll a turn of the clock its bookkeeping reads (see `clock::now`).
+            tasks.spawn(crate::clock::Turns::new(async move { connection(&deps, handler, &lot, job).await }));
         };
         accepting.push(tokio::spawn(crate::listener::accept_loop(
             listener,
@@ -665,7 +666,12 @@ fn open_lot(deps: &Arc<Deps>, handler: &Arc<Handler>, tasks: &TaskTracker) -> Sh
         let shared = Some(waiting.clone());
         waiting
             .run(async move { drain.begun().await }, |parked| {
-                spawner.spawn(resume(deps.clone(), handler.clone(), shared.clone(), parked));
+                spawner.spawn(crate::clock::Turns::new(resume(
+                    deps.clone(),
+                    handler.clone(),
+                    shared.clone(),
+                    parked,
+                )));
             })
             .await;
     });

@@ -421,7 +421,7 @@ impl Pool {
                 let mut idle = host.idle.lock();
                 // Most recently used first: the likeliest to be alive and warm.
                 while let Some(c) = idle.pop() {
-                    if c.since.elapsed() >= self.config.idle_timeout {
+                    if crate::clock::now().saturating_duration_since(c.since) >= self.config.idle_timeout {
                         continue;
                     }
                     match c.conn {
@@ -463,7 +463,7 @@ impl Pool {
     fn put_idle_in(&self, host: &HostPool, conn: Warm) {
         let mut idle = host.idle.lock();
         if idle.len() + host.cold_len.load(Ordering::Relaxed) < self.config.max_idle_per_host {
-            idle.push(IdleConn { conn, since: Instant::now() });
+            idle.push(IdleConn { conn, since: crate::clock::now() });
             drop(idle);
             host.available.notify_one();
             // One atomic operation while the reaper's cooling clock runs (it waits for this
