@@ -15,7 +15,7 @@ use http::HeaderValue;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod activity;
@@ -171,7 +171,7 @@ pub struct Server {
     /// HTTP/1.1: over TLS after ALPN, and plain TCP once [`park::is_h2c`] says it is not
     /// HTTP/2 with prior knowledge.
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<TurnsExecutor>,
     keepalive_timeout: Duration,
     header_read_timeout: Duration,
     /// Every connection served registers with it, and closes at its time in a drain.
@@ -195,7 +195,7 @@ impl Server {
         }
         macro_rules! h2_settings {
             ($b:expr) => {
-                $b.timer(TokioTimer::new())
+                $b.timer(TurnsTimer::default())
                     .max_header_list_size(h2_header_list)
                     .max_concurrent_streams(256)
                     .keep_alive_interval(Some(Duration::from_secs(30)))
@@ -204,7 +204,8 @@ impl Server {
         }
         let mut http1 = http1::Builder::new();
         h1_settings!(http1);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        // Each stream's polls are turns of the clock its bookkeeping reads (`clock::now`).
+        let mut http2 = http2::Builder::new(TurnsExecutor);
         h2_settings!(http2);
         Server {
             http1,
@@ -562,6 +563,47 @@ where
 {
     fn graceful_shutdown(self: Pin<&mut Self>) {
         http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+/// Spawns hyper's tasks (an HTTP/2 connection's streams) on the connection's runtime, each
+/// poll a turn of the clock its bookkeeping reads ([`crate::clock::now`]), as a connection
+/// task's are.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TurnsExecutor;
+
+impl<F> hyper::rt::Executor<F> for TurnsExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(crate::clock::Turns::new(fut));
+    }
+}
+
+/// hyper's timers, on Tokio's, with hyper's reads of the clock (an HTTP/2 connection's
+/// keep-alive notes each frame it reads) taken in the turn of the task they are made in
+/// ([`crate::clock::now`]).
+#[derive(Clone, Debug, Default)]
+pub struct TurnsTimer(TokioTimer);
+
+#[allow(clippy::disallowed_types)] // hyper's trait speaks std's Instant; the clock behind it is tokio's
+impl hyper::rt::Timer for TurnsTimer {
+    fn sleep(&self, duration: Duration) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
+        self.0.sleep(duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
+        self.0.sleep_until(deadline)
+    }
+
+    fn reset(&self, sleep: &mut std::pin::Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: std::time::Instant) {
+        self.0.reset(sleep, new_deadline);
+    }
+
+    fn now(&self) -> std::time::Instant {
+        crate::clock::now().into_std()
     }
 }
 
