@@ -378,6 +378,12 @@ fn own_via_if_asked(head: &str) -> Vec<u8> {
     }
 }
 
+async fn get_kept_alive(tcp: &mut TcpStream, buf: &mut Vec<u8>, path: &str, version: &str) -> Raw {
+    let req = format!("GET {path} HTTP/{version}\r\nHost: app.test\r\nConnection: keep-alive\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    read_response(tcp, buf).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_response_names_tern_once_in_via_and_carries_one_request_id() {
     let m = RawMachine::start(own_via_if_asked).await;
@@ -388,15 +394,9 @@ async fn each_response_names_tern_once_in_via_and_carries_one_request_id() {
         let prefix = format!("{name}:");
         r.head.lines().filter_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().to_owned()).collect()
     };
-    // Twice each on one connection, HTTP/1.1 then 1.0 (which closes after it).
+    // On one connection: HTTP/1.1 twice, then HTTP/1.0 (kept alive, as asked).
     for (version, via) in [("1.1", "1.1 tern"), ("1.1", "1.1 tern"), ("1.0", "1.0 tern")] {
-        tcp.write_all(
-            format!("GET /ours HTTP/{version}\r\nHost: app.test\r\nConnection: keep-alive\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-        let r = read_response(&mut tcp, &mut buf).await;
+        let r = get_kept_alive(&mut tcp, &mut buf, "/ours", version).await;
         assert_eq!(r.status(), 200, "{r:?}");
         assert_eq!(lines(&r, "via"), [via], "{r:?}");
         let ids = lines(&r, "fly-request-id");
@@ -406,13 +406,7 @@ async fn each_response_names_tern_once_in_via_and_carries_one_request_id() {
         assert!(machines < ours && ours.map(|v| v + 1) == id, "tern's fields after the machine's: {r:?}");
         assert_eq!(r.body, b"ok");
 
-        tcp.write_all(
-            format!("GET /theirs HTTP/{version}\r\nHost: app.test\r\nConnection: keep-alive\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-        let r = read_response(&mut tcp, &mut buf).await;
+        let r = get_kept_alive(&mut tcp, &mut buf, "/theirs", version).await;
         assert_eq!(lines(&r, "via"), [format!("1.1 cdn, {via}")], "{r:?}");
         let ids = lines(&r, "fly-request-id");
         assert!(ids.len() == 1 && ids[0] != "forged" && ids[0].len() == 30, "{r:?}");
